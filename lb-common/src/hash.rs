@@ -1,0 +1,108 @@
+//! The flow hash: a 32-bit Murmur3-style mix of the 5-tuple.
+//!
+//! The XDP program uses it to index a VIP's Maglev table; the agent and the
+//! tests use the same code to predict which backend a flow lands on. It has no
+//! seed, so every balancer running the same tables makes the same choice.
+
+use crate::FlowKey;
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
+
+/// Hash of a flow's 5-tuple (addresses, ports, protocol).
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    let mut h = mix(0, word(&k.src, 0));
+    h = mix(h, word(&k.vip.addr, 0));
+    if k.addr_len() == 16 {
+        h = mix(h, word(&k.src, 4));
+        h = mix(h, word(&k.src, 8));
+        h = mix(h, word(&k.src, 12));
+        h = mix(h, word(&k.vip.addr, 4));
+        h = mix(h, word(&k.vip.addr, 8));
+        h = mix(h, word(&k.vip.addr, 12));
+    }
+    h = mix(h, ((k.sport_be as u32) << 16) | k.vip.port_be as u32);
+    h = mix(h, k.vip.proto as u32);
+    fmix(h)
+}
+
+/// A general 32-bit hash of bytes with a seed (used for Maglev permutations).
+pub fn bytes_hash(data: &[u8], seed: u32) -> u32 {
+    let mut h = seed;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        h = mix(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    }
+    let mut tail = 0u32;
+    for (i, b) in chunks.remainder().iter().enumerate() {
+        tail |= (*b as u32) << (8 * i);
+    }
+    h = mix(h, tail ^ data.len() as u32);
+    fmix(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{addr_v4, VipKey, FAMILY_V4, PROTO_TCP};
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey {
+            src: addr_v4([10, 0, 0, 1]),
+            sport_be: sport.to_be(),
+            _pad: 0,
+            vip: VipKey {
+                addr: addr_v4([10, 0, 0, 100]),
+                port_be: 80u16.to_be(),
+                proto: PROTO_TCP,
+                family: FAMILY_V4,
+            },
+        }
+    }
+
+    #[test]
+    fn deterministic_and_sensitive_to_every_field() {
+        let k = key(1234);
+        assert_eq!(flow_hash(&k), flow_hash(&k));
+        assert_ne!(flow_hash(&k), flow_hash(&key(1235)));
+        let mut k2 = k;
+        k2.vip.proto = 17;
+        assert_ne!(flow_hash(&k), flow_hash(&k2));
+        let mut k3 = k;
+        k3.src[3] = 2;
+        assert_ne!(flow_hash(&k), flow_hash(&k3));
+    }
+
+    #[test]
+    fn spreads_sequential_ports() {
+        // 64k sequential source ports into 16 buckets: each within 5% of even.
+        let mut buckets = [0u32; 16];
+        for p in 0..65536u32 {
+            buckets[(flow_hash(&key(p as u16)) % 16) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((3891..=4301).contains(&b), "bucket {b}");
+        }
+    }
+}

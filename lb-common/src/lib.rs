@@ -1,0 +1,64 @@
+//! Types shared by the xlb XDP program (`lb-ebpf`) and its agent (`lb-userspace`).
+//!
+//! This crate is the single source of truth for every BPF map's name, key,
+//! value and size limit, for the verdict counters, and for the flow hash
+//! (the agent and the tests recompute it to predict the datapath's choices).
+//! Everything is `#[repr(C)]`, padding is explicit so that keys hash the same
+//! on both sides, and nothing allocates: it builds for `bpfel-unknown-none`.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod hash;
+pub mod maps;
+pub mod stats;
+
+pub use maps::*;
+pub use stats::Stat;
+
+/// Address family tag carried in keys (`AF_INET`).
+pub const FAMILY_V4: u8 = 2;
+/// Address family tag carried in keys (`AF_INET6`).
+pub const FAMILY_V6: u8 = 10;
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Default size of a Maglev lookup table (a prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Largest Maglev lookup table the agent accepts (a prime, like every ring size).
+pub const MAX_RING_SIZE: u32 = 1_000_003;
+/// Default number of virtual services (the VIP map's capacity).
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Ring slots beyond one per VIP: a table is written to a free slot and then
+/// published by one VIP-entry update, so no reader ever sees a half-written table.
+pub const SPARE_RING_SLOTS: u32 = 2;
+/// Capacity of the backend array (backend ids are indexes into it).
+pub const MAX_BACKENDS: u32 = 16384;
+/// Default capacity of the connection table (flows).
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+
+/// Names of the maps, as declared in the XDP object (at most 15 bytes each).
+pub mod map_names {
+    /// `VipKey` → `VipInfo`.
+    pub const VIPS: &str = "XLB_VIPS";
+    /// Backend id → `BackendInfo`.
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    /// Concatenated Maglev lookup tables: ring slot × ring size → backend id.
+    pub const RINGS: &str = "XLB_RINGS";
+    /// `FlowKey` → `FlowValue` (LRU connection table).
+    pub const CONNTRACK: &str = "XLB_CONNTRACK";
+    /// Per-CPU global counters indexed by `Stat`.
+    pub const STATS: &str = "XLB_STATS";
+    /// Per-CPU `Counters` indexed by VIP id.
+    pub const VIP_STATS: &str = "XLB_VIP_STATS";
+    /// Per-CPU `Counters` indexed by backend id.
+    pub const BACKEND_STATS: &str = "XLB_BE_STATS";
+}
+
+/// Name of the load-balancing XDP program in the object.
+pub const PROG_XLB: &str = "xlb";
+/// Name of the XDP_PASS helper program in the object (for veth peers: XDP_TX
+/// frames are only delivered when the peer has an XDP program attached).
+pub const PROG_PASS: &str = "xlb_pass";

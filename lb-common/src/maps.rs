@@ -1,0 +1,188 @@
+//! Keys and values of every map. Layouts are fixed-size `#[repr(C)]` with
+//! explicit padding fields, so keys compare byte for byte on both sides.
+
+use crate::FAMILY_V6;
+
+/// An IP address as stored in keys: IPv4 in the first four bytes (network
+/// order) and zeros after, IPv6 in all sixteen.
+pub type Addr = [u8; 16];
+
+/// Build an `Addr` from an IPv4 address in network byte order.
+#[inline(always)]
+pub const fn addr_v4(octets: [u8; 4]) -> Addr {
+    let mut a = [0u8; 16];
+    a[0] = octets[0];
+    a[1] = octets[1];
+    a[2] = octets[2];
+    a[3] = octets[3];
+    a
+}
+
+/// Key of the VIP map: the virtual service (address, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct VipKey {
+    /// Virtual IP address (see `Addr`).
+    pub addr: Addr,
+    /// Destination port in network byte order.
+    pub port_be: u16,
+    /// IP protocol (`PROTO_TCP` or `PROTO_UDP`).
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// Scheduling algorithm of a VIP, as stored in `VipInfo::algo`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// Weighted Maglev consistent hashing over the 5-tuple (the default).
+    Maglev = 0,
+}
+
+impl Algo {
+    /// Decode a stored algorithm byte.
+    pub const fn from_u8(v: u8) -> Option<Algo> {
+        match v {
+            0 => Some(Algo::Maglev),
+            _ => None,
+        }
+    }
+}
+
+/// Value of the VIP map: where this service's lookup table is and how to use it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipInfo {
+    /// Index into `XLB_VIP_STATS`.
+    pub vip_id: u32,
+    /// First entry of this VIP's Maglev table in `XLB_RINGS`.
+    pub ring_off: u32,
+    /// Number of entries of the table (a prime); 0 means no usable backend.
+    pub ring_size: u32,
+    /// `Algo` as a byte.
+    pub algo: u8,
+    /// `VIP_F_*` flags.
+    pub flags: u8,
+    /// Explicit padding.
+    pub _pad: u16,
+}
+
+/// Value of the backend array: what the datapath needs to forward to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendInfo {
+    /// The backend's MAC: the rewritten destination MAC.
+    pub dst_mac: [u8; 6],
+    /// The balancer interface's MAC: the rewritten source MAC.
+    pub src_mac: [u8; 6],
+    /// `BACKEND_F_*` flags.
+    pub flags: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Generation of this id: bumped whenever the id is given to another
+    /// backend, so connection-table entries of a former owner are ignored.
+    pub gen: u32,
+    /// Id of the VIP this backend serves (checked on connection-table hits).
+    pub vip_id: u32,
+}
+
+/// `BackendInfo::flags`: the backend may carry traffic (healthy, or draining).
+/// A connection-table entry pointing at a backend without it is re-balanced.
+pub const BACKEND_F_ALIVE: u16 = 1;
+
+/// Key of the connection table: the flow's 5-tuple as the client sent it.
+/// The destination half is a `VipKey`, so the VIP lookup borrows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source (client) address.
+    pub src: Addr,
+    /// Source port, network byte order (0 for port-less protocols).
+    pub sport_be: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Destination: the VIP's address, port, protocol and family.
+    pub vip: VipKey,
+}
+
+impl FlowKey {
+    /// Number of address bytes that carry information for this family.
+    #[inline(always)]
+    pub fn addr_len(&self) -> usize {
+        if self.vip.family == FAMILY_V6 {
+            16
+        } else {
+            4
+        }
+    }
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// Backend id the flow is pinned to.
+    pub backend_id: u32,
+    /// `BackendInfo::gen` when the entry was made.
+    pub gen: u32,
+}
+
+/// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (whole frames).
+    pub bytes: u64,
+    /// New flows (connection-table misses that chose a backend).
+    pub new_flows: u64,
+}
+
+/// The global counters of one CPU: `XLB_STATS` has exactly one entry of
+/// this type, indexed by `Stat`, so a packet pays one map lookup for all of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatBlock {
+    /// Counter values, indexed by `Stat as usize`.
+    pub c: [u64; crate::stats::STAT_COUNT as usize],
+}
+
+impl Counters {
+    /// Add another CPU's counters to these.
+    pub fn add(&mut self, o: &Counters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no
+    // invalid bit patterns, which is what `aya::Pod` requires.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::BackendInfo {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::StatBlock {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<VipInfo>(), 16);
+        assert_eq!(size_of::<BackendInfo>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<Counters>(), 24);
+    }
+}

@@ -1,0 +1,109 @@
+//! Global verdict and event counters (`XLB_STATS`, per CPU, indexed by `Stat`).
+//!
+//! Every frame the program sees increments exactly one *verdict* counter
+//! (the first block below), so their sum is the number of frames processed.
+//! The remaining counters record events on the way (connection table).
+
+/// Index into `XLB_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// XDP_TX: a VIP packet rewritten and sent to its backend.
+    Forwarded = 0,
+    /// XDP_PASS: not IPv4/IPv6 (ARP, LLDP, …).
+    PassNotIp = 1,
+    /// XDP_PASS: IP, but not addressed to a configured VIP.
+    PassNotVip = 2,
+    /// XDP_PASS: a header is cut short (the kernel drops or handles it).
+    PassTruncated = 3,
+    /// XDP_PASS: a malformed IP header (IHL < 5, bad version, …).
+    PassBadHeader = 4,
+    /// XDP_PASS: protocol other than TCP/UDP.
+    PassOtherL4 = 5,
+    /// XDP_PASS: an IP fragment (not balanced yet; handed to the kernel).
+    PassFragment = 6,
+    /// XDP_DROP: a VIP packet whose service has no usable backend.
+    DropNoBackend = 7,
+    /// XDP_DROP: the selected backend entry was unusable (agent race).
+    DropBadBackend = 8,
+    /// XDP_ABORTED: the frame could not be rewritten (should never happen).
+    Aborted = 9,
+    /// Event: connection-table hit that was used.
+    CtHit = 10,
+    /// Event: connection-table miss (a new flow was scheduled).
+    CtMiss = 11,
+    /// Event: a table entry pointed at a dead or replaced backend; re-scheduled.
+    CtStale = 12,
+    /// Event: inserting into the connection table failed.
+    CtInsertFail = 13,
+}
+
+/// Number of `Stat` counters (the `XLB_STATS` map size).
+pub const STAT_COUNT: u32 = 14;
+
+/// Counters that are verdicts (exactly one per frame).
+pub const VERDICTS: [Stat; 10] = [
+    Stat::Forwarded,
+    Stat::PassNotIp,
+    Stat::PassNotVip,
+    Stat::PassTruncated,
+    Stat::PassBadHeader,
+    Stat::PassOtherL4,
+    Stat::PassFragment,
+    Stat::DropNoBackend,
+    Stat::DropBadBackend,
+    Stat::Aborted,
+];
+
+/// Every counter, in index order.
+pub const ALL: [Stat; STAT_COUNT as usize] = [
+    Stat::Forwarded,
+    Stat::PassNotIp,
+    Stat::PassNotVip,
+    Stat::PassTruncated,
+    Stat::PassBadHeader,
+    Stat::PassOtherL4,
+    Stat::PassFragment,
+    Stat::DropNoBackend,
+    Stat::DropBadBackend,
+    Stat::Aborted,
+    Stat::CtHit,
+    Stat::CtMiss,
+    Stat::CtStale,
+    Stat::CtInsertFail,
+];
+
+impl Stat {
+    /// Stable snake_case name used in `xlb stats` and JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Forwarded => "forwarded",
+            Stat::PassNotIp => "pass_not_ip",
+            Stat::PassNotVip => "pass_not_vip",
+            Stat::PassTruncated => "pass_truncated",
+            Stat::PassBadHeader => "pass_bad_header",
+            Stat::PassOtherL4 => "pass_other_l4",
+            Stat::PassFragment => "pass_fragment",
+            Stat::DropNoBackend => "drop_no_backend",
+            Stat::DropBadBackend => "drop_bad_backend",
+            Stat::Aborted => "aborted",
+            Stat::CtHit => "conntrack_hit",
+            Stat::CtMiss => "conntrack_miss",
+            Stat::CtStale => "conntrack_stale",
+            Stat::CtInsertFail => "conntrack_insert_fail",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order() {
+        for (i, s) in ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
+        assert_eq!(VERDICTS.len(), Stat::Aborted as usize + 1);
+    }
+}

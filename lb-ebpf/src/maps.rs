@@ -1,0 +1,42 @@
+//! The maps, declared once here with the layouts and names from `lb_common`.
+//! Sizes given here are placeholders where the agent sets the real size at
+//! load time (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    BackendInfo, Counters, FlowKey, FlowValue, StatBlock, VipInfo, VipKey, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, SPARE_RING_SLOTS,
+};
+
+/// Virtual services: (address, port, protocol) → how to balance them.
+#[map(name = "XLB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Backends by id: where to send a flow.
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// All Maglev tables, one per ring slot, back to back: entry → backend id.
+#[map(name = "XLB_RINGS")]
+pub static RINGS: Array<u32> =
+    Array::with_max_entries((DEFAULT_MAX_VIPS + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, 0);
+
+/// The connection table: 5-tuple → backend (least recently used evicted).
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Global verdict and event counters: one `StatBlock` per CPU.
+#[map(name = "XLB_STATS")]
+pub static STATS: PerCpuArray<StatBlock> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-VIP traffic counters, indexed by VIP id.
+#[map(name = "XLB_VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Per-backend traffic counters, indexed by backend id.
+#[map(name = "XLB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

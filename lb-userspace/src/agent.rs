@@ -1,0 +1,556 @@
+//! The agent's state and the one path by which it reaches the datapath.
+//!
+//! Data flows one way: operations (CLI/API, config file) change the desired
+//! state after validating everything they touch; health results change
+//! backends' runtime state; `reconcile` turns a VIP's state into map writes.
+//! A reconcile publishes a new Maglev table without readers ever seeing a
+//! half-written one: the table goes to a free ring slot first, then a single
+//! VIP-entry update switches the datapath over, and the old slot is recycled
+//! last (FIFO, so it is not rewritten while a packet may still read it).
+
+use anyhow::{anyhow, bail, Result};
+use lb_common::{Algo, BackendInfo, VipInfo, BACKEND_F_ALIVE};
+use serde::Serialize;
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::{self, CheckKind, HealthConfig, Mac, Proto, Vip},
+    maglev,
+    maps::Datapath,
+};
+
+/// A scheduling algorithm as operators name it.
+pub fn parse_algo(s: &str) -> Result<Algo> {
+    match s {
+        "maglev" => Ok(Algo::Maglev),
+        other => bail!("unknown algorithm '{other}' (available: maglev)"),
+    }
+}
+
+/// Name of an algorithm.
+pub fn algo_name(a: Algo) -> &'static str {
+    match a {
+        Algo::Maglev => "maglev",
+    }
+}
+
+/// Health of one backend.
+#[derive(Clone, Debug)]
+pub struct Health {
+    /// Passing checks (or no checks configured).
+    pub up: bool,
+    /// False until the first check result arrived.
+    pub checked: bool,
+    /// Consecutive successes.
+    pub ok_streak: u32,
+    /// Consecutive failures.
+    pub fail_streak: u32,
+    /// Why the last check failed.
+    pub last_error: Option<String>,
+    /// Number of up/down transitions.
+    pub transitions: u64,
+    /// Checks run and failed in total.
+    pub checks: u64,
+    /// Failed checks in total.
+    pub failures: u64,
+    /// When the next check is due.
+    pub next_check: Instant,
+    /// A check is running.
+    pub in_flight: bool,
+}
+
+/// One backend of one VIP.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    /// Address.
+    pub ip: IpAddr,
+    /// MAC given by the operator, if any.
+    pub mac_cfg: Option<Mac>,
+    /// MAC in use (given or resolved).
+    pub mac: Option<Mac>,
+    /// Weight (0 = no new flows).
+    pub weight: u32,
+    /// Datapath id.
+    pub id: u32,
+    /// Generation of the id.
+    pub gen: u32,
+    /// Health state.
+    pub health: Health,
+}
+
+impl Backend {
+    /// May carry traffic (existing flows at least).
+    pub fn alive(&self) -> bool {
+        self.health.up && self.mac.is_some()
+    }
+    /// Gets new flows.
+    pub fn usable(&self) -> bool {
+        self.alive() && self.weight > 0
+    }
+    fn key_bytes(&self) -> Vec<u8> {
+        match self.ip {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        }
+    }
+}
+
+/// One virtual service.
+#[derive(Clone, Debug)]
+pub struct VipState {
+    /// Datapath id (stats index).
+    pub id: u32,
+    /// Scheduling algorithm.
+    pub algo: Algo,
+    /// Ring slot holding the published table, if any.
+    pub ring_slot: Option<u32>,
+    /// Backends by address.
+    pub backends: BTreeMap<IpAddr, Backend>,
+    /// The published table (backend ids), for measuring churn.
+    pub table: Vec<u32>,
+}
+
+/// Settings of an agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// MAC of the balancer's interface (the rewritten source MAC).
+    pub iface_mac: Mac,
+    /// Health checking.
+    pub health: HealthConfig,
+}
+
+/// What a health job found.
+#[derive(Clone, Debug)]
+pub struct CheckOutcome {
+    /// The check passed (always true for `none` checks).
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// The backend's MAC from the neighbour table, if it was looked up and found.
+    pub mac: Option<Mac>,
+}
+
+/// A health job to run: what to check.
+#[derive(Clone, Debug)]
+pub struct CheckJob {
+    /// The VIP.
+    pub vip: Vip,
+    /// The backend.
+    pub ip: IpAddr,
+    /// Run a TCP connect (false: only resolve the MAC).
+    pub tcp: bool,
+    /// Look the MAC up.
+    pub resolve_mac: bool,
+    /// Check timeout.
+    pub timeout: Duration,
+}
+
+/// The agent.
+pub struct Agent {
+    /// The datapath it owns.
+    pub dp: Datapath,
+    opts: AgentOptions,
+    vips: BTreeMap<Vip, VipState>,
+    free_vip_ids: VecDeque<u32>,
+    free_ring_slots: VecDeque<u32>,
+    free_backend_ids: VecDeque<u32>,
+    backend_gens: Vec<u32>,
+}
+
+impl Agent {
+    /// An agent with no services over a loaded datapath.
+    pub fn new(dp: Datapath, opts: AgentOptions) -> Result<Agent> {
+        opts.health.validate()?;
+        let free_vip_ids = (0..dp.opts.max_vips).collect();
+        let free_ring_slots = (0..dp.opts.ring_slots()).collect();
+        let free_backend_ids = (0..dp.max_backends()).collect();
+        let backend_gens = vec![0; dp.max_backends() as usize];
+        Ok(Agent { dp, opts, vips: BTreeMap::new(), free_vip_ids, free_ring_slots, free_backend_ids, backend_gens })
+    }
+
+    /// The services.
+    pub fn vips(&self) -> &BTreeMap<Vip, VipState> {
+        &self.vips
+    }
+
+    /// Health settings.
+    pub fn health_config(&self) -> &HealthConfig {
+        &self.opts.health
+    }
+
+    fn checks_for(&self, vip: &Vip) -> CheckKind {
+        // Connect checks only make sense for TCP services; UDP services are
+        // taken as up (their MACs are still resolved).
+        match (self.opts.health.kind, vip.proto) {
+            (CheckKind::Tcp, Proto::Tcp) => CheckKind::Tcp,
+            _ => CheckKind::None,
+        }
+    }
+
+    /// Add a service (with no backends: its packets are dropped and counted).
+    pub fn add_vip(&mut self, vip: Vip, algo: Algo) -> Result<()> {
+        if self.vips.contains_key(&vip) {
+            bail!("VIP {vip} already exists");
+        }
+        let id = *self
+            .free_vip_ids
+            .front()
+            .ok_or_else(|| anyhow!("cannot add VIP {vip}: all {} VIP slots are in use", self.dp.opts.max_vips))?;
+        self.dp.reset_vip_counters(id)?;
+        self.dp.set_vip(&vip.key(), &VipInfo { vip_id: id, algo: algo as u8, ..Default::default() })?;
+        self.free_vip_ids.pop_front();
+        self.vips.insert(vip, VipState { id, algo, ring_slot: None, backends: BTreeMap::new(), table: Vec::new() });
+        log::info!("VIP {vip} added ({})", algo_name(algo));
+        Ok(())
+    }
+
+    /// Remove a service and its backends.
+    pub fn del_vip(&mut self, vip: &Vip) -> Result<()> {
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        // Unpublish first: from here on its packets are XDP_PASS.
+        self.dp.del_vip(&vip.key())?;
+        let ids: Vec<u32> = state.backends.values().map(|b| b.id).collect();
+        let state = self.vips.remove(vip).expect("checked above");
+        for id in ids {
+            self.release_backend_id(id)?;
+        }
+        if let Some(slot) = state.ring_slot {
+            self.free_ring_slots.push_back(slot);
+        }
+        self.free_vip_ids.push_back(state.id);
+        log::info!("VIP {vip} removed");
+        Ok(())
+    }
+
+    /// Add a backend to a service. Without a MAC, it is resolved from the
+    /// kernel's neighbour table; the backend carries traffic once it is
+    /// resolved and has passed its first health check.
+    pub fn add_backend(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32) -> Result<()> {
+        config::check_weight(weight)?;
+        let checks = self.checks_for(vip);
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        if ip.is_ipv4() != vip.addr.is_ipv4() {
+            bail!("backend {ip} and VIP {vip} are of different address families");
+        }
+        if state.backends.contains_key(&ip) {
+            bail!("backend {ip} already exists in VIP {vip}");
+        }
+        let id = *self.free_backend_ids.front().ok_or_else(|| anyhow!("all backend ids are in use"))?;
+        self.free_backend_ids.pop_front();
+        self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
+        let gen = self.backend_gens[id as usize];
+        self.dp.reset_backend_counters(id)?;
+        let now = Instant::now();
+        let up = checks == CheckKind::None;
+        let b = Backend {
+            ip,
+            mac_cfg: mac,
+            mac,
+            weight,
+            id,
+            gen,
+            health: Health {
+                up,
+                checked: up,
+                ok_streak: 0,
+                fail_streak: 0,
+                last_error: None,
+                transitions: 0,
+                checks: 0,
+                failures: 0,
+                next_check: now,
+                in_flight: false,
+            },
+        };
+        self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
+        log::info!("VIP {vip}: backend {ip} added (weight {weight})");
+        self.reconcile(vip)
+    }
+
+    /// Remove a backend from a service; its flows move to the others.
+    pub fn del_backend(&mut self, vip: &Vip, ip: IpAddr) -> Result<()> {
+        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let b = state.backends.remove(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
+        self.reconcile(vip)?;
+        self.release_backend_id(b.id)?;
+        log::info!("VIP {vip}: backend {ip} removed");
+        Ok(())
+    }
+
+    fn release_backend_id(&mut self, id: u32) -> Result<()> {
+        self.dp.set_backend(id, &BackendInfo::default())?;
+        self.free_backend_ids.push_back(id);
+        Ok(())
+    }
+
+    /// Health jobs due now; marks them in flight.
+    pub fn due_checks(&mut self, now: Instant) -> Vec<CheckJob> {
+        let timeout = Duration::from_millis(self.opts.health.timeout_ms);
+        let kinds: Vec<(Vip, CheckKind)> = self.vips.keys().map(|v| (*v, self.checks_for(v))).collect();
+        let mut jobs = Vec::new();
+        for (vip, kind) in kinds {
+            let Some(state) = self.vips.get_mut(&vip) else { continue };
+            for b in state.backends.values_mut() {
+                let needs_mac = b.mac_cfg.is_none();
+                let wants = kind == CheckKind::Tcp || needs_mac;
+                if !wants || b.health.in_flight || b.health.next_check > now {
+                    continue;
+                }
+                b.health.in_flight = true;
+                jobs.push(CheckJob { vip, ip: b.ip, tcp: kind == CheckKind::Tcp, resolve_mac: needs_mac, timeout });
+            }
+        }
+        jobs
+    }
+
+    /// Apply a health job's outcome; reconciles the VIP when anything changed.
+    pub fn report(&mut self, job: &CheckJob, out: CheckOutcome) -> Result<()> {
+        let interval = Duration::from_millis(self.opts.health.interval_ms);
+        let (rise, fall) = (self.opts.health.rise, self.opts.health.fall);
+        let Some(state) = self.vips.get_mut(&job.vip) else { return Ok(()) };
+        let Some(b) = state.backends.get_mut(&job.ip) else { return Ok(()) };
+        let h = &mut b.health;
+        h.in_flight = false;
+        h.next_check = Instant::now() + interval;
+        let mut changed = false;
+        if job.resolve_mac && out.mac.is_some() && out.mac != b.mac {
+            log::info!("VIP {}: backend {} is at {}", job.vip, job.ip, out.mac.expect("checked"));
+            b.mac = out.mac;
+            changed = true;
+        }
+        if job.tcp {
+            h.checks += 1;
+            if out.ok {
+                h.ok_streak += 1;
+                h.fail_streak = 0;
+                if !h.up && (h.ok_streak >= rise || !h.checked) {
+                    h.up = true;
+                    h.transitions += 1;
+                    changed = true;
+                    log::info!("VIP {}: backend {} is up ({} check(s) passed)", job.vip, job.ip, h.ok_streak);
+                }
+            } else {
+                h.failures += 1;
+                h.fail_streak += 1;
+                h.ok_streak = 0;
+                let why = out.error.unwrap_or_else(|| "check failed".into());
+                if h.up && h.fail_streak >= fall {
+                    h.up = false;
+                    h.transitions += 1;
+                    changed = true;
+                    log::warn!("VIP {}: backend {} is down after {} failed checks: {why}", job.vip, job.ip, h.fail_streak);
+                } else if !h.checked {
+                    log::warn!("VIP {}: backend {} failed its first check: {why}", job.vip, job.ip);
+                } else {
+                    log::debug!("VIP {}: backend {} check failed: {why}", job.vip, job.ip);
+                }
+                h.last_error = Some(why);
+            }
+            if h.transitions > 0 && h.transitions % 10 == 0 && changed {
+                log::warn!("VIP {}: backend {} is flapping ({} transitions)", job.vip, job.ip, h.transitions);
+            }
+            h.checked = true;
+        }
+        if changed {
+            self.reconcile(&job.vip)?;
+            if let Some(state) = self.vips.get(&job.vip) {
+                if !state.backends.is_empty() && !state.backends.values().any(|b| b.usable()) {
+                    log::error!("VIP {}: no backend is available; its packets are dropped", job.vip);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bring the datapath in line with a VIP's state: backend entries, a new
+    /// table in a free slot, then the VIP entry that publishes it.
+    pub fn reconcile(&mut self, vip: &Vip) -> Result<()> {
+        let ring_size = self.dp.opts.ring_size;
+        let src_mac = self.opts.iface_mac.0;
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let info = |b: &Backend, alive: bool| BackendInfo {
+            dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
+            src_mac,
+            flags: if alive { BACKEND_F_ALIVE } else { 0 },
+            _pad: 0,
+            gen: b.gen,
+            vip_id: state.id,
+        };
+        // 1. Alive backends first, so the new table never points at an
+        //    entry that is not ready.
+        let alive: Vec<(u32, BackendInfo)> =
+            state.backends.values().filter(|b| b.alive()).map(|b| (b.id, info(b, true))).collect();
+        let dead: Vec<(u32, BackendInfo)> =
+            state.backends.values().filter(|b| !b.alive()).map(|b| (b.id, info(b, false))).collect();
+        for (id, i) in &alive {
+            self.dp.set_backend(*id, i)?;
+        }
+        // 2. The table.
+        let usable: Vec<&Backend> = state.backends.values().filter(|b| b.usable()).collect();
+        let keys: Vec<Vec<u8>> = usable.iter().map(|b| b.key_bytes()).collect();
+        let entries: Vec<maglev::Entry> =
+            usable.iter().zip(&keys).map(|(b, k)| maglev::Entry { key: k, weight: b.weight }).collect();
+        let table: Vec<u32> = match maglev::build(&entries, ring_size) {
+            Some(t) => t.iter().map(|&i| usable[i as usize].id).collect(),
+            None => Vec::new(),
+        };
+        let (vip_id, algo, old_slot, n_usable) = (state.id, state.algo, state.ring_slot, usable.len());
+        let moved = if state.table.len() == table.len() {
+            state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
+        } else {
+            table.len()
+        };
+        let new_slot = if table.is_empty() {
+            None
+        } else {
+            let slot = self.free_ring_slots.pop_front().ok_or_else(|| anyhow!("no free ring slot"))?;
+            if let Err(e) = self.dp.write_ring(slot, &table) {
+                self.free_ring_slots.push_front(slot);
+                return Err(e);
+            }
+            Some(slot)
+        };
+        // 3. Publish.
+        let published = VipInfo {
+            vip_id,
+            ring_off: new_slot.map(|s| s * ring_size).unwrap_or(0),
+            ring_size: if new_slot.is_some() { ring_size } else { 0 },
+            algo: algo as u8,
+            flags: 0,
+            _pad: 0,
+        };
+        self.dp.set_vip(&vip.key(), &published)?;
+        if let Some(old) = old_slot {
+            self.free_ring_slots.push_back(old);
+        }
+        // 4. Backends that left: after the table stopped naming them.
+        for (id, i) in &dead {
+            self.dp.set_backend(*id, i)?;
+        }
+        let state = self.vips.get_mut(vip).expect("checked above");
+        state.ring_slot = new_slot;
+        log::info!(
+            "VIP {vip}: table of {n_usable} backend(s) published, {moved} of {ring_size} slots moved"
+        );
+        state.table = table;
+        Ok(())
+    }
+
+    /// Everything `xlb status` shows.
+    pub fn status(&self) -> Result<Status> {
+        let mut vips = Vec::new();
+        for (vip, s) in &self.vips {
+            let mut backends = Vec::new();
+            for b in s.backends.values() {
+                let c = self.dp.backend_counters(b.id)?;
+                let state = if b.alive() { "up" } else { "down" }.to_string();
+                let reason = if b.mac.is_none() {
+                    Some("MAC not resolved yet".to_string())
+                } else if !b.health.up && !b.health.checked {
+                    Some("not checked yet".to_string())
+                } else if !b.health.up {
+                    b.health.last_error.clone()
+                } else if b.weight == 0 {
+                    Some("weight 0: no new flows".to_string())
+                } else {
+                    None
+                };
+                let slots = s.table.iter().filter(|&&id| id == b.id).count();
+                backends.push(BackendStatus {
+                    ip: b.ip.to_string(),
+                    mac: b.mac.map(|m| m.to_string()),
+                    weight: b.weight,
+                    state,
+                    reason,
+                    table_share: if s.table.is_empty() { 0.0 } else { slots as f64 / s.table.len() as f64 },
+                    checks: b.health.checks,
+                    check_failures: b.health.failures,
+                    transitions: b.health.transitions,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                });
+            }
+            let c = self.dp.vip_counters(s.id)?;
+            vips.push(VipStatus {
+                vip: vip.to_string(),
+                algo: algo_name(s.algo).to_string(),
+                health_check: match self.checks_for(vip) {
+                    CheckKind::Tcp => "tcp",
+                    CheckKind::None => "none",
+                }
+                .to_string(),
+                backends,
+                packets: c.packets,
+                bytes: c.bytes,
+                new_flows: c.new_flows,
+            });
+        }
+        let stats = self.dp.stats()?;
+        let counters = lb_common::stats::ALL.iter().map(|s| (s.name().to_string(), stats[*s as usize])).collect();
+        Ok(Status { vips, counters, ring_size: self.dp.opts.ring_size })
+    }
+}
+
+/// `xlb status` data.
+#[derive(Serialize, serde::Deserialize, Debug)]
+pub struct Status {
+    /// Services.
+    pub vips: Vec<VipStatus>,
+    /// Global datapath counters by name.
+    pub counters: BTreeMap<String, u64>,
+    /// Entries per Maglev table.
+    pub ring_size: u32,
+}
+
+/// One service in `xlb status`.
+#[derive(Serialize, serde::Deserialize, Debug)]
+pub struct VipStatus {
+    /// `ADDR:PORT/PROTO`.
+    pub vip: String,
+    /// Algorithm.
+    pub algo: String,
+    /// Health check in use.
+    pub health_check: String,
+    /// Backends.
+    pub backends: Vec<BackendStatus>,
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// New flows.
+    pub new_flows: u64,
+}
+
+/// One backend in `xlb status`.
+#[derive(Serialize, serde::Deserialize, Debug)]
+pub struct BackendStatus {
+    /// Address.
+    pub ip: String,
+    /// MAC in use.
+    pub mac: Option<String>,
+    /// Weight.
+    pub weight: u32,
+    /// `up` or `down`.
+    pub state: String,
+    /// Why it is down (or gets no new flows).
+    pub reason: Option<String>,
+    /// Share of the Maglev table it owns.
+    pub table_share: f64,
+    /// Health checks run.
+    pub checks: u64,
+    /// Health checks failed.
+    pub check_failures: u64,
+    /// Up/down transitions.
+    pub transitions: u64,
+    /// Packets forwarded to it.
+    pub packets: u64,
+    /// Bytes forwarded to it.
+    pub bytes: u64,
+    /// New flows sent to it.
+    pub new_flows: u64,
+}

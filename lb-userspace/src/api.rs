@@ -1,0 +1,203 @@
+//! The agent's local API: one JSON request and one JSON response per line
+//! over a unix socket (root only, mode 0600). Every request is validated in
+//! full before the agent changes anything.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    agent::{parse_algo, Agent},
+    config::{check_weight, parse_backend_ip, Mac, Vip, DEFAULT_WEIGHT},
+};
+
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request to the agent.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Add a VIP.
+    VipAdd {
+        /// `ADDR:PORT/PROTO`.
+        vip: String,
+        /// Algorithm name.
+        algo: Option<String>,
+    },
+    /// Remove a VIP.
+    VipDel {
+        /// `ADDR:PORT/PROTO`.
+        vip: String,
+    },
+    /// List VIPs.
+    VipList,
+    /// Add a backend to a VIP.
+    BackendAdd {
+        /// `ADDR:PORT/PROTO`.
+        vip: String,
+        /// Backend address.
+        ip: String,
+        /// Backend MAC (resolved when absent).
+        mac: Option<String>,
+        /// Weight.
+        weight: Option<u32>,
+    },
+    /// Remove a backend from a VIP.
+    BackendDel {
+        /// `ADDR:PORT/PROTO`.
+        vip: String,
+        /// Backend address.
+        ip: String,
+    },
+    /// Full status.
+    Status,
+}
+
+/// The agent's answer.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Response {
+    /// Whether the request was applied.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Result data.
+    #[serde(default)]
+    pub result: serde_json::Value,
+}
+
+/// Validate and apply one request.
+pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
+    match req {
+        Request::VipAdd { vip, algo } => {
+            let vip: Vip = vip.parse()?;
+            let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
+            agent.add_vip(vip, algo)?;
+            Ok(serde_json::Value::Null)
+        }
+        Request::VipDel { vip } => {
+            let vip: Vip = vip.parse()?;
+            agent.del_vip(&vip)?;
+            Ok(serde_json::Value::Null)
+        }
+        Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
+        Request::BackendAdd { vip, ip, mac, weight } => {
+            let vip: Vip = vip.parse()?;
+            let ip = parse_backend_ip(&vip, &ip)?;
+            let mac = mac.map(|m| m.parse::<Mac>()).transpose()?;
+            let weight = check_weight(weight.unwrap_or(DEFAULT_WEIGHT))?;
+            agent.add_backend(&vip, ip, mac, weight)?;
+            Ok(serde_json::Value::Null)
+        }
+        Request::BackendDel { vip, ip } => {
+            let vip: Vip = vip.parse()?;
+            let ip = parse_backend_ip(&vip, &ip)?;
+            agent.del_backend(&vip, ip)?;
+            Ok(serde_json::Value::Null)
+        }
+        Request::Status => Ok(serde_json::to_value(agent.status()?)?),
+    }
+}
+
+/// Bind the API socket: refuses when another agent answers on it, replaces
+/// a stale file, and makes it root-only.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another agent is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serve requests until the listener fails.
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::error!("API accept failed: {e}");
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, agent).await {
+                log::debug!("API connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let n = BufReader::new(r).take(MAX_REQUEST as u64).read_line(&mut line).await?;
+    let resp = if n == 0 {
+        return Ok(());
+    } else if !line.ends_with('\n') && n >= MAX_REQUEST {
+        Response { ok: false, error: Some("request too long".into()), result: serde_json::Value::Null }
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), result: serde_json::Value::Null },
+            Ok(req) => {
+                let res = {
+                    let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
+                    handle(&mut a, req)
+                };
+                match res {
+                    Ok(v) => Response { ok: true, error: None, result: v },
+                    Err(e) => Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
+                }
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&resp)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Send one request to the agent at `socket` and return its result.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        anyhow!("cannot reach the agent at {} ({e}); is `xlb agent` running?", socket.display())
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line).context("cannot send to the agent")?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).context("no answer from the agent")?;
+    let resp: Response = serde_json::from_str(&answer).context("malformed answer from the agent")?;
+    if resp.ok {
+        Ok(resp.result)
+    } else {
+        Err(anyhow!(resp.error.unwrap_or_else(|| "request failed".into())))
+    }
+}
+
+/// The socket path given on the command line or the default.
+pub fn socket_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}

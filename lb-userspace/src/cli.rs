@@ -1,0 +1,261 @@
+//! The command line: `xlb agent …` runs the agent; every other command is a
+//! client of its API. Arguments are validated here too, so a typo fails
+//! before anything is sent.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use crate::{
+    agent::Status,
+    api::{self, Request},
+    config::{check_weight, parse_backend_ip, Mac, Vip},
+    daemon::{self, DaemonOptions},
+    maps::{AttachMode, Datapath, LoadOptions},
+};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, PROG_PASS};
+
+/// xlb: an XDP L4 load balancer (L2 direct server return).
+#[derive(Parser, Debug)]
+#[command(name = "xlb", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: load and attach the XDP program, serve the API.
+    Agent(AgentArgs),
+    /// Manage virtual services.
+    #[command(subcommand)]
+    Vip(VipCmd),
+    /// Manage backends of a virtual service.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show services, backends, health and counters.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a pass-through XDP program to IFACE and hold it until
+    /// SIGINT/SIGTERM. On a veth, XDP_TX frames are only delivered when the
+    /// peer device has an XDP program: run this on the peer.
+    XdpPass {
+        /// Interface.
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+/// XDP attach mode.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum ModeArg {
+    /// Native (driver) mode; fail if impossible.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+/// `xlb agent` options.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Interface to balance on.
+    #[arg(long)]
+    pub iface: String,
+    /// XDP mode; by default native, falling back to generic with a warning.
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<ModeArg>,
+    /// TOML config file with VIPs, backends and health settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Entries per Maglev table (a prime).
+    #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
+    pub ring_size: u32,
+    /// Maximum number of VIPs.
+    #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
+    pub max_vips: u32,
+    /// Connection-table capacity in flows.
+    #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
+    pub conntrack_size: u32,
+    /// Log unusual datapath verdicts (aya-log; costs a little per logged packet).
+    #[arg(long)]
+    pub debug_datapath: bool,
+}
+
+/// `xlb vip …`.
+#[derive(Subcommand, Debug)]
+pub enum VipCmd {
+    /// Add a VIP, e.g. `xlb vip add 10.0.0.100:80/tcp`.
+    Add {
+        /// ADDR:PORT/PROTO
+        vip: Vip,
+        /// Scheduling algorithm.
+        #[arg(long, default_value = "maglev")]
+        algo: String,
+    },
+    /// Remove a VIP and its backends.
+    Del {
+        /// ADDR:PORT/PROTO
+        vip: Vip,
+    },
+    /// List VIPs.
+    List,
+}
+
+/// `xlb backend …`.
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Add a backend to a VIP.
+    Add {
+        /// ADDR:PORT/PROTO
+        vip: Vip,
+        /// Backend IP address (same family as the VIP).
+        ip: String,
+        /// Backend MAC; resolved from the neighbour table when omitted.
+        #[arg(long)]
+        mac: Option<Mac>,
+        /// Weight, 0..=10000 (0 = no new flows).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend from a VIP.
+    Del {
+        /// ADDR:PORT/PROTO
+        vip: Vip,
+        /// Backend IP address.
+        ip: String,
+    },
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let socket = api::socket_path(cli.socket);
+    match cli.command {
+        Command::Agent(a) => {
+            let load = LoadOptions {
+                max_vips: a.max_vips,
+                ring_size: a.ring_size,
+                conntrack_size: a.conntrack_size,
+                debug: a.debug_datapath,
+            };
+            load.validate()?;
+            let opts = DaemonOptions {
+                iface: a.iface,
+                mode: a.xdp_mode.map(|m| match m {
+                    ModeArg::Native => AttachMode::Native,
+                    ModeArg::Generic => AttachMode::Generic,
+                }),
+                config: a.config,
+                socket,
+                load,
+            };
+            runtime()?.block_on(daemon::run(opts))
+        }
+        Command::XdpPass { iface } => xdp_pass(&iface),
+        Command::Vip(VipCmd::Add { vip, algo }) => {
+            crate::agent::parse_algo(&algo)?;
+            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo) })?;
+            Ok(())
+        }
+        Command::Vip(VipCmd::Del { vip }) => {
+            api::call(&socket, &Request::VipDel { vip: vip.to_string() })?;
+            Ok(())
+        }
+        Command::Vip(VipCmd::List) => {
+            let v = api::call(&socket, &Request::VipList)?;
+            for vip in v.as_array().into_iter().flatten() {
+                println!("{}", vip.as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Backend(BackendCmd::Add { vip, ip, mac, weight }) => {
+            let ip = parse_backend_ip(&vip, &ip)?;
+            check_weight(weight)?;
+            api::call(
+                &socket,
+                &Request::BackendAdd {
+                    vip: vip.to_string(),
+                    ip: ip.to_string(),
+                    mac: mac.map(|m| m.to_string()),
+                    weight: Some(weight),
+                },
+            )?;
+            Ok(())
+        }
+        Command::Backend(BackendCmd::Del { vip, ip }) => {
+            let ip = parse_backend_ip(&vip, &ip)?;
+            api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
+            Ok(())
+        }
+        Command::Status { json } => {
+            let v = api::call(&socket, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let s: Status = serde_json::from_value(v).context("malformed status from the agent")?;
+                print_status(&s);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn print_status(s: &Status) {
+    if s.vips.is_empty() {
+        println!("no VIPs");
+    }
+    for v in &s.vips {
+        println!(
+            "{}  algo={}  check={}  packets={} bytes={} new_flows={}",
+            v.vip, v.algo, v.health_check, v.packets, v.bytes, v.new_flows
+        );
+        for b in &v.backends {
+            println!(
+                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={}{}",
+                b.ip,
+                b.mac.as_deref().unwrap_or("?"),
+                b.weight,
+                b.state,
+                b.table_share * 100.0,
+                b.packets,
+                b.new_flows,
+                b.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()
+            );
+        }
+    }
+    let nonzero: Vec<String> =
+        s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
+}
+
+fn xdp_pass(iface: &str) -> Result<()> {
+    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, debug: false };
+    let mut dp = Datapath::load(load)?;
+    dp.program(PROG_PASS)?
+        .attach(iface, aya::programs::XdpMode::Driver)
+        .with_context(|| format!("cannot attach the pass-through program to {iface}"))?;
+    runtime()?.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    drop(dp);
+    Ok(())
+}

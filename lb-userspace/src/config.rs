@@ -1,0 +1,316 @@
+//! What an operator writes: VIP and MAC syntax, health-check settings and the
+//! TOML config file. Every parser here returns a one-line error and is used
+//! by the CLI, the API and the config file alike, so all three accept and
+//! reject exactly the same input.
+
+use anyhow::{anyhow, bail, Context, Result};
+use lb_common::{addr_v4, VipKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use serde::{Deserialize, Serialize};
+use std::{fmt, net::IpAddr, path::Path, str::FromStr};
+
+/// Largest backend weight accepted.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Weight of a backend added without `--weight`.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+/// Transport protocol of a virtual service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A virtual service: `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp` or
+/// `[2001:db8::100]:443/tcp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vip {
+    /// Virtual IP address.
+    pub addr: IpAddr,
+    /// Port (1..=65535).
+    pub port: u16,
+    /// Protocol.
+    pub proto: Proto,
+}
+
+impl Vip {
+    /// The datapath's key for this service.
+    pub fn key(&self) -> VipKey {
+        let (addr, family) = match self.addr {
+            IpAddr::V4(a) => (addr_v4(a.octets()), FAMILY_V4),
+            IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+        };
+        VipKey { addr, port_be: self.port.to_be(), proto: self.proto.number(), family }
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
+    }
+}
+
+impl FromStr for Vip {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || anyhow!("invalid VIP '{s}': expected ADDR:PORT/PROTO, e.g. 10.0.0.100:80/tcp");
+        let (sock, proto) = s.rsplit_once('/').ok_or_else(bad)?;
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            other => bail!("invalid VIP '{s}': protocol '{other}' is not tcp or udp"),
+        };
+        let sock: std::net::SocketAddr = sock.parse().map_err(|_| bad())?;
+        if sock.port() == 0 {
+            bail!("invalid VIP '{s}': port 0");
+        }
+        check_unicast(sock.ip()).with_context(|| format!("invalid VIP '{s}'"))?;
+        Ok(Vip { addr: sock.ip(), port: sock.port(), proto })
+    }
+}
+
+/// Reject addresses that cannot be a service or backend.
+pub fn check_unicast(ip: IpAddr) -> Result<()> {
+    let bad = match ip {
+        IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+    };
+    if bad {
+        bail!("{ip} is not a unicast address");
+    }
+    Ok(())
+}
+
+/// Parse a backend address for a VIP (same family, unicast).
+pub fn parse_backend_ip(vip: &Vip, s: &str) -> Result<IpAddr> {
+    let ip: IpAddr = s.parse().map_err(|_| anyhow!("invalid backend IP '{s}'"))?;
+    check_unicast(ip).with_context(|| format!("invalid backend IP '{s}'"))?;
+    if ip.is_ipv4() != vip.addr.is_ipv4() {
+        bail!("backend {ip} and VIP {vip} are of different address families");
+    }
+    Ok(ip)
+}
+
+/// A MAC address, `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl FromStr for Mac {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || anyhow!("invalid MAC '{s}': expected six hex bytes like 02:00:00:00:00:01");
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for b in out.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if out == [0; 6] || out[0] & 1 == 1 {
+            bail!("invalid MAC '{s}': not a unicast station address");
+        }
+        Ok(Mac(out))
+    }
+}
+
+/// Check a weight given by an operator.
+pub fn check_weight(w: u32) -> Result<u32> {
+    if w > MAX_WEIGHT {
+        bail!("invalid weight {w}: must be 0..={MAX_WEIGHT} (0 = no new flows)");
+    }
+    Ok(w)
+}
+
+/// How backends are health-checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect to the backend's IP on the VIP's port.
+    #[default]
+    Tcp,
+    /// No checks: every backend is up.
+    None,
+}
+
+/// Health-check timing (HAProxy's `inter`, `timeout check`, `rise`, `fall`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Check type.
+    pub kind: CheckKind,
+    /// Time between checks of one backend, milliseconds.
+    pub interval_ms: u64,
+    /// Time a check may take, milliseconds.
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { kind: CheckKind::Tcp, interval_ms: 300, timeout_ms: 250, rise: 2, fall: 3 }
+    }
+}
+
+impl HealthConfig {
+    /// Reject settings that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if !(10..=600_000).contains(&self.interval_ms) {
+            bail!("health interval_ms {} out of range 10..=600000", self.interval_ms);
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms.max(1000) * 10 {
+            bail!("health timeout_ms {} out of range", self.timeout_ms);
+        }
+        if !(1..=100).contains(&self.rise) || !(1..=100).contains(&self.fall) {
+            bail!("health rise/fall must be 1..=100");
+        }
+        Ok(())
+    }
+}
+
+/// A backend in the config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Backend IP address.
+    pub ip: String,
+    /// MAC; resolved from the neighbour table when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Weight (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// A VIP in the config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    /// `ADDR:PORT/PROTO`.
+    pub address: String,
+    /// Scheduling algorithm (default `maglev`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algo: Option<String>,
+    /// Backends.
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// The agent's config file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Health-check settings.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Virtual services.
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<VipConfig>,
+}
+
+impl FileConfig {
+    /// Read and parse a config file (syntax only; the agent validates content).
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let cfg: FileConfig = toml::from_str(&text).map_err(|e| {
+            anyhow!("config {}: {}", path.display(), e.to_string().replace('\n', " "))
+        })?;
+        cfg.health.validate().with_context(|| format!("config {}", path.display()))?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_syntax() {
+        let v: Vip = "10.0.0.100:80/tcp".parse().expect("valid");
+        assert_eq!(v.to_string(), "10.0.0.100:80/tcp");
+        assert_eq!(v.key().port_be, 80u16.to_be());
+        assert_eq!(&v.key().addr[..4], &[10, 0, 0, 100]);
+        let v6: Vip = "[2001:db8::1]:443/udp".parse().expect("valid");
+        assert_eq!(v6.to_string(), "[2001:db8::1]:443/udp");
+        for bad in [
+            "10.0.0.100:80",
+            "10.0.0.100/tcp",
+            "10.0.0.100:0/tcp",
+            "10.0.0.100:80/sctp",
+            "10.0.0.300:80/tcp",
+            "0.0.0.0:80/tcp",
+            "224.0.0.1:80/tcp",
+            "",
+        ] {
+            let e = bad.parse::<Vip>().expect_err(bad).to_string();
+            assert!(e.contains("invalid VIP"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn mac_syntax() {
+        let m: Mac = "02:00:00:aa:bb:0c".parse().expect("valid");
+        assert_eq!(m.to_string(), "02:00:00:aa:bb:0c");
+        for bad in ["02:00:00:aa:bb", "02:00:00:aa:bb:0c:0d", "zz:00:00:00:00:01", "01:00:5e:00:00:01", "00:00:00:00:00:00", "2:0:0:0:0:1"] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backend_family_must_match() {
+        let v: Vip = "10.0.0.100:80/tcp".parse().expect("valid");
+        assert!(parse_backend_ip(&v, "10.0.0.11").is_ok());
+        assert!(parse_backend_ip(&v, "2001:db8::1").is_err());
+        assert!(parse_backend_ip(&v, "banana").is_err());
+        assert!(check_weight(MAX_WEIGHT + 1).is_err());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        let good = "[health]\ninterval_ms = 100\n[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\nip = \"10.0.0.2\"\n";
+        let c: FileConfig = toml::from_str(good).expect("valid");
+        assert_eq!(c.vips[0].backends[0].ip, "10.0.0.2");
+        assert_eq!(c.health.interval_ms, 100);
+        assert_eq!(c.health.fall, HealthConfig::default().fall);
+        assert!(toml::from_str::<FileConfig>("[[vip]]\naddres = \"x\"\n").is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! `xlb agent`: load and attach the datapath, apply the config file, then
+//! serve the API and run health checks until SIGINT/SIGTERM, and detach.
+
+use anyhow::{bail, Context, Result};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    agent::{parse_algo, Agent, AgentOptions},
+    api,
+    config::{check_weight, parse_backend_ip, FileConfig, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    health,
+    maps::{AttachMode, Datapath, LoadOptions},
+    neigh,
+};
+
+/// Everything `xlb agent` is told.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Interface to attach to.
+    pub iface: String,
+    /// Forced mode, or `None` for native with a fallback to generic.
+    pub mode: Option<AttachMode>,
+    /// Config file.
+    pub config: Option<PathBuf>,
+    /// API socket.
+    pub socket: PathBuf,
+    /// Map sizes.
+    pub load: LoadOptions,
+}
+
+/// A config file's services, fully validated.
+pub struct Desired {
+    /// Health settings.
+    pub health: HealthConfig,
+    /// Services with algorithm and backends (ip, mac, weight).
+    pub vips: Vec<(Vip, lb_common::Algo, Vec<(IpAddr, Option<Mac>, u32)>)>,
+}
+
+impl Desired {
+    /// Validate a parsed file: every address, MAC, weight and duplicate.
+    pub fn from_file(cfg: &FileConfig) -> Result<Desired> {
+        let mut vips = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, v) in cfg.vips.iter().enumerate() {
+            let ctx = || format!("vip #{} ({})", i + 1, v.address);
+            let vip: Vip = v.address.parse().with_context(ctx)?;
+            if !seen.insert(vip) {
+                bail!("{}: duplicate VIP", ctx());
+            }
+            let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).with_context(ctx)?;
+            let mut ips = BTreeSet::new();
+            let mut backends = Vec::new();
+            for b in &v.backends {
+                let ip = parse_backend_ip(&vip, &b.ip).with_context(ctx)?;
+                if !ips.insert(ip) {
+                    bail!("{}: duplicate backend {ip}", ctx());
+                }
+                let mac = b.mac.as_deref().map(str::parse::<Mac>).transpose().with_context(ctx)?;
+                let weight = check_weight(b.weight.unwrap_or(DEFAULT_WEIGHT)).with_context(ctx)?;
+                backends.push((ip, mac, weight));
+            }
+            vips.push((vip, algo, backends));
+        }
+        Ok(Desired { health: cfg.health, vips })
+    }
+}
+
+/// Run the agent until a termination signal.
+pub async fn run(opts: DaemonOptions) -> Result<()> {
+    let desired = match &opts.config {
+        Some(p) => Desired::from_file(&FileConfig::load(p)?)?,
+        None => Desired { health: HealthConfig::default(), vips: Vec::new() },
+    };
+    let handle = neigh::connect()?;
+    let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
+    let listener = api::bind(&opts.socket)?;
+    let mut dp = Datapath::load(opts.load)?;
+    let mode = dp.attach(&opts.iface, opts.mode)?;
+    log::info!(
+        "xlb attached to {} (ifindex {ifindex}, {iface_mac}) in {mode} mode; API on {}",
+        opts.iface,
+        opts.socket.display()
+    );
+    if opts.load.debug {
+        if let Err(e) = aya_log::EbpfLogger::init(&mut dp.ebpf) {
+            log::warn!("datapath logging unavailable: {e}");
+        }
+    }
+    let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health })?;
+    for (vip, algo, backends) in desired.vips {
+        agent.add_vip(vip, algo)?;
+        for (ip, mac, weight) in backends {
+            agent.add_backend(&vip, ip, mac, weight)?;
+        }
+    }
+    let agent = Arc::new(Mutex::new(agent));
+    let resolver = neigh::Resolver::new(handle, ifindex);
+    let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
+    let server = tokio::spawn(api::serve(listener, agent.clone()));
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM: detaching"),
+        _ = int.recv() => log::info!("SIGINT: detaching"),
+    }
+    server.abort();
+    health.abort();
+    let _ = server.await;
+    let _ = health.await;
+    let _ = std::fs::remove_file(&opts.socket);
+    // Dropping the agent drops the datapath, which detaches the program.
+    match Arc::try_unwrap(agent) {
+        Ok(m) => drop(m),
+        Err(_) => log::warn!("agent still referenced at exit; the kernel detaches XDP when the process ends"),
+    }
+    log::info!("detached from {}", opts.iface);
+    Ok(())
+}

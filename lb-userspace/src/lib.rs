@@ -1,0 +1,15 @@
+//! xlb: an XDP L4 load balancer with L2 direct server return.
+//!
+//! This library is the `xlb` binary's agent and CLI; the system tests use it
+//! to drive the datapath exactly as the agent does.
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod health;
+pub mod maglev;
+pub mod maps;
+pub mod neigh;

@@ -1,0 +1,293 @@
+//! The loaded XDP object and typed handles on every map (layouts from
+//! `lb_common`). The agent writes the datapath only through this module; the
+//! tests use it too, so they drive the maps exactly as the agent does.
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    map_names, BackendInfo, Counters, FlowKey, FlowValue, Stat, StatBlock, VipInfo, VipKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE,
+    PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
+};
+
+use crate::maglev::is_prime;
+
+/// The XDP object, built by `cargo xtask build` and embedded in the binary.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
+
+/// Sizes fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the VIP map (and number of VIP ids).
+    pub max_vips: u32,
+    /// Entries of each Maglev table (a prime).
+    pub ring_size: u32,
+    /// Capacity of the connection table.
+    pub conntrack_size: u32,
+    /// Log unusual verdicts from the datapath (aya-log).
+    pub debug: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_vips: DEFAULT_MAX_VIPS,
+            ring_size: DEFAULT_RING_SIZE,
+            conntrack_size: DEFAULT_CONNTRACK_SIZE,
+            debug: false,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Reject sizes the datapath cannot use.
+    pub fn validate(&self) -> Result<()> {
+        if !is_prime(self.ring_size) || self.ring_size > MAX_RING_SIZE {
+            bail!("ring size {} must be a prime no larger than {MAX_RING_SIZE}", self.ring_size);
+        }
+        if !(1..=4096).contains(&self.max_vips) {
+            bail!("max VIPs {} out of range 1..=4096", self.max_vips);
+        }
+        let slots = (self.max_vips + SPARE_RING_SLOTS) as u64 * self.ring_size as u64;
+        if slots > u32::MAX as u64 / 2 {
+            bail!("max VIPs × ring size is too large ({slots} ring entries)");
+        }
+        if self.conntrack_size < 1024 {
+            bail!("connection table size {} is below 1024", self.conntrack_size);
+        }
+        Ok(())
+    }
+
+    /// Number of ring slots (tables) in `XLB_RINGS`.
+    pub fn ring_slots(&self) -> u32 {
+        self.max_vips + SPARE_RING_SLOTS
+    }
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) XDP.
+    Native,
+    /// Generic (skb) XDP.
+    Generic,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        })
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Datapath {
+    /// The object (programs; maps were taken out into the fields below).
+    pub ebpf: Ebpf,
+    /// Sizes it was loaded with.
+    pub opts: LoadOptions,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    backends: Array<MapData, BackendInfo>,
+    rings: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    stats: PerCpuArray<MapData, StatBlock>,
+    vip_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    ncpus: usize,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Allow BPF maps to be locked in memory. Kernels ≥ 5.11 charge BPF memory to
+/// the cgroup instead, so a refusal (no CAP_SYS_RESOURCE) is only logged.
+pub fn raise_memlock() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK ({}); relying on cgroup accounting", std::io::Error::last_os_error());
+    }
+}
+
+impl Datapath {
+    /// Load the embedded object (verifier included) without attaching it.
+    pub fn load(opts: LoadOptions) -> Result<Datapath> {
+        opts.validate()?;
+        raise_memlock();
+        let debug: u8 = opts.debug as u8;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIP_STATS, opts.max_vips)
+            .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
+            .override_global("XLB_DEBUG", &debug, true)
+            .load(XDP_OBJECT)
+            .context("cannot load the XDP object (creating its maps)")?;
+        for name in [PROG_XLB, PROG_PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not XDP"))?;
+            // The error's text carries the verifier log.
+            prog.load().with_context(|| format!("the kernel rejected XDP program {name}"))?;
+        }
+        let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow!("cannot read {p}: {e}"))?;
+        Ok(Datapath {
+            vips: take(&mut ebpf, map_names::VIPS)?,
+            backends: take(&mut ebpf, map_names::BACKENDS)?,
+            rings: take(&mut ebpf, map_names::RINGS)?,
+            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            stats: take(&mut ebpf, map_names::STATS)?,
+            vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
+            backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
+            ebpf,
+            opts,
+            ncpus,
+        })
+    }
+
+    /// The load balancer program (for attaching or BPF_PROG_TEST_RUN).
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not XDP"))
+    }
+
+    /// Attach the balancer to `iface`: native mode, or generic when `mode`
+    /// allows falling back (`None`) and native is impossible.
+    pub fn attach(&mut self, iface: &str, mode: Option<AttachMode>) -> Result<AttachMode> {
+        let prog = self.program(PROG_XLB)?;
+        match mode {
+            Some(AttachMode::Native) | None => match prog.attach(iface, XdpMode::Driver) {
+                Ok(_) => Ok(AttachMode::Native),
+                Err(e) if mode.is_none() => {
+                    log::warn!("native XDP is not possible on {iface} ({e}); falling back to generic mode, which is much slower");
+                    prog.attach(iface, XdpMode::Skb)
+                        .with_context(|| format!("cannot attach XDP to {iface} in generic mode either"))?;
+                    Ok(AttachMode::Generic)
+                }
+                Err(e) => Err(e).with_context(|| format!("cannot attach XDP to {iface} in native mode")),
+            },
+            Some(AttachMode::Generic) => {
+                prog.attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("cannot attach XDP to {iface} in generic mode"))?;
+                Ok(AttachMode::Generic)
+            }
+        }
+    }
+
+    /// Insert or replace a VIP entry (atomic for readers).
+    pub fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vips.insert(key, info, 0).context("cannot write the VIP map")
+    }
+
+    /// Remove a VIP entry.
+    pub fn del_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).context("cannot remove from the VIP map")
+    }
+
+    /// Write a backend entry.
+    pub fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        self.backends.set(id, info, 0).context("cannot write the backend map")
+    }
+
+    /// Read a backend entry.
+    pub fn backend(&self, id: u32) -> Result<BackendInfo> {
+        self.backends.get(&id, 0).context("cannot read the backend map")
+    }
+
+    /// Write a whole Maglev table into ring slot `slot`.
+    pub fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
+        if table.len() != self.opts.ring_size as usize || slot >= self.opts.ring_slots() {
+            bail!("ring slot {slot} or table size {} out of range", table.len());
+        }
+        let base = slot * self.opts.ring_size;
+        for (i, id) in table.iter().enumerate() {
+            self.rings.set(base + i as u32, id, 0).context("cannot write the ring map")?;
+        }
+        Ok(())
+    }
+
+    /// Read one ring entry.
+    pub fn ring_entry(&self, index: u32) -> Result<u32> {
+        self.rings.get(&index, 0).context("cannot read the ring map")
+    }
+
+    /// Sum of the global counters over all CPUs.
+    pub fn stats(&self) -> Result<[u64; lb_common::stats::STAT_COUNT as usize]> {
+        let per_cpu = self.stats.get(&0, 0).context("cannot read the stats map")?;
+        let mut out = [0u64; lb_common::stats::STAT_COUNT as usize];
+        for b in per_cpu.iter() {
+            for (o, v) in out.iter_mut().zip(b.c.iter()) {
+                *o += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One global counter, summed over CPUs.
+    pub fn stat(&self, s: Stat) -> Result<u64> {
+        Ok(self.stats()?[s as usize])
+    }
+
+    fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {
+        let per_cpu = map.get(&id, 0).context("cannot read a counters map")?;
+        let mut c = Counters::default();
+        for v in per_cpu.iter() {
+            c.add(v);
+        }
+        Ok(c)
+    }
+
+    /// Traffic counters of a VIP id.
+    pub fn vip_counters(&self, id: u32) -> Result<Counters> {
+        Self::sum(&self.vip_stats, id)
+    }
+
+    /// Traffic counters of a backend id.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Self::sum(&self.backend_stats, id)
+    }
+
+    fn zeros(&self) -> Result<PerCpuValues<Counters>> {
+        PerCpuValues::try_from(vec![Counters::default(); self.ncpus]).context("per-CPU values")
+    }
+
+    /// Zero a VIP id's counters (when the id is given to a new VIP).
+    pub fn reset_vip_counters(&mut self, id: u32) -> Result<()> {
+        let z = self.zeros()?;
+        self.vip_stats.set(id, z, 0).context("cannot reset VIP counters")
+    }
+
+    /// Zero a backend id's counters (when the id is given to a new backend).
+    pub fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        let z = self.zeros()?;
+        self.backend_stats.set(id, z, 0).context("cannot reset backend counters")
+    }
+
+    /// Look a flow up in the connection table.
+    pub fn conntrack_get(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    /// Number of entries in the connection table (walks it).
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Capacity of the backend array.
+    pub fn max_backends(&self) -> u32 {
+        MAX_BACKENDS
+    }
+}
