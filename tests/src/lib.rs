@@ -1,1 +1,8 @@
+//! xlb's system-test support: a namespace lab, test servers and clients,
+//! crafted frames for BPF_PROG_TEST_RUN, and the demo built from them.
 
+pub mod demo;
+pub mod frames;
+pub mod lab;
+pub mod scenario;
+pub mod traffic;

@@ -1,1 +1,119 @@
-fn main(){}
+//! `cargo xtask build | test | demo`: the project's only entry points.
+//!
+//! - `build`: installs what is missing (eBPF compiler, bpf-linker), compiles
+//!   the XDP program, then the `xlb` binary with the object embedded in it:
+//!   `target/release/xlb` is the one file to ship.
+//! - `test`: build, then every test (unit, BPF_PROG_TEST_RUN on the loaded
+//!   program, network-namespace end-to-end). Needs root.
+//! - `demo`: build, then a throwaway topology of namespaces showing a VIP
+//!   balancing real TCP connections and surviving a backend's death.
+
+mod sh;
+mod toolchain;
+
+use anyhow::{bail, Context, Result};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use sh::run;
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Where the XDP object lands (lb-userspace's build script reads it there).
+fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    let tc = toolchain::ebpf_toolchain()?;
+    let linker = toolchain::bpf_linker(tc.llvm_major)?;
+    eprintln!("xtask: building the XDP program with {} (LLVM {})", tc.label, tc.llvm_major);
+    let linker_dir = linker.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = format!("{}:{}", linker_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut c = Command::new(&tc.cargo);
+    c.current_dir(root.join("lb-ebpf"))
+        .env("PATH", path)
+        .env("RUSTC", &tc.rustc)
+        .env_remove("RUSTFLAGS")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"));
+    if tc.bootstrap {
+        c.env("RUSTC_BOOTSTRAP", "1");
+    }
+    run(&mut c).context("building the XDP program failed")?;
+    let obj = ebpf_object(root);
+    if !obj.exists() {
+        bail!("the XDP build succeeded but {} is missing", obj.display());
+    }
+    Ok(())
+}
+
+fn host_cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root).env("XLB_EBPF_OBJECT", ebpf_object(root));
+    c
+}
+
+fn build(root: &Path) -> Result<()> {
+    build_ebpf(root)?;
+    run(host_cargo(root).args(["build", "--release", "--locked", "-p", "lb-userspace", "-p", "xlb-tests", "--bins"]))?;
+    eprintln!("xtask: built {}", root.join("target/release/xlb").display());
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root (BPF, XDP and network namespaces): run it with sudo");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn runtime_tools() -> Result<()> {
+    // `ip` for namespaces/veth/bridges, `ethtool` to turn off TX checksum
+    // offload on test senders.
+    toolchain::apt_install(&["iproute2", "ethtool"])
+}
+
+fn main() -> Result<()> {
+    let root = root_dir();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("build") => build(&root),
+        Some("test") => {
+            require_root("cargo xtask test")?;
+            runtime_tools()?;
+            build(&root)?;
+            let mut c = host_cargo(&root);
+            c.args(["test", "--release", "--locked", "--workspace"]).env("XLB_BIN", root.join("target/release/xlb"));
+            c.env("XLB_LAB_BIN", root.join("target/release/xlb-lab"));
+            c.arg("--").args(&args[1..]);
+            run(&mut c)
+        }
+        Some("demo") => {
+            require_root("cargo xtask demo")?;
+            runtime_tools()?;
+            build(&root)?;
+            run(Command::new(root.join("target/release/xlb-lab"))
+                .arg("demo")
+                .arg("--xlb")
+                .arg(root.join("target/release/xlb")))
+        }
+        _ => {
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo");
+            std::process::exit(2);
+        }
+    }
+}

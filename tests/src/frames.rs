@@ -1,0 +1,126 @@
+//! Crafted frames for BPF_PROG_TEST_RUN: Ethernet (optionally VLAN-tagged),
+//! IPv4 (with options, fragment fields) or IPv6, TCP or UDP. Checksums of
+//! the IPv4 header are real; L4 checksums are left zero (XDP never checks
+//! them and xlb does not touch L4).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// EtherType IPv4.
+pub const ETH_IP: u16 = 0x0800;
+/// EtherType IPv6.
+pub const ETH_IPV6: u16 = 0x86dd;
+/// EtherType ARP.
+pub const ETH_ARP: u16 = 0x0806;
+/// EtherType 802.1Q.
+pub const ETH_8021Q: u16 = 0x8100;
+/// EtherType 802.1ad.
+pub const ETH_8021AD: u16 = 0x88a8;
+
+/// The client's MAC in crafted frames.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// The balancer's MAC in crafted frames.
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+
+/// Ethernet header + VLAN tags (outermost first, each `(tpid, vid)`) + payload.
+pub fn eth(ethertype: u16, vlans: &[(u16, u16)], payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(18 + payload.len());
+    f.extend_from_slice(&LB_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    for (tpid, vid) in vlans {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet: header with `options` (padded to 4 bytes), `frag` as the
+/// flags+offset field, then `payload`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], frag: u16, payload: &[u8]) -> Vec<u8> {
+    let mut opts = options.to_vec();
+    while opts.len() % 4 != 0 {
+        opts.push(0);
+    }
+    let hlen = 20 + opts.len();
+    let total = (hlen + payload.len()) as u16;
+    let mut h = vec![0x40 | (hlen / 4) as u8, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34]);
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(&opts);
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An IPv6 packet.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// TCP flag bits.
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// A TCP segment (20-byte header).
+pub fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20 + payload.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes());
+    h.extend_from_slice(&0u32.to_be_bytes());
+    h.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A UDP datagram.
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A complete TCP/IPv4 frame.
+pub fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    eth(ETH_IP, &[], &ipv4(src, dst, 6, &[], 0, &tcp(sport, dport, tcp_flags::SYN, b"hello")))
+}
+
+/// A complete UDP/IPv4 frame.
+pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    eth(ETH_IP, &[], &ipv4(src, dst, 17, &[], 0, &udp(sport, dport, b"hello")))
+}

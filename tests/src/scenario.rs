@@ -1,0 +1,153 @@
+//! A running deployment: the lab topology with HTTP servers on every
+//! backend, the pass-through XDP program on the balancer's bridge port, and
+//! `xlb agent` on the balancer. Used by the end-to-end tests and the demo.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    lab::{self, Lab, VIP},
+    traffic::Summary,
+};
+
+/// The lab's service, as the CLI writes it.
+pub fn vip_arg() -> String {
+    format!("{VIP}:80/tcp")
+}
+
+/// Paths of the binaries under test, from the environment `cargo xtask test`
+/// sets, or the release build next to the test executable.
+pub fn binaries() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let xlb = std::env::var_os("XLB_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/xlb"));
+    let labb = std::env::var_os("XLB_LAB_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/xlb-lab"));
+    (xlb, labb)
+}
+
+/// A deployment under test.
+pub struct Deployment {
+    /// The topology (dropped last: tears everything down).
+    pub lab: Lab,
+    /// The `xlb` binary.
+    pub xlb: PathBuf,
+    /// The `xlb-lab` binary.
+    pub lab_bin: PathBuf,
+    /// The agent's API socket.
+    pub socket: PathBuf,
+}
+
+impl Deployment {
+    /// Build the lab and start servers, the veth helper and the agent.
+    pub fn start(xlb: &Path, lab_bin: &Path, backends: usize, agent_args: &[&str]) -> Result<Deployment> {
+        let mut lab = Lab::new(backends)?;
+        for i in 1..=backends {
+            lab.spawn(&format!("server{i}"), &format!("b{i}"), lab_bin, &["serve", "--name", &format!("b{i}"), "--port", "80"])?;
+        }
+        lab.spawn("xdp-pass", "sw", xlb, &["xdp-pass", "--iface", "p-lb"])?;
+        let socket = lab.dir.join("xlb.sock");
+        let sock = socket.to_string_lossy().into_owned();
+        let mut args = vec!["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536"];
+        args.extend_from_slice(agent_args);
+        lab.spawn("agent", "lb", xlb, &args)?;
+        let d = Deployment { lab, xlb: xlb.to_path_buf(), lab_bin: lab_bin.to_path_buf(), socket };
+        let sw = d.lab.ns("sw");
+        d.wait("the agent's API and the veth helper", Duration::from_secs(15), || {
+            let xdp_on_peer = lab::sh("ip", &["-n", &sw, "link", "show", "p-lb"]).map(|s| s.contains("xdp")).unwrap_or(false);
+            Ok(xdp_on_peer && d.cli(&["vip", "list"])?.status.success())
+        })?;
+        Ok(d)
+    }
+
+    /// Poll `ready` every 50 ms until it holds or `limit` passes; returns the wait.
+    pub fn wait(&self, what: &str, limit: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<Duration> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if ready()? {
+                return Ok(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out after {limit:?} waiting for {what}; agent log:\n{}", self.lab.log("agent"))
+    }
+
+    /// Run the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        std::process::Command::new(&self.xlb)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("cannot run xlb")
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!("`xlb {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `xlb status --json`.
+    pub fn status(&self) -> Result<Value> {
+        serde_json::from_str(&self.cli_ok(&["status", "--json"])?).context("status is not JSON")
+    }
+
+    /// States of the lab VIP's backends by IP.
+    pub fn backend_states(&self) -> Result<Vec<(String, String)>> {
+        let s = self.status()?;
+        let vip = vip_arg();
+        let v = s["vips"].as_array().into_iter().flatten().find(|v| v["vip"] == vip.as_str());
+        Ok(v.map(|v| {
+            v["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| (b["ip"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default())
+    }
+
+    /// Add the lab VIP and all backends through the CLI (MACs resolved by the agent).
+    pub fn configure(&self) -> Result<()> {
+        self.cli_ok(&["vip", "add", &vip_arg()])?;
+        for i in 1..=self.lab.backends {
+            self.cli_ok(&["backend", "add", &vip_arg(), &lab::backend_ip(i).to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// Wait until exactly the backends in `up` (1-based) are up, the rest down.
+    pub fn wait_states(&self, up: &[usize], limit: Duration) -> Result<Duration> {
+        let want: Vec<(String, String)> = (1..=self.lab.backends)
+            .map(|i| (lab::backend_ip(i).to_string(), if up.contains(&i) { "up" } else { "down" }.to_string()))
+            .collect();
+        self.wait(&format!("backend states {want:?}"), limit, || {
+            let mut got = self.backend_states()?;
+            got.sort();
+            let mut w = want.clone();
+            w.sort();
+            Ok(got == w)
+        })
+    }
+
+    /// Open `count` HTTP connections from the client to the VIP.
+    pub fn connect(&self, count: usize) -> Result<Summary> {
+        let out = self.lab.run(
+            "client",
+            &self.lab_bin,
+            &["connect", "--target", &format!("{VIP}:80"), "--count", &count.to_string(), "--parallel", "8", "--timeout-ms", "3000"],
+        )?;
+        if !out.status.success() {
+            bail!("client failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("client summary is not JSON")
+    }
+}

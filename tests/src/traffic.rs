@@ -1,0 +1,102 @@
+//! Test servers and clients run inside lab namespaces by the `xlb-lab` binary.
+//!
+//! `serve`: a small HTTP/1.0 server that answers every request with its own
+//! name, so a client can tell which backend served it. `connect`: a bounded
+//! number of real TCP connections (HTTP GET) to a target, with a summary of
+//! who answered and what failed.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+/// Serve HTTP on `port` forever, answering with `name`.
+pub fn serve(name: &str, port: u16) -> Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("cannot listen on port {port}"))?;
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 2048];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") && got.len() < 8192 {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!("{name}\n");
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        });
+    }
+    Ok(())
+}
+
+/// What `connect` saw.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Summary {
+    /// Connections that got a 200 answer.
+    pub ok: usize,
+    /// Connections that failed.
+    pub failed: usize,
+    /// Answers per backend name.
+    pub by_backend: BTreeMap<String, usize>,
+    /// Failures per error text.
+    pub errors: BTreeMap<String, usize>,
+}
+
+fn one(target: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, timeout).context("connect")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET / HTTP/1.0\r\nHost: {target}\r\n\r\n").context("send")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).context("receive")?;
+    if !resp.starts_with("HTTP/1.0 200") {
+        anyhow::bail!("bad answer {:?}", resp.lines().next().unwrap_or(""));
+    }
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
+    Ok(body)
+}
+
+/// Open `count` connections, `parallel` at a time, each bounded by `timeout`.
+pub fn connect(target: SocketAddr, count: usize, parallel: usize, timeout: Duration) -> Summary {
+    let summary = Arc::new(Mutex::new(Summary::default()));
+    let next = Arc::new(Mutex::new(0usize));
+    let workers: Vec<_> = (0..parallel.max(1))
+        .map(|_| {
+            let (summary, next) = (summary.clone(), next.clone());
+            std::thread::spawn(move || loop {
+                {
+                    let mut n = next.lock().expect("counter");
+                    if *n >= count {
+                        return;
+                    }
+                    *n += 1;
+                }
+                let r = one(target, timeout);
+                let mut s = summary.lock().expect("summary");
+                match r {
+                    Ok(name) => {
+                        s.ok += 1;
+                        *s.by_backend.entry(name).or_default() += 1;
+                    }
+                    Err(e) => {
+                        s.failed += 1;
+                        *s.errors.entry(format!("{e:#}")).or_default() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    Arc::try_unwrap(summary).map(|m| m.into_inner().unwrap_or_default()).unwrap_or_default()
+}
