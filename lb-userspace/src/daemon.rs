@@ -71,8 +71,28 @@ impl Desired {
     }
 }
 
+/// Fail early, with one clear line, when the process cannot load BPF or
+/// attach XDP: it needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
+fn check_privileges() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    if !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) || !has(CAP_NET_ADMIN) {
+        bail!("xlb agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach XDP");
+    }
+    Ok(())
+}
+
 /// Run the agent until a termination signal.
 pub async fn run(opts: DaemonOptions) -> Result<()> {
+    check_privileges()?;
     let desired = match &opts.config {
         Some(p) => Desired::from_file(&FileConfig::load(p)?)?,
         None => Desired { health: HealthConfig::default(), vips: Vec::new() },
@@ -80,6 +100,25 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let handle = neigh::connect()?;
     let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
     let listener = api::bind(&opts.socket)?;
+    let started = start(&opts, desired, ifindex, iface_mac, handle).await;
+    let (agent, resolver) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            // Leave nothing behind: the next start must not find a stale socket.
+            let _ = std::fs::remove_file(&opts.socket);
+            return Err(e);
+        }
+    };
+    serve(opts, listener, agent, resolver).await
+}
+
+async fn start(
+    opts: &DaemonOptions,
+    desired: Desired,
+    ifindex: u32,
+    iface_mac: Mac,
+    handle: rtnetlink::Handle,
+) -> Result<(Agent, neigh::Resolver)> {
     let mut dp = Datapath::load(opts.load)?;
     let mode = dp.attach(&opts.iface, opts.mode)?;
     log::info!(
@@ -99,8 +138,11 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             agent.add_backend(&vip, ip, mac, weight)?;
         }
     }
+    Ok((agent, neigh::Resolver::new(handle, ifindex)))
+}
+
+async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: Agent, resolver: neigh::Resolver) -> Result<()> {
     let agent = Arc::new(Mutex::new(agent));
-    let resolver = neigh::Resolver::new(handle, ifindex);
     let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
     let server = tokio::spawn(api::serve(listener, agent.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;

@@ -1,0 +1,161 @@
+//! End to end: real namespaces, real HTTP servers, the real `xlb` binary
+//! (agent + CLI), real TCP through the VIP by L2 DSR. Needs root.
+
+use std::{
+    io::{BufRead, Write},
+    time::Duration,
+};
+use xlb_tests::{
+    lab::backend_ip,
+    scenario::{binaries, vip_arg, Deployment},
+    traffic::Summary,
+};
+
+const CONNECTIONS: usize = 300;
+
+fn assert_fair(s: &Summary, backends: &[&str]) {
+    assert_eq!(s.failed, 0, "failed connections: {:?}", s.errors);
+    assert_eq!(s.ok, CONNECTIONS);
+    let names: Vec<&str> = s.by_backend.keys().map(String::as_str).collect();
+    assert_eq!(names, backends, "who answered: {:?}", s.by_backend);
+    let fair = CONNECTIONS as f64 / backends.len() as f64;
+    for (name, n) in &s.by_backend {
+        // Expected share ± 40% of it (5 standard deviations at 300 connections).
+        assert!(
+            (*n as f64 - fair).abs() <= 0.4 * fair,
+            "backend {name} got {n} of {CONNECTIONS} connections (fair: {fair:.0}); spread {:?}",
+            s.by_backend
+        );
+    }
+}
+
+#[test]
+fn balances_real_tcp_and_removes_a_dead_backend() {
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    d.configure().expect("configure through the CLI");
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("backends resolve and come up");
+    // MACs were resolved from the neighbour table, not given.
+    let st = d.status().expect("status");
+    for b in st["vips"][0]["backends"].as_array().expect("backends") {
+        assert!(b["mac"].as_str().is_some_and(|m| m.len() == 17), "resolved MAC: {b}");
+    }
+    let s = d.connect(CONNECTIONS).expect("client");
+    assert_fair(&s, &["b1", "b2", "b3"]);
+    // The datapath counted them: every backend got new flows and packets.
+    let st = d.status().expect("status");
+    let vip = &st["vips"][0];
+    assert!(vip["new_flows"].as_u64().unwrap_or(0) >= CONNECTIONS as u64, "{vip}");
+    assert!(st["counters"]["forwarded"].as_u64().unwrap_or(0) >= 3 * CONNECTIONS as u64);
+
+    d.lab.kill("server2").expect("kill b2's server");
+    let detect = d.wait_states(&[1, 3], Duration::from_secs(5)).expect("b2 marked down");
+    eprintln!("dead backend detected and removed after {detect:?}");
+    let st = d.status().expect("status");
+    let b2 = st["vips"][0]["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["ip"] == backend_ip(2).to_string().as_str()).cloned())
+        .expect("b2 listed");
+    assert_eq!(b2["state"], "down");
+    assert_eq!(b2["table_share"].as_f64(), Some(0.0));
+    let s = d.connect(CONNECTIONS).expect("client");
+    assert_fair(&s, &["b1", "b3"]);
+}
+
+/// Run a CLI command that must fail with one line on stderr containing `want`.
+fn fails(d: &Deployment, args: &[&str], want: &str) {
+    let out = d.cli(args).expect("run xlb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`xlb {}` should fail", args.join(" "));
+    assert_eq!(err.trim_end().lines().count(), 1, "`xlb {}`: one line expected, got {err:?}", args.join(" "));
+    assert!(err.starts_with("xlb: error: ") || err.starts_with("error: "), "{err}");
+    assert!(err.contains(want), "`xlb {}`: {err:?} should mention {want:?}", args.join(" "));
+}
+
+#[test]
+fn bad_input_gets_one_line_and_changes_nothing() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 1, &[]).expect("deployment");
+    let vip = vip_arg();
+    let b1 = backend_ip(1).to_string();
+    d.cli_ok(&["vip", "add", &vip]).expect("vip add");
+    d.cli_ok(&["backend", "add", &vip, &b1, "--weight", "5"]).expect("backend add");
+    let before = d.status().expect("status");
+
+    fails(&d, &["vip", "add", "10.200.0.100:80"], "invalid VIP");
+    fails(&d, &["vip", "add", "10.200.0.100:80/sctp"], "sctp");
+    fails(&d, &["vip", "add", "10.200.0.300:80/tcp"], "invalid VIP");
+    fails(&d, &["vip", "add", &vip], "already exists");
+    fails(&d, &["vip", "add", "10.200.0.101:80/tcp", "--algo", "fastest"], "unknown algorithm");
+    fails(&d, &["vip", "del", "10.200.0.199:80/tcp"], "unknown VIP");
+    fails(&d, &["backend", "add", "10.200.0.199:80/tcp", &b1], "unknown VIP");
+    fails(&d, &["backend", "add", &vip, "not-an-ip"], "invalid backend IP");
+    fails(&d, &["backend", "add", &vip, "fd00::1"], "address families");
+    fails(&d, &["backend", "add", &vip, "10.200.0.22", "--mac", "zz:zz"], "invalid MAC");
+    fails(&d, &["backend", "add", &vip, "10.200.0.22", "--weight", "99999"], "invalid weight");
+    fails(&d, &["backend", "add", &vip, "10.200.0.22", "--weight", "-1"], "-1");
+    fails(&d, &["backend", "add", &vip, &b1], "already exists");
+    fails(&d, &["backend", "del", &vip, "10.200.0.99"], "not in VIP");
+
+    // Bad requests straight to the API (bypassing the CLI's own checks).
+    for raw in [
+        "this is not json",
+        r#"{"cmd":"vip-add","vip":"1.2.3.4:0/tcp"}"#,
+        r#"{"cmd":"backend-add","vip":"10.200.0.100:80/tcp","ip":"10.200.0.23","weight":100000}"#,
+        r#"{"cmd":"backend-add","vip":"10.200.0.100:80/tcp","ip":"10.200.0.23","mac":"ff:ff:ff:ff:ff:ff"}"#,
+        r#"{"cmd":"reboot"}"#,
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("socket");
+        s.write_all(format!("{raw}\n").as_bytes()).expect("send");
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).expect("answer");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
+        assert_eq!(v["ok"], false, "{raw} → {line}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty() && !e.contains('\n')), "{line}");
+    }
+
+    let after = d.status().expect("status");
+    assert_eq!(before["vips"].as_array().map(|v| v.len()), after["vips"].as_array().map(|v| v.len()));
+    assert_eq!(after["vips"][0]["backends"].as_array().map(|b| b.len()), Some(1));
+    assert_eq!(after["vips"][0]["backends"][0]["weight"], 5);
+
+    // The socket is root-only.
+    let mode = std::fs::metadata(&d.socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.expect("socket metadata"), 0o600);
+}
+
+#[test]
+fn agent_and_cli_startup_errors_are_one_line() {
+    let (xlb, _) = binaries();
+    let dir = std::env::temp_dir().join(format!("xlb-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let sock = dir.join("s.sock");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&xlb).arg("--socket").arg(&sock).args(args).output().expect("run xlb")
+    };
+    let one_line = |out: &std::process::Output, want: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+        assert!(err.contains(want), "{err:?} should mention {want:?}");
+    };
+    one_line(&run(&["status"]), "cannot reach the agent");
+    one_line(&run(&["agent", "--iface", "nosuchif0"]), "interface nosuchif0 not found");
+    one_line(&run(&["agent", "--iface", "lo", "--ring-size", "65536"]), "prime");
+    std::fs::write(dir.join("bad.toml"), "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\nip = \"10.0.0.2\"\nweight = 0.5\n").expect("write");
+    let cfg = dir.join("bad.toml").to_string_lossy().into_owned();
+    one_line(&run(&["agent", "--iface", "lo", "--config", &cfg]), "bad.toml");
+    std::fs::write(dir.join("dup.toml"), "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n").expect("write");
+    let cfg = dir.join("dup.toml").to_string_lossy().into_owned();
+    one_line(&run(&["agent", "--iface", "lo", "--config", &cfg]), "duplicate VIP");
+    // Without privileges (uid/gid nobody, no capabilities).
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(&xlb)
+        .args(["--socket", "/tmp/xlb-unpriv-test.sock", "agent", "--iface", "lo"])
+        .output()
+        .expect("setpriv");
+    one_line(&out, "root");
+    assert!(!sock.exists(), "no failed start left a socket behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
