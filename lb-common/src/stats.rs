@@ -41,20 +41,6 @@ pub enum Stat {
 /// Number of `Stat` counters (the `XLB_STATS` map size).
 pub const STAT_COUNT: u32 = 14;
 
-/// Counters that are verdicts (exactly one per frame).
-pub const VERDICTS: [Stat; 10] = [
-    Stat::Forwarded,
-    Stat::PassNotIp,
-    Stat::PassNotVip,
-    Stat::PassTruncated,
-    Stat::PassBadHeader,
-    Stat::PassOtherL4,
-    Stat::PassFragment,
-    Stat::DropNoBackend,
-    Stat::DropBadBackend,
-    Stat::Aborted,
-];
-
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::Forwarded,
@@ -72,6 +58,9 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::CtStale,
     Stat::CtInsertFail,
 ];
+
+/// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
+pub const VERDICTS: &[Stat] = ALL.split_at(Stat::Aborted as usize + 1).0;
 
 impl Stat {
     /// Stable snake_case name used in `xlb stats` and JSON output.

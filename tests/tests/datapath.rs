@@ -102,7 +102,7 @@ fn key4(src: Ipv4Addr, sport: u16, v: &Vip) -> FlowKey {
 
 /// Exactly one verdict counter moved, by one, and it is `want`.
 fn assert_one_verdict(delta: &[i64], want: Stat, what: &str) {
-    for s in VERDICTS {
+    for &s in VERDICTS {
         let expected = if s == want { 1 } else { 0 };
         assert_eq!(delta[s as usize], expected, "{what}: counter {} moved by {}", s.name(), delta[s as usize]);
     }
