@@ -87,6 +87,37 @@ fn runtime_tools() -> Result<()> {
     toolchain::apt_install(&["iproute2", "ethtool"])
 }
 
+/// Run `cargo test`, echoing its output, and end with one total line
+/// (`tests: N passed, N failed`) over every test binary.
+fn run_tests(c: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn().context("cannot run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |word: &str| {
+                    rest.split(';')
+                        .find_map(|p| p.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                        .unwrap_or(0)
+                };
+                passed += num(" passed");
+                failed += num(" failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let root = root_dir();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -97,10 +128,11 @@ fn main() -> Result<()> {
             runtime_tools()?;
             build(&root)?;
             let mut c = host_cargo(&root);
-            c.args(["test", "--release", "--locked", "--workspace"]).env("XLB_BIN", root.join("target/release/xlb"));
-            c.env("XLB_LAB_BIN", root.join("target/release/xlb-lab"));
+            c.args(["test", "--release", "--locked", "--workspace", "--all-targets"])
+                .env("XLB_BIN", root.join("target/release/xlb"))
+                .env("XLB_LAB_BIN", root.join("target/release/xlb-lab"));
             c.arg("--").args(&args[1..]);
-            run(&mut c)
+            run_tests(&mut c)
         }
         Some("demo") => {
             require_root("cargo xtask demo")?;
