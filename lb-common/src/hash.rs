@@ -47,6 +47,18 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     fmix(h)
 }
 
+/// Hash of the flow's source address only (source-hash scheduling).
+#[inline(always)]
+pub fn src_hash(k: &FlowKey) -> u32 {
+    let mut h = mix(0, word(&k.src, 0));
+    if k.addr_len() == 16 {
+        h = mix(h, word(&k.src, 4));
+        h = mix(h, word(&k.src, 8));
+        h = mix(h, word(&k.src, 12));
+    }
+    fmix(h)
+}
+
 /// A general 32-bit hash of bytes with a seed (used for Maglev permutations).
 pub fn bytes_hash(data: &[u8], seed: u32) -> u32 {
     let mut h = seed;

@@ -38,6 +38,10 @@ pub const SPARE_RING_SLOTS: u32 = 2;
 pub const MAX_BACKENDS: u32 = 16384;
 /// Default capacity of the connection table (flows).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+/// Default capacity of the source-hash persistence table (clients).
+pub const DEFAULT_PERSIST_SIZE: u32 = 1 << 16;
+/// IPv6 extension headers walked at most before giving up (`PassExtHeaders`).
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -55,6 +59,12 @@ pub mod map_names {
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
     /// Per-CPU `Counters` indexed by backend id.
     pub const BACKEND_STATS: &str = "XLB_BE_STATS";
+    /// Active flows per backend id (shared, atomic; least-conn reads it).
+    pub const BACKEND_CONNS: &str = "XLB_BE_CONNS";
+    /// Per-CPU rotation position per VIP id (rr, wrr, least-conn ties).
+    pub const RR: &str = "XLB_RR";
+    /// `PersistKey` → `PersistValue` (LRU, source-hash persistence).
+    pub const PERSIST: &str = "XLB_PERSIST";
 }
 
 /// Name of the load-balancing XDP program in the object.

@@ -32,23 +32,79 @@ pub struct VipKey {
     pub family: u8,
 }
 
-/// Scheduling algorithm of a VIP, as stored in `VipInfo::algo`.
+/// Scheduling algorithm of a VIP, as stored in `VipInfo::algo`. It picks
+/// the backend of a *new* flow; the connection table keeps it there.
+///
+/// What the VIP's ring slot holds depends on the algorithm: a weighted Maglev
+/// table (`Maglev`, `Random`, `SourceHash`) or a sequence of backend ids
+/// (`RoundRobin`, `WeightedRoundRobin`, `LeastConn`).
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Algo {
     /// Weighted Maglev consistent hashing over the 5-tuple (the default).
     Maglev = 0,
+    /// Rotation; a backend of weight w takes w consecutive turns per cycle.
+    RoundRobin = 1,
+    /// Smooth weighted rotation (turns interleaved, as nginx does).
+    WeightedRoundRobin = 2,
+    /// Uniform random index into the weighted Maglev table.
+    Random = 3,
+    /// Maglev over the client address only (optionally with persistence).
+    SourceHash = 4,
+    /// Fewest active flows relative to weight.
+    LeastConn = 5,
 }
 
 impl Algo {
+    /// Every algorithm.
+    pub const ALL: [Algo; 6] = [
+        Algo::Maglev,
+        Algo::RoundRobin,
+        Algo::WeightedRoundRobin,
+        Algo::Random,
+        Algo::SourceHash,
+        Algo::LeastConn,
+    ];
+
     /// Decode a stored algorithm byte.
     pub const fn from_u8(v: u8) -> Option<Algo> {
         match v {
             0 => Some(Algo::Maglev),
+            1 => Some(Algo::RoundRobin),
+            2 => Some(Algo::WeightedRoundRobin),
+            3 => Some(Algo::Random),
+            4 => Some(Algo::SourceHash),
+            5 => Some(Algo::LeastConn),
             _ => None,
         }
     }
+
+    /// Whether the ring holds a Maglev table (else a sequence of ids).
+    pub const fn uses_maglev_table(self) -> bool {
+        matches!(self, Algo::Maglev | Algo::Random | Algo::SourceHash)
+    }
+
+    /// Whether the choice for a given flow is a pure function of the flow
+    /// and the table (so it can be recomputed, e.g. for ICMP errors).
+    pub const fn is_hash(self) -> bool {
+        matches!(self, Algo::Maglev | Algo::SourceHash)
+    }
+
+    /// Name used on the command line and in status.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algo::Maglev => "maglev",
+            Algo::RoundRobin => "rr",
+            Algo::WeightedRoundRobin => "wrr",
+            Algo::Random => "random",
+            Algo::SourceHash => "source-hash",
+            Algo::LeastConn => "least-conn",
+        }
+    }
 }
+
+/// Most backends a least-conn VIP may have (the datapath scans them all).
+pub const MAX_LEAST_CONN_BACKENDS: u32 = 256;
 
 /// Value of the VIP map: where this service's lookup table is and how to use it.
 #[repr(C)]
@@ -62,10 +118,10 @@ pub struct VipInfo {
     pub ring_size: u32,
     /// `Algo` as a byte.
     pub algo: u8,
-    /// `VIP_F_*` flags.
+    /// `VIP_F_*` flags (none defined yet).
     pub flags: u8,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// Source-hash persistence in seconds (0 = none).
+    pub persist_secs: u16,
 }
 
 /// Value of the backend array: what the datapath needs to forward to it.
@@ -78,11 +134,11 @@ pub struct BackendInfo {
     pub src_mac: [u8; 6],
     /// `BACKEND_F_*` flags.
     pub flags: u16,
-    /// Explicit padding.
-    pub _pad: u16,
     /// Generation of this id: bumped whenever the id is given to another
     /// backend, so connection-table entries of a former owner are ignored.
-    pub gen: u32,
+    pub gen: u16,
+    /// Weight (least-conn compares active flows relative to it).
+    pub weight: u32,
     /// Id of the VIP this backend serves (checked on connection-table hits).
     pub vip_id: u32,
 }
@@ -125,7 +181,37 @@ pub struct FlowValue {
     /// Backend id the flow is pinned to.
     pub backend_id: u32,
     /// `BackendInfo::gen` when the entry was made.
-    pub gen: u32,
+    pub gen: u16,
+    /// `FLOW_F_*` flags.
+    pub flags: u16,
+}
+
+/// `FlowValue::flags`: a FIN or RST was seen; the flow no longer counts as
+/// active (its later packets still go to the same backend).
+pub const FLOW_F_CLOSED: u16 = 1;
+
+/// Key of the persistence table (source-hash VIPs with a timeout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PersistKey {
+    /// Client address.
+    pub src: Addr,
+    /// VIP id.
+    pub vip_id: u32,
+}
+
+/// Value of the persistence table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PersistValue {
+    /// Backend the client is kept on.
+    pub backend_id: u32,
+    /// Its generation.
+    pub gen: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Monotonic time (ns, `bpf_ktime_get_ns`) after which the entry lapses.
+    pub expires_ns: u64,
 }
 
 /// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
@@ -167,6 +253,8 @@ mod pod {
     unsafe impl aya::Pod for super::BackendInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::PersistKey {}
+    unsafe impl aya::Pod for super::PersistValue {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::StatBlock {}
 }
@@ -184,5 +272,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<PersistKey>(), 20);
+        assert_eq!(size_of::<PersistValue>(), 16);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Every frame the program sees increments exactly one *verdict* counter
 //! (the first block below), so their sum is the number of frames processed.
-//! The remaining counters record events on the way (connection table).
+//! The remaining counters record events on the way.
 
 /// Index into `XLB_STATS`.
 #[repr(u32)]
@@ -10,18 +10,20 @@
 pub enum Stat {
     /// XDP_TX: a VIP packet rewritten and sent to its backend.
     Forwarded = 0,
-    /// XDP_PASS: not IPv4/IPv6 (ARP, LLDP, …).
+    /// XDP_PASS: not IPv4/IPv6 (ARP, LLDP, more than two VLAN tags, …).
     PassNotIp = 1,
-    /// XDP_PASS: IP, but not addressed to a configured VIP.
+    /// XDP_PASS: IP, but not addressed to a configured VIP (including ICMP
+    /// errors whose embedded packet is not a VIP flow).
     PassNotVip = 2,
     /// XDP_PASS: a header is cut short (the kernel drops or handles it).
     PassTruncated = 3,
-    /// XDP_PASS: a malformed IP header (IHL < 5, bad version, …).
+    /// XDP_PASS: a malformed IP header (IHL < 5, bad version, lengths).
     PassBadHeader = 4,
-    /// XDP_PASS: protocol other than TCP/UDP.
+    /// XDP_PASS: a protocol xlb does not balance (ICMP other than the
+    /// errors it steers, SCTP, …).
     PassOtherL4 = 5,
-    /// XDP_PASS: an IP fragment (not balanced yet; handed to the kernel).
-    PassFragment = 6,
+    /// XDP_PASS: more IPv6 extension headers than `MAX_IPV6_EXT_HEADERS`.
+    PassExtHeaders = 6,
     /// XDP_DROP: a VIP packet whose service has no usable backend.
     DropNoBackend = 7,
     /// XDP_DROP: the selected backend entry was unusable (agent race).
@@ -36,10 +38,20 @@ pub enum Stat {
     CtStale = 12,
     /// Event: inserting into the connection table failed.
     CtInsertFail = 13,
+    /// Event: a TCP SYN reused the 5-tuple of a table entry; re-scheduled.
+    CtSynReuse = 14,
+    /// Event: a FIN or RST closed a table entry (no longer active).
+    CtClosed = 15,
+    /// Event: an ICMP error about a VIP flow was sent to the flow's backend.
+    IcmpSteered = 16,
+    /// Event: an IP fragment to a VIP address was forwarded (3-tuple hash).
+    FragForwarded = 17,
+    /// Event: source-hash persistence kept a client on its backend.
+    PersistHit = 18,
 }
 
-/// Number of `Stat` counters (the `XLB_STATS` map size).
-pub const STAT_COUNT: u32 = 14;
+/// Number of `Stat` counters (the size of `StatBlock`).
+pub const STAT_COUNT: u32 = 19;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -49,7 +61,7 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::PassTruncated,
     Stat::PassBadHeader,
     Stat::PassOtherL4,
-    Stat::PassFragment,
+    Stat::PassExtHeaders,
     Stat::DropNoBackend,
     Stat::DropBadBackend,
     Stat::Aborted,
@@ -57,6 +69,11 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::CtMiss,
     Stat::CtStale,
     Stat::CtInsertFail,
+    Stat::CtSynReuse,
+    Stat::CtClosed,
+    Stat::IcmpSteered,
+    Stat::FragForwarded,
+    Stat::PersistHit,
 ];
 
 /// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
@@ -72,7 +89,7 @@ impl Stat {
             Stat::PassTruncated => "pass_truncated",
             Stat::PassBadHeader => "pass_bad_header",
             Stat::PassOtherL4 => "pass_other_l4",
-            Stat::PassFragment => "pass_fragment",
+            Stat::PassExtHeaders => "pass_ext_headers",
             Stat::DropNoBackend => "drop_no_backend",
             Stat::DropBadBackend => "drop_bad_backend",
             Stat::Aborted => "aborted",
@@ -80,6 +97,11 @@ impl Stat {
             Stat::CtMiss => "conntrack_miss",
             Stat::CtStale => "conntrack_stale",
             Stat::CtInsertFail => "conntrack_insert_fail",
+            Stat::CtSynReuse => "conntrack_syn_reuse",
+            Stat::CtClosed => "conntrack_closed",
+            Stat::IcmpSteered => "icmp_steered",
+            Stat::FragForwarded => "frag_forwarded",
+            Stat::PersistHit => "persist_hit",
         }
     }
 }

@@ -8,6 +8,9 @@
 //! with XDP_PASS.
 #![no_std]
 #![no_main]
+// Atomic adds on shared map values (BPF has `lock xadd` but no `core` atomics).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod forward;
@@ -18,6 +21,7 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::Stat;
+use parse::Kind;
 
 /// Set to 1 by the agent at load time (`--debug-datapath`) to log unusual
 /// verdicts through aya-log. Read-only data: the verifier removes the logging
@@ -46,26 +50,37 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn process(ctx: &XdpContext, block: *mut lb_common::StatBlock) -> (u32, Stat) {
-    let flow = match parse::flow(ctx) {
-        Ok(f) => f,
+    let pkt = match parse::packet(ctx) {
+        Ok(p) => p,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
     };
     // SAFETY: map values are only read; the agent replaces entries whole.
-    let Some(vip) = (unsafe { maps::VIPS.get(&flow.vip) }) else {
+    let Some(vip) = (unsafe { maps::VIPS.get(&pkt.key.vip) }) else {
         return (xdp_action::XDP_PASS, Stat::PassNotVip);
     };
-    let choice = match select::backend(&flow, vip, block) {
+    let chosen = match pkt.kind {
+        Kind::Flow => select::flow(&pkt, vip, block).map(|c| (c.id, c.backend, c.new_flow)),
+        Kind::Fragment => select::fragment(&pkt.key, vip).map(|(id, b)| (id, b, false)),
+        Kind::IcmpError => select::icmp(&pkt.key, vip).map(|(id, b)| (id, b, false)),
+    };
+    let (id, backend, new_flow) = match chosen {
         Ok(c) => c,
+        Err(Stat::PassNotVip) => return (xdp_action::XDP_PASS, Stat::PassNotVip),
         Err(stat) => {
             debug_verdict(ctx, stat);
             return (xdp_action::XDP_DROP, stat);
         }
     };
-    if forward::rewrite(ctx, choice.backend).is_err() {
+    if forward::rewrite(ctx, backend).is_err() {
         return (xdp_action::XDP_ABORTED, Stat::Aborted);
     }
+    match pkt.kind {
+        Kind::Fragment => stats::count(block, Stat::FragForwarded),
+        Kind::IcmpError => stats::count(block, Stat::IcmpSteered),
+        Kind::Flow => {}
+    }
     let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::account(vip.vip_id, choice.id, len, choice.new_flow);
+    stats::account(vip.vip_id, id, len, new_flow);
     (xdp_action::XDP_TX, Stat::Forwarded)
 }
 

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, Counters, FlowKey, FlowValue, StatBlock, VipInfo, VipKey, DEFAULT_CONNTRACK_SIZE,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, SPARE_RING_SLOTS,
+    BackendInfo, Counters, FlowKey, FlowValue, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
+    SPARE_RING_SLOTS,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -40,3 +41,18 @@ pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFA
 /// Per-backend traffic counters, indexed by backend id.
 #[map(name = "XLB_BE_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Active flows per backend id: shared by all CPUs, changed with atomic adds
+/// (opened on a new table entry, closed on FIN/RST); least-conn reads it.
+/// Signed: a close racing with an agent recount may dip below zero briefly.
+#[map(name = "XLB_BE_CONNS")]
+pub static BACKEND_CONNS: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Rotation position per VIP id, per CPU (rr, wrr; least-conn tie breaking).
+#[map(name = "XLB_RR")]
+pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Source-hash persistence: (client, VIP) → backend until a deadline.
+#[map(name = "XLB_PERSIST")]
+pub static PERSIST: LruHashMap<PersistKey, PersistValue> =
+    LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, 0);

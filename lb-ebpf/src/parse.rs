@@ -1,17 +1,24 @@
 //! Header parsing with a bounds check before every read.
 //!
-//! The result is the flow's 5-tuple, or the `Stat` that says why the frame is
-//! not balanced. Policy: xlb acts only on frames it fully understands as
-//! TCP/UDP to a possible VIP; everything else gets XDP_PASS with a reason, and
-//! the kernel applies its own checks.
+//! The result is a `Packet` (the flow's 5-tuple, what kind of packet it is,
+//! its TCP flags), or the `Stat` that says why the frame is not balanced.
+//! Policy: xlb acts only on frames it fully understands as VIP traffic;
+//! everything else gets XDP_PASS with a reason, and the kernel applies its
+//! own checks.
 //!
 //! Understood: Ethernet II with up to two VLAN tags (802.1Q / 802.1ad, tags
-//! kept), IPv4 with options (IHL 5..15), IPv6 whose next header is TCP or UDP,
-//! and a complete fixed TCP (20 bytes) or UDP (8 bytes) header.
+//! kept); IPv4 with options (IHL 5..15); IPv6 with up to
+//! `MAX_IPV6_EXT_HEADERS` extension headers (hop-by-hop, routing,
+//! destination options, AH, fragment); a complete fixed TCP (20 bytes) or UDP
+//! (8 bytes) header; IP fragments (key with ports 0, see `Kind::Fragment`);
+//! ICMP/ICMPv6 errors that embed a TCP/UDP packet (key of the embedded flow,
+//! turned around to the client → VIP direction).
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use lb_common::{FlowKey, Stat, VipKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    FlowKey, Stat, VipKey, FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -24,11 +31,43 @@ const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
 /// VLAN tags parsed at most (QinQ).
 const MAX_VLAN_TAGS: usize = 2;
 const VLAN_TAG_LEN: usize = 4;
-const IPPROTO_FRAGMENT: u8 = 44;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+const IPV6_FRAG_HDR_LEN: usize = 8;
 /// IPv4 "more fragments" flag and fragment offset bits.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
+const ICMP_HDR_LEN: usize = 8;
+/// Offset of the flags byte in a TCP header.
+const TCP_FLAGS_OFF: usize = 13;
+
+/// What a balanced packet is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A TCP/UDP packet of a flow.
+    Flow,
+    /// An IP fragment: the key's ports are 0 (later fragments have none), so
+    /// all fragments of a client go to one backend (3-tuple hash).
+    Fragment,
+    /// An ICMP error about a VIP flow; the key is that flow's.
+    IcmpError,
+}
+
+/// A parsed frame.
+pub struct Packet {
+    /// The flow (client → VIP).
+    pub key: FlowKey,
+    /// What it is.
+    pub kind: Kind,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+}
 
 /// A pointer to a `T` at `off` bytes into the frame, if all of it is inside.
 #[inline(always)]
@@ -46,9 +85,17 @@ pub fn ptr_mut_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, off).map(|p| p as *mut T)
 }
 
-/// Parse a frame into its flow key.
+/// Read a `T` at `off` (copied out), or `PassTruncated`.
 #[inline(always)]
-pub fn flow(ctx: &XdpContext) -> Result<FlowKey, Stat> {
+fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, Stat> {
+    let p: *const T = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
+    // SAFETY: ptr_at checked the bounds; T is plain bytes.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// Parse a frame.
+#[inline(always)]
+pub fn packet(ctx: &XdpContext) -> Result<Packet, Stat> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassTruncated)?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -57,9 +104,8 @@ pub fn flow(ctx: &XdpContext) -> Result<FlowKey, Stat> {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        let tag: *const [u8; VLAN_TAG_LEN] = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
-        // SAFETY: bounds checked; bytes 2..4 of a tag are the inner EtherType.
-        ether_type = unsafe { u16::from_ne_bytes([(*tag)[2], (*tag)[3]]) };
+        let tag: [u8; VLAN_TAG_LEN] = read(ctx, off)?;
+        ether_type = u16::from_ne_bytes([tag[2], tag[3]]);
         off += VLAN_TAG_LEN;
     }
     if ether_type == ETH_P_IP {
@@ -71,68 +117,167 @@ pub fn flow(ctx: &XdpContext) -> Result<FlowKey, Stat> {
     }
 }
 
-#[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<FlowKey, Stat> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
-    // SAFETY: the fixed IPv4 header is inside the frame.
-    let (vihl, frags, proto, tot_len, src, dst) = unsafe {
-        (
-            (*ip).vihl,
-            u16::from_be_bytes((*ip).frags),
-            (*ip).proto,
-            u16::from_be_bytes((*ip).tot_len) as usize,
-            (*ip).src_addr,
-            (*ip).dst_addr,
-        )
-    };
-    let hdr_len = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN {
-        return Err(Stat::PassBadHeader);
-    }
-    if frags & IPV4_FRAG_MASK != 0 {
-        return Err(Stat::PassFragment);
-    }
-    let l4_len = l4_header_len(proto)?;
-    if tot_len < hdr_len + l4_len {
-        return Err(Stat::PassBadHeader);
-    }
-    let sport_be = ports(ctx, off + hdr_len, l4_len)?;
-    let mut key = FlowKey {
-        src: [0; 16],
-        sport_be: sport_be.0,
-        _pad: 0,
-        vip: VipKey { addr: [0; 16], port_be: sport_be.1, proto, family: FAMILY_V4 },
-    };
-    key.src[..4].copy_from_slice(&src);
-    key.vip.addr[..4].copy_from_slice(&dst);
-    Ok(key)
+/// Addresses, protocol and L4 offset of an IPv4 header at `off`.
+struct V4 {
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    l4: usize,
+    /// Header + payload length claimed by the header.
+    tot_len: usize,
+    fragment: bool,
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Result<FlowKey, Stat> {
-    let ip: *const Ipv6Hdr = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
-    // SAFETY: the fixed IPv6 header is inside the frame.
-    let (vcf0, next, payload_len) =
-        unsafe { ((*ip).vcf[0], (*ip).next_hdr, u16::from_be_bytes((*ip).payload_len) as usize) };
-    if vcf0 >> 4 != 6 {
+fn v4_header(ctx: &XdpContext, off: usize) -> Result<V4, Stat> {
+    let ip: Ipv4Hdr = read(ctx, off)?;
+    let hdr_len = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN || (u16::from_be_bytes(ip.tot_len) as usize) < hdr_len {
         return Err(Stat::PassBadHeader);
     }
-    if next == IPPROTO_FRAGMENT {
-        return Err(Stat::PassFragment);
-    }
-    let l4_len = l4_header_len(next)?;
-    if payload_len < l4_len {
-        return Err(Stat::PassBadHeader);
-    }
-    let (sport_be, dport_be) = ports(ctx, off + Ipv6Hdr::LEN, l4_len)?;
-    // SAFETY: as above.
-    let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
-    Ok(FlowKey {
-        src,
+    Ok(V4 {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        proto: ip.proto,
+        l4: off + hdr_len,
+        tot_len: u16::from_be_bytes(ip.tot_len) as usize,
+        fragment: u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0,
+    })
+}
+
+#[inline(always)]
+fn key_v4(src: [u8; 4], sport_be: u16, dst: [u8; 4], dport_be: u16, proto: u8) -> FlowKey {
+    let mut key = FlowKey {
+        src: [0; 16],
         sport_be,
         _pad: 0,
-        vip: VipKey { addr: dst, port_be: dport_be, proto: next, family: FAMILY_V6 },
-    })
+        vip: VipKey { addr: [0; 16], port_be: dport_be, proto, family: FAMILY_V4 },
+    };
+    key.src[..4].copy_from_slice(&src);
+    key.vip.addr[..4].copy_from_slice(&dst);
+    key
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
+    let h = v4_header(ctx, off)?;
+    if h.proto == PROTO_ICMP && !h.fragment {
+        return icmp4(ctx, h.l4, h.dst);
+    }
+    let l4_len = l4_header_len(h.proto)?;
+    if h.fragment {
+        let key = key_v4(h.src, 0, h.dst, 0, h.proto);
+        return Ok(Packet { key, kind: Kind::Fragment, tcp_flags: 0 });
+    }
+    if h.tot_len < h.l4 - off + l4_len {
+        return Err(Stat::PassBadHeader);
+    }
+    let (sport, dport, tcp_flags) = ports(ctx, h.l4, l4_len)?;
+    Ok(Packet { key: key_v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags })
+}
+
+/// ICMPv4: destination unreachable (incl. fragmentation needed), time
+/// exceeded and parameter problem carry the offending packet's IP header and
+/// first 8 bytes: the VIP's reply to a client. Steer to the flow's backend.
+#[inline(always)]
+fn icmp4(ctx: &XdpContext, off: usize, outer_dst: [u8; 4]) -> Result<Packet, Stat> {
+    let icmp: [u8; 2] = read(ctx, off)?;
+    if !matches!(icmp[0], 3 | 11 | 12) {
+        return Err(Stat::PassOtherL4);
+    }
+    let inner = v4_header(ctx, off + ICMP_HDR_LEN)?;
+    l4_header_len(inner.proto).map_err(|_| Stat::PassNotVip)?;
+    if inner.src != outer_dst {
+        return Err(Stat::PassNotVip);
+    }
+    let p: [u16; 2] = read(ctx, inner.l4)?;
+    // Inner: VIP:port → client:port. The flow is client → VIP.
+    let key = key_v4(inner.dst, p[1], inner.src, p[0], inner.proto);
+    Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0 })
+}
+
+/// Walk IPv6 extension headers from `next` at `off`; returns the final
+/// next-header value, its offset, and whether a fragment header was seen.
+#[inline(always)]
+fn v6_ext_walk(ctx: &XdpContext, mut next: u8, mut off: usize) -> Result<(u8, usize, bool), Stat> {
+    let mut fragment = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        let len = match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let h: [u8; 2] = read(ctx, off)?;
+                next = h[0];
+                (h[1] as usize + 1) * 8
+            }
+            IPV6_AH => {
+                let h: [u8; 2] = read(ctx, off)?;
+                next = h[0];
+                (h[1] as usize + 2) * 4
+            }
+            IPV6_FRAGMENT => {
+                let h: [u8; 2] = read(ctx, off)?;
+                next = h[0];
+                fragment = true;
+                IPV6_FRAG_HDR_LEN
+            }
+            _ => return Ok((next, off, fragment)),
+        };
+        off += len;
+    }
+    match next {
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => Err(Stat::PassExtHeaders),
+        _ => Ok((next, off, fragment)),
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
+    let ip: Ipv6Hdr = read(ctx, off)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Stat::PassBadHeader);
+    }
+    let (next, l4, fragment) = v6_ext_walk(ctx, ip.next_hdr, off + Ipv6Hdr::LEN)?;
+    if next == PROTO_ICMPV6 && !fragment {
+        return icmp6(ctx, l4, &ip.dst_addr);
+    }
+    let l4_len = l4_header_len(next)?;
+    let key = |sport_be, dport_be| FlowKey {
+        src: ip.src_addr,
+        sport_be,
+        _pad: 0,
+        vip: VipKey { addr: ip.dst_addr, port_be: dport_be, proto: next, family: FAMILY_V6 },
+    };
+    if fragment {
+        return Ok(Packet { key: key(0, 0), kind: Kind::Fragment, tcp_flags: 0 });
+    }
+    if (u16::from_be_bytes(ip.payload_len) as usize) < l4 - off - Ipv6Hdr::LEN + l4_len {
+        return Err(Stat::PassBadHeader);
+    }
+    let (sport, dport, tcp_flags) = ports(ctx, l4, l4_len)?;
+    Ok(Packet { key: key(sport, dport), kind: Kind::Flow, tcp_flags })
+}
+
+/// ICMPv6 destination unreachable, packet too big, time exceeded and
+/// parameter problem: as for IPv4 (the embedded header must be followed
+/// directly by TCP/UDP).
+#[inline(always)]
+fn icmp6(ctx: &XdpContext, off: usize, outer_dst: &[u8; 16]) -> Result<Packet, Stat> {
+    let icmp: [u8; 2] = read(ctx, off)?;
+    if !matches!(icmp[0], 1..=4) {
+        return Err(Stat::PassOtherL4);
+    }
+    let inner: Ipv6Hdr = read(ctx, off + ICMP_HDR_LEN)?;
+    l4_header_len(inner.next_hdr).map_err(|_| Stat::PassNotVip)?;
+    if inner.src_addr != *outer_dst {
+        return Err(Stat::PassNotVip);
+    }
+    let p: [u16; 2] = read(ctx, off + ICMP_HDR_LEN + Ipv6Hdr::LEN)?;
+    let key = FlowKey {
+        src: inner.dst_addr,
+        sport_be: p[1],
+        _pad: 0,
+        vip: VipKey { addr: inner.src_addr, port_be: p[0], proto: inner.next_hdr, family: FAMILY_V6 },
+    };
+    Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0 })
 }
 
 /// Fixed header length of a balanced L4 protocol.
@@ -145,19 +290,15 @@ fn l4_header_len(proto: u8) -> Result<usize, Stat> {
     }
 }
 
-/// Source and destination ports (network order) of an L4 header at `off`
-/// whose fixed part (`len` bytes) must be inside the frame.
+/// Ports (network order) and TCP flags of an L4 header at `off` whose fixed
+/// part (`len` bytes) must be inside the frame.
 #[inline(always)]
-fn ports(ctx: &XdpContext, off: usize, len: usize) -> Result<(u16, u16), Stat> {
-    let in_frame = if len == TCP_HDR_LEN {
-        ptr_at::<[u8; TCP_HDR_LEN]>(ctx, off).is_some()
+fn ports(ctx: &XdpContext, off: usize, len: usize) -> Result<(u16, u16, u8), Stat> {
+    if len == TCP_HDR_LEN {
+        let h: [u8; TCP_HDR_LEN] = read(ctx, off)?;
+        Ok((u16::from_ne_bytes([h[0], h[1]]), u16::from_ne_bytes([h[2], h[3]]), h[TCP_FLAGS_OFF]))
     } else {
-        ptr_at::<[u8; UDP_HDR_LEN]>(ctx, off).is_some()
-    };
-    if !in_frame {
-        return Err(Stat::PassTruncated);
+        let h: [u8; UDP_HDR_LEN] = read(ctx, off)?;
+        Ok((u16::from_ne_bytes([h[0], h[1]]), u16::from_ne_bytes([h[2], h[3]]), 0))
     }
-    let p: *const [u16; 2] = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
-    // SAFETY: bounds checked above.
-    unsafe { Ok(((*p)[0], (*p)[1])) }
 }

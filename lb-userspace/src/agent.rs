@@ -19,23 +19,24 @@ use std::{
 
 use crate::{
     config::{self, CheckKind, HealthConfig, Mac, Proto, Vip},
-    maglev,
     maps::Datapath,
+    tables,
 };
 
 /// A scheduling algorithm as operators name it.
 pub fn parse_algo(s: &str) -> Result<Algo> {
-    match s {
-        "maglev" => Ok(Algo::Maglev),
-        other => bail!("unknown algorithm '{other}' (available: maglev)"),
-    }
+    Algo::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+        let names: Vec<&str> = Algo::ALL.iter().map(|a| a.name()).collect();
+        anyhow!("unknown algorithm '{s}' (available: {})", names.join(", "))
+    })
 }
 
-/// Name of an algorithm.
-pub fn algo_name(a: Algo) -> &'static str {
-    match a {
-        Algo::Maglev => "maglev",
+/// Check a persistence timeout for an algorithm.
+pub fn check_persist(algo: Algo, secs: u32) -> Result<u16> {
+    if secs > 0 && algo != Algo::SourceHash {
+        bail!("--persist-timeout only applies to the source-hash algorithm");
     }
+    u16::try_from(secs).map_err(|_| anyhow!("persistence timeout {secs} s is over the maximum of {} s", u16::MAX))
 }
 
 /// Health of one backend.
@@ -77,7 +78,7 @@ pub struct Backend {
     /// Datapath id.
     pub id: u32,
     /// Generation of the id.
-    pub gen: u32,
+    pub gen: u16,
     /// Health state.
     pub health: Health,
 }
@@ -106,11 +107,15 @@ pub struct VipState {
     pub id: u32,
     /// Scheduling algorithm.
     pub algo: Algo,
+    /// Source-hash persistence, seconds (0 = none).
+    pub persist_secs: u16,
+    /// The VIP entry as last published to the datapath.
+    pub published: VipInfo,
     /// Ring slot holding the published table, if any.
     pub ring_slot: Option<u32>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, Backend>,
-    /// The published table (backend ids), for measuring churn.
+    /// The published table or sequence (backend ids), for measuring churn.
     pub table: Vec<u32>,
 }
 
@@ -158,7 +163,9 @@ pub struct Agent {
     free_vip_ids: VecDeque<u32>,
     free_ring_slots: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
-    backend_gens: Vec<u32>,
+    backend_gens: Vec<u16>,
+    /// Connection-table entries at the last census (and when).
+    census: Option<(u64, Instant)>,
 }
 
 impl Agent {
@@ -169,7 +176,16 @@ impl Agent {
         let free_ring_slots = (0..dp.opts.ring_slots()).collect();
         let free_backend_ids = (0..dp.max_backends()).collect();
         let backend_gens = vec![0; dp.max_backends() as usize];
-        Ok(Agent { dp, opts, vips: BTreeMap::new(), free_vip_ids, free_ring_slots, free_backend_ids, backend_gens })
+        Ok(Agent {
+            dp,
+            opts,
+            vips: BTreeMap::new(),
+            free_vip_ids,
+            free_ring_slots,
+            free_backend_ids,
+            backend_gens,
+            census: None,
+        })
     }
 
     /// The services.
@@ -192,7 +208,8 @@ impl Agent {
     }
 
     /// Add a service (with no backends: its packets are dropped and counted).
-    pub fn add_vip(&mut self, vip: Vip, algo: Algo) -> Result<()> {
+    pub fn add_vip(&mut self, vip: Vip, algo: Algo, persist_secs: u16) -> Result<()> {
+        check_persist(algo, persist_secs as u32)?;
         if self.vips.contains_key(&vip) {
             bail!("VIP {vip} already exists");
         }
@@ -201,11 +218,15 @@ impl Agent {
             .front()
             .ok_or_else(|| anyhow!("cannot add VIP {vip}: all {} VIP slots are in use", self.dp.opts.max_vips))?;
         self.dp.reset_vip_counters(id)?;
-        self.dp.set_vip(&vip.key(), &VipInfo { vip_id: id, algo: algo as u8, ..Default::default() })?;
+        let published = VipInfo { vip_id: id, algo: algo as u8, persist_secs, ..Default::default() };
+        self.dp.set_vip(&vip.key(), &published)?;
         self.free_vip_ids.pop_front();
-        self.vips.insert(vip, VipState { id, algo, ring_slot: None, backends: BTreeMap::new(), table: Vec::new() });
-        log::info!("VIP {vip} added ({})", algo_name(algo));
-        Ok(())
+        self.vips.insert(
+            vip,
+            VipState { id, algo, persist_secs, published, ring_slot: None, backends: BTreeMap::new(), table: Vec::new() },
+        );
+        log::info!("VIP {vip} added ({})", algo.name());
+        self.sync_fragment_alias(&vip)
     }
 
     /// Remove a service and its backends.
@@ -223,7 +244,7 @@ impl Agent {
         }
         self.free_vip_ids.push_back(state.id);
         log::info!("VIP {vip} removed");
-        Ok(())
+        self.sync_fragment_alias(vip)
     }
 
     /// Add a backend to a service. Without a MAC, it is resolved from the
@@ -239,11 +260,15 @@ impl Agent {
         if state.backends.contains_key(&ip) {
             bail!("backend {ip} already exists in VIP {vip}");
         }
+        if state.algo == Algo::LeastConn && state.backends.len() >= lb_common::MAX_LEAST_CONN_BACKENDS as usize {
+            bail!("VIP {vip} (least-conn) already has the maximum of {} backends", lb_common::MAX_LEAST_CONN_BACKENDS);
+        }
         let id = *self.free_backend_ids.front().ok_or_else(|| anyhow!("all backend ids are in use"))?;
         self.free_backend_ids.pop_front();
         self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
         let gen = self.backend_gens[id as usize];
         self.dp.reset_backend_counters(id)?;
+        self.dp.set_backend_conns(id, 0)?;
         let now = Instant::now();
         let up = checks == CheckKind::None;
         let b = Backend {
@@ -268,6 +293,17 @@ impl Agent {
         };
         self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
         log::info!("VIP {vip}: backend {ip} added (weight {weight})");
+        self.reconcile(vip)
+    }
+
+    /// Change a backend's weight. Weight 0 drains it: existing flows stay,
+    /// new flows go elsewhere.
+    pub fn set_weight(&mut self, vip: &Vip, ip: IpAddr, weight: u32) -> Result<()> {
+        config::check_weight(weight)?;
+        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let b = state.backends.get_mut(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
+        let old = std::mem::replace(&mut b.weight, weight);
+        log::info!("VIP {vip}: backend {ip} weight {old} → {weight}");
         self.reconcile(vip)
     }
 
@@ -376,8 +412,8 @@ impl Agent {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,
             flags: if alive { BACKEND_F_ALIVE } else { 0 },
-            _pad: 0,
             gen: b.gen,
+            weight: b.weight,
             vip_id: state.id,
         };
         // 1. Alive backends first, so the new table never points at an
@@ -386,24 +422,22 @@ impl Agent {
             state.backends.values().filter(|b| b.alive()).map(|b| (b.id, info(b, true))).collect();
         let dead: Vec<(u32, BackendInfo)> =
             state.backends.values().filter(|b| !b.alive()).map(|b| (b.id, info(b, false))).collect();
-        for (id, i) in &alive {
-            self.dp.set_backend(*id, i)?;
-        }
         // 2. The table.
-        let usable: Vec<&Backend> = state.backends.values().filter(|b| b.usable()).collect();
-        let keys: Vec<Vec<u8>> = usable.iter().map(|b| b.key_bytes()).collect();
-        let entries: Vec<maglev::Entry> =
-            usable.iter().zip(&keys).map(|(b, k)| maglev::Entry { key: k, weight: b.weight }).collect();
-        let table: Vec<u32> = match maglev::build(&entries, ring_size) {
-            Some(t) => t.iter().map(|&i| usable[i as usize].id).collect(),
-            None => Vec::new(),
-        };
-        let (vip_id, algo, old_slot, n_usable) = (state.id, state.algo, state.ring_slot, usable.len());
+        let keys: Vec<(Vec<u8>, u32, u32)> =
+            state.backends.values().filter(|b| b.usable()).map(|b| (b.key_bytes(), b.weight, b.id)).collect();
+        let members: Vec<tables::Member> =
+            keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
+        let table = tables::build(state.algo, &members, ring_size)?;
+        let (vip_id, algo, persist_secs, old_slot, n_usable) =
+            (state.id, state.algo, state.persist_secs, state.ring_slot, members.len());
         let moved = if state.table.len() == table.len() {
             state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
         } else {
             table.len()
         };
+        for (id, i) in &alive {
+            self.dp.set_backend(*id, i)?;
+        }
         let new_slot = if table.is_empty() {
             None
         } else {
@@ -418,10 +452,10 @@ impl Agent {
         let published = VipInfo {
             vip_id,
             ring_off: new_slot.map(|s| s * ring_size).unwrap_or(0),
-            ring_size: if new_slot.is_some() { ring_size } else { 0 },
+            ring_size: table.len() as u32,
             algo: algo as u8,
             flags: 0,
-            _pad: 0,
+            persist_secs,
         };
         self.dp.set_vip(&vip.key(), &published)?;
         if let Some(old) = old_slot {
@@ -433,10 +467,43 @@ impl Agent {
         }
         let state = self.vips.get_mut(vip).expect("checked above");
         state.ring_slot = new_slot;
+        state.published = published;
         log::info!(
-            "VIP {vip}: table of {n_usable} backend(s) published, {moved} of {ring_size} slots moved"
+            "VIP {vip}: {} table of {n_usable} backend(s) published ({} entries, {moved} changed)",
+            algo.name(),
+            table.len()
         );
         state.table = table;
+        self.sync_fragment_alias(vip)
+    }
+
+    /// IP fragments carry no ports after the first, so they are matched by
+    /// address and protocol: the datapath looks them up under port 0, where
+    /// this keeps a copy of the entry of the lowest-port VIP on that address
+    /// and protocol (fragments are balanced over its table).
+    fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
+        let mut alias_key = changed.key();
+        alias_key.port_be = 0;
+        let first = self
+            .vips
+            .iter()
+            .find(|(v, _)| v.addr == changed.addr && v.proto == changed.proto)
+            .map(|(_, s)| s.published);
+        match first {
+            Some(info) => self.dp.set_vip(&alias_key, &info),
+            None => self.dp.del_vip(&alias_key).or(Ok(())),
+        }
+    }
+
+    /// Set every backend's active-flow count from a census of the
+    /// connection table (corrects flows that ended without FIN/RST).
+    pub fn apply_census(&mut self, census: &crate::maps::ConntrackCensus) -> Result<()> {
+        let ids: Vec<(u32, u16)> = self.vips.values().flat_map(|s| s.backends.values().map(|b| (b.id, b.gen))).collect();
+        for (id, gen) in ids {
+            let n = census.open.get(&(id, gen)).copied().unwrap_or(0);
+            self.dp.set_backend_conns(id, n)?;
+        }
+        self.census = Some((census.entries, Instant::now()));
         Ok(())
     }
 
@@ -473,12 +540,15 @@ impl Agent {
                     packets: c.packets,
                     bytes: c.bytes,
                     new_flows: c.new_flows,
+                    active_flows: self.dp.backend_conns(b.id)? as u64,
                 });
             }
             let c = self.dp.vip_counters(s.id)?;
             vips.push(VipStatus {
                 vip: vip.to_string(),
-                algo: algo_name(s.algo).to_string(),
+                algo: s.algo.name().to_string(),
+                persist_timeout: s.persist_secs,
+                active_flows: backends.iter().map(|b| b.active_flows).sum(),
                 health_check: match self.checks_for(vip) {
                     CheckKind::Tcp => "tcp",
                     CheckKind::None => "none",
@@ -492,7 +562,14 @@ impl Agent {
         }
         let stats = self.dp.stats()?;
         let counters = lb_common::stats::ALL.iter().map(|s| (s.name().to_string(), stats[*s as usize])).collect();
-        Ok(Status { vips, counters, ring_size: self.dp.opts.ring_size })
+        Ok(Status {
+            vips,
+            counters,
+            ring_size: self.dp.opts.ring_size,
+            conntrack_capacity: self.dp.opts.conntrack_size,
+            conntrack_entries: self.census.map(|(n, _)| n),
+            conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
+        })
     }
 }
 
@@ -505,6 +582,12 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// Entries per Maglev table.
     pub ring_size: u32,
+    /// Connection-table capacity.
+    pub conntrack_capacity: u32,
+    /// Connection-table entries at the last census (none yet: null).
+    pub conntrack_entries: Option<u64>,
+    /// Age of that census, milliseconds.
+    pub conntrack_census_age_ms: Option<u64>,
 }
 
 /// One service in `xlb status`.
@@ -514,6 +597,10 @@ pub struct VipStatus {
     pub vip: String,
     /// Algorithm.
     pub algo: String,
+    /// Source-hash persistence, seconds (0 = none).
+    pub persist_timeout: u16,
+    /// Active flows (sum over backends).
+    pub active_flows: u64,
     /// Health check in use.
     pub health_check: String,
     /// Backends.
@@ -553,4 +640,6 @@ pub struct BackendStatus {
     pub bytes: u64,
     /// New flows sent to it.
     pub new_flows: u64,
+    /// Active flows (opened, not yet closed by FIN/RST or ended).
+    pub active_flows: u64,
 }

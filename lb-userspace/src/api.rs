@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use crate::{
-    agent::{parse_algo, Agent},
+    agent::{check_persist, parse_algo, Agent},
     config::{check_weight, parse_backend_ip, Mac, Vip, DEFAULT_WEIGHT},
 };
 
@@ -34,6 +34,8 @@ pub enum Request {
         vip: String,
         /// Algorithm name.
         algo: Option<String>,
+        /// Source-hash persistence, seconds.
+        persist_timeout: Option<u32>,
     },
     /// Remove a VIP.
     VipDel {
@@ -52,6 +54,15 @@ pub enum Request {
         mac: Option<String>,
         /// Weight.
         weight: Option<u32>,
+    },
+    /// Change a backend's weight (0 drains it).
+    BackendSet {
+        /// `ADDR:PORT/PROTO`.
+        vip: String,
+        /// Backend address.
+        ip: String,
+        /// New weight.
+        weight: u32,
     },
     /// Remove a backend from a VIP.
     BackendDel {
@@ -80,10 +91,11 @@ pub struct Response {
 /// Validate and apply one request.
 pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
     match req {
-        Request::VipAdd { vip, algo } => {
+        Request::VipAdd { vip, algo, persist_timeout } => {
             let vip: Vip = vip.parse()?;
             let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
-            agent.add_vip(vip, algo)?;
+            let persist = check_persist(algo, persist_timeout.unwrap_or(0))?;
+            agent.add_vip(vip, algo, persist)?;
             Ok(serde_json::Value::Null)
         }
         Request::VipDel { vip } => {
@@ -98,6 +110,12 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             let mac = mac.map(|m| m.parse::<Mac>()).transpose()?;
             let weight = check_weight(weight.unwrap_or(DEFAULT_WEIGHT))?;
             agent.add_backend(&vip, ip, mac, weight)?;
+            Ok(serde_json::Value::Null)
+        }
+        Request::BackendSet { vip, ip, weight } => {
+            let vip: Vip = vip.parse()?;
+            let ip = parse_backend_ip(&vip, &ip)?;
+            agent.set_weight(&vip, ip, check_weight(weight)?)?;
             Ok(serde_json::Value::Null)
         }
         Request::BackendDel { vip, ip } => {

@@ -13,7 +13,7 @@ use crate::{
     daemon::{self, DaemonOptions},
     maps::{AttachMode, Datapath, LoadOptions},
 };
-use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, PROG_PASS};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
 
 /// xlb: an XDP L4 load balancer (L2 direct server return).
 #[derive(Parser, Debug)]
@@ -43,6 +43,15 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Traffic counters: per VIP and backend, verdicts, connection table.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh in place every second with rates, like `top` (Ctrl-C to stop).
+        #[arg(long)]
+        watch: bool,
     },
     /// Attach a pass-through XDP program to IFACE and hold it until
     /// SIGINT/SIGTERM. On a veth, XDP_TX frames are only delivered when the
@@ -84,6 +93,9 @@ pub struct AgentArgs {
     /// Connection-table capacity in flows.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     pub conntrack_size: u32,
+    /// Persistence-table capacity in clients (source-hash VIPs with a timeout).
+    #[arg(long, default_value_t = DEFAULT_PERSIST_SIZE)]
+    pub persist_size: u32,
     /// Log unusual datapath verdicts (aya-log; costs a little per logged packet).
     #[arg(long)]
     pub debug_datapath: bool,
@@ -96,9 +108,13 @@ pub enum VipCmd {
     Add {
         /// ADDR:PORT/PROTO
         vip: Vip,
-        /// Scheduling algorithm.
+        /// Scheduling algorithm: maglev, rr, wrr, random, source-hash, least-conn.
         #[arg(long, default_value = "maglev")]
         algo: String,
+        /// With source-hash: seconds a client stays on its backend after its
+        /// last new flow, even across backend changes.
+        #[arg(long, value_name = "SECS")]
+        persist_timeout: Option<u32>,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -125,6 +141,17 @@ pub enum BackendCmd {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
+    /// Change a backend's weight; `--weight 0` drains it (existing flows
+    /// stay, no new ones).
+    Set {
+        /// ADDR:PORT/PROTO
+        vip: Vip,
+        /// Backend IP address.
+        ip: String,
+        /// New weight, 0..=10000.
+        #[arg(long)]
+        weight: u32,
+    },
     /// Remove a backend from a VIP.
     Del {
         /// ADDR:PORT/PROTO
@@ -143,6 +170,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_vips: a.max_vips,
                 ring_size: a.ring_size,
                 conntrack_size: a.conntrack_size,
+                persist_size: a.persist_size,
                 debug: a.debug_datapath,
             };
             load.validate()?;
@@ -159,9 +187,9 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(daemon::run(opts))
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
-        Command::Vip(VipCmd::Add { vip, algo }) => {
-            crate::agent::parse_algo(&algo)?;
-            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo) })?;
+        Command::Vip(VipCmd::Add { vip, algo, persist_timeout }) => {
+            crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
+            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout })?;
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
@@ -189,11 +217,18 @@ pub fn run(cli: Cli) -> Result<()> {
             )?;
             Ok(())
         }
+        Command::Backend(BackendCmd::Set { vip, ip, weight }) => {
+            let ip = parse_backend_ip(&vip, &ip)?;
+            check_weight(weight)?;
+            api::call(&socket, &Request::BackendSet { vip: vip.to_string(), ip: ip.to_string(), weight })?;
+            Ok(())
+        }
         Command::Backend(BackendCmd::Del { vip, ip }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
             api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
             Ok(())
         }
+        Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),
         Command::Status { json } => {
             let v = api::call(&socket, &Request::Status)?;
             if json {
@@ -220,13 +255,14 @@ fn print_status(s: &Status) {
         println!("no VIPs");
     }
     for v in &s.vips {
+        let persist = if v.persist_timeout > 0 { format!(" persist={}s", v.persist_timeout) } else { String::new() };
         println!(
-            "{}  algo={}  check={}  packets={} bytes={} new_flows={}",
-            v.vip, v.algo, v.health_check, v.packets, v.bytes, v.new_flows
+            "{}  algo={}{persist}  check={}  packets={} bytes={} new_flows={} active={}",
+            v.vip, v.algo, v.health_check, v.packets, v.bytes, v.new_flows, v.active_flows
         );
         for b in &v.backends {
             println!(
-                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={}{}",
+                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={} active={}{}",
                 b.ip,
                 b.mac.as_deref().unwrap_or("?"),
                 b.weight,
@@ -234,6 +270,7 @@ fn print_status(s: &Status) {
                 b.table_share * 100.0,
                 b.packets,
                 b.new_flows,
+                b.active_flows,
                 b.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()
             );
         }
@@ -244,7 +281,7 @@ fn print_status(s: &Status) {
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, debug: false };
+    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

@@ -229,6 +229,9 @@ pub struct VipConfig {
     /// Scheduling algorithm (default `maglev`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algo: Option<String>,
+    /// Source-hash persistence in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persist_timeout: Option<u32>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,

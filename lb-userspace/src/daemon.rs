@@ -11,7 +11,7 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    agent::{parse_algo, Agent, AgentOptions},
+    agent::{check_persist, parse_algo, Agent, AgentOptions},
     api,
     config::{check_weight, parse_backend_ip, FileConfig, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
     health,
@@ -38,8 +38,8 @@ pub struct DaemonOptions {
 pub struct Desired {
     /// Health settings.
     pub health: HealthConfig,
-    /// Services with algorithm and backends (ip, mac, weight).
-    pub vips: Vec<(Vip, lb_common::Algo, Vec<(IpAddr, Option<Mac>, u32)>)>,
+    /// Services with algorithm, persistence and backends (ip, mac, weight).
+    pub vips: Vec<(Vip, lb_common::Algo, u16, Vec<(IpAddr, Option<Mac>, u32)>)>,
 }
 
 impl Desired {
@@ -54,6 +54,7 @@ impl Desired {
                 bail!("{}: duplicate VIP", ctx());
             }
             let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).with_context(ctx)?;
+            let persist = check_persist(algo, v.persist_timeout.unwrap_or(0)).with_context(ctx)?;
             let mut ips = BTreeSet::new();
             let mut backends = Vec::new();
             for b in &v.backends {
@@ -65,7 +66,7 @@ impl Desired {
                 let weight = check_weight(b.weight.unwrap_or(DEFAULT_WEIGHT)).with_context(ctx)?;
                 backends.push((ip, mac, weight));
             }
-            vips.push((vip, algo, backends));
+            vips.push((vip, algo, persist, backends));
         }
         Ok(Desired { health: cfg.health, vips })
     }
@@ -88,6 +89,37 @@ fn check_privileges() -> Result<()> {
         bail!("xlb agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach XDP");
     }
     Ok(())
+}
+
+/// How often the connection table is walked to correct active-flow counts.
+const CENSUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every `CENSUS_INTERVAL`, walk the connection table (on a blocking thread,
+/// through a second map handle, without holding the agent) and set every
+/// backend's active-flow count from it. Between censuses the datapath counts
+/// opens and FIN/RST closes itself; the census corrects flows that ended
+/// otherwise (idle UDP, evicted entries). Opens and closes that happen during
+/// the walk can be off by their number until the next census.
+async fn census_loop(agent: Arc<Mutex<Agent>>) {
+    let reader = match agent.lock().map(|a| a.dp.conntrack_reader()) {
+        Ok(Ok(r)) => Arc::new(r),
+        Ok(Err(e)) => {
+            log::warn!("no connection-table census: {e:#}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut tick = tokio::time::interval(CENSUS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let r = reader.clone();
+        let Ok(census) = tokio::task::spawn_blocking(move || r.census()).await else { return };
+        let Ok(mut a) = agent.lock() else { return };
+        if let Err(e) = a.apply_census(&census) {
+            log::warn!("applying the connection-table census failed: {e:#}");
+        }
+    }
 }
 
 /// Run the agent until a termination signal.
@@ -132,8 +164,8 @@ async fn start(
         }
     }
     let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health })?;
-    for (vip, algo, backends) in desired.vips {
-        agent.add_vip(vip, algo)?;
+    for (vip, algo, persist, backends) in desired.vips {
+        agent.add_vip(vip, algo, persist)?;
         for (ip, mac, weight) in backends {
             agent.add_backend(&vip, ip, mac, weight)?;
         }
@@ -144,6 +176,7 @@ async fn start(
 async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: Agent, resolver: neigh::Resolver) -> Result<()> {
     let agent = Arc::new(Mutex::new(agent));
     let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
+    let census = tokio::spawn(census_loop(agent.clone()));
     let server = tokio::spawn(api::serve(listener, agent.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -153,6 +186,8 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     }
     server.abort();
     health.abort();
+    census.abort();
+    let _ = census.await;
     let _ = server.await;
     let _ = health.await;
     let _ = std::fs::remove_file(&opts.socket);

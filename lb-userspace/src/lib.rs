@@ -13,3 +13,5 @@ pub mod health;
 pub mod maglev;
 pub mod maps;
 pub mod neigh;
+pub mod stats;
+pub mod tables;

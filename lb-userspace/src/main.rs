@@ -29,7 +29,7 @@ fn main() {
         .init();
     if let Err(e) = xlb::cli::run(cli) {
         let msg = format!("{e:#}");
-        if msg.contains("Verifier output") {
+        if msg.contains("verifier rejected") {
             // The verifier's log is the useful part of this error: keep its lines.
             fail(&msg, 1)
         }

@@ -4,14 +4,14 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     map_names, BackendInfo, Counters, FlowKey, FlowValue, Stat, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE,
-    PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, FLOW_F_CLOSED,
+    MAX_BACKENDS, MAX_RING_SIZE, PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
 };
 
 use crate::maglev::is_prime;
@@ -28,6 +28,8 @@ pub struct LoadOptions {
     pub ring_size: u32,
     /// Capacity of the connection table.
     pub conntrack_size: u32,
+    /// Capacity of the source-hash persistence table.
+    pub persist_size: u32,
     /// Log unusual verdicts from the datapath (aya-log).
     pub debug: bool,
 }
@@ -38,6 +40,7 @@ impl Default for LoadOptions {
             max_vips: DEFAULT_MAX_VIPS,
             ring_size: DEFAULT_RING_SIZE,
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
+            persist_size: DEFAULT_PERSIST_SIZE,
             debug: false,
         }
     }
@@ -58,6 +61,9 @@ impl LoadOptions {
         }
         if self.conntrack_size < 1024 {
             bail!("connection table size {} is below 1024", self.conntrack_size);
+        }
+        if self.persist_size < 1024 {
+            bail!("persistence table size {} is below 1024", self.persist_size);
         }
         Ok(())
     }
@@ -99,7 +105,37 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, StatBlock>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
+    backend_conns: Array<MapData, i64>,
+    conntrack_id: u32,
     ncpus: usize,
+}
+
+/// Open flows per (backend id, generation) and table size, from one walk
+/// of the connection table.
+#[derive(Debug, Default, Clone)]
+pub struct ConntrackCensus {
+    /// Entries not closed by FIN/RST, by (backend id, generation).
+    pub open: std::collections::HashMap<(u32, u16), i64>,
+    /// Entries in the table.
+    pub entries: u64,
+}
+
+/// A second handle on the connection table, for walking it without holding
+/// the agent (a walk of a full table takes a while).
+pub struct ConntrackReader(HashMap<MapData, FlowKey, FlowValue>);
+
+impl ConntrackReader {
+    /// Walk the table once.
+    pub fn census(&self) -> ConntrackCensus {
+        let mut c = ConntrackCensus::default();
+        for (_, v) in self.0.iter().filter_map(Result::ok) {
+            c.entries += 1;
+            if v.flags & FLOW_F_CLOSED == 0 {
+                *c.open.entry((v.backend_id, v.gen)).or_default() += 1;
+            }
+        }
+        c
+    }
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -117,7 +153,34 @@ pub fn raise_memlock() {
     }
 }
 
+/// Lines of the verifier's log shown in an error (its end says why).
+const VERIFIER_LOG_TAIL: usize = 60;
+
+/// A load error with the end of the verifier's log; the whole log (it can
+/// run to megabytes) goes to a file named in the message.
+fn verifier_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
+    let aya::programs::ProgramError::LoadError { io_error, verifier_log } = e else {
+        return anyhow::Error::new(e).context(format!("cannot load XDP program {name}"));
+    };
+    let log = verifier_log.to_string();
+    let lines: Vec<&str> = log.lines().collect();
+    let path = std::env::temp_dir().join(format!("xlb-verifier-{name}.log"));
+    let saved = std::fs::write(&path, &log).is_ok();
+    let tail = lines[lines.len().saturating_sub(VERIFIER_LOG_TAIL)..].join("\n");
+    anyhow!(
+        "the kernel's verifier rejected XDP program {name} ({io_error}); last {} of {} log lines{}:\n{tail}",
+        lines.len().min(VERIFIER_LOG_TAIL),
+        lines.len(),
+        if saved { format!(", whole log in {}", path.display()) } else { String::new() }
+    )
+}
+
 impl Datapath {
+    /// Instructions the verifier processed for the balancer (kernel ≥ 5.16).
+    pub fn verified_insns(&mut self) -> Option<u32> {
+        self.program(PROG_XLB).ok()?.info().ok()?.verified_instruction_count()
+    }
+
     /// Load the embedded object (verifier included) without attaching it.
     pub fn load(opts: LoadOptions) -> Result<Datapath> {
         opts.validate()?;
@@ -128,6 +191,8 @@ impl Datapath {
             .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
+            .map_max_entries(map_names::PERSIST, opts.persist_size)
+            .map_max_entries(map_names::RR, opts.max_vips)
             .override_global("XLB_DEBUG", &debug, true)
             .load(XDP_OBJECT)
             .context("cannot load the XDP object (creating its maps)")?;
@@ -137,15 +202,26 @@ impl Datapath {
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
                 .try_into()
                 .with_context(|| format!("program {name} is not XDP"))?;
-            // The error's text carries the verifier log.
-            prog.load().with_context(|| format!("the kernel rejected XDP program {name}"))?;
+            if let Err(e) = prog.load() {
+                return Err(verifier_error(name, e));
+            }
+            if let Ok(Some(n)) = prog.info().map(|i| i.verified_instruction_count()) {
+                log::debug!("XDP program {name} verified: {n} instructions processed");
+            }
         }
         let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow!("cannot read {p}: {e}"))?;
+        let conntrack: HashMap<MapData, FlowKey, FlowValue> = take(&mut ebpf, map_names::CONNTRACK)?;
+        let conntrack_id = {
+            use aya::maps::IterableMap;
+            conntrack.map().info().context("connection table info")?.id()
+        };
         Ok(Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             rings: take(&mut ebpf, map_names::RINGS)?,
-            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            conntrack,
+            conntrack_id,
+            backend_conns: take(&mut ebpf, map_names::BACKEND_CONNS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
@@ -207,9 +283,10 @@ impl Datapath {
         self.backends.get(&id, 0).context("cannot read the backend map")
     }
 
-    /// Write a whole Maglev table into ring slot `slot`.
+    /// Write a table (Maglev table or id sequence, at most `ring_size`
+    /// entries) into ring slot `slot`.
     pub fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        if table.len() != self.opts.ring_size as usize || slot >= self.opts.ring_slots() {
+        if table.len() > self.opts.ring_size as usize || slot >= self.opts.ring_slots() {
             bail!("ring slot {slot} or table size {} out of range", table.len());
         }
         let base = slot * self.opts.ring_size;
@@ -276,14 +353,25 @@ impl Datapath {
         self.backend_stats.set(id, z, 0).context("cannot reset backend counters")
     }
 
+    /// Active flows of a backend id as the datapath counts them.
+    pub fn backend_conns(&self, id: u32) -> Result<i64> {
+        Ok(self.backend_conns.get(&id, 0).context("cannot read active flows")?.max(0))
+    }
+
+    /// Set a backend id's active-flow count (new id: 0; after a census).
+    pub fn set_backend_conns(&mut self, id: u32, n: i64) -> Result<()> {
+        self.backend_conns.set(id, n, 0).context("cannot write active flows")
+    }
+
+    /// A second handle on the connection table (see `ConntrackReader`).
+    pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
+        let data = MapData::from_id(self.conntrack_id).context("cannot reopen the connection table")?;
+        Ok(ConntrackReader(HashMap::try_from(Map::LruHashMap(data)).context("connection table type")?))
+    }
+
     /// Look a flow up in the connection table.
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<FlowValue> {
         self.conntrack.get(key, 0).ok()
-    }
-
-    /// Number of entries in the connection table (walks it).
-    pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
     }
 
     /// Capacity of the backend array.

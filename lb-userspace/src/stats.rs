@@ -1,0 +1,147 @@
+//! `xlb stats`: traffic counters from the agent's status, as a table, JSON,
+//! or a view that refreshes in place every second with rates.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::{
+    io::Write,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    agent::Status,
+    api::{self, Request},
+};
+
+/// Connection-table figures derived from the counters.
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct Conntrack {
+    /// Lookups that found a usable entry.
+    pub hits: u64,
+    /// Lookups that found nothing (new flows).
+    pub misses: u64,
+    /// Entries at the last census (walk of the table), if one ran.
+    pub entries: Option<u64>,
+    /// Capacity.
+    pub capacity: u32,
+    /// Entries the LRU evicted: inserted − present at the last census
+    /// (entries are never deleted otherwise), so as old as that census.
+    pub evictions_estimate: Option<u64>,
+}
+
+/// Compute connection-table figures from a status.
+pub fn conntrack(s: &Status) -> Conntrack {
+    let c = |k: &str| s.counters.get(k).copied().unwrap_or(0);
+    let inserted = c("conntrack_miss").saturating_sub(c("conntrack_insert_fail"));
+    Conntrack {
+        hits: c("conntrack_hit"),
+        misses: c("conntrack_miss"),
+        entries: s.conntrack_entries,
+        capacity: s.conntrack_capacity,
+        evictions_estimate: s.conntrack_entries.map(|e| inserted.saturating_sub(e)),
+    }
+}
+
+fn fetch(socket: &Path) -> Result<Status> {
+    let v = api::call(socket, &Request::Status)?;
+    serde_json::from_value(v).context("malformed status from the agent")
+}
+
+fn rate(now: u64, before: Option<u64>, dt: f64) -> String {
+    match before {
+        Some(b) if dt > 0.0 => format!("{:>10.0}/s", now.saturating_sub(b) as f64 / dt),
+        _ => format!("{:>12}", "-"),
+    }
+}
+
+fn render(s: &Status, prev: Option<&Status>, dt: f64) -> String {
+    let mut out = String::new();
+    let line = |o: &mut String, t: String| {
+        o.push_str(&t);
+        o.push('\n');
+    };
+    line(&mut out, format!("{:<44} {:>12} {:>12} {:>14} {:>10} {:>8} {:>12}", "VIP / backend", "packets", "pkt rate", "bytes", "new flows", "active", "flow rate"));
+    for v in &s.vips {
+        let pv = prev.and_then(|p| p.vips.iter().find(|x| x.vip == v.vip));
+        line(
+            &mut out,
+            format!(
+                "{:<44} {:>12} {} {:>14} {:>10} {:>8} {}",
+                format!("{} ({})", v.vip, v.algo),
+                v.packets,
+                rate(v.packets, pv.map(|p| p.packets), dt),
+                v.bytes,
+                v.new_flows,
+                v.active_flows,
+                rate(v.new_flows, pv.map(|p| p.new_flows), dt)
+            ),
+        );
+        for b in &v.backends {
+            let pb = pv.and_then(|p| p.backends.iter().find(|x| x.ip == b.ip));
+            line(
+                &mut out,
+                format!(
+                    "  {:<42} {:>12} {} {:>14} {:>10} {:>8} {}",
+                    format!("{} [{}]", b.ip, b.state),
+                    b.packets,
+                    rate(b.packets, pb.map(|p| p.packets), dt),
+                    b.bytes,
+                    b.new_flows,
+                    b.active_flows,
+                    rate(b.new_flows, pb.map(|p| p.new_flows), dt)
+                ),
+            );
+        }
+    }
+    line(&mut out, String::new());
+    for (k, v) in &s.counters {
+        let r = rate(*v, prev.and_then(|p| p.counters.get(k).copied()), dt);
+        line(&mut out, format!("{k:<24} {v:>14} {r}"));
+    }
+    let ct = conntrack(s);
+    line(
+        &mut out,
+        format!(
+            "\nconnection table: {} hits, {} misses, {} of {} entries, ~{} evicted{}",
+            ct.hits,
+            ct.misses,
+            ct.entries.map(|e| e.to_string()).unwrap_or_else(|| "?".into()),
+            ct.capacity,
+            ct.evictions_estimate.map(|e| e.to_string()).unwrap_or_else(|| "?".into()),
+            s.conntrack_census_age_ms.map(|a| format!(" (census {:.0} s ago)", a as f64 / 1000.0)).unwrap_or_default()
+        ),
+    );
+    out
+}
+
+/// Run `xlb stats`.
+pub fn run(socket: &Path, json: bool, watch: bool) -> Result<()> {
+    if json && !watch {
+        let s = fetch(socket)?;
+        let v = serde_json::json!({ "status": &s, "conntrack": conntrack(&s) });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if !watch {
+        print!("{}", render(&fetch(socket)?, None, 0.0));
+        return Ok(());
+    }
+    let mut prev: Option<(Status, Instant)> = None;
+    loop {
+        let s = fetch(socket)?;
+        let now = Instant::now();
+        let dt = prev.as_ref().map(|(_, t)| now.duration_since(*t).as_secs_f64()).unwrap_or(0.0);
+        let text = if json {
+            serde_json::to_string(&serde_json::json!({ "status": &s, "conntrack": conntrack(&s) }))? + "\n"
+        } else {
+            // Home the cursor and clear the screen: refresh in place.
+            format!("\x1b[H\x1b[2J{}", render(&s, prev.as_ref().map(|(p, _)| p), dt))
+        };
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        prev = Some((s, now));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,141 @@
+//! What each algorithm's ring slot holds, built from a VIP's usable backends.
+//!
+//! - `maglev`, `random`, `source-hash`: a weighted Maglev table of
+//!   `ring_size` entries (`maglev` module).
+//! - `rr`: each backend's id `weight` times in a row, backends in address order.
+//! - `wrr`: the same multiset interleaved as evenly as possible (stride
+//!   scheduling: the backend whose next turn is earliest goes next), so a
+//!   backend of weight 3 among weights 3,1 gets turns 1, 2 and 4 of every 4.
+//! - `least-conn`: every backend's id once (the datapath compares their
+//!   active flows relative to weight).
+//!
+//! Sequences longer than the ring slot (`ring_size`) get their weights scaled
+//! down proportionally (each at least 1).
+
+use anyhow::{bail, Result};
+use lb_common::{Algo, MAX_LEAST_CONN_BACKENDS};
+
+use crate::maglev;
+
+/// A usable backend as the table builder sees it.
+pub struct Member<'a> {
+    /// Stable identity (address bytes).
+    pub key: &'a [u8],
+    /// Weight (> 0).
+    pub weight: u32,
+    /// Datapath id.
+    pub id: u32,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Weights reduced by their common divisor and scaled to fit `cap` turns.
+fn turns(members: &[Member<'_>], cap: u32) -> Vec<u64> {
+    let g = members.iter().fold(0u64, |g, m| gcd(g, m.weight as u64)).max(1);
+    let mut w: Vec<u64> = members.iter().map(|m| m.weight as u64 / g).collect();
+    let total: u64 = w.iter().sum();
+    if total > cap as u64 {
+        w = w.iter().map(|x| (x * cap as u64 / total).max(1)).collect();
+    }
+    w
+}
+
+/// The ring contents for `algo` (empty when there is no member).
+pub fn build(algo: Algo, members: &[Member<'_>], ring_size: u32) -> Result<Vec<u32>> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seq = match algo {
+        Algo::Maglev | Algo::Random | Algo::SourceHash => {
+            let entries: Vec<maglev::Entry> =
+                members.iter().map(|m| maglev::Entry { key: m.key, weight: m.weight }).collect();
+            let t = maglev::build(&entries, ring_size).unwrap_or_default();
+            return Ok(t.iter().map(|&i| members[i as usize].id).collect());
+        }
+        Algo::LeastConn => {
+            if members.len() > MAX_LEAST_CONN_BACKENDS as usize {
+                bail!("least-conn supports at most {MAX_LEAST_CONN_BACKENDS} backends per VIP");
+            }
+            members.iter().map(|m| m.id).collect::<Vec<u32>>()
+        }
+        Algo::RoundRobin => {
+            let t = turns(members, ring_size);
+            members.iter().zip(&t).flat_map(|(m, &n)| std::iter::repeat_n(m.id, n as usize)).collect()
+        }
+        Algo::WeightedRoundRobin => {
+            let t = turns(members, ring_size);
+            let total: u64 = t.iter().sum();
+            // Backend i's k-th turn is due at (k + 1/2) / t_i of the cycle;
+            // compare (2k + 1) * total / t_i exactly in integers.
+            let mut next: Vec<u64> = vec![0; members.len()];
+            let mut out = Vec::with_capacity(total as usize);
+            for _ in 0..total {
+                let mut best = usize::MAX;
+                for i in 0..members.len() {
+                    if next[i] >= t[i] {
+                        continue;
+                    }
+                    if best == usize::MAX
+                        || ((2 * next[i] + 1) as u128 * t[best] as u128) < ((2 * next[best] + 1) as u128 * t[i] as u128)
+                    {
+                        best = i;
+                    }
+                }
+                out.push(members[best].id);
+                next[best] += 1;
+            }
+            out
+        }
+    };
+    seq.truncate(ring_size as usize);
+    Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(weights: &[u32]) -> Vec<Member<'static>> {
+        const KEYS: [[u8; 4]; 4] = [[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3], [10, 0, 0, 4]];
+        weights.iter().enumerate().map(|(i, &w)| Member { key: &KEYS[i], weight: w, id: 100 + i as u32 }).collect()
+    }
+
+    #[test]
+    fn rr_repeats_by_weight() {
+        let t = build(Algo::RoundRobin, &members(&[1, 1, 1]), 65537).expect("rr");
+        assert_eq!(t, vec![100, 101, 102]);
+        let t = build(Algo::RoundRobin, &members(&[2, 4, 6]), 65537).expect("rr");
+        assert_eq!(t, vec![100, 101, 101, 102, 102, 102]);
+    }
+
+    #[test]
+    fn wrr_interleaves() {
+        let t = build(Algo::WeightedRoundRobin, &members(&[3, 1]), 65537).expect("wrr");
+        assert_eq!(t, vec![100, 100, 101, 100]);
+        let t = build(Algo::WeightedRoundRobin, &members(&[5, 1, 1]), 65537).expect("wrr");
+        assert_eq!(t.len(), 7);
+        assert_eq!(t.iter().filter(|&&x| x == 100).count(), 5);
+        // No backend of weight 1 gets two turns in a row.
+        assert!(t.windows(2).all(|w| !(w[0] == w[1] && w[0] != 100)));
+    }
+
+    #[test]
+    fn long_sequences_scale_down() {
+        let t = build(Algo::RoundRobin, &members(&[10_000, 9_999, 1]), 101).expect("rr");
+        assert!(t.len() <= 101 && t.contains(&102));
+    }
+
+    #[test]
+    fn least_conn_lists_each_once_and_is_bounded() {
+        assert_eq!(build(Algo::LeastConn, &members(&[1, 5]), 65537).expect("lc"), vec![100, 101]);
+        let keys: Vec<[u8; 4]> = (0..300u32).map(|i| i.to_be_bytes()).collect();
+        let many: Vec<Member> = keys.iter().map(|k| Member { key: k, weight: 1, id: 0 }).collect();
+        assert!(build(Algo::LeastConn, &many, 65537).is_err());
+    }
+}
