@@ -14,7 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -29,6 +29,18 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 pub const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 /// The client's address.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// The client's IPv6 address.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x2);
+
+/// The IPv6 virtual IP.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x100);
+/// The balancer's IPv6 address.
+pub const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+
+/// IPv6 address of backend `i` (1-based).
+pub fn backend_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x20 + i as u16)
+}
 
 /// Address of backend `i` (1-based).
 pub fn backend_ip(i: usize) -> Ipv4Addr {
@@ -112,14 +124,16 @@ impl Lab {
         Ok(ns)
     }
 
-    /// Connect `role`'s eth0 to the bridge (port `p-ROLE`) with an address.
-    fn attach(&mut self, role: &str, ip: Ipv4Addr) -> Result<String> {
+    /// Connect `role`'s eth0 to the bridge (port `p-ROLE`) with an IPv4 and
+    /// an IPv6 address (no duplicate address detection: usable at once).
+    fn attach(&mut self, role: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<String> {
         let ns = self.add_ns(role)?;
         let sw = self.ns("sw");
         let port = format!("p-{role}");
         sh("ip", &["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         sh("ip", &["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
         sh("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh("ip", &["-n", &ns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
         Ok(ns)
     }
@@ -128,15 +142,17 @@ impl Lab {
         let sw = self.add_ns("sw")?;
         sh("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         sh("ip", &["-n", &sw, "link", "set", "br0", "up"])?;
-        let client = self.attach("client", CLIENT_IP)?;
+        let client = self.attach("client", CLIENT_IP, CLIENT_IP6)?;
         sh("ip", &["-n", &client, "route", "add", &format!("{VIP}/32"), "via", &LB_IP.to_string()])?;
+        sh("ip", &["-n", &client, "-6", "route", "add", &format!("{VIP6}/128"), "via", &LB_IP6.to_string()])?;
         // Frames XDP_TX'd by the balancer skip checksum completion: make the
         // client's stack compute TCP/UDP checksums itself.
         sh("ip", &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"])?;
-        self.attach("lb", LB_IP)?;
+        self.attach("lb", LB_IP, LB_IP6)?;
         for i in 1..=self.backends {
-            let ns = self.attach(&format!("b{i}"), backend_ip(i))?;
+            let ns = self.attach(&format!("b{i}"), backend_ip(i), backend_ip6(i))?;
             sh("ip", &["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            sh("ip", &["-n", &ns, "addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
             for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
                 for dev in ["all", "eth0"] {
                     sh("ip", &["netns", "exec", &ns, "sysctl", "-qw", &format!("net.ipv4.conf.{dev}.{k}={v}")])?;

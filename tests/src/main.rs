@@ -32,6 +32,17 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Hold COUNT long-lived connections to TARGET for DURATION; prints JSON.
+    Hold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
     /// The demo (what `cargo xtask demo` runs).
     Demo {
         /// The xlb binary.
@@ -46,6 +57,16 @@ fn main() {
         Cmd::Connect { target, count, parallel, timeout_ms } => {
             let s = xlb_tests::traffic::connect(target, count.min(100_000), parallel.min(64), Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&s).unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Hold { target, count, duration_ms, interval_ms } => {
+            let held = xlb_tests::traffic::hold(
+                target,
+                count.min(1000),
+                Duration::from_millis(duration_ms.min(120_000)),
+                Duration::from_millis(interval_ms.max(10)),
+            );
+            println!("{}", serde_json::to_string(&held).unwrap_or_default());
             Ok(())
         }
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),

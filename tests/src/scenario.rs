@@ -20,6 +20,11 @@ pub fn vip_arg() -> String {
     format!("{VIP}:80/tcp")
 }
 
+/// The lab's IPv6 service.
+pub fn vip6_arg() -> String {
+    format!("[{}]:80/tcp", lab::VIP6)
+}
+
 /// Paths of the binaries under test, from the environment `cargo xtask test`
 /// sets, or the release build next to the test executable.
 pub fn binaries() -> (PathBuf, PathBuf) {
@@ -101,9 +106,13 @@ impl Deployment {
 
     /// States of the lab VIP's backends by IP.
     pub fn backend_states(&self) -> Result<Vec<(String, String)>> {
+        self.backend_states_of(&vip_arg())
+    }
+
+    /// States of a VIP's backends by IP.
+    pub fn backend_states_of(&self, vip: &str) -> Result<Vec<(String, String)>> {
         let s = self.status()?;
-        let vip = vip_arg();
-        let v = s["vips"].as_array().into_iter().flatten().find(|v| v["vip"] == vip.as_str());
+        let v = s["vips"].as_array().into_iter().flatten().find(|v| v["vip"] == vip);
         Ok(v.map(|v| {
             v["backends"]
                 .as_array()
@@ -126,24 +135,31 @@ impl Deployment {
 
     /// Wait until exactly the backends in `up` (1-based) are up, the rest down.
     pub fn wait_states(&self, up: &[usize], limit: Duration) -> Result<Duration> {
-        let want: Vec<(String, String)> = (1..=self.lab.backends)
-            .map(|i| (lab::backend_ip(i).to_string(), if up.contains(&i) { "up" } else { "down" }.to_string()))
-            .collect();
-        self.wait(&format!("backend states {want:?}"), limit, || {
-            let mut got = self.backend_states()?;
-            got.sort();
-            let mut w = want.clone();
-            w.sort();
-            Ok(got == w)
+        self.wait_states_of(&vip_arg(), &|i| lab::backend_ip(i).to_string(), up, limit)
+    }
+
+    /// Wait until, among a VIP's listed backends, exactly those with index
+    /// in `up` (backend `i` has address `ip(i)`) are up and the rest down.
+    pub fn wait_states_of(&self, vip: &str, ip: &dyn Fn(usize) -> String, up: &[usize], limit: Duration) -> Result<Duration> {
+        let up_ips: Vec<String> = up.iter().map(|&i| ip(i)).collect();
+        self.wait(&format!("exactly {up_ips:?} up in {vip}"), limit, || {
+            let got = self.backend_states_of(vip)?;
+            let all_listed = up_ips.iter().all(|u| got.iter().any(|(b, _)| b == u));
+            Ok(all_listed && got.iter().all(|(b, st)| (st == "up") == up_ips.contains(b)))
         })
     }
 
     /// Open `count` HTTP connections from the client to the VIP.
     pub fn connect(&self, count: usize) -> Result<Summary> {
+        self.connect_to(&format!("{VIP}:80"), count)
+    }
+
+    /// Open `count` HTTP connections from the client to `target`.
+    pub fn connect_to(&self, target: &str, count: usize) -> Result<Summary> {
         let out = self.lab.run(
             "client",
             &self.lab_bin,
-            &["connect", "--target", &format!("{VIP}:80"), "--count", &count.to_string(), "--parallel", "8", "--timeout-ms", "3000"],
+            &["connect", "--target", target, "--count", &count.to_string(), "--parallel", "8", "--timeout-ms", "3000"],
         )?;
         if !out.status.success() {
             bail!("client failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -15,9 +15,11 @@ use std::{
     time::Duration,
 };
 
-/// Serve HTTP on `port` forever, answering with `name`.
+/// Serve HTTP on `port` (IPv4 and IPv6) forever, answering with `name`.
+/// A connection that starts with `HOLD\n` instead stays open and answers
+/// every line with `NAME LINE` (long-lived connection tests).
 pub fn serve(name: &str, port: u16) -> Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("cannot listen on port {port}"))?;
+    let listener = TcpListener::bind(("::", port)).with_context(|| format!("cannot listen on port {port}"))?;
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
         let name = name.to_string();
@@ -26,6 +28,9 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
             let mut buf = [0u8; 2048];
             let mut got = Vec::new();
             while !got.windows(4).any(|w| w == b"\r\n\r\n") && got.len() < 8192 {
+                if got.starts_with(b"HOLD\n") {
+                    return echo(s, &name, got[5..].to_vec());
+                }
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -36,6 +41,81 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Answer each line with `NAME LINE` until the peer closes.
+fn echo(s: TcpStream, name: &str, pending: Vec<u8>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = std::io::BufReader::new(std::io::Cursor::new(pending).chain(s));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match std::io::BufRead::read_line(&mut r, &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if write!(w, "{name} {line}").is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One long-lived connection's story.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct Held {
+    /// Backend that answered first.
+    pub backend: String,
+    /// Round trips that succeeded.
+    pub pings: u64,
+    /// Another backend answered later (must never happen).
+    pub switched: bool,
+    /// Why the connection ended early, if it did.
+    pub broken: Option<String>,
+}
+
+/// Hold `count` connections to `target` for `duration`, sending a line every
+/// `interval` on each and checking who answers.
+pub fn hold(target: SocketAddr, count: usize, duration: Duration, interval: Duration) -> Vec<Held> {
+    let handles: Vec<_> = (0..count)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut h = Held::default();
+                let mut run = || -> Result<()> {
+                    let s = TcpStream::connect_timeout(&target, Duration::from_secs(3)).context("connect")?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut w = s.try_clone()?;
+                    let mut r = std::io::BufReader::new(s);
+                    w.write_all(b"HOLD\n")?;
+                    let t0 = std::time::Instant::now();
+                    let mut i = 0u64;
+                    while t0.elapsed() < duration {
+                        writeln!(w, "ping {i}")?;
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).context("receive")? == 0 {
+                            anyhow::bail!("closed by peer");
+                        }
+                        let who = line.split_whitespace().next().unwrap_or("").to_string();
+                        if h.backend.is_empty() {
+                            h.backend = who;
+                        } else if who != h.backend {
+                            h.switched = true;
+                        }
+                        h.pings += 1;
+                        i += 1;
+                        std::thread::sleep(interval);
+                    }
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    h.broken = Some(format!("{e:#}"));
+                }
+                h
+            })
+        })
+        .collect();
+    handles.into_iter().filter_map(|t| t.join().ok()).collect()
 }
 
 /// What `connect` saw.

@@ -409,5 +409,10 @@ fn least_conn_sends_new_flows_to_the_least_loaded() {
     assert_eq!((lb.conns(1), lb.conns(2)), (10, 20));
     // A census of the table sets the counts from the entries themselves.
     let census = lb.agent.dp.conntrack_reader().expect("reader").census();
+    assert_eq!(census.open.values().sum::<i64>(), 30, "30 open entries");
+    assert_eq!(census.entries, 30);
+    // Applying it keeps the counts (they were exact already).
+    lb.agent.apply_census(&census).expect("census");
+    assert_eq!((lb.conns(1), lb.conns(2)), (10, 20));
 
 }
