@@ -115,9 +115,10 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     h
 }
 
-/// A complete TCP/IPv4 frame.
+/// A complete TCP/IPv4 frame: a data segment (PSH|ACK) of an established
+/// connection (use `tcp` with `tcp_flags::SYN` for connection openings).
 pub fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    eth(ETH_IP, &[], &ipv4(src, dst, 6, &[], 0, &tcp(sport, dport, tcp_flags::SYN, b"hello")))
+    eth(ETH_IP, &[], &ipv4(src, dst, 6, &[], 0, &tcp(sport, dport, tcp_flags::ACK | 0x08, b"hello")))
 }
 
 /// A complete UDP/IPv4 frame.
