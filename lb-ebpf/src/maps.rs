@@ -25,10 +25,18 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 pub static RINGS: Array<u32> =
     Array::with_max_entries((DEFAULT_MAX_VIPS + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, 0);
 
-/// The connection table: 5-tuple → backend (least recently used evicted).
+/// The connection table: 5-tuple → backend (least recently used evicted),
+/// shared by all CPUs (see the README for why, and the measurement).
+#[cfg(not(feature = "percpu-conntrack"))]
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Per-CPU variant, built only to measure against the shared table.
+#[cfg(feature = "percpu-conntrack")]
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: aya_ebpf::maps::LruPerCpuHashMap<FlowKey, FlowValue> =
+    aya_ebpf::maps::LruPerCpuHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
 /// Global verdict and event counters: one `StatBlock` per CPU.
 #[map(name = "XLB_STATS")]

@@ -4,5 +4,6 @@
 pub mod demo;
 pub mod frames;
 pub mod lab;
+pub mod measure;
 pub mod scenario;
 pub mod traffic;

@@ -43,6 +43,8 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
     },
+    /// Shared vs per-CPU connection table cost (`cargo xtask measure-conntrack`).
+    MeasureConntrack { shared: String, percpu: String },
     /// The demo (what `cargo xtask demo` runs).
     Demo {
         /// The xlb binary.
@@ -69,6 +71,7 @@ fn main() {
             println!("{}", serde_json::to_string(&held).unwrap_or_default());
             Ok(())
         }
+        Cmd::MeasureConntrack { shared, percpu } => xlb_tests::measure::run(&shared, &percpu),
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),
     };
     if let Err(e) = r {

@@ -29,6 +29,11 @@ fn ebpf_object(root: &Path) -> PathBuf {
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
+    build_ebpf_variant(root, &[], "target/ebpf")
+}
+
+/// Build the XDP object with extra cargo arguments into `target_dir`.
+fn build_ebpf_variant(root: &Path, extra: &[&str], target_dir: &str) -> Result<()> {
     let tc = toolchain::ebpf_toolchain()?;
     let linker = toolchain::bpf_linker(tc.llvm_major)?;
     eprintln!("xtask: building the XDP program with {} (LLVM {})", tc.label, tc.llvm_major);
@@ -41,13 +46,14 @@ fn build_ebpf(root: &Path) -> Result<()> {
         .env_remove("RUSTFLAGS")
         .env_remove("RUSTUP_TOOLCHAIN")
         .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(extra)
         .arg("--target-dir")
-        .arg(root.join("target/ebpf"));
+        .arg(root.join(target_dir));
     if tc.bootstrap {
         c.env("RUSTC_BOOTSTRAP", "1");
     }
     run(&mut c).context("building the XDP program failed")?;
-    let obj = ebpf_object(root);
+    let obj = root.join(target_dir).join("bpfel-unknown-none/release/lb-ebpf");
     if !obj.exists() {
         bail!("the XDP build succeeded but {} is missing", obj.display());
     }
@@ -134,6 +140,16 @@ fn main() -> Result<()> {
             c.arg("--").args(&args[1..]);
             run_tests(&mut c)
         }
+        Some("measure-conntrack") => {
+            // Shared vs per-CPU connection table, same harness, same run.
+            require_root("cargo xtask measure-conntrack")?;
+            build(&root)?;
+            build_ebpf_variant(&root, &["--features", "percpu-conntrack"], "target/ebpf-percpu")?;
+            run(Command::new(root.join("target/release/xlb-lab"))
+                .arg("measure-conntrack")
+                .arg(ebpf_object(&root))
+                .arg(root.join("target/ebpf-percpu/bpfel-unknown-none/release/lb-ebpf")))
+        }
         Some("demo") => {
             require_root("cargo xtask demo")?;
             runtime_tools()?;
@@ -144,7 +160,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | measure-conntrack");
             std::process::exit(2);
         }
     }
