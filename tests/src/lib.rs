@@ -7,3 +7,4 @@ pub mod lab;
 pub mod measure;
 pub mod scenario;
 pub mod traffic;
+pub mod xdp;

@@ -4,22 +4,19 @@
 //! algorithm. Each case asserts the verdict, the rewritten bytes and the
 //! counters. Needs root.
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     hash::{flow_hash, src_hash},
-    stats::VERDICTS,
-    Algo, FlowKey, Stat, PROG_XLB,
+    Algo, FlowKey, Stat,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use xlb::{
-    agent::{Agent, AgentOptions},
-    config::{CheckKind, HealthConfig, Mac, Vip},
-    maps::{Datapath, LoadOptions},
+    agent::Agent,
+    config::{Mac, Vip},
 };
-use xlb_tests::frames::{eth, ipv4, ipv6, tcp, tcp_flags::*, udp, ETH_IP, ETH_IPV6, LB_MAC};
-
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use xlb_tests::{
+    frames::{eth, ipv4, ipv6, tcp, tcp_flags::*, udp, ETH_IP, ETH_IPV6, LB_MAC},
+    xdp::{assert_one_verdict, test_agent, XDP_PASS, XDP_TX},
+};
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x50);
@@ -54,10 +51,7 @@ impl Lb {
     /// with `algo`, backends 10.0.2.1.. with `weights`.
     fn new(algo: Algo, weights: &[u32], persist: u16) -> Lb {
         pin_to_cpu0();
-        let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: 65536, ..Default::default() })
-            .expect("the XDP program loads (run the tests as root)");
-        let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-        let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), health }).expect("agent");
+        let mut agent = test_agent();
         let v: Vip = "10.0.0.50:80/tcp".parse().expect("vip");
         agent.add_vip(v, algo, persist).expect("vip");
         for (i, w) in weights.iter().enumerate() {
@@ -81,16 +75,7 @@ impl Lb {
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>, Vec<i64>) {
-        let before = self.agent.dp.stats().expect("stats");
-        let mut out = vec![0u8; frame.len() + 512];
-        let prog = self.agent.dp.program(PROG_XLB).expect("program");
-        let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        let after = self.agent.dp.stats().expect("stats");
-        let d = after.iter().zip(before.iter()).map(|(a, b)| *a as i64 - *b as i64).collect();
-        (r.return_value, out, d)
+        xlb_tests::xdp::run(&mut self.agent.dp, frame)
     }
 
     /// Forward a frame; returns the backend index (1-based) it went to.
@@ -133,9 +118,7 @@ fn seg(sport: u16, flags: u8) -> Vec<u8> {
 }
 
 fn one_verdict(d: &[i64], want: Stat) {
-    for &s in VERDICTS {
-        assert_eq!(d[s as usize], (s == want) as i64, "counter {}", s.name());
-    }
+    assert_one_verdict(d, want, "corpus case");
 }
 
 #[test]

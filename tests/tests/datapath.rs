@@ -5,20 +5,16 @@
 //! flow hash, so the datapath and the control plane are checked against
 //! each other. Needs root.
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{hash::flow_hash, stats::VERDICTS, FlowKey, Stat, PROG_XLB};
+use lb_common::{hash::flow_hash, stats::VERDICTS, FlowKey, Stat};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use xlb::{
-    agent::{Agent, AgentOptions},
-    config::{CheckKind, HealthConfig, Mac, Vip},
-    maps::{Datapath, LoadOptions},
+    agent::Agent,
+    config::{Mac, Vip},
 };
-use xlb_tests::frames::{self, eth, ipv4, ipv6, tcp, tcp4, udp4, ETH_8021AD, ETH_8021Q, ETH_ARP, ETH_IP, ETH_IPV6, LB_MAC};
-
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use xlb_tests::{
+    frames::{self, eth, ipv4, ipv6, tcp, tcp4, udp4, ETH_8021AD, ETH_8021Q, ETH_ARP, ETH_IP, ETH_IPV6, LB_MAC},
+    xdp::{assert_one_verdict, test_agent, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -41,10 +37,7 @@ impl Fixture {
     /// VIPs: 10.0.0.100:80/tcp and :53/udp with 3 backends each, the IPv6
     /// VIP [fd00::100]:80/tcp with 2, and 10.0.0.200:80/tcp with none.
     fn new() -> Fixture {
-        let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: 65536, ..Default::default() })
-            .expect("the XDP program loads (run the tests as root)");
-        let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-        let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), health }).expect("agent");
+        let mut agent = test_agent();
         for v in ["10.0.0.100:80/tcp", "10.0.0.100:53/udp"] {
             agent.add_vip(vip(v), lb_common::Algo::Maglev, 0).expect("add vip");
             for i in 1..=3u8 {
@@ -64,25 +57,13 @@ impl Fixture {
 
     /// Run one frame; returns the action and the frame as the program left it.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 512];
-        let prog = self.agent.dp.program(PROG_XLB).expect("program");
-        let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    }
-
-    fn stats(&self) -> [u64; lb_common::stats::STAT_COUNT as usize] {
-        self.agent.dp.stats().expect("stats")
+        let (a, out, _) = self.run_counted(frame);
+        (a, out)
     }
 
     /// Run a frame and return (action, output, per-counter deltas).
     fn run_counted(&mut self, frame: &[u8]) -> (u32, Vec<u8>, Vec<i64>) {
-        let before = self.stats();
-        let (a, out) = self.run(frame);
-        let after = self.stats();
-        (a, out, after.iter().zip(before.iter()).map(|(a, b)| *a as i64 - *b as i64).collect())
+        xlb_tests::xdp::run(&mut self.agent.dp, frame)
     }
 
     /// The MAC the agent's published table predicts for a flow.
@@ -98,14 +79,6 @@ fn key4(src: Ipv4Addr, sport: u16, v: &Vip) -> FlowKey {
     let mut k = FlowKey { src: [0; 16], sport_be: sport.to_be(), _pad: 0, vip: v.key() };
     k.src[..4].copy_from_slice(&src.octets());
     k
-}
-
-/// Exactly one verdict counter moved, by one, and it is `want`.
-fn assert_one_verdict(delta: &[i64], want: Stat, what: &str) {
-    for &s in VERDICTS {
-        let expected = if s == want { 1 } else { 0 };
-        assert_eq!(delta[s as usize], expected, "{what}: counter {} moved by {}", s.name(), delta[s as usize]);
-    }
 }
 
 #[test]

@@ -48,6 +48,19 @@ fn balances_real_tcp_and_removes_a_dead_backend() {
     assert!(vip["new_flows"].as_u64().unwrap_or(0) >= CONNECTIONS as u64, "{vip}");
     assert!(st["counters"]["forwarded"].as_u64().unwrap_or(0) >= 3 * CONNECTIONS as u64);
 
+    // `xlb stats`: JSON with connection-table figures, and the watch view.
+    let stats: serde_json::Value = serde_json::from_str(&d.cli_ok(&["stats", "--json"]).expect("stats")).expect("JSON");
+    assert!(stats["conntrack"]["misses"].as_u64().unwrap_or(0) >= CONNECTIONS as u64, "{}", stats["conntrack"]);
+    assert!(stats["conntrack"]["hits"].as_u64().unwrap_or(0) > 0);
+    let watch = std::process::Command::new("timeout")
+        .args(["2.5", xlb.to_str().expect("path"), "--socket", d.socket.to_str().expect("path"), "stats", "--watch"])
+        .output()
+        .expect("stats --watch");
+    let screen = String::from_utf8_lossy(&watch.stdout);
+    assert!(screen.matches("\x1b[H\x1b[2J").count() >= 2, "refreshes in place: {screen:?}");
+    assert!(screen.contains("/s"), "second refresh shows rates");
+    assert!(screen.contains(&vip_arg()) && screen.contains("forwarded"));
+
     d.lab.kill("server2").expect("kill b2's server");
     let detect = d.wait_states(&[1, 3], Duration::from_secs(5)).expect("b2 marked down");
     eprintln!("dead backend detected and removed after {detect:?}");
@@ -122,6 +135,16 @@ fn bad_input_gets_one_line_and_changes_nothing() {
     // The socket is root-only.
     let mode = std::fs::metadata(&d.socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     assert_eq!(mode.expect("socket metadata"), 0o600);
+
+    // SIGTERM detaches the program and removes the socket.
+    let lb = d.lab.ns("lb");
+    let attached = || xlb_tests::lab::sh("ip", &["-n", &lb, "link", "show", "eth0"]).expect("ip link").contains("xdp");
+    assert!(attached(), "attached while running");
+    let mut d = d;
+    d.lab.stop("agent").expect("stop");
+    assert!(!attached(), "SIGTERM detached XDP from eth0");
+    assert!(!d.socket.exists(), "socket removed");
+    assert!(d.lab.log("agent").contains("detached from eth0"));
 }
 
 #[test]
