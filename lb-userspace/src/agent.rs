@@ -353,10 +353,12 @@ impl Agent {
         h.in_flight = false;
         h.next_check = Instant::now() + interval;
         let mut changed = false;
-        if job.resolve_mac && out.mac.is_some() && out.mac != b.mac {
-            log::info!("VIP {}: backend {} is at {}", job.vip, job.ip, out.mac.expect("checked"));
-            b.mac = out.mac;
-            changed = true;
+        if let (true, Some(mac)) = (job.resolve_mac, out.mac) {
+            if b.mac != Some(mac) {
+                log::info!("VIP {}: backend {} is at {mac}", job.vip, job.ip);
+                b.mac = Some(mac);
+                changed = true;
+            }
         }
         if job.tcp {
             h.checks += 1;
@@ -386,7 +388,7 @@ impl Agent {
                 }
                 h.last_error = Some(why);
             }
-            if h.transitions > 0 && h.transitions % 10 == 0 && changed {
+            if h.transitions > 0 && h.transitions.is_multiple_of(10) && changed {
                 log::warn!("VIP {}: backend {} is flapping ({} transitions)", job.vip, job.ip, h.transitions);
             }
             h.checked = true;

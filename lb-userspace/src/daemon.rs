@@ -34,12 +34,15 @@ pub struct DaemonOptions {
     pub load: LoadOptions,
 }
 
+/// A backend as configured: address, MAC if given, weight.
+pub type DesiredBackend = (IpAddr, Option<Mac>, u32);
+
 /// A config file's services, fully validated.
 pub struct Desired {
     /// Health settings.
     pub health: HealthConfig,
-    /// Services with algorithm, persistence and backends (ip, mac, weight).
-    pub vips: Vec<(Vip, lb_common::Algo, u16, Vec<(IpAddr, Option<Mac>, u32)>)>,
+    /// Services with algorithm, persistence (s) and backends.
+    pub vips: Vec<(Vip, lb_common::Algo, u16, Vec<DesiredBackend>)>,
 }
 
 impl Desired {
