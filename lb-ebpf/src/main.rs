@@ -13,6 +13,8 @@
 #![allow(internal_features)]
 
 mod conntrack;
+#[cfg(feature = "floors")]
+mod floors;
 mod forward;
 mod maps;
 mod parse;

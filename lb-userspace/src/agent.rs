@@ -251,48 +251,63 @@ impl Agent {
     /// kernel's neighbour table; the backend carries traffic once it is
     /// resolved and has passed its first health check.
     pub fn add_backend(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32) -> Result<()> {
-        config::check_weight(weight)?;
+        self.add_backends(vip, &[(ip, mac, weight)])
+    }
+
+    /// Add several backends to a service with one table rebuild. All are
+    /// validated first: on any error nothing is added.
+    pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
         let checks = self.checks_for(vip);
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        if ip.is_ipv4() != vip.addr.is_ipv4() {
-            bail!("backend {ip} and VIP {vip} are of different address families");
+        let mut seen = std::collections::BTreeSet::new();
+        for &(ip, _, weight) in list {
+            config::check_weight(weight)?;
+            if ip.is_ipv4() != vip.addr.is_ipv4() {
+                bail!("backend {ip} and VIP {vip} are of different address families");
+            }
+            if state.backends.contains_key(&ip) || !seen.insert(ip) {
+                bail!("backend {ip} already exists in VIP {vip}");
+            }
         }
-        if state.backends.contains_key(&ip) {
-            bail!("backend {ip} already exists in VIP {vip}");
+        if state.algo == Algo::LeastConn
+            && state.backends.len() + list.len() > lb_common::MAX_LEAST_CONN_BACKENDS as usize
+        {
+            bail!("VIP {vip} (least-conn) would exceed the maximum of {} backends", lb_common::MAX_LEAST_CONN_BACKENDS);
         }
-        if state.algo == Algo::LeastConn && state.backends.len() >= lb_common::MAX_LEAST_CONN_BACKENDS as usize {
-            bail!("VIP {vip} (least-conn) already has the maximum of {} backends", lb_common::MAX_LEAST_CONN_BACKENDS);
+        if self.free_backend_ids.len() < list.len() {
+            bail!("not enough free backend ids ({} left)", self.free_backend_ids.len());
         }
-        let id = *self.free_backend_ids.front().ok_or_else(|| anyhow!("all backend ids are in use"))?;
-        self.free_backend_ids.pop_front();
-        self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
-        let gen = self.backend_gens[id as usize];
-        self.dp.reset_backend_counters(id)?;
-        self.dp.set_backend_conns(id, 0)?;
         let now = Instant::now();
         let up = checks == CheckKind::None;
-        let b = Backend {
-            ip,
-            mac_cfg: mac,
-            mac,
-            weight,
-            id,
-            gen,
-            health: Health {
-                up,
-                checked: up,
-                ok_streak: 0,
-                fail_streak: 0,
-                last_error: None,
-                transitions: 0,
-                checks: 0,
-                failures: 0,
-                next_check: now,
-                in_flight: false,
-            },
-        };
-        self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
-        log::info!("VIP {vip}: backend {ip} added (weight {weight})");
+        for &(ip, mac, weight) in list {
+            let id = self.free_backend_ids.pop_front().expect("counted above");
+            self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
+            let gen = self.backend_gens[id as usize];
+            self.dp.reset_backend_counters(id)?;
+            self.dp.set_backend_conns(id, 0)?;
+            let b = Backend {
+                ip,
+                mac_cfg: mac,
+                mac,
+                weight,
+                id,
+                gen,
+                health: Health {
+                    up,
+                    checked: up,
+                    ok_streak: 0,
+                    fail_streak: 0,
+                    last_error: None,
+                    transitions: 0,
+                    checks: 0,
+                    failures: 0,
+                    next_check: now,
+                    in_flight: false,
+                },
+            };
+            self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
+            log::info!("VIP {vip}: backend {ip} added (weight {weight})");
+        }
         self.reconcile(vip)
     }
 

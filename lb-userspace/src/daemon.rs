@@ -169,9 +169,7 @@ async fn start(
     let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health })?;
     for (vip, algo, persist, backends) in desired.vips {
         agent.add_vip(vip, algo, persist)?;
-        for (ip, mac, weight) in backends {
-            agent.add_backend(&vip, ip, mac, weight)?;
-        }
+        agent.add_backends(&vip, &backends)?;
     }
     Ok((agent, neigh::Resolver::new(handle, ifindex)))
 }

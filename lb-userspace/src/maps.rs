@@ -369,6 +369,11 @@ impl Datapath {
         Ok(ConntrackReader(HashMap::try_from(Map::LruHashMap(data)).context("connection table type")?))
     }
 
+    /// Insert a connection-table entry directly (benchmarks fill the table).
+    pub fn conntrack_insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.conntrack.insert(key, value, 0).context("cannot write the connection table")
+    }
+
     /// Look a flow up in the connection table.
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<FlowValue> {
         self.conntrack.get(key, 0).ok()

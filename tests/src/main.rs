@@ -43,6 +43,48 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
     },
+    /// The benchmark (what `cargo xtask bench` runs).
+    Bench {
+        /// The xlb binary.
+        #[arg(long)]
+        xlb: PathBuf,
+        /// The XDP object built with the `floors` feature.
+        #[arg(long)]
+        floors: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Live-frame generator (runs in the generator namespace); prints JSON.
+    Gen {
+        #[arg(long)]
+        floors: String,
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Frames per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 1024)]
+        flows: u32,
+        /// Upper bound on sending time, seconds.
+        #[arg(long, default_value_t = 5.0)]
+        max_secs: f64,
+    },
+    /// Hold a floors-object program on an interface until SIGTERM/SIGINT.
+    Attach {
+        #[arg(long)]
+        floors: String,
+        #[arg(long)]
+        prog: String,
+        #[arg(long)]
+        iface: String,
+    },
     /// Shared vs per-CPU connection table cost (`cargo xtask measure-conntrack`).
     MeasureConntrack { shared: String, percpu: String },
     /// The demo (what `cargo xtask demo` runs).
@@ -71,6 +113,14 @@ fn main() {
             println!("{}", serde_json::to_string(&held).unwrap_or_default());
             Ok(())
         }
+        Cmd::Bench { xlb, floors, out } => xlb_tests::bench::run(&xlb, &floors, &out),
+        Cmd::Gen { floors, iface, dst_mac, size, count, rate, flows, max_secs } => (|| {
+            let mac: xlb::config::Mac = dst_mac.parse()?;
+            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), count.min(50_000_000), rate, flows.max(1), max_secs.clamp(0.1, 60.0))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        })(),
+        Cmd::Attach { floors, prog, iface } => xlb_tests::bench::live::attach(&floors, &prog, &iface),
         Cmd::MeasureConntrack { shared, percpu } => xlb_tests::measure::run(&shared, &percpu),
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),
     };

@@ -150,6 +150,22 @@ fn main() -> Result<()> {
                 .arg(ebpf_object(&root))
                 .arg(root.join("target/ebpf-percpu/bpfel-unknown-none/release/lb-ebpf")))
         }
+        Some("bench") => {
+            require_root("cargo xtask bench")?;
+            runtime_tools()?;
+            // The comparison's contenders and the plot's font, from Debian.
+            toolchain::apt_install(&["nftables", "haproxy", "fonts-dejavu-core"])?;
+            build(&root)?;
+            build_ebpf_variant(&root, &["--features", "floors"], "target/ebpf-floors")?;
+            run(Command::new(root.join("target/release/xlb-lab"))
+                .arg("bench")
+                .arg("--xlb")
+                .arg(root.join("target/release/xlb"))
+                .arg("--floors")
+                .arg(root.join("target/ebpf-floors/bpfel-unknown-none/release/lb-ebpf"))
+                .arg("--out")
+                .arg(root.join("target/bench")))
+        }
         Some("demo") => {
             require_root("cargo xtask demo")?;
             runtime_tools()?;
@@ -160,7 +176,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | measure-conntrack");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench | measure-conntrack");
             std::process::exit(2);
         }
     }

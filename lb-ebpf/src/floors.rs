@@ -1,0 +1,108 @@
+//! Benchmark-only programs (feature `floors`), built into a separate object
+//! by `cargo xtask bench`; the shipped object has none of this.
+//!
+//! Floors: what any XDP L2-DSR balancer must at least pay, to compare xlb's
+//! per-packet cost against. Generator and sink: live traffic over a veth.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{hash::flow_hash, FlowKey, VipKey, DEFAULT_RING_SIZE, FAMILY_V4};
+
+use crate::parse::{ptr_at, ptr_mut_at};
+
+/// Stateless Maglev table of the floor: entry → backend MAC (8 bytes).
+#[map(name = "FLOOR_RING")]
+static FLOOR_RING: Array<[u8; 8]> = Array::with_max_entries(DEFAULT_RING_SIZE, 0);
+
+/// Bench counters per CPU: 0 = generator frames, 1 = sink frames.
+#[map(name = "BENCH_CNT")]
+static BENCH_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+/// Number of distinct flows the generator cycles through (set at load).
+#[no_mangle]
+static BENCH_FLOWS: u32 = 1024;
+
+/// Floor: return XDP_PASS.
+#[xdp]
+pub fn floor_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Floor: swap the MACs and send the frame back (a reflector).
+#[xdp]
+pub fn floor_macswap_tx(ctx: XdpContext) -> u32 {
+    let Some(m) = ptr_mut_at::<[u8; 12]>(&ctx, 0) else { return xdp_action::XDP_PASS };
+    // SAFETY: bounds checked by ptr_mut_at.
+    let m = unsafe { &mut *m };
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(&m[..6]);
+    m.copy_within(6..12, 0);
+    m[6..].copy_from_slice(&dst);
+    xdp_action::XDP_TX
+}
+
+/// Floor: the least a Maglev L2-DSR balancer does: parse IPv4 and the ports,
+/// one hash of the 5-tuple, one table read (the backend's MAC), rewrite both
+/// MACs, XDP_TX. No VIP lookup, no state, no counters.
+#[xdp]
+pub fn floor_stateless_dsr(ctx: XdpContext) -> u32 {
+    let Some(ip) = ptr_at::<[u8; 20]>(&ctx, 14) else { return xdp_action::XDP_PASS };
+    // SAFETY: bounds checked.
+    let ip = unsafe { &*ip };
+    let l4 = 14 + ((ip[0] & 0x0f) as usize) * 4;
+    let Some(p) = ptr_at::<[u16; 2]>(&ctx, l4) else { return xdp_action::XDP_PASS };
+    // SAFETY: bounds checked.
+    let p = unsafe { &*p };
+    let mut key = FlowKey {
+        src: [0; 16],
+        sport_be: p[0],
+        _pad: 0,
+        vip: VipKey { addr: [0; 16], port_be: p[1], proto: ip[9], family: FAMILY_V4 },
+    };
+    key.src[..4].copy_from_slice(&ip[12..16]);
+    key.vip.addr[..4].copy_from_slice(&ip[16..20]);
+    let Some(mac) = FLOOR_RING.get(flow_hash(&key) % DEFAULT_RING_SIZE) else { return xdp_action::XDP_PASS };
+    let Some(m) = ptr_mut_at::<[u8; 12]>(&ctx, 0) else { return xdp_action::XDP_PASS };
+    // SAFETY: bounds checked.
+    let m = unsafe { &mut *m };
+    m.copy_within(0..6, 6);
+    m[..6].copy_from_slice(&mac[..6]);
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn bump(i: u32) -> u64 {
+    match BENCH_CNT.get_ptr_mut(i) {
+        // SAFETY: per-CPU value, single writer per CPU.
+        Some(c) => unsafe {
+            *c += 1;
+            *c
+        },
+        None => 0,
+    }
+}
+
+/// Live-traffic generator (BPF_PROG_RUN with live frames on the generator's
+/// veth): gives each frame the next of `BENCH_FLOWS` source ports, XDP_TX.
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    let n = bump(0);
+    // SAFETY: read of a load-time constant.
+    let flows = unsafe { core::ptr::read_volatile(&BENCH_FLOWS) }.max(1) as u64;
+    let port = 1024 + (n % flows) as u16;
+    let Some(p) = ptr_mut_at::<[u8; 2]>(&ctx, 14 + 20) else { return xdp_action::XDP_DROP };
+    // SAFETY: bounds checked.
+    unsafe { *p = port.to_be_bytes() };
+    xdp_action::XDP_TX
+}
+
+/// Sink on the generator side: counts what the balancer sent back, drops it.
+#[xdp]
+pub fn bench_sink(_ctx: XdpContext) -> u32 {
+    bump(1);
+    xdp_action::XDP_DROP
+}

@@ -1,0 +1,302 @@
+//! Live traffic: frames injected with BPF_PROG_RUN in live-frames mode
+//! (`BPF_F_TEST_XDP_LIVE_FRAMES`) from a generator namespace over a veth into
+//! the balancer's namespace, and counted when they come back.
+//!
+//! ```text
+//!   [gen ns] g0 ──veth── l0 [lb ns]
+//!   bench_gen (live frames, XDP_TX out of g0, a new source port per frame
+//!   from a set of --flows) → l0: xlb (or the reflector) → XDP_TX → g0:
+//!   bench_sink counts and drops.
+//! ```
+//!
+//! Each run sends at an offered rate for a bounded count and time; the
+//! balancer's own `forwarded` counter gives its forwarding rate, the sink
+//! what arrived. The drop-free rate is the highest offered rate whose loss
+//! is under 0.1 %. The reflector (MAC swap + XDP_TX) on the same path, in the
+//! same run, is the reference.
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::PerCpuArray,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    EbpfLoader,
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    frames::{ipv4, tcp, tcp_flags::ACK, ETH_IP},
+    lab::{self, sh},
+};
+
+/// What one generator run saw.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct GenReport {
+    /// Frames injected.
+    pub sent: u64,
+    /// Frames that came back to the sink.
+    pub received: u64,
+    /// Seconds spent sending.
+    pub seconds: f64,
+}
+
+/// Live frames per BPF_PROG_RUN call.
+const BATCH: u32 = 64;
+/// Calls between rate checks.
+const CALLS_PER_CHECK: u32 = 16;
+
+fn sink_count(ebpf: &aya::Ebpf, idx: u32) -> Result<u64> {
+    let m: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("BENCH_CNT").ok_or_else(|| anyhow!("no BENCH_CNT"))?)?;
+    Ok(m.get(&idx, 0)?.iter().sum())
+}
+
+/// The generator (runs inside the generator namespace): attach the sink to
+/// `iface`, inject `count` frames at `rate` per second (0 = as fast as
+/// possible) over `flows` flows, at most `max_secs`.
+pub fn generate(floors: &str, iface: &str, dst_mac: [u8; 6], size: usize, count: u64, rate: u64, flows: u32, max_secs: f64) -> Result<GenReport> {
+    let obj = std::fs::read(floors).with_context(|| format!("cannot read {floors}"))?;
+    let mut ebpf = EbpfLoader::new().override_global("BENCH_FLOWS", &flows, true).load(&obj)?;
+    for name in ["bench_gen", "bench_sink"] {
+        let p: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
+        p.load()?;
+    }
+    let sink: &mut Xdp = ebpf.program_mut("bench_sink").ok_or_else(|| anyhow!("no sink"))?.try_into()?;
+    sink.attach(iface, XdpMode::Driver).with_context(|| format!("attach sink to {iface}"))?;
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| anyhow!("no ifindex for {iface}"))?;
+    // A TCP segment of an established flow to the VIP, padded to `size`.
+    let src_mac = [0x02, 0, 0, 0, 0, 0x99];
+    let pad = size.saturating_sub(14 + 20 + 20);
+    let l3 = ipv4(Ipv4Addr::new(10, 201, 0, 2), lab::VIP, 6, &[], 0, &tcp(1024, 80, ACK, &vec![0u8; pad]));
+    let mut frame = Vec::with_capacity(14 + l3.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&ETH_IP.to_be_bytes());
+    frame.extend_from_slice(&l3);
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let gen: &Xdp = ebpf.program("bench_gen").ok_or_else(|| anyhow!("no gen"))?.try_into()?;
+    let received0 = sink_count(&ebpf, 1)?;
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let limit = Duration::from_secs_f64(max_secs);
+    'outer: while sent < count && t0.elapsed() < limit {
+        for _ in 0..CALLS_PER_CHECK {
+            let r = gen.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: BATCH,
+                attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                ..Default::default()
+            });
+            r.context("BPF_PROG_RUN live frames")?;
+            sent += BATCH as u64;
+            if sent >= count {
+                break 'outer;
+            }
+        }
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            let el = t0.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let received = sink_count(&ebpf, 1)? - received0;
+    Ok(GenReport { sent, received, seconds })
+}
+
+/// One offered-rate step of one mode.
+#[derive(Serialize, Debug, Clone)]
+pub struct Step {
+    /// Offered rate, frames/s (0 = unthrottled).
+    pub offered_pps: f64,
+    /// Achieved send rate.
+    pub sent_pps: f64,
+    /// Returned to the sink, per second.
+    pub received_pps: f64,
+    /// Forwarded per the balancer's counter, per second (xlb only).
+    pub lb_forwarded_pps: Option<f64>,
+    /// Loss fraction.
+    pub loss: f64,
+}
+
+/// Results for one mode (xlb or reflector).
+#[derive(Serialize, Debug, Clone)]
+pub struct Mode {
+    /// "xlb" or "reflector".
+    pub mode: String,
+    /// Steps, fastest first.
+    pub steps: Vec<Step>,
+    /// Highest offered rate with loss < 0.1 %, frames/s.
+    pub drop_free_pps: f64,
+    /// Highest forwarding rate seen, frames/s.
+    pub max_forwarded_pps: f64,
+}
+
+/// The whole live comparison.
+#[derive(Serialize, Debug, Clone)]
+pub struct Live {
+    /// Frame size in bytes.
+    pub frame_bytes: usize,
+    /// Flows cycled through.
+    pub flows: u32,
+    /// Both modes.
+    pub modes: Vec<Mode>,
+    /// xlb drop-free rate ÷ reflector drop-free rate (target ≥ 0.8).
+    pub ratio_drop_free: f64,
+    /// xlb max forwarded ÷ reflector max forwarded.
+    pub ratio_max: f64,
+}
+
+/// Namespaces for the live test; removed on drop.
+struct Pair {
+    gen: String,
+    lb: String,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        lab::delete_ns(&self.gen);
+        lab::delete_ns(&self.lb);
+    }
+}
+
+fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let out = sh("ip", &["netns", "exec", ns, "cat", &format!("/sys/class/net/{dev}/address")])?;
+    let m: xlb::config::Mac = out.trim().parse().map_err(|_| anyhow!("bad MAC {out}"))?;
+    Ok(m.0)
+}
+
+fn forwarded(xlb: &Path, socket: &Path) -> Result<u64> {
+    let out = std::process::Command::new(xlb).arg("--socket").arg(socket).args(["status", "--json"]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("status JSON")?;
+    Ok(v["counters"]["forwarded"].as_u64().unwrap_or(0))
+}
+
+/// Run the live comparison.
+pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) -> Result<Live> {
+    let tag = std::process::id() % 100_000;
+    let pair = Pair { gen: format!("{}{tag}gen", lab::NS_PREFIX), lb: format!("{}{tag}lbl", lab::NS_PREFIX) };
+    sh("ip", &["netns", "add", &pair.gen])?;
+    sh("ip", &["netns", "add", &pair.lb])?;
+    sh("ip", &["-n", &pair.gen, "link", "add", "g0", "type", "veth", "peer", "name", "l0", "netns", &pair.lb])?;
+    for (ns, dev) in [(&pair.gen, "g0"), (&pair.lb, "l0")] {
+        sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
+        sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    sh("ip", &["-n", &pair.lb, "addr", "add", "10.201.0.10/24", "dev", "l0"])?;
+    let l0_mac = mac_of(&pair.lb, "l0")?;
+    let dir = std::env::temp_dir().join(format!("xlb-live-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("xlb.sock");
+    let config = dir.join("xlb.toml");
+    let mut cfg = String::from("[health]\nkind = \"none\"\n\n[[vip]]\naddress = \"");
+    cfg.push_str(&format!("{}:80/tcp\"\n", lab::VIP));
+    for i in 1..=3 {
+        cfg.push_str(&format!("[[vip.backend]]\nip = \"10.201.0.{}\"\nmac = \"02:00:00:00:01:0{i}\"\n", 20 + i));
+    }
+    std::fs::write(&config, cfg)?;
+    let gen = |rate: u64, count: u64| -> Result<GenReport> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &pair.gen])
+            .arg(lab_bin)
+            .args(["gen", "--floors", floors, "--iface", "g0", "--dst-mac", &xlb::config::Mac(l0_mac).to_string()])
+            .args(["--size", &size.to_string(), "--count", &count.to_string(), "--rate", &rate.to_string(), "--flows", &flows.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("generator failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("generator report")
+    };
+    let mut modes = Vec::new();
+    for mode in ["xlb", "reflector"] {
+        let mut child = if mode == "xlb" {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &pair.lb])
+                .arg(xlb)
+                .arg("--socket")
+                .arg(&socket)
+                .args(["agent", "--iface", "l0", "--conntrack-size", "65536", "--config"])
+                .arg(&config)
+                .stderr(std::process::Stdio::null())
+                .spawn()?
+        } else {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &pair.lb])
+                .arg(lab_bin)
+                .args(["attach", "--floors", floors, "--prog", "floor_macswap_tx", "--iface", "l0"])
+                .spawn()?
+        };
+        let ready = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            sh("ip", &["-n", &pair.lb, "link", "show", "l0"]).map(|s| s.contains("xdp")).unwrap_or(false)
+                && (mode != "xlb" || forwarded(xlb, &socket).is_ok())
+        });
+        if !ready {
+            lab::terminate(&mut child);
+            bail!("{mode} did not attach");
+        }
+        // Warm the flows (table entries), then the unthrottled step.
+        gen(0, flows as u64 * 2)?;
+        let mut steps = Vec::new();
+        let step = |rate: u64| -> Result<Step> {
+            let count = if rate == 0 { 4_000_000 } else { (rate * 2).min(4_000_000) };
+            let f0 = if mode == "xlb" { forwarded(xlb, &socket)? } else { 0 };
+            let r = gen(rate, count)?;
+            let f1 = if mode == "xlb" { Some(forwarded(xlb, &socket)? - f0) } else { None };
+            Ok(Step {
+                offered_pps: rate as f64,
+                sent_pps: r.sent as f64 / r.seconds,
+                received_pps: r.received as f64 / r.seconds,
+                lb_forwarded_pps: f1.map(|f| f as f64 / r.seconds),
+                loss: 1.0 - r.received as f64 / r.sent.max(1) as f64,
+            })
+        };
+        let top = step(0)?;
+        let max_rate = top.sent_pps;
+        steps.push(top);
+        for frac in [0.9, 0.75, 0.6, 0.45, 0.3, 0.15] {
+            steps.push(step((max_rate * frac) as u64)?);
+        }
+        lab::terminate(&mut child);
+        let drop_free = steps.iter().filter(|s| s.loss < 0.001).map(|s| if s.offered_pps == 0.0 { s.sent_pps } else { s.offered_pps }).fold(0.0, f64::max);
+        let max_fwd = steps.iter().map(|s| s.received_pps).fold(0.0, f64::max);
+        modes.push(Mode { mode: mode.into(), steps, drop_free_pps: drop_free, max_forwarded_pps: max_fwd });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(pair);
+    let ratio = |f: fn(&Mode) -> f64| f(&modes[0]) / f(&modes[1]).max(1.0);
+    Ok(Live {
+        frame_bytes: size.max(54),
+        flows,
+        ratio_drop_free: ratio(|m| m.drop_free_pps),
+        ratio_max: ratio(|m| m.max_forwarded_pps),
+        modes,
+    })
+}
+
+/// `xlb-lab attach`: hold a floors program on an interface until SIGTERM.
+pub fn attach(floors: &str, prog: &str, iface: &str) -> Result<()> {
+    let obj = std::fs::read(floors)?;
+    let mut ebpf = EbpfLoader::new().load(&obj)?;
+    let p: &mut Xdp = ebpf.program_mut(prog).ok_or_else(|| anyhow!("no {prog}"))?.try_into()?;
+    p.load()?;
+    p.attach(iface, XdpMode::Driver)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })?;
+    let _ = rx.recv();
+    Ok(())
+}

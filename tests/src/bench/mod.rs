@@ -1,0 +1,117 @@
+//! `cargo xtask bench`: every figure in one run, written to
+//! `target/bench/results.json`, `REPORT.md` and `ns_per_packet.png`.
+
+pub mod compare;
+pub mod control;
+pub mod cost;
+pub mod live;
+pub mod report;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+use crate::scenario::Deployment;
+
+/// A target from the issue, checked in this run.
+#[derive(Serialize, Debug, Clone)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// Measured ratio.
+    pub ratio: f64,
+    /// Largest (or, for `at_least`, smallest) allowed.
+    pub limit: f64,
+    /// True when the ratio must be ≥ limit.
+    pub at_least: bool,
+    /// Met in this run.
+    pub met: bool,
+}
+
+/// Everything measured.
+#[derive(Serialize, Debug, Clone)]
+pub struct Results {
+    /// Machine, kernel, date.
+    pub machine: serde_json::Value,
+    /// Floors and xlb cases.
+    pub cases: Vec<cost::Case>,
+    /// Targets.
+    pub targets: Vec<Target>,
+    /// Live traffic.
+    pub live: Option<live::Live>,
+    /// nftables / HAProxy comparison.
+    pub compare: Vec<compare::Mode>,
+    /// Control plane.
+    pub control: control::Control,
+}
+
+fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo").lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let mem_kb: u64 = read("/proc/meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+    let uname = std::process::Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    serde_json::json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_kb as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": uname,
+        "date": date,
+    })
+}
+
+/// Run the whole benchmark.
+pub fn run(xlb: &Path, floors: &str, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let lab_bin = std::env::current_exe()?;
+    eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
+    let fl = cost::Floors::load(floors)?;
+    let mut cases = cost::floors(&fl)?;
+    let floor: std::collections::HashMap<String, f64> = cases.iter().map(|c| (c.case.clone(), c.ns_per_pkt)).collect();
+    let floor_ns = |n: &str| floor.get(n).copied().unwrap_or(f64::NAN);
+    for backends in [3u32, 100, 10_000] {
+        for full in [false, true] {
+            eprintln!("bench:   {backends} backends, connection table {}", if full { "full" } else { "empty" });
+            cases.extend(cost::cases(&fl, &floor_ns, backends, full)?);
+        }
+    }
+    drop(fl);
+    let worst = |name: &str| cases.iter().filter(|c| c.case == name).map(|c| c.ratio).fold(0.0, f64::max);
+    let mut targets = vec![
+        Target { name: "nonvip_pass / floor_pass (worst case)".into(), ratio: worst("nonvip_pass"), limit: 3.0, at_least: false, met: false },
+        Target { name: "v4_tcp_established / floor_stateless_dsr (worst case)".into(), ratio: worst("v4_tcp_established"), limit: 2.5, at_least: false, met: false },
+        Target { name: "v4_tcp_new_flow / floor_stateless_dsr (worst case)".into(), ratio: worst("v4_tcp_new_flow"), limit: 5.0, at_least: false, met: false },
+    ];
+    eprintln!("bench: live traffic (live frames over a veth)…");
+    let live = match live::run(xlb, &lab_bin, floors, 64, 1024) {
+        Ok(l) => {
+            targets.push(Target { name: "live drop-free rate, xlb / reflector".into(), ratio: l.ratio_drop_free, limit: 0.8, at_least: true, met: false });
+            Some(l)
+        }
+        Err(e) => {
+            eprintln!("bench: live traffic failed: {e:#}");
+            None
+        }
+    };
+    for t in &mut targets {
+        t.met = if t.at_least { t.ratio >= t.limit } else { t.ratio <= t.limit };
+    }
+    eprintln!("bench: control plane and nftables/HAProxy comparison (namespaces)…");
+    let mut control = control::Control { maglev_build_ms: control::maglev_builds(), ..Default::default() };
+    let mut d = Deployment::start(xlb, &lab_bin, 3, &[])?;
+    control.api_rtt_us = control::api_rtt(&d)?;
+    d.configure()?;
+    d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
+    control.death_to_removal_ms = control::death_to_removal(&mut d, &lab_bin, 3)?;
+    d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
+    let compare = compare::run(&mut d)?;
+    drop(d);
+    let results = Results { machine: machine(), cases, targets, live, compare, control };
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let md = report::markdown(&results);
+    std::fs::write(out.join("REPORT.md"), &md)?;
+    report::plot(&results, &out.join("ns_per_packet.png"))?;
+    println!("{md}");
+    eprintln!("bench: wrote {}/results.json, REPORT.md, ns_per_packet.png", out.display());
+    Ok(())
+}
