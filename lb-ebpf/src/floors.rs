@@ -18,13 +18,19 @@ use crate::parse::{ptr_at, ptr_mut_at};
 #[map(name = "FLOOR_RING")]
 static FLOOR_RING: Array<[u8; 8]> = Array::with_max_entries(DEFAULT_RING_SIZE, 0);
 
-/// Bench counters per CPU: 0 = generator frames, 1 = sink frames.
+/// Bench counters per CPU: 0 = generator runs, 1 = sink frames,
+/// 2 = generator frames transmitted.
 #[map(name = "BENCH_CNT")]
 static BENCH_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
 
 /// Number of distinct flows the generator cycles through (set at load).
 #[no_mangle]
 static BENCH_FLOWS: u32 = 1024;
+
+/// The generator transmits one frame in this many (set at load): the
+/// offered rate is the live-frames rate divided by it.
+#[no_mangle]
+static BENCH_EVERY: u32 = 1;
 
 /// Floor: return XDP_PASS.
 #[xdp]
@@ -87,22 +93,35 @@ fn bump(i: u32) -> u64 {
 }
 
 /// Live-traffic generator (BPF_PROG_RUN with live frames on the generator's
-/// veth): gives each frame the next of `BENCH_FLOWS` source ports, XDP_TX.
+/// veth): transmits one run in `BENCH_EVERY` (dropping the others, which
+/// sets the offered rate), each with the next of `BENCH_FLOWS` source ports.
 #[xdp]
 pub fn bench_gen(ctx: XdpContext) -> u32 {
     let n = bump(0);
-    // SAFETY: read of a load-time constant.
-    let flows = unsafe { core::ptr::read_volatile(&BENCH_FLOWS) }.max(1) as u64;
-    let port = 1024 + (n % flows) as u16;
+    // SAFETY: reads of load-time constants.
+    let (flows, every) = unsafe {
+        (core::ptr::read_volatile(&BENCH_FLOWS).max(1) as u64, core::ptr::read_volatile(&BENCH_EVERY).max(1) as u64)
+    };
+    if n % every != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let sent = bump(2);
+    let port = 1024 + (sent % flows) as u16;
     let Some(p) = ptr_mut_at::<[u8; 2]>(&ctx, 14 + 20) else { return xdp_action::XDP_DROP };
     // SAFETY: bounds checked.
     unsafe { *p = port.to_be_bytes() };
     xdp_action::XDP_TX
 }
 
-/// Sink on the generator side: counts what the balancer sent back, drops it.
+/// Sink on the generator side: counts the IPv4 frames the balancer sent
+/// back (not the veths' own IPv6 chatter) and drops everything.
 #[xdp]
-pub fn bench_sink(_ctx: XdpContext) -> u32 {
-    bump(1);
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    if let Some(t) = ptr_at::<[u8; 2]>(&ctx, 12) {
+        // SAFETY: bounds checked.
+        if unsafe { *t } == [0x08, 0x00] {
+            bump(1);
+        }
+    }
     xdp_action::XDP_DROP
 }

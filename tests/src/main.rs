@@ -54,6 +54,9 @@ enum Cmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Only these sections (cost, live, compare), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        sections: Vec<String>,
     },
     /// Live-frame generator (runs in the generator namespace); prints JSON.
     Gen {
@@ -65,11 +68,12 @@ enum Cmd {
         dst_mac: String,
         #[arg(long, default_value_t = 64)]
         size: usize,
-        #[arg(long, default_value_t = 1_000_000)]
-        count: u64,
-        /// Frames per second (0 = as fast as possible).
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
+        /// Live-frame runs (the program transmits one in --every of them).
+        #[arg(long, default_value_t = 1 << 22)]
+        runs: u64,
+        /// Transmit one frame in this many runs (sets the offered rate).
+        #[arg(long, default_value_t = 1)]
+        every: u32,
         #[arg(long, default_value_t = 1024)]
         flows: u32,
         /// Upper bound on sending time, seconds.
@@ -113,10 +117,10 @@ fn main() {
             println!("{}", serde_json::to_string(&held).unwrap_or_default());
             Ok(())
         }
-        Cmd::Bench { xlb, floors, out } => xlb_tests::bench::run(&xlb, &floors, &out),
-        Cmd::Gen { floors, iface, dst_mac, size, count, rate, flows, max_secs } => (|| {
+        Cmd::Bench { xlb, floors, out, sections } => xlb_tests::bench::run(&xlb, &floors, &out, &sections),
+        Cmd::Gen { floors, iface, dst_mac, size, runs, every, flows, max_secs } => (|| {
             let mac: xlb::config::Mac = dst_mac.parse()?;
-            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), count.min(50_000_000), rate, flows.max(1), max_secs.clamp(0.1, 60.0))?;
+            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), every.max(1), flows.max(1), max_secs.clamp(0.1, 60.0))?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         })(),

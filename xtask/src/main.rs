@@ -164,7 +164,8 @@ fn main() -> Result<()> {
                 .arg("--floors")
                 .arg(root.join("target/ebpf-floors/bpfel-unknown-none/release/lb-ebpf"))
                 .arg("--out")
-                .arg(root.join("target/bench")))
+                .arg(root.join("target/bench"))
+                .args(args.get(1).map(|s| vec!["--sections".to_string(), s.clone()]).unwrap_or_default()))
         }
         Some("demo") => {
             require_root("cargo xtask demo")?;
@@ -176,7 +177,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench | measure-conntrack");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare] | measure-conntrack");
             std::process::exit(2);
         }
     }

@@ -110,7 +110,7 @@ pub fn run(d: &mut Deployment) -> Result<Vec<Mode>> {
     // HAProxy in TCP mode, listening on the VIP on the balancer.
     sh("ip", &["-n", &lbns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
     let cfg = format!(
-        "global\n maxconn 20000\ndefaults\n mode tcp\n timeout connect 3s\n timeout client 10s\n timeout server 10s\nfrontend f\n bind {VIP}:80\n default_backend b\nbackend b\n balance roundrobin\n server b1 {}:80\n server b2 {}:80\n server b3 {}:80\n",
+        "global\n maxconn 4000\ndefaults\n mode tcp\n timeout connect 3s\n timeout client 10s\n timeout server 10s\nfrontend f\n bind {VIP}:80\n default_backend b\nbackend b\n balance roundrobin\n server b1 {}:80\n server b2 {}:80\n server b3 {}:80\n",
         backend_ip(1),
         backend_ip(2),
         backend_ip(3)

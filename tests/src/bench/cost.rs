@@ -151,7 +151,9 @@ fn new_flow_frames(v6: bool) -> Vec<Vec<u8>> {
             let sport = 1024 + (i % 60000) as u16;
             let hi = (i / 60000) as u8;
             if v6 {
+                // fd00:0:0:3::xx: disjoint from every other flow in the bench.
                 let mut src = CLIENT6.octets();
+                src[7] = 3;
                 src[14] = hi;
                 eth(ETH_IPV6, &[], &ipv6(Ipv6Addr::from(src), VIP6, 6, &tcp(sport, 80, SYN, b"")))
             } else {
@@ -168,37 +170,35 @@ fn icmp_ptb(sport: u16) -> Vec<u8> {
     eth(ETH_IP, &[], &ipv4(Ipv4Addr::new(198, 51, 100, 1), VIP4, 1, &[], 0, &icmp))
 }
 
-/// An agent with the bench VIPs and `n` backends each, connection table 1 Mi.
-fn agent(n: u32) -> Result<Agent> {
+/// An agent with one bench VIP and `n` backends, connection table 1 Mi.
+fn agent(vip: &str, n: u32) -> Result<Agent> {
     let dp = Datapath::load(LoadOptions { max_vips: 8, ..Default::default() })?;
     let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
     let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), health })?;
-    for (v, six) in [("10.0.0.100:80/tcp", false), ("10.0.0.100:53/udp", false), ("[fd00::100]:80/tcp", true)] {
-        let vip: Vip = v.parse()?;
-        agent.add_vip(vip, Algo::Maglev, 0)?;
-        let list: Vec<(IpAddr, Option<Mac>, u32)> = (0..n)
-            .map(|i| {
-                let ip = if six {
-                    IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, (i >> 16) as u16, i as u16))
-                } else {
-                    IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8))
-                };
-                (ip, Some(Mac([2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8])), 1)
-            })
-            .collect();
-        agent.add_backends(&vip, &list)?;
-    }
+    let v: Vip = vip.parse()?;
+    agent.add_vip(v, Algo::Maglev, 0)?;
+    let list: Vec<(IpAddr, Option<Mac>, u32)> = (0..n)
+        .map(|i| {
+            let ip = if v.addr.is_ipv6() {
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, (i >> 16) as u16, i as u16))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8))
+            };
+            (ip, Some(Mac([2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8])), 1)
+        })
+        .collect();
+    agent.add_backends(&v, &list)?;
     Ok(agent)
 }
 
-/// Fill the connection table with `count` unrelated flows to the TCP VIP.
+/// Fill the connection table with `count` unrelated flows to the agent's VIP.
 fn fill(agent: &mut Agent, count: u32) -> Result<u64> {
-    let vip: Vip = "10.0.0.100:80/tcp".parse()?;
-    let b = agent.vips()[&vip].backends.values().next().ok_or_else(|| anyhow!("no backend"))?;
+    let (vip, st) = agent.vips().iter().next().ok_or_else(|| anyhow!("no VIP"))?;
+    let (vip, b) = (*vip, st.backends.values().next().ok_or_else(|| anyhow!("no backend"))?);
     let value = FlowValue { backend_id: b.id, gen: b.gen, flags: 0 };
     for i in 0..count {
         let mut k = FlowKey { src: [0; 16], sport_be: (i as u16).to_be(), _pad: 0, vip: vip.key() };
-        k.src[..4].copy_from_slice(&[100, 64 + (i >> 24) as u8 & 0x3f, (i >> 16) as u8, (i >> 8) as u8]);
+        k.src[..4].copy_from_slice(&[100, 64 + ((i >> 24) as u8 & 0x3f), (i >> 16) as u8, (i >> 8) as u8]);
         agent.dp.conntrack_insert(&k, &value)?;
     }
     Ok(agent.dp.conntrack_reader()?.census().entries)
@@ -229,63 +229,76 @@ pub fn floors(fl: &Floors) -> Result<Vec<Case>> {
     Ok(out)
 }
 
-/// All xlb cases for one backend count and table state.
+/// All xlb cases for one backend count and table state. Each VIP family
+/// gets its own datapath, so every case has `backends` backends.
 pub fn cases(fl: &Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, full: bool) -> Result<Vec<Case>> {
-    let mut a = agent(backends)?;
-    let ct = if full { format!("full ({} entries)", fill(&mut a, 1 << 20)?) } else { "empty".into() };
-    let mut out = Vec::new();
-    let mut push = |case: &str, ns: f64, spread: [f64; 2], k: f64, floor: &str, verified: String| {
-        out.push(Case {
-            case: case.into(),
-            backends,
-            conntrack: ct.clone(),
-            ns_per_pkt: ns,
-            spread_ns: spread,
-            kernel_avg_ns: k,
-            floor: floor.into(),
-            ratio: ns / floor_ns(floor),
-            verified,
-        });
-    };
-    // Repeat-based cases: (name, frame, expected verdict, floor, counter that must move N per run).
     let nonvip = eth(ETH_IP, &[], &ipv4(CLIENT, Ipv4Addr::new(10, 0, 0, 99), 6, &[], 0, &tcp(1234, 80, ACK, b"x")));
     let est4 = v4_tcp(40000, ACK);
     let udp4 = eth(ETH_IP, &[], &ipv4(CLIENT, VIP4, 17, &[], 0, &udp(40001, 53, b"0123456789")));
     let est6 = v6_tcp(40002, ACK);
     let ptb = icmp_ptb(40000);
-    let steady: [(&str, &Vec<u8>, u32, &str, Stat); 5] = [
-        ("nonvip_pass", &nonvip, 2, "floor_pass", Stat::PassNotVip),
-        ("v4_tcp_established", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
-        ("v4_udp", &udp4, 3, "floor_stateless_dsr", Stat::CtHit),
-        ("v6_tcp_established", &est6, 3, "floor_stateless_dsr", Stat::CtHit),
-        ("icmp_ptb", &ptb, 3, "floor_stateless_dsr", Stat::IcmpSteered),
+    type Steady<'a> = (&'static str, &'a Vec<u8>, u32, &'static str, Stat);
+    let groups: [(&str, Vec<Steady>, Option<(&str, bool)>); 3] = [
+        (
+            "10.0.0.100:80/tcp",
+            vec![
+                ("nonvip_pass", &nonvip, 2, "floor_pass", Stat::PassNotVip),
+                ("v4_tcp_established", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
+                ("icmp_ptb", &ptb, 3, "floor_stateless_dsr", Stat::IcmpSteered),
+            ],
+            Some(("v4_tcp_new_flow", false)),
+        ),
+        ("10.0.0.100:53/udp", vec![("v4_udp", &udp4, 3, "floor_stateless_dsr", Stat::CtHit)], None),
+        (
+            "[fd00::100]:80/tcp",
+            vec![("v6_tcp_established", &est6, 3, "floor_stateless_dsr", Stat::CtHit)],
+            Some(("v6_tcp_new_flow", true)),
+        ),
     ];
-    for (name, frame, want, floor, proof) in steady {
-        // Warm: the first packet of a flow makes its table entry.
-        crate::xdp::run(&mut a.dp, frame);
-        let before = stat(&a, proof)?;
-        let prog = a.dp.program(PROG_XLB)?;
-        let (ns, spread, k) = repeat_cost(prog, frame, want)?;
-        let moved = stat(&a, proof)? - before;
-        let expect = RUNS as u64 * 3 * N as u64;
-        if moved != expect {
-            bail!("{name}: counter {} moved {moved}, expected {expect}", proof.name());
+    let mut out = Vec::new();
+    for (vip, steady, new_flow) in groups {
+        let mut a = agent(vip, backends)?;
+        let ct = if full { format!("full ({} entries)", fill(&mut a, 1 << 20)?) } else { "empty".into() };
+        let mut push = |case: &str, ns: f64, spread: [f64; 2], k: f64, floor: &str, verified: String| {
+            out.push(Case {
+                case: case.into(),
+                backends,
+                conntrack: ct.clone(),
+                ns_per_pkt: ns,
+                spread_ns: spread,
+                kernel_avg_ns: k,
+                floor: floor.into(),
+                ratio: ns / floor_ns(floor),
+                verified,
+            });
+        };
+        for (name, frame, want, floor, proof) in steady {
+            // Warm: the first packet of a flow makes its table entry.
+            crate::xdp::run(&mut a.dp, frame);
+            let before = stat(&a, proof)?;
+            let prog = a.dp.program(PROG_XLB)?;
+            let (ns, spread, k) = repeat_cost(prog, frame, want)?;
+            let moved = stat(&a, proof)? - before;
+            let expect = RUNS as u64 * 3 * N as u64;
+            if moved != expect {
+                bail!("{name}: counter {} moved {moved}, expected {expect}", proof.name());
+            }
+            push(name, ns, spread, k, floor, format!("{} +{moved} = {RUNS} runs × 3N", proof.name()));
         }
-        push(name, ns, spread, k, floor, format!("{} +{moved} = {RUNS} runs × 3N", proof.name()));
-    }
-    // New flows, calibrated against floor_pass over the same frames.
-    for (name, v6) in [("v4_tcp_new_flow", false), ("v6_tcp_new_flow", true)] {
-        let frames = new_flow_frames(v6);
-        let (miss0, fwd0) = (stat(&a, Stat::CtMiss)?, stat(&a, Stat::Forwarded)?);
-        let prog = a.dp.program(PROG_XLB)?;
-        let xlb_total = loop_cost(prog, &frames, 3)?;
-        let pass_total = loop_cost(fl.prog("floor_pass")?, &frames, 2)?;
-        let (misses, fwd) = (stat(&a, Stat::CtMiss)? - miss0, stat(&a, Stat::Forwarded)? - fwd0);
-        if misses != NEW_FLOWS as u64 || fwd != NEW_FLOWS as u64 {
-            bail!("{name}: {misses} misses and {fwd} forwards for {NEW_FLOWS} new flows");
+        // New flows, calibrated against floor_pass over the same frames.
+        if let Some((name, v6)) = new_flow {
+            let frames = new_flow_frames(v6);
+            let (miss0, fwd0) = (stat(&a, Stat::CtMiss)?, stat(&a, Stat::Forwarded)?);
+            let prog = a.dp.program(PROG_XLB)?;
+            let xlb_total = loop_cost(prog, &frames, 3)?;
+            let pass_total = loop_cost(fl.prog("floor_pass")?, &frames, 2)?;
+            let (misses, fwd) = (stat(&a, Stat::CtMiss)? - miss0, stat(&a, Stat::Forwarded)? - fwd0);
+            if misses != NEW_FLOWS as u64 || fwd != NEW_FLOWS as u64 {
+                bail!("{name}: {misses} misses and {fwd} forwards for {NEW_FLOWS} new flows");
+            }
+            let ns = (xlb_total - pass_total) / NEW_FLOWS as f64 + floor_ns("floor_pass");
+            push(name, ns, [ns, ns], xlb_total / NEW_FLOWS as f64, "floor_stateless_dsr", format!("conntrack_miss +{misses}, forwarded +{fwd}"));
         }
-        let ns = (xlb_total - pass_total) / NEW_FLOWS as f64 + floor_ns("floor_pass");
-        push(name, ns, [ns, ns], xlb_total / NEW_FLOWS as f64, "floor_stateless_dsr", format!("conntrack_miss +{misses}, forwarded +{fwd}"));
     }
     Ok(out)
 }

@@ -43,6 +43,8 @@ pub struct Results {
     pub compare: Vec<compare::Mode>,
     /// Control plane.
     pub control: control::Control,
+    /// Sections that failed, with the reason.
+    pub errors: Vec<String>,
 }
 
 fn machine() -> serde_json::Value {
@@ -60,58 +62,79 @@ fn machine() -> serde_json::Value {
     })
 }
 
-/// Run the whole benchmark.
-pub fn run(xlb: &Path, floors: &str, out: &Path) -> Result<()> {
+/// Run the benchmark's `sections` (any of cost, live, compare; all when empty).
+pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<()> {
+    let want = |s: &str| sections.is_empty() || sections.iter().any(|x| x == s);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let lab_bin = std::env::current_exe()?;
-    eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
-    let fl = cost::Floors::load(floors)?;
-    let mut cases = cost::floors(&fl)?;
-    let floor: std::collections::HashMap<String, f64> = cases.iter().map(|c| (c.case.clone(), c.ns_per_pkt)).collect();
-    let floor_ns = |n: &str| floor.get(n).copied().unwrap_or(f64::NAN);
-    for backends in [3u32, 100, 10_000] {
-        for full in [false, true] {
-            eprintln!("bench:   {backends} backends, connection table {}", if full { "full" } else { "empty" });
-            cases.extend(cost::cases(&fl, &floor_ns, backends, full)?);
+    let mut errors = Vec::new();
+    let mut cases = Vec::new();
+    let mut targets = Vec::new();
+    if want("cost") {
+        eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
+        let fl = cost::Floors::load(floors)?;
+        cases = cost::floors(&fl)?;
+        let floor: std::collections::HashMap<String, f64> = cases.iter().map(|c| (c.case.clone(), c.ns_per_pkt)).collect();
+        let floor_ns = |n: &str| floor.get(n).copied().unwrap_or(f64::NAN);
+        for backends in [3u32, 100, 10_000] {
+            for full in [false, true] {
+                eprintln!("bench:   {backends} backends, connection table {}", if full { "full" } else { "empty" });
+                cases.extend(cost::cases(&fl, &floor_ns, backends, full)?);
+            }
+        }
+        let worst = |name: &str| cases.iter().filter(|c| c.case == name).map(|c| c.ratio).fold(0.0, f64::max);
+        targets = vec![
+            Target { name: "nonvip_pass / floor_pass (worst case)".into(), ratio: worst("nonvip_pass"), limit: 3.0, at_least: false, met: false },
+            Target { name: "v4_tcp_established / floor_stateless_dsr (worst case)".into(), ratio: worst("v4_tcp_established"), limit: 2.5, at_least: false, met: false },
+            Target { name: "v4_tcp_new_flow / floor_stateless_dsr (worst case)".into(), ratio: worst("v4_tcp_new_flow"), limit: 5.0, at_least: false, met: false },
+        ];
+    }
+    let mut live = None;
+    if want("live") {
+        eprintln!("bench: live traffic (live frames over a veth)…");
+        match live::run(xlb, &lab_bin, floors, 64, 1024) {
+            Ok(l) => {
+                targets.push(Target { name: "live drop-free rate, xlb / reflector".into(), ratio: l.ratio_drop_free, limit: 0.8, at_least: true, met: false });
+                live = Some(l);
+            }
+            Err(e) => errors.push(format!("live traffic: {e:#}")),
         }
     }
-    drop(fl);
-    let worst = |name: &str| cases.iter().filter(|c| c.case == name).map(|c| c.ratio).fold(0.0, f64::max);
-    let mut targets = vec![
-        Target { name: "nonvip_pass / floor_pass (worst case)".into(), ratio: worst("nonvip_pass"), limit: 3.0, at_least: false, met: false },
-        Target { name: "v4_tcp_established / floor_stateless_dsr (worst case)".into(), ratio: worst("v4_tcp_established"), limit: 2.5, at_least: false, met: false },
-        Target { name: "v4_tcp_new_flow / floor_stateless_dsr (worst case)".into(), ratio: worst("v4_tcp_new_flow"), limit: 5.0, at_least: false, met: false },
-    ];
-    eprintln!("bench: live traffic (live frames over a veth)…");
-    let live = match live::run(xlb, &lab_bin, floors, 64, 1024) {
-        Ok(l) => {
-            targets.push(Target { name: "live drop-free rate, xlb / reflector".into(), ratio: l.ratio_drop_free, limit: 0.8, at_least: true, met: false });
-            Some(l)
-        }
-        Err(e) => {
-            eprintln!("bench: live traffic failed: {e:#}");
-            None
-        }
-    };
     for t in &mut targets {
         t.met = if t.at_least { t.ratio >= t.limit } else { t.ratio <= t.limit };
     }
-    eprintln!("bench: control plane and nftables/HAProxy comparison (namespaces)…");
     let mut control = control::Control { maglev_build_ms: control::maglev_builds(), ..Default::default() };
-    let mut d = Deployment::start(xlb, &lab_bin, 3, &[])?;
-    control.api_rtt_us = control::api_rtt(&d)?;
-    d.configure()?;
-    d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
-    control.death_to_removal_ms = control::death_to_removal(&mut d, &lab_bin, 3)?;
-    d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
-    let compare = compare::run(&mut d)?;
-    drop(d);
-    let results = Results { machine: machine(), cases, targets, live, compare, control };
+    let mut compare = Vec::new();
+    if want("compare") {
+        eprintln!("bench: control plane and nftables/HAProxy comparison (namespaces)…");
+        let r = (|| -> Result<()> {
+            let mut d = Deployment::start(xlb, &lab_bin, 3, &[])?;
+            control.api_rtt_us = control::api_rtt(&d)?;
+            d.configure()?;
+            d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
+            control.death_to_removal_ms = control::death_to_removal(&mut d, &lab_bin, 3)?;
+            d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
+            compare = compare::run(&mut d)?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            errors.push(format!("comparison: {e:#}"));
+        }
+    }
+    for e in &errors {
+        eprintln!("bench: FAILED {e}");
+    }
+    let results = Results { machine: machine(), cases, targets, live, compare, control, errors };
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     let md = report::markdown(&results);
     std::fs::write(out.join("REPORT.md"), &md)?;
-    report::plot(&results, &out.join("ns_per_packet.png"))?;
+    if !results.cases.is_empty() {
+        report::plot(&results, &out.join("ns_per_packet.png"))?;
+    }
     println!("{md}");
     eprintln!("bench: wrote {}/results.json, REPORT.md, ns_per_packet.png", out.display());
+    if !results.errors.is_empty() {
+        anyhow::bail!("{} bench section(s) failed", results.errors.len());
+    }
     Ok(())
 }

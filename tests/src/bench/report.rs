@@ -63,6 +63,12 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "- API round trip (`vip list`): median {:.0} µs, p99 {:.0} µs", r.control.api_rtt_us[0], r.control.api_rtt_us[1]);
     let d: Vec<String> = r.control.death_to_removal_ms.iter().map(|m| format!("{m:.0}")).collect();
     let _ = writeln!(s, "- Backend killed → down and out of the table: {} ms (defaults: interval 300 ms, fall 3, timeout 250 ms; polled every 50 ms)", d.join(", "));
+    if !r.errors.is_empty() {
+        let _ = writeln!(s, "\n## Sections that failed in this run\n");
+        for e in &r.errors {
+            let _ = writeln!(s, "- {e}");
+        }
+    }
     let _ = writeln!(s, "\n## Method\n");
     let _ = writeln!(
         s,
