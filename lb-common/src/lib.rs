@@ -55,8 +55,9 @@ pub mod map_names {
     pub const CONNTRACK: &str = "XLB_CONNTRACK";
     /// Per-CPU global counters indexed by `Stat`.
     pub const STATS: &str = "XLB_STATS";
-    /// Per-CPU `Counters` indexed by VIP id.
-    pub const VIP_STATS: &str = "XLB_VIP_STATS";
+    /// Pre-filter: `vip_filter_index(address)` → number of VIPs whose
+    /// address folds there; 0 means "certainly not a VIP", one array read.
+    pub const VIP_FILTER: &str = "XLB_VIP_FILTER";
     /// Per-CPU `Counters` indexed by backend id.
     pub const BACKEND_STATS: &str = "XLB_BE_STATS";
     /// Active flows per backend id (shared, atomic; least-conn reads it).
@@ -65,6 +66,20 @@ pub mod map_names {
     pub const RR: &str = "XLB_RR";
     /// `PersistKey` → `PersistValue` (LRU, source-hash persistence).
     pub const PERSIST: &str = "XLB_PERSIST";
+}
+
+/// Entries of the VIP pre-filter (`XLB_VIP_FILTER`).
+pub const VIP_FILTER_SIZE: u32 = 1 << 16;
+
+/// Index of an address in the VIP pre-filter: its 32-bit words folded.
+#[inline(always)]
+pub fn vip_filter_index(addr: &Addr, family: u8) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let mut x = w(0);
+    if family == FAMILY_V6 {
+        x ^= w(4) ^ w(8) ^ w(12);
+    }
+    (x ^ (x >> 16)) & (VIP_FILTER_SIZE - 1)
 }
 
 /// Name of the load-balancing XDP program in the object.

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, Counters, FlowKey, FlowValue, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    SPARE_RING_SLOTS,
+    SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -27,10 +27,14 @@ pub static RINGS: Array<u32> =
 
 /// The connection table: 5-tuple → backend (least recently used evicted),
 /// shared by all CPUs (see the README for why, and the measurement).
+/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU inside the shared table, so
+/// inserts and evictions take no global lock (every CPU still sees every entry).
+const NO_COMMON_LRU: u32 = 1 << 1;
+
 #[cfg(not(feature = "percpu-conntrack"))]
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, NO_COMMON_LRU);
 
 /// Per-CPU variant, built only to measure against the shared table.
 #[cfg(feature = "percpu-conntrack")]
@@ -42,9 +46,10 @@ pub static CONNTRACK: aya_ebpf::maps::LruPerCpuHashMap<FlowKey, FlowValue> =
 #[map(name = "XLB_STATS")]
 pub static STATS: PerCpuArray<StatBlock> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-VIP traffic counters, indexed by VIP id.
-#[map(name = "XLB_VIP_STATS")]
-pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+/// VIP pre-filter: non-zero where some VIP's address folds
+/// (`lb_common::vip_filter_index`); lets non-VIP traffic skip the hash lookup.
+#[map(name = "XLB_VIP_FILTER")]
+pub static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SIZE, 0);
 
 /// Per-backend traffic counters, indexed by backend id.
 #[map(name = "XLB_BE_STATS")]
@@ -63,4 +68,4 @@ pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS
 /// Source-hash persistence: (client, VIP) → backend until a deadline.
 #[map(name = "XLB_PERSIST")]
 pub static PERSIST: LruHashMap<PersistKey, PersistValue> =
-    LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, NO_COMMON_LRU);

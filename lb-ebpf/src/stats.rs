@@ -1,7 +1,8 @@
-//! Counting: one verdict per frame in the global block, and per-VIP and
-//! per-backend traffic for forwarded frames.
+//! Counting: one verdict per frame in the global block, and per-backend
+//! traffic for forwarded frames (a VIP's traffic is the sum over its
+//! backends; the agent keeps what removed backends had carried).
 
-use crate::maps::{BACKEND_STATS, STATS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, STATS};
 use lb_common::{Stat, StatBlock};
 
 /// This CPU's global counter block.
@@ -22,24 +23,15 @@ pub fn count(block: *mut StatBlock, stat: Stat) {
     }
 }
 
-/// Account a forwarded frame to its VIP and backend.
+/// Account a forwarded frame to its backend.
 #[inline(always)]
-pub fn account(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
-    let new = new_flow as u64;
-    if let Some(c) = VIP_STATS.get_ptr_mut(vip_id) {
+pub fn account(backend_id: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
-            (*c).new_flows += new;
-        }
-    }
-    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: as above.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-            (*c).new_flows += new;
+            (*c).new_flows += new_flow as u64;
         }
     }
 }

@@ -117,6 +117,9 @@ pub struct VipState {
     pub backends: BTreeMap<IpAddr, Backend>,
     /// The published table or sequence (backend ids), for measuring churn.
     pub table: Vec<u32>,
+    /// Traffic of backends since removed (a VIP's counters are the sum over
+    /// its backends, kept here when one leaves).
+    pub retired: lb_common::Counters,
 }
 
 /// Settings of an agent.
@@ -217,15 +220,24 @@ impl Agent {
             .free_vip_ids
             .front()
             .ok_or_else(|| anyhow!("cannot add VIP {vip}: all {} VIP slots are in use", self.dp.opts.max_vips))?;
-        self.dp.reset_vip_counters(id)?;
         let published = VipInfo { vip_id: id, algo: algo as u8, persist_secs, ..Default::default() };
         self.dp.set_vip(&vip.key(), &published)?;
         self.free_vip_ids.pop_front();
         self.vips.insert(
             vip,
-            VipState { id, algo, persist_secs, published, ring_slot: None, backends: BTreeMap::new(), table: Vec::new() },
+            VipState {
+                id,
+                algo,
+                persist_secs,
+                published,
+                ring_slot: None,
+                backends: BTreeMap::new(),
+                table: Vec::new(),
+                retired: Default::default(),
+            },
         );
         log::info!("VIP {vip} added ({})", algo.name());
+        self.sync_filter(&vip)?;
         self.sync_fragment_alias(&vip)
     }
 
@@ -244,6 +256,7 @@ impl Agent {
         }
         self.free_vip_ids.push_back(state.id);
         log::info!("VIP {vip} removed");
+        self.sync_filter(vip)?;
         self.sync_fragment_alias(vip)
     }
 
@@ -326,6 +339,8 @@ impl Agent {
     pub fn del_backend(&mut self, vip: &Vip, ip: IpAddr) -> Result<()> {
         let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let b = state.backends.remove(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
+        let carried = self.dp.backend_counters(b.id)?;
+        self.vips.get_mut(vip).expect("checked above").retired.add(&carried);
         self.reconcile(vip)?;
         self.release_backend_id(b.id)?;
         log::info!("VIP {vip}: backend {ip} removed");
@@ -494,6 +509,22 @@ impl Agent {
         self.sync_fragment_alias(vip)
     }
 
+    /// Keep the VIP pre-filter entry of this VIP's address equal to the
+    /// number of VIP addresses (any port or protocol) that fold to it.
+    fn sync_filter(&mut self, changed: &Vip) -> Result<()> {
+        let k = changed.key();
+        let idx = lb_common::vip_filter_index(&k.addr, k.family);
+        let n = self
+            .vips
+            .keys()
+            .filter(|v| {
+                let vk = v.key();
+                lb_common::vip_filter_index(&vk.addr, vk.family) == idx
+            })
+            .count();
+        self.dp.set_vip_filter(idx, n as u32)
+    }
+
     /// IP fragments carry no ports after the first, so they are matched by
     /// address and protocol: the datapath looks them up under port 0, where
     /// this keeps a copy of the entry of the lowest-port VIP on that address
@@ -560,7 +591,10 @@ impl Agent {
                     active_flows: self.dp.backend_conns(b.id)? as u64,
                 });
             }
-            let c = self.dp.vip_counters(s.id)?;
+            let mut c = s.retired;
+            for b in &backends {
+                c.add(&lb_common::Counters { packets: b.packets, bytes: b.bytes, new_flows: b.new_flows });
+            }
             vips.push(VipStatus {
                 vip: vip.to_string(),
                 algo: s.algo.name().to_string(),

@@ -103,7 +103,7 @@ pub struct Datapath {
     rings: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     stats: PerCpuArray<MapData, StatBlock>,
-    vip_stats: PerCpuArray<MapData, Counters>,
+    vip_filter: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, Counters>,
     backend_conns: Array<MapData, i64>,
     conntrack_id: u32,
@@ -188,7 +188,6 @@ impl Datapath {
         let debug: u8 = opts.debug as u8;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::VIPS, opts.max_vips)
-            .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
             .map_max_entries(map_names::PERSIST, opts.persist_size)
@@ -223,7 +222,7 @@ impl Datapath {
             conntrack_id,
             backend_conns: take(&mut ebpf, map_names::BACKEND_CONNS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
-            vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
+            vip_filter: take(&mut ebpf, map_names::VIP_FILTER)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
             ebpf,
             opts,
@@ -327,9 +326,9 @@ impl Datapath {
         Ok(c)
     }
 
-    /// Traffic counters of a VIP id.
-    pub fn vip_counters(&self, id: u32) -> Result<Counters> {
-        Self::sum(&self.vip_stats, id)
+    /// Set a VIP pre-filter entry (number of VIP addresses folding there).
+    pub fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
+        self.vip_filter.set(idx, n, 0).context("cannot write the VIP filter")
     }
 
     /// Traffic counters of a backend id.
@@ -339,12 +338,6 @@ impl Datapath {
 
     fn zeros(&self) -> Result<PerCpuValues<Counters>> {
         PerCpuValues::try_from(vec![Counters::default(); self.ncpus]).context("per-CPU values")
-    }
-
-    /// Zero a VIP id's counters (when the id is given to a new VIP).
-    pub fn reset_vip_counters(&mut self, id: u32) -> Result<()> {
-        let z = self.zeros()?;
-        self.vip_stats.set(id, z, 0).context("cannot reset VIP counters")
     }
 
     /// Zero a backend id's counters (when the id is given to a new backend).

@@ -30,6 +30,9 @@ fn measure(path: &str) -> Result<(f64, f64)> {
     let mut vips: HashMap<_, lb_common::VipKey, VipInfo> =
         HashMap::try_from(ebpf.map_mut(map_names::VIPS).ok_or_else(|| anyhow!("no VIP map"))?)?;
     vips.insert(vip, VipInfo { vip_id: 0, ring_off: 0, ring_size: DEFAULT_RING_SIZE, algo: 0, flags: 0, persist_secs: 0 }, 0)?;
+    let mut filter: Array<_, u32> =
+        Array::try_from(ebpf.map_mut(map_names::VIP_FILTER).ok_or_else(|| anyhow!("no VIP filter"))?)?;
+    filter.set(lb_common::vip_filter_index(&vip.addr, vip.family), 1, 0)?;
     let mut backends: Array<_, BackendInfo> =
         Array::try_from(ebpf.map_mut(map_names::BACKENDS).ok_or_else(|| anyhow!("no backend map"))?)?;
     backends.set(1, BackendInfo { dst_mac: [2, 0, 0, 0, 0, 1], src_mac: LB_MAC, flags: BACKEND_F_ALIVE, gen: 1, weight: 1, vip_id: 0 }, 0)?;

@@ -98,17 +98,17 @@ pub fn plot(r: &Results, path: &Path) -> Result<()> {
         .margin(15)
         .x_label_area_size(70)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..names.len() as f64, 0f64..ymax.max(1.0))
+        .build_cartesian_2d(-0.5f64..names.len() as f64 - 0.5, (1f64..ymax.max(10.0)).log_scale())
         .map_err(|e| anyhow!("{e}"))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(names.len() * 2)
+        .x_labels(names.len())
         .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 0.01 && i < names.len() { names[i].to_string() } else { String::new() }
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 && (i as usize) < names.len() { names[i as usize].to_string() } else { String::new() }
         })
-        .y_desc("ns/packet")
+        .y_desc("ns/packet (log scale)")
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
@@ -118,8 +118,8 @@ pub fn plot(r: &Results, path: &Path) -> Result<()> {
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let x0 = i as f64 + 0.1 + k as f64 * 0.4;
-                Rectangle::new([(x0, 0.0), (x0 + 0.38, get(n, *b, ct))], color.filled())
+                let x0 = i as f64 - 0.4 + k as f64 * 0.4;
+                Rectangle::new([(x0, 1.0), (x0 + 0.38, get(n, *b, ct).max(1.0))], color.filled())
             })
             .collect();
         let c = *color;
@@ -132,7 +132,7 @@ pub fn plot(r: &Results, path: &Path) -> Result<()> {
     for (n, color) in [("floor_pass", GREEN), ("floor_macswap_tx", MAGENTA), ("floor_stateless_dsr", BLACK)] {
         let y = floor(n);
         chart
-            .draw_series(LineSeries::new(vec![(0.0, y), (names.len() as f64, y)], color.stroke_width(2)))
+            .draw_series(LineSeries::new(vec![(-0.5, y), (names.len() as f64 - 0.5, y)], color.stroke_width(2)))
             .map_err(|e| anyhow!("{e}"))?
             .label(format!("{n} ({y:.1} ns)"))
             .legend(move |(x, y2)| PathElement::new(vec![(x, y2), (x + 14, y2)], color.stroke_width(2)));
