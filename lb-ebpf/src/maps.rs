@@ -27,14 +27,10 @@ pub static RINGS: Array<u32> =
 
 /// The connection table: 5-tuple → backend (least recently used evicted),
 /// shared by all CPUs (see the README for why, and the measurement).
-/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU inside the shared table, so
-/// inserts and evictions take no global lock (every CPU still sees every entry).
-const NO_COMMON_LRU: u32 = 1 << 1;
-
 #[cfg(not(feature = "percpu-conntrack"))]
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
 /// Per-CPU variant, built only to measure against the shared table.
 #[cfg(feature = "percpu-conntrack")]
@@ -68,4 +64,4 @@ pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS
 /// Source-hash persistence: (client, VIP) → backend until a deadline.
 #[map(name = "XLB_PERSIST")]
 pub static PERSIST: LruHashMap<PersistKey, PersistValue> =
-    LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, 0);
