@@ -36,10 +36,8 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const SPARE_RING_SLOTS: u32 = 2;
 /// Capacity of the backend array (backend ids are indexes into it).
 pub const MAX_BACKENDS: u32 = 16384;
-/// Default capacity of the IPv4 connection table (flows).
+/// Default capacity of the connection table (flows).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
-/// Default capacity of the IPv6 connection table (flows).
-pub const DEFAULT_CONNTRACK6_SIZE: u32 = 1 << 18;
 /// Default capacity of the source-hash persistence table (clients).
 pub const DEFAULT_PERSIST_SIZE: u32 = 1 << 16;
 /// IPv6 extension headers walked at most before giving up (`PassExtHeaders`).
@@ -53,10 +51,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "XLB_BACKENDS";
     /// Concatenated Maglev lookup tables: ring slot × ring size → backend id.
     pub const RINGS: &str = "XLB_RINGS";
-    /// `FlowKey4` → `FlowValue` (LRU connection table, IPv4 flows).
-    pub const CONNTRACK4: &str = "XLB_CT4";
-    /// `FlowKey` → `FlowValue` (LRU connection table, IPv6 flows).
-    pub const CONNTRACK6: &str = "XLB_CT6";
+    /// `FlowKey` → `FlowValue` (LRU connection table).
+    pub const CONNTRACK: &str = "XLB_CONNTRACK";
     /// Per-CPU global counters indexed by `Stat`.
     pub const STATS: &str = "XLB_STATS";
     /// Pre-filter: `vip_filter_index(address)` → number of VIPs whose

@@ -174,40 +174,6 @@ impl FlowKey {
     }
 }
 
-/// Key of the IPv4 connection table: the 5-tuple in 16 bytes (hashed and
-/// compared on every packet, so kept small; IPv6 flows use `FlowKey`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey4 {
-    /// Source (client) address.
-    pub src: [u8; 4],
-    /// Destination (VIP) address.
-    pub dst: [u8; 4],
-    /// Source port, network byte order.
-    pub sport_be: u16,
-    /// Destination port, network byte order.
-    pub dport_be: u16,
-    /// IP protocol.
-    pub proto: u8,
-    /// Explicit padding.
-    pub _pad: [u8; 3],
-}
-
-impl FlowKey {
-    /// The IPv4 table's key for this (IPv4) flow.
-    #[inline(always)]
-    pub fn v4(&self) -> FlowKey4 {
-        FlowKey4 {
-            src: [self.src[0], self.src[1], self.src[2], self.src[3]],
-            dst: [self.vip.addr[0], self.vip.addr[1], self.vip.addr[2], self.vip.addr[3]],
-            sport_be: self.sport_be,
-            dport_be: self.vip.port_be,
-            proto: self.vip.proto,
-            _pad: [0; 3],
-        }
-    }
-}
-
 /// Value of the connection table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -286,7 +252,6 @@ mod pod {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::BackendInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::PersistKey {}
     unsafe impl aya::Pod for super::PersistValue {}
@@ -305,7 +270,6 @@ mod tests {
         assert_eq!(size_of::<VipInfo>(), 16);
         assert_eq!(size_of::<BackendInfo>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<PersistKey>(), 20);

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, Counters, FlowKey, FlowKey4, FlowValue, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK6_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
+    BackendInfo, Counters, FlowKey, FlowValue, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
     SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
 
@@ -25,29 +25,18 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 pub static RINGS: Array<u32> =
     Array::with_max_entries((DEFAULT_MAX_VIPS + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, 0);
 
-/// The connection tables: 5-tuple → backend (least recently used evicted),
-/// shared by all CPUs (see the README for why, and the measurement). IPv4
-/// flows have their own table with 16-byte keys.
+/// The connection table: 5-tuple → backend (least recently used evicted),
+/// shared by all CPUs (see the README for why, and the measurement).
 #[cfg(not(feature = "percpu-conntrack"))]
-#[map(name = "XLB_CT4")]
-pub static CONNTRACK4: LruHashMap<FlowKey4, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
-/// IPv6 flows (40-byte keys).
-#[cfg(not(feature = "percpu-conntrack"))]
-#[map(name = "XLB_CT6")]
-pub static CONNTRACK6: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK6_SIZE, 0);
-
-/// Per-CPU variants, built only to measure against the shared tables.
+/// Per-CPU variant, built only to measure against the shared table.
 #[cfg(feature = "percpu-conntrack")]
-#[map(name = "XLB_CT4")]
-pub static CONNTRACK4: aya_ebpf::maps::LruPerCpuHashMap<FlowKey4, FlowValue> =
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: aya_ebpf::maps::LruPerCpuHashMap<FlowKey, FlowValue> =
     aya_ebpf::maps::LruPerCpuHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
-
-/// Per-CPU variant (measurement only).
-#[cfg(feature = "percpu-conntrack")]
-#[map(name = "XLB_CT6")]
-pub static CONNTRACK6: aya_ebpf::maps::LruPerCpuHashMap<FlowKey, FlowValue> =
-    aya_ebpf::maps::LruPerCpuHashMap::with_max_entries(DEFAULT_CONNTRACK6_SIZE, 0);
 
 /// Global verdict and event counters: one `StatBlock` per CPU.
 #[map(name = "XLB_STATS")]

@@ -617,7 +617,7 @@ impl Agent {
             vips,
             counters,
             ring_size: self.dp.opts.ring_size,
-            conntrack_capacity: self.dp.opts.conntrack_size + self.dp.opts.conntrack6_size,
+            conntrack_capacity: self.dp.opts.conntrack_size,
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
         })

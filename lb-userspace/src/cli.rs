@@ -13,7 +13,7 @@ use crate::{
     daemon::{self, DaemonOptions},
     maps::{AttachMode, Datapath, LoadOptions},
 };
-use lb_common::{DEFAULT_CONNTRACK6_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
 
 /// xlb: an XDP L4 load balancer (L2 direct server return).
 #[derive(Parser, Debug)]
@@ -90,12 +90,9 @@ pub struct AgentArgs {
     /// Maximum number of VIPs.
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
-    /// IPv4 connection-table capacity in flows.
+    /// Connection-table capacity in flows.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     pub conntrack_size: u32,
-    /// IPv6 connection-table capacity in flows.
-    #[arg(long, default_value_t = DEFAULT_CONNTRACK6_SIZE)]
-    pub conntrack6_size: u32,
     /// Persistence-table capacity in clients (source-hash VIPs with a timeout).
     #[arg(long, default_value_t = DEFAULT_PERSIST_SIZE)]
     pub persist_size: u32,
@@ -173,7 +170,6 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_vips: a.max_vips,
                 ring_size: a.ring_size,
                 conntrack_size: a.conntrack_size,
-                conntrack6_size: a.conntrack6_size,
                 persist_size: a.persist_size,
                 debug: a.debug_datapath,
             };
@@ -285,7 +281,7 @@ fn print_status(s: &Status) {
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, conntrack6_size: 1024, persist_size: 1024, debug: false };
+    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

@@ -9,8 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names, BackendInfo, Counters, FlowKey, FlowKey4, FlowValue, Stat, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK6_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, FLOW_F_CLOSED,
+    map_names, BackendInfo, Counters, FlowKey, FlowValue, Stat, StatBlock, VipInfo, VipKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, FLOW_F_CLOSED,
     MAX_BACKENDS, MAX_RING_SIZE, PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
 };
 
@@ -26,10 +26,8 @@ pub struct LoadOptions {
     pub max_vips: u32,
     /// Entries of each Maglev table (a prime).
     pub ring_size: u32,
-    /// Capacity of the IPv4 connection table.
+    /// Capacity of the connection table.
     pub conntrack_size: u32,
-    /// Capacity of the IPv6 connection table.
-    pub conntrack6_size: u32,
     /// Capacity of the source-hash persistence table.
     pub persist_size: u32,
     /// Log unusual verdicts from the datapath (aya-log).
@@ -42,7 +40,6 @@ impl Default for LoadOptions {
             max_vips: DEFAULT_MAX_VIPS,
             ring_size: DEFAULT_RING_SIZE,
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
-            conntrack6_size: DEFAULT_CONNTRACK6_SIZE,
             persist_size: DEFAULT_PERSIST_SIZE,
             debug: false,
         }
@@ -62,8 +59,8 @@ impl LoadOptions {
         if slots > u32::MAX as u64 / 2 {
             bail!("max VIPs × ring size is too large ({slots} ring entries)");
         }
-        if self.conntrack_size < 1024 || self.conntrack6_size < 1024 {
-            bail!("connection table sizes {} / {} must be at least 1024", self.conntrack_size, self.conntrack6_size);
+        if self.conntrack_size < 1024 {
+            bail!("connection table size {} is below 1024", self.conntrack_size);
         }
         if self.persist_size < 1024 {
             bail!("persistence table size {} is below 1024", self.persist_size);
@@ -104,13 +101,12 @@ pub struct Datapath {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, BackendInfo>,
     rings: Array<MapData, u32>,
-    conntrack4: HashMap<MapData, FlowKey4, FlowValue>,
-    conntrack6: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
     stats: PerCpuArray<MapData, StatBlock>,
     vip_filter: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, Counters>,
     backend_conns: Array<MapData, i64>,
-    conntrack_ids: (u32, u32),
+    conntrack_id: u32,
     ncpus: usize,
 }
 
@@ -124,16 +120,15 @@ pub struct ConntrackCensus {
     pub entries: u64,
 }
 
-/// Second handles on the connection tables, for walking them without
-/// holding the agent (a walk of a full table takes a while).
-pub struct ConntrackReader(HashMap<MapData, FlowKey4, FlowValue>, HashMap<MapData, FlowKey, FlowValue>);
+/// A second handle on the connection table, for walking it without holding
+/// the agent (a walk of a full table takes a while).
+pub struct ConntrackReader(HashMap<MapData, FlowKey, FlowValue>);
 
 impl ConntrackReader {
-    /// Walk both tables once.
+    /// Walk the table once.
     pub fn census(&self) -> ConntrackCensus {
         let mut c = ConntrackCensus::default();
-        let values = self.0.iter().filter_map(Result::ok).map(|(_, v)| v);
-        for v in values.chain(self.1.iter().filter_map(Result::ok).map(|(_, v)| v)) {
+        for (_, v) in self.0.iter().filter_map(Result::ok) {
             c.entries += 1;
             if v.flags & FLOW_F_CLOSED == 0 {
                 *c.open.entry((v.backend_id, v.gen)).or_default() += 1;
@@ -194,8 +189,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::VIPS, opts.max_vips)
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
-            .map_max_entries(map_names::CONNTRACK4, opts.conntrack_size)
-            .map_max_entries(map_names::CONNTRACK6, opts.conntrack6_size)
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
             .map_max_entries(map_names::PERSIST, opts.persist_size)
             .map_max_entries(map_names::RR, opts.max_vips)
             .override_global("XLB_DEBUG", &debug, true)
@@ -215,22 +209,17 @@ impl Datapath {
             }
         }
         let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow!("cannot read {p}: {e}"))?;
-        let conntrack4: HashMap<MapData, FlowKey4, FlowValue> = take(&mut ebpf, map_names::CONNTRACK4)?;
-        let conntrack6: HashMap<MapData, FlowKey, FlowValue> = take(&mut ebpf, map_names::CONNTRACK6)?;
-        let conntrack_ids = {
+        let conntrack: HashMap<MapData, FlowKey, FlowValue> = take(&mut ebpf, map_names::CONNTRACK)?;
+        let conntrack_id = {
             use aya::maps::IterableMap;
-            (
-                conntrack4.map().info().context("connection table info")?.id(),
-                conntrack6.map().info().context("connection table info")?.id(),
-            )
+            conntrack.map().info().context("connection table info")?.id()
         };
         Ok(Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             rings: take(&mut ebpf, map_names::RINGS)?,
-            conntrack4,
-            conntrack6,
-            conntrack_ids,
+            conntrack,
+            conntrack_id,
             backend_conns: take(&mut ebpf, map_names::BACKEND_CONNS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             vip_filter: take(&mut ebpf, map_names::VIP_FILTER)?,
@@ -367,32 +356,20 @@ impl Datapath {
         self.backend_conns.set(id, n, 0).context("cannot write active flows")
     }
 
-    /// Second handles on the connection tables (see `ConntrackReader`).
+    /// A second handle on the connection table (see `ConntrackReader`).
     pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
-        let open = |id| MapData::from_id(id).context("cannot reopen a connection table");
-        Ok(ConntrackReader(
-            HashMap::try_from(Map::LruHashMap(open(self.conntrack_ids.0)?)).context("connection table type")?,
-            HashMap::try_from(Map::LruHashMap(open(self.conntrack_ids.1)?)).context("connection table type")?,
-        ))
+        let data = MapData::from_id(self.conntrack_id).context("cannot reopen the connection table")?;
+        Ok(ConntrackReader(HashMap::try_from(Map::LruHashMap(data)).context("connection table type")?))
     }
 
     /// Insert a connection-table entry directly (benchmarks fill the table).
     pub fn conntrack_insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
-        if key.vip.family == lb_common::FAMILY_V4 {
-            self.conntrack4.insert(key.v4(), value, 0)
-        } else {
-            self.conntrack6.insert(key, value, 0)
-        }
-        .context("cannot write the connection table")
+        self.conntrack.insert(key, value, 0).context("cannot write the connection table")
     }
 
     /// Look a flow up in the connection table.
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<FlowValue> {
-        if key.vip.family == lb_common::FAMILY_V4 {
-            self.conntrack4.get(&key.v4(), 0).ok()
-        } else {
-            self.conntrack6.get(key, 0).ok()
-        }
+        self.conntrack.get(key, 0).ok()
     }
 
     /// Capacity of the backend array.

@@ -56,7 +56,7 @@ impl Deployment {
         lab.spawn("xdp-pass", "sw", xlb, &["xdp-pass", "--iface", "p-lb"])?;
         let socket = lab.dir.join("xlb.sock");
         let sock = socket.to_string_lossy().into_owned();
-        let mut args = vec!["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--conntrack6-size", "65536"];
+        let mut args = vec!["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536"];
         args.extend_from_slice(agent_args);
         lab.spawn("agent", "lb", xlb, &args)?;
         let d = Deployment { lab, xlb: xlb.to_path_buf(), lab_bin: lab_bin.to_path_buf(), socket };

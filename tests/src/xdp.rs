@@ -23,7 +23,7 @@ pub const XDP_TX: u32 = 3;
 /// An agent over a freshly loaded (not attached) datapath, health checks off,
 /// the balancer's MAC `LB_MAC`.
 pub fn test_agent() -> Agent {
-    let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: 65536, conntrack6_size: 65536, ..Default::default() })
+    let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: 65536, ..Default::default() })
         .expect("the XDP program loads (run the tests as root)");
     let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
     Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), health }).expect("agent")
