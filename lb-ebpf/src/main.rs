@@ -1,8 +1,9 @@
 //! xlb's XDP datapath: L4 load balancing by L2 direct server return.
 //!
-//! For each frame: `parse` extracts the 5-tuple (or a pass verdict), the VIP
-//! map says whether it is for a virtual service, `conntrack` and `select` pick
-//! the backend (connection table first, then the VIP's Maglev table),
+//! For each frame: `parse` extracts the 5-tuple (or a pass verdict), a
+//! one-read pre-filter turns away traffic that cannot be for a VIP,
+//! `conntrack` and `select` pick the backend (connection table first; the VIP
+//! map and its algorithm only for new flows),
 //! `forward` rewrites the MACs and returns XDP_TX, and `stats` counts exactly
 //! one verdict per frame. Frames that are not VIP traffic leave untouched
 //! with XDP_PASS.
@@ -61,14 +62,19 @@ fn process(ctx: &XdpContext, block: *mut lb_common::StatBlock) -> (u32, Stat) {
     if maps::VIP_FILTER.get(idx).copied().unwrap_or(0) == 0 {
         return (xdp_action::XDP_PASS, Stat::PassNotVip);
     }
-    // SAFETY: map values are only read; the agent replaces entries whole.
-    let Some(vip) = (unsafe { maps::VIPS.get(&pkt.key.vip) }) else {
-        return (xdp_action::XDP_PASS, Stat::PassNotVip);
-    };
     let chosen = match pkt.kind {
-        Kind::Flow => select::flow(&pkt, vip, block).map(|c| (c.id, c.backend, c.new_flow)),
-        Kind::Fragment => select::fragment(&pkt.key, vip).map(|(id, b)| (id, b, false)),
-        Kind::IcmpError => select::icmp(&pkt.key, vip).map(|(id, b)| (id, b, false)),
+        Kind::Flow => select::flow(&pkt, block).map(|c| (c.id, c.backend, c.new_flow)),
+        Kind::Fragment | Kind::IcmpError => {
+            // SAFETY: map values are only read; the agent replaces entries whole.
+            let Some(vip) = (unsafe { maps::VIPS.get(&pkt.key.vip) }) else {
+                return (xdp_action::XDP_PASS, Stat::PassNotVip);
+            };
+            if pkt.kind == Kind::Fragment {
+                select::fragment(&pkt.key, vip).map(|(id, b)| (id, b, false))
+            } else {
+                select::icmp(&pkt.key, vip).map(|(id, b)| (id, b, false))
+            }
+        }
     };
     let (id, backend, new_flow) = match chosen {
         Ok(c) => c,

@@ -8,7 +8,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, BACKEND_CONNS, PERSIST, RINGS, RR},
+    maps::{BACKENDS, BACKEND_CONNS, PERSIST, RINGS, RR, VIPS},
     parse::Packet,
     stats,
 };
@@ -69,19 +69,21 @@ fn conns(id: u32) -> u64 {
     }
 }
 
-/// Backend of a TCP/UDP packet.
+/// Backend of a TCP/UDP packet. The connection table comes first: a hit
+/// on a live backend of the right generation needs nothing else (not even the
+/// VIP: a deleted VIP's backends are cleared, and a reused id has a new
+/// generation). Misses, stale entries and SYNs look the VIP up and schedule;
+/// `PassNotVip` when the destination is not a VIP after all.
 #[inline(always)]
-pub fn flow<'a>(pkt: &Packet, vip: &VipInfo, block: *mut StatBlock) -> Result<Choice<'a>, Stat> {
+pub fn flow<'a>(pkt: &Packet, block: *mut StatBlock) -> Result<Choice<'a>, Stat> {
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    if let Some(entry) = conntrack::lookup(&pkt.key) {
+    let entry = conntrack::lookup(&pkt.key);
+    let mut old: Option<(FlowValue, Option<&BackendInfo>)> = None;
+    if let Some(entry) = entry {
         let be = BACKENDS.get(entry.backend_id);
-        let live = match be {
-            Some(b) if valid(b, entry.gen, vip) => Some(b),
-            _ => None,
-        };
-        match live {
-            Some(b) if !syn => {
+        if let Some(b) = be {
+            if b.gen == entry.gen && b.flags & BACKEND_F_ALIVE != 0 && !syn {
                 stats::count(block, Stat::CtHit);
                 if closing && entry.flags & FLOW_F_CLOSED == 0 {
                     let closed = FlowValue { flags: entry.flags | FLOW_F_CLOSED, ..entry };
@@ -91,21 +93,27 @@ pub fn flow<'a>(pkt: &Packet, vip: &VipInfo, block: *mut StatBlock) -> Result<Ch
                 }
                 return Ok(Choice { id: entry.backend_id, backend: b, new_flow: false });
             }
-            // A SYN on a known 5-tuple is a new connection (port reuse, or a
-            // retransmitted SYN, which the same table re-schedules alike).
-            Some(_) => stats::count(block, Stat::CtSynReuse),
-            // Its backend died or the id was reused: schedule the flow again.
-            None => stats::count(block, Stat::CtStale),
         }
-        if entry.flags & FLOW_F_CLOSED == 0 {
-            if let Some(b) = be {
-                if b.gen == entry.gen {
-                    conns_add(entry.backend_id, -1);
+        old = Some((entry, be));
+    }
+    // SAFETY: map values are only read; the agent replaces entries whole.
+    let vip = unsafe { VIPS.get(&pkt.key.vip) }.ok_or(Stat::PassNotVip)?;
+    match old {
+        Some((entry, be)) => {
+            let live = matches!(be, Some(b) if valid(b, entry.gen, vip));
+            // A SYN on a known 5-tuple is a new connection (port reuse, or a
+            // retransmitted SYN, which the same table re-schedules alike);
+            // otherwise its backend died or the id was reused.
+            stats::count(block, if live { Stat::CtSynReuse } else { Stat::CtStale });
+            if entry.flags & FLOW_F_CLOSED == 0 {
+                if let Some(b) = be {
+                    if b.gen == entry.gen {
+                        conns_add(entry.backend_id, -1);
+                    }
                 }
             }
         }
-    } else {
-        stats::count(block, Stat::CtMiss);
+        None => stats::count(block, Stat::CtMiss),
     }
     let (id, be) = schedule(&pkt.key, vip, block)?;
     let entry = FlowValue { backend_id: id, gen: be.gen, flags: if closing { FLOW_F_CLOSED } else { 0 } };
