@@ -132,7 +132,7 @@ pub fn plot(r: &Results, path: &Path) -> Result<()> {
             .label(*label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
     }
-    for (n, color) in [("floor_pass", GREEN), ("floor_macswap_tx", MAGENTA), ("floor_stateless_dsr", BLACK)] {
+    for (n, color) in [("floor_pass", GREEN), ("floor_macswap_tx", MAGENTA), ("floor_stateless_dsr", BLACK), ("floor_stateless_dsr_new_flows", CYAN)] {
         let y = floor(n);
         chart
             .draw_series(LineSeries::new(vec![(-0.5, y), (names.len() as f64 - 0.5, y)], color.stroke_width(2)))
