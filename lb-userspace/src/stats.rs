@@ -55,6 +55,27 @@ fn rate(now: u64, before: Option<u64>, dt: f64) -> String {
     }
 }
 
+/// The traffic figures of one table row (a VIP or a backend).
+struct Row {
+    packets: u64,
+    bytes: u64,
+    new_flows: u64,
+    active: u64,
+}
+
+/// One row: label, totals, and rates against the previous refresh.
+fn row(label: &str, now: &Row, before: Option<&Row>, dt: f64) -> String {
+    format!(
+        "{label:<44} {:>12} {} {:>14} {:>10} {:>8} {}\n",
+        now.packets,
+        rate(now.packets, before.map(|p| p.packets), dt),
+        now.bytes,
+        now.new_flows,
+        now.active,
+        rate(now.new_flows, before.map(|p| p.new_flows), dt)
+    )
+}
+
 fn render(s: &Status, prev: Option<&Status>, dt: f64) -> String {
     let mut out = String::new();
     let line = |o: &mut String, t: String| {
@@ -62,36 +83,14 @@ fn render(s: &Status, prev: Option<&Status>, dt: f64) -> String {
         o.push('\n');
     };
     line(&mut out, format!("{:<44} {:>12} {:>12} {:>14} {:>10} {:>8} {:>12}", "VIP / backend", "packets", "pkt rate", "bytes", "new flows", "active", "flow rate"));
+    let vip_row = |v: &crate::agent::VipStatus| Row { packets: v.packets, bytes: v.bytes, new_flows: v.new_flows, active: v.active_flows };
+    let be_row = |b: &crate::agent::BackendStatus| Row { packets: b.packets, bytes: b.bytes, new_flows: b.new_flows, active: b.active_flows };
     for v in &s.vips {
         let pv = prev.and_then(|p| p.vips.iter().find(|x| x.vip == v.vip));
-        line(
-            &mut out,
-            format!(
-                "{:<44} {:>12} {} {:>14} {:>10} {:>8} {}",
-                format!("{} ({})", v.vip, v.algo),
-                v.packets,
-                rate(v.packets, pv.map(|p| p.packets), dt),
-                v.bytes,
-                v.new_flows,
-                v.active_flows,
-                rate(v.new_flows, pv.map(|p| p.new_flows), dt)
-            ),
-        );
+        out.push_str(&row(&format!("{} ({})", v.vip, v.algo), &vip_row(v), pv.map(vip_row).as_ref(), dt));
         for b in &v.backends {
             let pb = pv.and_then(|p| p.backends.iter().find(|x| x.ip == b.ip));
-            line(
-                &mut out,
-                format!(
-                    "  {:<42} {:>12} {} {:>14} {:>10} {:>8} {}",
-                    format!("{} [{}]", b.ip, b.state),
-                    b.packets,
-                    rate(b.packets, pb.map(|p| p.packets), dt),
-                    b.bytes,
-                    b.new_flows,
-                    b.active_flows,
-                    rate(b.new_flows, pb.map(|p| p.new_flows), dt)
-                ),
-            );
+            out.push_str(&row(&format!("  {} [{}]", b.ip, b.state), &be_row(b), pb.map(be_row).as_ref(), dt));
         }
     }
     line(&mut out, String::new());

@@ -254,8 +254,11 @@ pub fn cases(fl: &Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, full: b
     let udp4 = eth(ETH_IP, &[], &ipv4(CLIENT, VIP4, 17, &[], 0, &udp(40001, 53, b"0123456789")));
     let est6 = v6_tcp(40002, ACK);
     let ptb = icmp_ptb(40000);
+    // (case, frame, expected verdict, floor, counter that must move N per run)
     type Steady<'a> = (&'static str, &'a Vec<u8>, u32, &'static str, Stat);
-    let groups: [(&str, Vec<Steady>, Option<(&str, bool)>); 3] = [
+    // (VIP, steady cases, new-flow case and whether it is IPv6)
+    type Group<'a> = (&'static str, Vec<Steady<'a>>, Option<(&'static str, bool)>);
+    let groups: [Group; 3] = [
         (
             "10.0.0.100:80/tcp",
             vec![
