@@ -18,7 +18,7 @@ use std::{
 };
 
 use crate::{
-    config::{self, CheckKind, HealthConfig, Mac, Proto, Vip},
+    config::{self, AllDown, CheckKind, HealthConfig, Mac, Proto, Vip},
     maps::Datapath,
     tables,
 };
@@ -60,6 +60,8 @@ pub struct Health {
     pub failures: u64,
     /// When the next check is due.
     pub next_check: Instant,
+    /// Duration of the last check, milliseconds.
+    pub last_latency_ms: Option<f64>,
     /// A check is running.
     pub in_flight: bool,
 }
@@ -81,6 +83,8 @@ pub struct Backend {
     pub gen: u16,
     /// Health state.
     pub health: Health,
+    /// Health-check settings of this backend (replace the VIP's), if any.
+    pub check: Option<HealthConfig>,
 }
 
 impl Backend {
@@ -109,6 +113,12 @@ pub struct VipState {
     pub algo: Algo,
     /// Source-hash persistence, seconds (0 = none).
     pub persist_secs: u16,
+    /// Health-check settings of its backends.
+    pub health: HealthConfig,
+    /// What to do when every backend is down.
+    pub all_down: AllDown,
+    /// All backends are down and `all_down` is fail-open: balancing over them anyway.
+    pub failing_open: bool,
     /// The VIP entry as last published to the datapath.
     pub published: VipInfo,
     /// Ring slot holding the published table, if any.
@@ -140,6 +150,8 @@ pub struct CheckOutcome {
     pub error: Option<String>,
     /// The backend's MAC from the neighbour table, if it was looked up and found.
     pub mac: Option<Mac>,
+    /// How long the check took, milliseconds.
+    pub latency_ms: Option<f64>,
 }
 
 /// A health job to run: what to check.
@@ -149,12 +161,34 @@ pub struct CheckJob {
     pub vip: Vip,
     /// The backend.
     pub ip: IpAddr,
-    /// Run a TCP connect (false: only resolve the MAC).
-    pub tcp: bool,
+    /// The check to run (`None`: only resolve the MAC).
+    pub kind: CheckKind,
+    /// Its settings.
+    pub cfg: HealthConfig,
     /// Look the MAC up.
     pub resolve_mac: bool,
     /// Check timeout.
     pub timeout: Duration,
+}
+
+/// The check that applies to a VIP's backends under `cfg`: a TCP connect
+/// only makes sense for TCP services, so on a UDP VIP it means no check.
+pub fn kind_for(vip: &Vip, cfg: &HealthConfig) -> CheckKind {
+    match (cfg.kind, vip.proto) {
+        (CheckKind::Tcp, Proto::Udp) => CheckKind::None,
+        (k, _) => k,
+    }
+}
+
+/// `ms` lengthened or shortened at random by up to `pct` percent.
+fn jittered(ms: u64, pct: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let spread = ms * pct as u64 / 100;
+    if spread == 0 {
+        return Duration::from_millis(ms);
+    }
+    let r = std::collections::hash_map::RandomState::new().hash_one(ms);
+    Duration::from_millis(ms - spread + r % (2 * spread + 1))
 }
 
 /// The agent.
@@ -201,18 +235,19 @@ impl Agent {
         &self.opts.health
     }
 
-    fn checks_for(&self, vip: &Vip) -> CheckKind {
-        // Connect checks only make sense for TCP services; UDP services are
-        // taken as up (their MACs are still resolved).
-        match (self.opts.health.kind, vip.proto) {
-            (CheckKind::Tcp, Proto::Tcp) => CheckKind::Tcp,
-            _ => CheckKind::None,
-        }
+    /// Add a service (with no backends: its packets are dropped and
+    /// counted), checked with the agent's health settings.
+    pub fn add_vip(&mut self, vip: Vip, algo: Algo, persist_secs: u16) -> Result<()> {
+        self.add_vip_with(vip, algo, persist_secs, None, AllDown::Drop)
     }
 
-    /// Add a service (with no backends: its packets are dropped and counted).
-    pub fn add_vip(&mut self, vip: Vip, algo: Algo, persist_secs: u16) -> Result<()> {
+    /// Add a service with its own health settings and all-down behaviour.
+    pub fn add_vip_with(&mut self, vip: Vip, algo: Algo, persist_secs: u16, health: Option<HealthConfig>, all_down: AllDown) -> Result<()> {
         check_persist(algo, persist_secs as u32)?;
+        if let Some(h) = &health {
+            h.validate()?;
+        }
+        let health = health.unwrap_or_else(|| self.opts.health.clone());
         if self.vips.contains_key(&vip) {
             bail!("VIP {vip} already exists");
         }
@@ -229,6 +264,9 @@ impl Agent {
                 id,
                 algo,
                 persist_secs,
+                health,
+                all_down,
+                failing_open: false,
                 published,
                 ring_slot: None,
                 backends: BTreeMap::new(),
@@ -270,8 +308,8 @@ impl Agent {
     /// Add several backends to a service with one table rebuild. All are
     /// validated first: on any error nothing is added.
     pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
-        let checks = self.checks_for(vip);
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let checks = kind_for(vip, &state.health);
         let mut seen = std::collections::BTreeSet::new();
         for &(ip, _, weight) in list {
             config::check_weight(weight)?;
@@ -316,10 +354,30 @@ impl Agent {
                     failures: 0,
                     next_check: now,
                     in_flight: false,
+                    last_latency_ms: None,
                 },
+                check: None,
             };
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
             log::info!("VIP {vip}: backend {ip} added (weight {weight})");
+        }
+        self.reconcile(vip)
+    }
+
+    /// Give a backend its own health settings (replacing the VIP's).
+    pub fn set_backend_check(&mut self, vip: &Vip, ip: IpAddr, check: Option<HealthConfig>) -> Result<()> {
+        if let Some(h) = &check {
+            h.validate()?;
+        }
+        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let b = state.backends.get_mut(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
+        let kind = kind_for(vip, check.as_ref().unwrap_or(&state.health));
+        b.check = check;
+        if !b.health.checked || kind == CheckKind::None {
+            // Not judged yet (or no longer checked): start as the new check says.
+            b.health.up = kind == CheckKind::None;
+            b.health.checked = b.health.up;
+            b.health.next_check = Instant::now();
         }
         self.reconcile(vip)
     }
@@ -355,19 +413,24 @@ impl Agent {
 
     /// Health jobs due now; marks them in flight.
     pub fn due_checks(&mut self, now: Instant) -> Vec<CheckJob> {
-        let timeout = Duration::from_millis(self.opts.health.timeout_ms);
-        let kinds: Vec<(Vip, CheckKind)> = self.vips.keys().map(|v| (*v, self.checks_for(v))).collect();
         let mut jobs = Vec::new();
-        for (vip, kind) in kinds {
-            let Some(state) = self.vips.get_mut(&vip) else { continue };
+        for (vip, state) in self.vips.iter_mut() {
             for b in state.backends.values_mut() {
+                let cfg = b.check.as_ref().unwrap_or(&state.health);
+                let kind = kind_for(vip, cfg);
                 let needs_mac = b.mac_cfg.is_none();
-                let wants = kind == CheckKind::Tcp || needs_mac;
-                if !wants || b.health.in_flight || b.health.next_check > now {
+                if (kind == CheckKind::None && !needs_mac) || b.health.in_flight || b.health.next_check > now {
                     continue;
                 }
                 b.health.in_flight = true;
-                jobs.push(CheckJob { vip, ip: b.ip, tcp: kind == CheckKind::Tcp, resolve_mac: needs_mac, timeout });
+                jobs.push(CheckJob {
+                    vip: *vip,
+                    ip: b.ip,
+                    kind,
+                    cfg: cfg.clone(),
+                    resolve_mac: needs_mac,
+                    timeout: Duration::from_millis(cfg.timeout_ms),
+                });
             }
         }
         jobs
@@ -375,13 +438,11 @@ impl Agent {
 
     /// Apply a health job's outcome; reconciles the VIP when anything changed.
     pub fn report(&mut self, job: &CheckJob, out: CheckOutcome) -> Result<()> {
-        let interval = Duration::from_millis(self.opts.health.interval_ms);
-        let (rise, fall) = (self.opts.health.rise, self.opts.health.fall);
         let Some(state) = self.vips.get_mut(&job.vip) else { return Ok(()) };
         let Some(b) = state.backends.get_mut(&job.ip) else { return Ok(()) };
+        let cfg = b.check.as_ref().unwrap_or(&state.health).clone();
         let h = &mut b.health;
         h.in_flight = false;
-        h.next_check = Instant::now() + interval;
         let mut changed = false;
         if let (true, Some(mac)) = (job.resolve_mac, out.mac) {
             if b.mac != Some(mac) {
@@ -390,29 +451,30 @@ impl Agent {
                 changed = true;
             }
         }
-        if job.tcp {
+        if job.kind != CheckKind::None {
             h.checks += 1;
+            h.last_latency_ms = out.latency_ms;
             if out.ok {
                 h.ok_streak += 1;
                 h.fail_streak = 0;
-                if !h.up && (h.ok_streak >= rise || !h.checked) {
+                if !h.up && (h.ok_streak >= cfg.rise || !h.checked) {
                     h.up = true;
                     h.transitions += 1;
                     changed = true;
-                    log::info!("VIP {}: backend {} is up ({} check(s) passed)", job.vip, job.ip, h.ok_streak);
+                    log::info!("VIP {}: backend {} is up ({} {} check(s) passed)", job.vip, job.ip, h.ok_streak, job.kind.name());
                 }
             } else {
                 h.failures += 1;
                 h.fail_streak += 1;
                 h.ok_streak = 0;
                 let why = out.error.unwrap_or_else(|| "check failed".into());
-                if h.up && h.fail_streak >= fall {
+                if h.up && h.fail_streak >= cfg.fall {
                     h.up = false;
                     h.transitions += 1;
                     changed = true;
-                    log::warn!("VIP {}: backend {} is down after {} failed checks: {why}", job.vip, job.ip, h.fail_streak);
+                    log::warn!("VIP {}: backend {} is down after {} failed {} checks: {why}", job.vip, job.ip, h.fail_streak, job.kind.name());
                 } else if !h.checked {
-                    log::warn!("VIP {}: backend {} failed its first check: {why}", job.vip, job.ip);
+                    log::warn!("VIP {}: backend {} failed its first {} check: {why}", job.vip, job.ip, job.kind.name());
                 } else {
                     log::debug!("VIP {}: backend {} check failed: {why}", job.vip, job.ip);
                 }
@@ -423,11 +485,19 @@ impl Agent {
             }
             h.checked = true;
         }
+        // HAProxy's fastinter: check more often while a backend is changing state.
+        let transitioning = (h.up && h.fail_streak > 0) || (!h.up && h.ok_streak > 0);
+        let base = if transitioning { cfg.fast_interval_ms } else { cfg.interval_ms };
+        h.next_check = Instant::now() + jittered(base, cfg.jitter_pct);
         if changed {
             self.reconcile(&job.vip)?;
             if let Some(state) = self.vips.get(&job.vip) {
                 if !state.backends.is_empty() && !state.backends.values().any(|b| b.usable()) {
-                    log::error!("VIP {}: no backend is available; its packets are dropped", job.vip);
+                    if state.failing_open {
+                        log::error!("VIP {}: every backend is down; failing open (balancing over all of them)", job.vip);
+                    } else {
+                        log::error!("VIP {}: no backend is available; its packets are dropped", job.vip);
+                    }
                 }
             }
         }
@@ -440,6 +510,12 @@ impl Agent {
         let ring_size = self.dp.opts.ring_size;
         let src_mac = self.opts.iface_mac.0;
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        // All down and fail-open: treat every backend with a known MAC as up.
+        let failing_open = state.all_down == AllDown::FailOpen
+            && !state.backends.values().any(|b| b.usable())
+            && state.backends.values().any(|b| b.mac.is_some() && b.weight > 0);
+        let alive_now = |b: &Backend| b.alive() || (failing_open && b.mac.is_some());
+        let usable_now = |b: &Backend| b.usable() || (failing_open && b.mac.is_some() && b.weight > 0);
         let info = |b: &Backend, alive: bool| BackendInfo {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,
@@ -451,12 +527,12 @@ impl Agent {
         // 1. Alive backends first, so the new table never points at an
         //    entry that is not ready.
         let alive: Vec<(u32, BackendInfo)> =
-            state.backends.values().filter(|b| b.alive()).map(|b| (b.id, info(b, true))).collect();
+            state.backends.values().filter(|b| alive_now(b)).map(|b| (b.id, info(b, true))).collect();
         let dead: Vec<(u32, BackendInfo)> =
-            state.backends.values().filter(|b| !b.alive()).map(|b| (b.id, info(b, false))).collect();
+            state.backends.values().filter(|b| !alive_now(b)).map(|b| (b.id, info(b, false))).collect();
         // 2. The table.
         let keys: Vec<(Vec<u8>, u32, u32)> =
-            state.backends.values().filter(|b| b.usable()).map(|b| (b.key_bytes(), b.weight, b.id)).collect();
+            state.backends.values().filter(|b| usable_now(b)).map(|b| (b.key_bytes(), b.weight, b.id)).collect();
         let members: Vec<tables::Member> =
             keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
         let table = tables::build(state.algo, &members, ring_size)?;
@@ -498,6 +574,10 @@ impl Agent {
             self.dp.set_backend(*id, i)?;
         }
         let state = self.vips.get_mut(vip).expect("checked above");
+        if failing_open && !state.failing_open {
+            log::error!("VIP {vip}: every backend is down; failing open (balancing over all of them)");
+        }
+        state.failing_open = failing_open;
         state.ring_slot = new_slot;
         state.published = published;
         log::info!(
@@ -563,7 +643,9 @@ impl Agent {
             for b in s.backends.values() {
                 let c = self.dp.backend_counters(b.id)?;
                 let state = if b.alive() { "up" } else { "down" }.to_string();
-                let reason = if b.mac.is_none() {
+                let reason = if state == "down" && s.failing_open && b.mac.is_some() {
+                    Some(format!("fail-open: {}", b.health.last_error.clone().unwrap_or_else(|| "down".into())))
+                } else if b.mac.is_none() {
                     Some("MAC not resolved yet".to_string())
                 } else if !b.health.up && !b.health.checked {
                     Some("not checked yet".to_string())
@@ -582,6 +664,8 @@ impl Agent {
                     state,
                     reason,
                     table_share: if s.table.is_empty() { 0.0 } else { slots as f64 / s.table.len() as f64 },
+                    check: kind_for(vip, b.check.as_ref().unwrap_or(&s.health)).name().to_string(),
+                    check_latency_ms: b.health.last_latency_ms,
                     checks: b.health.checks,
                     check_failures: b.health.failures,
                     transitions: b.health.transitions,
@@ -600,11 +684,9 @@ impl Agent {
                 algo: s.algo.name().to_string(),
                 persist_timeout: s.persist_secs,
                 active_flows: backends.iter().map(|b| b.active_flows).sum(),
-                health_check: match self.checks_for(vip) {
-                    CheckKind::Tcp => "tcp",
-                    CheckKind::None => "none",
-                }
-                .to_string(),
+                health_check: kind_for(vip, &s.health).name().to_string(),
+                all_down: if s.all_down == AllDown::FailOpen { "fail-open" } else { "drop" }.to_string(),
+                failing_open: s.failing_open,
                 backends,
                 packets: c.packets,
                 bytes: c.bytes,
@@ -654,6 +736,10 @@ pub struct VipStatus {
     pub active_flows: u64,
     /// Health check in use.
     pub health_check: String,
+    /// `drop` or `fail-open` when every backend is down.
+    pub all_down: String,
+    /// Failing open right now.
+    pub failing_open: bool,
     /// Backends.
     pub backends: Vec<BackendStatus>,
     /// Packets forwarded.
@@ -679,6 +765,10 @@ pub struct BackendStatus {
     pub reason: Option<String>,
     /// Share of the Maglev table it owns.
     pub table_share: f64,
+    /// Its health check.
+    pub check: String,
+    /// Duration of its last check, milliseconds.
+    pub check_latency_ms: Option<f64>,
     /// Health checks run.
     pub checks: u64,
     /// Health checks failed.

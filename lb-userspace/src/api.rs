@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     agent::{check_persist, parse_algo, Agent},
-    config::{check_weight, parse_backend_ip, Mac, Vip, DEFAULT_WEIGHT},
+    config::{check_weight, parse_backend_ip, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
 
 /// Default API socket.
@@ -36,6 +36,12 @@ pub enum Request {
         algo: Option<String>,
         /// Source-hash persistence, seconds.
         persist_timeout: Option<u32>,
+        /// Health checking of its backends (default: the agent's).
+        #[serde(default)]
+        health: Option<HealthConfig>,
+        /// `drop` or `fail-open` when every backend is down.
+        #[serde(default)]
+        all_down: Option<String>,
     },
     /// Remove a VIP.
     VipDel {
@@ -54,6 +60,9 @@ pub enum Request {
         mac: Option<String>,
         /// Weight.
         weight: Option<u32>,
+        /// Health checking of this backend (default: the VIP's).
+        #[serde(default)]
+        health: Option<HealthConfig>,
     },
     /// Change a backend's weight (0 drains it).
     BackendSet {
@@ -91,11 +100,12 @@ pub struct Response {
 /// Validate and apply one request.
 pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
     match req {
-        Request::VipAdd { vip, algo, persist_timeout } => {
+        Request::VipAdd { vip, algo, persist_timeout, health, all_down } => {
             let vip: Vip = vip.parse()?;
             let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
             let persist = check_persist(algo, persist_timeout.unwrap_or(0))?;
-            agent.add_vip(vip, algo, persist)?;
+            let all_down: AllDown = all_down.as_deref().unwrap_or("drop").parse()?;
+            agent.add_vip_with(vip, algo, persist, health, all_down)?;
             Ok(serde_json::Value::Null)
         }
         Request::VipDel { vip } => {
@@ -104,12 +114,18 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             Ok(serde_json::Value::Null)
         }
         Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
-        Request::BackendAdd { vip, ip, mac, weight } => {
+        Request::BackendAdd { vip, ip, mac, weight, health } => {
             let vip: Vip = vip.parse()?;
             let ip = parse_backend_ip(&vip, &ip)?;
             let mac = mac.map(|m| m.parse::<Mac>()).transpose()?;
             let weight = check_weight(weight.unwrap_or(DEFAULT_WEIGHT))?;
+            if let Some(h) = &health {
+                h.validate()?;
+            }
             agent.add_backend(&vip, ip, mac, weight)?;
+            if health.is_some() {
+                agent.set_backend_check(&vip, ip, health)?;
+            }
             Ok(serde_json::Value::Null)
         }
         Request::BackendSet { vip, ip, weight } => {

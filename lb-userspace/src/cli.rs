@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use crate::{
     agent::Status,
     api::{self, Request},
-    config::{check_weight, parse_backend_ip, Mac, Vip},
+    config::{check_weight, parse_backend_ip, HealthConfig, Mac, Vip},
     daemon::{self, DaemonOptions},
     maps::{AttachMode, Datapath, LoadOptions},
 };
@@ -101,6 +101,87 @@ pub struct AgentArgs {
     pub debug_datapath: bool,
 }
 
+/// Health-check options of `xlb vip add` (any of them replaces the agent's
+/// settings for this VIP; unset ones take the defaults).
+#[derive(Args, Debug, Default)]
+pub struct CheckArgs {
+    /// Check: tcp, http, udp or none.
+    #[arg(long = "check", value_name = "KIND")]
+    pub kind: Option<String>,
+    /// Port to check (default: the VIP's).
+    #[arg(long = "check-port")]
+    pub port: Option<u16>,
+    /// HTTP path to GET.
+    #[arg(long = "check-path")]
+    pub path: Option<String>,
+    /// Accepted HTTP status, CODE or LOW-HIGH.
+    #[arg(long = "check-status")]
+    pub status: Option<String>,
+    /// HTTP Host header.
+    #[arg(long = "check-host")]
+    pub host: Option<String>,
+    /// UDP payload.
+    #[arg(long = "check-payload")]
+    pub payload: Option<String>,
+    /// Text a UDP reply must contain.
+    #[arg(long = "check-expect")]
+    pub expect: Option<String>,
+    /// Milliseconds between checks.
+    #[arg(long = "check-interval-ms")]
+    pub interval_ms: Option<u64>,
+    /// Milliseconds a check may take.
+    #[arg(long = "check-timeout-ms")]
+    pub timeout_ms: Option<u64>,
+    /// Passing checks to come up.
+    #[arg(long = "check-rise")]
+    pub rise: Option<u32>,
+    /// Failing checks to go down.
+    #[arg(long = "check-fall")]
+    pub fall: Option<u32>,
+}
+
+impl CheckArgs {
+    /// The settings these options describe, if any option was given.
+    pub fn to_config(&self) -> Result<Option<HealthConfig>> {
+        let given = self.kind.is_some()
+            || self.port.is_some()
+            || self.path.is_some()
+            || self.status.is_some()
+            || self.host.is_some()
+            || self.payload.is_some()
+            || self.expect.is_some()
+            || self.interval_ms.is_some()
+            || self.timeout_ms.is_some()
+            || self.rise.is_some()
+            || self.fall.is_some();
+        if !given {
+            return Ok(None);
+        }
+        let mut h = HealthConfig::default();
+        if let Some(k) = &self.kind {
+            h.kind = k.parse()?;
+        }
+        h.port = self.port;
+        h.http_host = self.host.clone();
+        h.udp_expect = self.expect.clone();
+        if let Some(p) = &self.path {
+            h.http_path = p.clone();
+        }
+        if let Some(s) = &self.status {
+            h.http_status = s.clone();
+        }
+        if let Some(p) = &self.payload {
+            h.udp_payload = p.clone();
+        }
+        h.interval_ms = self.interval_ms.unwrap_or(h.interval_ms);
+        h.timeout_ms = self.timeout_ms.unwrap_or(h.timeout_ms);
+        h.rise = self.rise.unwrap_or(h.rise);
+        h.fall = self.fall.unwrap_or(h.fall);
+        h.validate()?;
+        Ok(Some(h))
+    }
+}
+
 /// `xlb vip …`.
 #[derive(Subcommand, Debug)]
 pub enum VipCmd {
@@ -115,6 +196,12 @@ pub enum VipCmd {
         /// last new flow, even across backend changes.
         #[arg(long, value_name = "SECS")]
         persist_timeout: Option<u32>,
+        /// Health checks of this VIP's backends (default: the agent's).
+        #[command(flatten)]
+        check: CheckArgs,
+        /// When every backend is down: drop (default) or fail-open.
+        #[arg(long, value_name = "MODE")]
+        all_down: Option<String>,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -187,9 +274,13 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(daemon::run(opts))
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
-        Command::Vip(VipCmd::Add { vip, algo, persist_timeout }) => {
+        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down }) => {
             crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
-            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout })?;
+            let health = check.to_config()?;
+            if let Some(m) = &all_down {
+                m.parse::<crate::config::AllDown>()?;
+            }
+            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout, health, all_down })?;
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
@@ -213,6 +304,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     ip: ip.to_string(),
                     mac: mac.map(|m| m.to_string()),
                     weight: Some(weight),
+                    health: None,
                 },
             )?;
             Ok(())
@@ -262,7 +354,7 @@ fn print_status(s: &Status) {
         );
         for b in &v.backends {
             println!(
-                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={} active={}{}",
+                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={} active={} check={}{}{}",
                 b.ip,
                 b.mac.as_deref().unwrap_or("?"),
                 b.weight,
@@ -271,6 +363,8 @@ fn print_status(s: &Status) {
                 b.packets,
                 b.new_flows,
                 b.active_flows,
+                b.check,
+                b.check_latency_ms.map(|l| format!(" ({l:.1} ms)")).unwrap_or_default(),
                 b.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()
             );
         }

@@ -161,40 +161,106 @@ pub fn check_weight(w: u32) -> Result<u32> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
-    /// A TCP connect to the backend's IP on the VIP's port.
+    /// A TCP connect to the backend (TCP VIPs; on a UDP VIP it means `none`).
     #[default]
     Tcp,
+    /// An HTTP GET of `http_path`; the status must be in `http_status`.
+    Http,
+    /// A UDP datagram (`udp_payload`); any reply, or one containing `udp_expect`.
+    Udp,
     /// No checks: every backend is up.
     None,
 }
 
-/// Health-check timing (HAProxy's `inter`, `timeout check`, `rise`, `fall`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl CheckKind {
+    /// Name as in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Udp => "udp",
+            CheckKind::None => "none",
+        }
+    }
+}
+
+impl FromStr for CheckKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(CheckKind::Tcp),
+            "http" => Ok(CheckKind::Http),
+            "udp" => Ok(CheckKind::Udp),
+            "none" => Ok(CheckKind::None),
+            other => bail!("unknown check '{other}' (tcp, http, udp, none)"),
+        }
+    }
+}
+
+/// Health checking, in HAProxy's terms: `inter`, `fastinter`, `timeout
+/// check`, `rise`, `fall`, plus the check itself. Set for the agent, per VIP,
+/// or per backend (the most specific wins, whole).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Check type.
     pub kind: CheckKind,
     /// Time between checks of one backend, milliseconds.
     pub interval_ms: u64,
+    /// Time between checks while a backend is changing state (some checks
+    /// passed while down, or failed while up), milliseconds.
+    pub fast_interval_ms: u64,
+    /// Each interval is randomly lengthened or shortened by up to this
+    /// percentage, so checks do not synchronise.
+    pub jitter_pct: u32,
     /// Time a check may take, milliseconds.
     pub timeout_ms: u64,
     /// Consecutive successes that bring a down backend up.
     pub rise: u32,
     /// Consecutive failures that take an up backend down.
     pub fall: u32,
+    /// Port to check (default: the VIP's port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// HTTP: path to GET.
+    pub http_path: String,
+    /// HTTP: Host header (default: the backend's address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_host: Option<String>,
+    /// HTTP: accepted status codes, `LOW-HIGH` or one code.
+    pub http_status: String,
+    /// UDP: payload to send.
+    pub udp_payload: String,
+    /// UDP: text the reply must contain (any reply when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_expect: Option<String>,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig { kind: CheckKind::Tcp, interval_ms: 300, timeout_ms: 250, rise: 2, fall: 3 }
+        HealthConfig {
+            kind: CheckKind::Tcp,
+            interval_ms: 300,
+            fast_interval_ms: 100,
+            jitter_pct: 10,
+            timeout_ms: 250,
+            rise: 2,
+            fall: 3,
+            port: None,
+            http_path: "/".into(),
+            http_host: None,
+            http_status: "200-399".into(),
+            udp_payload: "xlb-health".into(),
+            udp_expect: None,
+        }
     }
 }
 
 impl HealthConfig {
     /// Reject settings that cannot work.
     pub fn validate(&self) -> Result<()> {
-        if !(10..=600_000).contains(&self.interval_ms) {
-            bail!("health interval_ms {} out of range 10..=600000", self.interval_ms);
+        if !(10..=600_000).contains(&self.interval_ms) || !(10..=600_000).contains(&self.fast_interval_ms) {
+            bail!("health interval_ms/fast_interval_ms must be 10..=600000");
         }
         if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms.max(1000) * 10 {
             bail!("health timeout_ms {} out of range", self.timeout_ms);
@@ -202,7 +268,64 @@ impl HealthConfig {
         if !(1..=100).contains(&self.rise) || !(1..=100).contains(&self.fall) {
             bail!("health rise/fall must be 1..=100");
         }
+        if self.jitter_pct > 50 {
+            bail!("health jitter_pct {} is over 50", self.jitter_pct);
+        }
+        if self.port == Some(0) {
+            bail!("health port 0");
+        }
+        if !self.http_path.starts_with('/') || self.http_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("health http_path '{}' must start with / and have no spaces", self.http_path);
+        }
+        if let Some(h) = &self.http_host {
+            if h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("health http_host '{h}' is not a host name");
+            }
+        }
+        self.status_range()?;
+        if self.udp_payload.is_empty() || self.udp_payload.len() > 1400 {
+            bail!("health udp_payload must be 1..=1400 bytes");
+        }
         Ok(())
+    }
+
+    /// The accepted HTTP status codes.
+    pub fn status_range(&self) -> Result<(u16, u16)> {
+        let bad = || anyhow!("health http_status '{}' is not CODE or LOW-HIGH (100..=599)", self.http_status);
+        let (lo, hi) = match self.http_status.split_once('-') {
+            Some((a, b)) => (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?),
+            None => {
+                let c: u16 = self.http_status.trim().parse().map_err(|_| bad())?;
+                (c, c)
+            }
+        };
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return Err(bad());
+        }
+        Ok((lo, hi))
+    }
+}
+
+/// What a VIP does when every backend is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllDown {
+    /// Drop its packets (counted as `drop_no_backend`).
+    #[default]
+    Drop,
+    /// Keep balancing over all backends whose MAC is known, as if up (a
+    /// broken health check must not take the service down).
+    FailOpen,
+}
+
+impl FromStr for AllDown {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "drop" => Ok(AllDown::Drop),
+            "fail-open" => Ok(AllDown::FailOpen),
+            other => bail!("unknown all-down behaviour '{other}' (drop, fail-open)"),
+        }
     }
 }
 
@@ -218,6 +341,9 @@ pub struct BackendConfig {
     /// Weight (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// Health checking of this backend (replaces the VIP's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConfig>,
 }
 
 /// A VIP in the config file.
@@ -232,6 +358,12 @@ pub struct VipConfig {
     /// Source-hash persistence in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persist_timeout: Option<u32>,
+    /// Health checking of this VIP's backends (replaces the agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConfig>,
+    /// `drop` (default) or `fail-open` when every backend is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_down: Option<AllDown>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -258,6 +390,17 @@ impl FileConfig {
             anyhow!("config {}: {}", path.display(), e.to_string().replace('\n', " "))
         })?;
         cfg.health.validate().with_context(|| format!("config {}", path.display()))?;
+        for v in &cfg.vips {
+            let ctx = || format!("config {}: vip {}", path.display(), v.address);
+            if let Some(h) = &v.health {
+                h.validate().with_context(ctx)?;
+            }
+            for b in &v.backends {
+                if let Some(h) = &b.health {
+                    h.validate().with_context(|| format!("{}: backend {}", ctx(), b.ip))?;
+                }
+            }
+        }
         Ok(cfg)
     }
 }
@@ -305,6 +448,24 @@ mod tests {
         assert!(parse_backend_ip(&v, "2001:db8::1").is_err());
         assert!(parse_backend_ip(&v, "banana").is_err());
         assert!(check_weight(MAX_WEIGHT + 1).is_err());
+    }
+
+    #[test]
+    fn health_settings() {
+        let h = HealthConfig { http_status: "200-299".into(), ..Default::default() };
+        assert_eq!(h.status_range().expect("valid"), (200, 299));
+        assert_eq!(HealthConfig { http_status: "204".into(), ..Default::default() }.status_range().expect("valid"), (204, 204));
+        for bad in ["99", "300-200", "abc", "200-700"] {
+            assert!(HealthConfig { http_status: bad.into(), ..Default::default() }.validate().is_err(), "{bad}");
+        }
+        assert!(HealthConfig { http_path: "health".into(), ..Default::default() }.validate().is_err());
+        assert!(HealthConfig { jitter_pct: 80, ..Default::default() }.validate().is_err());
+        assert_eq!("http".parse::<CheckKind>().expect("kind"), CheckKind::Http);
+        assert!("icmp".parse::<CheckKind>().is_err());
+        assert_eq!("fail-open".parse::<AllDown>().expect("mode"), AllDown::FailOpen);
+        let c: FileConfig = toml::from_str("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nall_down = \"fail-open\"\n[vip.health]\nkind = \"http\"\nhttp_path = \"/health\"\n").expect("valid");
+        assert_eq!(c.vips[0].health.as_ref().map(|h| h.kind), Some(CheckKind::Http));
+        assert_eq!(c.vips[0].all_down, Some(AllDown::FailOpen));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     agent::{check_persist, parse_algo, Agent, AgentOptions},
     api,
-    config::{check_weight, parse_backend_ip, FileConfig, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    config::{check_weight, parse_backend_ip, AllDown, FileConfig, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
     health,
     maps::{AttachMode, Datapath, LoadOptions},
     neigh,
@@ -37,12 +37,30 @@ pub struct DaemonOptions {
 /// A backend as configured: address, MAC if given, weight.
 pub type DesiredBackend = (IpAddr, Option<Mac>, u32);
 
+/// A service from the config file, fully validated.
+pub struct DesiredVip {
+    /// The service.
+    pub vip: Vip,
+    /// Algorithm.
+    pub algo: lb_common::Algo,
+    /// Source-hash persistence, seconds.
+    pub persist: u16,
+    /// Its health settings, if it has its own.
+    pub health: Option<HealthConfig>,
+    /// All-down behaviour.
+    pub all_down: AllDown,
+    /// Backends.
+    pub backends: Vec<DesiredBackend>,
+    /// Backends with their own health settings.
+    pub checks: Vec<(IpAddr, HealthConfig)>,
+}
+
 /// A config file's services, fully validated.
 pub struct Desired {
     /// Health settings.
     pub health: HealthConfig,
-    /// Services with algorithm, persistence (s) and backends.
-    pub vips: Vec<(Vip, lb_common::Algo, u16, Vec<DesiredBackend>)>,
+    /// Services.
+    pub vips: Vec<DesiredVip>,
 }
 
 impl Desired {
@@ -60,6 +78,7 @@ impl Desired {
             let persist = check_persist(algo, v.persist_timeout.unwrap_or(0)).with_context(ctx)?;
             let mut ips = BTreeSet::new();
             let mut backends = Vec::new();
+            let mut checks = Vec::new();
             for b in &v.backends {
                 let ip = parse_backend_ip(&vip, &b.ip).with_context(ctx)?;
                 if !ips.insert(ip) {
@@ -68,10 +87,21 @@ impl Desired {
                 let mac = b.mac.as_deref().map(str::parse::<Mac>).transpose().with_context(ctx)?;
                 let weight = check_weight(b.weight.unwrap_or(DEFAULT_WEIGHT)).with_context(ctx)?;
                 backends.push((ip, mac, weight));
+                if let Some(h) = &b.health {
+                    checks.push((ip, h.clone()));
+                }
             }
-            vips.push((vip, algo, persist, backends));
+            vips.push(DesiredVip {
+                vip,
+                algo,
+                persist,
+                health: v.health.clone(),
+                all_down: v.all_down.unwrap_or_default(),
+                backends,
+                checks,
+            });
         }
-        Ok(Desired { health: cfg.health, vips })
+        Ok(Desired { health: cfg.health.clone(), vips })
     }
 }
 
@@ -167,9 +197,12 @@ async fn start(
         }
     }
     let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health })?;
-    for (vip, algo, persist, backends) in desired.vips {
-        agent.add_vip(vip, algo, persist)?;
-        agent.add_backends(&vip, &backends)?;
+    for d in desired.vips {
+        agent.add_vip_with(d.vip, d.algo, d.persist, d.health, d.all_down)?;
+        agent.add_backends(&d.vip, &d.backends)?;
+        for (ip, h) in d.checks {
+            agent.set_backend_check(&d.vip, ip, Some(h))?;
+        }
     }
     Ok((agent, neigh::Resolver::new(handle, ifindex)))
 }

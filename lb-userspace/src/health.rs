@@ -1,16 +1,22 @@
-//! Heartbeats: the scheduler that runs every due health job (TCP connect to
-//! the backend on the VIP's port, plus MAC resolution while a backend has no
-//! MAC) and reports outcomes to the agent, which decides up/down with
-//! rise/fall and reconciles the datapath.
+//! Heartbeats: the scheduler that runs every due health job (a TCP connect,
+//! an HTTP GET or a UDP exchange with the backend, plus MAC resolution while a
+//! backend has no MAC) and reports outcomes to the agent, which decides
+//! up/down with rise/fall and reconciles the datapath.
 
 use std::{
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tokio::{net::TcpStream, task::JoinSet};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+    task::JoinSet,
+};
 
 use crate::{
     agent::{Agent, CheckJob, CheckOutcome},
+    config::CheckKind,
     neigh::Resolver,
 };
 
@@ -50,15 +56,16 @@ pub async fn run(agent: Arc<Mutex<Agent>>, resolver: Option<Resolver>) {
 
 /// Run one job.
 pub async fn check(job: &CheckJob, resolver: Option<&Resolver>) -> CheckOutcome {
-    let (ok, error) = if job.tcp {
-        match tokio::time::timeout(job.timeout, TcpStream::connect((job.ip, job.vip.port))).await {
-            Ok(Ok(_)) => (true, None),
-            Ok(Err(e)) => (false, Some(format!("connect: {e}"))),
-            Err(_) => (false, Some(format!("timeout after {} ms", job.timeout.as_millis()))),
-        }
-    } else {
-        (true, None)
+    let t0 = Instant::now();
+    let port = job.cfg.port.unwrap_or(job.vip.port);
+    let result = match job.kind {
+        CheckKind::None => Ok(()),
+        kind => match tokio::time::timeout(job.timeout, probe(kind, job, port)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timeout after {} ms", job.timeout.as_millis())),
+        },
     };
+    let latency_ms = (job.kind != CheckKind::None).then(|| t0.elapsed().as_secs_f64() * 1e3);
     let mac = match (job.resolve_mac, resolver) {
         (true, Some(r)) => match r.resolve(job.ip).await {
             Ok(m) => m,
@@ -69,5 +76,64 @@ pub async fn check(job: &CheckJob, resolver: Option<&Resolver>) -> CheckOutcome 
         },
         _ => None,
     };
-    CheckOutcome { ok, error, mac }
+    CheckOutcome { ok: result.is_ok(), error: result.err(), mac, latency_ms }
+}
+
+/// The check itself; `Err` carries the reason (refused, HTTP 503, …).
+async fn probe(kind: CheckKind, job: &CheckJob, port: u16) -> Result<(), String> {
+    let addr = SocketAddr::new(job.ip, port);
+    match kind {
+        CheckKind::None => Ok(()),
+        CheckKind::Tcp => TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("connect: {e}")),
+        CheckKind::Http => http(job, addr).await,
+        CheckKind::Udp => udp(job, addr).await,
+    }
+}
+
+/// GET the path; the status code must be in the accepted range.
+async fn http(job: &CheckJob, addr: SocketAddr) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let host = job.cfg.http_host.clone().unwrap_or_else(|| match job.ip {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    });
+    let req = format!("GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: xlb-health\r\nConnection: close\r\n\r\n", job.cfg.http_path);
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    let mut buf = vec![0u8; 256];
+    let mut got = 0;
+    while got < 12 {
+        let n = s.read(&mut buf[got..]).await.map_err(|e| format!("receive: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let line = String::from_utf8_lossy(&buf[..got]);
+    let code: u16 = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {:?}", line.lines().next().unwrap_or("")))?;
+    let (lo, hi) = job.cfg.status_range().map_err(|e| e.to_string())?;
+    if (lo..=hi).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("HTTP {code}"))
+    }
+}
+
+/// Send the payload; any reply (or one containing the expected text) passes.
+async fn udp(job: &CheckJob, addr: SocketAddr) -> Result<(), String> {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(|_| "bind address".to_string())?;
+    let s = UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+    s.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    s.send(job.cfg.udp_payload.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    let mut buf = vec![0u8; 2048];
+    let n = s.recv(&mut buf).await.map_err(|e| format!("receive: {e}"))?;
+    match &job.cfg.udp_expect {
+        Some(want) if !String::from_utf8_lossy(&buf[..n]).contains(want.as_str()) => {
+            Err(format!("reply does not contain {want:?}"))
+        }
+        _ => Ok(()),
+    }
 }

@@ -20,6 +20,12 @@ enum Cmd {
         name: String,
         #[arg(long, default_value_t = 80)]
         port: u16,
+        /// `GET /health` answers 500 while this file exists.
+        #[arg(long)]
+        fail_file: Option<PathBuf>,
+        /// Also echo UDP on this port.
+        #[arg(long)]
+        udp_port: Option<u16>,
     },
     /// COUNT HTTP connections to TARGET; prints a JSON summary.
     Connect {
@@ -101,7 +107,7 @@ enum Cmd {
 
 fn main() {
     let r: Result<()> = match Cli::parse().cmd {
-        Cmd::Serve { name, port } => xlb_tests::traffic::serve(&name, port),
+        Cmd::Serve { name, port, fail_file, udp_port } => xlb_tests::traffic::serve(&name, port, fail_file, udp_port),
         Cmd::Connect { target, count, parallel, timeout_ms } => {
             let s = xlb_tests::traffic::connect(target, count.min(100_000), parallel.min(64), Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&s).unwrap_or_default());

@@ -17,12 +17,27 @@ use std::{
 
 /// Serve HTTP on `port` (IPv4 and IPv6) forever, answering with `name`.
 /// A connection that starts with `HOLD\n` instead stays open and answers
-/// every line with `NAME LINE` (long-lived connection tests).
-pub fn serve(name: &str, port: u16) -> Result<()> {
+/// every line with `NAME LINE` (long-lived connection tests). `GET /health`
+/// answers 500 while `fail_file` exists. With `udp_port`, UDP datagrams are
+/// echoed back prefixed with `NAME `.
+pub fn serve(name: &str, port: u16, fail_file: Option<std::path::PathBuf>, udp_port: Option<u16>) -> Result<()> {
+    if let Some(up) = udp_port {
+        let sock = std::net::UdpSocket::bind(("::", up)).with_context(|| format!("cannot bind UDP port {up}"))?;
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let mut reply = format!("{name} ").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, from);
+            }
+        });
+    }
     let listener = TcpListener::bind(("::", port)).with_context(|| format!("cannot listen on port {port}"))?;
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
         let name = name.to_string();
+        let fail_file = fail_file.clone();
         std::thread::spawn(move || {
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
             let mut buf = [0u8; 2048];
@@ -36,8 +51,10 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
             }
+            let failing = got.starts_with(b"GET /health ") && fail_file.as_ref().is_some_and(|f| f.exists());
+            let status = if failing { "500 Internal Server Error" } else { "200 OK" };
             let body = format!("{name}\n");
-            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(s, "HTTP/1.0 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
         });
     }
     Ok(())

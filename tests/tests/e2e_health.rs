@@ -1,0 +1,101 @@
+//! End to end, issue 4 (health checks): HTTP checks that take a backend out
+//! on HTTP 500 and bring it back, UDP checks, per-backend overrides and
+//! fail-open from a config file. Real namespaces, servers and `xlb`. Root.
+
+use std::time::Duration;
+use xlb_tests::{
+    lab::{backend_ip, VIP},
+    scenario::{binaries, vip_arg, Deployment},
+};
+
+fn backend(d: &Deployment, vip: &str, ip: &str) -> serde_json::Value {
+    let st = d.status().expect("status");
+    let v = st["vips"].as_array().and_then(|vs| vs.iter().find(|v| v["vip"] == vip).cloned()).expect("vip listed");
+    v["backends"].as_array().and_then(|bs| bs.iter().find(|b| b["ip"] == ip).cloned()).expect("backend listed")
+}
+
+#[test]
+fn http_check_takes_out_a_backend_answering_500_and_brings_it_back() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let vip = vip_arg();
+    d.cli_ok(&["vip", "add", &vip, "--check", "http", "--check-path", "/health", "--check-status", "200-299"]).expect("vip add");
+    for i in 1..=3 {
+        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
+    }
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let b2 = backend(&d, &vip, &backend_ip(2).to_string());
+    assert_eq!(b2["check"], "http");
+    assert!(b2["check_latency_ms"].as_f64().is_some_and(|l| l > 0.0 && l < 250.0), "{b2}");
+
+    std::fs::write(d.lab.dir.join("fail-b2"), "").expect("fail b2");
+    let t = d.wait_states(&[1, 3], Duration::from_secs(5)).expect("b2 out on HTTP 500");
+    eprintln!("HTTP 500 detected after {t:?}");
+    let b2 = backend(&d, &vip, &backend_ip(2).to_string());
+    assert!(b2["reason"].as_str().is_some_and(|r| r.contains("HTTP 500")), "{b2}");
+    let s = d.connect(150).expect("client");
+    assert_eq!(s.failed, 0, "{:?}", s.errors);
+    assert!(!s.by_backend.contains_key("b2"));
+
+    std::fs::remove_file(d.lab.dir.join("fail-b2")).expect("heal b2");
+    d.wait_states(&[1, 2, 3], Duration::from_secs(5)).expect("b2 back");
+    let b2 = backend(&d, &vip, &backend_ip(2).to_string());
+    assert!(b2["transitions"].as_u64() >= Some(2), "down and up again: {b2}");
+}
+
+#[test]
+fn udp_check_sees_a_dead_udp_service() {
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let vip = format!("{VIP}:5353/udp");
+    d.cli_ok(&["vip", "add", &vip, "--check", "udp", "--check-payload", "ping", "--check-expect", "ping"]).expect("vip add");
+    for i in 1..=3 {
+        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
+    }
+    let ip = |i: usize| backend_ip(i).to_string();
+    d.wait_states_of(&vip, &ip, &[1, 2, 3], Duration::from_secs(10)).expect("up by UDP replies");
+    assert_eq!(backend(&d, &vip, &ip(1))["check"], "udp");
+    d.lab.kill("server1").expect("kill");
+    d.wait_states_of(&vip, &ip, &[2, 3], Duration::from_secs(5)).expect("b1 down");
+    let b1 = backend(&d, &vip, &ip(1));
+    let why = b1["reason"].as_str().unwrap_or("");
+    assert!(why.contains("refused") || why.contains("timeout"), "{b1}");
+}
+
+#[test]
+fn config_file_overrides_per_backend_and_fails_open() {
+    let (xlb, lab_bin) = binaries();
+    let dir = std::env::temp_dir().join(format!("xlb-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("xlb.toml");
+    let toml = format!(
+        "[[vip]]\naddress = \"{}\"\nall_down = \"fail-open\"\n[vip.health]\nkind = \"http\"\nhttp_path = \"/health\"\nfall = 2\n\
+         [[vip.backend]]\nip = \"{}\"\n[[vip.backend]]\nip = \"{}\"\n[[vip.backend]]\nip = \"{}\"\n[vip.backend.health]\nkind = \"tcp\"\n",
+        vip_arg(),
+        backend_ip(1),
+        backend_ip(2),
+        backend_ip(3)
+    );
+    std::fs::write(&cfg, toml).expect("config");
+    let cfg_arg = cfg.to_string_lossy().into_owned();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &["--config", &cfg_arg]).expect("deployment");
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
+    assert_eq!(backend(&d, &vip_arg(), &backend_ip(3).to_string())["check"], "tcp", "per-backend override");
+    // Health endpoints fail everywhere: b3 only has a TCP check, so it stays.
+    for i in 1..=3 {
+        std::fs::write(d.lab.dir.join(format!("fail-b{i}")), "").expect("fail");
+    }
+    d.wait_states(&[3], Duration::from_secs(5)).expect("b1, b2 out; b3 up by its TCP check");
+    // Now b3's server dies too: every backend is down, and the VIP fails open.
+    let mut d = d;
+    d.lab.kill("server3").expect("kill b3");
+    d.wait_states(&[], Duration::from_secs(5)).expect("all down");
+    let st = d.status().expect("status");
+    assert_eq!(st["vips"][0]["failing_open"], true, "{}", st["vips"][0]);
+    let s = d.connect(60).expect("client");
+    // b1 and b2 still serve (only their health URL fails); b3 is really dead,
+    // so about a third of the new connections fail: fail-open forwards anyway.
+    assert!(s.by_backend.get("b1").copied().unwrap_or(0) > 0 && s.by_backend.get("b2").copied().unwrap_or(0) > 0, "{:?}", s.by_backend);
+    assert!(s.ok >= 20, "fail-open keeps the service reachable: {} ok", s.ok);
+    let _ = std::fs::remove_dir_all(&dir);
+}
