@@ -85,16 +85,66 @@ pub struct Backend {
     pub health: Health,
     /// Health-check settings of this backend (replace the VIP's), if any.
     pub check: Option<HealthConfig>,
+    /// Operator's state.
+    pub admin: Admin,
+    /// When it last came up (slow start ramps its weight from here).
+    pub up_since: Option<Instant>,
+    /// Slow-start step (0..=SLOW_START_STEPS) in the published table.
+    pub ramp_step: u32,
 }
+
+/// An operator's state for a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// In service.
+    #[default]
+    Ready,
+    /// Keeps its flows, gets no new ones.
+    Drain,
+    /// Out of service: no traffic, its flows move, no health checks.
+    Maint,
+}
+
+impl std::str::FromStr for Admin {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "up" | "ready" => Ok(Admin::Ready),
+            "drain" => Ok(Admin::Drain),
+            "maint" => Ok(Admin::Maint),
+            other => bail!("unknown backend state '{other}' (up, drain, maint)"),
+        }
+    }
+}
+
+/// Slow start raises a weight in this many steps (each one a table rebuild).
+pub const SLOW_START_STEPS: u32 = 10;
 
 impl Backend {
     /// May carry traffic (existing flows at least).
     pub fn alive(&self) -> bool {
-        self.health.up && self.mac.is_some()
+        self.health.up && self.mac.is_some() && self.admin != Admin::Maint
     }
     /// Gets new flows.
     pub fn usable(&self) -> bool {
-        self.alive() && self.weight > 0
+        self.alive() && self.admin == Admin::Ready && self.weight > 0
+    }
+    /// Slow-start step at `now` (SLOW_START_STEPS = full weight).
+    fn step(&self, now: Instant, slow_start_ms: u64) -> u32 {
+        match (self.up_since, slow_start_ms) {
+            (Some(t), ms) if ms > 0 => {
+                let f = now.saturating_duration_since(t).as_millis() as u64 * SLOW_START_STEPS as u64 / ms;
+                (f as u32 + 1).min(SLOW_START_STEPS)
+            }
+            _ => SLOW_START_STEPS,
+        }
+    }
+    /// The weight the table uses at slow-start step `step`: weight × step,
+    /// so a backend at full weight has weight × SLOW_START_STEPS and a
+    /// ramping one a tenth, two tenths… of that (shares stay proportional).
+    fn effective_weight(&self, step: u32) -> u32 {
+        self.weight * step
     }
     fn key_bytes(&self) -> Vec<u8> {
         match self.ip {
@@ -117,6 +167,9 @@ pub struct VipState {
     pub health: HealthConfig,
     /// What to do when every backend is down.
     pub all_down: AllDown,
+    /// Slow start: a backend's weight ramps up over this long after it
+    /// comes up (0 = at once).
+    pub slow_start_ms: u64,
     /// All backends are down and `all_down` is fail-open: balancing over them anyway.
     pub failing_open: bool,
     /// The VIP entry as last published to the datapath.
@@ -130,6 +183,52 @@ pub struct VipState {
     /// Traffic of backends since removed (a VIP's counters are the sum over
     /// its backends, kept here when one leaves).
     pub retired: lb_common::Counters,
+}
+
+/// What a VIP's datapath state should be, computed without touching it.
+struct Plan {
+    /// Ids whose entries are alive.
+    alive: Vec<u32>,
+    /// Effective weights of the backends in the table.
+    weights: std::collections::HashMap<u32, u32>,
+    /// Slow-start steps used.
+    steps: std::collections::HashMap<u32, u32>,
+    /// The table or sequence.
+    table: Vec<u32>,
+    /// Entries that differ from the published table.
+    moved: usize,
+    /// Every backend is down and the VIP fails open.
+    failing_open: bool,
+}
+
+/// Compute a VIP's plan at `now` (slow start included).
+fn plan(vip: &Vip, state: &VipState, ring_size: u32, now: Instant) -> Result<Plan> {
+    let _ = vip;
+    // All down and fail-open: treat every backend with a known MAC as up.
+    let failing_open = state.all_down == AllDown::FailOpen
+        && !state.backends.values().any(|b| b.usable())
+        && state.backends.values().any(|b| b.mac.is_some() && b.weight > 0 && b.admin == Admin::Ready);
+    let alive_now = |b: &Backend| b.alive() || (failing_open && b.mac.is_some() && b.admin != Admin::Maint);
+    let usable_now = |b: &Backend| b.usable() || (failing_open && b.mac.is_some() && b.weight > 0 && b.admin == Admin::Ready);
+    let mut steps = std::collections::HashMap::new();
+    let mut weights = std::collections::HashMap::new();
+    let mut keys: Vec<(Vec<u8>, u32, u32)> = Vec::new();
+    for b in state.backends.values().filter(|b| usable_now(b)) {
+        let step = b.step(now, state.slow_start_ms);
+        let w = b.effective_weight(step);
+        steps.insert(b.id, step);
+        weights.insert(b.id, w);
+        keys.push((b.key_bytes(), w, b.id));
+    }
+    let members: Vec<tables::Member> = keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
+    let table = tables::build(state.algo, &members, ring_size)?;
+    let moved = if state.table.len() == table.len() {
+        state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
+    } else {
+        table.len().max(state.table.len())
+    };
+    let alive = state.backends.values().filter(|b| alive_now(b)).map(|b| b.id).collect();
+    Ok(Plan { alive, weights, steps, table, moved, failing_open })
 }
 
 /// Settings of an agent.
@@ -266,6 +365,7 @@ impl Agent {
                 persist_secs,
                 health,
                 all_down,
+                slow_start_ms: 0,
                 failing_open: false,
                 published,
                 ring_slot: None,
@@ -301,13 +401,13 @@ impl Agent {
     /// Add a backend to a service. Without a MAC, it is resolved from the
     /// kernel's neighbour table; the backend carries traffic once it is
     /// resolved and has passed its first health check.
-    pub fn add_backend(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32) -> Result<()> {
+    pub fn add_backend(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32) -> Result<(usize, usize)> {
         self.add_backends(vip, &[(ip, mac, weight)])
     }
 
     /// Add several backends to a service with one table rebuild. All are
     /// validated first: on any error nothing is added.
-    pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
+    pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<(usize, usize)> {
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let checks = kind_for(vip, &state.health);
         let mut seen = std::collections::BTreeSet::new();
@@ -357,11 +457,14 @@ impl Agent {
                     last_latency_ms: None,
                 },
                 check: None,
+                admin: Admin::Ready,
+                up_since: up.then_some(now),
+                ramp_step: 0,
             };
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
             log::info!("VIP {vip}: backend {ip} added (weight {weight})");
         }
-        self.reconcile(vip)
+        self.reconcile_counted(vip)
     }
 
     /// Give a backend its own health settings (replacing the VIP's).
@@ -385,24 +488,80 @@ impl Agent {
     /// Change a backend's weight. Weight 0 drains it: existing flows stay,
     /// new flows go elsewhere.
     pub fn set_weight(&mut self, vip: &Vip, ip: IpAddr, weight: u32) -> Result<()> {
-        config::check_weight(weight)?;
-        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        let b = state.backends.get_mut(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
-        let old = std::mem::replace(&mut b.weight, weight);
-        log::info!("VIP {vip}: backend {ip} weight {old} → {weight}");
+        self.set_backend(vip, ip, Some(weight), None, false).map(|_| ())
+    }
+
+    /// Change a backend's weight and/or operator state; with `dry_run`,
+    /// only report what the table change would be. Returns (entries that
+    /// change, table size).
+    pub fn set_backend(&mut self, vip: &Vip, ip: IpAddr, weight: Option<u32>, admin: Option<Admin>, dry_run: bool) -> Result<(usize, usize)> {
+        if let Some(w) = weight {
+            config::check_weight(w)?;
+        }
+        let ring_size = self.dp.opts.ring_size;
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        if !state.backends.contains_key(&ip) {
+            bail!("backend {ip} is not in VIP {vip}");
+        }
+        let mut next = state.clone();
+        let b = next.backends.get_mut(&ip).expect("checked above");
+        if let Some(w) = weight {
+            b.weight = w;
+        }
+        if let Some(a) = admin {
+            if a == Admin::Ready && b.admin == Admin::Maint {
+                // Back from maintenance: checked again from scratch.
+                b.health.up = kind_for(vip, b.check.as_ref().unwrap_or(&state.health)) == CheckKind::None;
+                b.health.checked = b.health.up;
+                b.health.next_check = Instant::now();
+                b.up_since = b.health.up.then(Instant::now);
+            }
+            b.admin = a;
+        }
+        let plan = plan(vip, &next, ring_size, Instant::now())?;
+        if dry_run {
+            return Ok((plan.moved, plan.table.len()));
+        }
+        log::info!("VIP {vip}: backend {ip} set to weight {} ({:?})", next.backends[&ip].weight, next.backends[&ip].admin);
+        *self.vips.get_mut(vip).expect("checked above") = next;
+        self.reconcile_counted(vip)
+    }
+
+    /// Rebuild tables whose backends' slow start moved to another step.
+    pub fn tick(&mut self, now: Instant) -> Result<()> {
+        let due: Vec<Vip> = self
+            .vips
+            .iter()
+            .filter(|(_, s)| {
+                s.slow_start_ms > 0 && s.backends.values().any(|b| b.usable() && b.step(now, s.slow_start_ms) != b.ramp_step)
+            })
+            .map(|(v, _)| *v)
+            .collect();
+        for v in due {
+            self.reconcile(&v)?;
+        }
+        Ok(())
+    }
+
+    /// Set a VIP's slow-start time.
+    pub fn set_slow_start(&mut self, vip: &Vip, ms: u64) -> Result<()> {
+        if ms > 3_600_000 {
+            bail!("slow start {ms} ms is over an hour");
+        }
+        self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.slow_start_ms = ms;
         self.reconcile(vip)
     }
 
     /// Remove a backend from a service; its flows move to the others.
-    pub fn del_backend(&mut self, vip: &Vip, ip: IpAddr) -> Result<()> {
+    pub fn del_backend(&mut self, vip: &Vip, ip: IpAddr) -> Result<(usize, usize)> {
         let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let b = state.backends.remove(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
         let carried = self.dp.backend_counters(b.id)?;
         self.vips.get_mut(vip).expect("checked above").retired.add(&carried);
-        self.reconcile(vip)?;
+        let moved = self.reconcile_counted(vip)?;
         self.release_backend_id(b.id)?;
         log::info!("VIP {vip}: backend {ip} removed");
-        Ok(())
+        Ok(moved)
     }
 
     fn release_backend_id(&mut self, id: u32) -> Result<()> {
@@ -417,7 +576,7 @@ impl Agent {
         for (vip, state) in self.vips.iter_mut() {
             for b in state.backends.values_mut() {
                 let cfg = b.check.as_ref().unwrap_or(&state.health);
-                let kind = kind_for(vip, cfg);
+                let kind = if b.admin == Admin::Maint { CheckKind::None } else { kind_for(vip, cfg) };
                 let needs_mac = b.mac_cfg.is_none();
                 if (kind == CheckKind::None && !needs_mac) || b.health.in_flight || b.health.next_check > now {
                     continue;
@@ -441,6 +600,7 @@ impl Agent {
         let Some(state) = self.vips.get_mut(&job.vip) else { return Ok(()) };
         let Some(b) = state.backends.get_mut(&job.ip) else { return Ok(()) };
         let cfg = b.check.as_ref().unwrap_or(&state.health).clone();
+        let mut came_up = false;
         let h = &mut b.health;
         h.in_flight = false;
         let mut changed = false;
@@ -459,6 +619,7 @@ impl Agent {
                 h.fail_streak = 0;
                 if !h.up && (h.ok_streak >= cfg.rise || !h.checked) {
                     h.up = true;
+                    came_up = true;
                     h.transitions += 1;
                     changed = true;
                     log::info!("VIP {}: backend {} is up ({} {} check(s) passed)", job.vip, job.ip, h.ok_streak, job.kind.name());
@@ -489,6 +650,9 @@ impl Agent {
         let transitioning = (h.up && h.fail_streak > 0) || (!h.up && h.ok_streak > 0);
         let base = if transitioning { cfg.fast_interval_ms } else { cfg.interval_ms };
         h.next_check = Instant::now() + jittered(base, cfg.jitter_pct);
+        if came_up {
+            b.up_since = Some(Instant::now());
+        }
         if changed {
             self.reconcile(&job.vip)?;
             if let Some(state) = self.vips.get(&job.vip) {
@@ -507,50 +671,44 @@ impl Agent {
     /// Bring the datapath in line with a VIP's state: backend entries, a new
     /// table in a free slot, then the VIP entry that publishes it.
     pub fn reconcile(&mut self, vip: &Vip) -> Result<()> {
+        self.reconcile_counted(vip).map(|_| ())
+    }
+
+    /// `reconcile`, returning (table entries that changed, table size).
+    pub fn reconcile_counted(&mut self, vip: &Vip) -> Result<(usize, usize)> {
         let ring_size = self.dp.opts.ring_size;
         let src_mac = self.opts.iface_mac.0;
+        let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        // All down and fail-open: treat every backend with a known MAC as up.
-        let failing_open = state.all_down == AllDown::FailOpen
-            && !state.backends.values().any(|b| b.usable())
-            && state.backends.values().any(|b| b.mac.is_some() && b.weight > 0);
-        let alive_now = |b: &Backend| b.alive() || (failing_open && b.mac.is_some());
-        let usable_now = |b: &Backend| b.usable() || (failing_open && b.mac.is_some() && b.weight > 0);
-        let info = |b: &Backend, alive: bool| BackendInfo {
+        let p = plan(vip, state, ring_size, now)?;
+        let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,
             flags: if alive { BACKEND_F_ALIVE } else { 0 },
             gen: b.gen,
-            weight: b.weight,
+            weight,
             vip_id: state.id,
         };
+        let entries: Vec<(u32, BackendInfo, bool)> = state
+            .backends
+            .values()
+            .map(|b| {
+                let alive = p.alive.contains(&b.id);
+                (b.id, info(b, alive, p.weights.get(&b.id).copied().unwrap_or(0)), alive)
+            })
+            .collect();
+        let (vip_id, algo, persist_secs, old_slot) = (state.id, state.algo, state.persist_secs, state.ring_slot);
         // 1. Alive backends first, so the new table never points at an
         //    entry that is not ready.
-        let alive: Vec<(u32, BackendInfo)> =
-            state.backends.values().filter(|b| alive_now(b)).map(|b| (b.id, info(b, true))).collect();
-        let dead: Vec<(u32, BackendInfo)> =
-            state.backends.values().filter(|b| !alive_now(b)).map(|b| (b.id, info(b, false))).collect();
-        // 2. The table.
-        let keys: Vec<(Vec<u8>, u32, u32)> =
-            state.backends.values().filter(|b| usable_now(b)).map(|b| (b.key_bytes(), b.weight, b.id)).collect();
-        let members: Vec<tables::Member> =
-            keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
-        let table = tables::build(state.algo, &members, ring_size)?;
-        let (vip_id, algo, persist_secs, old_slot, n_usable) =
-            (state.id, state.algo, state.persist_secs, state.ring_slot, members.len());
-        let moved = if state.table.len() == table.len() {
-            state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
-        } else {
-            table.len()
-        };
-        for (id, i) in &alive {
+        for (id, i, _) in entries.iter().filter(|e| e.2) {
             self.dp.set_backend(*id, i)?;
         }
-        let new_slot = if table.is_empty() {
+        // 2. The table, in a free slot.
+        let new_slot = if p.table.is_empty() {
             None
         } else {
             let slot = self.free_ring_slots.pop_front().ok_or_else(|| anyhow!("no free ring slot"))?;
-            if let Err(e) = self.dp.write_ring(slot, &table) {
+            if let Err(e) = self.dp.write_ring(slot, &p.table) {
                 self.free_ring_slots.push_front(slot);
                 return Err(e);
             }
@@ -560,7 +718,7 @@ impl Agent {
         let published = VipInfo {
             vip_id,
             ring_off: new_slot.map(|s| s * ring_size).unwrap_or(0),
-            ring_size: table.len() as u32,
+            ring_size: p.table.len() as u32,
             algo: algo as u8,
             flags: 0,
             persist_secs,
@@ -570,23 +728,30 @@ impl Agent {
             self.free_ring_slots.push_back(old);
         }
         // 4. Backends that left: after the table stopped naming them.
-        for (id, i) in &dead {
+        for (id, i, _) in entries.iter().filter(|e| !e.2) {
             self.dp.set_backend(*id, i)?;
         }
         let state = self.vips.get_mut(vip).expect("checked above");
-        if failing_open && !state.failing_open {
+        if p.failing_open && !state.failing_open {
             log::error!("VIP {vip}: every backend is down; failing open (balancing over all of them)");
         }
-        state.failing_open = failing_open;
+        state.failing_open = p.failing_open;
         state.ring_slot = new_slot;
         state.published = published;
+        for b in state.backends.values_mut() {
+            b.ramp_step = p.steps.get(&b.id).copied().unwrap_or(SLOW_START_STEPS);
+        }
         log::info!(
-            "VIP {vip}: {} table of {n_usable} backend(s) published ({} entries, {moved} changed)",
+            "VIP {vip}: {} table of {} backend(s) published ({} entries, {} changed)",
             algo.name(),
-            table.len()
+            p.weights.len(),
+            p.table.len(),
+            p.moved
         );
-        state.table = table;
-        self.sync_fragment_alias(vip)
+        let result = (p.moved, p.table.len());
+        state.table = p.table;
+        self.sync_fragment_alias(vip)?;
+        Ok(result)
     }
 
     /// Keep the VIP pre-filter entry of this VIP's address equal to the
@@ -642,7 +807,13 @@ impl Agent {
             let mut backends = Vec::new();
             for b in s.backends.values() {
                 let c = self.dp.backend_counters(b.id)?;
-                let state = if b.alive() { "up" } else { "down" }.to_string();
+                let state = match b.admin {
+                    Admin::Maint => "maint",
+                    Admin::Drain if b.alive() => "drain",
+                    _ if b.alive() => "up",
+                    _ => "down",
+                }
+                .to_string();
                 let reason = if state == "down" && s.failing_open && b.mac.is_some() {
                     Some(format!("fail-open: {}", b.health.last_error.clone().unwrap_or_else(|| "down".into())))
                 } else if b.mac.is_none() {

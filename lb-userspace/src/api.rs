@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use crate::{
-    agent::{check_persist, parse_algo, Agent},
+    agent::{check_persist, parse_algo, Admin, Agent},
     config::{check_weight, parse_backend_ip, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
 
@@ -42,6 +42,9 @@ pub enum Request {
         /// `drop` or `fail-open` when every backend is down.
         #[serde(default)]
         all_down: Option<String>,
+        /// Slow start, milliseconds.
+        #[serde(default)]
+        slow_start_ms: Option<u64>,
     },
     /// Remove a VIP.
     VipDel {
@@ -64,14 +67,21 @@ pub enum Request {
         #[serde(default)]
         health: Option<HealthConfig>,
     },
-    /// Change a backend's weight (0 drains it).
+    /// Change a backend's weight and/or state; report the table change.
     BackendSet {
         /// `ADDR:PORT/PROTO`.
         vip: String,
         /// Backend address.
         ip: String,
         /// New weight.
-        weight: u32,
+        #[serde(default)]
+        weight: Option<u32>,
+        /// `up`, `drain` or `maint`.
+        #[serde(default)]
+        state: Option<String>,
+        /// Only report.
+        #[serde(default)]
+        dry_run: bool,
     },
     /// Remove a backend from a VIP.
     BackendDel {
@@ -100,12 +110,19 @@ pub struct Response {
 /// Validate and apply one request.
 pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
     match req {
-        Request::VipAdd { vip, algo, persist_timeout, health, all_down } => {
+        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
             let vip: Vip = vip.parse()?;
             let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
             let persist = check_persist(algo, persist_timeout.unwrap_or(0))?;
             let all_down: AllDown = all_down.as_deref().unwrap_or("drop").parse()?;
+            let slow = slow_start_ms.unwrap_or(0);
+            if slow > 3_600_000 {
+                bail!("slow start {slow} ms is over an hour");
+            }
             agent.add_vip_with(vip, algo, persist, health, all_down)?;
+            if slow > 0 {
+                agent.set_slow_start(&vip, slow)?;
+            }
             Ok(serde_json::Value::Null)
         }
         Request::VipDel { vip } => {
@@ -122,23 +139,28 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             if let Some(h) = &health {
                 h.validate()?;
             }
-            agent.add_backend(&vip, ip, mac, weight)?;
+            let (moved, entries) = agent.add_backend(&vip, ip, mac, weight)?;
             if health.is_some() {
                 agent.set_backend_check(&vip, ip, health)?;
             }
-            Ok(serde_json::Value::Null)
+            Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
-        Request::BackendSet { vip, ip, weight } => {
+        Request::BackendSet { vip, ip, weight, state, dry_run } => {
             let vip: Vip = vip.parse()?;
             let ip = parse_backend_ip(&vip, &ip)?;
-            agent.set_weight(&vip, ip, check_weight(weight)?)?;
-            Ok(serde_json::Value::Null)
+            let weight = weight.map(check_weight).transpose()?;
+            let admin = state.as_deref().map(str::parse::<Admin>).transpose()?;
+            if weight.is_none() && admin.is_none() {
+                bail!("nothing to change: give a weight or a state");
+            }
+            let (moved, entries) = agent.set_backend(&vip, ip, weight, admin, dry_run)?;
+            Ok(serde_json::json!({ "moved": moved, "entries": entries, "applied": !dry_run }))
         }
         Request::BackendDel { vip, ip } => {
             let vip: Vip = vip.parse()?;
             let ip = parse_backend_ip(&vip, &ip)?;
-            agent.del_backend(&vip, ip)?;
-            Ok(serde_json::Value::Null)
+            let (moved, entries) = agent.del_backend(&vip, ip)?;
+            Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::Status => Ok(serde_json::to_value(agent.status()?)?),
     }

@@ -202,6 +202,9 @@ pub enum VipCmd {
         /// When every backend is down: drop (default) or fail-open.
         #[arg(long, value_name = "MODE")]
         all_down: Option<String>,
+        /// Ramp a backend that comes up to its full weight over this long.
+        #[arg(long, value_name = "MS")]
+        slow_start_ms: Option<u64>,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -228,16 +231,28 @@ pub enum BackendCmd {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
-    /// Change a backend's weight; `--weight 0` drains it (existing flows
-    /// stay, no new ones).
+    /// Change a backend's weight or state; prints how many table entries
+    /// change.
     Set {
         /// ADDR:PORT/PROTO
         vip: Vip,
         /// Backend IP address.
         ip: String,
-        /// New weight, 0..=10000.
+        /// New weight, 0..=10000 (0 = no new flows).
         #[arg(long)]
-        weight: u32,
+        weight: Option<u32>,
+        /// Keep its flows, send it no new ones.
+        #[arg(long, conflicts_with_all = ["maint", "up"])]
+        drain: bool,
+        /// Take it out of service: no traffic, its flows move, no checks.
+        #[arg(long, conflicts_with_all = ["drain", "up"])]
+        maint: bool,
+        /// Back in service (after --drain or --maint).
+        #[arg(long, conflicts_with_all = ["drain", "maint"])]
+        up: bool,
+        /// Only report what would change.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Remove a backend from a VIP.
     Del {
@@ -274,13 +289,13 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(daemon::run(opts))
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
-        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down }) => {
+        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
             crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
             if let Some(m) = &all_down {
                 m.parse::<crate::config::AllDown>()?;
             }
-            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout, health, all_down })?;
+            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
@@ -297,7 +312,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backend(BackendCmd::Add { vip, ip, mac, weight }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
             check_weight(weight)?;
-            api::call(
+            let r = api::call(
                 &socket,
                 &Request::BackendAdd {
                     vip: vip.to_string(),
@@ -307,17 +322,26 @@ pub fn run(cli: Cli) -> Result<()> {
                     health: None,
                 },
             )?;
+            print_moved(&r, false);
             Ok(())
         }
-        Command::Backend(BackendCmd::Set { vip, ip, weight }) => {
+        Command::Backend(BackendCmd::Set { vip, ip, weight, drain, maint, up, dry_run }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
-            check_weight(weight)?;
-            api::call(&socket, &Request::BackendSet { vip: vip.to_string(), ip: ip.to_string(), weight })?;
+            if let Some(w) = weight {
+                check_weight(w)?;
+            }
+            let state = [(drain, "drain"), (maint, "maint"), (up, "up")].iter().find(|(f, _)| *f).map(|(_, s)| s.to_string());
+            if weight.is_none() && state.is_none() {
+                anyhow::bail!("nothing to change: give --weight, --drain, --maint or --up");
+            }
+            let r = api::call(&socket, &Request::BackendSet { vip: vip.to_string(), ip: ip.to_string(), weight, state, dry_run })?;
+            print_moved(&r, dry_run);
             Ok(())
         }
         Command::Backend(BackendCmd::Del { vip, ip }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
-            api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
+            let r = api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
+            print_moved(&r, false);
             Ok(())
         }
         Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),
@@ -331,6 +355,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// "table: N of M entries changed" from an API answer.
+fn print_moved(r: &serde_json::Value, dry_run: bool) {
+    if let (Some(m), Some(e)) = (r["moved"].as_u64(), r["entries"].as_u64()) {
+        let verb = if dry_run { "would change (dry run, nothing applied)" } else { "changed" };
+        println!("table: {m} of {e} entries {verb}");
     }
 }
 

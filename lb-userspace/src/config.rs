@@ -364,6 +364,10 @@ pub struct VipConfig {
     /// `drop` (default) or `fail-open` when every backend is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub all_down: Option<AllDown>,
+    /// Slow start: milliseconds over which a backend that comes up ramps to
+    /// its full weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_ms: Option<u64>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,

@@ -49,6 +49,8 @@ pub struct DesiredVip {
     pub health: Option<HealthConfig>,
     /// All-down behaviour.
     pub all_down: AllDown,
+    /// Slow start, milliseconds.
+    pub slow_start_ms: u64,
     /// Backends.
     pub backends: Vec<DesiredBackend>,
     /// Backends with their own health settings.
@@ -97,6 +99,7 @@ impl Desired {
                 persist,
                 health: v.health.clone(),
                 all_down: v.all_down.unwrap_or_default(),
+                slow_start_ms: v.slow_start_ms.unwrap_or(0),
                 backends,
                 checks,
             });
@@ -199,6 +202,9 @@ async fn start(
     let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health })?;
     for d in desired.vips {
         agent.add_vip_with(d.vip, d.algo, d.persist, d.health, d.all_down)?;
+        if d.slow_start_ms > 0 {
+            agent.set_slow_start(&d.vip, d.slow_start_ms)?;
+        }
         agent.add_backends(&d.vip, &d.backends)?;
         for (ip, h) in d.checks {
             agent.set_backend_check(&d.vip, ip, Some(h))?;

@@ -32,7 +32,12 @@ pub async fn run(agent: Arc<Mutex<Agent>>, resolver: Option<Resolver>) {
         tokio::select! {
             _ = tick.tick() => {
                 let jobs = match agent.lock() {
-                    Ok(mut a) => a.due_checks(Instant::now()),
+                    Ok(mut a) => {
+                        if let Err(e) = a.tick(Instant::now()) {
+                            log::error!("slow start: {e:#}");
+                        }
+                        a.due_checks(Instant::now())
+                    }
                     Err(_) => return,
                 };
                 for job in jobs {

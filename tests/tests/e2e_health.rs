@@ -99,3 +99,28 @@ fn config_file_overrides_per_backend_and_fails_open() {
     assert!(s.ok >= 20, "fail-open keeps the service reachable: {} ok", s.ok);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn backend_set_reports_table_changes_and_dry_runs() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    d.configure().expect("configure");
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let vip = vip_arg();
+    let b2 = backend_ip(2).to_string();
+    let out = d.cli_ok(&["backend", "set", &vip, &b2, "--weight", "4", "--dry-run"]).expect("dry run");
+    assert!(out.contains("would change (dry run, nothing applied)"), "{out}");
+    assert_eq!(backend(&d, &vip, &b2)["weight"], 1, "dry run applied nothing");
+    let out = d.cli_ok(&["backend", "set", &vip, &b2, "--drain"]).expect("drain");
+    assert!(out.starts_with("table: ") && out.contains("of 65537 entries changed"), "{out}");
+    assert_eq!(backend(&d, &vip, &b2)["state"], "drain");
+    let s = d.connect(100).expect("client");
+    assert_eq!(s.failed, 0);
+    assert!(!s.by_backend.contains_key("b2"), "no new connection to a draining backend");
+    d.cli_ok(&["backend", "set", &vip, &b2, "--up"]).expect("up");
+    assert_eq!(backend(&d, &vip, &b2)["state"], "up");
+    let out = d.cli(&["backend", "set", &vip, &b2]).expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nothing to change"));
+    let out = d.cli(&["backend", "set", &vip, &b2, "--drain", "--maint"]).expect("run");
+    assert!(!out.status.success(), "conflicting states are refused");
+}
