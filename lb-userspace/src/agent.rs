@@ -11,6 +11,8 @@
 use anyhow::{anyhow, bail, Result};
 use lb_common::{Algo, BackendInfo, VipInfo, BACKEND_F_ALIVE};
 use serde::Serialize;
+
+pub use crate::config::Admin;
 use std::{
     collections::{BTreeMap, VecDeque},
     net::IpAddr,
@@ -18,7 +20,7 @@ use std::{
 };
 
 use crate::{
-    config::{self, AllDown, CheckKind, HealthConfig, Mac, Proto, Vip},
+    config::{self, AllDown, CheckKind, Desired, FileConfig, HealthConfig, Mac, Proto, Vip},
     maps::Datapath,
     tables,
 };
@@ -93,31 +95,6 @@ pub struct Backend {
     pub ramp_step: u32,
 }
 
-/// An operator's state for a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Admin {
-    /// In service.
-    #[default]
-    Ready,
-    /// Keeps its flows, gets no new ones.
-    Drain,
-    /// Out of service: no traffic, its flows move, no health checks.
-    Maint,
-}
-
-impl std::str::FromStr for Admin {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "up" | "ready" => Ok(Admin::Ready),
-            "drain" => Ok(Admin::Drain),
-            "maint" => Ok(Admin::Maint),
-            other => bail!("unknown backend state '{other}' (up, drain, maint)"),
-        }
-    }
-}
-
 /// Slow start raises a weight in this many steps (each one a table rebuild).
 pub const SLOW_START_STEPS: u32 = 10;
 
@@ -165,6 +142,8 @@ pub struct VipState {
     pub persist_secs: u16,
     /// Health-check settings of its backends.
     pub health: HealthConfig,
+    /// `health` was set for this VIP (not inherited from the agent).
+    pub health_explicit: bool,
     /// What to do when every backend is down.
     pub all_down: AllDown,
     /// Slow start: a backend's weight ramps up over this long after it
@@ -302,6 +281,8 @@ pub struct Agent {
     backend_gens: Vec<u16>,
     /// Connection-table entries at the last census (and when).
     census: Option<(u64, Instant)>,
+    /// The config file `config reload` and SIGHUP read, if any.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Agent {
@@ -321,6 +302,7 @@ impl Agent {
             free_backend_ids,
             backend_gens,
             census: None,
+            config_path: None,
         })
     }
 
@@ -346,6 +328,7 @@ impl Agent {
         if let Some(h) = &health {
             h.validate()?;
         }
+        let health_explicit = health.is_some();
         let health = health.unwrap_or_else(|| self.opts.health.clone());
         if self.vips.contains_key(&vip) {
             bail!("VIP {vip} already exists");
@@ -364,6 +347,7 @@ impl Agent {
                 algo,
                 persist_secs,
                 health,
+                health_explicit,
                 all_down,
                 slow_start_ms: 0,
                 failing_open: false,
@@ -798,6 +782,142 @@ impl Agent {
         }
         self.census = Some((census.entries, Instant::now()));
         Ok(())
+    }
+
+    /// Make the running state what `d` says, changing only what differs;
+    /// returns a line per change. `d` is fully validated; capacity is checked
+    /// before anything is touched.
+    pub fn apply_desired(&mut self, d: &Desired) -> Result<Vec<String>> {
+        let mut changes = Vec::new();
+        let wanted: BTreeMap<Vip, &config::DesiredVip> = d.vips.iter().map(|v| (v.vip, v)).collect();
+        let new_vips = wanted.keys().filter(|v| !self.vips.contains_key(v)).count();
+        let freed_vips = self.vips.keys().filter(|v| !wanted.contains_key(v)).count();
+        if new_vips > self.free_vip_ids.len() + freed_vips {
+            bail!("the config has {} VIPs; the agent has room for {}", d.vips.len(), self.dp.opts.max_vips);
+        }
+        let new_backends: usize = d
+            .vips
+            .iter()
+            .map(|dv| dv.backends.iter().filter(|b| self.vips.get(&dv.vip).is_none_or(|s| !s.backends.contains_key(&b.ip))).count())
+            .sum();
+        if new_backends > self.free_backend_ids.len() {
+            bail!("the config adds {new_backends} backends; {} backend ids are free", self.free_backend_ids.len());
+        }
+        for dv in &d.vips {
+            if dv.algo == Algo::LeastConn && dv.backends.len() > lb_common::MAX_LEAST_CONN_BACKENDS as usize {
+                bail!("VIP {} (least-conn) has more than {} backends", dv.vip, lb_common::MAX_LEAST_CONN_BACKENDS);
+            }
+        }
+        // Agent-wide health settings, inherited by VIPs without their own.
+        if d.health != self.opts.health {
+            self.opts.health = d.health.clone();
+            changes.push("agent health settings changed".to_string());
+            let inherit: Vec<Vip> = self.vips.iter().filter(|(_, s)| !s.health_explicit).map(|(v, _)| *v).collect();
+            for v in inherit {
+                if let Some(s) = self.vips.get_mut(&v) {
+                    s.health = d.health.clone();
+                }
+            }
+        }
+        let gone: Vec<Vip> = self.vips.keys().filter(|v| !wanted.contains_key(v)).copied().collect();
+        for v in gone {
+            self.del_vip(&v)?;
+            changes.push(format!("vip {v} removed"));
+        }
+        for dv in &d.vips {
+            let vip = dv.vip;
+            if !self.vips.contains_key(&vip) {
+                self.add_vip_with(vip, dv.algo, dv.persist, dv.health.clone(), dv.all_down)?;
+                changes.push(format!("vip {vip} added"));
+            } else {
+                let s = self.vips.get_mut(&vip).expect("present");
+                let health = dv.health.clone().unwrap_or_else(|| self.opts.health.clone());
+                if s.algo != dv.algo || s.persist_secs != dv.persist || s.all_down != dv.all_down || s.health != health || s.health_explicit != dv.health.is_some() {
+                    s.algo = dv.algo;
+                    s.persist_secs = dv.persist;
+                    s.all_down = dv.all_down;
+                    s.health = health;
+                    s.health_explicit = dv.health.is_some();
+                    changes.push(format!("vip {vip} settings changed"));
+                }
+            }
+            let s = self.vips.get_mut(&vip).expect("present");
+            if s.slow_start_ms != dv.slow_start_ms {
+                s.slow_start_ms = dv.slow_start_ms;
+                changes.push(format!("vip {vip} slow start {} ms", dv.slow_start_ms));
+            }
+            let extra: Vec<IpAddr> = s.backends.keys().filter(|ip| !dv.backends.iter().any(|b| b.ip == **ip)).copied().collect();
+            for ip in extra {
+                self.del_backend(&vip, ip)?;
+                changes.push(format!("vip {vip} backend {ip} removed"));
+            }
+            let add: Vec<(IpAddr, Option<Mac>, u32)> = dv
+                .backends
+                .iter()
+                .filter(|b| !self.vips[&vip].backends.contains_key(&b.ip))
+                .map(|b| (b.ip, b.mac, b.weight))
+                .collect();
+            if !add.is_empty() {
+                self.add_backends(&vip, &add)?;
+                for (ip, _, _) in &add {
+                    changes.push(format!("vip {vip} backend {ip} added"));
+                }
+            }
+            for b in &dv.backends {
+                let cur = &self.vips[&vip].backends[&b.ip];
+                if cur.check != b.health {
+                    self.set_backend_check(&vip, b.ip, b.health.clone())?;
+                    changes.push(format!("vip {vip} backend {} health settings changed", b.ip));
+                }
+                let cur = &self.vips[&vip].backends[&b.ip];
+                if cur.mac_cfg != b.mac {
+                    let be = self.vips.get_mut(&vip).expect("present").backends.get_mut(&b.ip).expect("present");
+                    be.mac_cfg = b.mac;
+                    if b.mac.is_some() {
+                        be.mac = b.mac;
+                    }
+                    changes.push(format!("vip {vip} backend {} MAC changed", b.ip));
+                }
+                let cur = &self.vips[&vip].backends[&b.ip];
+                if cur.weight != b.weight || cur.admin != b.state {
+                    changes.push(format!("vip {vip} backend {} weight {} {:?} → {} {:?}", b.ip, cur.weight, cur.admin, b.weight, b.state));
+                    self.set_backend(&vip, b.ip, Some(b.weight), Some(b.state), false)?;
+                }
+            }
+            self.reconcile(&vip)?;
+        }
+        for c in &changes {
+            log::info!("config: {c}");
+        }
+        Ok(changes)
+    }
+
+    /// The running state as a config file that reproduces it.
+    pub fn dump(&self) -> FileConfig {
+        let vips = self
+            .vips
+            .iter()
+            .map(|(v, s)| config::VipConfig {
+                address: v.to_string(),
+                algo: (s.algo != Algo::Maglev).then(|| s.algo.name().to_string()),
+                persist_timeout: (s.persist_secs > 0).then_some(s.persist_secs as u32),
+                health: s.health_explicit.then(|| s.health.clone()),
+                all_down: (s.all_down != AllDown::Drop).then_some(s.all_down),
+                slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
+                backends: s
+                    .backends
+                    .values()
+                    .map(|b| config::BackendConfig {
+                        ip: b.ip.to_string(),
+                        mac: b.mac_cfg.map(|m| m.to_string()),
+                        weight: (b.weight != config::DEFAULT_WEIGHT).then_some(b.weight),
+                        health: b.check.clone(),
+                        state: (b.admin != Admin::Ready).then_some(b.admin),
+                    })
+                    .collect(),
+            })
+            .collect();
+        FileConfig { health: self.opts.health.clone(), vips }
     }
 
     /// Everything `xlb status` shows.

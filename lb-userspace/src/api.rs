@@ -92,6 +92,14 @@ pub enum Request {
     },
     /// Full status.
     Status,
+    /// The running state as a config file.
+    ConfigDump,
+    /// Apply a config file (default: the agent's `--config`): all or nothing.
+    ConfigReload {
+        /// File to read instead of the agent's.
+        #[serde(default)]
+        path: Option<String>,
+    },
 }
 
 /// The agent's answer.
@@ -163,7 +171,23 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::Status => Ok(serde_json::to_value(agent.status()?)?),
+        Request::ConfigDump => {
+            let text = toml::to_string(&agent.dump()).map_err(|e| anyhow!("cannot render the config: {e}"))?;
+            Ok(serde_json::json!({ "toml": text }))
+        }
+        Request::ConfigReload { path } => {
+            let changes = reload(agent, path.map(std::path::PathBuf::from))?;
+            Ok(serde_json::json!({ "changes": changes }))
+        }
     }
+}
+
+/// Validate a config file completely, then apply exactly its difference
+/// from the running state (a file with any error changes nothing).
+pub fn reload(agent: &mut Agent, path: Option<std::path::PathBuf>) -> Result<Vec<String>> {
+    let path = path.or_else(|| agent.config_path.clone()).ok_or_else(|| anyhow!("the agent has no --config file; give one"))?;
+    let desired = crate::config::Desired::load(&path)?;
+    agent.apply_desired(&desired)
 }
 
 /// Bind the API socket: refuses when another agent answers on it, replaces

@@ -38,6 +38,9 @@ pub enum Command {
     /// Manage backends of a virtual service.
     #[command(subcommand)]
     Backend(BackendCmd),
+    /// The declarative config: dump the running state, or reload the file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Show services, backends, health and counters.
     Status {
         /// Print JSON.
@@ -180,6 +183,20 @@ impl CheckArgs {
         h.validate()?;
         Ok(Some(h))
     }
+}
+
+/// `xlb config …`.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Print the running state as a config file that reproduces it.
+    Dump,
+    /// Re-read the agent's config file (or FILE) and apply exactly what
+    /// changed; a file with any error changes nothing (also on SIGHUP).
+    Reload {
+        /// Another file to apply.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 /// `xlb vip …`.
@@ -342,6 +359,23 @@ pub fn run(cli: Cli) -> Result<()> {
             let ip = parse_backend_ip(&vip, &ip)?;
             let r = api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
             print_moved(&r, false);
+            Ok(())
+        }
+        Command::Config(ConfigCmd::Dump) => {
+            let v = api::call(&socket, &Request::ConfigDump)?;
+            print!("{}", v["toml"].as_str().unwrap_or(""));
+            Ok(())
+        }
+        Command::Config(ConfigCmd::Reload { file }) => {
+            let file = file.map(|f| std::fs::canonicalize(&f).with_context(|| format!("cannot read {}", f.display()))).transpose()?;
+            let v = api::call(&socket, &Request::ConfigReload { path: file.map(|f| f.to_string_lossy().into_owned()) })?;
+            let changes: Vec<&str> = v["changes"].as_array().into_iter().flatten().filter_map(|c| c.as_str()).collect();
+            if changes.is_empty() {
+                println!("config: no change");
+            }
+            for c in changes {
+                println!("config: {c}");
+            }
             Ok(())
         }
         Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),

@@ -8,6 +8,7 @@ use lb_common::{addr_v4, VipKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 use std::{fmt, net::IpAddr, path::Path, str::FromStr};
 
+
 /// Largest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
 /// Weight of a backend added without `--weight`.
@@ -329,6 +330,31 @@ impl FromStr for AllDown {
     }
 }
 
+/// An operator's state for a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// In service.
+    #[default]
+    Ready,
+    /// Keeps its flows, gets no new ones.
+    Drain,
+    /// Out of service: no traffic, its flows move, no health checks.
+    Maint,
+}
+
+impl FromStr for Admin {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "up" | "ready" => Ok(Admin::Ready),
+            "drain" => Ok(Admin::Drain),
+            "maint" => Ok(Admin::Maint),
+            other => bail!("unknown backend state '{other}' (up, drain, maint)"),
+        }
+    }
+}
+
 /// A backend in the config file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,6 +370,9 @@ pub struct BackendConfig {
     /// Health checking of this backend (replaces the VIP's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfig>,
+    /// Operator's state: up (default), drain or maint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<Admin>,
 }
 
 /// A VIP in the config file.
@@ -385,27 +414,137 @@ pub struct FileConfig {
     pub vips: Vec<VipConfig>,
 }
 
-impl FileConfig {
-    /// Read and parse a config file (syntax only; the agent validates content).
-    pub fn load(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
-        let cfg: FileConfig = toml::from_str(&text).map_err(|e| {
-            anyhow!("config {}: {}", path.display(), e.to_string().replace('\n', " "))
+/// A backend as configured, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredBackend {
+    /// Address.
+    pub ip: IpAddr,
+    /// MAC, if given.
+    pub mac: Option<Mac>,
+    /// Weight.
+    pub weight: u32,
+    /// Own health settings, if any.
+    pub health: Option<HealthConfig>,
+    /// Operator's state.
+    pub state: Admin,
+}
+
+/// A service as configured, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredVip {
+    /// The service.
+    pub vip: Vip,
+    /// Algorithm.
+    pub algo: lb_common::Algo,
+    /// Source-hash persistence, seconds.
+    pub persist: u16,
+    /// Its own health settings, if any.
+    pub health: Option<HealthConfig>,
+    /// All-down behaviour.
+    pub all_down: AllDown,
+    /// Slow start, milliseconds.
+    pub slow_start_ms: u64,
+    /// Backends.
+    pub backends: Vec<DesiredBackend>,
+}
+
+/// A whole config file, validated: what the agent should run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    /// Agent-wide health settings.
+    pub health: HealthConfig,
+    /// Services.
+    pub vips: Vec<DesiredVip>,
+}
+
+/// 1-based number of the `nth` (0-based) line containing `needle`, or of the
+/// first one.
+fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+    let hits: Vec<usize> = text.lines().enumerate().filter(|(_, l)| l.contains(needle)).map(|(i, _)| i + 1).collect();
+    hits.get(nth).or(hits.first()).copied().unwrap_or(0)
+}
+
+/// The line of `key = …` inside the entry that starts at line `from`
+/// (1-based; up to the next `[` header), or `from` itself.
+fn key_line(text: &str, from: usize, key: &str) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(from)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| l.trim_start().strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')))
+        .map(|(i, _)| i + 1)
+        .unwrap_or(from)
+}
+
+impl Desired {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Desired> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Desired::parse(&text, &path.display().to_string())
+    }
+
+    /// Validate a config text completely; errors name the line
+    /// (`config ORIGIN line N: …`).
+    pub fn parse(text: &str, origin: &str) -> Result<Desired> {
+        let cfg: FileConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.to_string().replace('\n', " ");
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            match line {
+                Some(l) => anyhow!("config {origin} line {l}: {msg}"),
+                None => anyhow!("config {origin}: {msg}"),
+            }
         })?;
-        cfg.health.validate().with_context(|| format!("config {}", path.display()))?;
+        cfg.health.validate().map_err(|e| anyhow!("config {origin} line {}: [health]: {e}", line_of(text, "[health]", 0)))?;
+        let mut vips = Vec::new();
+        let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
         for v in &cfg.vips {
-            let ctx = || format!("config {}: vip {}", path.display(), v.address);
+            let n = seen.entry(v.address.clone()).or_default();
+            let vline = line_of(text, &format!("\"{}\"", v.address), *n);
+            *n += 1;
+            let at = |line: usize, e: anyhow::Error| anyhow!("config {origin} line {line}: vip {}: {e:#}", v.address);
+            let vip: Vip = v.address.parse().map_err(|e| at(vline, e))?;
+            if vips.iter().any(|d: &DesiredVip| d.vip == vip) {
+                return Err(at(vline, anyhow!("duplicate VIP")));
+            }
+            let algo = crate::agent::parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline, "algo"), e))?;
+            let persist = crate::agent::check_persist(algo, v.persist_timeout.unwrap_or(0))
+                .map_err(|e| at(key_line(text, vline, "persist_timeout"), e))?;
             if let Some(h) = &v.health {
-                h.validate().with_context(ctx)?;
+                h.validate().map_err(|e| at(line_of(text, "[vip.health]", vips.len()).max(vline), e))?;
             }
+            let slow_start_ms = v.slow_start_ms.unwrap_or(0);
+            if slow_start_ms > 3_600_000 {
+                return Err(at(key_line(text, vline, "slow_start_ms"), anyhow!("slow_start_ms over an hour")));
+            }
+            let mut backends: Vec<DesiredBackend> = Vec::new();
             for b in &v.backends {
-                if let Some(h) = &b.health {
-                    h.validate().with_context(|| format!("{}: backend {}", ctx(), b.ip))?;
+                let bline = line_of(text, &format!("\"{}\"", b.ip), 0);
+                let bat = |key: &str, e: anyhow::Error| {
+                    let line = if key.is_empty() { bline } else { key_line(text, bline, key) };
+                    anyhow!("config {origin} line {line}: vip {} backend {}: {e:#}", v.address, b.ip)
+                };
+                let ip = parse_backend_ip(&vip, &b.ip).map_err(|e| bat("", e))?;
+                if backends.iter().any(|d| d.ip == ip) {
+                    return Err(bat("", anyhow!("duplicate backend")));
                 }
+                let mac = b.mac.as_deref().map(str::parse::<Mac>).transpose().map_err(|e| bat("mac", e))?;
+                let weight = check_weight(b.weight.unwrap_or(DEFAULT_WEIGHT)).map_err(|e| bat("weight", e))?;
+                if let Some(h) = &b.health {
+                    h.validate().map_err(|e| bat("", e))?;
+                }
+                backends.push(DesiredBackend { ip, mac, weight, health: b.health.clone(), state: b.state.unwrap_or_default() });
             }
+            vips.push(DesiredVip {
+                vip,
+                algo,
+                persist,
+                health: v.health.clone(),
+                all_down: v.all_down.unwrap_or_default(),
+                slow_start_ms,
+                backends,
+            });
         }
-        Ok(cfg)
+        Ok(Desired { health: cfg.health, vips })
     }
 }
 
@@ -470,6 +609,19 @@ mod tests {
         let c: FileConfig = toml::from_str("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nall_down = \"fail-open\"\n[vip.health]\nkind = \"http\"\nhttp_path = \"/health\"\n").expect("valid");
         assert_eq!(c.vips[0].health.as_ref().map(|h| h.kind), Some(CheckKind::Http));
         assert_eq!(c.vips[0].all_down, Some(AllDown::FailOpen));
+    }
+
+    #[test]
+    fn config_errors_name_the_line() {
+        let text = "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n\n[[vip.backend]]\nip = \"10.0.0.2\"\n[[vip.backend]]\nip = \"10.0.0.3\"\nmac = \"zz\"\n";
+        let e = Desired::parse(text, "t.toml").expect_err("bad MAC").to_string();
+        assert!(e.starts_with("config t.toml line 8: ") && e.contains("invalid MAC"), "{e}");
+        let e = Desired::parse("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n", "t").expect_err("dup").to_string();
+        assert!(e.contains("line 4") && e.contains("duplicate VIP"), "{e}");
+        let e = Desired::parse("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nweight = 3\n", "t").expect_err("unknown key").to_string();
+        assert!(e.contains("line 3"), "{e}");
+        let d = Desired::parse(text.replace("mac = \"zz\"\n", "state = \"drain\"\n").as_str(), "t").expect("valid");
+        assert_eq!(d.vips[0].backends[1].state, Admin::Drain);
     }
 
     #[test]

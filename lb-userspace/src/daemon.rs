@@ -3,17 +3,15 @@
 
 use anyhow::{bail, Context, Result};
 use std::{
-    collections::BTreeSet,
-    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    agent::{check_persist, parse_algo, Agent, AgentOptions},
+    agent::{Agent, AgentOptions},
     api,
-    config::{check_weight, parse_backend_ip, AllDown, FileConfig, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    config::{Desired, HealthConfig, Mac},
     health,
     maps::{AttachMode, Datapath, LoadOptions},
     neigh,
@@ -32,80 +30,6 @@ pub struct DaemonOptions {
     pub socket: PathBuf,
     /// Map sizes.
     pub load: LoadOptions,
-}
-
-/// A backend as configured: address, MAC if given, weight.
-pub type DesiredBackend = (IpAddr, Option<Mac>, u32);
-
-/// A service from the config file, fully validated.
-pub struct DesiredVip {
-    /// The service.
-    pub vip: Vip,
-    /// Algorithm.
-    pub algo: lb_common::Algo,
-    /// Source-hash persistence, seconds.
-    pub persist: u16,
-    /// Its health settings, if it has its own.
-    pub health: Option<HealthConfig>,
-    /// All-down behaviour.
-    pub all_down: AllDown,
-    /// Slow start, milliseconds.
-    pub slow_start_ms: u64,
-    /// Backends.
-    pub backends: Vec<DesiredBackend>,
-    /// Backends with their own health settings.
-    pub checks: Vec<(IpAddr, HealthConfig)>,
-}
-
-/// A config file's services, fully validated.
-pub struct Desired {
-    /// Health settings.
-    pub health: HealthConfig,
-    /// Services.
-    pub vips: Vec<DesiredVip>,
-}
-
-impl Desired {
-    /// Validate a parsed file: every address, MAC, weight and duplicate.
-    pub fn from_file(cfg: &FileConfig) -> Result<Desired> {
-        let mut vips = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (i, v) in cfg.vips.iter().enumerate() {
-            let ctx = || format!("vip #{} ({})", i + 1, v.address);
-            let vip: Vip = v.address.parse().with_context(ctx)?;
-            if !seen.insert(vip) {
-                bail!("{}: duplicate VIP", ctx());
-            }
-            let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).with_context(ctx)?;
-            let persist = check_persist(algo, v.persist_timeout.unwrap_or(0)).with_context(ctx)?;
-            let mut ips = BTreeSet::new();
-            let mut backends = Vec::new();
-            let mut checks = Vec::new();
-            for b in &v.backends {
-                let ip = parse_backend_ip(&vip, &b.ip).with_context(ctx)?;
-                if !ips.insert(ip) {
-                    bail!("{}: duplicate backend {ip}", ctx());
-                }
-                let mac = b.mac.as_deref().map(str::parse::<Mac>).transpose().with_context(ctx)?;
-                let weight = check_weight(b.weight.unwrap_or(DEFAULT_WEIGHT)).with_context(ctx)?;
-                backends.push((ip, mac, weight));
-                if let Some(h) = &b.health {
-                    checks.push((ip, h.clone()));
-                }
-            }
-            vips.push(DesiredVip {
-                vip,
-                algo,
-                persist,
-                health: v.health.clone(),
-                all_down: v.all_down.unwrap_or_default(),
-                slow_start_ms: v.slow_start_ms.unwrap_or(0),
-                backends,
-                checks,
-            });
-        }
-        Ok(Desired { health: cfg.health.clone(), vips })
-    }
 }
 
 /// Fail early, with one clear line, when the process cannot load BPF or
@@ -162,7 +86,7 @@ async fn census_loop(agent: Arc<Mutex<Agent>>) {
 pub async fn run(opts: DaemonOptions) -> Result<()> {
     check_privileges()?;
     let desired = match &opts.config {
-        Some(p) => Desired::from_file(&FileConfig::load(p)?)?,
+        Some(p) => Desired::load(p)?,
         None => Desired { health: HealthConfig::default(), vips: Vec::new() },
     };
     let handle = neigh::connect()?;
@@ -199,17 +123,9 @@ async fn start(
             log::warn!("datapath logging unavailable: {e}");
         }
     }
-    let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health })?;
-    for d in desired.vips {
-        agent.add_vip_with(d.vip, d.algo, d.persist, d.health, d.all_down)?;
-        if d.slow_start_ms > 0 {
-            agent.set_slow_start(&d.vip, d.slow_start_ms)?;
-        }
-        agent.add_backends(&d.vip, &d.backends)?;
-        for (ip, h) in d.checks {
-            agent.set_backend_check(&d.vip, ip, Some(h))?;
-        }
-    }
+    let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health.clone() })?;
+    agent.config_path = opts.config.clone();
+    agent.apply_desired(&desired)?;
     Ok((agent, neigh::Resolver::new(handle, ifindex)))
 }
 
@@ -220,9 +136,19 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     let server = tokio::spawn(api::serve(listener, agent.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: detaching"),
-        _ = int.recv() => log::info!("SIGINT: detaching"),
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { log::info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { log::info!("SIGINT: detaching"); break; }
+            _ = hup.recv() => {
+                let Ok(mut a) = agent.lock() else { break };
+                match api::reload(&mut a, None) {
+                    Ok(c) => log::info!("SIGHUP: config reloaded ({} change(s))", c.len()),
+                    Err(e) => log::error!("SIGHUP: config not reloaded, nothing changed: {e:#}"),
+                }
+            }
+        }
     }
     server.abort();
     health.abort();

@@ -193,6 +193,11 @@ impl Lab {
         Ok(())
     }
 
+    /// The pid of a process started with `spawn` (`ip netns exec` execs it).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
     /// The log of a process started with `spawn`.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
