@@ -99,6 +99,9 @@ pub struct AgentArgs {
     /// Persistence-table capacity in clients (source-hash VIPs with a timeout).
     #[arg(long, default_value_t = DEFAULT_PERSIST_SIZE)]
     pub persist_size: u32,
+    /// Serve Prometheus metrics (read-only) on this address, e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Log unusual datapath verdicts (aya-log; costs a little per logged packet).
     #[arg(long)]
     pub debug_datapath: bool,
@@ -302,6 +305,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 config: a.config,
                 socket,
                 load,
+                metrics: a.metrics,
             };
             runtime()?.block_on(daemon::run(opts))
         }

@@ -30,6 +30,8 @@ pub struct DaemonOptions {
     pub socket: PathBuf,
     /// Map sizes.
     pub load: LoadOptions,
+    /// Prometheus listener, if asked for.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Fail early, with one clear line, when the process cannot load BPF or
@@ -133,6 +135,14 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     let agent = Arc::new(Mutex::new(agent));
     let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
     let census = tokio::spawn(census_loop(agent.clone()));
+    let metrics = opts.metrics.map(|addr| {
+        let a = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, a).await {
+                log::error!("{e:#}");
+            }
+        })
+    });
     let server = tokio::spawn(api::serve(listener, agent.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -154,6 +164,10 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     health.abort();
     census.abort();
     let _ = census.await;
+    if let Some(m) = metrics {
+        m.abort();
+        let _ = m.await;
+    }
     let _ = server.await;
     let _ = health.await;
     let _ = std::fs::remove_file(&opts.socket);

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod health;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod neigh;
 pub mod stats;
 pub mod tables;

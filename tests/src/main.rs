@@ -97,6 +97,15 @@ enum Cmd {
     },
     /// Shared vs per-CPU connection table cost (`cargo xtask measure-conntrack`).
     MeasureConntrack { shared: String, percpu: String },
+    /// One HTTP request; prints the response.
+    Get {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
     /// The demo (what `cargo xtask demo` runs).
     Demo {
         /// The xlb binary.
@@ -132,6 +141,7 @@ fn main() {
         })(),
         Cmd::Attach { floors, prog, iface } => xlb_tests::bench::live::attach(&floors, &prog, &iface),
         Cmd::MeasureConntrack { shared, percpu } => xlb_tests::measure::run(&shared, &percpu),
+        Cmd::Get { target, path, method } => xlb_tests::traffic::request(target, &method, &path).map(|r| print!("{r}")),
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),
     };
     if let Err(e) = r {

@@ -135,6 +135,16 @@ pub fn hold(target: SocketAddr, count: usize, duration: Duration, interval: Dura
     handles.into_iter().filter_map(|t| t.join().ok()).collect()
 }
 
+/// One HTTP/1.0 request; the whole response as text.
+pub fn request(target: SocketAddr, method: &str, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3)).context("connect")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {target}\r\n\r\n").context("send")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).context("receive")?;
+    Ok(resp)
+}
+
 /// What `connect` saw.
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct Summary {

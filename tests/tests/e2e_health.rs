@@ -124,3 +124,33 @@ fn backend_set_reports_table_changes_and_dry_runs() {
     let out = d.cli(&["backend", "set", &vip, &b2, "--drain", "--maint"]).expect("run");
     assert!(!out.status.success(), "conflicting states are refused");
 }
+
+#[test]
+fn prometheus_metrics_are_opt_in_and_read_only() {
+    let (xlb, lab_bin) = binaries();
+    let addr = format!("{}:9100", xlb_tests::lab::LB_IP);
+    let d = Deployment::start(&xlb, &lab_bin, 2, &["--metrics", &addr]).expect("deployment");
+    d.configure().expect("configure");
+    d.wait_states(&[1, 2], Duration::from_secs(10)).expect("up");
+    let s = d.connect(50).expect("client");
+    assert_eq!(s.failed, 0);
+    let get = |method: &str, path: &str| {
+        let out = d.lab.run("client", &d.lab_bin, &["get", "--target", &addr, "--path", path, "--method", method]).expect("get");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let body = get("GET", "/metrics");
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    let vip = vip_arg();
+    let b1 = backend_ip(1);
+    assert!(body.contains(&format!("xlb_backend_up{{vip=\"{vip}\",backend=\"{b1}\"}} 1")), "{body}");
+    assert!(body.contains("# TYPE xlb_datapath_total counter"));
+    let fwd: f64 = body
+        .lines()
+        .find(|l| l.starts_with("xlb_datapath_total{counter=\"forwarded\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("forwarded counter");
+    assert!(fwd >= 150.0, "forwarded {fwd}");
+    assert!(body.contains("xlb_backend_check_latency_seconds{"));
+    assert!(get("GET", "/admin").starts_with("HTTP/1.0 404"));
+    assert!(get("POST", "/metrics").starts_with("HTTP/1.0 405"), "read-only");
+}
