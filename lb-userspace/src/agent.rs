@@ -93,6 +93,63 @@ pub struct Backend {
     pub up_since: Option<Instant>,
     /// Slow-start step (0..=SLOW_START_STEPS) in the published table.
     pub ramp_step: u32,
+    /// What the backend's agent check last said.
+    pub agent: AgentReport,
+}
+
+/// What a backend's agent check reports (HAProxy's agent-check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentReport {
+    /// Percentage of the configured weight to use.
+    pub pct: u32,
+    /// State it asks for (`Ready` = "up").
+    pub state: AgentState,
+}
+
+impl Default for AgentReport {
+    fn default() -> Self {
+        AgentReport { pct: 100, state: AgentState::Up }
+    }
+}
+
+/// A state an agent check can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentState {
+    /// Serve normally.
+    Up,
+    /// Keep flows, no new ones.
+    Drain,
+    /// Down: no traffic, flows move.
+    Down,
+}
+
+impl AgentReport {
+    /// Parse an agent's line: words like `75%`, `up`/`ready`, `drain`,
+    /// `down`/`fail`/`stopped`/`maint`; unknown words are ignored. Keeps
+    /// what the line does not mention from `prev`.
+    pub fn parse(line: &str, prev: AgentReport) -> Result<AgentReport> {
+        let mut r = prev;
+        let mut understood = false;
+        for w in line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()) {
+            let w = w.to_ascii_lowercase();
+            if let Some(p) = w.strip_suffix('%') {
+                r.pct = p.parse::<u32>().map_err(|_| anyhow!("bad percentage '{w}'"))?.min(256);
+                understood = true;
+            } else {
+                r.state = match w.as_str() {
+                    "up" | "ready" => AgentState::Up,
+                    "drain" => AgentState::Drain,
+                    "down" | "fail" | "stopped" | "maint" => AgentState::Down,
+                    _ => continue,
+                };
+                understood = true;
+            }
+        }
+        if !understood {
+            bail!("agent said nothing usable: {:?}", line.trim());
+        }
+        Ok(r)
+    }
 }
 
 /// Slow start raises a weight in this many steps (each one a table rebuild).
@@ -101,11 +158,11 @@ pub const SLOW_START_STEPS: u32 = 10;
 impl Backend {
     /// May carry traffic (existing flows at least).
     pub fn alive(&self) -> bool {
-        self.health.up && self.mac.is_some() && self.admin != Admin::Maint
+        self.health.up && self.mac.is_some() && self.admin != Admin::Maint && self.agent.state != AgentState::Down
     }
     /// Gets new flows.
     pub fn usable(&self) -> bool {
-        self.alive() && self.admin == Admin::Ready && self.weight > 0
+        self.alive() && self.admin == Admin::Ready && self.agent.state == AgentState::Up && self.effective_weight(SLOW_START_STEPS) > 0
     }
     /// Slow-start step at `now` (SLOW_START_STEPS = full weight).
     fn step(&self, now: Instant, slow_start_ms: u64) -> u32 {
@@ -121,7 +178,12 @@ impl Backend {
     /// so a backend at full weight has weight × SLOW_START_STEPS and a
     /// ramping one a tenth, two tenths… of that (shares stay proportional).
     fn effective_weight(&self, step: u32) -> u32 {
-        self.weight * step
+        let w = self.weight * step * self.agent.pct / 100;
+        if w == 0 && self.weight > 0 && self.agent.pct > 0 {
+            1
+        } else {
+            w
+        }
     }
     fn key_bytes(&self) -> Vec<u8> {
         match self.ip {
@@ -230,6 +292,8 @@ pub struct CheckOutcome {
     pub mac: Option<Mac>,
     /// How long the check took, milliseconds.
     pub latency_ms: Option<f64>,
+    /// The agent check's line, or why it failed.
+    pub agent: Option<Result<String, String>>,
 }
 
 /// A health job to run: what to check.
@@ -444,6 +508,7 @@ impl Agent {
                 admin: Admin::Ready,
                 up_since: up.then_some(now),
                 ramp_step: 0,
+                agent: AgentReport::default(),
             };
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
             log::info!("VIP {vip}: backend {ip} added (weight {weight})");
@@ -562,7 +627,8 @@ impl Agent {
                 let cfg = b.check.as_ref().unwrap_or(&state.health);
                 let kind = if b.admin == Admin::Maint { CheckKind::None } else { kind_for(vip, cfg) };
                 let needs_mac = b.mac_cfg.is_none();
-                if (kind == CheckKind::None && !needs_mac) || b.health.in_flight || b.health.next_check > now {
+                let agent = cfg.agent_port.is_some() && b.admin != Admin::Maint;
+                if (kind == CheckKind::None && !needs_mac && !agent) || b.health.in_flight || b.health.next_check > now {
                     continue;
                 }
                 b.health.in_flight = true;
@@ -585,8 +651,7 @@ impl Agent {
         let Some(b) = state.backends.get_mut(&job.ip) else { return Ok(()) };
         let cfg = b.check.as_ref().unwrap_or(&state.health).clone();
         let mut came_up = false;
-        let h = &mut b.health;
-        h.in_flight = false;
+        b.health.in_flight = false;
         let mut changed = false;
         if let (true, Some(mac)) = (job.resolve_mac, out.mac) {
             if b.mac != Some(mac) {
@@ -595,6 +660,21 @@ impl Agent {
                 changed = true;
             }
         }
+        match &out.agent {
+            Some(Ok(line)) => match AgentReport::parse(line, b.agent) {
+                Ok(r) if r != b.agent => {
+                    log::info!("VIP {}: backend {} agent says {:?} → weight {}%, {:?}", job.vip, job.ip, line.trim(), r.pct, r.state);
+                    b.agent = r;
+                    changed = true;
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("VIP {}: backend {} agent check: {e:#}", job.vip, job.ip),
+            },
+            // As in HAProxy, a failing agent check does not change the state.
+            Some(Err(e)) => log::debug!("VIP {}: backend {} agent check failed: {e}", job.vip, job.ip),
+            None => {}
+        }
+        let h = &mut b.health;
         if job.kind != CheckKind::None {
             h.checks += 1;
             h.last_latency_ms = out.latency_ms;
@@ -930,11 +1010,15 @@ impl Agent {
                 let state = match b.admin {
                     Admin::Maint => "maint",
                     Admin::Drain if b.alive() => "drain",
+                    _ if b.alive() && b.agent.state == AgentState::Drain => "drain",
                     _ if b.alive() => "up",
                     _ => "down",
                 }
                 .to_string();
-                let reason = if state == "down" && s.failing_open && b.mac.is_some() {
+                let agent_note = (b.agent != AgentReport::default()).then(|| format!("agent: {}% {:?}", b.agent.pct, b.agent.state).to_lowercase());
+                let reason = if let Some(a) = agent_note.clone().filter(|_| b.agent.state != AgentState::Up) {
+                    Some(a)
+                } else if state == "down" && s.failing_open && b.mac.is_some() {
                     Some(format!("fail-open: {}", b.health.last_error.clone().unwrap_or_else(|| "down".into())))
                 } else if b.mac.is_none() {
                     Some("MAC not resolved yet".to_string())
@@ -956,6 +1040,7 @@ impl Agent {
                     reason,
                     table_share: if s.table.is_empty() { 0.0 } else { slots as f64 / s.table.len() as f64 },
                     check: kind_for(vip, b.check.as_ref().unwrap_or(&s.health)).name().to_string(),
+                    agent: agent_note,
                     check_latency_ms: b.health.last_latency_ms,
                     checks: b.health.checks,
                     check_failures: b.health.failures,
@@ -1058,6 +1143,9 @@ pub struct BackendStatus {
     pub table_share: f64,
     /// Its health check.
     pub check: String,
+    /// What its agent check reported, when not plain "100% up".
+    #[serde(default)]
+    pub agent: Option<String>,
     /// Duration of its last check, milliseconds.
     pub check_latency_ms: Option<f64>,
     /// Health checks run.
@@ -1074,4 +1162,22 @@ pub struct BackendStatus {
     pub new_flows: u64,
     /// Active flows (opened, not yet closed by FIN/RST or ended).
     pub active_flows: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_lines() {
+        let d = AgentReport::default();
+        assert_eq!(AgentReport::parse("75%\n", d).expect("pct"), AgentReport { pct: 75, state: AgentState::Up });
+        assert_eq!(AgentReport::parse("drain", d).expect("drain").state, AgentState::Drain);
+        let r = AgentReport::parse("up 50%", AgentReport { pct: 100, state: AgentState::Down }).expect("both");
+        assert_eq!(r, AgentReport { pct: 50, state: AgentState::Up });
+        assert_eq!(AgentReport::parse("MAINT", d).expect("maint").state, AgentState::Down);
+        assert_eq!(AgentReport::parse("ready 10%", r).expect("kept").pct, 10);
+        assert!(AgentReport::parse("hello", d).is_err());
+        assert!(AgentReport::parse("x%", d).is_err());
+    }
 }

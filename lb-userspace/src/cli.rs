@@ -138,6 +138,9 @@ pub struct CheckArgs {
     /// Milliseconds a check may take.
     #[arg(long = "check-timeout-ms")]
     pub timeout_ms: Option<u64>,
+    /// Agent-check port on the backends (answers `75%`, `drain`, …).
+    #[arg(long = "check-agent-port")]
+    pub agent_port: Option<u16>,
     /// Passing checks to come up.
     #[arg(long = "check-rise")]
     pub rise: Option<u32>,
@@ -159,7 +162,8 @@ impl CheckArgs {
             || self.interval_ms.is_some()
             || self.timeout_ms.is_some()
             || self.rise.is_some()
-            || self.fall.is_some();
+            || self.fall.is_some()
+            || self.agent_port.is_some();
         if !given {
             return Ok(None);
         }
@@ -168,6 +172,7 @@ impl CheckArgs {
             h.kind = k.parse()?;
         }
         h.port = self.port;
+        h.agent_port = self.agent_port;
         h.http_host = self.host.clone();
         h.udp_expect = self.expect.clone();
         if let Some(p) = &self.path {

@@ -235,6 +235,11 @@ pub struct HealthConfig {
     /// UDP: text the reply must contain (any reply when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_expect: Option<String>,
+    /// Agent check (HAProxy's agent-check): a TCP port on the backend that
+    /// answers a line such as `75%`, `up`, `drain`, `down` or `maint`
+    /// (several words allowed, e.g. `up 50%`); applied at every check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_port: Option<u16>,
 }
 
 impl Default for HealthConfig {
@@ -253,6 +258,7 @@ impl Default for HealthConfig {
             http_status: "200-399".into(),
             udp_payload: "xlb-health".into(),
             udp_expect: None,
+            agent_port: None,
         }
     }
 }
@@ -272,7 +278,7 @@ impl HealthConfig {
         if self.jitter_pct > 50 {
             bail!("health jitter_pct {} is over 50", self.jitter_pct);
         }
-        if self.port == Some(0) {
+        if self.port == Some(0) || self.agent_port == Some(0) {
             bail!("health port 0");
         }
         if !self.http_path.starts_with('/') || self.http_path.chars().any(|c| c.is_whitespace() || c.is_control()) {

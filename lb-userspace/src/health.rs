@@ -81,7 +81,32 @@ pub async fn check(job: &CheckJob, resolver: Option<&Resolver>) -> CheckOutcome 
         },
         _ => None,
     };
-    CheckOutcome { ok: result.is_ok(), error: result.err(), mac, latency_ms }
+    let agent = match job.cfg.agent_port {
+        Some(p) => {
+            Some(match tokio::time::timeout(job.timeout, agent_line(SocketAddr::new(job.ip, p))).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("timeout after {} ms", job.timeout.as_millis())),
+            })
+        }
+        _ => None,
+    };
+    CheckOutcome { ok: result.is_ok(), error: result.err(), mac, latency_ms, agent }
+}
+
+/// Read the agent's one line (HAProxy agent-check protocol).
+async fn agent_line(addr: SocketAddr) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let mut buf = Vec::with_capacity(128);
+    let mut chunk = [0u8; 128];
+    while !buf.contains(&b'\n') && buf.len() < 512 {
+        let n = s.read(&mut chunk).await.map_err(|e| format!("receive: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.lines().next().unwrap_or("").to_string())
 }
 
 /// The check itself; `Err` carries the reason (refused, HTTP 503, …).

@@ -26,6 +26,12 @@ enum Cmd {
         /// Also echo UDP on this port.
         #[arg(long)]
         udp_port: Option<u16>,
+        /// Also answer agent checks on this port with --agent-file's line.
+        #[arg(long, requires = "agent_file")]
+        agent_port: Option<u16>,
+        /// The agent's answer (default 100%).
+        #[arg(long)]
+        agent_file: Option<PathBuf>,
     },
     /// COUNT HTTP connections to TARGET; prints a JSON summary.
     Connect {
@@ -116,7 +122,9 @@ enum Cmd {
 
 fn main() {
     let r: Result<()> = match Cli::parse().cmd {
-        Cmd::Serve { name, port, fail_file, udp_port } => xlb_tests::traffic::serve(&name, port, fail_file, udp_port),
+        Cmd::Serve { name, port, fail_file, udp_port, agent_port, agent_file } => {
+            xlb_tests::traffic::serve(&name, port, fail_file, udp_port, agent_port.zip(agent_file))
+        }
         Cmd::Connect { target, count, parallel, timeout_ms } => {
             let s = xlb_tests::traffic::connect(target, count.min(100_000), parallel.min(64), Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&s).unwrap_or_default());

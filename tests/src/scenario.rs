@@ -51,13 +51,16 @@ impl Deployment {
     pub fn start(xlb: &Path, lab_bin: &Path, backends: usize, agent_args: &[&str]) -> Result<Deployment> {
         let mut lab = Lab::new(backends)?;
         for i in 1..=backends {
-            let fail = lab.dir.join(format!("fail-b{i}"));
-            let fail = fail.to_string_lossy().into_owned();
+            let fail = lab.dir.join(format!("fail-b{i}")).to_string_lossy().into_owned();
+            let agent = lab.dir.join(format!("agent-b{i}")).to_string_lossy().into_owned();
             lab.spawn(
                 &format!("server{i}"),
                 &format!("b{i}"),
                 lab_bin,
-                &["serve", "--name", &format!("b{i}"), "--port", "80", "--fail-file", &fail, "--udp-port", "5353"],
+                &[
+                    "serve", "--name", &format!("b{i}"), "--port", "80", "--fail-file", &fail, "--udp-port", "5353",
+                    "--agent-port", "7777", "--agent-file", &agent,
+                ],
             )?;
         }
         lab.spawn("xdp-pass", "sw", xlb, &["xdp-pass", "--iface", "p-lb"])?;

@@ -20,7 +20,18 @@ use std::{
 /// every line with `NAME LINE` (long-lived connection tests). `GET /health`
 /// answers 500 while `fail_file` exists. With `udp_port`, UDP datagrams are
 /// echoed back prefixed with `NAME `.
-pub fn serve(name: &str, port: u16, fail_file: Option<std::path::PathBuf>, udp_port: Option<u16>) -> Result<()> {
+pub fn serve(name: &str, port: u16, fail_file: Option<std::path::PathBuf>, udp_port: Option<u16>, agent: Option<(u16, std::path::PathBuf)>) -> Result<()> {
+    if let Some((ap, file)) = agent {
+        // HAProxy-style agent: answer the file's first line (default "100%").
+        let l = TcpListener::bind(("::", ap)).with_context(|| format!("cannot listen on agent port {ap}"))?;
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let line = std::fs::read_to_string(&file).unwrap_or_else(|_| "100%".into());
+                let _ = writeln!(c, "{}", line.lines().next().unwrap_or(""));
+            }
+        });
+    }
     if let Some(up) = udp_port {
         let sock = std::net::UdpSocket::bind(("::", up)).with_context(|| format!("cannot bind UDP port {up}"))?;
         let name = name.to_string();

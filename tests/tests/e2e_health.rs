@@ -154,3 +154,37 @@ fn prometheus_metrics_are_opt_in_and_read_only() {
     assert!(get("GET", "/admin").starts_with("HTTP/1.0 404"));
     assert!(get("POST", "/metrics").starts_with("HTTP/1.0 405"), "read-only");
 }
+
+#[test]
+fn agent_checks_set_weights_and_states_live() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let vip = vip_arg();
+    d.cli_ok(&["vip", "add", &vip, "--check-agent-port", "7777", "--check-interval-ms", "100"]).expect("vip add");
+    for i in 1..=3 {
+        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
+    }
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let share = |i: usize| backend(&d, &vip, &backend_ip(i).to_string())["table_share"].as_f64().unwrap_or(0.0);
+    // b1's agent reports 50 %: its share of the table halves (0.5 : 1 : 1).
+    std::fs::write(d.lab.dir.join("agent-b1"), "50%\n").expect("agent b1");
+    d.wait("b1 at half weight", Duration::from_secs(5), || Ok((share(1) - 0.2).abs() < 0.01)).expect("50%");
+    assert!(backend(&d, &vip, &backend_ip(1).to_string())["agent"].as_str().is_some_and(|a| a.contains("50%")));
+    // b2's agent says drain: no new flows, state shows it.
+    std::fs::write(d.lab.dir.join("agent-b2"), "drain\n").expect("agent b2");
+    d.wait("b2 draining", Duration::from_secs(5), || Ok(backend(&d, &vip, &backend_ip(2).to_string())["state"] == "drain"))
+        .expect("drain");
+    let s = d.connect(100).expect("client");
+    assert_eq!(s.failed, 0);
+    assert!(!s.by_backend.contains_key("b2"), "{:?}", s.by_backend);
+    // b3's agent says down; then everyone is back to "up 100%".
+    std::fs::write(d.lab.dir.join("agent-b3"), "down\n").expect("agent b3");
+    d.wait("b3 down by its agent", Duration::from_secs(5), || Ok(backend(&d, &vip, &backend_ip(3).to_string())["state"] == "down"))
+        .expect("down");
+    assert!(backend(&d, &vip, &backend_ip(3).to_string())["reason"].as_str().is_some_and(|r| r.contains("agent")));
+    for i in 1..=3 {
+        std::fs::write(d.lab.dir.join(format!("agent-b{i}")), "up 100%\n").expect("agent");
+    }
+    d.wait("all back at full weight", Duration::from_secs(5), || Ok((1..=3).all(|i| (share(i) - 1.0 / 3.0).abs() < 0.01)))
+        .expect("back");
+}
