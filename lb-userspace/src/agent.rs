@@ -852,6 +852,27 @@ impl Agent {
         }
     }
 
+    /// Follow a neighbour-table change: a backend without a configured MAC
+    /// whose resolved MAC changed gets the new one at once (no operator
+    /// action); a vanished entry is re-resolved by the next check.
+    pub fn neighbour_changed(&mut self, ip: IpAddr, mac: Option<Mac>) -> Result<()> {
+        let Some(mac) = mac else { return Ok(()) };
+        let mut changed = Vec::new();
+        for (vip, s) in self.vips.iter_mut() {
+            if let Some(b) = s.backends.get_mut(&ip) {
+                if b.mac_cfg.is_none() && b.mac != Some(mac) {
+                    log::info!("VIP {vip}: backend {ip} moved to {mac} (was {})", b.mac.map(|m| m.to_string()).unwrap_or_else(|| "unresolved".into()));
+                    b.mac = Some(mac);
+                    changed.push(*vip);
+                }
+            }
+        }
+        for v in changed {
+            self.reconcile(&v)?;
+        }
+        Ok(())
+    }
+
     /// Set every backend's active-flow count from a census of the
     /// connection table (corrects flows that ended without FIN/RST).
     pub fn apply_census(&mut self, census: &crate::maps::ConntrackCensus) -> Result<()> {

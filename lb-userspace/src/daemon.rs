@@ -133,8 +133,23 @@ async fn start(
 
 async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: Agent, resolver: neigh::Resolver) -> Result<()> {
     let agent = Arc::new(Mutex::new(agent));
+    let ifindex = resolver.ifindex();
     let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
     let census = tokio::spawn(census_loop(agent.clone()));
+    let neigh_agent = agent.clone();
+    let neighbours = tokio::spawn(async move {
+        let r = neigh::watch(ifindex, |e| {
+            if let Ok(mut a) = neigh_agent.lock() {
+                if let Err(err) = a.neighbour_changed(e.ip, e.mac) {
+                    log::error!("following the MAC of {}: {err:#}", e.ip);
+                }
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            log::warn!("neighbour changes are not followed live (checks still re-resolve MACs): {e:#}");
+        }
+    });
     let metrics = opts.metrics.map(|addr| {
         let a = agent.clone();
         tokio::spawn(async move {
@@ -164,6 +179,8 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     health.abort();
     census.abort();
     let _ = census.await;
+    neighbours.abort();
+    let _ = neighbours.await;
     if let Some(m) = metrics {
         m.abort();
         let _ = m.await;

@@ -55,6 +55,11 @@ impl Resolver {
         Resolver { handle, ifindex }
     }
 
+    /// The interface it resolves on.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
     /// The MAC of `ip` on the interface, if the table has a usable entry.
     pub async fn lookup(&self, ip: IpAddr) -> Result<Option<Mac>> {
         let version = if ip.is_ipv4() { IpVersion::V4 } else { IpVersion::V6 };
@@ -108,4 +113,65 @@ pub fn probe(ip: IpAddr) {
     if let Ok(s) = UdpSocket::bind(bind) {
         let _ = s.send_to(&[], SocketAddr::new(ip, 9));
     }
+}
+
+/// A neighbour-table change on the balancer's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeighbourEvent {
+    /// The neighbour's address.
+    pub ip: IpAddr,
+    /// Its link-layer address, when the entry is usable.
+    pub mac: Option<Mac>,
+}
+
+/// Decode a neighbour message for `ifindex` (None when it is for another
+/// interface or carries no address).
+fn decode(n: &netlink_packet_route::neighbour::NeighbourMessage, ifindex: u32) -> Option<NeighbourEvent> {
+    if n.header.ifindex != ifindex {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
+            NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => mac = Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]])),
+            _ => {}
+        }
+    }
+    let usable = !matches!(n.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None);
+    Some(NeighbourEvent { ip: ip?, mac: mac.filter(|_| usable) })
+}
+
+/// Subscribe to the kernel's neighbour changes (RTMGRP_NEIGH) and call
+/// `apply` for each one on `ifindex`, until the subscription ends.
+pub async fn watch(ifindex: u32, mut apply: impl FnMut(NeighbourEvent)) -> Result<()> {
+    use futures::StreamExt;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr as NlAddr};
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection().context("cannot open a netlink socket")?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&NlAddr::new(0, rtnetlink::constants::RTMGRP_NEIGH))
+        .context("cannot subscribe to neighbour changes")?;
+    tokio::spawn(conn);
+    while let Some((msg, _)) = messages.next().await {
+        let n = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => n,
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => {
+                if let Some(mut e) = decode(&n, ifindex) {
+                    e.mac = None;
+                    apply(e);
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        if let Some(e) = decode(&n, ifindex) {
+            apply(e);
+        }
+    }
+    Ok(())
 }

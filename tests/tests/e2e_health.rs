@@ -188,3 +188,34 @@ fn agent_checks_set_weights_and_states_live() {
     d.wait("all back at full weight", Duration::from_secs(5), || Ok((1..=3).all(|i| (share(i) - 1.0 / 3.0).abs() < 0.01)))
         .expect("back");
 }
+
+#[test]
+fn a_backend_whose_mac_changes_is_followed_live() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 2, &[]).expect("deployment");
+    let vip = vip_arg();
+    // Checks once a minute: only the neighbour subscription can be quick.
+    d.cli_ok(&["vip", "add", &vip, "--check", "tcp", "--check-interval-ms", "60000"]).expect("vip add");
+    for i in 1..=2 {
+        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
+    }
+    d.wait_states(&[1, 2], Duration::from_secs(10)).expect("up");
+    let b2 = backend_ip(2).to_string();
+    let new_mac = "02:00:00:00:aa:22";
+    assert_ne!(backend(&d, &vip, &b2)["mac"], new_mac);
+    // The backend's NIC is replaced (new MAC) and it talks to the balancer,
+    // which learns the new address from its ARP request.
+    let ns = d.lab.ns("b2");
+    xlb_tests::lab::sh("ip", &["-n", &ns, "link", "set", "eth0", "address", new_mac]).expect("new MAC");
+    xlb_tests::lab::sh("ip", &["-n", &ns, "neigh", "flush", "all"]).expect("flush");
+    let lb = format!("{}:9", xlb_tests::lab::LB_IP);
+    let _ = d.lab.run("b2", &d.lab_bin, &["get", "--target", &lb]);
+    let t = d
+        .wait("the new MAC", Duration::from_secs(5), || Ok(backend(&d, &vip, &b2)["mac"] == new_mac))
+        .expect("followed without operator action");
+    eprintln!("MAC change followed after {t:?}");
+    assert!(d.lab.log("agent").contains(&format!("backend {b2} moved to {new_mac}")));
+    let s = d.connect(100).expect("client");
+    assert_eq!(s.failed, 0, "{:?}", s.errors);
+    assert!(s.by_backend.get("b2").copied().unwrap_or(0) > 0, "traffic reaches b2 at its new MAC: {:?}", s.by_backend);
+}
