@@ -65,26 +65,8 @@ impl Resolver {
         let version = if ip.is_ipv4() { IpVersion::V4 } else { IpVersion::V6 };
         let mut entries = self.handle.neighbours().get().set_family(version).execute();
         while let Some(n) = entries.try_next().await.context("neighbour table dump failed")? {
-            if n.header.ifindex != self.ifindex {
-                continue;
-            }
-            if matches!(n.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None) {
-                continue;
-            }
-            let mut dst = None;
-            let mut lla = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
-                    NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => {
-                        lla = Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
-                    }
-                    _ => {}
-                }
-            }
-            if dst == Some(ip) {
-                return Ok(lla);
+            if let Some(e) = decode(&n, self.ifindex).filter(|e| e.ip == ip && e.mac.is_some()) {
+                return Ok(e.mac);
             }
         }
         Ok(None)
