@@ -208,6 +208,8 @@ pub enum ConfigCmd {
 }
 
 /// `xlb vip …`.
+// Parsed once per command line: the size of the `Add` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VipCmd {
     /// Add a VIP, e.g. `xlb vip add 10.0.0.100:80/tcp`.

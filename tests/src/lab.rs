@@ -209,6 +209,30 @@ impl Lab {
     }
 }
 
+/// A scratch directory for one test, removed on drop (also when the test fails).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/xlb-TAG-PID`, created empty.
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let d = std::env::temp_dir().join(format!("xlb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+        Ok(TempDir(d))
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// SIGTERM a child and wait up to 3 s before SIGKILL.
 pub fn terminate(child: &mut Child) {
     // SAFETY: kill(2) on our own child's pid.

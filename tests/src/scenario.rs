@@ -136,9 +136,17 @@ impl Deployment {
 
     /// Add the lab VIP and all backends through the CLI (MACs resolved by the agent).
     pub fn configure(&self) -> Result<()> {
-        self.cli_ok(&["vip", "add", &vip_arg()])?;
-        for i in 1..=self.lab.backends {
-            self.cli_ok(&["backend", "add", &vip_arg(), &lab::backend_ip(i).to_string()])?;
+        let ips: Vec<String> = (1..=self.lab.backends).map(|i| lab::backend_ip(i).to_string()).collect();
+        self.configure_vip(&vip_arg(), &[], &ips)
+    }
+
+    /// `xlb vip add VIP FLAGS…`, then `xlb backend add VIP IP` for each address.
+    pub fn configure_vip(&self, vip: &str, flags: &[&str], backends: &[String]) -> Result<()> {
+        let mut add = vec!["vip", "add", vip];
+        add.extend_from_slice(flags);
+        self.cli_ok(&add)?;
+        for ip in backends {
+            self.cli_ok(&["backend", "add", vip, ip])?;
         }
         Ok(())
     }

@@ -150,8 +150,7 @@ fn bad_input_gets_one_line_and_changes_nothing() {
 #[test]
 fn agent_and_cli_startup_errors_are_one_line() {
     let (xlb, _) = binaries();
-    let dir = std::env::temp_dir().join(format!("xlb-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
+    let dir = xlb_tests::lab::TempDir::new("e2e").expect("scratch dir");
     let sock = dir.join("s.sock");
     let run = |args: &[&str]| {
         std::process::Command::new(&xlb).arg("--socket").arg(&sock).args(args).output().expect("run xlb")
@@ -180,5 +179,4 @@ fn agent_and_cli_startup_errors_are_one_line() {
         .expect("setpriv");
     one_line(&out, "root");
     assert!(!sock.exists(), "no failed start left a socket behind");
-    let _ = std::fs::remove_dir_all(&dir);
 }

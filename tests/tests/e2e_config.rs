@@ -44,8 +44,7 @@ fn shape(d: &Deployment) -> Vec<(String, String, u64, String)> {
 #[test]
 fn dump_reload_and_sighup() {
     let (xlb, lab_bin) = binaries();
-    let dir = std::env::temp_dir().join(format!("xlb-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = xlb_tests::lab::TempDir::new("config").expect("scratch dir");
     let file = dir.join("xlb.toml");
     std::fs::write(&file, config(1, true, false)).expect("config");
     let path = file.to_string_lossy().into_owned();
@@ -86,5 +85,4 @@ fn dump_reload_and_sighup() {
     let b2 = after.iter().find(|b| b.1 == backend_ip(2).to_string()).expect("b2");
     assert_eq!((b2.2, b2.3.as_str()), (1, "drain"), "b2 untouched");
     assert!(d.lab.log("agent").contains("SIGHUP: config reloaded"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,10 +16,8 @@ fn ipv6_vip_balances_and_survives_a_dead_backend() {
     let (xlb, lab_bin) = binaries();
     let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
     let vip = vip6_arg();
-    d.cli_ok(&["vip", "add", &vip]).expect("vip add");
-    for i in 1..=3 {
-        d.cli_ok(&["backend", "add", &vip, &backend_ip6(i).to_string()]).expect("backend add");
-    }
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip6(i).to_string()).collect();
+    d.configure_vip(&vip, &[], &ips).expect("configure");
     let ip6 = |i: usize| backend_ip6(i).to_string();
     d.wait_states_of(&vip, &ip6, &[1, 2, 3], Duration::from_secs(10)).expect("backends resolved by NDP and up");
     let target = format!("[{}]:80", lab::VIP6);
@@ -73,10 +71,8 @@ fn long_lived_connections_stay_put_through_changes_and_move_when_their_backend_d
     let (xlb, lab_bin) = binaries();
     let mut d = Deployment::start(&xlb, &lab_bin, 4, &[]).expect("deployment");
     let vip = vip_arg();
-    d.cli_ok(&["vip", "add", &vip]).expect("vip add");
-    for i in 1..=3 {
-        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
-    }
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &[], &ips).expect("configure");
     d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
 
     // Phase 1: 50 connections for 6 s; meanwhile add b4, reweight b1, drain b2.

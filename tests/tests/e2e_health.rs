@@ -19,10 +19,8 @@ fn http_check_takes_out_a_backend_answering_500_and_brings_it_back() {
     let (xlb, lab_bin) = binaries();
     let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
     let vip = vip_arg();
-    d.cli_ok(&["vip", "add", &vip, "--check", "http", "--check-path", "/health", "--check-status", "200-299"]).expect("vip add");
-    for i in 1..=3 {
-        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
-    }
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &["--check", "http", "--check-path", "/health", "--check-status", "200-299"], &ips).expect("configure");
     d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
     let b2 = backend(&d, &vip, &backend_ip(2).to_string());
     assert_eq!(b2["check"], "http");
@@ -48,10 +46,8 @@ fn udp_check_sees_a_dead_udp_service() {
     let (xlb, lab_bin) = binaries();
     let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
     let vip = format!("{VIP}:5353/udp");
-    d.cli_ok(&["vip", "add", &vip, "--check", "udp", "--check-payload", "ping", "--check-expect", "ping"]).expect("vip add");
-    for i in 1..=3 {
-        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
-    }
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &["--check", "udp", "--check-payload", "ping", "--check-expect", "ping"], &ips).expect("configure");
     let ip = |i: usize| backend_ip(i).to_string();
     d.wait_states_of(&vip, &ip, &[1, 2, 3], Duration::from_secs(10)).expect("up by UDP replies");
     assert_eq!(backend(&d, &vip, &ip(1))["check"], "udp");
@@ -65,8 +61,7 @@ fn udp_check_sees_a_dead_udp_service() {
 #[test]
 fn config_file_overrides_per_backend_and_fails_open() {
     let (xlb, lab_bin) = binaries();
-    let dir = std::env::temp_dir().join(format!("xlb-health-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = xlb_tests::lab::TempDir::new("health").expect("scratch dir");
     let cfg = dir.join("xlb.toml");
     let toml = format!(
         "[[vip]]\naddress = \"{}\"\nall_down = \"fail-open\"\n[vip.health]\nkind = \"http\"\nhttp_path = \"/health\"\nfall = 2\n\
@@ -97,7 +92,6 @@ fn config_file_overrides_per_backend_and_fails_open() {
     // so about a third of the new connections fail: fail-open forwards anyway.
     assert!(s.by_backend.get("b1").copied().unwrap_or(0) > 0 && s.by_backend.get("b2").copied().unwrap_or(0) > 0, "{:?}", s.by_backend);
     assert!(s.ok >= 20, "fail-open keeps the service reachable: {} ok", s.ok);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -160,10 +154,8 @@ fn agent_checks_set_weights_and_states_live() {
     let (xlb, lab_bin) = binaries();
     let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
     let vip = vip_arg();
-    d.cli_ok(&["vip", "add", &vip, "--check-agent-port", "7777", "--check-interval-ms", "100"]).expect("vip add");
-    for i in 1..=3 {
-        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
-    }
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &["--check-agent-port", "7777", "--check-interval-ms", "100"], &ips).expect("configure");
     d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
     let share = |i: usize| backend(&d, &vip, &backend_ip(i).to_string())["table_share"].as_f64().unwrap_or(0.0);
     // b1's agent reports 50 %: its share of the table halves (0.5 : 1 : 1).
@@ -195,10 +187,8 @@ fn a_backend_whose_mac_changes_is_followed_live() {
     let d = Deployment::start(&xlb, &lab_bin, 2, &[]).expect("deployment");
     let vip = vip_arg();
     // Checks once a minute: only the neighbour subscription can be quick.
-    d.cli_ok(&["vip", "add", &vip, "--check", "tcp", "--check-interval-ms", "60000"]).expect("vip add");
-    for i in 1..=2 {
-        d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string()]).expect("backend add");
-    }
+    let ips: Vec<String> = (1..=2).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &["--check", "tcp", "--check-interval-ms", "60000"], &ips).expect("configure");
     d.wait_states(&[1, 2], Duration::from_secs(10)).expect("up");
     let b2 = backend_ip(2).to_string();
     let new_mac = "02:00:00:00:aa:22";

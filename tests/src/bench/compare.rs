@@ -94,32 +94,39 @@ pub fn run(d: &mut Deployment) -> Result<Vec<Mode>> {
     for (k, v) in [("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"), ("net.ipv4.conf.eth0.rp_filter", "0"), ("net.ipv4.conf.all.send_redirects", "0"), ("net.ipv4.conf.eth0.send_redirects", "0")] {
         sh("ip", &["netns", "exec", &lbns, "sysctl", "-qw", &format!("{k}={v}")])?;
     }
+    let backends: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    let map: Vec<String> = backends.iter().enumerate().map(|(i, b)| format!("{i} : {b}")).collect();
     let rules = format!(
-        "table ip xlbbench {{\n chain pre {{\n  type nat hook prerouting priority -100;\n  ip daddr {VIP} tcp dport 80 dnat to numgen inc mod 3 map {{ 0 : {}, 1 : {}, 2 : {} }}\n }}\n}}\n",
-        backend_ip(1),
-        backend_ip(2),
-        backend_ip(3)
+        "table ip xlbbench {{\n chain pre {{\n  type nat hook prerouting priority -100;\n  ip daddr {VIP} tcp dport 80 dnat to numgen inc mod {} map {{ {} }}\n }}\n}}\n",
+        backends.len(),
+        map.join(", ")
     );
     let rules_file = d.lab.dir.join("nft.conf");
     std::fs::write(&rules_file, rules)?;
     sh("ip", &["netns", "exec", &lbns, "nft", "-f", &rules_file.to_string_lossy()])?;
-    for i in 1..=3 {
-        sh("ip", &["-n", &d.lab.ns(&format!("b{i}")), "route", "add", &format!("{CLIENT_IP}/32"), "via", &LB_IP.to_string()])?;
-    }
+    // NAT: the replies must come back through the balancer.
+    let routes = |op: &str| -> Result<()> {
+        for i in 1..=backends.len() {
+            let mut args = vec!["-n".to_string(), d.lab.ns(&format!("b{i}")), "route".into(), op.into(), format!("{CLIENT_IP}/32")];
+            if op == "add" {
+                args.extend(["via".to_string(), LB_IP.to_string()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sh("ip", &args)?;
+        }
+        Ok(())
+    };
+    routes("add")?;
     let (c, u, f) = measure(d, &format!("{VIP}:80"))?;
     rows.push(("nftables".into(), c, u, f));
     sh("ip", &["netns", "exec", &lbns, "nft", "delete", "table", "ip", "xlbbench"])?;
-    for i in 1..=3 {
-        sh("ip", &["-n", &d.lab.ns(&format!("b{i}")), "route", "del", &format!("{CLIENT_IP}/32")])?;
-    }
+    routes("del")?;
 
     // HAProxy in TCP mode, listening on the VIP on the balancer.
     sh("ip", &["-n", &lbns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+    let servers: String = backends.iter().enumerate().map(|(i, b)| format!(" server b{} {b}:80\n", i + 1)).collect();
     let cfg = format!(
-        "global\n maxconn 4000\ndefaults\n mode tcp\n timeout connect 3s\n timeout client 10s\n timeout server 10s\nfrontend f\n bind {VIP}:80\n default_backend b\nbackend b\n balance roundrobin\n server b1 {}:80\n server b2 {}:80\n server b3 {}:80\n",
-        backend_ip(1),
-        backend_ip(2),
-        backend_ip(3)
+        "global\n maxconn 4000\ndefaults\n mode tcp\n timeout connect 3s\n timeout client 10s\n timeout server 10s\nfrontend f\n bind {VIP}:80\n default_backend b\nbackend b\n balance roundrobin\n{servers}"
     );
     let cfg_file = d.lab.dir.join("haproxy.cfg");
     std::fs::write(&cfg_file, cfg)?;
