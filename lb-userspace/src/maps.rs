@@ -277,11 +277,6 @@ impl Datapath {
         self.backends.set(id, info, 0).context("cannot write the backend map")
     }
 
-    /// Read a backend entry.
-    pub fn backend(&self, id: u32) -> Result<BackendInfo> {
-        self.backends.get(&id, 0).context("cannot read the backend map")
-    }
-
     /// Write a table (Maglev table or id sequence, at most `ring_size`
     /// entries) into ring slot `slot`.
     pub fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
@@ -365,11 +360,6 @@ impl Datapath {
     /// Insert a connection-table entry directly (benchmarks fill the table).
     pub fn conntrack_insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
         self.conntrack.insert(key, value, 0).context("cannot write the connection table")
-    }
-
-    /// Look a flow up in the connection table.
-    pub fn conntrack_get(&self, key: &FlowKey) -> Option<FlowValue> {
-        self.conntrack.get(key, 0).ok()
     }
 
     /// Capacity of the backend array.
