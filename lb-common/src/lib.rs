@@ -43,6 +43,13 @@ pub const DEFAULT_PERSIST_SIZE: u32 = 1 << 16;
 /// IPv6 extension headers walked at most before giving up (`PassExtHeaders`).
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 
+/// Version of the map layouts (every key, value and map type above and in
+/// `maps`). Pinned maps are reused by a restarted or upgraded agent only
+/// when this and every map size match (the pin directory is named by both),
+/// because the kernel does not check a reused pin's layout. Bump it whenever
+/// a map's key, value or type changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
     /// `VipKey` → `VipInfo`.
@@ -66,6 +73,8 @@ pub mod map_names {
     pub const RR: &str = "XLB_RR";
     /// `PersistKey` → `PersistValue` (LRU, source-hash persistence).
     pub const PERSIST: &str = "XLB_PERSIST";
+    /// Every map above: all are pinned, and a restarted agent reuses them all.
+    pub const ALL: [&str; 10] = [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST];
 }
 
 /// Entries of the VIP pre-filter (`XLB_VIP_FILTER`).

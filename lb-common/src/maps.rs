@@ -110,7 +110,7 @@ pub const MAX_LEAST_CONN_BACKENDS: u32 = 256;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {
-    /// Index into `XLB_VIP_STATS`.
+    /// The VIP's id: index into `XLB_RR`, and the `vip_id` of its backends.
     pub vip_id: u32,
     /// First entry of this VIP's Maglev table in `XLB_RINGS`.
     pub ring_off: u32,
@@ -265,6 +265,8 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    /// A change here changes the pinned maps' layout: bump `LAYOUT_VERSION`
+    /// (a restarted agent then starts fresh tables instead of misreading them).
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<VipInfo>(), 16);

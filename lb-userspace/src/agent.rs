@@ -25,6 +25,9 @@ use crate::{
     tables,
 };
 
+mod adopt;
+pub use adopt::{Adoption, Persist};
+
 /// A scheduling algorithm as operators name it.
 pub fn parse_algo(s: &str) -> Result<Algo> {
     Algo::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
@@ -66,6 +69,25 @@ pub struct Health {
     pub last_latency_ms: Option<f64>,
     /// A check is running.
     pub in_flight: bool,
+}
+
+impl Health {
+    /// A backend's health before its first check (`up` when it is not checked).
+    fn fresh(up: bool, now: Instant) -> Health {
+        Health {
+            up,
+            checked: up,
+            ok_streak: 0,
+            fail_streak: 0,
+            last_error: None,
+            transitions: 0,
+            checks: 0,
+            failures: 0,
+            next_check: now,
+            in_flight: false,
+            last_latency_ms: None,
+        }
+    }
 }
 
 /// One backend of one VIP.
@@ -347,6 +369,14 @@ pub struct Agent {
     census: Option<(u64, Instant)>,
     /// The config file `config reload` and SIGHUP read, if any.
     pub config_path: Option<std::path::PathBuf>,
+    /// The state file kept for restarts (pinned deployments only).
+    pub persist: Option<Persist>,
+    /// How the program is attached (`native`, `generic`), for status and the state file.
+    pub attach_mode: String,
+    /// Pin directory of the maps, when pinned.
+    pub pinned: Option<std::path::PathBuf>,
+    /// Asks the daemon to detach and exit (`xlb detach`).
+    pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
 
 impl Agent {
@@ -367,6 +397,10 @@ impl Agent {
             backend_gens,
             census: None,
             config_path: None,
+            persist: None,
+            attach_mode: "not attached".to_string(),
+            pinned: None,
+            detach_tx: None,
         })
     }
 
@@ -424,7 +458,9 @@ impl Agent {
         );
         log::info!("VIP {vip} added ({})", algo.name());
         self.sync_filter(&vip)?;
-        self.sync_fragment_alias(&vip)
+        self.sync_fragment_alias(&vip)?;
+        self.save_state();
+        Ok(())
     }
 
     /// Remove a service and its backends.
@@ -443,7 +479,9 @@ impl Agent {
         self.free_vip_ids.push_back(state.id);
         log::info!("VIP {vip} removed");
         self.sync_filter(vip)?;
-        self.sync_fragment_alias(vip)
+        self.sync_fragment_alias(vip)?;
+        self.save_state();
+        Ok(())
     }
 
     /// Add a backend to a service. Without a MAC, it is resolved from the
@@ -491,19 +529,7 @@ impl Agent {
                 weight,
                 id,
                 gen,
-                health: Health {
-                    up,
-                    checked: up,
-                    ok_streak: 0,
-                    fail_streak: 0,
-                    last_error: None,
-                    transitions: 0,
-                    checks: 0,
-                    failures: 0,
-                    next_check: now,
-                    in_flight: false,
-                    last_latency_ms: None,
-                },
+                health: Health::fresh(up, now),
                 check: None,
                 admin: Admin::Ready,
                 up_since: up.then_some(now),
@@ -614,7 +640,9 @@ impl Agent {
     }
 
     fn release_backend_id(&mut self, id: u32) -> Result<()> {
-        self.dp.set_backend(id, &BackendInfo::default())?;
+        // The entry keeps its generation: a restarted agent reads it back, so
+        // the id's next owner never matches its predecessor's flows.
+        self.dp.set_backend(id, &BackendInfo { gen: self.backend_gens[id as usize], ..Default::default() })?;
         self.free_backend_ids.push_back(id);
         Ok(())
     }
@@ -815,6 +843,7 @@ impl Agent {
         let result = (p.moved, p.table.len());
         state.table = p.table;
         self.sync_fragment_alias(vip)?;
+        self.save_state();
         Ok(result)
     }
 
@@ -1094,6 +1123,9 @@ impl Agent {
         let counters = lb_common::stats::ALL.iter().map(|s| (s.name().to_string(), stats[*s as usize])).collect();
         Ok(Status {
             vips,
+            attach_mode: self.attach_mode.clone(),
+            program_id: self.dp.program_id(),
+            pinned: self.pinned.as_ref().map(|p| p.display().to_string()),
             counters,
             ring_size: self.dp.opts.ring_size,
             conntrack_capacity: self.dp.opts.conntrack_size,
@@ -1108,6 +1140,15 @@ impl Agent {
 pub struct Status {
     /// Services.
     pub vips: Vec<VipStatus>,
+    /// How the program is attached (`native`, `generic`).
+    #[serde(default)]
+    pub attach_mode: String,
+    /// Kernel id of the running XDP program.
+    #[serde(default)]
+    pub program_id: Option<u32>,
+    /// Where the maps are pinned (none: forwarding ends with the agent).
+    #[serde(default)]
+    pub pinned: Option<String>,
     /// Global datapath counters by name.
     pub counters: BTreeMap<String, u64>,
     /// Entries per Maglev table.

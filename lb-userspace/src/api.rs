@@ -100,6 +100,8 @@ pub enum Request {
         #[serde(default)]
         path: Option<String>,
     },
+    /// Detach the program, remove the pins and the state, and exit.
+    Detach,
 }
 
 /// The agent's answer.
@@ -178,6 +180,11 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
         Request::ConfigReload { path } => {
             let changes = reload(agent, path.map(std::path::PathBuf::from))?;
             Ok(serde_json::json!({ "changes": changes }))
+        }
+        Request::Detach => {
+            let tx = agent.detach_tx.as_ref().ok_or_else(|| anyhow!("this agent cannot be detached through the API"))?;
+            tx.send(()).map_err(|_| anyhow!("the agent is already exiting"))?;
+            Ok(serde_json::Value::Null)
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::{
     daemon::{self, DaemonOptions},
     maps::{AttachMode, Datapath, LoadOptions},
 };
+use crate::pin::{DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR};
 use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
 
 /// xlb: an XDP L4 load balancer (L2 direct server return).
@@ -55,6 +56,20 @@ pub enum Command {
         /// Refresh in place every second with rates, like `top` (Ctrl-C to stop).
         #[arg(long)]
         watch: bool,
+    },
+    /// Detach xlb from its interface and remove its pinned maps and state:
+    /// asks the running agent to do it and exit; with no agent running,
+    /// removes the pins of `--iface` directly (which detaches the program).
+    Detach {
+        /// Interface, when no agent is running.
+        #[arg(long)]
+        iface: Option<String>,
+        /// Root of the pins (as given to the agent).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// Directory of the state files (as given to the agent).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Attach a pass-through XDP program to IFACE and hold it until
     /// SIGINT/SIGTERM. On a veth, XDP_TX frames are only delivered when the
@@ -105,6 +120,16 @@ pub struct AgentArgs {
     /// Log unusual datapath verdicts (aya-log; costs a little per logged packet).
     #[arg(long)]
     pub debug_datapath: bool,
+    /// Root under which the maps and the XDP link are pinned (per interface),
+    /// so forwarding survives the agent and a new agent adopts it.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// Pin nothing: forwarding stops when the agent exits.
+    #[arg(long, conflicts_with = "pin_root")]
+    pub no_pin: bool,
+    /// Directory of the agent's state file (what a new agent needs to adopt).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 /// Health-check options of `xlb vip add` (any of them replaces the agent's
@@ -313,10 +338,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 socket,
                 load,
                 metrics: a.metrics,
+                pin_root: (!a.no_pin).then_some(a.pin_root),
+                state_dir: a.state_dir,
             };
             runtime()?.block_on(daemon::run(opts))
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
+        Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
         Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
             crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
@@ -419,6 +447,33 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// `xlb detach`: through the agent when one answers, else by removing the pins.
+fn detach(socket: &std::path::Path, iface: Option<&str>, pin_root: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
+    match api::call(socket, &Request::Detach) {
+        Ok(_) => {
+            // The agent answers first, then detaches: wait for it to finish.
+            let t0 = std::time::Instant::now();
+            while socket.exists() && t0.elapsed() < std::time::Duration::from_secs(10) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            println!("detached");
+            Ok(())
+        }
+        Err(e) => {
+            let Some(iface) = iface else {
+                return Err(e.context("give --iface to remove the pins of an interface with no agent running"));
+            };
+            let pins = crate::pin::Pins::new(pin_root, state_dir, iface, &LoadOptions::default());
+            if !pins.dir.exists() && !pins.state.exists() {
+                anyhow::bail!("nothing pinned for {iface} under {} and no agent answers", pin_root.display());
+            }
+            pins.remove_all()?;
+            println!("removed the pins of {iface} under {} (XDP detached)", pin_root.display());
+            Ok(())
+        }
+    }
+}
+
 fn print_status(s: &Status) {
     if s.vips.is_empty() {
         println!("no VIPs");
@@ -446,6 +501,12 @@ fn print_status(s: &Status) {
             );
         }
     }
+    println!(
+        "datapath: {} mode, program id {}, {}",
+        s.attach_mode,
+        s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+        s.pinned.as_deref().map(|p| format!("maps pinned under {p}")).unwrap_or_else(|| "not pinned".into())
+    );
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });

@@ -1,5 +1,11 @@
-//! `xlb agent`: load and attach the datapath, apply the config file, then
-//! serve the API and run health checks until SIGINT/SIGTERM, and detach.
+//! `xlb agent`: load the datapath (adopting pinned maps left by an earlier
+//! agent), apply the config file, attach (atomically replacing a pinned
+//! program), then serve the API and run health checks until a signal.
+//!
+//! Exit: with pins (the default), SIGTERM/SIGINT end the agent and leave
+//! forwarding running with the last state, for the next agent to adopt
+//! (restarts and upgrades drop nothing); `xlb detach` detaches and removes
+//! the pins. Without pins (`--no-pin`), any exit detaches.
 
 use anyhow::{bail, Context, Result};
 use std::{
@@ -9,12 +15,14 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    agent::{Agent, AgentOptions},
+    agent::{Agent, AgentOptions, Persist},
     api,
-    config::{Desired, HealthConfig, Mac},
+    config::{Desired, Mac},
     health,
-    maps::{AttachMode, Datapath, LoadOptions},
+    maps::{AttachMode, Datapath, LoadOptions, PinnedScan},
     neigh,
+    pin::{layout_name, Pins},
+    state::Snapshot,
 };
 
 /// Everything `xlb agent` is told.
@@ -32,6 +40,17 @@ pub struct DaemonOptions {
     pub load: LoadOptions,
     /// Prometheus listener, if asked for.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Root of the pins (`None`: no pinning).
+    pub pin_root: Option<PathBuf>,
+    /// Directory of the state file.
+    pub state_dir: PathBuf,
+}
+
+impl DaemonOptions {
+    /// The pin paths of this agent, when it pins.
+    pub fn pins(&self) -> Option<Pins> {
+        self.pin_root.as_ref().map(|r| Pins::new(r, &self.state_dir, &self.iface, &self.load))
+    }
 }
 
 /// Fail early, with one clear line, when the process cannot load BPF or
@@ -88,8 +107,8 @@ async fn census_loop(agent: Arc<Mutex<Agent>>) {
 pub async fn run(opts: DaemonOptions) -> Result<()> {
     check_privileges()?;
     let desired = match &opts.config {
-        Some(p) => Desired::load(p)?,
-        None => Desired { health: HealthConfig::default(), vips: Vec::new() },
+        Some(p) => Some(Desired::load(p)?),
+        None => None,
     };
     let handle = neigh::connect()?;
     let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
@@ -108,30 +127,97 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
 
 async fn start(
     opts: &DaemonOptions,
-    desired: Desired,
+    desired: Option<Desired>,
     ifindex: u32,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
 ) -> Result<(Agent, neigh::Resolver)> {
-    let mut dp = Datapath::load(opts.load)?;
-    let mode = dp.attach(&opts.iface, opts.mode)?;
-    log::info!(
-        "xlb attached to {} (ifindex {ifindex}, {iface_mac}) in {mode} mode; API on {}",
-        opts.iface,
-        opts.socket.display()
-    );
+    let pins = opts.pins();
+    if let Some(p) = &pins {
+        p.prepare()?;
+    }
+    let had_maps = pins.as_ref().is_some_and(|p| p.maps_pinned());
+    let snapshot = match pins.as_ref().map(|p| Snapshot::load(&p.state)) {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            log::warn!("ignoring the state file: {e:#}");
+            None
+        }
+        None => None,
+    };
+    let mut dp = Datapath::load_pinned(opts.load, pins.as_ref().map(|p| p.maps.as_path()))?;
     if opts.load.debug {
         if let Err(e) = aya_log::EbpfLogger::init(&mut dp.ebpf) {
             log::warn!("datapath logging unavailable: {e}");
         }
     }
-    let mut agent = Agent::new(dp, AgentOptions { iface_mac, health: desired.health.clone() })?;
+    let health = desired.as_ref().map(|d| d.health.clone()).unwrap_or_default();
+    let aopts = AgentOptions { iface_mac, health };
+    // Build the whole state in the maps first, then attach: the program
+    // never runs over half-filled tables.
+    let scan = if had_maps { dp.scan()? } else { PinnedScan::default() };
+    let mut agent = if had_maps || snapshot.is_some() {
+        let (a, r) = Agent::adopt(dp, aopts, snapshot.as_ref(), &scan)?;
+        if had_maps {
+            log::info!(
+                "adopted the pinned state: {} VIP(s) and {} backend(s) kept with their flows; {} VIP(s) and {} backend(s) rebuilt",
+                r.vips_kept, r.backends_kept, r.vips_new, r.backends_new
+            );
+        } else {
+            log::warn!(
+                "pinned maps of this layout are missing (first start with new sizes or version?): state restored from the state file into new tables; flows are rescheduled"
+            );
+        }
+        a
+    } else {
+        Agent::new(dp, aopts)?
+    };
     agent.config_path = opts.config.clone();
-    agent.apply_desired(&desired)?;
+    agent.persist = pins.as_ref().map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load) });
+    agent.pinned = pins.as_ref().map(|p| p.maps.clone());
+    if let Some(d) = &desired {
+        let changes = agent.apply_desired(d)?;
+        if had_maps || snapshot.is_some() {
+            log::info!("config file applied over the adopted state: {} change(s)", changes.len());
+        }
+    }
+    agent.collect_garbage(&scan)?;
+    let (mode, took_over) = match &pins {
+        Some(p) => agent.dp.attach_pinned(&opts.iface, opts.mode, &p.link)?,
+        None => (Some(agent.dp.attach(&opts.iface, opts.mode)?), false),
+    };
+    agent.attach_mode = match (mode, &snapshot) {
+        (Some(m), _) => m.to_string(),
+        (None, Some(s)) => s.mode.clone(),
+        (None, None) => "unknown".to_string(),
+    };
+    agent.save_state();
+    if let Some(p) = &pins {
+        for old in p.other_layouts() {
+            log::info!("removing maps of another layout: {}", old.display());
+            if let Err(e) = Pins::remove_maps(&old) {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+    log::info!(
+        "xlb {} {} (ifindex {ifindex}, {iface_mac}) in {} mode, program id {}; {}; API on {}",
+        if took_over { "replaced the program on" } else { "attached to" },
+        opts.iface,
+        agent.attach_mode,
+        agent.dp.program_id().map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+        match &pins {
+            Some(p) => format!("pinned under {}", p.dir.display()),
+            None => "not pinned: forwarding stops with the agent".to_string(),
+        },
+        opts.socket.display()
+    );
     Ok((agent, neigh::Resolver::new(handle, ifindex)))
 }
 
-async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: Agent, resolver: neigh::Resolver) -> Result<()> {
+async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, mut agent: Agent, resolver: neigh::Resolver) -> Result<()> {
+    let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
+    agent.detach_tx = Some(detach_tx);
     let agent = Arc::new(Mutex::new(agent));
     let ifindex = resolver.ifindex();
     let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
@@ -162,10 +248,13 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let pins = opts.pins();
+    let mut detach = pins.is_none();
     loop {
         tokio::select! {
-            _ = term.recv() => { log::info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { log::info!("SIGINT: detaching"); break; }
+            _ = term.recv() => { log::info!("SIGTERM: exiting"); break; }
+            _ = int.recv() => { log::info!("SIGINT: exiting"); break; }
+            _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; break; }
             _ = hup.recv() => {
                 let Ok(mut a) = agent.lock() else { break };
                 match api::reload(&mut a, None) {
@@ -188,11 +277,26 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, agent: A
     let _ = server.await;
     let _ = health.await;
     let _ = std::fs::remove_file(&opts.socket);
-    // Dropping the agent drops the datapath, which detaches the program.
+    if let Ok(a) = agent.lock() {
+        a.save_state();
+    }
+    // Dropping the agent drops the datapath: without pins that detaches the
+    // program; with pins, forwarding goes on until the pins are removed.
     match Arc::try_unwrap(agent) {
         Ok(m) => drop(m),
-        Err(_) => log::warn!("agent still referenced at exit; the kernel detaches XDP when the process ends"),
+        Err(_) => log::warn!("agent still referenced at exit; the kernel releases it when the process ends"),
     }
-    log::info!("detached from {}", opts.iface);
+    match (&pins, detach) {
+        (Some(p), true) => {
+            p.remove_all()?;
+            log::info!("detached from {} (pins under {} removed)", opts.iface, p.dir.display());
+        }
+        (None, _) => log::info!("detached from {}", opts.iface),
+        (Some(p), false) => log::info!(
+            "exited; XDP stays attached to {} with the last state (pinned under {}); a new agent adopts it, `xlb detach` removes it",
+            opts.iface,
+            p.dir.display()
+        ),
+    }
     Ok(())
 }

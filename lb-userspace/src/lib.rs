@@ -14,5 +14,7 @@ pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod neigh;
+pub mod pin;
+pub mod state;
 pub mod stats;
 pub mod tables;

@@ -5,7 +5,11 @@
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -108,6 +112,18 @@ pub struct Datapath {
     backend_conns: Array<MapData, i64>,
     conntrack_id: u32,
     ncpus: usize,
+    last_link: Option<aya::programs::xdp::XdpLinkId>,
+}
+
+/// The pinned maps' view of a running deployment.
+#[derive(Debug, Default)]
+pub struct PinnedScan {
+    /// Every VIP entry (fragment aliases on port 0 included).
+    pub vips: Vec<(VipKey, VipInfo)>,
+    /// Every backend entry, by id (free ids keep their generation).
+    pub backends: Vec<BackendInfo>,
+    /// Non-zero VIP pre-filter indexes.
+    pub filter: Vec<u32>,
 }
 
 /// Open flows per (backend id, generation) and table size, from one walk
@@ -183,10 +199,23 @@ impl Datapath {
 
     /// Load the embedded object (verifier included) without attaching it.
     pub fn load(opts: LoadOptions) -> Result<Datapath> {
+        Self::load_pinned(opts, None)
+    }
+
+    /// Load the embedded object; with `pin_dir`, every map is pinned there,
+    /// and maps already pinned there are reused as they are (contents
+    /// included: that is how a restarted agent keeps the connection table).
+    pub fn load_pinned(opts: LoadOptions, pin_dir: Option<&std::path::Path>) -> Result<Datapath> {
         opts.validate()?;
         raise_memlock();
         let debug: u8 = opts.debug as u8;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, std::path::PathBuf)> =
+            pin_dir.map(|d| map_names::ALL.iter().map(|n| (*n, d.join(n))).collect()).unwrap_or_default();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries(map_names::VIPS, opts.max_vips)
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
@@ -227,6 +256,7 @@ impl Datapath {
             ebpf,
             opts,
             ncpus,
+            last_link: None,
         })
     }
 
@@ -239,27 +269,99 @@ impl Datapath {
             .with_context(|| format!("program {name} is not XDP"))
     }
 
+    /// Kernel id of the loaded balancer program.
+    pub fn program_id(&self) -> Option<u32> {
+        match self.ebpf.program(PROG_XLB)? {
+            aya::programs::Program::Xdp(p) => p.info().ok().map(|i| i.id()),
+            _ => None,
+        }
+    }
+
+    /// Attach the balancer through the XDP link pinned at `link`: when one
+    /// is pinned and still attached, replace its program atomically
+    /// (bpf_link_update: no frame sees no program); otherwise attach anew
+    /// and pin the link. Returns the mode (`None` when an existing link was
+    /// taken over: its mode is kept) and whether a link was taken over.
+    pub fn attach_pinned(&mut self, iface: &str, mode: Option<AttachMode>, link: &std::path::Path) -> Result<(Option<AttachMode>, bool)> {
+        if link.exists() {
+            match self.replace_link(link) {
+                Ok(()) => return Ok((None, true)),
+                Err(e) => {
+                    log::warn!("the pinned XDP link {} is unusable ({e:#}); attaching anew", link.display());
+                    std::fs::remove_file(link).with_context(|| format!("cannot remove the stale link pin {}", link.display()))?;
+                }
+            }
+        }
+        let got = self.attach(iface, mode)?;
+        let link_id = self.last_link.take().ok_or_else(|| anyhow!("no XDP link to pin"))?;
+        let owned = self.program(PROG_XLB)?.take_link(link_id).context("cannot take the XDP link")?;
+        // Kernels with bpf_loop (≥ 5.17, required) all attach XDP through a
+        // BPF link, which is what can be pinned.
+        let fd = FdLink::try_from(owned).with_context(|| format!("XDP on {iface} is not attached through a BPF link; run with --no-pin"))?;
+        fd.pin(link).with_context(|| format!("cannot pin the XDP link at {}", link.display()))?;
+        Ok((Some(got), false))
+    }
+
+    fn replace_link(&mut self, link: &std::path::Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(link).context("cannot open the pinned link")?;
+        let fd: FdLink = pinned.into();
+        let xdp = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+        let prog = self.program(PROG_XLB)?;
+        // The link stays pinned; the program's copy of it closes on drop.
+        prog.attach_to_link(xdp).context("bpf_link_update failed (the link is detached from its device?)")?;
+        Ok(())
+    }
+
     /// Attach the balancer to `iface`: native mode, or generic when `mode`
     /// allows falling back (`None`) and native is impossible.
     pub fn attach(&mut self, iface: &str, mode: Option<AttachMode>) -> Result<AttachMode> {
         let prog = self.program(PROG_XLB)?;
-        match mode {
+        let (id, got) = match mode {
             Some(AttachMode::Native) | None => match prog.attach(iface, XdpMode::Driver) {
-                Ok(_) => Ok(AttachMode::Native),
+                Ok(id) => (id, AttachMode::Native),
                 Err(e) if mode.is_none() => {
                     log::warn!("native XDP is not possible on {iface} ({e}); falling back to generic mode, which is much slower");
-                    prog.attach(iface, XdpMode::Skb)
+                    let id = prog
+                        .attach(iface, XdpMode::Skb)
                         .with_context(|| format!("cannot attach XDP to {iface} in generic mode either"))?;
-                    Ok(AttachMode::Generic)
+                    (id, AttachMode::Generic)
                 }
-                Err(e) => Err(e).with_context(|| format!("cannot attach XDP to {iface} in native mode")),
+                Err(e) => return Err(e).with_context(|| format!("cannot attach XDP to {iface} in native mode")),
             },
             Some(AttachMode::Generic) => {
-                prog.attach(iface, XdpMode::Skb)
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
                     .with_context(|| format!("cannot attach XDP to {iface} in generic mode"))?;
-                Ok(AttachMode::Generic)
+                (id, AttachMode::Generic)
+            }
+        };
+        self.last_link = Some(id);
+        Ok(got)
+    }
+
+    /// Everything the pinned maps say about the running state (for an agent
+    /// adopting them): VIP entries, and every backend entry.
+    pub fn scan(&self) -> Result<PinnedScan> {
+        let mut vips = Vec::new();
+        for kv in self.vips.iter() {
+            vips.push(kv.context("cannot read the VIP map")?);
+        }
+        let mut backends = Vec::with_capacity(MAX_BACKENDS as usize);
+        for id in 0..MAX_BACKENDS {
+            backends.push(self.backends.get(&id, 0).context("cannot read the backend map")?);
+        }
+        let mut filter = Vec::new();
+        for idx in 0..lb_common::VIP_FILTER_SIZE {
+            if self.vip_filter.get(&idx, 0).context("cannot read the VIP filter")? != 0 {
+                filter.push(idx);
             }
         }
+        Ok(PinnedScan { vips, backends, filter })
+    }
+
+    /// Read `len` ring entries from `offset` (a published table).
+    pub fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        (offset..offset + len).map(|i| self.ring_entry(i)).collect()
     }
 
     /// Insert or replace a VIP entry (atomic for readers).

@@ -75,8 +75,14 @@ pub fn delete_ns(ns: &str) {
     let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
 }
 
-/// Remove every lab namespace on the machine (left by a killed run).
+/// Remove every lab namespace on the machine (left by a killed run), and
+/// unmount the labs' BPF filesystems.
 pub fn cleanup_all() {
+    if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
+        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|p| p.contains("/xlb-lab-")) {
+            let _ = Command::new("umount").args(["-l", m]).stderr(Stdio::null()).status();
+        }
+    }
     if let Ok(list) = sh("ip", &["netns", "list"]) {
         for line in list.lines() {
             if let Some(name) = line.split_whitespace().next() {
@@ -96,6 +102,10 @@ pub struct Lab {
     pub backends: usize,
     /// Working directory (API socket, logs).
     pub dir: PathBuf,
+    /// A BPF filesystem of this lab's own, for the agent's pins. Mounted in
+    /// the root mount namespace: `ip netns exec` remounts /sys, which hides
+    /// /sys/fs/bpf from the agent, but not this.
+    pub bpffs: PathBuf,
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
 }
@@ -110,8 +120,10 @@ impl Lab {
     pub fn new(backends: usize) -> Result<Lab> {
         let tag = format!("{}{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::SeqCst));
         let dir = std::env::temp_dir().join(format!("xlb-lab-{tag}"));
-        std::fs::create_dir_all(&dir)?;
-        let mut lab = Lab { tag, backends, dir, namespaces: Vec::new(), children: Vec::new() };
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        let mut lab = Lab { tag, backends, dir, bpffs, namespaces: Vec::new(), children: Vec::new() };
+        sh("mount", &["-t", "bpf", "bpf", &lab.bpffs.to_string_lossy()]).context("mounting the lab's bpffs")?;
         lab.build().context("building the namespace topology")?;
         Ok(lab)
     }
@@ -263,6 +275,8 @@ impl Drop for Lab {
         for ns in self.namespaces.drain(..).rev() {
             delete_ns(&ns);
         }
+        // Unmounting frees whatever is still pinned there.
+        let _ = Command::new("umount").args(["-l"]).arg(&self.bpffs).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -55,6 +55,18 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
     },
+    /// New HTTP connections to TARGET at RATE per second for DURATION;
+    /// prints a JSON list of attempts (start time, backend or error).
+    Stream {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// The benchmark (what `cargo xtask bench` runs).
     Bench {
         /// The xlb binary.
@@ -138,6 +150,16 @@ fn main() {
                 Duration::from_millis(interval_ms.max(10)),
             );
             println!("{}", serde_json::to_string(&held).unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Stream { target, rate, duration_ms, timeout_ms } => {
+            let a = xlb_tests::traffic::stream(
+                target,
+                rate.clamp(1, 1000),
+                Duration::from_millis(duration_ms.min(60_000)),
+                Duration::from_millis(timeout_ms.clamp(100, 10_000)),
+            );
+            println!("{}", serde_json::to_string(&a).unwrap_or_default());
             Ok(())
         }
         Cmd::Bench { xlb, floors, out, sections } => xlb_tests::bench::run(&xlb, &floors, &out, &sections),

@@ -65,17 +65,46 @@ impl Deployment {
         }
         lab.spawn("xdp-pass", "sw", xlb, &["xdp-pass", "--iface", "p-lb"])?;
         let socket = lab.dir.join("xlb.sock");
-        let sock = socket.to_string_lossy().into_owned();
-        let mut args = vec!["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536"];
-        args.extend_from_slice(agent_args);
-        lab.spawn("agent", "lb", xlb, &args)?;
-        let d = Deployment { lab, xlb: xlb.to_path_buf(), lab_bin: lab_bin.to_path_buf(), socket };
+        let mut d = Deployment { lab, xlb: xlb.to_path_buf(), lab_bin: lab_bin.to_path_buf(), socket };
+        d.start_agent("agent", agent_args)?;
         let sw = d.lab.ns("sw");
-        d.wait("the agent's API and the veth helper", Duration::from_secs(15), || {
-            let xdp_on_peer = lab::sh("ip", &["-n", &sw, "link", "show", "p-lb"]).map(|s| s.contains("xdp")).unwrap_or(false);
-            Ok(xdp_on_peer && d.cli(&["vip", "list"])?.status.success())
+        d.wait("the veth helper", Duration::from_secs(15), || {
+            Ok(lab::sh("ip", &["-n", &sw, "link", "show", "p-lb"]).map(|s| s.contains("xdp")).unwrap_or(false))
         })?;
         Ok(d)
+    }
+
+    /// Where this deployment's agents pin (in the lab's own bpffs).
+    pub fn pin_root(&self) -> PathBuf {
+        self.lab.bpffs.join("xlb")
+    }
+
+    /// Where this deployment's agents keep their state file.
+    pub fn state_dir(&self) -> PathBuf {
+        self.lab.dir.join("state")
+    }
+
+    /// Start `xlb agent` on the balancer's eth0 as process `name` (pinning
+    /// in the lab's bpffs unless `args` say `--no-pin`) and wait for its API.
+    pub fn start_agent(&mut self, name: &str, args: &[&str]) -> Result<()> {
+        let (sock, pins, state) = (
+            self.socket.to_string_lossy().into_owned(),
+            self.pin_root().to_string_lossy().into_owned(),
+            self.state_dir().to_string_lossy().into_owned(),
+        );
+        let mut all = vec!["--socket", sock.as_str(), "agent", "--iface", "eth0"];
+        if !args.contains(&"--conntrack-size") {
+            all.extend_from_slice(&["--conntrack-size", "65536"]);
+        }
+        if !args.contains(&"--no-pin") {
+            all.extend_from_slice(&["--pin-root", &pins, "--state-dir", &state]);
+        }
+        all.extend_from_slice(args);
+        let xlb = self.xlb.clone();
+        self.lab.spawn(name, "lb", &xlb, &all)?;
+        self.wait("the agent's API", Duration::from_secs(15), || Ok(self.cli(&["vip", "list"])?.status.success()))
+            .with_context(|| format!("agent {name}: {}", self.lab.log(name)))?;
+        Ok(())
     }
 
     /// Poll `ready` every 50 ms until it holds or `limit` passes; returns the wait.
@@ -165,6 +194,41 @@ impl Deployment {
             let all_listed = up_ips.iter().all(|u| got.iter().any(|(b, _)| b == u));
             Ok(all_listed && got.iter().all(|(b, st)| (st == "up") == up_ips.contains(b)))
         })
+    }
+
+    /// Start `xlb-lab hold` (`count` long-lived connections to the lab VIP
+    /// for `ms`, a line every 100 ms) in the client namespace, as process `name`.
+    pub fn spawn_hold(&mut self, name: &str, count: usize, ms: u64) -> Result<()> {
+        let target = format!("{VIP}:80");
+        let (c, ms) = (count.to_string(), ms.to_string());
+        let lab_bin = self.lab_bin.clone();
+        self.lab.spawn(name, "client", &lab_bin, &["hold", "--target", &target, "--count", &c, "--duration-ms", &ms, "--interval-ms", "100"])
+    }
+
+    /// Start `xlb-lab stream` (`rate` new connections per second to the lab
+    /// VIP for `ms`) in the client namespace, as process `name`.
+    pub fn spawn_stream(&mut self, name: &str, rate: u32, ms: u64) -> Result<()> {
+        let target = format!("{VIP}:80");
+        let (r, ms) = (rate.to_string(), ms.to_string());
+        let lab_bin = self.lab_bin.clone();
+        self.lab.spawn(name, "client", &lab_bin, &["stream", "--target", &target, "--rate", &r, "--duration-ms", &ms])
+    }
+
+    /// Wait for a background client (`spawn_hold`, `spawn_stream`) to finish
+    /// and parse the JSON report it prints.
+    pub fn report<T: serde::de::DeserializeOwned>(&self, name: &str, limit: Duration) -> Result<T> {
+        let mut line = None;
+        self.wait(&format!("{name} to finish"), limit, || {
+            line = self.lab.log(name).lines().find(|l| l.starts_with('[')).map(str::to_string);
+            Ok(line.is_some())
+        })?;
+        serde_json::from_str(line.as_deref().unwrap_or("")).with_context(|| format!("{name}'s report"))
+    }
+
+    /// The XDP program attached to a role's eth0 (its id), if any.
+    pub fn xdp_prog(&self, role: &str) -> Result<Option<u32>> {
+        let out = lab::sh("ip", &["-n", &self.lab.ns(role), "-d", "link", "show", "eth0"])?;
+        Ok(out.split_whitespace().skip_while(|w| !w.starts_with("prog/xdp")).nth(2).and_then(|id| id.parse().ok()))
     }
 
     /// Open `count` HTTP connections from the client to the VIP.

@@ -183,6 +183,45 @@ fn one(target: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(body)
 }
 
+/// One connection of a `stream`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Attempt {
+    /// When it started, milliseconds since the Unix epoch.
+    pub t_ms: u64,
+    /// Who answered.
+    pub backend: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Wall-clock milliseconds since the Unix epoch (comparable across processes).
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A steady stream of new connections: one every `1/rate` s for `duration`
+/// (each on its own thread, bounded by `timeout`), in start order.
+pub fn stream(target: SocketAddr, rate: u32, duration: Duration, timeout: Duration) -> Vec<Attempt> {
+    let t0 = std::time::Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let mut handles = Vec::new();
+    for i in 0.. {
+        let due = gap * i;
+        if due >= duration {
+            break;
+        }
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let t_ms = epoch_ms();
+        handles.push(std::thread::spawn(move || match one(target, timeout) {
+            Ok(b) => Attempt { t_ms, backend: Some(b), error: None },
+            Err(e) => Attempt { t_ms, backend: None, error: Some(format!("{e:#}")) },
+        }));
+    }
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
+}
+
 /// Open `count` connections, `parallel` at a time, each bounded by `timeout`.
 pub fn connect(target: SocketAddr, count: usize, parallel: usize, timeout: Duration) -> Summary {
     let summary = Arc::new(Mutex::new(Summary::default()));

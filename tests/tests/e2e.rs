@@ -136,15 +136,27 @@ fn bad_input_gets_one_line_and_changes_nothing() {
     let mode = std::fs::metadata(&d.socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     assert_eq!(mode.expect("socket metadata"), 0o600);
 
-    // SIGTERM detaches the program and removes the socket.
+    // SIGTERM ends the agent and removes the socket; the pinned program
+    // keeps forwarding until `xlb detach` (here with no agent running:
+    // it removes the pins, which detaches).
     let lb = d.lab.ns("lb");
     let attached = || xlb_tests::lab::sh("ip", &["-n", &lb, "link", "show", "eth0"]).expect("ip link").contains("xdp");
     assert!(attached(), "attached while running");
     let mut d = d;
     d.lab.stop("agent").expect("stop");
-    assert!(!attached(), "SIGTERM detached XDP from eth0");
+    assert!(attached(), "SIGTERM leaves the pinned program attached");
     assert!(!d.socket.exists(), "socket removed");
-    assert!(d.lab.log("agent").contains("detached from eth0"));
+    assert!(d.lab.log("agent").contains("XDP stays attached to eth0"));
+    let (pins, state) = (d.pin_root(), d.state_dir());
+    let out = d
+        .lab
+        .run("lb", &d.xlb, &["--socket", &d.socket.to_string_lossy(), "detach", "--iface", "eth0", "--pin-root", &pins.to_string_lossy(), "--state-dir", &state.to_string_lossy()])
+        .expect("xlb detach");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!attached(), "xlb detach with no agent removed the pins and so the program");
+    let out = d.lab.run("lb", &d.xlb, &["--socket", &d.socket.to_string_lossy(), "detach"]).expect("xlb detach");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--iface") && err.trim().lines().count() == 1, "{err}");
 }
 
 #[test]

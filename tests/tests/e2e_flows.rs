@@ -39,33 +39,6 @@ fn counter(st: &Value, name: &str) -> u64 {
     st["counters"][name].as_u64().unwrap_or(0)
 }
 
-/// Start `xlb-lab hold` in the client namespace (in the background).
-fn hold(d: &mut Deployment, name: &str, count: usize, ms: u64) {
-    let target = format!("{}:80", lab::VIP);
-    let (c, ms) = (count.to_string(), ms.to_string());
-    let lab_bin = d.lab_bin.clone();
-    d.lab
-        .spawn(name, "client", &lab_bin, &["hold", "--target", &target, "--count", &c, "--duration-ms", &ms, "--interval-ms", "100"])
-        .expect("hold client");
-}
-
-/// Wait for a hold client to finish and parse its report.
-fn held(d: &Deployment, name: &str, limit: Duration) -> Vec<Held> {
-    let mut out = Vec::new();
-    d.wait(&format!("{name} to finish"), limit, || {
-        let log = d.lab.log(name);
-        match log.lines().find(|l| l.starts_with('[')) {
-            Some(line) => {
-                out = serde_json::from_str(line)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    })
-    .expect("hold report");
-    out
-}
-
 #[test]
 fn long_lived_connections_stay_put_through_changes_and_move_when_their_backend_dies() {
     let (xlb, lab_bin) = binaries();
@@ -76,7 +49,7 @@ fn long_lived_connections_stay_put_through_changes_and_move_when_their_backend_d
     d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
 
     // Phase 1: 50 connections for 6 s; meanwhile add b4, reweight b1, drain b2.
-    hold(&mut d, "hold1", 50, 6000);
+    d.spawn_hold("hold1", 50, 6000).expect("hold client");
     std::thread::sleep(Duration::from_millis(1500));
     d.cli_ok(&["backend", "add", &vip, &backend_ip(4).to_string()]).expect("add b4");
     d.cli_ok(&["backend", "set", &vip, &backend_ip(1).to_string(), "--weight", "3"]).expect("reweight b1");
@@ -91,7 +64,7 @@ fn long_lived_connections_stay_put_through_changes_and_move_when_their_backend_d
     assert_eq!(s.failed, 0, "{:?}", s.errors);
     assert!(!s.by_backend.contains_key("b2"), "no new flow to drained b2: {:?}", s.by_backend);
     assert!(s.by_backend.get("b4").copied().unwrap_or(0) > 0, "{:?}", s.by_backend);
-    let report = held(&d, "hold1", Duration::from_secs(20));
+    let report: Vec<Held> = d.report("hold1", Duration::from_secs(20)).expect("hold report");
     assert_eq!(report.len(), 50);
     for h in &report {
         assert!(h.broken.is_none() && !h.switched && h.pings >= 30, "connection did not survive: {h:?}");
@@ -101,12 +74,12 @@ fn long_lived_connections_stay_put_through_changes_and_move_when_their_backend_d
 
     // Phase 2: b3 drops off the network while connections to it are open.
     d.cli_ok(&["backend", "set", &vip, &backend_ip(2).to_string(), "--weight", "1"]).expect("undrain");
-    hold(&mut d, "hold2", 40, 6000);
+    d.spawn_hold("hold2", 40, 6000).expect("hold client");
     std::thread::sleep(Duration::from_millis(1500));
     let stale_before = counter(&d.status().expect("status"), "conntrack_stale");
     lab::sh("ip", &["-n", &d.lab.ns("b3"), "link", "set", "eth0", "down"]).expect("b3 off the network");
     d.wait_states(&[1, 2, 4], Duration::from_secs(5)).expect("b3 marked down");
-    let report = held(&d, "hold2", Duration::from_secs(30));
+    let report: Vec<Held> = d.report("hold2", Duration::from_secs(30)).expect("hold report");
     let (on_b3, others): (Vec<&Held>, Vec<&Held>) = report.iter().partition(|h| h.backend == "b3");
     assert!(!on_b3.is_empty(), "some connections were on b3");
     for h in &on_b3 {

@@ -87,7 +87,8 @@ pub fn run(d: &mut Deployment) -> Result<Vec<Mode>> {
 
     let (c, u, f) = measure(d, &format!("{VIP}:80"))?;
     rows.push(("xlb".into(), c, u, f));
-    d.lab.stop("agent")?;
+    // Detach (a stopped agent would leave the pinned program forwarding).
+    d.cli_ok(&["detach"])?;
 
     // nftables: DNAT on the balancer, replies routed back through it.
     let lbns = d.lab.ns("lb");

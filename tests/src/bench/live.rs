@@ -224,7 +224,7 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
                 .arg(xlb)
                 .arg("--socket")
                 .arg(&socket)
-                .args(["agent", "--iface", "l0", "--conntrack-size", "65536", "--config"])
+                .args(["agent", "--iface", "l0", "--no-pin", "--conntrack-size", "65536", "--config"])
                 .arg(&config)
                 .stderr(std::process::Stdio::null())
                 .spawn()?

@@ -1,0 +1,286 @@
+//! Restarts and upgrades without a dropped flow: the agent's state file,
+//! and adopting pinned maps that an earlier agent (or an earlier version)
+//! left running.
+//!
+//! Adoption keeps every VIP id, backend id and generation that the maps
+//! confirm, so connection-table entries stay valid; tables are republished
+//! (normally identical: zero entries change). Whatever the state file and
+//! the maps disagree on is rebuilt with fresh ids, and map entries nobody
+//! owns any more are removed last (`collect_garbage`), after the config file
+//! (if any) has been applied, so no service is ever briefly missing.
+
+use anyhow::{Context, Result};
+use lb_common::{BackendInfo, VipInfo};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use super::{kind_for, Agent, AgentOptions, AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
+use crate::{
+    config::{CheckKind, Desired, Mac},
+    maps::{Datapath, PinnedScan},
+    state::{BackendRuntime, Snapshot, VipRuntime, STATE_VERSION},
+};
+
+/// Where and how the agent keeps its state file.
+#[derive(Clone, Debug)]
+pub struct Persist {
+    /// The state file.
+    pub path: PathBuf,
+    /// Pin layout of the maps (`pin::layout_name`).
+    pub layout: String,
+}
+
+/// A backend entry in use (free entries keep only their generation).
+fn in_use(b: &BackendInfo) -> bool {
+    b.src_mac != [0; 6]
+}
+
+fn agent_state_name(s: AgentState) -> &'static str {
+    match s {
+        AgentState::Up => "up",
+        AgentState::Drain => "drain",
+        AgentState::Down => "down",
+    }
+}
+
+/// What `Agent::adopt` kept and rebuilt.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Adoption {
+    /// VIPs whose id (and published table) the maps confirmed.
+    pub vips_kept: usize,
+    /// VIPs given a new id.
+    pub vips_new: usize,
+    /// Backends whose id and generation the maps confirmed (their flows stay).
+    pub backends_kept: usize,
+    /// Backends given a new id (their flows are rescheduled).
+    pub backends_new: usize,
+}
+
+impl Agent {
+    /// The state file's contents for the running state.
+    pub fn snapshot(&self, layout: &str) -> Result<Snapshot> {
+        let config = toml::to_string(&self.dump()).context("cannot render the config")?;
+        let vips = self
+            .vips
+            .iter()
+            .map(|(v, s)| VipRuntime {
+                vip: v.to_string(),
+                id: s.id,
+                retired: [s.retired.packets, s.retired.bytes, s.retired.new_flows],
+                backends: s
+                    .backends
+                    .values()
+                    .map(|b| BackendRuntime {
+                        ip: b.ip,
+                        id: b.id,
+                        gen: b.gen,
+                        mac: b.mac.map(|m| m.to_string()),
+                        up: b.health.up,
+                        checked: b.health.checked,
+                        checks: b.health.checks,
+                        failures: b.health.failures,
+                        transitions: b.health.transitions,
+                        ramp_step: b.ramp_step,
+                        agent_pct: b.agent.pct,
+                        agent_state: agent_state_name(b.agent.state).to_string(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), mode: self.attach_mode.clone(), config, vips })
+    }
+
+    /// Rewrite the state file (when the agent keeps one). A failure is
+    /// logged, not returned: the datapath change it records has been made.
+    pub fn save_state(&self) {
+        let Some(p) = &self.persist else { return };
+        if let Err(e) = self.snapshot(&p.layout).and_then(|s| s.save(&p.path)) {
+            log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}");
+        }
+    }
+
+    /// An agent over maps that may already carry a running deployment
+    /// (`scan`), resuming the state in `snap`. Every id the maps use is
+    /// reserved until `collect_garbage`.
+    pub fn adopt(dp: Datapath, opts: AgentOptions, snap: Option<&Snapshot>, scan: &PinnedScan) -> Result<(Agent, Adoption)> {
+        let desired = match snap {
+            Some(s) => Some(Desired::parse(&s.config, "the agent's state file")?),
+            None => None,
+        };
+        let mut opts = opts;
+        if let Some(d) = &desired {
+            opts.health = d.health.clone();
+        }
+        let mut a = Agent::new(dp, opts)?;
+        let ring_size = a.dp.opts.ring_size;
+        for (id, b) in scan.backends.iter().enumerate() {
+            if let Some(g) = a.backend_gens.get_mut(id) {
+                *g = b.gen;
+            }
+        }
+        let used_vip_ids: BTreeSet<u32> = scan.vips.iter().map(|(_, i)| i.vip_id).collect();
+        let used_slots: BTreeSet<u32> = scan.vips.iter().filter(|(_, i)| i.ring_size > 0).map(|(_, i)| i.ring_off / ring_size).collect();
+        let used_ids: BTreeSet<u32> =
+            scan.backends.iter().enumerate().filter(|(_, b)| in_use(b)).map(|(i, _)| i as u32).collect();
+        a.free_vip_ids.retain(|x| !used_vip_ids.contains(x));
+        a.free_ring_slots.retain(|x| !used_slots.contains(x));
+        a.free_backend_ids.retain(|x| !used_ids.contains(x));
+
+        let mut report = Adoption::default();
+        let (Some(snap), Some(desired)) = (snap, desired) else { return Ok((a, report)) };
+        let runtime: HashMap<&str, &VipRuntime> = snap.vips.iter().map(|v| (v.vip.as_str(), v)).collect();
+        let published: HashMap<lb_common::VipKey, VipInfo> = scan.vips.iter().copied().collect();
+        let now = Instant::now();
+        for dv in &desired.vips {
+            let name = dv.vip.to_string();
+            let rt = runtime.get(name.as_str()).copied();
+            let health = dv.health.clone().unwrap_or_else(|| a.opts.health.clone());
+            let confirmed = rt.and_then(|rt| published.get(&dv.vip.key()).filter(|i| i.vip_id == rt.id).copied());
+            let (id, published, ring_slot, table) = match confirmed {
+                Some(info) => {
+                    report.vips_kept += 1;
+                    let slot = (info.ring_size > 0).then(|| info.ring_off / ring_size);
+                    let table = if info.ring_size > 0 { a.dp.read_ring(info.ring_off, info.ring_size)? } else { Vec::new() };
+                    (info.vip_id, info, slot, table)
+                }
+                None => {
+                    report.vips_new += 1;
+                    let id = a.free_vip_ids.pop_front().context("no free VIP id for an adopted VIP")?;
+                    let info = VipInfo { vip_id: id, algo: dv.algo as u8, persist_secs: dv.persist, ..Default::default() };
+                    (id, info, None, Vec::new())
+                }
+            };
+            let mut backends = BTreeMap::new();
+            for db in &dv.backends {
+                let brt: Option<&BackendRuntime> = rt.and_then(|r| r.backends.iter().find(|b| b.ip == db.ip));
+                let kept = brt.filter(|b| {
+                    confirmed.is_some()
+                        && scan.backends.get(b.id as usize).is_some_and(|e| in_use(e) && e.gen == b.gen && e.vip_id == id)
+                });
+                let (bid, gen) = match kept {
+                    Some(b) => {
+                        report.backends_kept += 1;
+                        (b.id, b.gen)
+                    }
+                    None => {
+                        report.backends_new += 1;
+                        let bid = a.free_backend_ids.pop_front().context("no free backend id for an adopted backend")?;
+                        a.backend_gens[bid as usize] = a.backend_gens[bid as usize].wrapping_add(1);
+                        a.dp.reset_backend_counters(bid)?;
+                        a.dp.set_backend_conns(bid, 0)?;
+                        (bid, a.backend_gens[bid as usize])
+                    }
+                };
+                let unchecked = kind_for(&dv.vip, db.health.as_ref().unwrap_or(&health)) == CheckKind::None;
+                let mut h = Health::fresh(unchecked, now);
+                let mut ramp_step = 0;
+                let mut agent = AgentReport::default();
+                let mut mac = db.mac;
+                if let Some(b) = brt {
+                    h.up = b.up || unchecked;
+                    h.checked = b.checked || unchecked;
+                    h.checks = b.checks;
+                    h.failures = b.failures;
+                    h.transitions = b.transitions;
+                    ramp_step = b.ramp_step.min(SLOW_START_STEPS);
+                    agent.pct = b.agent_pct;
+                    agent.state = match b.agent_state.as_str() {
+                        "drain" => AgentState::Drain,
+                        "down" => AgentState::Down,
+                        _ => AgentState::Up,
+                    };
+                    if mac.is_none() {
+                        mac = b.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
+                    }
+                }
+                // Resume a slow start at the step it had reached.
+                let up_since = h.up.then(|| {
+                    let done = dv.slow_start_ms * ramp_step.saturating_sub(1) as u64 / SLOW_START_STEPS as u64;
+                    now.checked_sub(Duration::from_millis(done)).unwrap_or(now)
+                });
+                backends.insert(
+                    db.ip,
+                    Backend {
+                        ip: db.ip,
+                        mac_cfg: db.mac,
+                        mac,
+                        weight: db.weight,
+                        id: bid,
+                        gen,
+                        health: h,
+                        check: db.health.clone(),
+                        admin: db.state,
+                        up_since,
+                        ramp_step,
+                        agent,
+                    },
+                );
+            }
+            let retired = rt.map(|r| lb_common::Counters { packets: r.retired[0], bytes: r.retired[1], new_flows: r.retired[2] });
+            a.vips.insert(
+                dv.vip,
+                VipState {
+                    id,
+                    algo: dv.algo,
+                    persist_secs: dv.persist,
+                    health,
+                    health_explicit: dv.health.is_some(),
+                    all_down: dv.all_down,
+                    slow_start_ms: dv.slow_start_ms,
+                    failing_open: false,
+                    published,
+                    ring_slot,
+                    backends,
+                    table,
+                    retired: retired.unwrap_or_default(),
+                },
+            );
+        }
+        let vips: Vec<_> = a.vips.keys().copied().collect();
+        for v in &vips {
+            let (moved, size) = a.reconcile_counted(v)?;
+            log::info!("VIP {v}: adopted; {moved} of {size} table entries changed");
+        }
+        Ok((a, report))
+    }
+
+    /// After `adopt` (and the config file, if any): remove every map entry
+    /// the agent does not own and free the ids and slots they held.
+    pub fn collect_garbage(&mut self, scan: &PinnedScan) -> Result<()> {
+        let owned_keys: BTreeSet<lb_common::VipKey> = self.vips.keys().map(|v| v.key()).collect();
+        let aliased: BTreeSet<(lb_common::Addr, u8, u8)> =
+            owned_keys.iter().map(|k| (k.addr, k.proto, k.family)).collect();
+        for (k, _) in &scan.vips {
+            let alias_kept = k.port_be == 0 && aliased.contains(&(k.addr, k.proto, k.family));
+            if !owned_keys.contains(k) && !alias_kept {
+                self.dp.del_vip(k)?;
+                log::info!("removed a VIP entry no longer configured");
+            }
+        }
+        let owned_ids: BTreeSet<u32> = self.vips.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
+        for (id, b) in scan.backends.iter().enumerate() {
+            let id = id as u32;
+            if in_use(b) && !owned_ids.contains(&id) {
+                self.dp.set_backend(id, &BackendInfo { gen: self.backend_gens[id as usize], ..Default::default() })?;
+            }
+        }
+        // The VIP pre-filter: exact counts for every index in use before or now.
+        let mut counts: BTreeMap<u32, u32> = scan.filter.iter().map(|i| (*i, 0)).collect();
+        for k in &owned_keys {
+            *counts.entry(lb_common::vip_filter_index(&k.addr, k.family)).or_default() += 1;
+        }
+        for (idx, n) in counts {
+            self.dp.set_vip_filter(idx, n)?;
+        }
+        let owned_vip_ids: BTreeSet<u32> = self.vips.values().map(|s| s.id).collect();
+        let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.ring_slot).collect();
+        self.free_vip_ids = (0..self.dp.opts.max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
+        self.free_ring_slots = (0..self.dp.opts.ring_slots()).filter(|i| !owned_slots.contains(i)).collect();
+        self.free_backend_ids = (0..self.dp.max_backends()).filter(|i| !owned_ids.contains(i)).collect();
+        self.save_state();
+        Ok(())
+    }
+}

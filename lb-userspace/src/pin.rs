@@ -1,0 +1,177 @@
+//! Pinning under bpffs, so that forwarding outlives the agent (restart,
+//! crash, upgrade) and the next agent adopts the running state.
+//!
+//! Per interface, under the pin root (default `/sys/fs/bpf/xlb`):
+//!
+//! ```text
+//! ROOT/IFACE/link          the XDP bpf_link (replaced atomically on upgrade)
+//! ROOT/IFACE/LAYOUT/XLB_*  every map; LAYOUT names the layout version and
+//!                          the map sizes, so a pin is reused only by an
+//!                          agent that reads it the same way
+//! ```
+//!
+//! `IFACE` is the interface name, suffixed with `@ns<inode>` outside the
+//! initial network namespace (interface names are per namespace). bpffs holds no
+//! regular files; the agent's own state goes to the state directory.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+use crate::maps::LoadOptions;
+use lb_common::{map_names, LAYOUT_VERSION};
+
+/// Default root of the pins.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xlb";
+/// Default directory of the agent's state files (a tmpfs, gone at reboot like bpffs).
+pub const DEFAULT_STATE_DIR: &str = "/run/xlb";
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// Where systemd (or the agent, when it is missing) mounts bpffs.
+const SYS_BPF: &str = "/sys/fs/bpf";
+/// Name of the pinned link in an interface's directory.
+const LINK: &str = "link";
+
+/// Pin paths of one interface.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    /// `ROOT/IFACE`.
+    pub dir: PathBuf,
+    /// `ROOT/IFACE/LAYOUT`: the maps.
+    pub maps: PathBuf,
+    /// `ROOT/IFACE/link`: the XDP link.
+    pub link: PathBuf,
+    /// The agent's state file for this interface (in the state directory).
+    pub state: PathBuf,
+}
+
+/// The directory name of a layout: version and every size that shapes a map.
+pub fn layout_name(load: &LoadOptions) -> String {
+    format!(
+        "v{LAYOUT_VERSION}-vips{}-ring{}-ct{}-persist{}",
+        load.max_vips, load.ring_size, load.conntrack_size, load.persist_size
+    )
+}
+
+fn netns_inode(pid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+}
+
+/// The interface's directory name: its name, plus its network namespace
+/// unless that is known to be the initial one (in some containers PID 1's
+/// namespace cannot be read; then the suffix is always there).
+pub fn iface_key(iface: &str) -> String {
+    match (netns_inode("self"), netns_inode("1")) {
+        (Some(me), Some(init)) if me == init => iface.to_string(),
+        (Some(me), _) => format!("{iface}@ns{me}"),
+        (None, _) => iface.to_string(),
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs(2) on a valid C string into a zeroed struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+impl Pins {
+    /// The paths for `iface` under `root` (nothing is created).
+    pub fn new(root: &Path, state_dir: &Path, iface: &str, load: &LoadOptions) -> Pins {
+        let key = iface_key(iface);
+        let dir = root.join(&key);
+        Pins { maps: dir.join(layout_name(load)), link: dir.join(LINK), state: state_dir.join(format!("{key}.json")), dir }
+    }
+
+    /// Make sure the root is on a bpffs (mounting one on /sys/fs/bpf when
+    /// nothing is mounted there) and create the directories.
+    pub fn prepare(&self) -> Result<()> {
+        let mut base = self.dir.as_path();
+        while !base.exists() {
+            base = base.parent().ok_or_else(|| anyhow!("pin directory {} has no existing parent", self.dir.display()))?;
+        }
+        if !is_bpffs(base) {
+            if self.dir.starts_with(SYS_BPF) && Path::new(SYS_BPF).is_dir() {
+                mount_sys_bpf()?;
+            } else {
+                bail!(
+                    "{} is not on a BPF filesystem; mount one (mount -t bpf bpf {SYS_BPF}), choose another --pin-root, or run with --no-pin",
+                    base.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(&self.maps).with_context(|| format!("cannot create pin directory {}", self.maps.display()))?;
+        if let Some(d) = self.state.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create state directory {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Maps of this layout are pinned (left by an earlier agent).
+    pub fn maps_pinned(&self) -> bool {
+        self.maps.join(map_names::CONNTRACK).exists()
+    }
+
+    /// Map directories of other layouts (an agent with other sizes or an
+    /// older version left them).
+    pub fn other_layouts(&self) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        rd.filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && *p != self.maps)
+            .collect()
+    }
+
+    /// Remove a map directory (the maps are freed once no program uses them).
+    pub fn remove_maps(dir: &Path) -> Result<()> {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))
+    }
+
+    /// Remove every pin of this interface and the state file. Removing the
+    /// link's pin detaches the program once no process holds the link.
+    pub fn remove_all(&self) -> Result<()> {
+        if self.link.exists() {
+            std::fs::remove_file(&self.link).with_context(|| format!("cannot remove {}", self.link.display()))?;
+        }
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).with_context(|| format!("cannot remove {}", self.dir.display()))?;
+        }
+        match std::fs::remove_file(&self.state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", self.state.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn mount_sys_bpf() -> Result<()> {
+    let c = |s: &str| std::ffi::CString::new(s).expect("constant without NUL");
+    let (src, target, fstype) = (c("bpf"), c(SYS_BPF), c("bpf"));
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        bail!("no BPF filesystem on {SYS_BPF} and mounting one failed ({}); run with --no-pin to work without pins", std::io::Error::last_os_error());
+    }
+    log::info!("mounted a BPF filesystem on {SYS_BPF}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_names_change_with_every_size() {
+        let a = LoadOptions::default();
+        let mut b = a;
+        b.conntrack_size *= 2;
+        let mut c = a;
+        c.ring_size = 251;
+        assert_ne!(layout_name(&a), layout_name(&b));
+        assert_ne!(layout_name(&a), layout_name(&c));
+        assert!(layout_name(&a).starts_with(&format!("v{LAYOUT_VERSION}-")));
+    }
+}
