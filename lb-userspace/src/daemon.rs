@@ -112,6 +112,13 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let handle = neigh::connect()?;
     let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
+    let _lock = match opts.pins() {
+        Some(p) => {
+            p.prepare()?;
+            Some(p.lock()?)
+        }
+        None => None,
+    };
     let listener = api::bind(&opts.socket)?;
     let started = start(&opts, desired, ifindex, iface_mac, handle).await;
     let (agent, resolver) = match started {
@@ -133,9 +140,6 @@ async fn start(
     handle: rtnetlink::Handle,
 ) -> Result<(Agent, neigh::Resolver)> {
     let pins = opts.pins();
-    if let Some(p) = &pins {
-        p.prepare()?;
-    }
     let had_maps = pins.as_ref().is_some_and(|p| p.maps_pinned());
     let snapshot = match pins.as_ref().map(|p| Snapshot::load(&p.state)) {
         Some(Ok(s)) => s,

@@ -109,6 +109,25 @@ impl Pins {
         Ok(())
     }
 
+    /// Take the interface's agent lock (held while the returned file is
+    /// open; the kernel releases it when the process dies, even by
+    /// `kill -9`): two agents must never drive the same pinned maps.
+    pub fn lock(&self) -> Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let path = self.state.with_extension("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock(2) on an open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!("another xlb agent is running on this interface (it holds {})", path.display());
+        }
+        Ok(f)
+    }
+
     /// Maps of this layout are pinned (left by an earlier agent).
     pub fn maps_pinned(&self) -> bool {
         self.maps.join(map_names::CONNTRACK).exists()
@@ -138,12 +157,15 @@ impl Pins {
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir).with_context(|| format!("cannot remove {}", self.dir.display()))?;
         }
-        match std::fs::remove_file(&self.state) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("cannot remove {}", self.state.display()))
+        for f in [self.state.clone(), self.state.with_extension("lock")] {
+            match std::fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot remove {}", f.display()))
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 }
 

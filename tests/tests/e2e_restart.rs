@@ -61,6 +61,14 @@ fn kill_9_restart_and_upgrade_keep_every_long_lived_stream() {
     let prog2 = d.xdp_prog("lb").expect("ip link").expect("attached");
     assert_ne!(prog2, prog1, "the new agent's program runs now");
     d.wait_states(&[1, 2, 3], Duration::from_secs(3)).expect("backends adopted up");
+    // A second agent on the same interface (another socket) is refused.
+    let (pins, state, other) = (d.pin_root(), d.state_dir(), d.lab.dir.join("other.sock"));
+    let out = d
+        .lab
+        .run("lb", &d.xlb, &["--socket", &other.to_string_lossy(), "agent", "--iface", "eth0", "--pin-root", &pins.to_string_lossy(), "--state-dir", &state.to_string_lossy()])
+        .expect("run a second agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("another xlb agent is running"), "{err}");
     let after = d.status().expect("status");
     for ip in &ips {
         assert!(packets_of(&after, ip) >= packets_of(&before, ip), "counters survive the restart ({ip})");
