@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::{hash::flow_hash, FlowKey, VipKey, DEFAULT_RING_SIZE, FAMILY_V4};
@@ -124,4 +124,28 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// The program `new_flows` hands each frame to (slot 0): xlb, or a floor.
+#[map(name = "FLOOR_NEXT")]
+static FLOOR_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// New flows at full speed: with BPF_PROG_TEST_RUN's repeat, every run sees
+/// the frame as the previous run left it, so adding one to the source
+/// address each run gives every run a new 5-tuple with warm caches (as a
+/// NIC's batches do, unlike one syscall per frame), then the frame goes to
+/// the program under test by tail call. Timing the same wrapper in front of
+/// `floor_stateless_dsr` calibrates it out.
+#[xdp]
+pub fn new_flows(ctx: XdpContext) -> u32 {
+    let Some(t) = ptr_at::<[u8; 2]>(&ctx, 12) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: bounds checked.
+    let off = if unsafe { *t } == [0x86, 0xdd] { 14 + 8 + 12 } else { 14 + 12 };
+    let Some(src) = ptr_mut_at::<[u8; 4]>(&ctx, off) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: bounds checked; the tail call does not return when it succeeds.
+    unsafe {
+        *src = u32::from_be_bytes(*src).wrapping_add(1).to_be_bytes();
+        FLOOR_NEXT.tail_call(&ctx, 0);
+    }
+    xdp_action::XDP_ABORTED
 }

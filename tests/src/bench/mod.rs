@@ -72,14 +72,17 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
     let mut targets = Vec::new();
     if want("cost") {
         eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
-        let fl = cost::Floors::load(floors)?;
-        cases = cost::floors(&fl)?;
+        let mut fl = cost::Floors::load(floors)?;
+        cases = cost::floors(&mut fl)?;
         let floor: std::collections::HashMap<String, f64> = cases.iter().map(|c| (c.case.clone(), c.ns_per_pkt)).collect();
         let floor_ns = |n: &str| floor.get(n).copied().unwrap_or(f64::NAN);
-        for backends in [3u32, 100, 10_000] {
-            for full in [false, true] {
+        // XLB_BENCH_QUICK=1 (development): only 3 backends, empty table.
+        let quick = std::env::var_os("XLB_BENCH_QUICK").is_some();
+        let (sizes, tables): (&[u32], &[bool]) = if quick { (&[3], &[false]) } else { (&[3, 100, 10_000], &[false, true]) };
+        for &backends in sizes {
+            for &full in tables {
                 eprintln!("bench:   {backends} backends, connection table {}", if full { "full" } else { "empty" });
-                cases.extend(cost::cases(&fl, &floor_ns, backends, full)?);
+                cases.extend(cost::cases(&mut fl, &floor_ns, backends, full)?);
             }
         }
         let worst = |name: &str| cases.iter().filter(|c| c.case == name).map(|c| c.ratio).fold(0.0, f64::max);
