@@ -74,6 +74,18 @@ impl Deployment {
         Ok(d)
     }
 
+    /// A lab with `backends` backends whose first `serving` serve the lab
+    /// VIP (added through the CLI), all of them up.
+    pub fn serving(backends: usize, serving: usize) -> Result<Deployment> {
+        let (xlb, lab_bin) = binaries();
+        let d = Deployment::start(&xlb, &lab_bin, backends, &[])?;
+        let ips: Vec<String> = (1..=serving).map(|i| lab::backend_ip(i).to_string()).collect();
+        d.configure_vip(&vip_arg(), &[], &ips)?;
+        let up: Vec<usize> = (1..=serving).collect();
+        d.wait_states(&up, Duration::from_secs(10))?;
+        Ok(d)
+    }
+
     /// Where this deployment's agents pin (in the lab's own bpffs).
     pub fn pin_root(&self) -> PathBuf {
         self.lab.bpffs.join("xlb")

@@ -41,12 +41,8 @@ fn counter(st: &Value, name: &str) -> u64 {
 
 #[test]
 fn long_lived_connections_stay_put_through_changes_and_move_when_their_backend_dies() {
-    let (xlb, lab_bin) = binaries();
-    let mut d = Deployment::start(&xlb, &lab_bin, 4, &[]).expect("deployment");
+    let mut d = Deployment::serving(4, 3).expect("deployment serving b1-b3");
     let vip = vip_arg();
-    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
-    d.configure_vip(&vip, &[], &ips).expect("configure");
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
 
     // Phase 1: 50 connections for 6 s; meanwhile add b4, reweight b1, drain b2.
     d.spawn_hold("hold1", 50, 6000).expect("hold client");

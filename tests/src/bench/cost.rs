@@ -197,7 +197,9 @@ fn new_flow_frames(v6: bool) -> Vec<Vec<u8>> {
 }
 
 /// The frame a warm new-flow call starts from: a SYN whose source address
-/// `new_flows` increments every run; `run` keeps calls' ranges apart.
+/// `new_flows` increments every run; `run` keeps calls' ranges apart, and
+/// 101.x.x.x / fd00:0:0:4:: keep them apart from `fill`'s and every other
+/// flow of the bench.
 fn warm_frame(v6: bool, run: u8) -> Vec<u8> {
     if v6 {
         let mut src = CLIENT6.octets();
@@ -205,7 +207,7 @@ fn warm_frame(v6: bool, run: u8) -> Vec<u8> {
         src[12] = run;
         eth(ETH_IPV6, &[], &ipv6(Ipv6Addr::from(src), VIP6, 6, &tcp(5555, 80, SYN, b"")))
     } else {
-        eth(ETH_IP, &[], &ipv4(Ipv4Addr::new(100, 64 + 4 * run, 0, 0), VIP4, 6, &[], 0, &tcp(5555, 80, SYN, b"")))
+        eth(ETH_IP, &[], &ipv4(Ipv4Addr::new(101, 64 + 4 * run, 0, 0), VIP4, 6, &[], 0, &tcp(5555, 80, SYN, b"")))
     }
 }
 
