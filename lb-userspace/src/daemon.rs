@@ -124,8 +124,13 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let (agent, resolver) = match started {
         Ok(x) => x,
         Err(e) => {
-            // Leave nothing behind: the next start must not find a stale socket.
+            // Leave nothing behind: the next start must not find a stale
+            // socket, nor pins of a deployment that never ran (with a pinned
+            // link, a deployment is running: its pins stay).
             let _ = std::fs::remove_file(&opts.socket);
+            if let Some(p) = opts.pins().filter(|p| !p.link.exists()) {
+                let _ = p.remove_all();
+            }
             return Err(e);
         }
     };
@@ -149,6 +154,16 @@ async fn start(
         }
         None => None,
     };
+    if let (Some(p), None, None) = (&pins, &snapshot, &desired) {
+        if had_maps && p.link.exists() {
+            bail!(
+                "{} holds a running deployment but its state file {} is missing; start with --config to rebuild it, or remove it with `xlb detach --iface {}`",
+                p.dir.display(),
+                p.state.display(),
+                opts.iface
+            );
+        }
+    }
     let mut dp = Datapath::load_pinned(opts.load, pins.as_ref().map(|p| p.maps.as_path()))?;
     if opts.load.debug {
         if let Err(e) = aya_log::EbpfLogger::init(&mut dp.ebpf) {

@@ -127,8 +127,33 @@ fn new_sizes_restore_services_into_new_tables_and_no_pin_detaches_on_exit() {
     assert_eq!(s.failed, 0, "{:?}", s.errors);
     assert_eq!(s.by_backend.len(), 2, "{:?}", s.by_backend);
 
+    // A lost state file: an agent without --config refuses to take over the
+    // running deployment (it could not manage it) and changes nothing.
+    d.lab.stop("agent2").expect("SIGTERM");
+    let prog = d.xdp_prog("lb").expect("ip link");
+    for e in std::fs::read_dir(d.state_dir()).expect("state dir").filter_map(Result::ok) {
+        if e.path().extension().is_some_and(|x| x == "json") {
+            std::fs::remove_file(e.path()).expect("remove the state file");
+        }
+    }
+    let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
+    let sock = d.socket.to_string_lossy().into_owned();
+    let pin_args = ["--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    let mut args = vec!["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "32768"];
+    args.extend_from_slice(&pin_args);
+    let out = d.lab.run("lb", &d.xlb, &args).expect("run the agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("state file") && err.contains("xlb detach"), "{err}");
+    assert_eq!(d.xdp_prog("lb").expect("ip link"), prog, "the running program was left alone");
+    let s = d.connect(50).expect("client");
+    assert_eq!(s.failed, 0, "still forwarding: {:?}", s.errors);
+
     // Without pins, exiting detaches (nothing outlives the agent).
-    d.cli_ok(&["detach"]).expect("detach");
+    let mut args = vec!["--socket", sock.as_str(), "detach", "--iface", "eth0"];
+    args.extend_from_slice(&pin_args);
+    let out = d.lab.run("lb", &d.xlb, &args).expect("xlb detach");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.xdp_prog("lb").expect("ip link"), None);
     d.start_agent("agent3", &["--no-pin"]).expect("unpinned agent");
     assert!(d.xdp_prog("lb").expect("ip link").is_some());
     assert!(d.status().expect("status")["pinned"].is_null());
