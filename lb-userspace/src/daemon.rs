@@ -154,10 +154,12 @@ async fn start(
         }
         None => None,
     };
+    // A running deployment (a pinned link) that this agent could not manage:
+    // refuse rather than replace it with an empty one.
     if let (Some(p), None, None) = (&pins, &snapshot, &desired) {
-        if had_maps && p.link.exists() {
+        if p.link.exists() {
             bail!(
-                "{} holds a running deployment but its state file {} is missing; start with --config to rebuild it, or remove it with `xlb detach --iface {}`",
+                "{} holds a running deployment but its state file {} is missing or unreadable; start with --config to rebuild it, or remove it with `xlb detach --iface {}`",
                 p.dir.display(),
                 p.state.display(),
                 opts.iface
@@ -205,6 +207,11 @@ async fn start(
         Some(p) => agent.dp.attach_pinned(&opts.iface, opts.mode, &p.link)?,
         None => (Some(agent.dp.attach(&opts.iface, opts.mode)?), false),
     };
+    if let (None, Some(want), Some(s)) = (mode, opts.mode, &snapshot) {
+        if want.to_string() != s.mode {
+            log::warn!("the pinned link is attached in {} mode and keeps it; `xlb detach` first to change to {want} mode", s.mode);
+        }
+    }
     agent.attach_mode = match (mode, &snapshot) {
         (Some(m), _) => m.to_string(),
         (None, Some(s)) => s.mode.clone(),

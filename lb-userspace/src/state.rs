@@ -95,3 +95,50 @@ impl Snapshot {
         Ok(Some(s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_atomically_loads_back_and_rejects_other_versions() {
+        let dir = std::env::temp_dir().join(format!("xlb-state-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("eth0.json");
+        assert_eq!(Snapshot::load(&path).expect("no file is not an error"), None);
+        let s = Snapshot {
+            version: STATE_VERSION,
+            layout: "v1-test".into(),
+            mode: "native".into(),
+            config: "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n".into(),
+            vips: vec![VipRuntime {
+                vip: "10.0.0.1:80/tcp".into(),
+                id: 3,
+                retired: [1, 2, 3],
+                backends: vec![BackendRuntime {
+                    ip: "10.0.0.2".parse().expect("ip"),
+                    id: 7,
+                    gen: 9,
+                    mac: Some("02:00:00:00:00:02".into()),
+                    up: true,
+                    checked: true,
+                    checks: 4,
+                    failures: 1,
+                    transitions: 1,
+                    ramp_step: 10,
+                    agent_pct: 100,
+                    agent_state: "up".into(),
+                }],
+            }],
+        };
+        s.save(&path).expect("save");
+        assert!(!path.with_extension("json.tmp").exists(), "the temporary file was renamed");
+        assert_eq!(Snapshot::load(&path).expect("load"), Some(s.clone()));
+        let old = Snapshot { version: STATE_VERSION + 1, ..s };
+        old.save(&path).expect("save");
+        assert!(Snapshot::load(&path).is_err(), "another format version is refused");
+        std::fs::write(&path, "not json").expect("write");
+        assert!(Snapshot::load(&path).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
