@@ -76,9 +76,13 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
         cases = cost::floors(&mut fl)?;
         let floor: std::collections::HashMap<String, f64> = cases.iter().map(|c| (c.case.clone(), c.ns_per_pkt)).collect();
         let floor_ns = |n: &str| floor.get(n).copied().unwrap_or(f64::NAN);
-        // XLB_BENCH_QUICK=1 (development): only 3 backends, empty table.
-        let quick = std::env::var_os("XLB_BENCH_QUICK").is_some();
-        let (sizes, tables): (&[u32], &[bool]) = if quick { (&[3], &[false]) } else { (&[3, 100, 10_000], &[false, true]) };
+        // XLB_BENCH_QUICK=1 (development): only 3 backends, empty table;
+        // XLB_BENCH_QUICK=full: 3 backends, full table.
+        let (sizes, tables): (&[u32], &[bool]) = match std::env::var("XLB_BENCH_QUICK").as_deref() {
+            Ok("full") => (&[3], &[true]),
+            Ok(_) => (&[3], &[false]),
+            Err(_) => (&[3, 100, 10_000], &[false, true]),
+        };
         for &backends in sizes {
             for &full in tables {
                 eprintln!("bench:   {backends} backends, connection table {}", if full { "full" } else { "empty" });
