@@ -26,7 +26,7 @@ use crate::{
 };
 
 mod adopt;
-pub use adopt::{Adoption, Persist};
+pub use adopt::{in_use as backend_entry_in_use, Adoption, Persist};
 
 /// A scheduling algorithm as operators name it.
 pub fn parse_algo(s: &str) -> Result<Algo> {
@@ -178,6 +178,24 @@ impl AgentReport {
 pub const SLOW_START_STEPS: u32 = 10;
 
 impl Backend {
+    /// A backend in service with datapath id and generation `id`, before
+    /// its first check (`up` when it is not checked).
+    fn new(ip: IpAddr, mac_cfg: Option<Mac>, weight: u32, id: (u32, u16), up: bool, now: Instant) -> Backend {
+        Backend {
+            ip,
+            mac_cfg,
+            mac: mac_cfg,
+            weight,
+            id: id.0,
+            gen: id.1,
+            health: Health::fresh(up, now),
+            check: None,
+            admin: Admin::Ready,
+            up_since: up.then_some(now),
+            ramp_step: 0,
+            agent: AgentReport::default(),
+        }
+    }
     /// May carry traffic (existing flows at least).
     pub fn alive(&self) -> bool {
         self.health.up && self.mac.is_some() && self.admin != Admin::Maint && self.agent.state != AgentState::Down
@@ -265,8 +283,7 @@ struct Plan {
 }
 
 /// Compute a VIP's plan at `now` (slow start included).
-fn plan(vip: &Vip, state: &VipState, ring_size: u32, now: Instant) -> Result<Plan> {
-    let _ = vip;
+fn plan(state: &VipState, ring_size: u32, now: Instant) -> Result<Plan> {
     // All down and fail-open: treat every backend with a known MAC as up.
     let failing_open = state.all_down == AllDown::FailOpen
         && !state.backends.values().any(|b| b.usable())
@@ -517,25 +534,8 @@ impl Agent {
         let now = Instant::now();
         let up = checks == CheckKind::None;
         for &(ip, mac, weight) in list {
-            let id = self.free_backend_ids.pop_front().expect("counted above");
-            self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
-            let gen = self.backend_gens[id as usize];
-            self.dp.reset_backend_counters(id)?;
-            self.dp.set_backend_conns(id, 0)?;
-            let b = Backend {
-                ip,
-                mac_cfg: mac,
-                mac,
-                weight,
-                id,
-                gen,
-                health: Health::fresh(up, now),
-                check: None,
-                admin: Admin::Ready,
-                up_since: up.then_some(now),
-                ramp_step: 0,
-                agent: AgentReport::default(),
-            };
+            let (id, gen) = self.claim_backend_id()?;
+            let b = Backend::new(ip, mac, weight, (id, gen), up, now);
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
             log::info!("VIP {vip}: backend {ip} added (weight {weight})");
         }
@@ -593,7 +593,7 @@ impl Agent {
             }
             b.admin = a;
         }
-        let plan = plan(vip, &next, ring_size, Instant::now())?;
+        let plan = plan(&next, ring_size, Instant::now())?;
         if dry_run {
             return Ok((plan.moved, plan.table.len()));
         }
@@ -637,6 +637,16 @@ impl Agent {
         self.release_backend_id(b.id)?;
         log::info!("VIP {vip}: backend {ip} removed");
         Ok(moved)
+    }
+
+    /// Take a free backend id with its next generation (so the id's earlier
+    /// flows never match), its counters zeroed.
+    fn claim_backend_id(&mut self) -> Result<(u32, u16)> {
+        let id = self.free_backend_ids.pop_front().ok_or_else(|| anyhow!("no free backend id"))?;
+        self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
+        self.dp.reset_backend_counters(id)?;
+        self.dp.set_backend_conns(id, 0)?;
+        Ok((id, self.backend_gens[id as usize]))
     }
 
     fn release_backend_id(&mut self, id: u32) -> Result<()> {
@@ -772,7 +782,7 @@ impl Agent {
         let src_mac = self.opts.iface_mac.0;
         let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        let p = plan(vip, state, ring_size, now)?;
+        let p = plan(state, ring_size, now)?;
         let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,

@@ -112,7 +112,8 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let handle = neigh::connect()?;
     let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
-    let _lock = match opts.pins() {
+    let pins = opts.pins();
+    let _lock = match &pins {
         Some(p) => {
             p.prepare()?;
             Some(p.lock()?)
@@ -120,7 +121,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         None => None,
     };
     let listener = api::bind(&opts.socket)?;
-    let started = start(&opts, desired, ifindex, iface_mac, handle).await;
+    let started = start(&opts, pins.as_ref(), desired, ifindex, iface_mac, handle).await;
     let (agent, resolver) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -128,25 +129,25 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             // socket, nor pins of a deployment that never ran (with a pinned
             // link, a deployment is running: its pins stay).
             let _ = std::fs::remove_file(&opts.socket);
-            if let Some(p) = opts.pins().filter(|p| !p.link.exists()) {
+            if let Some(p) = pins.filter(|p| !p.link.exists()) {
                 let _ = p.remove_all();
             }
             return Err(e);
         }
     };
-    serve(opts, listener, agent, resolver).await
+    serve(opts, pins, listener, agent, resolver).await
 }
 
 async fn start(
     opts: &DaemonOptions,
+    pins: Option<&Pins>,
     desired: Option<Desired>,
     ifindex: u32,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
 ) -> Result<(Agent, neigh::Resolver)> {
-    let pins = opts.pins();
-    let had_maps = pins.as_ref().is_some_and(|p| p.maps_pinned());
-    let snapshot = match pins.as_ref().map(|p| Snapshot::load(&p.state)) {
+    let had_maps = pins.is_some_and(|p| p.maps_pinned());
+    let snapshot = match pins.map(|p| Snapshot::load(&p.state)) {
         Some(Ok(s)) => s,
         Some(Err(e)) => {
             log::warn!("ignoring the state file: {e:#}");
@@ -166,7 +167,7 @@ async fn start(
             );
         }
     }
-    let mut dp = Datapath::load_pinned(opts.load, pins.as_ref().map(|p| p.maps.as_path()))?;
+    let mut dp = Datapath::load_pinned(opts.load, pins.map(|p| p.maps.as_path()))?;
     if opts.load.debug {
         if let Err(e) = aya_log::EbpfLogger::init(&mut dp.ebpf) {
             log::warn!("datapath logging unavailable: {e}");
@@ -194,8 +195,8 @@ async fn start(
         Agent::new(dp, aopts)?
     };
     agent.config_path = opts.config.clone();
-    agent.persist = pins.as_ref().map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load) });
-    agent.pinned = pins.as_ref().map(|p| p.maps.clone());
+    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load) });
+    agent.pinned = pins.map(|p| p.maps.clone());
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
         if had_maps || snapshot.is_some() {
@@ -241,7 +242,13 @@ async fn start(
     Ok((agent, neigh::Resolver::new(handle, ifindex)))
 }
 
-async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, mut agent: Agent, resolver: neigh::Resolver) -> Result<()> {
+async fn serve(
+    opts: DaemonOptions,
+    pins: Option<Pins>,
+    listener: tokio::net::UnixListener,
+    mut agent: Agent,
+    resolver: neigh::Resolver,
+) -> Result<()> {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
     agent.detach_tx = Some(detach_tx);
     let agent = Arc::new(Mutex::new(agent));
@@ -274,7 +281,6 @@ async fn serve(opts: DaemonOptions, listener: tokio::net::UnixListener, mut agen
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let pins = opts.pins();
     let mut detach = pins.is_none();
     loop {
         tokio::select! {

@@ -77,10 +77,15 @@ impl Deployment {
     /// A lab with `backends` backends whose first `serving` serve the lab
     /// VIP (added through the CLI), all of them up.
     pub fn serving(backends: usize, serving: usize) -> Result<Deployment> {
+        Self::serving_with(backends, serving, &[])
+    }
+
+    /// `serving`, with `xlb vip add` flags for the VIP.
+    pub fn serving_with(backends: usize, serving: usize, vip_flags: &[&str]) -> Result<Deployment> {
         let (xlb, lab_bin) = binaries();
         let d = Deployment::start(&xlb, &lab_bin, backends, &[])?;
         let ips: Vec<String> = (1..=serving).map(|i| lab::backend_ip(i).to_string()).collect();
-        d.configure_vip(&vip_arg(), &[], &ips)?;
+        d.configure_vip(&vip_arg(), vip_flags, &ips)?;
         let up: Vec<usize> = (1..=serving).collect();
         d.wait_states(&up, Duration::from_secs(10))?;
         Ok(d)

@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
 };
 use xlb::{
-    agent::{Agent, AgentOptions},
+    agent::{backend_entry_in_use, Agent, AgentOptions},
     config::{CheckKind, Desired, HealthConfig, Mac, Vip},
     maps::{Datapath, LoadOptions},
 };
@@ -149,7 +149,7 @@ fn adoption_keeps_ids_and_flows_and_a_lost_state_file_rebuilds_cleanly() {
     assert_eq!(act, XDP_PASS, "the unconfigured VIP is gone");
     assert_eq!(d[Stat::PassNotVip as usize], 1);
     let after = c.dp.scan().expect("scan");
-    let in_use = after.backends.iter().filter(|e| e.src_mac != [0; 6]).count();
+    let in_use = after.backends.iter().filter(|e| backend_entry_in_use(e)).count();
     assert_eq!(in_use, 3, "only the three configured backends remain in the map");
     assert!(after.vips.iter().all(|(k, _)| k.addr[..4] == [10, 0, 0, 70]), "no entry of the removed VIP remains");
     assert!(after.filter.len() == 1 && after.filter[0] < VIP_FILTER_SIZE, "one pre-filter entry: {:?}", after.filter);

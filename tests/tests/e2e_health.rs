@@ -16,12 +16,8 @@ fn backend(d: &Deployment, vip: &str, ip: &str) -> serde_json::Value {
 
 #[test]
 fn http_check_takes_out_a_backend_answering_500_and_brings_it_back() {
-    let (xlb, lab_bin) = binaries();
-    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let d = Deployment::serving_with(3, 3, &["--check", "http", "--check-path", "/health", "--check-status", "200-299"]).expect("deployment");
     let vip = vip_arg();
-    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
-    d.configure_vip(&vip, &["--check", "http", "--check-path", "/health", "--check-status", "200-299"], &ips).expect("configure");
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
     let b2 = backend(&d, &vip, &backend_ip(2).to_string());
     assert_eq!(b2["check"], "http");
     assert!(b2["check_latency_ms"].as_f64().is_some_and(|l| l > 0.0 && l < 250.0), "{b2}");
@@ -96,10 +92,7 @@ fn config_file_overrides_per_backend_and_fails_open() {
 
 #[test]
 fn backend_set_reports_table_changes_and_dry_runs() {
-    let (xlb, lab_bin) = binaries();
-    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
-    d.configure().expect("configure");
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let d = Deployment::serving(3, 3).expect("deployment");
     let vip = vip_arg();
     let b2 = backend_ip(2).to_string();
     let out = d.cli_ok(&["backend", "set", &vip, &b2, "--weight", "4", "--dry-run"]).expect("dry run");
@@ -151,12 +144,8 @@ fn prometheus_metrics_are_opt_in_and_read_only() {
 
 #[test]
 fn agent_checks_set_weights_and_states_live() {
-    let (xlb, lab_bin) = binaries();
-    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let d = Deployment::serving_with(3, 3, &["--check-agent-port", "7777", "--check-interval-ms", "100"]).expect("deployment");
     let vip = vip_arg();
-    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
-    d.configure_vip(&vip, &["--check-agent-port", "7777", "--check-interval-ms", "100"], &ips).expect("configure");
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
     let share = |i: usize| backend(&d, &vip, &backend_ip(i).to_string())["table_share"].as_f64().unwrap_or(0.0);
     // b1's agent reports 50 %: its share of the table halves (0.5 : 1 : 1).
     std::fs::write(d.lab.dir.join("agent-b1"), "50%\n").expect("agent b1");
@@ -183,13 +172,9 @@ fn agent_checks_set_weights_and_states_live() {
 
 #[test]
 fn a_backend_whose_mac_changes_is_followed_live() {
-    let (xlb, lab_bin) = binaries();
-    let d = Deployment::start(&xlb, &lab_bin, 2, &[]).expect("deployment");
-    let vip = vip_arg();
     // Checks once a minute: only the neighbour subscription can be quick.
-    let ips: Vec<String> = (1..=2).map(|i| backend_ip(i).to_string()).collect();
-    d.configure_vip(&vip, &["--check", "tcp", "--check-interval-ms", "60000"], &ips).expect("configure");
-    d.wait_states(&[1, 2], Duration::from_secs(10)).expect("up");
+    let d = Deployment::serving_with(2, 2, &["--check", "tcp", "--check-interval-ms", "60000"]).expect("deployment");
+    let vip = vip_arg();
     let b2 = backend_ip(2).to_string();
     let new_mac = "02:00:00:00:aa:22";
     assert_ne!(backend(&d, &vip, &b2)["mac"], new_mac);

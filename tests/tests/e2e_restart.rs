@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::time::Duration;
 use xlb_tests::{
     lab::backend_ip,
-    scenario::{binaries, vip_arg, Deployment},
+    scenario::{vip_arg, Deployment},
     traffic::{epoch_ms, Attempt, Held},
 };
 
@@ -104,12 +104,9 @@ fn kill_9_restart_and_upgrade_keep_every_long_lived_stream() {
 
 #[test]
 fn new_sizes_restore_services_into_new_tables_and_no_pin_detaches_on_exit() {
-    let (xlb, lab_bin) = binaries();
-    let mut d = Deployment::start(&xlb, &lab_bin, 2, &[]).expect("deployment");
+    let mut d = Deployment::serving_with(2, 2, &["--algo", "rr"]).expect("deployment");
     let vip = vip_arg();
-    d.configure_vip(&vip, &["--algo", "rr"], &[backend_ip(1).to_string(), backend_ip(2).to_string()]).expect("configure");
     d.cli_ok(&["backend", "set", &vip, &backend_ip(2).to_string(), "--weight", "3"]).expect("weight");
-    d.wait_states(&[1, 2], Duration::from_secs(10)).expect("up");
     d.lab.stop("agent").expect("SIGTERM");
 
     // Another connection-table size is another layout: the pinned maps
@@ -165,10 +162,7 @@ fn new_sizes_restore_services_into_new_tables_and_no_pin_detaches_on_exit() {
 
 #[test]
 fn killed_backend_under_steady_new_connections_fails_none_to_healthy_backends() {
-    let (xlb, lab_bin) = binaries();
-    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
-    d.configure().expect("configure");
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let mut d = Deployment::serving(3, 3).expect("deployment");
 
     // 100 new connections per second for 6 s; b1's server dies after 2 s.
     d.spawn_stream("stream", 100, 6000).expect("stream client");

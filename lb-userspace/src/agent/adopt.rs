@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{kind_for, Agent, AgentOptions, AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
+use super::{kind_for, Agent, AgentOptions, AgentState, Backend, VipState, SLOW_START_STEPS};
 use crate::{
     config::{CheckKind, Desired, Mac},
     maps::{Datapath, PinnedScan},
@@ -33,8 +33,8 @@ pub struct Persist {
     pub layout: String,
 }
 
-/// A backend entry in use (free entries keep only their generation).
-fn in_use(b: &BackendInfo) -> bool {
+/// A backend map entry in use (free entries keep only their generation).
+pub fn in_use(b: &BackendInfo) -> bool {
     b.src_mac != [0; 6]
 }
 
@@ -160,64 +160,42 @@ impl Agent {
                     confirmed.is_some()
                         && scan.backends.get(b.id as usize).is_some_and(|e| in_use(e) && e.gen == b.gen && e.vip_id == id)
                 });
-                let (bid, gen) = match kept {
+                let bid = match kept {
                     Some(b) => {
                         report.backends_kept += 1;
                         (b.id, b.gen)
                     }
                     None => {
                         report.backends_new += 1;
-                        let bid = a.free_backend_ids.pop_front().context("no free backend id for an adopted backend")?;
-                        a.backend_gens[bid as usize] = a.backend_gens[bid as usize].wrapping_add(1);
-                        a.dp.reset_backend_counters(bid)?;
-                        a.dp.set_backend_conns(bid, 0)?;
-                        (bid, a.backend_gens[bid as usize])
+                        a.claim_backend_id()?
                     }
                 };
                 let unchecked = kind_for(&dv.vip, db.health.as_ref().unwrap_or(&health)) == CheckKind::None;
-                let mut h = Health::fresh(unchecked, now);
-                let mut ramp_step = 0;
-                let mut agent = AgentReport::default();
-                let mut mac = db.mac;
+                let mut be = Backend::new(db.ip, db.mac, db.weight, bid, unchecked, now);
+                be.check = db.health.clone();
+                be.admin = db.state;
                 if let Some(b) = brt {
+                    let h = &mut be.health;
                     h.up = b.up || unchecked;
                     h.checked = b.checked || unchecked;
                     h.checks = b.checks;
                     h.failures = b.failures;
                     h.transitions = b.transitions;
-                    ramp_step = b.ramp_step.min(SLOW_START_STEPS);
-                    agent.pct = b.agent_pct;
-                    agent.state = match b.agent_state.as_str() {
+                    be.ramp_step = b.ramp_step.min(SLOW_START_STEPS);
+                    be.agent.pct = b.agent_pct;
+                    be.agent.state = match b.agent_state.as_str() {
                         "drain" => AgentState::Drain,
                         "down" => AgentState::Down,
                         _ => AgentState::Up,
                     };
-                    if mac.is_none() {
-                        mac = b.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
+                    if be.mac.is_none() {
+                        be.mac = b.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
                     }
+                    // Resume a slow start at the step it had reached.
+                    let done = dv.slow_start_ms * be.ramp_step.saturating_sub(1) as u64 / SLOW_START_STEPS as u64;
+                    be.up_since = be.health.up.then(|| now.checked_sub(Duration::from_millis(done)).unwrap_or(now));
                 }
-                // Resume a slow start at the step it had reached.
-                let up_since = h.up.then(|| {
-                    let done = dv.slow_start_ms * ramp_step.saturating_sub(1) as u64 / SLOW_START_STEPS as u64;
-                    now.checked_sub(Duration::from_millis(done)).unwrap_or(now)
-                });
-                backends.insert(
-                    db.ip,
-                    Backend {
-                        ip: db.ip,
-                        mac_cfg: db.mac,
-                        mac,
-                        weight: db.weight,
-                        id: bid,
-                        gen,
-                        health: h,
-                        check: db.health.clone(),
-                        admin: db.state,
-                        up_since,
-                        ramp_step,
-                        agent,
-                    },
-                );
+                backends.insert(db.ip, be);
             }
             let retired = rt.map(|r| lb_common::Counters { packets: r.retired[0], bytes: r.retired[1], new_flows: r.retired[2] });
             a.vips.insert(
