@@ -125,6 +125,12 @@ fn agent(xlb: &Path, ns: &str, dir: &TempDir, name: &str) -> Child {
         .stderr(log)
         .spawn()
         .expect("start the agent");
+    wait_api(xlb, dir, &mut c, name);
+    c
+}
+
+/// Wait until the agent `c` (logging to `NAME.log`) answers.
+fn wait_api(xlb: &Path, dir: &TempDir, c: &mut Child, name: &str) {
     let t0 = Instant::now();
     while !cli(xlb, dir, &["vip", "list"]).status.success() {
         if t0.elapsed() > Duration::from_secs(15) || c.try_wait().expect("wait").is_some() {
@@ -133,7 +139,14 @@ fn agent(xlb: &Path, ns: &str, dir: &TempDir, name: &str) -> Child {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    c
+}
+
+/// The binary, a scratch directory and two namespace names for test `what`.
+fn bed(what: &str) -> (PathBuf, TempDir, String, String) {
+    let (xlb, _) = binaries();
+    let dir = TempDir::new(&format!("netns-{what}")).expect("dir");
+    let tag = std::process::id() % 100_000;
+    (xlb, dir, format!("{NS_PREFIX}{tag}{what}"), format!("{NS_PREFIX}{tag}{what}p"))
 }
 
 fn cli(xlb: &Path, dir: &TempDir, args: &[&str]) -> std::process::Output {
@@ -142,10 +155,7 @@ fn cli(xlb: &Path, dir: &TempDir, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_new_namespace_with_a_reused_inode_does_not_resume_a_dead_deployment() {
-    let (xlb, _) = binaries();
-    let dir = TempDir::new("netns-reuse").expect("dir");
-    let tag = std::process::id() % 100_000;
-    let (ns, peer) = (format!("{NS_PREFIX}{tag}reuse"), format!("{NS_PREFIX}{tag}reusep"));
+    let (xlb, dir, ns, peer) = bed("reuse");
     let mut guard = PinGuard(None);
 
     // A deployment with a few VIPs; the agent is killed, its namespace deleted.
@@ -209,10 +219,7 @@ fn a_new_namespace_with_a_reused_inode_does_not_resume_a_dead_deployment() {
 
 #[test]
 fn pins_that_die_with_the_agent_are_reported_never_claimed_to_stay() {
-    let (xlb, _) = binaries();
-    let dir = TempDir::new("netns-private").expect("dir");
-    let tag = std::process::id() % 100_000;
-    let (ns, peer) = (format!("{NS_PREFIX}{tag}priv"), format!("{NS_PREFIX}{tag}privp"));
+    let (xlb, dir, ns, peer) = bed("priv");
     let _net = Net::new(&ns, &peer);
     // A bpffs mounted only inside the agent's own mount namespace (what
     // `ip netns exec` gives it): pins there end with the agent.
@@ -232,11 +239,7 @@ fn pins_that_die_with_the_agent_are_reported_never_claimed_to_stay() {
         .stderr(log)
         .spawn()
         .expect("start the agent");
-    let t0 = Instant::now();
-    while !cli(&xlb, &dir, &["vip", "list"]).status.success() {
-        assert!(t0.elapsed() < Duration::from_secs(15), "{}", std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_api(&xlb, &dir, &mut child, "agent");
     let st: serde_json::Value = serde_json::from_slice(&cli(&xlb, &dir, &["status", "--json"]).stdout).expect("status");
     let why = st["pins_lost_on_exit"].as_str().unwrap_or_default().to_string();
     assert!(why.contains("own mount namespace"), "status says the pins die with the agent: {st}");

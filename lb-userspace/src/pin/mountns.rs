@@ -178,10 +178,8 @@ fn open_in_initial_ns(pid: &str, name: &str, create: bool) -> Result<(OwnedFd, b
     }
     // SAFETY: both descriptors were just created and are owned here.
     let (parent_end, child_end) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
-    let cmsg_space = unsafe {
-        // SAFETY: CMSG_SPACE is arithmetic on its argument.
-        libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize
-    };
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let cmsg_space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize };
     // SAFETY: the child runs only async-signal-safe system calls on values
     // prepared before the fork (no allocation, no locks), then _exit(2).
     let child = unsafe { libc::fork() };
