@@ -507,6 +507,12 @@ fn print_status(s: &Status) {
         s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         s.pinned.as_deref().map(|p| format!("maps pinned under {p}")).unwrap_or_else(|| "not pinned".into())
     );
+    println!(
+        "connection table: {} flows, {:.1} MiB, {} entries at the last census",
+        s.conntrack_capacity,
+        s.conntrack_bytes as f64 / (1 << 20) as f64,
+        s.conntrack_entries.map(|e| e.to_string()).unwrap_or_else(|| "no".into())
+    );
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
