@@ -25,7 +25,16 @@ use crate::{
 };
 
 /// The XDP object, built by `cargo xtask build` and embedded in the binary.
+/// Empty when the binary was built without it (a stand-in: see build.rs).
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
+
+/// The embedded XDP object, or the one-line reason this binary has none.
+pub fn xdp_object() -> Result<&'static [u8]> {
+    if XDP_OBJECT.is_empty() {
+        bail!("this xlb binary was built without its XDP program (an empty stand-in is embedded): build it with `cargo xtask build`");
+    }
+    Ok(XDP_OBJECT)
+}
 
 /// Sizes fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -217,7 +226,7 @@ impl Datapath {
             .override_global("XLB_DEBUG", &debug, true)
             .override_global("XLB_CT_SETS", &sets, true)
             .override_global("XLB_CT_SEED", &ct_seed.k, true)
-            .load(XDP_OBJECT)
+            .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
         for name in [PROG_XLB, PROG_PASS] {
             let prog: &mut Xdp = ebpf
