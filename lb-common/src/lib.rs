@@ -8,10 +8,12 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod ct;
 pub mod hash;
 pub mod maps;
 pub mod stats;
 
+pub use ct::{CtEntry, CtHash, CtSeed, CtSet, CtWay, CT_WAYS};
 pub use maps::*;
 pub use stats::Stat;
 
@@ -48,7 +50,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -58,7 +60,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "XLB_BACKENDS";
     /// Concatenated Maglev lookup tables: ring slot × ring size → backend id.
     pub const RINGS: &str = "XLB_RINGS";
-    /// `FlowKey` → `FlowValue` (LRU connection table).
+    /// Connection table: an array of `CtSet` (set-associative, see `ct`).
     pub const CONNTRACK: &str = "XLB_CONNTRACK";
     /// Per-CPU global counters indexed by `Stat`.
     pub const STATS: &str = "XLB_STATS";

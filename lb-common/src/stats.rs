@@ -48,10 +48,13 @@ pub enum Stat {
     FragForwarded = 17,
     /// Event: source-hash persistence kept a client on its backend.
     PersistHit = 18,
+    /// Event: a new flow took the way of an open entry (its set was full of
+    /// open flows): that flow lost its entry before it ended.
+    CtEvicted = 19,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
-pub const STAT_COUNT: u32 = 19;
+pub const STAT_COUNT: u32 = 20;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -74,6 +77,7 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::IcmpSteered,
     Stat::FragForwarded,
     Stat::PersistHit,
+    Stat::CtEvicted,
 ];
 
 /// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
@@ -102,6 +106,7 @@ impl Stat {
             Stat::IcmpSteered => "icmp_steered",
             Stat::FragForwarded => "frag_forwarded",
             Stat::PersistHit => "persist_hit",
+            Stat::CtEvicted => "conntrack_evicted",
         }
     }
 }

@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
-    BackendInfo, Counters, FlowKey, FlowValue, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
+    ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
     SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
@@ -25,18 +26,13 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 pub static RINGS: Array<u32> =
     Array::with_max_entries((DEFAULT_MAX_VIPS + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, 0);
 
-/// The connection table: 5-tuple → backend (least recently used evicted),
-/// shared by all CPUs (see the README for why, and the measurement).
-#[cfg(not(feature = "percpu-conntrack"))]
+/// The connection table: `ct_elements(--conntrack-size)` one-line sets
+/// (layout in `lb_common::ct`), shared by all CPUs. Mmapable, so that its
+/// values start page-aligned (each set is exactly one cache line) and the
+/// agent can read it without a syscall per set.
 #[map(name = "XLB_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
-
-/// Per-CPU variant, built only to measure against the shared table.
-#[cfg(feature = "percpu-conntrack")]
-#[map(name = "XLB_CONNTRACK")]
-pub static CONNTRACK: aya_ebpf::maps::LruPerCpuHashMap<FlowKey, FlowValue> =
-    aya_ebpf::maps::LruPerCpuHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+pub static CONNTRACK: Array<CtSet> =
+    Array::with_max_entries(ct_elements(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
 /// Global verdict and event counters: one `StatBlock` per CPU.
 #[map(name = "XLB_STATS")]

@@ -881,8 +881,7 @@ impl Agent {
     /// this keeps a copy of the entry of the lowest-port VIP on that address
     /// and protocol (fragments are balanced over its table).
     fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
-        let mut alias_key = changed.key();
-        alias_key.port_be = 0;
+        let alias_key = changed.key().fragment_alias();
         let first = self
             .vips
             .iter()
@@ -917,7 +916,7 @@ impl Agent {
 
     /// Set every backend's active-flow count from a census of the
     /// connection table (corrects flows that ended without FIN/RST).
-    pub fn apply_census(&mut self, census: &crate::maps::ConntrackCensus) -> Result<()> {
+    pub fn apply_census(&mut self, census: &crate::conntrack::ConntrackCensus) -> Result<()> {
         let ids: Vec<(u32, u16)> = self.vips.values().flat_map(|s| s.backends.values().map(|b| (b.id, b.gen))).collect();
         for (id, gen) in ids {
             let n = census.open.get(&(id, gen)).copied().unwrap_or(0);
@@ -1143,6 +1142,7 @@ impl Agent {
             counters,
             ring_size: self.dp.opts.ring_size,
             conntrack_capacity: self.dp.opts.conntrack_size,
+            conntrack_bytes: self.dp.opts.conntrack_bytes(),
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
         })
@@ -1170,8 +1170,12 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// Entries per Maglev table.
     pub ring_size: u32,
-    /// Connection-table capacity.
+    /// Connection-table capacity: live flows it holds with at most 1 %
+    /// evicted early.
     pub conntrack_capacity: u32,
+    /// Connection-table memory, bytes.
+    #[serde(default)]
+    pub conntrack_bytes: u64,
     /// Connection-table entries at the last census (none yet: null).
     pub conntrack_entries: Option<u64>,
     /// Age of that census, milliseconds.
