@@ -47,7 +47,7 @@ fn load(fs: &Bpffs) -> Datapath {
 }
 
 fn opts() -> AgentOptions {
-    AgentOptions { iface_mac: Mac(LB_MAC), health: HealthConfig { kind: CheckKind::None, ..Default::default() } }
+    AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } }
 }
 
 fn ip(i: u8) -> IpAddr {
