@@ -230,7 +230,7 @@ fn agent(vip: &str, n: u32) -> Result<Agent> {
 fn agent_with_table(vip: &str, n: u32, ct: u32) -> Result<Agent> {
     let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: ct, ..Default::default() })?;
     let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-    let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), health })?;
+    let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health })?;
     let v: Vip = vip.parse()?;
     agent.add_vip(v, Algo::Maglev, 0)?;
     let list: Vec<(IpAddr, Option<Mac>, u32)> = (0..n)
