@@ -352,7 +352,7 @@ fn only_frames_addressed_to_the_interface_or_an_accepted_mac_are_balanced() {
         assert_one_verdict(&d, Stat::Forwarded, "frame for an accepted MAC");
     }
     // Bad lists are refused with one line and change nothing.
-    for bad in [vec![[0x01, 0, 0x5e, 0, 0, 1]], vec![[0; 6]], vec![LB_MAC; 9]] {
+    for bad in [vec![[0x01, 0, 0x5e, 0, 0, 1]], vec![[0; 6]], vec![LB_MAC; 9], vec![]] {
         let e = f.agent.dp.set_accepted_macs(&bad).expect_err("refused");
         assert!(!e.to_string().contains('\n'), "{e}");
     }
