@@ -12,6 +12,7 @@ pub mod ct;
 pub mod hash;
 pub mod maps;
 pub mod stats;
+pub mod trace;
 
 pub use ct::{CtEntry, CtHash, CtSeed, CtSet, CtWay, CT_WAYS};
 pub use maps::*;
@@ -79,6 +80,14 @@ pub mod map_names {
     /// the interface's, then `--accept-mac`s. Not pinned: every agent
     /// writes it before its program is attached.
     pub const MACS: &str = "XLB_MACS";
+    /// `xlb flows` (`--flow-keys`): `FlowKey` per connection-table way (not pinned).
+    pub const FLOW_KEYS: &str = "XLB_CT_KEYS";
+    /// Ring buffer of `trace::TraceRecord`s (tracing program only; not pinned).
+    pub const TRACE: &str = "XLB_TRACE";
+    /// One `trace::TraceConfig` (not pinned).
+    pub const TRACE_CFG: &str = "XLB_TRACE_CFG";
+    /// Per-CPU `trace::TraceBucket` (not pinned).
+    pub const TRACE_TB: &str = "XLB_TRACE_TB";
     /// Every map above: all are pinned, and a restarted agent reuses them all.
     pub const ALL: [&str; 10] = [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST];
 }
@@ -109,6 +118,8 @@ pub fn vip_filter_index(addr: &Addr, family: u8) -> u32 {
 
 /// Name of the load-balancing XDP program in the object.
 pub const PROG_XLB: &str = "xlb";
+/// Name of the tracing variant of the balancer (`xlb trace` swaps it in).
+pub const PROG_TRACE: &str = "xlb_trace";
 /// Name of the XDP_PASS helper program in the object (for veth peers: XDP_TX
 /// frames are only delivered when the peer has an XDP program attached).
 pub const PROG_PASS: &str = "xlb_pass";

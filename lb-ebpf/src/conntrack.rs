@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, BACKEND_CONNS, CONNTRACK},
+    maps::{BACKENDS, BACKEND_CONNS, CONNTRACK, FLOW_KEYS},
     stats,
     steer::Choice,
 };
@@ -33,6 +33,12 @@ static XLB_CT_SETS: u32 = 1;
 /// table's seed record for the next agent).
 #[no_mangle]
 static XLB_CT_SEED: [u64; 2] = [0; 2];
+
+/// Set to 1 by the agent at load time (`--flow-keys`): every insert also
+/// writes the flow's key beside its way in `XLB_CT_KEYS` (read only by
+/// `xlb flows`). Read-only data: at 0 the verifier removes the store.
+#[no_mangle]
+static XLB_FLOW_KEYS: u8 = 0;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -189,12 +195,22 @@ impl Pending {
 
     /// Pin the flow to the backend it was given (one set, one line).
     #[inline(always)]
-    pub fn commit(&self, id: u32, be: &BackendInfo, stats: &mut StatBlock) {
+    pub fn commit(&self, key: &FlowKey, id: u32, be: &BackendInfo, stats: &mut StatBlock) {
         let Some(p) = &self.probe else {
             stats::count(stats, Stat::CtInsertFail);
             return;
         };
         p.store(self.way, &CtWay::new(&p.h, id, be.gen, self.closing, p.now));
+        // SAFETY: a plain read of a load-time constant (volatile: not folded
+        // at build time; the verifier knows its value).
+        if unsafe { core::ptr::read_volatile(&XLB_FLOW_KEYS) } != 0 {
+            let slot = p.h.set.wrapping_mul(CT_WAYS as u32).wrapping_add((self.way & (CT_WAYS - 1)) as u32);
+            if let Some(k) = FLOW_KEYS.get_ptr_mut(slot) {
+                // SAFETY: a valid map value; readers check the key against
+                // the way's signature, so a torn copy is only skipped.
+                unsafe { core::ptr::write_volatile(k, *key) };
+            }
+        }
         if !self.closing {
             conns_add(id, 1);
         }

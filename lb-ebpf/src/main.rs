@@ -24,6 +24,7 @@ mod pkt;
 mod select;
 mod stats;
 mod steer;
+mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Stat, StatBlock};
@@ -39,12 +40,30 @@ static XLB_DEBUG: u8 = 0;
 /// The load balancer.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
+    balance::<false>(&ctx)
+}
+
+/// The load balancer with tracing compiled in (`xlb trace` swaps it into
+/// the agent's link while a trace runs; the maps are the same).
+#[xdp]
+pub fn xlb_trace(ctx: XdpContext) -> u32 {
+    balance::<true>(&ctx)
+}
+
+/// One frame: process it, count its verdict, and (`TRACE` only) record it.
+/// `TRACE` is a constant of each entry point: `xlb` has no tracing code.
+#[inline(always)]
+fn balance<const TRACE: bool>(ctx: &XdpContext) -> u32 {
     let Some(stats) = stats::block() else {
         // The stats map always has its one entry; without it, do no harm.
         return xdp_action::XDP_PASS;
     };
-    let (action, stat) = process(&ctx, stats);
+    let mut seen = if TRACE { Some(trace::Seen::new(ctx)) } else { None };
+    let (action, stat) = process(ctx, stats, &mut seen);
     stats::count(stats, stat);
+    if let (true, Some(seen)) = (TRACE, &seen) {
+        trace::emit(ctx, seen, action, stat);
+    }
     action
 }
 
@@ -56,11 +75,14 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
+fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::Seen>) -> (u32, Stat) {
     let pkt = match parse::packet(ctx) {
         Ok(p) => p,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
     };
+    if let Some(s) = seen {
+        s.key = Some(pkt.key);
+    }
     // One array read turns away almost all traffic that is not for a VIP.
     let idx = lb_common::vip_filter_index(&pkt.key.vip.addr, pkt.key.vip.family);
     if maps::VIP_FILTER.get(idx).copied().unwrap_or(0) == 0 {
@@ -78,6 +100,9 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
             return (xdp_action::XDP_DROP, stat);
         }
     };
+    if let Some(s) = seen {
+        s.backend_id = id;
+    }
     if forward::rewrite(ctx, backend).is_err() {
         return (xdp_action::XDP_ABORTED, Stat::Aborted);
     }

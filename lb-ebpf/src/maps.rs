@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
@@ -65,3 +65,21 @@ pub static PERSIST: LruHashMap<PersistKey, PersistValue> =
 /// Destination MACs to act on (`lb_common::mac_key`; 0 ends the list).
 #[map(name = "XLB_MACS")]
 pub static MACS: Array<u64> = Array::with_max_entries(MAX_ACCEPT_MACS, 0);
+
+/// Trace records (`lb_common::trace`): written by the tracing program only.
+#[map(name = "XLB_TRACE")]
+pub static TRACE: RingBuf = RingBuf::with_byte_size(lb_common::trace::TRACE_RING_BYTES, 0);
+
+/// What the tracing program records (one entry, set by the agent).
+#[map(name = "XLB_TRACE_CFG")]
+pub static TRACE_CFG: Array<lb_common::trace::TraceConfig> = Array::with_max_entries(1, 0);
+
+/// The tracing program's rate limit, per CPU.
+#[map(name = "XLB_TRACE_TB")]
+pub static TRACE_TB: PerCpuArray<lb_common::trace::TraceBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// `xlb flows` (`--flow-keys` only): the key of the flow last inserted in
+/// each way of the connection table (set × `CT_WAYS` + way), written on
+/// inserts and never read by the program. One element unless enabled.
+#[map(name = "XLB_CT_KEYS")]
+pub static FLOW_KEYS: Array<lb_common::FlowKey> = Array::with_max_entries(1, BPF_F_MMAPABLE);

@@ -47,7 +47,7 @@ pub fn choose<'a>(pkt: &Packet, stats: &mut StatBlock) -> Result<Choice<'a>, Sta
                 let vip = vip(key)?;
                 p.settle(vip, stats);
                 let (id, backend) = select::schedule(key, vip, stats)?;
-                p.commit(id, backend, stats);
+                p.commit(key, id, backend, stats);
                 Ok(Choice { id, backend, new_flow: true })
             }
         },

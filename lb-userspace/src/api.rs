@@ -102,6 +102,44 @@ pub enum Request {
     },
     /// Detach the program, remove the pins and the state, and exit.
     Detach,
+    /// Stream sampled frames (`xlb trace`): the answer is followed by one
+    /// line per frame on the same connection, then an end line.
+    Trace {
+        /// Only frames for this VIP.
+        #[serde(default)]
+        vip: Option<String>,
+        /// Only frames sent to this backend address.
+        #[serde(default)]
+        backend: Option<String>,
+        /// Only `tx`, `pass` or `drop` frames.
+        #[serde(default)]
+        verdict: Option<String>,
+        /// Stop after this many frames.
+        #[serde(default)]
+        count: Option<u64>,
+        /// Frames per second per CPU at most.
+        #[serde(default)]
+        rate: Option<u32>,
+    },
+    /// Live connection-table entries (`xlb flows`).
+    Flows {
+        /// Only this VIP's flows.
+        #[serde(default)]
+        vip: Option<String>,
+        /// Only flows on this backend address.
+        #[serde(default)]
+        backend: Option<String>,
+        /// At most this many.
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// Where one flow goes now and why (`xlb explain`; changes nothing).
+    Explain {
+        /// `ADDR:PORT/PROTO`.
+        vip: String,
+        /// `ADDR[:PORT]` of the client.
+        client: String,
+    },
 }
 
 /// The agent's answer.
@@ -181,6 +219,15 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             let changes = reload(agent, path.map(std::path::PathBuf::from))?;
             Ok(serde_json::json!({ "changes": changes }))
         }
+        Request::Explain { vip, client } => {
+            let e = crate::diag::explain::explain(agent, &vip.parse()?, &client.parse()?)?;
+            Ok(serde_json::to_value(e)?)
+        }
+        Request::Flows { vip, backend, limit } => {
+            let r = crate::diag::flows::flows(agent, &crate::diag::flows::FlowsRequest { vip, backend, limit })?;
+            Ok(serde_json::to_value(r)?)
+        }
+        Request::Trace { .. } => bail!("trace streams: it is served on its own connection"),
         Request::Detach => {
             let tx = agent.detach_tx.as_ref().ok_or_else(|| anyhow!("this agent cannot be detached through the API"))?;
             tx.send(()).map_err(|_| anyhow!("the agent is already exiting"))?;
@@ -237,7 +284,8 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
 async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    let n = BufReader::new(r).take(MAX_REQUEST as u64).read_line(&mut line).await?;
+    let mut reader = BufReader::new(r);
+    let n = (&mut reader).take(MAX_REQUEST as u64).read_line(&mut line).await?;
     let resp = if n == 0 {
         return Ok(());
     } else if !line.ends_with('\n') && n >= MAX_REQUEST {
@@ -245,6 +293,10 @@ async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
     } else {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), result: serde_json::Value::Null },
+            Ok(Request::Trace { vip, backend, verdict, count, rate }) => {
+                let req = crate::diag::trace::TraceRequest { vip, backend, verdict, count, rate };
+                return crate::diag::trace::serve(reader, w, agent, req).await;
+            }
             Ok(req) => {
                 let res = {
                     let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;

@@ -71,6 +71,62 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Where one flow goes now and why, read from the running maps: its
+    /// hash, table entry, connection-table and persistence entries, which
+    /// one wins, and when that may change.
+    Explain {
+        /// ADDR:PORT/PROTO of the VIP.
+        vip: Vip,
+        /// The client: ADDR:PORT ([ADDR]:PORT for IPv6); ADDR alone for
+        /// source-hash VIPs.
+        client: crate::diag::explain::Client,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live connection-table entries, most recently seen first (needs the
+    /// agent's --flow-keys; without it, open entries per backend only).
+    Flows {
+        /// Only this VIP's flows.
+        #[arg(long)]
+        vip: Option<Vip>,
+        /// Only flows on this backend address.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// At most N flows.
+        #[arg(long, value_name = "N", default_value_t = crate::diag::flows::DEFAULT_LIMIT)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Frames sampled live from the datapath, one line each (time,
+    /// interface, 5-tuple, verdict, backend); `--pcap` also writes them as
+    /// they arrived to a pcap file. Stops after --count frames or Ctrl-C;
+    /// the balancer runs untraced again as soon as it stops.
+    Trace {
+        /// Only frames for this VIP (ADDR:PORT/PROTO).
+        #[arg(long)]
+        vip: Option<Vip>,
+        /// Only frames sent to this backend address.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// Only frames with this verdict: tx, pass or drop.
+        #[arg(long, value_parser = ["tx", "pass", "drop"])]
+        verdict: Option<String>,
+        /// Stop after N frames.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Write the frames to this pcap file (tcpdump -r, Wireshark).
+        #[arg(long, value_name = "FILE")]
+        pcap: Option<PathBuf>,
+        /// Frames per second per CPU at most.
+        #[arg(long, default_value_t = crate::diag::trace::DEFAULT_RATE)]
+        rate: u32,
+        /// One JSON object per frame.
+        #[arg(long)]
+        json: bool,
+    },
     /// Attach a pass-through XDP program to IFACE and hold it until
     /// SIGINT/SIGTERM. On a veth, XDP_TX frames are only delivered when the
     /// peer device has an XDP program: run this on the peer.
@@ -120,6 +176,10 @@ pub struct AgentArgs {
     /// Log unusual datapath verdicts (aya-log; costs a little per logged packet).
     #[arg(long)]
     pub debug_datapath: bool,
+    /// Keep each connection-table entry's 5-tuple beside it, for `xlb
+    /// flows` (one 40-byte store per new flow; 40 bytes per table way).
+    #[arg(long)]
+    pub flow_keys: bool,
     /// Root under which the maps and the XDP link are pinned (per interface),
     /// so forwarding survives the agent and a new agent adopts it.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
@@ -331,6 +391,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 conntrack_size: a.conntrack_size,
                 persist_size: a.persist_size,
                 debug: a.debug_datapath,
+                flow_keys: a.flow_keys,
             };
             load.validate()?;
             let opts = DaemonOptions {
@@ -422,6 +483,34 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("config: {c}");
             }
             Ok(())
+        }
+        Command::Explain { vip, client, json } => {
+            let v = api::call(&socket, &Request::Explain { vip: vip.to_string(), client: client.to_string() })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let e: crate::diag::explain::Explanation = serde_json::from_value(v).context("malformed explanation from the agent")?;
+                print!("{}", crate::diag::explain::render(&e));
+            }
+            Ok(())
+        }
+        Command::Flows { vip, backend, limit, json } => {
+            let req = Request::Flows { vip: vip.map(|v| v.to_string()), backend: backend.map(|b| b.to_string()), limit: Some(limit) };
+            let v = api::call(&socket, &req)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r: crate::diag::flows::FlowsReport = serde_json::from_value(v).context("malformed flows from the agent")?;
+                print!("{}", crate::diag::flows::render(&r));
+            }
+            Ok(())
+        }
+        Command::Trace { vip, backend, verdict, count, pcap, rate, json } => {
+            if count == Some(0) {
+                anyhow::bail!("--count must be at least 1");
+            }
+            let req = Request::Trace { vip: vip.map(|v| v.to_string()), backend: backend.map(|b| b.to_string()), verdict, count, rate: Some(rate) };
+            crate::diag::trace::run(&socket, &req, pcap.as_deref(), json)
         }
         Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),
         Command::Status { json } => {
@@ -530,7 +619,7 @@ fn print_status(s: &Status) {
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
+    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

@@ -147,7 +147,7 @@ impl Drop for CtView {
 }
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
-fn monotonic_coarse_ns() -> u64 {
+pub(crate) fn monotonic_coarse_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime(2) into a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
@@ -181,5 +181,10 @@ impl ConntrackReader {
     /// Walk the table once.
     pub fn census(&self) -> ConntrackCensus {
         self.view.census()
+    }
+
+    /// The mapped table.
+    pub fn view(&self) -> &CtView {
+        &self.view
     }
 }

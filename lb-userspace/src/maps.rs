@@ -16,8 +16,10 @@ use lb_common::{
     ct::{ct_bytes, ct_elements, ct_sets},
     map_names, BackendInfo, Counters, CtSeed, CtSet, Stat, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
-    PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
+    PROG_PASS, PROG_TRACE, PROG_XLB, SPARE_RING_SLOTS,
 };
+
+use lb_common::trace::{TraceBucket, TraceConfig, TraceRecord};
 
 use crate::{
     conntrack::{self, ConntrackReader, CtView},
@@ -49,6 +51,9 @@ pub struct LoadOptions {
     pub persist_size: u32,
     /// Log unusual verdicts from the datapath (aya-log).
     pub debug: bool,
+    /// Keep each connection-table entry's key beside it (`xlb flows`):
+    /// one 40-byte store per new flow, and 40 bytes per way of memory.
+    pub flow_keys: bool,
 }
 
 impl Default for LoadOptions {
@@ -59,6 +64,7 @@ impl Default for LoadOptions {
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
             persist_size: DEFAULT_PERSIST_SIZE,
             debug: false,
+            flow_keys: false,
         }
     }
 }
@@ -89,6 +95,15 @@ impl LoadOptions {
     /// flows lose at most 1 % of their entries early; see `lb_common::ct`).
     pub fn conntrack_bytes(&self) -> u64 {
         ct_bytes(self.conntrack_size)
+    }
+
+    /// Elements of `XLB_FLOW_KEYS`: one per way with `flow_keys`, else 1.
+    pub fn flow_key_slots(&self) -> u32 {
+        if self.flow_keys {
+            ct_sets(self.conntrack_size) * lb_common::CT_WAYS as u32
+        } else {
+            1
+        }
     }
 
     /// Number of ring slots (tables) in `XLB_RINGS`.
@@ -134,6 +149,14 @@ pub struct Datapath {
     conntrack_id: u32,
     ncpus: usize,
     last_link: Option<aya::programs::xdp::XdpLinkId>,
+    /// Where the interface's link is pinned (set by `attach_pinned`).
+    link_pin: Option<std::path::PathBuf>,
+    /// Which program the link runs (`PROG_XLB`, or `PROG_TRACE` while tracing).
+    running: &'static str,
+    flow_keys: Array<MapData, lb_common::FlowKey>,
+    trace_ring: aya::maps::RingBuf<MapData>,
+    trace_cfg: Array<MapData, TraceConfig>,
+    trace_tb: PerCpuArray<MapData, TraceBucket>,
 }
 
 /// The pinned maps' view of a running deployment.
@@ -224,12 +247,14 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK, ct_elements(opts.conntrack_size))
             .map_max_entries(map_names::PERSIST, opts.persist_size)
             .map_max_entries(map_names::RR, opts.max_vips)
+            .map_max_entries(map_names::FLOW_KEYS, opts.flow_key_slots())
+            .override_global("XLB_FLOW_KEYS", &(opts.flow_keys as u8), true)
             .override_global("XLB_DEBUG", &debug, true)
             .override_global("XLB_CT_SETS", &sets, true)
             .override_global("XLB_CT_SEED", &ct_seed.k, true)
             .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
-        for name in [PROG_XLB, PROG_PASS] {
+        for name in [PROG_XLB, PROG_TRACE, PROG_PASS] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
@@ -264,10 +289,16 @@ impl Datapath {
             stats: take(&mut ebpf, map_names::STATS)?,
             vip_filter: take(&mut ebpf, map_names::VIP_FILTER)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
+            flow_keys: take(&mut ebpf, map_names::FLOW_KEYS)?,
+            trace_ring: take(&mut ebpf, map_names::TRACE)?,
+            trace_cfg: take(&mut ebpf, map_names::TRACE_CFG)?,
+            trace_tb: take(&mut ebpf, map_names::TRACE_TB)?,
             ebpf,
             opts,
             ncpus,
             last_link: None,
+            link_pin: None,
+            running: PROG_XLB,
         })
     }
 
@@ -294,6 +325,7 @@ impl Datapath {
     /// and pin the link. Returns the mode (`None` when an existing link was
     /// taken over: its mode is kept) and whether a link was taken over.
     pub fn attach_pinned(&mut self, iface: &str, mode: Option<AttachMode>, link: &std::path::Path) -> Result<(Option<AttachMode>, bool)> {
+        self.link_pin = Some(link.to_path_buf());
         if link.exists() {
             match self.replace_link(link) {
                 Ok(()) => return Ok((None, true)),
@@ -321,6 +353,86 @@ impl Datapath {
         // The link stays pinned; the program's copy of it closes on drop.
         prog.attach_to_link(xdp).context("bpf_link_update failed (the link is detached from its device?)")?;
         Ok(())
+    }
+
+    /// Make the interface's link run program `to` (`PROG_TRACE` while a
+    /// trace runs, `PROG_XLB` otherwise): one bpf_link_update, as upgrades
+    /// do; the maps are shared, so no flow notices.
+    pub fn switch_program(&mut self, to: &'static str) -> Result<()> {
+        if self.running == to {
+            return Ok(());
+        }
+        let link = match (&self.link_pin, self.last_link.take()) {
+            (Some(pin), _) => {
+                let pinned = PinnedLink::from_pin(pin).context("cannot open the pinned link")?;
+                XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?
+            }
+            (None, Some(id)) => {
+                let from = self.running;
+                self.program(from)?.take_link(id).context("cannot take the XDP link")?
+            }
+            (None, None) => bail!("the program is not attached to an interface"),
+        };
+        let id = self.program(to)?.attach_to_link(link).with_context(|| format!("bpf_link_update to {to} failed"))?;
+        if self.link_pin.is_some() {
+            // The pin keeps the link: close this process's copy now.
+            drop(self.program(to)?.take_link(id));
+        } else {
+            self.last_link = Some(id);
+        }
+        self.running = to;
+        Ok(())
+    }
+
+    /// Start tracing: set the filter, fill every CPU's rate-limit bucket,
+    /// empty the ring of an earlier trace, then swap the tracing program in.
+    pub fn trace_start(&mut self, cfg: &TraceConfig) -> Result<()> {
+        if self.running == PROG_TRACE {
+            bail!("a trace is already running (one at a time)");
+        }
+        self.trace_arm(cfg)?;
+        self.switch_program(PROG_TRACE)
+    }
+
+    /// Set the tracing program's filter and rate limit and empty its ring
+    /// (`trace_start` without the swap: tests run `PROG_TRACE` directly).
+    pub fn trace_arm(&mut self, cfg: &TraceConfig) -> Result<()> {
+        self.trace_cfg.set(0, cfg, 0).context("cannot write the trace filter")?;
+        let full = TraceBucket { credit_ns: cfg.burst_ns, last_ns: 0, missed: 0 };
+        let v = PerCpuValues::try_from(vec![full; self.ncpus]).context("per-CPU values")?;
+        self.trace_tb.set(0, v, 0).context("cannot reset the trace rate limit")?;
+        while self.trace_ring.next().is_some() {}
+        Ok(())
+    }
+
+    /// Up to `max` trace records, oldest first.
+    pub fn trace_drain(&mut self, max: usize) -> Vec<TraceRecord> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.trace_ring.next() else { break };
+            if item.len() >= std::mem::size_of::<TraceRecord>() {
+                // SAFETY: the record was written by the tracing program as a
+                // `TraceRecord` (repr(C), plain integers and bytes); read
+                // unaligned from the ring's bytes.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<TraceRecord>()) });
+            }
+        }
+        out
+    }
+
+    /// Stop tracing: swap the balancer back in and turn the filter off.
+    /// Returns the matching frames that were not recorded (rate limit or
+    /// full ring).
+    pub fn trace_stop(&mut self) -> Result<u64> {
+        self.switch_program(PROG_XLB)?;
+        self.trace_cfg.set(0, TraceConfig::default(), 0).context("cannot clear the trace filter")?;
+        let per_cpu = self.trace_tb.get(&0, 0).context("cannot read the trace rate limit")?;
+        Ok(per_cpu.iter().map(|b| b.missed).sum())
+    }
+
+    /// The program the interface's link runs.
+    pub fn running_program(&self) -> &'static str {
+        self.running
     }
 
     /// Attach the balancer to `iface`: native mode, or generic when `mode`
@@ -506,6 +618,12 @@ impl Datapath {
         CtView::map(self.conntrack.map(), self.opts.conntrack_size, true)
     }
 
+    /// The flow-key array (`--flow-keys`), for mapping it read-only.
+    pub fn flow_keys_map(&self) -> &MapData {
+        use aya::maps::IterableMap;
+        self.flow_keys.map()
+    }
+
     /// The connection table's hash seed (tests predict where flows go).
     pub fn conntrack_seed(&self) -> CtSeed {
         self.ct_seed
@@ -514,5 +632,51 @@ impl Datapath {
     /// Capacity of the backend array.
     pub fn max_backends(&self) -> u32 {
         MAX_BACKENDS
+    }
+
+    /// The VIP entry the datapath reads for `key` now, if any (diagnosis).
+    pub fn vip_entry(&self, key: &VipKey) -> Result<Option<VipInfo>> {
+        match self.vips.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("cannot read the VIP map"),
+        }
+    }
+
+    /// A backend entry as the datapath reads it now (diagnosis).
+    pub fn backend_entry(&self, id: u32) -> Result<BackendInfo> {
+        self.backends.get(&id, 0).context("cannot read the backend map")
+    }
+
+    /// One set of the connection table as it is now (a copy; its ways are
+    /// checked against the flow's signature, so a torn copy only misses).
+    pub fn conntrack_set(&self, set: u32) -> Result<CtSet> {
+        if set >= ct_sets(self.opts.conntrack_size) {
+            bail!("connection-table set {set} out of range");
+        }
+        self.conntrack.get(&set, 0).context("cannot read the connection table")
+    }
+
+    /// The source-hash persistence entry of a client for a VIP id, if any.
+    pub fn persist_entry(&self, key: &lb_common::PersistKey) -> Result<Option<lb_common::PersistValue>> {
+        let map = self.ebpf.map(map_names::PERSIST).ok_or_else(|| anyhow!("map {} missing", map_names::PERSIST))?;
+        let persist: HashMap<&MapData, lb_common::PersistKey, lb_common::PersistValue> =
+            HashMap::try_from(map).context("the persistence map has an unexpected type")?;
+        match persist.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("cannot read the persistence map"),
+        }
+    }
+}
+
+impl Drop for Datapath {
+    /// An agent that exits while a trace runs puts the balancer back first.
+    fn drop(&mut self) {
+        if self.running != PROG_XLB {
+            if let Err(e) = self.switch_program(PROG_XLB) {
+                log::warn!("could not swap the tracing program out: {e:#}");
+            }
+        }
     }
 }

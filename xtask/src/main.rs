@@ -89,8 +89,8 @@ fn nix_is_root() -> bool {
 
 fn runtime_tools() -> Result<()> {
     // `ip` for namespaces/veth/bridges, `ethtool` to turn off TX checksum
-    // offload on test senders.
-    toolchain::apt_install(&["iproute2", "ethtool"])
+    // offload on test senders; `tcpdump` reads the pcap `xlb trace` writes.
+    toolchain::apt_install(&["iproute2", "ethtool", "tcpdump"])
 }
 
 /// Run `cargo test`, echoing its output, and end with one total line

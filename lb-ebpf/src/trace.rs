@@ -1,0 +1,113 @@
+//! The tracing variant's recorder (`xlb trace`): compiled only into the
+//! `xlb_trace` entry point, never into `xlb`. A frame that matches the
+//! agent's filter (`XLB_TRACE_CFG`) and the per-CPU rate limit
+//! (`XLB_TRACE_TB`) becomes one `TraceRecord` in the `XLB_TRACE` ring.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use lb_common::{
+    trace::{action_bit, TraceRecord, TRACE_ANY_BACKEND, TRACE_SNAP},
+    FlowKey, Stat,
+};
+
+use crate::{
+    maps::{TRACE, TRACE_CFG, TRACE_TB},
+    pkt,
+};
+
+/// What the program learnt about a frame on its way (tracing only).
+pub struct Seen {
+    /// The frame's MACs as they arrived (before the rewrite).
+    pub macs: [u8; 12],
+    /// Its 5-tuple, once parsed.
+    pub key: Option<FlowKey>,
+    /// The backend it was sent to.
+    pub backend_id: u32,
+}
+
+impl Seen {
+    #[inline(always)]
+    pub fn new(ctx: &XdpContext) -> Seen {
+        Seen { macs: pkt::read::<[u8; 12]>(ctx, 0).unwrap_or([0; 12]), key: None, backend_id: TRACE_ANY_BACKEND }
+    }
+}
+
+/// Whether the filter and the rate limit let this frame be recorded.
+#[inline(always)]
+fn wanted(seen: &Seen, action: u32, now: u64) -> bool {
+    let Some(cfg) = TRACE_CFG.get(0) else { return false };
+    if cfg.verdicts & action_bit(action) == 0 {
+        return false;
+    }
+    if cfg.match_vip != 0 && !seen.key.is_some_and(|k| k.vip == cfg.vip) {
+        return false;
+    }
+    if cfg.backend_id != TRACE_ANY_BACKEND && seen.backend_id != cfg.backend_id {
+        return false;
+    }
+    let Some(tb) = TRACE_TB.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's value of a per-CPU array; no other writer runs here.
+    let tb = unsafe { &mut *tb };
+    let credit = tb.credit_ns.saturating_add(now.saturating_sub(tb.last_ns));
+    tb.last_ns = now;
+    let credit = if credit > cfg.burst_ns { cfg.burst_ns } else { credit };
+    if credit < cfg.cost_ns {
+        tb.credit_ns = credit;
+        tb.missed += 1;
+        return false;
+    }
+    tb.credit_ns = credit - cfg.cost_ns;
+    true
+}
+
+/// Record the frame if it is wanted. Not inlined: its stack frame is not
+/// added to the balancer's (BPF's 512-byte limit).
+#[inline(never)]
+pub fn emit(ctx: &XdpContext, seen: &Seen, action: u32, stat: Stat) {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !wanted(seen, action, now) {
+        return;
+    }
+    let Some(mut e) = TRACE.reserve::<TraceRecord>(0) else {
+        if let Some(tb) = TRACE_TB.get_ptr_mut(0) {
+            // SAFETY: as in `wanted`.
+            unsafe { (*tb).missed += 1 };
+        }
+        return;
+    };
+    let len = pkt::len(ctx) as u32;
+    let r = e.as_mut_ptr();
+    // SAFETY: `r` is the reserved record (uninitialised memory of the
+    // right size); every field is written before it is submitted.
+    unsafe {
+        (*r).time_ns = now;
+        match &seen.key {
+            Some(k) => {
+                (*r).key = *k;
+                (*r).has_key = 1;
+            }
+            None => (*r).has_key = 0,
+        }
+        (*r).backend_id = seen.backend_id;
+        (*r).action = action;
+        (*r).stat = stat as u32;
+        (*r).frame_len = len;
+        (*r).ifindex = (*ctx.ctx).ingress_ifindex;
+        (*r)._pad = 0;
+        let m = if len > TRACE_SNAP as u32 { TRACE_SNAP as u32 } else { len };
+        // 1..=TRACE_SNAP in a form the verifier can bound (the helper
+        // refuses a length that may be 0); equal to `m` for every real frame.
+        let n = (core::hint::black_box(m).wrapping_sub(1) & (TRACE_SNAP as u32 - 1)) + 1;
+        let mut cap = 0;
+        if bpf_xdp_load_bytes(ctx.ctx, 0, (*r).data.as_mut_ptr().cast(), n) == 0 {
+            cap = n;
+            let data = &mut (*r).data;
+            data[..12].copy_from_slice(&seen.macs);
+        }
+        (*r).cap_len = cap;
+    }
+    e.submit(0);
+}

@@ -1,0 +1,420 @@
+//! `xlb trace`: frames sampled from the running datapath.
+//!
+//! The agent swaps its link to the tracing variant of the program
+//! (`PROG_TRACE`, same maps) for as long as one client streams, and back
+//! when the client has its N frames, closes (Ctrl-C) or is gone. Records come
+//! through a BPF ring buffer, filtered and rate-limited in the program
+//! (`lb_common::trace`). The client prints one line per frame and, with
+//! `--pcap`, writes the frames as they arrived to a classic pcap file.
+
+use anyhow::{anyhow, bail, Context, Result};
+use lb_common::{
+    trace::{action_bit, TraceConfig, TraceRecord, TRACE_ANY_BACKEND, TRACE_SNAP},
+    stats::VERDICTS,
+    FlowKey, FAMILY_V6, PROTO_TCP, PROTO_UDP,
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    io::Write,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::{agent::Agent, config::Vip};
+
+/// Records per second per CPU by default, and the burst a CPU may send.
+pub const DEFAULT_RATE: u32 = 1000;
+const BURST: u64 = 64;
+/// How often the agent empties the ring while a trace runs.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What a client asks to trace.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TraceRequest {
+    /// Only frames for this VIP (`ADDR:PORT/PROTO`).
+    #[serde(default)]
+    pub vip: Option<String>,
+    /// Only frames forwarded to this backend address.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Only frames with this verdict: `tx`, `pass` or `drop` (aborted with drop).
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// Stop after this many frames.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Records per second per CPU at most.
+    #[serde(default)]
+    pub rate: Option<u32>,
+}
+
+/// The program's filter for a request, validated against the agent's
+/// services (nothing is changed).
+pub fn filter(agent: &Agent, req: &TraceRequest) -> Result<TraceConfig> {
+    let mut cfg = TraceConfig { backend_id: TRACE_ANY_BACKEND, verdicts: 0xf, ..Default::default() };
+    let vip: Option<Vip> = req.vip.as_deref().map(str::parse).transpose()?;
+    if let Some(v) = &vip {
+        if !agent.vips().contains_key(v) {
+            bail!("no VIP {v}");
+        }
+        cfg.vip = v.key();
+        cfg.match_vip = 1;
+    }
+    if let Some(b) = &req.backend {
+        let ip: IpAddr = b.parse().map_err(|_| anyhow!("invalid backend address '{b}'"))?;
+        let ids: Vec<u32> = agent
+            .vips()
+            .iter()
+            .filter(|(v, _)| vip.is_none_or(|w| **v == w))
+            .filter_map(|(_, s)| s.backends.get(&ip).map(|b| b.id))
+            .collect();
+        cfg.backend_id = match ids[..] {
+            [id] => id,
+            [] => bail!("no backend {ip}{}", vip.map(|v| format!(" in {v}")).unwrap_or_default()),
+            _ => bail!("backend {ip} serves several VIPs: give --vip"),
+        };
+    }
+    if let Some(v) = &req.verdict {
+        cfg.verdicts = match v.as_str() {
+            "tx" => action_bit(XDP_TX),
+            "pass" => action_bit(XDP_PASS),
+            "drop" => action_bit(XDP_DROP) | action_bit(XDP_ABORTED),
+            other => bail!("unknown verdict '{other}' (tx, pass, drop)"),
+        };
+    }
+    let rate = req.rate.unwrap_or(DEFAULT_RATE);
+    if !(1..=1_000_000).contains(&rate) {
+        bail!("trace rate {rate} out of range 1..=1000000 frames per second");
+    }
+    if req.count == Some(0) {
+        bail!("--count must be at least 1");
+    }
+    cfg.cost_ns = 1_000_000_000 / rate as u64;
+    cfg.burst_ns = cfg.cost_ns * BURST;
+    Ok(cfg)
+}
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+fn action_name(a: u32) -> &'static str {
+    match a {
+        XDP_ABORTED => "aborted",
+        XDP_DROP => "drop",
+        XDP_PASS => "pass",
+        XDP_TX => "tx",
+        _ => "?",
+    }
+}
+
+/// One traced frame as the agent sends it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrameLine {
+    /// Wall-clock time, nanoseconds since the epoch.
+    pub time_ns: u64,
+    /// Interface it arrived on.
+    pub iface: String,
+    /// `tcp`/`udp` source → destination, when the frame parsed to a 5-tuple.
+    pub flow: Option<String>,
+    /// XDP action: tx, pass, drop, aborted.
+    pub action: String,
+    /// The verdict counter it incremented (the reason).
+    pub verdict: String,
+    /// Backend it was sent to.
+    pub backend: Option<String>,
+    /// Frame length.
+    pub len: u32,
+    /// Its first bytes as it arrived, hex.
+    pub data: String,
+}
+
+fn addr(k: &FlowKey, a: &[u8; 16]) -> IpAddr {
+    if k.vip.family == FAMILY_V6 {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    }
+}
+
+fn sock(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// The flow as one string: `tcp 192.0.2.7:4000 > 10.0.0.100:80`.
+pub fn flow_text(k: &FlowKey) -> String {
+    let proto = match k.vip.proto {
+        PROTO_TCP => "tcp".to_string(),
+        PROTO_UDP => "udp".to_string(),
+        p => format!("proto{p}"),
+    };
+    format!(
+        "{proto} {} > {}",
+        sock(addr(k, &k.src), u16::from_be(k.sport_be)),
+        sock(addr(k, &k.vip.addr), u16::from_be(k.vip.port_be))
+    )
+}
+
+fn ifname(index: u32) -> String {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into `buf`.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return format!("if{index}");
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) into a valid timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A record as a line for the client (`wall_minus_mono`: the wall clock's
+/// offset from the program's monotonic clock).
+pub fn frame_line(agent: &Agent, r: &TraceRecord, wall_minus_mono: u64) -> FrameLine {
+    let backend = (r.backend_id != TRACE_ANY_BACKEND)
+        .then(|| {
+            agent.vips().values().flat_map(|v| v.backends.values()).find(|b| b.id == r.backend_id).map(|b| b.ip.to_string())
+        })
+        .map(|ip| ip.unwrap_or_else(|| format!("id {}", r.backend_id)));
+    let verdict = VERDICTS.iter().find(|s| **s as u32 == r.stat).map(|s| s.name()).unwrap_or("?");
+    let cap = (r.cap_len as usize).min(TRACE_SNAP);
+    FrameLine {
+        time_ns: r.time_ns.wrapping_add(wall_minus_mono),
+        iface: ifname(r.ifindex),
+        flow: (r.has_key != 0).then(|| flow_text(&r.key)),
+        action: action_name(r.action).into(),
+        verdict: verdict.into(),
+        backend,
+        len: r.frame_len,
+        data: r.data[..cap].iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+/// One line for a terminal.
+pub fn render(f: &FrameLine) -> String {
+    let secs = f.time_ns / 1_000_000_000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!(
+        "{h:02}:{m:02}:{s:02}.{:06} {} {} {} {}{} len {}",
+        (f.time_ns % 1_000_000_000) / 1000,
+        f.iface,
+        f.flow.as_deref().unwrap_or("(no 5-tuple)"),
+        f.action,
+        f.verdict,
+        f.backend.as_deref().map(|b| format!(" → {b}")).unwrap_or_default(),
+        f.len
+    )
+}
+
+/// A message of the trace stream after the first answer line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMsg {
+    /// A frame.
+    Frame(FrameLine),
+    /// The trace ended: frames sent, and matching frames not recorded.
+    End {
+        /// Frames sent.
+        frames: u64,
+        /// Matching frames not recorded (rate limit or full ring).
+        missed: u64,
+    },
+}
+
+fn line<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut l = serde_json::to_vec(v)?;
+    l.push(b'\n');
+    Ok(l)
+}
+
+/// Serve one `trace` request on an API connection: swap the tracing
+/// program in, stream records until `count` or until the client goes, and
+/// swap the balancer back in whatever happens.
+pub async fn serve<R, W>(mut reader: R, mut w: W, agent: Arc<Mutex<Agent>>, req: TraceRequest) -> Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lock = || agent.lock().map_err(|_| anyhow!("agent state poisoned"));
+    let started = {
+        let mut a = lock()?;
+        filter(&a, &req).and_then(|cfg| a.dp.trace_start(&cfg))
+    };
+    let first = match &started {
+        Ok(()) => crate::api::Response { ok: true, error: None, result: serde_json::json!({ "tracing": true }) },
+        Err(e) => crate::api::Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
+    };
+    w.write_all(&line(&first)?).await?;
+    if started.is_err() {
+        return Ok(());
+    }
+    log::info!("trace started: the tracing program runs on the interface");
+    let streamed = stream(&mut reader, &mut w, &agent, req.count).await;
+    let stopped = lock().and_then(|mut a| a.dp.trace_stop());
+    log::info!("trace ended: the balancer runs on the interface again");
+    let missed = stopped?;
+    if let Ok(frames) = streamed {
+        let _ = w.write_all(&line(&StreamMsg::End { frames, missed })?).await;
+    }
+    let _ = reader.read(&mut [0u8; 1]).await;
+    Ok(())
+}
+
+async fn stream<R, W>(reader: &mut R, w: &mut W, agent: &Arc<Mutex<Agent>>, count: Option<u64>) -> Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let offset = clock_ns(libc::CLOCK_REALTIME).wrapping_sub(clock_ns(libc::CLOCK_MONOTONIC));
+    let mut sent = 0u64;
+    let mut buf = [0u8; 64];
+    loop {
+        let out = {
+            let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
+            let want = count.map(|c| (c - sent) as usize).unwrap_or(256).min(256);
+            let recs = a.dp.trace_drain(want);
+            let mut out = Vec::new();
+            for r in &recs {
+                out.extend(line(&StreamMsg::Frame(frame_line(&a, r, offset)))?);
+            }
+            sent += recs.len() as u64;
+            out
+        };
+        if !out.is_empty() {
+            w.write_all(&out).await.context("the trace client is gone")?;
+        }
+        if count.is_some_and(|c| sent >= c) {
+            return Ok(sent);
+        }
+        tokio::select! {
+            n = reader.read(&mut buf) => match n {
+                Ok(0) | Err(_) => bail!("the trace client closed the connection"),
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// A classic pcap file (microsecond timestamps, Ethernet), written a record
+/// at a time and flushed, so an interrupted trace leaves a readable file.
+pub struct PcapWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> PcapWriter<W> {
+    /// Write the 24-byte file header.
+    pub fn new(mut out: W) -> Result<PcapWriter<W>> {
+        let mut h = Vec::with_capacity(24);
+        h.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        h.extend_from_slice(&2u16.to_le_bytes());
+        h.extend_from_slice(&4u16.to_le_bytes());
+        h.extend_from_slice(&0i32.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&(TRACE_SNAP as u32).to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes()); // LINKTYPE_ETHERNET
+        out.write_all(&h).context("cannot write the pcap header")?;
+        out.flush()?;
+        Ok(PcapWriter { out })
+    }
+
+    /// One frame: its captured bytes, its length on the wire, its time.
+    pub fn frame(&mut self, time_ns: u64, data: &[u8], orig_len: u32) -> Result<()> {
+        let mut h = Vec::with_capacity(16 + data.len());
+        h.extend_from_slice(&((time_ns / 1_000_000_000) as u32).to_le_bytes());
+        h.extend_from_slice(&(((time_ns % 1_000_000_000) / 1000) as u32).to_le_bytes());
+        h.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        h.extend_from_slice(&orig_len.max(data.len() as u32).to_le_bytes());
+        h.extend_from_slice(data);
+        self.out.write_all(&h).context("cannot write to the pcap file")?;
+        self.out.flush().context("cannot write to the pcap file")
+    }
+}
+
+/// Bytes of a `FrameLine`'s hex data.
+pub fn frame_bytes(f: &FrameLine) -> Result<Vec<u8>> {
+    if f.data.len() % 2 != 0 {
+        bail!("malformed frame data from the agent");
+    }
+    (0..f.data.len()).step_by(2).map(|i| u8::from_str_radix(&f.data[i..i + 2], 16).context("malformed frame data from the agent")).collect()
+}
+
+/// `xlb trace`: stream from the agent at `socket`, print lines, write the pcap.
+pub fn run(socket: &std::path::Path, req: &crate::api::Request, pcap: Option<&std::path::Path>, json: bool) -> Result<()> {
+    use std::io::BufRead;
+    let mut pcap = pcap
+        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())).and_then(|f| PcapWriter::new(std::io::BufWriter::new(f))))
+        .transpose()?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| anyhow!("cannot reach the agent at {} ({e}); is `xlb agent` running?", socket.display()))?;
+    s.write_all(&line(req)?).context("cannot send to the agent")?;
+    let mut lines = std::io::BufReader::new(s.try_clone()?).lines();
+    let first = lines.next().ok_or_else(|| anyhow!("no answer from the agent"))??;
+    let resp: crate::api::Response = serde_json::from_str(&first).context("malformed answer from the agent")?;
+    if !resp.ok {
+        bail!(resp.error.unwrap_or_else(|| "trace refused".into()));
+    }
+    let stdout = std::io::stdout();
+    for l in lines {
+        let l = l.context("the agent closed the trace")?;
+        match serde_json::from_str::<StreamMsg>(&l).context("malformed trace line from the agent")? {
+            StreamMsg::Frame(f) => {
+                if let Some(p) = &mut pcap {
+                    p.frame(f.time_ns, &frame_bytes(&f)?, f.len)?;
+                }
+                let text = if json { serde_json::to_string(&f)? } else { render(&f) };
+                let mut o = stdout.lock();
+                // A closed stdout (a pipe into head) ends the trace.
+                if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+            StreamMsg::End { frames, missed } => {
+                eprintln!("trace: {frames} frame(s){}", if missed > 0 { format!(", {missed} matching frame(s) not recorded (rate limit)") } else { String::new() });
+                return Ok(());
+            }
+        }
+    }
+    bail!("the agent ended the trace early")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcap_layout_is_classic() {
+        let mut buf = Vec::new();
+        let mut p = PcapWriter::new(&mut buf).unwrap();
+        p.frame(1_700_000_000_123_456_789, &[1, 2, 3], 60).unwrap();
+        assert_eq!(&buf[..4], &[0xd4, 0xc3, 0xb2, 0xa1]);
+        assert_eq!(buf.len(), 24 + 16 + 3);
+        assert_eq!(u32::from_le_bytes(buf[24..28].try_into().unwrap()), 1_700_000_000);
+        assert_eq!(u32::from_le_bytes(buf[28..32].try_into().unwrap()), 123_456);
+        assert_eq!(u32::from_le_bytes(buf[32..36].try_into().unwrap()), 3);
+        assert_eq!(u32::from_le_bytes(buf[36..40].try_into().unwrap()), 60);
+    }
+
+    #[test]
+    fn flows_render_both_families() {
+        let k = FlowKey::v4([192, 0, 2, 7], 4000u16.to_be(), [10, 0, 0, 100], 80u16.to_be(), PROTO_TCP);
+        assert_eq!(flow_text(&k), "tcp 192.0.2.7:4000 > 10.0.0.100:80");
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[15] = 7;
+        let k = FlowKey::v6(a, 53u16.to_be(), a, 53u16.to_be(), PROTO_UDP);
+        assert_eq!(flow_text(&k), "udp [fd00::7]:53 > [fd00::7]:53");
+    }
+}
