@@ -426,6 +426,11 @@ impl Datapath {
     pub fn trace_stop(&mut self) -> Result<u64> {
         self.switch_program(PROG_XLB)?;
         self.trace_cfg.set(0, TraceConfig::default(), 0).context("cannot clear the trace filter")?;
+        self.trace_missed()
+    }
+
+    /// Matching frames not recorded since the trace was armed.
+    pub fn trace_missed(&self) -> Result<u64> {
         let per_cpu = self.trace_tb.get(&0, 0).context("cannot read the trace rate limit")?;
         Ok(per_cpu.iter().map(|b| b.missed).sum())
     }

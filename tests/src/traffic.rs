@@ -101,6 +101,9 @@ pub struct Held {
     pub switched: bool,
     /// Why the connection ended early, if it did.
     pub broken: Option<String>,
+    /// The connection's client port (to find its flow in `xlb flows`/`explain`).
+    #[serde(default)]
+    pub local_port: u16,
 }
 
 /// Hold `count` connections to `target` for `duration`, sending a line every
@@ -112,6 +115,7 @@ pub fn hold(target: SocketAddr, count: usize, duration: Duration, interval: Dura
                 let mut h = Held::default();
                 let mut run = || -> Result<()> {
                     let s = TcpStream::connect_timeout(&target, Duration::from_secs(3)).context("connect")?;
+                    h.local_port = s.local_addr()?.port();
                     s.set_read_timeout(Some(Duration::from_secs(5)))?;
                     let mut w = s.try_clone()?;
                     let mut r = std::io::BufReader::new(s);

@@ -177,6 +177,13 @@ fn trace_filters_and_rate_limit() {
     assert!(!got.is_empty() && got.len() < 40, "{} of 40 flows", got.len());
     assert!(got.iter().all(|l| l.backend.as_deref() == Some(b1.as_str())));
 
+    // The default rate keeps a burst of 64 frames whole.
+    arm(&mut a, TraceRequest::default());
+    for p in 0..64u16 {
+        run_prog(&mut a, PROG_TRACE, &syn(VIP4, 8000 + p));
+    }
+    assert_eq!((lines(&mut a).len(), a.dp.trace_missed().expect("missed")), (64, 0));
+
     // Rate limit: a burst of 64 records, then 1 per second.
     let cfg: TraceConfig = filter(&a, &TraceRequest { rate: Some(1), ..Default::default() }).expect("filter");
     assert_eq!(cfg.backend_id, TRACE_ANY_BACKEND);
@@ -186,6 +193,7 @@ fn trace_filters_and_rate_limit() {
     }
     let n = lines(&mut a).len();
     assert!((64..=66).contains(&n), "{n} records for 200 frames at 1/s with a burst of 64");
+    assert_eq!(a.dp.trace_missed().expect("missed"), 200 - n as u64);
 
     // Bad filters are refused with one line.
     for bad in [
