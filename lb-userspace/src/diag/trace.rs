@@ -245,7 +245,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let lock = || agent.lock().map_err(|_| anyhow!("agent state poisoned"));
     let started = {
         let mut a = lock()?;
@@ -267,7 +267,6 @@ where
     if let Ok(frames) = streamed {
         let _ = w.write_all(&line(&StreamMsg::End { frames, missed })?).await;
     }
-    let _ = reader.read(&mut [0u8; 1]).await;
     Ok(())
 }
 

@@ -228,7 +228,12 @@ fn agent(vip: &str, n: u32) -> Result<Agent> {
 
 /// The same with a connection table of `ct` entries.
 fn agent_with_table(vip: &str, n: u32, ct: u32) -> Result<Agent> {
-    let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: ct, ..Default::default() })?;
+    agent_with_opts(vip, n, LoadOptions { max_vips: 8, conntrack_size: ct, ..Default::default() })
+}
+
+/// The same with any load options (`--flow-keys`).
+fn agent_with_opts(vip: &str, n: u32, opts: LoadOptions) -> Result<Agent> {
+    let dp = Datapath::load(opts)?;
     let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
     let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health })?;
     let v: Vip = vip.parse()?;
@@ -410,7 +415,24 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
         // much of a new flow's cost is the size of the table (cache and TLB
         // misses), everything else equal.
         let mut small_table = None;
+        let mut flow_keys = None;
         if let (Some((name, false)), 3, 0) = (new_flow, backends, fill_pct) {
+            // And with `--flow-keys` (`xlb flows`): one more 40-byte store per new flow.
+            let opts = LoadOptions { max_vips: 8, flow_keys: true, ..Default::default() };
+            let mut keyed = agent_with_opts(vip, backends, opts)?;
+            let (ns, spread, proof) = warm_new_flow_case(fl, &mut keyed, false, NEW_FLOW_REPEAT)?;
+            flow_keys = Some(Case {
+                case: format!("{name}_flow_keys"),
+                backends,
+                conntrack: "empty, --flow-keys".into(),
+                ns_per_pkt: ns,
+                spread_ns: spread,
+                kernel_avg_ns: ns,
+                floor: "floor_stateless_dsr_new_flows".into(),
+                ratio: ns / floor_ns("floor_stateless_dsr_new_flows"),
+                verified: proof,
+            });
+            drop(keyed);
             let mut small = agent_with_table(vip, backends, 1 << 16)?;
             let (ns, spread, proof) = warm_new_flow_case(fl, &mut small, false, SMALL_TABLE_REPEAT)?;
             small_table = Some(Case {
@@ -481,6 +503,7 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
             );
         }
         out.extend(small_table);
+        out.extend(flow_keys);
     }
     Ok(out)
 }
