@@ -344,7 +344,7 @@ impl<W: Write> PcapWriter<W> {
 
 /// Bytes of a `FrameLine`'s hex data.
 pub fn frame_bytes(f: &FrameLine) -> Result<Vec<u8>> {
-    if f.data.len() % 2 != 0 {
+    if !f.data.len().is_multiple_of(2) {
         bail!("malformed frame data from the agent");
     }
     (0..f.data.len()).step_by(2).map(|i| u8::from_str_radix(&f.data[i..i + 2], 16).context("malformed frame data from the agent")).collect()
