@@ -33,6 +33,23 @@ pub fn pinned_seed(pin: &std::path::Path, flows: u32) -> Result<Option<CtSeed>> 
     Ok(view.set(ct_sets(flows)).seed())
 }
 
+/// Map the first `bytes` of a `BPF_F_MMAPABLE` array's values (rounded up
+/// to pages) into this process, shared; the caller unmaps `(ptr, len)`.
+pub(crate) fn mmap_values(data: &MapData, bytes: usize, writable: bool) -> Result<(*mut libc::c_void, usize)> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let len = bytes.div_ceil(page) * page;
+    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    let fd = data.fd().as_fd().as_raw_fd();
+    // SAFETY: a new shared mapping of the map's value area (the kernel
+    // checks the length and the flags against the map); nothing aliases it.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+    if p == libc::MAP_FAILED {
+        bail!("{}", std::io::Error::last_os_error());
+    }
+    Ok((p, len))
+}
+
 /// The table mapped into this process (`BPF_F_MMAPABLE`).
 pub struct CtView {
     base: *mut CtSet,
@@ -51,17 +68,7 @@ impl CtView {
     /// Map the table of a `flows`-capacity layout (`writable` for inserts).
     pub fn map(data: &MapData, flows: u32, writable: bool) -> Result<CtView> {
         let bytes = ct_elements(flows) as usize * std::mem::size_of::<CtSet>();
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = bytes.div_ceil(page) * page;
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-        let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: a new shared mapping of the map's value area (the kernel
-        // checks the length and the flags against the map); nothing aliases it.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
-        if p == libc::MAP_FAILED {
-            bail!("cannot map the connection table: {}", std::io::Error::last_os_error());
-        }
+        let (p, len) = mmap_values(data, bytes, writable).context("cannot map the connection table")?;
         Ok(CtView { base: p.cast(), len, sets: ct_sets(flows) })
     }
 

@@ -7,16 +7,13 @@
 //! never shown with another flow's backend. Without `--flow-keys` only the
 //! per-backend counts of open entries can be given.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use lb_common::{
     ct::{ct_hash, ct_now, CT_TIME_SHIFT},
     CtWay, FlowKey, CT_WAYS,
 };
 use serde::{Deserialize, Serialize};
-use std::{
-    net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
-};
+use std::net::IpAddr;
 
 use crate::{agent::Agent, config::Vip, diag::trace::flow_text};
 
@@ -96,16 +93,7 @@ struct KeysView {
 impl KeysView {
     fn map(data: &aya::maps::MapData, slots: u32) -> Result<KeysView> {
         let bytes = slots as usize * std::mem::size_of::<FlowKey>();
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = bytes.div_ceil(page) * page;
-        let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: a new read-only shared mapping of the map's values (the
-        // kernel checks the length against the mmapable map).
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
-        if p == libc::MAP_FAILED {
-            bail!("cannot map the flow keys: {}", std::io::Error::last_os_error());
-        }
+        let (p, len) = crate::conntrack::mmap_values(data, bytes, false).context("cannot map the flow keys")?;
         Ok(KeysView { base: p.cast(), len, slots: slots as usize })
     }
 

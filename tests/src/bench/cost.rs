@@ -413,39 +413,26 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
         };
         // The first time round, new flows with a 64 Ki-entry table too: how
         // much of a new flow's cost is the size of the table (cache and TLB
-        // misses), everything else equal.
-        let mut small_table = None;
-        let mut flow_keys = None;
+        // misses), everything else equal; and with `--flow-keys` (`xlb
+        // flows`): one more 40-byte store per new flow.
+        let warm_case = |case: String, conntrack: &str, (ns, spread, proof): (f64, [f64; 2], String)| Case {
+            case,
+            backends,
+            conntrack: conntrack.into(),
+            ns_per_pkt: ns,
+            spread_ns: spread,
+            kernel_avg_ns: ns,
+            floor: "floor_stateless_dsr_new_flows".into(),
+            ratio: ns / floor_ns("floor_stateless_dsr_new_flows"),
+            verified: proof,
+        };
+        let mut extra = Vec::new();
         if let (Some((name, false)), 3, 0) = (new_flow, backends, fill_pct) {
-            // And with `--flow-keys` (`xlb flows`): one more 40-byte store per new flow.
-            let opts = LoadOptions { max_vips: 8, flow_keys: true, ..Default::default() };
-            let mut keyed = agent_with_opts(vip, backends, opts)?;
-            let (ns, spread, proof) = warm_new_flow_case(fl, &mut keyed, false, NEW_FLOW_REPEAT)?;
-            flow_keys = Some(Case {
-                case: format!("{name}_flow_keys"),
-                backends,
-                conntrack: "empty, --flow-keys".into(),
-                ns_per_pkt: ns,
-                spread_ns: spread,
-                kernel_avg_ns: ns,
-                floor: "floor_stateless_dsr_new_flows".into(),
-                ratio: ns / floor_ns("floor_stateless_dsr_new_flows"),
-                verified: proof,
-            });
-            drop(keyed);
             let mut small = agent_with_table(vip, backends, 1 << 16)?;
-            let (ns, spread, proof) = warm_new_flow_case(fl, &mut small, false, SMALL_TABLE_REPEAT)?;
-            small_table = Some(Case {
-                case: format!("{name}_64k_table"),
-                backends,
-                conntrack: "empty (capacity 65536)".into(),
-                ns_per_pkt: ns,
-                spread_ns: spread,
-                kernel_avg_ns: ns,
-                floor: "floor_stateless_dsr_new_flows".into(),
-                ratio: ns / floor_ns("floor_stateless_dsr_new_flows"),
-                verified: proof,
-            });
+            extra.push(warm_case(format!("{name}_64k_table"), "empty (capacity 65536)", warm_new_flow_case(fl, &mut small, false, SMALL_TABLE_REPEAT)?));
+            drop(small);
+            let mut keyed = agent_with_opts(vip, backends, LoadOptions { max_vips: 8, flow_keys: true, ..Default::default() })?;
+            extra.push(warm_case(format!("{name}_flow_keys"), "empty, --flow-keys", warm_new_flow_case(fl, &mut keyed, false, NEW_FLOW_REPEAT)?));
         }
         let mut push = |case: &str, ns: f64, spread: [f64; 2], k: f64, floor: &str, verified: String| {
             out.push(Case {
@@ -502,8 +489,7 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
                 format!("conntrack_miss +{misses}, forwarded +{fwd}; one syscall per frame"),
             );
         }
-        out.extend(small_table);
-        out.extend(flow_keys);
+        out.extend(extra);
     }
     Ok(out)
 }
