@@ -392,6 +392,8 @@ pub struct Agent {
     pub attach_mode: String,
     /// Pin directory of the maps, when pinned.
     pub pinned: Option<std::path::PathBuf>,
+    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
+    pub pins_lost_on_exit: Option<String>,
     /// Asks the daemon to detach and exit (`xlb detach`).
     pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
@@ -417,6 +419,7 @@ impl Agent {
             persist: None,
             attach_mode: "not attached".to_string(),
             pinned: None,
+            pins_lost_on_exit: None,
             detach_tx: None,
         })
     }
@@ -1135,6 +1138,7 @@ impl Agent {
             attach_mode: self.attach_mode.clone(),
             program_id: self.dp.program_id(),
             pinned: self.pinned.as_ref().map(|p| p.display().to_string()),
+            pins_lost_on_exit: self.pins_lost_on_exit.clone(),
             counters,
             ring_size: self.dp.opts.ring_size,
             conntrack_capacity: self.dp.opts.conntrack_size,
@@ -1159,6 +1163,9 @@ pub struct Status {
     /// Where the maps are pinned (none: forwarding ends with the agent).
     #[serde(default)]
     pub pinned: Option<String>,
+    /// Set when the pins die with the agent (so does forwarding): why.
+    #[serde(default)]
+    pub pins_lost_on_exit: Option<String>,
     /// Global datapath counters by name.
     pub counters: BTreeMap<String, u64>,
     /// Entries per Maglev table.

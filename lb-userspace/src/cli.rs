@@ -463,12 +463,14 @@ fn detach(socket: &std::path::Path, iface: Option<&str>, pin_root: &std::path::P
             let Some(iface) = iface else {
                 return Err(e.context("give --iface to remove the pins of an interface with no agent running"));
             };
-            let pins = crate::pin::Pins::new(pin_root, state_dir, iface, &LoadOptions::default());
-            if !pins.dir.exists() && !pins.state.exists() {
+            let default = std::path::Path::new(crate::pin::DEFAULT_PIN_ROOT);
+            let root = crate::pin::mountns::resolve(pin_root, default, false);
+            let pins = root.as_ref().ok().map(|r| crate::pin::Pins::new(r, state_dir, iface, &LoadOptions::default()));
+            let Some(pins) = pins.filter(|p| p.dir.exists() || p.state.exists()) else {
                 anyhow::bail!("nothing pinned for {iface} under {} and no agent answers", pin_root.display());
-            }
+            };
             pins.remove_all()?;
-            println!("removed the pins of {iface} under {} (XDP detached)", pin_root.display());
+            println!("removed the pins of {iface} under {} (XDP detached)", pins.shown.display());
             Ok(())
         }
     }
@@ -513,6 +515,9 @@ fn print_status(s: &Status) {
         s.conntrack_bytes as f64 / (1 << 20) as f64,
         s.conntrack_entries.map(|e| e.to_string()).unwrap_or_else(|| "no".into())
     );
+    if let Some(why) = &s.pins_lost_on_exit {
+        println!("warning: forwarding stops when the agent exits: {why}");
+    }
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
