@@ -29,6 +29,7 @@ pub fn markdown(r: &Results) -> String {
             c.case, c.backends, c.conntrack, c.ns_per_pkt, c.spread_ns[0], c.spread_ns[1], c.kernel_avg_ns, c.floor, c.ratio, c.verified
         );
     }
+    new_flow_table(&mut s, r);
     let _ = writeln!(
         s,
         "\nFor scale (from the issue): a well-known C XDP balancer on this harness took about 28 ns for non-VIP traffic, 66 ns for an established flow and 143 ns for a new flow, against 5 ns for `floor_macswap_tx` and 18 ns for `floor_stateless_dsr` (ratios 3.7 and 7.9 to the stateless floor)."
@@ -81,6 +82,39 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "- Live: BPF_PROG_RUN with live frames from a generator namespace; its program gives each frame the next of the flows' source ports and sends it (XDP_TX) over a veth to the balancer's namespace, where xlb (or the reflector) sends it back to a counting sink. Offered rate in steps below the generator's maximum; drop-free = highest offered rate with < 0.1 % loss. Generator, balancer and sink share this machine's CPUs.");
     let _ = writeln!(s, "- Comparison: 3 × {} HTTP connections, 16 in parallel, per mode; CPU from /proc/stat over each run for the whole machine; the balancer's share = that minus the direct baseline (client → one backend). nftables DNATs with a `numgen` map and routes replies back; HAProxy proxies (two connections per client connection); xlb forwards requests only (L2 DSR). CPU time is counted in 10 ms ticks, so each figure is ± about 0.5 µs per connection.", 20000);
     s
+}
+
+/// The connection-table comparison of issue 12: the figures the issue
+/// measured before the set-associative table, and this run's.
+fn new_flow_table(s: &mut String, r: &Results) {
+    let at = |name: &str, ct: &str| {
+        r.cases.iter().find(|c| c.case == name && c.backends == 3 && c.conntrack.starts_with(ct)).map(|c| format!("{:.0}", c.ns_per_pkt)).unwrap_or_else(|| "-".into())
+    };
+    let floor = |name: &str| r.cases.iter().find(|c| c.case == name).map(|c| format!("{:.0}", c.ns_per_pkt)).unwrap_or_else(|| "-".into());
+    let _ = writeln!(s, "\n## New flows: one cache line (IPv4 TCP, 3 backends, ns per packet)\n");
+    let _ = writeln!(s, "| | established | new flow, table empty | new flow, table 50 % | new flow, table full |\n|---|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| the C balancer (issue 12's measurement, LRU table, flood guard off) | 135 | 497 | | 829 |");
+    let _ = writeln!(s, "| xlb with the kernel LRU hash (issue 12's measurement) | 77 | 469 | | 825 |");
+    let _ = writeln!(s, "| stateless floor (issue 12's measurement) | 34 | 37 | | 37 |");
+    let _ = writeln!(
+        s,
+        "| **xlb, set-associative table (this run)** | {} | {} | {} | {} |",
+        at("v4_tcp_established", "empty"),
+        at("v4_tcp_new_flow", "empty"),
+        at("v4_tcp_new_flow", "50 %"),
+        at("v4_tcp_new_flow", "full")
+    );
+    let _ = writeln!(
+        s,
+        "| stateless floor (this run: `floor_stateless_dsr`, `floor_stateless_dsr_new_flows`) | {} | {} | {} | {} |",
+        floor("floor_stateless_dsr"),
+        floor("floor_stateless_dsr_new_flows"),
+        floor("floor_stateless_dsr_new_flows"),
+        floor("floor_stateless_dsr_new_flows")
+    );
+    let _ = writeln!(s, "| `floor_one_line` (this run) | | {} | | |", floor("floor_one_line"));
+    let _ = writeln!(s, "| `floor_lru_insert` (this run) | | {} | | |", floor("floor_lru_insert"));
+    let _ = writeln!(s, "\nThe first three rows were measured by the issue on the same harness and machine on another day; only this run's rows compare with each other.");
 }
 
 /// A bar chart of ns/packet per case (3 backends, table empty; 10 000
