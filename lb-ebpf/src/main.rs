@@ -66,6 +66,10 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
     if maps::VIP_FILTER.get(idx).copied().unwrap_or(0) == 0 {
         return (xdp_action::XDP_PASS, Stat::PassNotVip);
     }
+    // Only after the pre-filter: non-VIP traffic pays nothing for it.
+    if !addressed_to_us(ctx) {
+        return (xdp_action::XDP_PASS, Stat::PassOtherMac);
+    }
     let Choice { id, backend, new_flow } = match steer::choose(&pkt, stats) {
         Ok(c) => c,
         Err(Stat::PassNotVip) => return (xdp_action::XDP_PASS, Stat::PassNotVip),
@@ -84,6 +88,26 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
     }
     stats::account(id, pkt::len(ctx), new_flow);
     (xdp_action::XDP_TX, Stat::Forwarded)
+}
+
+/// The frame's destination MAC is one of `XLB_MACS` (the interface's own
+/// comes first: one read in the common case). An empty list accepts any
+/// MAC: only measurement harnesses run so (BPF_PROG_TEST_RUN with repeat
+/// runs the program again on the frame it rewrote, addressed to the
+/// backend by then); the agent always lists its interface's MAC.
+#[inline(always)]
+fn addressed_to_us(ctx: &XdpContext) -> bool {
+    let Ok(dst) = pkt::read::<[u8; 6]>(ctx, 0) else { return false };
+    let want = lb_common::mac_key(&dst);
+    for i in 0..lb_common::MAX_ACCEPT_MACS {
+        match maps::MACS.get(i).copied() {
+            Some(m) if m == want => return true,
+            Some(0) => return i == 0,
+            None => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@ use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
     ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    SPARE_RING_SLOTS, VIP_FILTER_SIZE,
+    MAX_ACCEPT_MACS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -61,3 +61,7 @@ pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS
 #[map(name = "XLB_PERSIST")]
 pub static PERSIST: LruHashMap<PersistKey, PersistValue> =
     LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, 0);
+
+/// Destination MACs to act on (`lb_common::mac_key`; 0 ends the list).
+#[map(name = "XLB_MACS")]
+pub static MACS: Array<u64> = Array::with_max_entries(MAX_ACCEPT_MACS, 0);

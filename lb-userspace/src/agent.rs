@@ -314,8 +314,11 @@ fn plan(state: &VipState, ring_size: u32, now: Instant) -> Result<Plan> {
 /// Settings of an agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// MAC of the balancer's interface (the rewritten source MAC).
+    /// MAC of the balancer's interface (the rewritten source MAC, and the
+    /// first destination MAC the datapath acts on).
     pub iface_mac: Mac,
+    /// Further destination MACs to act on (`--accept-mac`, e.g. keepalived's VRRP MAC).
+    pub accept_macs: Vec<Mac>,
     /// Health checking.
     pub health: HealthConfig,
 }
@@ -402,6 +405,9 @@ impl Agent {
     /// An agent with no services over a loaded datapath.
     pub fn new(dp: Datapath, opts: AgentOptions) -> Result<Agent> {
         opts.health.validate()?;
+        let macs: Vec<[u8; 6]> = std::iter::once(opts.iface_mac).chain(opts.accept_macs.iter().copied()).map(|m| m.0).collect();
+        let mut dp = dp;
+        dp.set_accepted_macs(&macs)?;
         let free_vip_ids = (0..dp.opts.max_vips).collect();
         let free_ring_slots = (0..dp.opts.ring_slots()).collect();
         let free_backend_ids = (0..dp.max_backends()).collect();

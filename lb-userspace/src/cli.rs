@@ -130,6 +130,11 @@ pub struct AgentArgs {
     /// Directory of the agent's state file (what a new agent needs to adopt).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Also balance frames addressed to this MAC (repeatable, up to 7), e.g.
+    /// keepalived's VRRP MAC 00:00:5e:00:01:NN with `use_vmac`. Frames to
+    /// any other MAC (flooded unknown unicast) pass to the kernel.
+    #[arg(long = "accept-mac", value_name = "MAC")]
+    pub accept_macs: Vec<crate::config::Mac>,
 }
 
 /// Health-check options of `xlb vip add` (any of them replaces the agent's
@@ -340,6 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 metrics: a.metrics,
                 pin_root: (!a.no_pin).then_some(a.pin_root),
                 state_dir: a.state_dir,
+                accept_macs: a.accept_macs,
             };
             runtime()?.block_on(daemon::run(opts))
         }

@@ -15,7 +15,7 @@ use aya::{
 use lb_common::{
     ct::{ct_bytes, ct_elements, ct_sets},
     map_names, BackendInfo, Counters, CtSeed, CtSet, Stat, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
     PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
 };
 
@@ -130,6 +130,7 @@ pub struct Datapath {
     vip_filter: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, Counters>,
     backend_conns: Array<MapData, i64>,
+    macs: Array<MapData, u64>,
     conntrack_id: u32,
     ncpus: usize,
     last_link: Option<aya::programs::xdp::XdpLinkId>,
@@ -259,6 +260,7 @@ impl Datapath {
             conntrack_id,
             ct_seed,
             backend_conns: take(&mut ebpf, map_names::BACKEND_CONNS)?,
+            macs: take(&mut ebpf, map_names::MACS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             vip_filter: take(&mut ebpf, map_names::VIP_FILTER)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
@@ -404,6 +406,36 @@ impl Datapath {
     /// Read one ring entry.
     pub fn ring_entry(&self, index: u32) -> Result<u32> {
         self.rings.get(&index, 0).context("cannot read the ring map")
+    }
+
+    /// The destination MACs the datapath acts on: the interface's first,
+    /// then the accepted ones (e.g. keepalived's VRRP MAC); frames to any
+    /// other MAC pass to the kernel (`pass_other_mac`).
+    pub fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        if macs.is_empty() {
+            bail!("the interface's own MAC must be accepted");
+        }
+        if macs.len() > MAX_ACCEPT_MACS as usize {
+            bail!("at most {} --accept-mac addresses besides the interface's own", MAX_ACCEPT_MACS - 1);
+        }
+        if let Some(m) = macs.iter().find(|m| m[0] & 1 == 1 || **m == [0; 6]) {
+            bail!("{} is not a unicast MAC address", crate::config::Mac(*m));
+        }
+        for i in 0..MAX_ACCEPT_MACS {
+            let v = macs.get(i as usize).map(lb_common::mac_key).unwrap_or(0);
+            self.macs.set(i, v, 0).context("cannot write the MAC map")?;
+        }
+        Ok(())
+    }
+
+    /// Act on frames to any MAC: for measurement harnesses only, whose
+    /// repeated runs see the frame the previous run rewrote (addressed to
+    /// the backend by then). The agent never does this.
+    pub fn accept_any_mac(&mut self) -> Result<()> {
+        for i in 0..MAX_ACCEPT_MACS {
+            self.macs.set(i, 0, 0).context("cannot write the MAC map")?;
+        }
+        Ok(())
     }
 
     /// Sum of the global counters over all CPUs.

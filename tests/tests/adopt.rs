@@ -51,7 +51,7 @@ fn load_unpinned() -> Datapath {
 }
 
 fn opts() -> AgentOptions {
-    AgentOptions { iface_mac: Mac(LB_MAC), health: HealthConfig { kind: CheckKind::None, ..Default::default() } }
+    AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } }
 }
 
 fn ip(i: u8) -> IpAddr {
