@@ -69,6 +69,7 @@ fn flows_and_explain_name_the_backend_that_answered_each_connection() {
     let err = d.cli(&["flows", "--vip", "10.9.9.9:80/tcp"]).expect("cli");
     assert!(!err.status.success() && String::from_utf8_lossy(&err.stderr).lines().count() == 1);
     let text = d.cli_ok(&["explain", &vip, &format!("{CLIENT_IP}:{}", held[0].local_port)]).expect("explain");
+    eprintln!("xlb explain:\n{text}");
     assert!(text.contains("conntrack set") && text.contains("next      →"), "{text}");
 }
 
