@@ -176,3 +176,23 @@ fn trace_records_exactly_the_frames_sent_and_swaps_back() {
     let s = d.connect(5).expect("client");
     assert_eq!(s.failed, 0, "forwarding goes on: {:?}", s.errors);
 }
+
+#[test]
+fn trace_swaps_an_unpinned_agents_own_link_too() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 2, &["--no-pin"]).expect("deployment");
+    let ips: Vec<String> = (1..=2).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip_arg(), &[], &ips).expect("configure");
+    d.wait_states(&[1, 2], Duration::from_secs(10)).expect("up");
+    let prog = d.xdp_prog("lb").expect("ip link").expect("xlb attached");
+    let child = spawn_trace(&d, &["--count", "4"], &d.lab.dir.join("nopin.pcap"));
+    d.wait("the tracing program on eth0", Duration::from_secs(10), || Ok(d.xdp_prog("lb")?.is_some_and(|p| p != prog)))
+        .expect("swapped in");
+    let s = d.connect(2).expect("client");
+    assert_eq!(s.failed, 0, "{:?}", s.errors);
+    let (out, err) = wait_exit(child, Duration::from_secs(10));
+    assert_eq!(out.lines().count(), 4, "stdout {out} stderr {err}");
+    d.wait("the balancer back on eth0", Duration::from_secs(5), || Ok(d.xdp_prog("lb")? == Some(prog))).expect("swapped back");
+    let s = d.connect(4).expect("client");
+    assert_eq!(s.failed, 0, "forwarding goes on: {:?}", s.errors);
+}

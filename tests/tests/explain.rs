@@ -118,6 +118,31 @@ fn explain_names_the_backend_the_program_chooses() {
 }
 
 #[test]
+fn explain_says_when_the_answer_may_change() {
+    let mut agent = test_agent();
+    let v = vip("10.0.0.100:80/tcp");
+    agent.add_vip(v, lb_common::Algo::Maglev, 0).expect("vip");
+    for i in 1..=2u8 {
+        agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, i)), Some(mac(i)), 1).expect("backend");
+    }
+    let c = "192.0.2.8:5000";
+    let e = ex(&agent, &v, c);
+    let id = agrees(&mut agent, &v, &e, &tcp_frame(Ipv4Addr::new(192, 0, 2, 8), 5000, VIP4, tcp_flags::SYN), true);
+    let ip = agent.vips()[&v].backends.values().find(|b| b.id == id).expect("backend").ip;
+    agent.set_backend(&v, ip, None, Some(Admin::Drain), false).expect("drain");
+    let e = ex(&agent, &v, c);
+    assert_eq!(e.next_packet.backend_id, Some(id), "a drained backend keeps its flow");
+    assert!(e.may_change.iter().any(|m| m.contains("draining")), "{:?}", e.may_change);
+    assert_ne!(e.syn.backend_id, Some(id), "a new connection goes elsewhere");
+    agrees(&mut agent, &v, &e, &tcp_frame(Ipv4Addr::new(192, 0, 2, 8), 5000, VIP4, tcp_flags::ACK), false);
+    // Slow start: a backend that comes up ramps, and explain says so.
+    agent.set_slow_start(&v, 60_000).expect("slow start");
+    agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 3)), Some(mac(3)), 1).expect("backend 3");
+    let e = ex(&agent, &v, "192.0.2.8:5001");
+    assert!(e.may_change.iter().any(|m| m.contains("slow start")), "{:?}", e.may_change);
+}
+
+#[test]
 fn explain_says_why_a_vip_without_backends_drops() {
     let mut agent = test_agent();
     let v = vip("10.0.0.200:80/tcp");
