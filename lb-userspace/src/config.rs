@@ -109,11 +109,7 @@ pub fn check_unicast(ip: IpAddr) -> Result<()> {
 /// Parse a backend address for a VIP (same family, unicast).
 pub fn parse_backend_ip(vip: &Vip, s: &str) -> Result<IpAddr> {
     let ip: IpAddr = s.parse().map_err(|_| anyhow!("invalid backend IP '{s}'"))?;
-    check_unicast(ip).with_context(|| format!("invalid backend IP '{s}'"))?;
-    if ip.is_ipv4() != vip.addr.is_ipv4() {
-        bail!("backend {ip} and VIP {vip} are of different address families");
-    }
-    Ok(ip)
+    check_backend_ip(vip, ip)
 }
 
 /// A MAC address, `aa:bb:cc:dd:ee:ff`.
@@ -150,6 +146,35 @@ impl FromStr for Mac {
     }
 }
 
+/// A scheduling algorithm as operators name it (`Algo::from_name`, with
+/// the error every front end shows).
+pub fn parse_algo(s: &str) -> Result<lb_common::Algo> {
+    lb_common::Algo::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = lb_common::Algo::ALL.iter().map(|a| a.name()).collect();
+        anyhow!("unknown algorithm '{s}' (available: {})", names.join(", "))
+    })
+}
+
+/// Longest slow start accepted, milliseconds.
+pub const MAX_SLOW_START_MS: u64 = 3_600_000;
+
+/// Check a slow-start time.
+pub fn check_slow_start(ms: u64) -> Result<u64> {
+    if ms > MAX_SLOW_START_MS {
+        bail!("slow start {ms} ms is over an hour");
+    }
+    Ok(ms)
+}
+
+/// Check a backend address for a VIP (same family, unicast).
+pub fn check_backend_ip(vip: &Vip, ip: IpAddr) -> Result<IpAddr> {
+    check_unicast(ip).with_context(|| format!("invalid backend IP '{ip}'"))?;
+    if ip.is_ipv4() != vip.addr.is_ipv4() {
+        bail!("backend {ip} and VIP {vip} are of different address families");
+    }
+    Ok(ip)
+}
+
 /// Check a weight given by an operator.
 pub fn check_weight(w: u32) -> Result<u32> {
     if w > MAX_WEIGHT {
@@ -159,7 +184,7 @@ pub fn check_weight(w: u32) -> Result<u32> {
 }
 
 /// How backends are health-checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// A TCP connect to the backend (TCP VIPs; on a UDP VIP it means `none`).
@@ -201,7 +226,7 @@ impl FromStr for CheckKind {
 /// Health checking, in HAProxy's terms: `inter`, `fastinter`, `timeout
 /// check`, `rise`, `fall`, plus the check itself. Set for the agent, per VIP,
 /// or per backend (the most specific wins, whole).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Check type.
@@ -455,7 +480,7 @@ pub struct DesiredVip {
 }
 
 /// A whole config file, validated: what the agent should run.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Desired {
     /// Agent-wide health settings.
     pub health: HealthConfig,

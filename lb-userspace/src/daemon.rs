@@ -122,7 +122,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let listener = api::bind(&opts.socket)?;
     let started = start(&opts, pins.as_ref(), desired, ifindex, iface_mac, handle).await;
-    let (agent, resolver) = match started {
+    let (agent, ifindex) = match started {
         Ok(x) => x,
         Err(e) => {
             // Leave nothing behind: the next start must not find a stale
@@ -135,7 +135,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             return Err(e);
         }
     };
-    serve(opts, pins, listener, agent, resolver).await
+    serve(opts, pins, listener, agent, ifindex).await
 }
 
 async fn start(
@@ -145,7 +145,7 @@ async fn start(
     ifindex: u32,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
-) -> Result<(Agent, neigh::Resolver)> {
+) -> Result<(Agent, u32)> {
     let had_maps = pins.is_some_and(|p| p.maps_pinned());
     let snapshot = match pins.map(|p| Snapshot::load(&p.state)) {
         Some(Ok(s)) => s,
@@ -239,7 +239,8 @@ async fn start(
         },
         opts.socket.display()
     );
-    Ok((agent, neigh::Resolver::new(handle, ifindex)))
+    drop(handle);
+    Ok((agent, ifindex))
 }
 
 async fn serve(
@@ -247,26 +248,30 @@ async fn serve(
     pins: Option<Pins>,
     listener: tokio::net::UnixListener,
     mut agent: Agent,
-    resolver: neigh::Resolver,
+    ifindex: u32,
 ) -> Result<()> {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
     agent.detach_tx = Some(detach_tx);
+    agent.neighbours.set_ifindex(ifindex);
     let agent = Arc::new(Mutex::new(agent));
-    let ifindex = resolver.ifindex();
-    let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
+    let health = tokio::spawn(health::run(agent.clone()));
     let census = tokio::spawn(census_loop(agent.clone()));
     let neigh_agent = agent.clone();
     let neighbours = tokio::spawn(async move {
-        let r = neigh::watch(ifindex, |e| {
+        let r = neigh::watch(ifindex, |u| {
             if let Ok(mut a) = neigh_agent.lock() {
-                if let Err(err) = a.neighbour_changed(e.ip, e.mac) {
-                    log::error!("following the MAC of {}: {err:#}", e.ip);
+                let r = match u {
+                    neigh::NeighUpdate::Dump(all) => a.neighbours_dumped(&all),
+                    neigh::NeighUpdate::Change(e) => a.neighbour_changed(e.ip, e.mac),
+                };
+                if let Err(err) = r {
+                    log::error!("following backend MACs: {err:#}");
                 }
             }
         })
         .await;
         if let Err(e) = r {
-            log::warn!("neighbour changes are not followed live (checks still re-resolve MACs): {e:#}");
+            log::error!("backend MACs are not followed (only configured MACs work): {e:#}");
         }
     });
     let metrics = opts.metrics.map(|addr| {
@@ -309,7 +314,7 @@ async fn serve(
     let _ = server.await;
     let _ = health.await;
     let _ = std::fs::remove_file(&opts.socket);
-    if let Ok(a) = agent.lock() {
+    if let Ok(mut a) = agent.lock() {
         a.save_state();
     }
     // Dropping the agent drops the datapath: without pins that detaches the

@@ -159,6 +159,67 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): write `keys[i] → values[i]` of
+/// an array of `u32` in one system call (aya 0.14 has no batch operations).
+/// A table of 65 537 entries written one `bpf_map_update_elem` at a time
+/// costs ~75 ms; in one batch, a few milliseconds. Not atomic for readers:
+/// the agent writes only slots the datapath does not read.
+pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    if keys.len() != values.len() || map.info().map(|i| i.value_size() != 4 || i.key_size() != 4).unwrap_or(true) {
+        bail!("batch update: {} keys, {} values, or not a u32 → u32 map", keys.len(), values.len());
+    }
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` for the kernel to read
+        // (and to write `count` back); `keys` and `values` point at `count`
+        // u32s each that stay borrowed for the whole call; the map's key and
+        // value sizes were checked to be 4 above.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // EINTR/EAGAIN: `count` says how many were written; go on from there.
+            if attr.count as usize > 0 && matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                done += attr.count as usize;
+                continue;
+            }
+            return Err(e).context("BPF_MAP_UPDATE_BATCH failed");
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
+/// Entries of the VIP map: one per VIP plus at most one fragment alias per
+/// VIP (port 0 of its address and protocol), so `--max-vips N` always
+/// means N services.
+pub fn vip_map_entries(opts: &LoadOptions) -> u32 {
+    opts.max_vips * 2
+}
+
 /// Allow BPF maps to be locked in memory. Kernels ≥ 5.11 charge BPF memory to
 /// the cgroup instead, so a refusal (no CAP_SYS_RESOURCE) is only logged.
 pub fn raise_memlock() {
@@ -216,7 +277,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
-            .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIPS, vip_map_entries(&opts))
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
             .map_max_entries(map_names::PERSIST, opts.persist_size)
@@ -386,10 +447,9 @@ impl Datapath {
             bail!("ring slot {slot} or table size {} out of range", table.len());
         }
         let base = slot * self.opts.ring_size;
-        for (i, id) in table.iter().enumerate() {
-            self.rings.set(base + i as u32, id, 0).context("cannot write the ring map")?;
-        }
-        Ok(())
+        let keys: Vec<u32> = (base..base + table.len() as u32).collect();
+        use aya::maps::IterableMap;
+        update_batch(self.rings.map(), &keys, table).context("cannot write the ring map")
     }
 
     /// Read one ring entry.
@@ -462,6 +522,44 @@ impl Datapath {
     /// Insert a connection-table entry directly (benchmarks fill the table).
     pub fn conntrack_insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
         self.conntrack.insert(key, value, 0).context("cannot write the connection table")
+    }
+
+    /// Memory of each map as the kernel charges it (`memlock` in the map
+    /// fd's fdinfo), by map name.
+    pub fn memory(&self) -> std::collections::BTreeMap<String, u64> {
+        use aya::maps::IterableMap;
+        use std::os::fd::{AsFd, AsRawFd};
+        let fdinfo = |m: &MapData| -> Option<u64> {
+            let fd = m.fd().as_fd().as_raw_fd();
+            let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            text.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+        };
+        let mut out = std::collections::BTreeMap::new();
+        let ours: [(&str, &MapData); 8] = [
+            (map_names::VIPS, self.vips.map()),
+            (map_names::BACKENDS, self.backends.map()),
+            (map_names::RINGS, self.rings.map()),
+            (map_names::CONNTRACK, self.conntrack.map()),
+            (map_names::STATS, self.stats.map()),
+            (map_names::VIP_FILTER, self.vip_filter.map()),
+            (map_names::BACKEND_STATS, self.backend_stats.map()),
+            (map_names::BACKEND_CONNS, self.backend_conns.map()),
+        ];
+        for (name, m) in ours {
+            if let Some(n) = fdinfo(m) {
+                out.insert(name.to_string(), n);
+            }
+        }
+        for (name, m) in self.ebpf.maps() {
+            let data = match m {
+                Map::Array(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) => d,
+                _ => continue,
+            };
+            if let Some(n) = map_names::ALL.iter().find(|n| **n == name).and_then(|_| fdinfo(data)) {
+                out.insert(name.to_string(), n);
+            }
+        }
+        out
     }
 
     /// Capacity of the backend array.

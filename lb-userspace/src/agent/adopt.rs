@@ -17,10 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{kind_for, Agent, AgentOptions, AgentState, Backend, VipState, SLOW_START_STEPS};
+use super::{kind_for, Agent, AgentOptions, AgentState, Backend, Maps, VipState, SLOW_START_STEPS};
 use crate::{
     config::{CheckKind, Desired, Mac},
-    maps::{Datapath, PinnedScan},
+    maps::PinnedScan,
     state::{BackendRuntime, Snapshot, VipRuntime, STATE_VERSION},
 };
 
@@ -59,7 +59,7 @@ pub struct Adoption {
     pub backends_new: usize,
 }
 
-impl Agent {
+impl<M: Maps> Agent<M> {
     /// The state file's contents for the running state.
     pub fn snapshot(&self, layout: &str) -> Result<Snapshot> {
         let config = toml::to_string(&self.dump()).context("cannot render the config")?;
@@ -95,8 +95,10 @@ impl Agent {
 
     /// Rewrite the state file (when the agent keeps one). A failure is
     /// logged, not returned: the datapath change it records has been made.
-    pub fn save_state(&self) {
+    pub fn save_state(&mut self) {
+        self.state_dirty = false;
         let Some(p) = &self.persist else { return };
+        self.saves += 1;
         if let Err(e) = self.snapshot(&p.layout).and_then(|s| s.save(&p.path)) {
             log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}");
         }
@@ -105,7 +107,7 @@ impl Agent {
     /// An agent over maps that may already carry a running deployment
     /// (`scan`), resuming the state in `snap`. Every id the maps use is
     /// reserved until `collect_garbage`.
-    pub fn adopt(dp: Datapath, opts: AgentOptions, snap: Option<&Snapshot>, scan: &PinnedScan) -> Result<(Agent, Adoption)> {
+    pub fn adopt(dp: M, opts: AgentOptions, snap: Option<&Snapshot>, scan: &PinnedScan) -> Result<(Agent<M>, Adoption)> {
         let desired = match snap {
             Some(s) => Some(Desired::parse(&s.config, "the agent's state file")?),
             None => None,
@@ -115,7 +117,7 @@ impl Agent {
             opts.health = d.health.clone();
         }
         let mut a = Agent::new(dp, opts)?;
-        let ring_size = a.dp.opts.ring_size;
+        let ring_size = a.dp.opts().ring_size;
         for (id, b) in scan.backends.iter().enumerate() {
             if let Some(g) = a.backend_gens.get_mut(id) {
                 *g = b.gen;
@@ -255,8 +257,8 @@ impl Agent {
         }
         let owned_vip_ids: BTreeSet<u32> = self.vips.values().map(|s| s.id).collect();
         let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.ring_slot).collect();
-        self.free_vip_ids = (0..self.dp.opts.max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
-        self.free_ring_slots = (0..self.dp.opts.ring_slots()).filter(|i| !owned_slots.contains(i)).collect();
+        self.free_vip_ids = (0..self.dp.opts().max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
+        self.free_ring_slots = (0..self.dp.opts().ring_slots()).filter(|i| !owned_slots.contains(i)).collect();
         self.free_backend_ids = (0..self.dp.max_backends()).filter(|i| !owned_ids.contains(i)).collect();
         self.save_state();
         Ok(())
