@@ -306,6 +306,21 @@ impl<M: Maps> Agent<M> {
         Ok(moved)
     }
 
+    /// Add a backend with its own health settings (or the VIP's): one
+    /// table publication.
+    pub fn add_backend_checked(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32, check: Option<HealthConfig>) -> Result<(usize, usize)> {
+        if let Some(h) = &check {
+            h.validate()?;
+        }
+        self.insert_backends(vip, &[(ip, mac, weight)])?;
+        if check.is_some() {
+            self.change_backend_check(vip, ip, check)?;
+        }
+        let moved = self.publish(vip)?;
+        self.flush()?;
+        Ok(moved)
+    }
+
     fn insert_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let checks = kind_for(vip, &state.health);
@@ -648,4 +663,159 @@ pub fn check_backends_per_vip(vip: &Vip, algo: Algo, n: usize) -> Result<()> {
 /// The error when backend ids run out.
 fn backends_full(free: usize) -> String {
     format!("only {free} of the {} backend entries are free (a fixed limit: lb_common::MAX_BACKENDS)", lb_common::MAX_BACKENDS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{Desired, DesiredBackend, DesiredVip},
+        maps::LoadOptions,
+    };
+
+    fn agent(max_vips: u32) -> Agent<MemMaps> {
+        let load = LoadOptions { max_vips, ring_size: 251, ..Default::default() };
+        let opts = AgentOptions {
+            iface_mac: "02:00:00:00:00:01".parse().expect("mac"),
+            health: HealthConfig { kind: CheckKind::None, ..Default::default() },
+        };
+        Agent::new(MemMaps::new(load), opts).expect("agent")
+    }
+
+    fn vip(s: &str) -> Vip {
+        s.parse().expect("vip")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn mac(n: u8) -> Option<Mac> {
+        Some(Mac([2, 0, 0, 0, 0, n]))
+    }
+
+    /// `n` VIPs on one address, 3 shared backends with known MACs, unchecked.
+    fn desired(n: u16, weight: u32) -> Desired {
+        let vips = (0..n)
+            .map(|p| DesiredVip {
+                vip: vip(&format!("10.0.0.100:{}/tcp", 1000 + p)),
+                algo: Algo::Maglev,
+                persist: 0,
+                health: None,
+                all_down: AllDown::Drop,
+                slow_start_ms: 0,
+                backends: (1..=3u8)
+                    .map(|i| DesiredBackend {
+                        ip: ip(&format!("10.0.0.{}", 10 + i)),
+                        mac: mac(i),
+                        weight: if i == 1 { weight } else { 1 },
+                        health: None,
+                        state: Admin::Ready,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips }
+    }
+
+    fn with_state_file(a: &mut Agent<MemMaps>, name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("xlb-agent-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.json");
+        a.persist = Some(Persist { path: path.clone(), layout: "test".into() });
+        dir
+    }
+
+    #[test]
+    fn a_reload_publishes_each_vip_once_and_saves_once() {
+        let mut a = agent(64);
+        let dir = with_state_file(&mut a, "reload");
+        a.apply_desired(&desired(64, 1)).expect("apply");
+        assert_eq!(a.dp.ring_writes, 64, "one table per VIP");
+        assert_eq!(a.publications, 64);
+        assert_eq!(a.saves, 1, "one state-file save for the whole reload");
+        assert!(a.vips().iter().all(|(v, s)| a.dp.table(&v.key()) == s.table && s.table.len() == 251));
+        // The same file again changes nothing.
+        assert!(a.apply_desired(&desired(64, 1)).expect("apply").is_empty());
+        assert_eq!(a.dp.ring_writes, 64);
+        // One weight in every VIP: each table once more.
+        let changes = a.apply_desired(&desired(64, 3)).expect("apply");
+        assert_eq!(changes.len(), 64);
+        assert_eq!(a.dp.ring_writes, 128);
+        assert_eq!(a.saves, 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_request_changes_the_tables_once() {
+        let mut a = agent(8);
+        let dir = with_state_file(&mut a, "request");
+        let v = vip("10.0.0.100:80/tcp");
+        let spec = VipSpec { slow_start_ms: 1000, ..Default::default() };
+        a.add_vip_spec(v, &spec).expect("vip");
+        assert_eq!((a.dp.vip_writes, a.dp.ring_writes, a.saves), (2, 0, 1), "VIP entry and its fragment alias, no table yet");
+        a.add_backends(&v, &[(ip("10.0.0.11"), mac(1), 1), (ip("10.0.0.12"), mac(2), 1)]).expect("backends");
+        assert_eq!((a.dp.ring_writes, a.saves), (1, 2));
+        let (w, s) = (a.dp.ring_writes, a.saves);
+        let (moved, size) = a.set_backend(&v, ip("10.0.0.11"), Some(5), Some(Admin::Ready), true).expect("dry run");
+        assert!(moved > 0 && size == 251);
+        assert_eq!((a.dp.ring_writes, a.saves), (w, s), "a dry run writes nothing");
+        assert_eq!(a.set_backend(&v, ip("10.0.0.11"), Some(5), None, false).expect("set"), (moved, size), "the dry run said what happens");
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 1, s + 1), "one plan, one write, one save");
+        a.add_backend_checked(&v, ip("10.0.0.13"), mac(3), 1, Some(HealthConfig { kind: CheckKind::None, ..Default::default() })).expect("add");
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 2, s + 2));
+        a.del_backend(&v, ip("10.0.0.13")).expect("del");
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+        // Bad input changes nothing.
+        assert!(a.set_backend(&v, ip("10.0.0.11"), Some(1_000_000), None, false).is_err());
+        assert!(a.del_backend(&v, ip("10.0.0.99")).is_err());
+        assert!(a.add_backends(&v, &[(ip("10.0.0.14"), None, 1), (ip("10.0.0.14"), None, 1)]).is_err());
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+        assert_eq!(a.vips()[&v].backends.len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn max_vips_means_services_whatever_the_aliases_need() {
+        // Every VIP on its own address needs a fragment alias too: the VIP
+        // map has room for both, so the limit is the one the flag names.
+        let mut a = agent(4);
+        for i in 0..4 {
+            a.add_vip(vip(&format!("10.0.0.{}:80/tcp", 100 + i)), Algo::Maglev, 0).expect("within the limit");
+        }
+        assert_eq!(a.dp.vips.len(), 8, "4 VIPs + 4 aliases");
+        let e = a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect_err("over the limit").to_string();
+        assert_eq!(e, "cannot add VIP 10.0.0.200:80/tcp: the limit of 4 VIPs is reached (raise it with `xlb agent --max-vips`)");
+        assert!(!e.contains('\n'));
+        // A reload over the limit is refused whole, naming the flag.
+        let e = a.apply_desired(&desired(5, 1)).expect_err("over").to_string();
+        assert!(e.contains("limit is 4") && e.contains("--max-vips"), "{e}");
+        assert_eq!(a.vips().len(), 4, "nothing changed");
+        // Freed slots are reusable.
+        a.del_vip(&vip("10.0.0.100:80/tcp")).expect("del");
+        a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect("room again");
+    }
+
+    #[test]
+    fn backends_per_vip_limit_is_one_line_naming_it() {
+        let mut a = agent(2);
+        let v = vip("10.0.0.100:80/tcp");
+        a.add_vip(v, Algo::LeastConn, 0).expect("vip");
+        let many: Vec<(IpAddr, Option<Mac>, u32)> =
+            (0..257u32).map(|i| (IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i + 1)), mac(1), 1)).collect();
+        let e = a.add_backends(&v, &many).expect_err("too many").to_string();
+        assert!(e.contains("least-conn allows at most 256") && !e.contains('\n'), "{e}");
+        assert!(a.vips()[&v].backends.is_empty());
+        a.add_backends(&v, &many[..256]).expect("256 fit");
+    }
+
+    #[test]
+    fn a_mixed_family_or_duplicate_backend_is_refused_before_anything_changes() {
+        let mut a = agent(2);
+        let v = vip("10.0.0.100:80/tcp");
+        a.add_vip(v, Algo::Maglev, 0).expect("vip");
+        assert!(a.add_backend(&v, ip("2001:db8::1"), mac(1), 1).is_err());
+        assert!(a.add_backend(&v, ip("224.0.0.1"), mac(1), 1).is_err());
+        assert_eq!(a.dp.ring_writes, 0);
+    }
 }

@@ -15,8 +15,8 @@ use tokio::{
 };
 
 use crate::{
-    agent::{check_persist, parse_algo, Admin, Agent},
-    config::{check_weight, parse_backend_ip, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    agent::{check_persist, parse_algo, Admin, Agent, VipSpec},
+    config::{check_slow_start, check_weight, parse_backend_ip, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
 
 /// Default API socket.
@@ -123,16 +123,14 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
         Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
             let vip: Vip = vip.parse()?;
             let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
-            let persist = check_persist(algo, persist_timeout.unwrap_or(0))?;
-            let all_down: AllDown = all_down.as_deref().unwrap_or("drop").parse()?;
-            let slow = slow_start_ms.unwrap_or(0);
-            if slow > 3_600_000 {
-                bail!("slow start {slow} ms is over an hour");
-            }
-            agent.add_vip_with(vip, algo, persist, health, all_down)?;
-            if slow > 0 {
-                agent.set_slow_start(&vip, slow)?;
-            }
+            let spec = VipSpec {
+                algo,
+                persist: check_persist(algo, persist_timeout.unwrap_or(0))?,
+                health,
+                all_down: all_down.as_deref().unwrap_or("drop").parse()?,
+                slow_start_ms: check_slow_start(slow_start_ms.unwrap_or(0))?,
+            };
+            agent.add_vip_spec(vip, &spec)?;
             Ok(serde_json::Value::Null)
         }
         Request::VipDel { vip } => {
@@ -149,10 +147,7 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             if let Some(h) = &health {
                 h.validate()?;
             }
-            let (moved, entries) = agent.add_backend(&vip, ip, mac, weight)?;
-            if health.is_some() {
-                agent.set_backend_check(&vip, ip, health)?;
-            }
+            let (moved, entries) = agent.add_backend_checked(&vip, ip, mac, weight, health)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {

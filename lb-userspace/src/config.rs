@@ -537,16 +537,14 @@ impl Desired {
             if vips.iter().any(|d: &DesiredVip| d.vip == vip) {
                 return Err(at(vline, anyhow!("duplicate VIP")));
             }
-            let algo = crate::agent::parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline, "algo"), e))?;
+            let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline, "algo"), e))?;
             let persist = crate::agent::check_persist(algo, v.persist_timeout.unwrap_or(0))
                 .map_err(|e| at(key_line(text, vline, "persist_timeout"), e))?;
             if let Some(h) = &v.health {
                 h.validate().map_err(|e| at(line_of(text, "[vip.health]", vips.len()).max(vline), e))?;
             }
             let slow_start_ms = v.slow_start_ms.unwrap_or(0);
-            if slow_start_ms > 3_600_000 {
-                return Err(at(key_line(text, vline, "slow_start_ms"), anyhow!("slow_start_ms over an hour")));
-            }
+            check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline, "slow_start_ms"), e))?;
             let mut backends: Vec<DesiredBackend> = Vec::new();
             for b in &v.backends {
                 let bline = line_of(text, &format!("\"{}\"", b.ip), 0);
