@@ -119,6 +119,8 @@ pub struct Agent<M: Maps = Datapath> {
     pub saves: u64,
     /// Health checks: one job per distinct target.
     checks: checks::Jobs,
+    /// Maglev layouts shared by VIPs with the same backends.
+    maglev: crate::tables::MaglevCache,
     /// Backend MACs as the kernel's neighbour table has them.
     pub neighbours: crate::neigh::NeighCache,
     /// Connection-table entries at the last census (and when).
@@ -157,6 +159,7 @@ impl<M: Maps> Agent<M> {
             publications: 0,
             saves: 0,
             checks: Default::default(),
+            maglev: Default::default(),
             neighbours: Default::default(),
             census: None,
             config_path: None,
@@ -387,7 +390,7 @@ impl<M: Maps> Agent<M> {
         if dry_run {
             let mut next = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.clone();
             change_backend(vip, &mut next, ip, weight, admin)?;
-            let p = plan::plan(&next, self.dp.opts().ring_size, Instant::now())?;
+            let p = plan::plan(&next, self.dp.opts().ring_size, Instant::now(), &mut self.maglev)?;
             return Ok((p.moved, p.table.len()));
         }
         let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
@@ -481,7 +484,7 @@ impl<M: Maps> Agent<M> {
         let src_mac = self.opts.iface_mac.0;
         let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        let p = plan::plan(state, ring_size, now)?;
+        let p = plan::plan(state, ring_size, now, &mut self.maglev)?;
         let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,

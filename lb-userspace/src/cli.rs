@@ -507,6 +507,18 @@ fn print_status(s: &Status) {
         s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         s.pinned.as_deref().map(|p| format!("maps pinned under {p}")).unwrap_or_else(|| "not pinned".into())
     );
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let total: u64 = s.datapath_memory.values().sum();
+    let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();
+    println!(
+        "memory: {:.1} MiB in maps ({}{}); {} of {} VIPs; {} check job(s)",
+        mib(total),
+        parts.join(", "),
+        if parts.is_empty() { "" } else { ", rest under 1 MiB each" },
+        s.vips.len(),
+        s.max_vips,
+        s.check_jobs
+    );
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod frames;
 pub mod lab;
 pub mod measure;
+pub mod scale;
 pub mod scenario;
 pub mod traffic;
 pub mod xdp;

@@ -25,7 +25,7 @@ pub(crate) struct Plan {
 }
 
 /// Compute a VIP's plan at `now` (slow start included).
-pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant) -> Result<Plan> {
+pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant, cache: &mut tables::MaglevCache) -> Result<Plan> {
     // All down and fail-open: treat every backend with a known MAC as up.
     let failing_open = state.all_down == AllDown::FailOpen
         && !state.backends.values().any(|b| b.usable())
@@ -43,7 +43,7 @@ pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant) -> Result<Pla
         keys.push((b.key_bytes(), w, b.id));
     }
     let members: Vec<tables::Member> = keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
-    let table = tables::build(state.algo, &members, ring_size)?;
+    let table = tables::build_cached(state.algo, &members, ring_size, cache)?;
     let moved = if state.table.len() == table.len() {
         state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
     } else {

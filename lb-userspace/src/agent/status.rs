@@ -89,6 +89,10 @@ impl<M: Maps> Agent<M> {
             conntrack_capacity: self.dp.opts().conntrack_size,
             max_vips: self.dp.opts().max_vips,
             check_jobs: self.checks_running(),
+            checks_started: self.checks.started,
+            publications: self.publications,
+            neighbour_dumps: self.neighbours.dumps,
+            neighbour_probes: self.neighbours.probes,
             datapath_memory: self.dp.memory(),
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
@@ -122,6 +126,18 @@ pub struct Status {
     /// Distinct health-check jobs (targets shared by VIPs count once).
     #[serde(default)]
     pub check_jobs: usize,
+    /// Check jobs started since the agent started (one per target per interval).
+    #[serde(default)]
+    pub checks_started: u64,
+    /// Tables published since the agent started.
+    #[serde(default)]
+    pub publications: u64,
+    /// Full neighbour-table dumps read (start, and after overruns).
+    #[serde(default)]
+    pub neighbour_dumps: u64,
+    /// Probes sent to make the kernel resolve a backend's MAC.
+    #[serde(default)]
+    pub neighbour_probes: u64,
     /// Kernel memory of each map (bytes, as the kernel charges it).
     #[serde(default)]
     pub datapath_memory: BTreeMap<String, u64>,
