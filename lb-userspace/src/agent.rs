@@ -336,6 +336,10 @@ impl<M: Maps> Agent<M> {
             }
         }
         check_backends_per_vip(vip, state.algo, state.backends.len() + list.len())?;
+        if state.backends.is_empty() && !list.is_empty() {
+            let with = self.vips.values().filter(|s| !s.backends.is_empty()).count();
+            check_tables(&self.dp.opts(), with + 1).map_err(|e| anyhow!("cannot add backends to VIP {vip}: {e}"))?;
+        }
         if self.free_backend_ids.len() < list.len() {
             bail!("cannot add {} backend(s) to VIP {vip}: {}", list.len(), backends_full(self.free_backend_ids.len()));
         }
@@ -663,6 +667,18 @@ pub fn check_backends_per_vip(vip: &Vip, algo: Algo, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// VIPs with backends each need a table: at most `--max-tables` of them.
+pub fn check_tables(load: &crate::maps::LoadOptions, vips_with_backends: usize) -> Result<()> {
+    let max = load.tables();
+    if vips_with_backends > max as usize {
+        bail!(
+            "{vips_with_backends} VIPs would have backends; the limit of tables is {max} (raise it with `xlb agent --max-tables`; each table takes {:.1} MiB)",
+            load.ring_size as f64 * 8.0 / 1048576.0
+        );
+    }
+    Ok(())
+}
+
 /// The error when backend ids run out.
 fn backends_full(free: usize) -> String {
     format!("only {free} of the {} backend entries are free (a fixed limit: lb_common::MAX_BACKENDS)", lb_common::MAX_BACKENDS)
@@ -677,7 +693,7 @@ mod tests {
     };
 
     fn agent(max_vips: u32) -> Agent<MemMaps> {
-        let load = LoadOptions { max_vips, ring_size: 251, ..Default::default() };
+        let load = LoadOptions { max_vips, max_tables: max_vips, ring_size: 251, ..Default::default() };
         let opts = AgentOptions {
             iface_mac: "02:00:00:00:00:01".parse().expect("mac"),
             health: HealthConfig { kind: CheckKind::None, ..Default::default() },
@@ -797,6 +813,28 @@ mod tests {
         // Freed slots are reusable.
         a.del_vip(&vip("10.0.0.100:80/tcp")).expect("del");
         a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect("room again");
+    }
+
+    #[test]
+    fn vips_with_backends_are_bounded_by_the_tables() {
+        let load = LoadOptions { max_vips: 8, max_tables: 2, ring_size: 251, ..Default::default() };
+        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), health: HealthConfig { kind: CheckKind::None, ..Default::default() } };
+        let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
+        assert_eq!(a.dp.rings.len(), 4 * 251, "2 tables + 2 spares allocated, not 8 + 2");
+        for p in 0..3 {
+            a.add_vip(vip(&format!("10.0.0.100:{}/tcp", 80 + p)), Algo::Maglev, 0).expect("VIPs without backends need no table");
+        }
+        a.add_backend(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), mac(1), 1).expect("1st table");
+        a.add_backend(&vip("10.0.0.100:80/tcp"), ip("10.0.0.12"), mac(2), 1).expect("same table");
+        a.add_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11"), mac(1), 1).expect("2nd table");
+        let e = a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect_err("3rd").to_string();
+        assert!(e.contains("limit of tables is 2") && e.contains("--max-tables") && !e.contains('\n'), "{e}");
+        // Many table changes in a row never run out of slots.
+        for w in 1..20 {
+            a.set_weight(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), w).expect("reweight");
+        }
+        a.del_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11")).expect("frees the table");
+        a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect("room again");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::{
     maps::{AttachMode, Datapath, LoadOptions},
 };
 use crate::pin::{DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR};
-use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
 
 /// xlb: an XDP L4 load balancer (L2 direct server return).
 #[derive(Parser, Debug)]
@@ -105,9 +105,13 @@ pub struct AgentArgs {
     /// Entries per Maglev table (a prime).
     #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
     pub ring_size: u32,
-    /// Maximum number of VIPs.
+    /// Maximum number of VIPs (services; fragment aliases do not count).
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
+    /// Maximum number of VIPs with backends: each has a table of
+    /// ring-size entries (0.5 MiB at the default), allocated at start.
+    #[arg(long, default_value_t = DEFAULT_MAX_TABLES)]
+    pub max_tables: u32,
     /// Connection-table capacity in flows.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     pub conntrack_size: u32,
@@ -322,6 +326,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agent(a) => {
             let load = LoadOptions {
                 max_vips: a.max_vips,
+                max_tables: a.max_tables,
                 ring_size: a.ring_size,
                 conntrack_size: a.conntrack_size,
                 persist_size: a.persist_size,
@@ -525,7 +530,7 @@ fn print_status(s: &Status) {
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
+    let load = LoadOptions { max_vips: 1, max_tables: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

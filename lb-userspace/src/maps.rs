@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{
     map_names, BackendInfo, Counters, FlowKey, FlowValue, Stat, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, FLOW_F_CLOSED,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, FLOW_F_CLOSED,
     MAX_BACKENDS, MAX_RING_SIZE, PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
 };
 
@@ -26,8 +26,10 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// Sizes fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
-    /// Capacity of the VIP map (and number of VIP ids).
+    /// Number of VIPs (ids; the VIP map holds them and their aliases).
     pub max_vips: u32,
+    /// Number of VIPs that may have backends (a table each; ring slots).
+    pub max_tables: u32,
     /// Entries of each Maglev table (a prime).
     pub ring_size: u32,
     /// Capacity of the connection table.
@@ -42,6 +44,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_vips: DEFAULT_MAX_VIPS,
+            max_tables: DEFAULT_MAX_TABLES,
             ring_size: DEFAULT_RING_SIZE,
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
             persist_size: DEFAULT_PERSIST_SIZE,
@@ -59,9 +62,12 @@ impl LoadOptions {
         if !(1..=4096).contains(&self.max_vips) {
             bail!("max VIPs {} out of range 1..=4096", self.max_vips);
         }
-        let slots = (self.max_vips + SPARE_RING_SLOTS) as u64 * self.ring_size as u64;
+        if self.max_tables == 0 {
+            bail!("max tables must be at least 1");
+        }
+        let slots = self.ring_slots() as u64 * self.ring_size as u64;
         if slots > u32::MAX as u64 / 2 {
-            bail!("max VIPs × ring size is too large ({slots} ring entries)");
+            bail!("max tables × ring size is too large ({slots} ring entries)");
         }
         if self.conntrack_size < 1024 {
             bail!("connection table size {} is below 1024", self.conntrack_size);
@@ -72,9 +78,15 @@ impl LoadOptions {
         Ok(())
     }
 
-    /// Number of ring slots (tables) in `XLB_RINGS`.
+    /// Number of ring slots (tables) in `XLB_RINGS`: one per VIP that may
+    /// have backends, plus spares to write a new table beside the old one.
     pub fn ring_slots(&self) -> u32 {
-        self.max_vips + SPARE_RING_SLOTS
+        self.max_tables.min(self.max_vips) + SPARE_RING_SLOTS
+    }
+
+    /// VIPs that may have backends at once.
+    pub fn tables(&self) -> u32 {
+        self.max_tables.min(self.max_vips)
     }
 }
 
@@ -105,6 +117,8 @@ pub struct Datapath {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, BackendInfo>,
     rings: Array<MapData, u32>,
+    /// The ring array mapped into memory (`BPF_F_MMAPABLE`), when possible.
+    ring_mem: Option<RingMem>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     stats: PerCpuArray<MapData, StatBlock>,
     vip_filter: Array<MapData, u32>,
@@ -213,6 +227,80 @@ pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// The ring array (`BPF_F_MMAPABLE`) mapped read-write into the agent: a
+/// table of 65 537 entries is then written with plain stores instead of a
+/// system call per entry (~75 ms) or one batch update. Only slots the
+/// datapath does not read are written (see `Agent`), and a VIP-entry update
+/// (a system call, after a fence) publishes them.
+pub struct RingMem {
+    ptr: *mut u8,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is owned by this value alone (unmapped on drop), the
+// kernel keeps the memory alive while it is mapped, and every access goes
+// through `&self` of a `Datapath` the agent holds under its lock; moving it
+// to another thread is as safe as moving the map's fd.
+unsafe impl Send for RingMem {}
+
+/// Bytes per element of a BPF array: the value size rounded up to 8.
+const RING_ELEM: usize = 8;
+
+impl RingMem {
+    /// Map `entries` elements of `rings`, or `None` when the map is not
+    /// mmapable (e.g. created by an older build).
+    fn map(rings: &Array<MapData, u32>, entries: u32) -> Option<RingMem> {
+        use aya::maps::IterableMap;
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = (entries as usize * RING_ELEM).div_ceil(page) * page;
+        let fd = rings.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of `len` bytes of the map's fd at
+        // offset 0 (the kernel checks the size and the map's flags and fails
+        // with an error, never partially); nothing else aliases it.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            log::debug!("mmap of the ring map failed: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        Some(RingMem { ptr: ptr as *mut u8, len, entries })
+    }
+
+    fn write(&self, base: u32, table: &[u32]) {
+        assert!(base as usize + table.len() <= self.entries as usize, "ring write out of bounds");
+        for (i, id) in table.iter().enumerate() {
+            // SAFETY: in bounds (asserted above); element k's value is the
+            // first 4 bytes at k × 8 of the mapping, 8-byte aligned; the
+            // datapath reads these bytes only after a later VIP-entry update
+            // points it at this slot, so no reader races this store.
+            unsafe { std::ptr::write_volatile(self.ptr.add((base as usize + i) * RING_ELEM) as *mut u32, *id) };
+        }
+        // The stores are complete before the publishing system call.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn read(&self, base: u32, len: u32) -> Result<Vec<u32>> {
+        if base as usize + len as usize > self.entries as usize {
+            bail!("ring read {base}+{len} out of bounds");
+        }
+        Ok((0..len as usize)
+            .map(|i| {
+                // SAFETY: in bounds (checked above), aligned as in `write`.
+                unsafe { std::ptr::read_volatile(self.ptr.add((base as usize + i) * RING_ELEM) as *const u32) }
+            })
+            .collect())
+    }
+}
+
+impl Drop for RingMem {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
 /// Entries of the VIP map: one per VIP plus at most one fragment alias per
 /// VIP (port 0 of its address and protocol), so `--max-vips N` always
 /// means N services.
@@ -304,9 +392,10 @@ impl Datapath {
             use aya::maps::IterableMap;
             conntrack.map().info().context("connection table info")?.id()
         };
-        Ok(Datapath {
+        let mut dp = Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
+            ring_mem: None,
             rings: take(&mut ebpf, map_names::RINGS)?,
             conntrack,
             conntrack_id,
@@ -318,7 +407,12 @@ impl Datapath {
             opts,
             ncpus,
             last_link: None,
-        })
+        };
+        dp.ring_mem = RingMem::map(&dp.rings, opts.ring_slots() * opts.ring_size);
+        if dp.ring_mem.is_none() {
+            log::debug!("the ring map is not mmapable; tables are written with batch updates");
+        }
+        Ok(dp)
     }
 
     /// The load balancer program (for attaching or BPF_PROG_TEST_RUN).
@@ -422,6 +516,9 @@ impl Datapath {
 
     /// Read `len` ring entries from `offset` (a published table).
     pub fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        if let Some(m) = &self.ring_mem {
+            return m.read(offset, len);
+        }
         (offset..offset + len).map(|i| self.ring_entry(i)).collect()
     }
 
@@ -447,9 +544,19 @@ impl Datapath {
             bail!("ring slot {slot} or table size {} out of range", table.len());
         }
         let base = slot * self.opts.ring_size;
+        if let Some(m) = &self.ring_mem {
+            m.write(base, table);
+            return Ok(());
+        }
         let keys: Vec<u32> = (base..base + table.len() as u32).collect();
         use aya::maps::IterableMap;
         update_batch(self.rings.map(), &keys, table).context("cannot write the ring map")
+    }
+
+    /// Whether tables are written through a memory mapping of the ring
+    /// array (else with batch updates).
+    pub fn rings_mapped(&self) -> bool {
+        self.ring_mem.is_some()
     }
 
     /// Read one ring entry.

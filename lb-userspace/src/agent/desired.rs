@@ -42,6 +42,7 @@ impl<M: Maps> Agent<M> {
         for dv in &d.vips {
             check_backends_per_vip(&dv.vip, dv.algo, dv.backends.len())?;
         }
+        super::check_tables(&self.dp.opts(), d.vips.iter().filter(|v| !v.backends.is_empty()).count())?;
         // Agent-wide health settings, inherited by VIPs without their own.
         if d.health != self.opts.health {
             self.opts.health = d.health.clone();
