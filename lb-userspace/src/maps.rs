@@ -250,7 +250,7 @@ const RING_ELEM: usize = 8;
 impl RingMem {
     /// Map `entries` elements of `rings`, or `None` when the map is not
     /// mmapable (e.g. created by an older build).
-    fn map(rings: &Array<MapData, u32>, entries: u32) -> Option<RingMem> {
+    pub fn map(rings: &Array<MapData, u32>, entries: u32) -> Option<RingMem> {
         use aya::maps::IterableMap;
         use std::os::fd::{AsFd, AsRawFd};
         // SAFETY: sysconf has no memory-safety preconditions.
@@ -268,7 +268,8 @@ impl RingMem {
         Some(RingMem { ptr: ptr as *mut u8, len, entries })
     }
 
-    fn write(&self, base: u32, table: &[u32]) {
+    /// Write `table` at entry `base`.
+    pub fn write(&self, base: u32, table: &[u32]) {
         assert!(base as usize + table.len() <= self.entries as usize, "ring write out of bounds");
         for (i, id) in table.iter().enumerate() {
             // SAFETY: in bounds (asserted above); element k's value is the
@@ -281,7 +282,8 @@ impl RingMem {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn read(&self, base: u32, len: u32) -> Result<Vec<u32>> {
+    /// Read `len` entries from `base`.
+    pub fn read(&self, base: u32, len: u32) -> Result<Vec<u32>> {
         if base as usize + len as usize > self.entries as usize {
             bail!("ring read {base}+{len} out of bounds");
         }

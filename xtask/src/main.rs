@@ -177,7 +177,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare] | measure-conntrack");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale] | measure-conntrack");
             std::process::exit(2);
         }
     }
