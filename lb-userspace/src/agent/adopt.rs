@@ -219,6 +219,7 @@ impl<M: Maps> Agent<M> {
                 },
             );
         }
+        a.checks.stale();
         let vips: Vec<_> = a.vips.keys().copied().collect();
         for v in &vips {
             let (moved, size) = a.reconcile_counted(v)?;

@@ -393,16 +393,20 @@ impl<M: Maps> Agent<M> {
 
     fn take_mac(&mut self, ip: IpAddr, mac: Mac) {
         let mut moved = Vec::new();
+        let mut was = None;
         for (vip, s) in self.vips.iter_mut() {
             if let Some(b) = s.backends.get_mut(&ip) {
                 if b.mac_cfg.is_none() && b.mac != Some(mac) {
+                    was = was.or(b.mac);
                     b.mac = Some(mac);
                     moved.push(*vip);
                 }
             }
         }
-        if !moved.is_empty() {
-            log::info!("backend {ip} is at {mac} (neighbour table) for {}", some_vips(&moved));
+        match (moved.is_empty(), was) {
+            (true, _) => {}
+            (false, Some(old)) => log::info!("backend {ip} moved to {mac} (was {old}) for {}", some_vips(&moved)),
+            (false, None) => log::info!("backend {ip} is at {mac} (neighbour table) for {}", some_vips(&moved)),
         }
         for v in moved {
             self.dirty.insert(v);
