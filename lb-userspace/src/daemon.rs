@@ -105,6 +105,7 @@ async fn census_loop(agent: Arc<Mutex<Agent>>) {
 
 /// Run the agent until a termination signal.
 pub async fn run(opts: DaemonOptions) -> Result<()> {
+    crate::maps::xdp_object()?;
     check_privileges()?;
     let desired = match &opts.config {
         Some(p) => Some(Desired::load(p)?),

@@ -21,7 +21,16 @@ use lb_common::{
 use crate::maglev::is_prime;
 
 /// The XDP object, built by `cargo xtask build` and embedded in the binary.
+/// Empty when the binary was built without it (a stand-in: see build.rs).
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
+
+/// The embedded XDP object, or the one-line reason this binary has none.
+pub fn xdp_object() -> Result<&'static [u8]> {
+    if XDP_OBJECT.is_empty() {
+        bail!("this xlb binary was built without its XDP program (an empty stand-in is embedded): build it with `cargo xtask build`");
+    }
+    Ok(XDP_OBJECT)
+}
 
 /// Sizes fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -373,7 +382,7 @@ impl Datapath {
             .map_max_entries(map_names::PERSIST, opts.persist_size)
             .map_max_entries(map_names::RR, opts.max_vips)
             .override_global("XLB_DEBUG", &debug, true)
-            .load(XDP_OBJECT)
+            .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
         for name in [PROG_XLB, PROG_PASS] {
             let prog: &mut Xdp = ebpf

@@ -35,8 +35,8 @@ fn build_ebpf(root: &Path) -> Result<()> {
 /// Build the XDP object with extra cargo arguments into `target_dir`.
 fn build_ebpf_variant(root: &Path, extra: &[&str], target_dir: &str) -> Result<()> {
     let tc = toolchain::ebpf_toolchain()?;
-    let linker = toolchain::bpf_linker(tc.llvm_major)?;
-    eprintln!("xtask: building the XDP program with {} (LLVM {})", tc.label, tc.llvm_major);
+    let linker = toolchain::bpf_linker(tc.found.llvm_major)?;
+    eprintln!("xtask: building the XDP program with {} (rustc {}, LLVM {})", tc.label, tc.found.version, tc.found.llvm_major);
     let linker_dir = linker.parent().map(Path::to_path_buf).unwrap_or_default();
     let path = format!("{}:{}", linker_dir.display(), std::env::var("PATH").unwrap_or_default());
     let mut c = Command::new(&tc.cargo);
@@ -62,7 +62,7 @@ fn build_ebpf_variant(root: &Path, extra: &[&str], target_dir: &str) -> Result<(
 
 fn host_cargo(root: &Path) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(root).env("XLB_EBPF_OBJECT", ebpf_object(root));
+    c.current_dir(root).env("XLB_EBPF_OBJECT", ebpf_object(root)).env("XLB_REQUIRE_EBPF", "1");
     c
 }
 

@@ -1,19 +1,33 @@
-//! Finding (and, where missing, installing) what building the XDP program
-//! needs: a Rust compiler that can build `core` for `bpfel-unknown-none`
-//! (nightly features + the standard library's source) and `bpf-linker`
-//! built against the same LLVM major version as that compiler.
+//! Finding (and, where missing or unusable, installing) what building the
+//! XDP program needs: a Rust compiler that can build `core` for
+//! `bpfel-unknown-none` (nightly features + the standard library's source),
+//! new enough for the pinned `aya-ebpf`, whose LLVM the pinned `bpf-linker`
+//! supports; and that `bpf-linker`, built against the same LLVM major.
 //!
-//! Preference: rustup's nightly with `rust-src`; otherwise Debian's
-//! `rustc-web` + `rust-web-src` (stable, unlocked with RUSTC_BOOTSTRAP=1).
-//! Installs are idempotent: nothing is installed when it is already there.
+//! Usability is decided by version, never by presence (`decide` holds the
+//! rules, unit-tested): a new machine's package lists are as old as its
+//! image and offer a `rustc-web` (1.85, LLVM 19) that no `bpf-linker`
+//! release supports. Nothing touches the network when everything usable is
+//! installed; package lists older than a day are refreshed before any
+//! install, and again when the version they offer is too old.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, SystemTime},
 };
 
 use crate::sh::{capture, run};
+
+pub mod decide;
+use decide::{compiler_problem, linker_action, LinkerAction, Version, BPF_LINKER_VERSION, MIN_EBPF_RUSTC};
+
+/// Debian's compiler packages (stable, unlocked with RUSTC_BOOTSTRAP=1).
+const DEBIAN_COMPILER: [&str; 3] = ["rustc-web", "rust-web-src", "cargo-web"];
+/// Package lists older than this are refreshed before installing.
+const APT_LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+const APT_LISTS: &str = "/var/lib/apt/lists";
 
 /// A compiler usable for the eBPF build.
 #[derive(Debug, Clone)]
@@ -26,14 +40,19 @@ pub struct EbpfToolchain {
     pub rustc: PathBuf,
     /// Needs RUSTC_BOOTSTRAP=1 (a stable compiler).
     pub bootstrap: bool,
-    /// LLVM major version of that rustc.
-    pub llvm_major: u32,
+    /// Its version and LLVM major.
+    pub found: decide::Compiler,
 }
 
-fn llvm_major(rustc: &Path) -> Option<u32> {
+impl EbpfToolchain {
+    fn describe(&self) -> String {
+        format!("{} (rustc {}, LLVM {})", self.label, self.found.version, self.found.llvm_major)
+    }
+}
+
+fn compiler_of(rustc: &Path) -> Option<decide::Compiler> {
     let out = capture(Command::new(rustc).arg("-vV")).ok()?;
-    let line = out.lines().find(|l| l.starts_with("LLVM version:"))?;
-    line.split(':').nth(1)?.trim().split('.').next()?.parse().ok()
+    decide::Compiler::from_verbose_version(&out)
 }
 
 fn has_core_source(rustc: &Path) -> bool {
@@ -50,7 +69,7 @@ fn rustup_nightly() -> Option<EbpfToolchain> {
     }
     Some(EbpfToolchain {
         label: "rustup nightly with rust-src".into(),
-        llvm_major: llvm_major(&rustc)?,
+        found: compiler_of(&rustc)?,
         cargo: PathBuf::from(cargo.trim()),
         rustc,
         bootstrap: false,
@@ -65,7 +84,7 @@ fn debian_rust_web() -> Option<EbpfToolchain> {
     }
     Some(EbpfToolchain {
         label: "Debian rustc-web + rust-web-src (RUSTC_BOOTSTRAP=1)".into(),
-        llvm_major: llvm_major(&rustc)?,
+        found: compiler_of(&rustc)?,
         cargo,
         rustc,
         bootstrap: true,
@@ -76,48 +95,125 @@ fn is_root() -> bool {
     crate::nix_is_root()
 }
 
-/// Install Debian packages that are not installed yet.
+/// Age of the newest package list (`None`: no lists at all).
+fn apt_lists_age() -> Option<Duration> {
+    let newest = std::fs::read_dir(APT_LISTS)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with("Release"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max()?;
+    Some(SystemTime::now().duration_since(newest).unwrap_or_default())
+}
+
+/// Package lists refreshed in this run (at most one `apt-get update` per run).
+static UPDATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn apt_update() -> Result<()> {
+    if UPDATED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
+    eprintln!("xtask: refreshing the package lists (apt-get update)");
+    run(Command::new("apt-get").args(["update", "-q"])).context("apt-get update failed")
+}
+
+/// Refresh the lists when they are older than a day (or missing).
+fn apt_update_if_stale() -> Result<()> {
+    match apt_lists_age() {
+        Some(age) if age < APT_LISTS_MAX_AGE => Ok(()),
+        _ => apt_update(),
+    }
+}
+
+/// The version apt would install for `pkg`.
+fn apt_candidate(pkg: &str) -> Option<Version> {
+    let out = capture(Command::new("apt-cache").args(["policy", pkg])).ok()?;
+    let line = out.lines().find_map(|l| l.trim().strip_prefix("Candidate:"))?;
+    Version::parse(line.trim())
+}
+
+fn installed(pkg: &str) -> bool {
+    capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .map(|s| s.contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_get_install(pkgs: &[&str]) -> Result<()> {
+    let install = || -> Result<()> {
+        run(Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q"]).args(pkgs))
+    };
+    if install().is_err() && !UPDATED.load(std::sync::atomic::Ordering::SeqCst) {
+        // A failed install is often a stale list: refresh once and retry.
+        apt_update()?;
+        return install().context("apt-get install failed");
+    }
+    Ok(())
+}
+
+/// Install Debian packages that are not installed yet (refreshing package
+/// lists older than a day first); nothing happens when all are installed.
 pub fn apt_install(pkgs: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = pkgs
-        .iter()
-        .copied()
-        .filter(|p| {
-            !capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .map(|s| s.contains("install ok installed"))
-                .unwrap_or(false)
-        })
-        .collect();
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
         bail!("missing Debian packages {}: install them as root (apt-get install {})", missing.join(" "), missing.join(" "));
     }
+    apt_update_if_stale()?;
     eprintln!("xtask: installing {}", missing.join(" "));
-    // A failed install is often a stale package list: update once and retry.
-    let install = |c: &mut Command| -> Result<()> {
-        run(c.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q"]).args(&missing))
-    };
-    if install(&mut Command::new("apt-get")).is_err() {
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        install(&mut Command::new("apt-get")).context("apt-get install failed")?;
-    }
-    Ok(())
+    apt_get_install(&missing)
 }
 
-/// A usable eBPF compiler, installing Debian's when none is present.
+/// What to tell a user when no usable compiler can be had.
+fn no_compiler(found: &[EbpfToolchain], why: &str) -> anyhow::Error {
+    let found = if found.is_empty() {
+        "no compiler with nightly features and the standard library's source".to_string()
+    } else {
+        found.iter().map(|t| format!("{} — {}", t.describe(), compiler_problem(&t.found).unwrap_or_default())).collect::<Vec<_>>().join("; ")
+    };
+    anyhow!(
+        "no Rust compiler can build the XDP program. Found: {found}. Needed: rustc ≥ {MIN_EBPF_RUSTC} (the pinned aya-ebpf) \
+         with LLVM {} (what bpf-linker {BPF_LINKER_VERSION} supports). {why} Fix: as root, `apt-get update && apt-get install {}`, \
+         or `rustup toolchain install nightly --component rust-src`",
+        decide::llvm_list(),
+        DEBIAN_COMPILER.join(" ")
+    )
+}
+
+/// A usable eBPF compiler, installing or upgrading Debian's when none is.
 pub fn ebpf_toolchain() -> Result<EbpfToolchain> {
-    if let Some(t) = rustup_nightly().or_else(debian_rust_web) {
-        return Ok(t);
+    let found: Vec<EbpfToolchain> = [rustup_nightly(), debian_rust_web()].into_iter().flatten().collect();
+    if let Some(t) = found.iter().find(|t| compiler_problem(&t.found).is_none()) {
+        return Ok(t.clone());
     }
-    eprintln!("xtask: no Rust compiler with nightly features and rust-src found; trying Debian's rustc-web");
-    apt_install(&["rustc-web", "rust-web-src", "cargo-web"])?;
-    debian_rust_web().ok_or_else(|| {
-        anyhow!(
-            "no compiler can build the XDP program: install rustup's nightly with rust-src \
-             (rustup toolchain install nightly --component rust-src) or Debian's rustc-web rust-web-src cargo-web"
-        )
-    })
+    for t in &found {
+        eprintln!("xtask: {} is not usable: {}", t.describe(), compiler_problem(&t.found).unwrap_or_default());
+    }
+    if !is_root() {
+        return Err(no_compiler(&found, "Installing one needs root."));
+    }
+    eprintln!("xtask: installing Debian's {} (rustc ≥ {MIN_EBPF_RUSTC} needed)", DEBIAN_COMPILER.join(" "));
+    apt_update_if_stale()?;
+    let mut offered = apt_candidate("rustc-web");
+    if offered.is_none_or(|v| v < MIN_EBPF_RUSTC) {
+        // The lists may be fresh by date yet miss the updates suite's version.
+        apt_update()?;
+        offered = apt_candidate("rustc-web");
+    }
+    match offered {
+        Some(v) if v >= MIN_EBPF_RUSTC => {}
+        Some(v) => return Err(no_compiler(&found, &format!("Debian offers only rustc-web {v}, even after apt-get update."))),
+        None => return Err(no_compiler(&found, "Debian offers no rustc-web, even after apt-get update.")),
+    }
+    // `install` also upgrades an installed but too old rustc-web.
+    apt_get_install(&DEBIAN_COMPILER)?;
+    let t = debian_rust_web().ok_or_else(|| no_compiler(&found, "rustc-web was installed but /usr/bin/rustc cannot be used."))?;
+    if let Some(p) = compiler_problem(&t.found) {
+        return Err(no_compiler(std::slice::from_ref(&t), &format!("The installed {} is not usable: {p}.", t.describe())));
+    }
+    eprintln!("xtask: installed {}", t.describe());
+    Ok(t)
 }
 
 fn cargo_home_bin() -> PathBuf {
@@ -128,30 +224,62 @@ fn cargo_home_bin() -> PathBuf {
         .join("bin")
 }
 
-/// Path of a `bpf-linker` for `llvm_major`, installing it when absent.
+/// Version and LLVM major of a `bpf-linker` binary (`None` where unknown).
+fn inspect_linker(path: &Path) -> decide::Linker {
+    let version = capture(Command::new(path).arg("--version"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).map(str::to_string));
+    // Built with llvm-sys, it links libLLVM dynamically: the library names the major.
+    let llvm_major = capture(Command::new("ldd").arg(path)).ok().and_then(|s| decide::llvm_major_of_ldd(&s));
+    decide::Linker { version, llvm_major }
+}
+
+/// Path of a `bpf-linker` (the pinned version, for `llvm_major`),
+/// installing or rebuilding it when the one found does not fit.
 pub fn bpf_linker(llvm_major: u32) -> Result<PathBuf> {
     let candidate = cargo_home_bin().join("bpf-linker");
     let found = if candidate.exists() {
         Some(candidate.clone())
     } else {
-        capture(Command::new("sh").args(["-c", "command -v bpf-linker"])).ok().map(|p| PathBuf::from(p.trim()))
+        capture(Command::new("sh").args(["-c", "command -v bpf-linker"]))
+            .ok()
+            .map(|p| PathBuf::from(p.trim()))
+            .filter(|p| p.exists())
     };
-    if let Some(p) = found.filter(|p| p.exists()) {
-        return Ok(p);
+    let info = found.as_deref().map(inspect_linker);
+    match linker_action(info.as_ref(), llvm_major) {
+        LinkerAction::Use => return Ok(found.expect("Use implies a linker was found")),
+        LinkerAction::Unsupported => bail!(
+            "bpf-linker {BPF_LINKER_VERSION} supports LLVM {} only; the compiler uses LLVM {llvm_major}",
+            decide::llvm_list()
+        ),
+        LinkerAction::Install => {
+            eprintln!("xtask: bpf-linker not found; building {BPF_LINKER_VERSION} against LLVM {llvm_major} (about two minutes)")
+        }
+        LinkerAction::Rebuild(why) => {
+            eprintln!("xtask: rebuilding bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major}: the one at {} {why}", found.as_deref().unwrap_or(&candidate).display())
+        }
     }
-    eprintln!("xtask: bpf-linker not found; building it against LLVM {llvm_major} (about a minute)");
+    if !is_root() {
+        bail!("building bpf-linker needs llvm-{llvm_major}-dev: run as root, or install it and then `cargo install bpf-linker --version {BPF_LINKER_VERSION} --locked --no-default-features --features llvm-{llvm_major}`");
+    }
     let llvm_pkg = format!("llvm-{llvm_major}-dev");
     apt_install(&[llvm_pkg.as_str()])?;
     let llvm_bin = format!("/usr/lib/llvm-{llvm_major}/bin");
     let path = format!("{llvm_bin}:{}", std::env::var("PATH").unwrap_or_default());
     run(Command::new("cargo")
         .env("PATH", path)
-        .args(["install", "bpf-linker", "--no-default-features", "--features"])
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force", "--no-default-features", "--features"])
         .arg(format!("llvm-{llvm_major}")))
     .context("installing bpf-linker failed")?;
-    if candidate.exists() {
-        Ok(candidate)
-    } else {
-        bail!("bpf-linker was installed but is not at {}", candidate.display())
+    let info = inspect_linker(&candidate);
+    match linker_action(Some(&info), llvm_major) {
+        LinkerAction::Use => Ok(candidate),
+        _ => bail!(
+            "bpf-linker was installed at {} but reports version {:?} / LLVM {:?}, not {BPF_LINKER_VERSION} / {llvm_major}",
+            candidate.display(),
+            info.version,
+            info.llvm_major
+        ),
     }
 }
