@@ -173,7 +173,7 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             Ok(serde_json::json!({ "toml": text }))
         }
         Request::ConfigReload { path } => {
-            let changes = reload(agent, path.map(std::path::PathBuf::from))?;
+            let changes = agent.reload(path.map(std::path::PathBuf::from))?;
             Ok(serde_json::json!({ "changes": changes }))
         }
         Request::Detach => {
@@ -182,14 +182,6 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             Ok(serde_json::Value::Null)
         }
     }
-}
-
-/// Validate a config file completely, then apply exactly its difference
-/// from the running state (a file with any error changes nothing).
-pub fn reload(agent: &mut Agent, path: Option<std::path::PathBuf>) -> Result<Vec<String>> {
-    let path = path.or_else(|| agent.config_path.clone()).ok_or_else(|| anyhow!("the agent has no --config file; give one"))?;
-    let desired = crate::config::Desired::load(&path)?;
-    agent.apply_desired(&desired)
 }
 
 /// Bind the API socket: refuses when another agent answers on it, replaces

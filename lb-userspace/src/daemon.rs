@@ -295,7 +295,7 @@ async fn serve(
             _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; break; }
             _ = hup.recv() => {
                 let Ok(mut a) = agent.lock() else { break };
-                match api::reload(&mut a, None) {
+                match a.reload(None) {
                     Ok(c) => log::info!("SIGHUP: config reloaded ({} change(s))", c.len()),
                     Err(e) => log::error!("SIGHUP: config not reloaded, nothing changed: {e:#}"),
                 }
