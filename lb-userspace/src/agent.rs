@@ -419,7 +419,7 @@ impl<M: Maps> Agent<M> {
         for v in due {
             self.dirty.insert(v);
         }
-        Ok(())
+        self.flush()
     }
 
     /// Set a VIP's slow-start time.

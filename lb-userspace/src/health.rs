@@ -35,7 +35,7 @@ pub async fn run(agent: Arc<Mutex<Agent>>) {
                 let (jobs, probes) = match agent.lock() {
                     Ok(mut a) => {
                         let now = Instant::now();
-                        if let Err(e) = a.tick(now).and_then(|_| a.flush()) {
+                        if let Err(e) = a.tick(now) {
                             log::error!("slow start: {e:#}");
                         }
                         (a.due_checks(now), a.due_probes(now))
