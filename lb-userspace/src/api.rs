@@ -15,33 +15,41 @@ use tokio::{
 };
 
 use crate::{
-    agent::{check_persist, parse_algo, Admin, Agent, VipSpec},
-    config::{check_slow_start, check_weight, parse_backend_ip, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    agent::{check_persist, Admin, Agent, VipSpec},
+    config::{text, AlgoName, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
+use lb_common::Algo;
+use std::net::IpAddr;
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// A request to the agent.
+/// A request to the agent. Fields are the operator's types (`Vip`, `Mac`,
+/// `AlgoName`, `Admin`, `AllDown`), read and written through the same
+/// `FromStr`/`Display` as the CLI and the config file, so a malformed value
+/// is refused by the same rule with the same one-line error.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Add a VIP.
     VipAdd {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
-        /// Algorithm name.
-        algo: Option<String>,
+        #[serde(with = "text")]
+        vip: Vip,
+        /// Algorithm (default maglev).
+        #[serde(default, with = "text::opt")]
+        algo: Option<AlgoName>,
         /// Source-hash persistence, seconds.
+        #[serde(default)]
         persist_timeout: Option<u32>,
         /// Health checking of its backends (default: the agent's).
         #[serde(default)]
         health: Option<HealthConfig>,
         /// `drop` or `fail-open` when every backend is down.
-        #[serde(default)]
-        all_down: Option<String>,
+        #[serde(default, with = "text::opt")]
+        all_down: Option<AllDown>,
         /// Slow start, milliseconds.
         #[serde(default)]
         slow_start_ms: Option<u64>,
@@ -49,19 +57,23 @@ pub enum Request {
     /// Remove a VIP.
     VipDel {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
     },
     /// List VIPs.
     VipList,
     /// Add a backend to a VIP.
     BackendAdd {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// Backend address.
-        ip: String,
+        ip: IpAddr,
         /// Backend MAC (resolved when absent).
-        mac: Option<String>,
+        #[serde(default, with = "text::opt")]
+        mac: Option<Mac>,
         /// Weight.
+        #[serde(default)]
         weight: Option<u32>,
         /// Health checking of this backend (default: the VIP's).
         #[serde(default)]
@@ -70,15 +82,16 @@ pub enum Request {
     /// Change a backend's weight and/or state; report the table change.
     BackendSet {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// Backend address.
-        ip: String,
+        ip: IpAddr,
         /// New weight.
         #[serde(default)]
         weight: Option<u32>,
         /// `up`, `drain` or `maint`.
-        #[serde(default)]
-        state: Option<String>,
+        #[serde(default, with = "text::opt")]
+        state: Option<Admin>,
         /// Only report.
         #[serde(default)]
         dry_run: bool,
@@ -86,9 +99,10 @@ pub enum Request {
     /// Remove a backend from a VIP.
     BackendDel {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// Backend address.
-        ip: String,
+        ip: IpAddr,
     },
     /// Full status.
     Status,
@@ -117,53 +131,39 @@ pub struct Response {
     pub result: serde_json::Value,
 }
 
-/// Validate and apply one request.
+/// Apply one request (its values were parsed by their types; the agent
+/// checks the rules that need its state, before changing anything).
 pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
     match req {
         Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
-            let vip: Vip = vip.parse()?;
-            let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
+            let algo = algo.map_or(Algo::Maglev, |a| a.0);
             let spec = VipSpec {
                 algo,
                 persist: check_persist(algo, persist_timeout.unwrap_or(0))?,
                 health,
-                all_down: all_down.as_deref().unwrap_or("drop").parse()?,
-                slow_start_ms: check_slow_start(slow_start_ms.unwrap_or(0))?,
+                all_down: all_down.unwrap_or_default(),
+                slow_start_ms: slow_start_ms.unwrap_or(0),
             };
             agent.add_vip_spec(vip, &spec)?;
             Ok(serde_json::Value::Null)
         }
         Request::VipDel { vip } => {
-            let vip: Vip = vip.parse()?;
             agent.del_vip(&vip)?;
             Ok(serde_json::Value::Null)
         }
         Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
         Request::BackendAdd { vip, ip, mac, weight, health } => {
-            let vip: Vip = vip.parse()?;
-            let ip = parse_backend_ip(&vip, &ip)?;
-            let mac = mac.map(|m| m.parse::<Mac>()).transpose()?;
-            let weight = check_weight(weight.unwrap_or(DEFAULT_WEIGHT))?;
-            if let Some(h) = &health {
-                h.validate()?;
-            }
-            let (moved, entries) = agent.add_backend_checked(&vip, ip, mac, weight, health)?;
+            let (moved, entries) = agent.add_backend_checked(&vip, ip, mac, weight.unwrap_or(DEFAULT_WEIGHT), health)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {
-            let vip: Vip = vip.parse()?;
-            let ip = parse_backend_ip(&vip, &ip)?;
-            let weight = weight.map(check_weight).transpose()?;
-            let admin = state.as_deref().map(str::parse::<Admin>).transpose()?;
-            if weight.is_none() && admin.is_none() {
+            if weight.is_none() && state.is_none() {
                 bail!("nothing to change: give a weight or a state");
             }
-            let (moved, entries) = agent.set_backend(&vip, ip, weight, admin, dry_run)?;
+            let (moved, entries) = agent.set_backend(&vip, ip, weight, state, dry_run)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries, "applied": !dry_run }))
         }
         Request::BackendDel { vip, ip } => {
-            let vip: Vip = vip.parse()?;
-            let ip = parse_backend_ip(&vip, &ip)?;
             let (moved, entries) = agent.del_backend(&vip, ip)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }

@@ -3,6 +3,7 @@
 //! before anything is sent.
 
 use anyhow::{Context, Result};
+use crate::config::Admin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -351,16 +352,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::XdpPass { iface } => xdp_pass(&iface),
         Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
         Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
-            crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
+            let algo: crate::config::AlgoName = algo.parse()?;
+            crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
-            if let Some(m) = &all_down {
-                m.parse::<crate::config::AllDown>()?;
-            }
-            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
+            api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
-            api::call(&socket, &Request::VipDel { vip: vip.to_string() })?;
+            api::call(&socket, &Request::VipDel { vip })?;
             Ok(())
         }
         Command::Vip(VipCmd::List) => {
@@ -375,13 +375,7 @@ pub fn run(cli: Cli) -> Result<()> {
             check_weight(weight)?;
             let r = api::call(
                 &socket,
-                &Request::BackendAdd {
-                    vip: vip.to_string(),
-                    ip: ip.to_string(),
-                    mac: mac.map(|m| m.to_string()),
-                    weight: Some(weight),
-                    health: None,
-                },
+                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None },
             )?;
             print_moved(&r, false);
             Ok(())
@@ -391,17 +385,17 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(w) = weight {
                 check_weight(w)?;
             }
-            let state = [(drain, "drain"), (maint, "maint"), (up, "up")].iter().find(|(f, _)| *f).map(|(_, s)| s.to_string());
+            let state = [(drain, Admin::Drain), (maint, Admin::Maint), (up, Admin::Ready)].iter().find(|(f, _)| *f).map(|(_, s)| *s);
             if weight.is_none() && state.is_none() {
                 anyhow::bail!("nothing to change: give --weight, --drain, --maint or --up");
             }
-            let r = api::call(&socket, &Request::BackendSet { vip: vip.to_string(), ip: ip.to_string(), weight, state, dry_run })?;
+            let r = api::call(&socket, &Request::BackendSet { vip, ip, weight, state, dry_run })?;
             print_moved(&r, dry_run);
             Ok(())
         }
         Command::Backend(BackendCmd::Del { vip, ip }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
-            let r = api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
+            let r = api::call(&socket, &Request::BackendDel { vip, ip })?;
             print_moved(&r, false);
             Ok(())
         }

@@ -9,6 +9,71 @@ use serde::{Deserialize, Serialize};
 use std::{fmt, net::IpAddr, path::Path, str::FromStr};
 
 
+/// Serde through `FromStr`/`Display`, so the API (and anything else that
+/// serialises these types) accepts and prints exactly what the CLI and the
+/// config file do: `#[serde(with = "crate::config::text")]`, or
+/// `text::opt` for an `Option`.
+pub mod text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use std::{fmt::Display, str::FromStr};
+
+    /// Serialise as the value's `Display`.
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Deserialise a string with `FromStr` (its one-line error as is).
+    pub fn deserialize<'de, T: FromStr, D: Deserializer<'de>>(d: D) -> Result<T, D::Error>
+    where
+        T::Err: Display,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e: T::Err| D::Error::custom(format!("{e:#}")))
+    }
+
+    /// The same for an optional value.
+    pub mod opt {
+        use super::*;
+
+        /// Serialise `Some` as the value's `Display`, `None` as null.
+        pub fn serialize<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(v),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Deserialise null or a string with `FromStr`.
+        pub fn deserialize<'de, T: FromStr, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error>
+        where
+            T::Err: Display,
+        {
+            match Option::<String>::deserialize(d)? {
+                Some(s) => s.parse().map(Some).map_err(|e: T::Err| D::Error::custom(format!("{e:#}"))),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
+/// A scheduling algorithm as operators write it (`Algo::from_name`), with
+/// the same error everywhere: a `FromStr` for the CLI, API and config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlgoName(pub lb_common::Algo);
+
+impl FromStr for AlgoName {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_algo(s).map(AlgoName)
+    }
+}
+
+impl fmt::Display for AlgoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name())
+    }
+}
+
 /// Largest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
 /// Weight of a backend added without `--weight`.
@@ -350,6 +415,15 @@ pub enum AllDown {
     FailOpen,
 }
 
+impl fmt::Display for AllDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AllDown::Drop => "drop",
+            AllDown::FailOpen => "fail-open",
+        })
+    }
+}
+
 impl FromStr for AllDown {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -372,6 +446,16 @@ pub enum Admin {
     Drain,
     /// Out of service: no traffic, its flows move, no health checks.
     Maint,
+}
+
+impl fmt::Display for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Admin::Ready => "up",
+            Admin::Drain => "drain",
+            Admin::Maint => "maint",
+        })
+    }
 }
 
 impl FromStr for Admin {

@@ -113,7 +113,7 @@ pub fn run(xlb: &Path, lab_bin: &Path) -> Result<Scale> {
         let vip = format!("{VIP}:1000/tcp");
         let mut times = Vec::new();
         for i in 0..21u32 {
-            let req = Request::BackendSet { vip: vip.clone(), ip: ips[0].clone(), weight: Some(1 + i % 2 * 2), state: None, dry_run: false };
+            let req = Request::BackendSet { vip: vip.parse()?, ip: ips[0].parse()?, weight: Some(1 + i % 2 * 2), state: None, dry_run: false };
             let t = Instant::now();
             api::call(&d.socket, &req)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
