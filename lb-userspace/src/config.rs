@@ -599,7 +599,9 @@ impl Desired {
     }
 
     /// Validate a config text completely; errors name the line
-    /// (`config ORIGIN line N: …`).
+    /// (`config ORIGIN line N: …`). Lines are looked up only for an error:
+    /// searching the text for every entry would make a file of thousands
+    /// of backends take seconds.
     pub fn parse(text: &str, origin: &str) -> Result<Desired> {
         let cfg: FileConfig = toml::from_str(text).map_err(|e| {
             let msg = e.to_string().replace('\n', " ");
@@ -611,33 +613,36 @@ impl Desired {
         })?;
         cfg.health.validate().map_err(|e| anyhow!("config {origin} line {}: [health]: {e}", line_of(text, "[health]", 0)))?;
         let mut vips = Vec::new();
-        let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        let mut unique = std::collections::HashSet::new();
         for v in &cfg.vips {
             let n = seen.entry(v.address.clone()).or_default();
-            let vline = line_of(text, &format!("\"{}\"", v.address), *n);
+            let nth = *n;
             *n += 1;
+            let vline = || line_of(text, &format!("\"{}\"", v.address), nth);
             let at = |line: usize, e: anyhow::Error| anyhow!("config {origin} line {line}: vip {}: {e:#}", v.address);
-            let vip: Vip = v.address.parse().map_err(|e| at(vline, e))?;
-            if vips.iter().any(|d: &DesiredVip| d.vip == vip) {
-                return Err(at(vline, anyhow!("duplicate VIP")));
+            let vip: Vip = v.address.parse().map_err(|e| at(vline(), e))?;
+            if !unique.insert(vip) {
+                return Err(at(vline(), anyhow!("duplicate VIP")));
             }
-            let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline, "algo"), e))?;
+            let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline(), "algo"), e))?;
             let persist = crate::agent::check_persist(algo, v.persist_timeout.unwrap_or(0))
-                .map_err(|e| at(key_line(text, vline, "persist_timeout"), e))?;
+                .map_err(|e| at(key_line(text, vline(), "persist_timeout"), e))?;
             if let Some(h) = &v.health {
-                h.validate().map_err(|e| at(line_of(text, "[vip.health]", vips.len()).max(vline), e))?;
+                h.validate().map_err(|e| at(line_of(text, "[vip.health]", vips.len()).max(vline()), e))?;
             }
             let slow_start_ms = v.slow_start_ms.unwrap_or(0);
-            check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline, "slow_start_ms"), e))?;
+            check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline(), "slow_start_ms"), e))?;
             let mut backends: Vec<DesiredBackend> = Vec::new();
+            let mut seen_ips = std::collections::HashSet::new();
             for b in &v.backends {
-                let bline = line_of(text, &format!("\"{}\"", b.ip), 0);
                 let bat = |key: &str, e: anyhow::Error| {
+                    let bline = line_of(text, &format!("\"{}\"", b.ip), 0);
                     let line = if key.is_empty() { bline } else { key_line(text, bline, key) };
                     anyhow!("config {origin} line {line}: vip {} backend {}: {e:#}", v.address, b.ip)
                 };
                 let ip = parse_backend_ip(&vip, &b.ip).map_err(|e| bat("", e))?;
-                if backends.iter().any(|d| d.ip == ip) {
+                if !seen_ips.insert(ip) {
                     return Err(bat("", anyhow!("duplicate backend")));
                 }
                 let mac = b.mac.as_deref().map(str::parse::<Mac>).transpose().map_err(|e| bat("mac", e))?;

@@ -254,6 +254,7 @@ async fn serve(
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
     agent.detach_tx = Some(detach_tx);
     agent.neighbours.set_ifindex(ifindex);
+    agent.defer_saves = true;
     let agent = Arc::new(Mutex::new(agent));
     let health = tokio::spawn(health::run(agent.clone()));
     let census = tokio::spawn(census_loop(agent.clone()));

@@ -38,6 +38,7 @@ pub async fn run(agent: Arc<Mutex<Agent>>) {
                         if let Err(e) = a.tick(now) {
                             log::error!("slow start: {e:#}");
                         }
+                        a.save_if_dirty();
                         (a.due_checks(now), a.due_probes(now))
                     }
                     Err(_) => return,

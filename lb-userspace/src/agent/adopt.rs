@@ -215,6 +215,7 @@ impl<M: Maps> Agent<M> {
                     ring_slot,
                     backends,
                     table,
+                    published_at: None,
                     retired: retired.unwrap_or_default(),
                 },
             );

@@ -218,6 +218,8 @@ pub struct VipState {
     pub backends: BTreeMap<IpAddr, Backend>,
     /// The published table or sequence (backend ids), for measuring churn.
     pub table: Vec<u32>,
+    /// When its table was last published (wall clock, for status).
+    pub published_at: Option<std::time::SystemTime>,
     /// Traffic of backends since removed (a VIP's counters are the sum over
     /// its backends, kept here when one leaves).
     pub retired: lb_common::Counters,

@@ -71,6 +71,7 @@ impl<M: Maps> Agent<M> {
                 health_check: kind_for(vip, &s.health).name().to_string(),
                 all_down: if s.all_down == AllDown::FailOpen { "fail-open" } else { "drop" }.to_string(),
                 failing_open: s.failing_open,
+                published_at_ms: s.published_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
                 backends,
                 packets: c.packets,
                 bytes: c.bytes,
@@ -164,6 +165,9 @@ pub struct VipStatus {
     pub all_down: String,
     /// Failing open right now.
     pub failing_open: bool,
+    /// When its table was last published (Unix time, ms).
+    #[serde(default)]
+    pub published_at_ms: Option<u64>,
     /// Backends.
     pub backends: Vec<BackendStatus>,
     /// Packets forwarded.
