@@ -201,7 +201,7 @@ impl<M: Maps> Agent<M> {
         let mut first_err = None;
         for v in dirty {
             if self.vips.contains_key(&v) {
-                if let Err(e) = self.publish(&v) {
+                if let Err(e) = self.publish_counted(&v, false) {
                     log::error!("VIP {v}: publishing failed: {e:#}");
                     first_err.get_or_insert(e);
                 }
@@ -408,8 +408,8 @@ impl<M: Maps> Agent<M> {
         if dry_run {
             let mut next = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.clone();
             change_backend(vip, &mut next, ip, weight, admin)?;
-            let p = plan::plan(&next, self.dp.opts().ring_size, Instant::now(), &mut self.maglev)?;
-            return Ok((p.moved, p.table.len()));
+            let p = plan::plan(&next, self.dp.opts().ring_size, Instant::now(), &mut self.maglev, true)?;
+            return Ok((p.moved.unwrap_or(0), p.table.len()));
         }
         let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         change_backend(vip, state, ip, weight, admin)?;
@@ -496,13 +496,19 @@ impl<M: Maps> Agent<M> {
     /// in a free slot, then the VIP entry that switches to it. Returns
     /// (table entries that changed, table size).
     fn publish(&mut self, vip: &Vip) -> Result<(usize, usize)> {
+        self.publish_counted(vip, true)
+    }
+
+    /// `publish`; with `count_moved` false the moved entries are not
+    /// counted (0 is returned): the health loop's publications skip it.
+    fn publish_counted(&mut self, vip: &Vip, count_moved: bool) -> Result<(usize, usize)> {
         self.dirty.remove(vip);
         self.state_dirty = true;
         let ring_size = self.dp.opts().ring_size;
         let src_mac = self.opts.iface_mac.0;
         let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        let p = plan::plan(state, ring_size, now, &mut self.maglev)?;
+        let p = plan::plan(state, ring_size, now, &mut self.maglev, count_moved)?;
         let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,
@@ -526,7 +532,7 @@ impl<M: Maps> Agent<M> {
             self.dp.set_backend(*id, i)?;
         }
         // 2. The table, in a free slot (unless it is the one published).
-        let unchanged = old_slot.is_some() && p.table == state.table;
+        let unchanged = old_slot.is_some() && p.unchanged;
         let new_slot = if p.table.is_empty() {
             None
         } else if unchanged {
@@ -579,9 +585,9 @@ impl<M: Maps> Agent<M> {
             algo.name(),
             p.weights.len(),
             p.table.len(),
-            p.moved
+            p.moved.map_or("not counted".to_string(), |m| m.to_string())
         );
-        let result = (p.moved, p.table.len());
+        let result = (p.moved.unwrap_or(0), p.table.len());
         state.table = p.table;
         if alias_changed {
             self.sync_fragment_alias(vip)?;

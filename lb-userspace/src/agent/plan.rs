@@ -18,14 +18,17 @@ pub(crate) struct Plan {
     pub(crate) steps: std::collections::HashMap<u32, u32>,
     /// The table or sequence.
     pub(crate) table: Vec<u32>,
-    /// Entries that differ from the published table.
-    pub(crate) moved: usize,
+    /// Entries that differ from the published table (counted only when
+    /// asked: a request reports it; a health change does not need it).
+    pub(crate) moved: Option<usize>,
+    /// The table is the published one.
+    pub(crate) unchanged: bool,
     /// Every backend is down and the VIP fails open.
     pub(crate) failing_open: bool,
 }
 
 /// Compute a VIP's plan at `now` (slow start included).
-pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant, cache: &mut tables::MaglevCache) -> Result<Plan> {
+pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant, cache: &mut tables::MaglevCache, count_moved: bool) -> Result<Plan> {
     // All down and fail-open: treat every backend with a known MAC as up.
     let failing_open = state.all_down == AllDown::FailOpen
         && !state.backends.values().any(|b| b.usable())
@@ -44,11 +47,12 @@ pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant, cache: &mut t
     }
     let members: Vec<tables::Member> = keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
     let table = tables::build_cached(state.algo, &members, ring_size, cache)?;
-    let moved = if state.table.len() == table.len() {
-        state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
-    } else {
-        table.len().max(state.table.len())
-    };
+    let unchanged = state.table == table;
+    let moved = count_moved.then(|| match (unchanged, state.table.len() == table.len()) {
+        (true, _) => 0,
+        (false, true) => state.table.iter().zip(&table).filter(|(a, b)| a != b).count(),
+        (false, false) => table.len().max(state.table.len()),
+    });
     let alive = state.backends.values().filter(|b| alive_now(b)).map(|b| b.id).collect();
-    Ok(Plan { alive, weights, steps, table, moved, failing_open })
+    Ok(Plan { alive, weights, steps, table, moved, unchanged, failing_open })
 }
