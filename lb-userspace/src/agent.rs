@@ -138,6 +138,8 @@ pub struct Agent<M: Maps = Datapath> {
     pub attach_mode: String,
     /// Pin directory of the maps, when pinned.
     pub pinned: Option<std::path::PathBuf>,
+    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
+    pub pins_lost_on_exit: Option<String>,
     /// Asks the daemon to detach and exit (`xlb detach`).
     pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
@@ -172,6 +174,7 @@ impl<M: Maps> Agent<M> {
             persist: None,
             attach_mode: "not attached".to_string(),
             pinned: None,
+            pins_lost_on_exit: None,
             detach_tx: None,
         })
     }
@@ -764,7 +767,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xlb-agent-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("state.json");
-        a.persist = Some(Persist { path: path.clone(), layout: "test".into() });
+        a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity: crate::pin::identity::Identity { netns_cookie: 1, ifindex: 1 } });
         dir
     }
 

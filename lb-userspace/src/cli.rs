@@ -462,12 +462,14 @@ fn detach(socket: &std::path::Path, iface: Option<&str>, pin_root: &std::path::P
             let Some(iface) = iface else {
                 return Err(e.context("give --iface to remove the pins of an interface with no agent running"));
             };
-            let pins = crate::pin::Pins::new(pin_root, state_dir, iface, &LoadOptions::default());
-            if !pins.dir.exists() && !pins.state.exists() {
+            let default = std::path::Path::new(crate::pin::DEFAULT_PIN_ROOT);
+            let root = crate::pin::mountns::resolve(pin_root, default, false);
+            let pins = root.as_ref().ok().map(|r| crate::pin::Pins::new(r, state_dir, iface, &LoadOptions::default()));
+            let Some(pins) = pins.filter(|p| p.dir.exists() || p.state.exists()) else {
                 anyhow::bail!("nothing pinned for {iface} under {} and no agent answers", pin_root.display());
-            }
+            };
             pins.remove_all()?;
-            println!("removed the pins of {iface} under {} (XDP detached)", pin_root.display());
+            println!("removed the pins of {iface} under {} (XDP detached)", pins.shown.display());
             Ok(())
         }
     }
@@ -506,6 +508,9 @@ fn print_status(s: &Status) {
         s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         s.pinned.as_deref().map(|p| format!("maps pinned under {p}")).unwrap_or_else(|| "not pinned".into())
     );
+    if let Some(why) = &s.pins_lost_on_exit {
+        println!("warning: forwarding stops when the agent exits: {why}");
+    }
     let mib = |b: u64| b as f64 / 1048576.0;
     let total: u64 = s.datapath_memory.values().sum();
     let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();

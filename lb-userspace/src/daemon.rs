@@ -21,7 +21,7 @@ use crate::{
     health,
     maps::{AttachMode, Datapath, LoadOptions, PinnedScan},
     neigh,
-    pin::{layout_name, Pins},
+    pin::{identity, layout_name, mountns, Pins, DEFAULT_PIN_ROOT},
     state::Snapshot,
 };
 
@@ -46,12 +46,6 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
 }
 
-impl DaemonOptions {
-    /// The pin paths of this agent, when it pins.
-    pub fn pins(&self) -> Option<Pins> {
-        self.pin_root.as_ref().map(|r| Pins::new(r, &self.state_dir, &self.iface, &self.load))
-    }
-}
 
 /// Fail early, with one clear line, when the process cannot load BPF or
 /// attach XDP: it needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
@@ -113,7 +107,17 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let handle = neigh::connect()?;
     let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
-    let pins = opts.pins();
+    let me = identity::Identity::here(ifindex)?;
+    // Held for the agent's life: the root may be reached through its descriptor.
+    let root = match &opts.pin_root {
+        Some(r) => Some(mountns::resolve(r, std::path::Path::new(DEFAULT_PIN_ROOT), true)?),
+        None => None,
+    };
+    let lost_on_exit = root.as_ref().and_then(|r| r.lost_on_exit.clone());
+    if let Some(why) = &lost_on_exit {
+        log::warn!("pins do not outlive this agent: {why}");
+    }
+    let pins = root.as_ref().map(|r| Pins::new(r, &opts.state_dir, &opts.iface, &opts.load));
     let _lock = match &pins {
         Some(p) => {
             p.prepare()?;
@@ -122,7 +126,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         None => None,
     };
     let listener = api::bind(&opts.socket)?;
-    let started = start(&opts, pins.as_ref(), desired, ifindex, iface_mac, handle).await;
+    let started = start(&opts, pins.as_ref(), desired, me, iface_mac, handle).await;
     let (agent, ifindex) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -136,17 +140,52 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             return Err(e);
         }
     };
+    let mut agent = agent;
+    agent.pins_lost_on_exit = lost_on_exit;
     serve(opts, pins, listener, agent, ifindex).await
+}
+
+/// Set a dead deployment's leftovers aside (its state file) and remove its
+/// pins, when what is found under this interface's name is not ours.
+fn check_leftovers(pins: &Pins, me: identity::Identity) -> Result<()> {
+    let snapshot = Snapshot::load(&pins.state).ok().flatten();
+    let has_state = pins.state.exists();
+    let link = identity::link_ifindex(&pins.link).unwrap_or_else(|e| {
+        log::warn!("{e:#}");
+        None
+    });
+    match identity::judge(me, has_state, snapshot.and_then(|s| s.identity), link) {
+        identity::Found::Ours => Ok(()),
+        identity::Found::Foreign(why) => bail!(
+            "{why}: refusing to touch {}; remove it with `xlb detach --iface {}` where it runs, or use another --state-dir/--pin-root",
+            pins.shown.display(),
+            pins.shown.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ),
+        identity::Found::Stale(why) => {
+            let aside = if has_state { Some(pins.set_state_aside()?) } else { None };
+            pins.remove_pins()?;
+            pins.prepare()?;
+            log::warn!(
+                "{why}: {}its pins removed; starting clean",
+                aside.map(|a| format!("state file kept aside as {}, ", a.display())).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn start(
     opts: &DaemonOptions,
     pins: Option<&Pins>,
     desired: Option<Desired>,
-    ifindex: u32,
+    me: identity::Identity,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
 ) -> Result<(Agent, u32)> {
+    let ifindex = me.ifindex;
+    if let Some(p) = pins {
+        check_leftovers(p, me)?;
+    }
     let had_maps = pins.is_some_and(|p| p.maps_pinned());
     let snapshot = match pins.map(|p| Snapshot::load(&p.state)) {
         Some(Ok(s)) => s,
@@ -162,7 +201,7 @@ async fn start(
         if p.link.exists() {
             bail!(
                 "{} holds a running deployment but its state file {} is missing or unreadable; start with --config to rebuild it, or remove it with `xlb detach --iface {}`",
-                p.dir.display(),
+                p.shown.display(),
                 p.state.display(),
                 opts.iface
             );
@@ -196,8 +235,8 @@ async fn start(
         Agent::new(dp, aopts)?
     };
     agent.config_path = opts.config.clone();
-    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load) });
-    agent.pinned = pins.map(|p| p.maps.clone());
+    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me });
+    agent.pinned = pins.map(|p| p.shown.join(layout_name(&opts.load)));
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
         if had_maps || snapshot.is_some() {
@@ -235,7 +274,7 @@ async fn start(
         agent.attach_mode,
         agent.dp.program_id().map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         match &pins {
-            Some(p) => format!("pinned under {}", p.dir.display()),
+            Some(p) => format!("pinned under {}", p.shown.display()),
             None => "not pinned: forwarding stops with the agent".to_string(),
         },
         opts.socket.display()
@@ -289,6 +328,7 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut detach = pins.is_none();
+    let lost_on_exit = agent.lock().ok().and_then(|a| a.pins_lost_on_exit.clone());
     loop {
         tokio::select! {
             _ = term.recv() => { log::info!("SIGTERM: exiting"); break; }
@@ -328,13 +368,18 @@ async fn serve(
     match (&pins, detach) {
         (Some(p), true) => {
             p.remove_all()?;
-            log::info!("detached from {} (pins under {} removed)", opts.iface, p.dir.display());
+            log::info!("detached from {} (pins under {} removed)", opts.iface, p.shown.display());
         }
         (None, _) => log::info!("detached from {}", opts.iface),
+        (Some(_), false) if lost_on_exit.is_some() => log::warn!(
+            "exited; XDP detaches from {} now: {}",
+            opts.iface,
+            lost_on_exit.as_deref().unwrap_or_default()
+        ),
         (Some(p), false) => log::info!(
             "exited; XDP stays attached to {} with the last state (pinned under {}); a new agent adopts it, `xlb detach` removes it",
             opts.iface,
-            p.dir.display()
+            p.shown.display()
         ),
     }
     Ok(())

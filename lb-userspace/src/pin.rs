@@ -13,8 +13,15 @@
 //! `IFACE` is the interface name, suffixed with `@ns<inode>` outside the
 //! initial network namespace (interface names are per namespace). bpffs holds no
 //! regular files; the agent's own state goes to the state directory.
+//!
+//! `mountns` finds a root that outlives the agent (also under `ip netns
+//! exec`); `identity` tells a predecessor's leftovers from a dead
+//! deployment's, since the kernel reuses namespace inodes.
 
-use anyhow::{anyhow, bail, Context, Result};
+pub mod identity;
+pub mod mountns;
+
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 use crate::maps::LoadOptions;
@@ -24,10 +31,6 @@ use lb_common::{map_names, LAYOUT_VERSION};
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xlb";
 /// Default directory of the agent's state files (a tmpfs, gone at reboot like bpffs).
 pub const DEFAULT_STATE_DIR: &str = "/run/xlb";
-/// `statfs` magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-/// Where systemd (or the agent, when it is missing) mounts bpffs.
-const SYS_BPF: &str = "/sys/fs/bpf";
 /// Name of the pinned link in an interface's directory.
 const LINK: &str = "link";
 
@@ -42,6 +45,8 @@ pub struct Pins {
     pub link: PathBuf,
     /// The agent's state file for this interface (in the state directory).
     pub state: PathBuf,
+    /// `ROOT/IFACE` as a person finds it (`dir` may go through /proc/self/fd).
+    pub shown: PathBuf,
 }
 
 /// The directory name of a layout: version and every size that shapes a map.
@@ -68,40 +73,22 @@ pub fn iface_key(iface: &str) -> String {
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs(2) on a valid C string into a zeroed struct.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
-}
-
 impl Pins {
     /// The paths for `iface` under `root` (nothing is created).
-    pub fn new(root: &Path, state_dir: &Path, iface: &str, load: &LoadOptions) -> Pins {
+    pub fn new(root: &mountns::Root, state_dir: &Path, iface: &str, load: &LoadOptions) -> Pins {
         let key = iface_key(iface);
-        let dir = root.join(&key);
-        Pins { maps: dir.join(layout_name(load)), link: dir.join(LINK), state: state_dir.join(format!("{key}.json")), dir }
+        let dir = root.path.join(&key);
+        Pins {
+            maps: dir.join(layout_name(load)),
+            link: dir.join(LINK),
+            state: state_dir.join(format!("{key}.json")),
+            shown: root.shown.join(&key),
+            dir,
+        }
     }
 
-    /// Make sure the root is on a bpffs (mounting one on /sys/fs/bpf when
-    /// nothing is mounted there) and create the directories.
+    /// Create the directories (the root is resolved by `mountns::resolve`).
     pub fn prepare(&self) -> Result<()> {
-        let mut base = self.dir.as_path();
-        while !base.exists() {
-            base = base.parent().ok_or_else(|| anyhow!("pin directory {} has no existing parent", self.dir.display()))?;
-        }
-        if !is_bpffs(base) {
-            if self.dir.starts_with(SYS_BPF) && Path::new(SYS_BPF).is_dir() {
-                mount_sys_bpf()?;
-            } else {
-                bail!(
-                    "{} is not on a BPF filesystem; mount one (mount -t bpf bpf {SYS_BPF}), choose another --pin-root, or run with --no-pin",
-                    base.display()
-                );
-            }
-        }
         std::fs::create_dir_all(&self.maps).with_context(|| format!("cannot create pin directory {}", self.maps.display()))?;
         if let Some(d) = self.state.parent() {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create state directory {}", d.display()))?;
@@ -148,15 +135,21 @@ impl Pins {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))
     }
 
-    /// Remove every pin of this interface and the state file. Removing the
+    /// Remove every pin of this interface (link and maps). Removing the
     /// link's pin detaches the program once no process holds the link.
-    pub fn remove_all(&self) -> Result<()> {
+    pub fn remove_pins(&self) -> Result<()> {
         if self.link.exists() {
             std::fs::remove_file(&self.link).with_context(|| format!("cannot remove {}", self.link.display()))?;
         }
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir).with_context(|| format!("cannot remove {}", self.dir.display()))?;
         }
+        Ok(())
+    }
+
+    /// Remove every pin of this interface, the state file and the lock.
+    pub fn remove_all(&self) -> Result<()> {
+        self.remove_pins()?;
         for f in [self.state.clone(), self.state.with_extension("lock")] {
             match std::fs::remove_file(&f) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -167,18 +160,15 @@ impl Pins {
         }
         Ok(())
     }
-}
 
-fn mount_sys_bpf() -> Result<()> {
-    let c = |s: &str| std::ffi::CString::new(s).expect("constant without NUL");
-    let (src, target, fstype) = (c("bpf"), c(SYS_BPF), c("bpf"));
-    // SAFETY: mount(2) with valid C strings and no data.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        bail!("no BPF filesystem on {SYS_BPF} and mounting one failed ({}); run with --no-pin to work without pins", std::io::Error::last_os_error());
+    /// Keep a dead deployment's state file aside (`IFACE.json.stale-SECS`);
+    /// returns where it went.
+    pub fn set_state_aside(&self) -> Result<PathBuf> {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let aside = self.state.with_extension(format!("json.stale-{secs}"));
+        std::fs::rename(&self.state, &aside).with_context(|| format!("cannot move {} aside", self.state.display()))?;
+        Ok(aside)
     }
-    log::info!("mounted a BPF filesystem on {SYS_BPF}");
-    Ok(())
 }
 
 #[cfg(test)]

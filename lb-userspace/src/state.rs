@@ -20,6 +20,10 @@ pub struct Snapshot {
     pub version: u32,
     /// Pin layout the ids below refer to (`pin::layout_name`).
     pub layout: String,
+    /// The deployment this file belongs to (absent in files of agents
+    /// before it was recorded: the pinned link decides then).
+    #[serde(default)]
+    pub identity: Option<crate::pin::identity::Identity>,
     /// Attach mode of the pinned link (`native`/`generic`).
     pub mode: String,
     /// The running configuration, as `xlb config dump` prints it (TOML).
@@ -109,6 +113,7 @@ mod tests {
         let s = Snapshot {
             version: STATE_VERSION,
             layout: "v1-test".into(),
+            identity: Some(crate::pin::identity::Identity { netns_cookie: 4097, ifindex: 2 }),
             mode: "native".into(),
             config: "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n".into(),
             vips: vec![VipRuntime {

@@ -34,6 +34,16 @@ pub fn binaries() -> (PathBuf, PathBuf) {
     (xlb, labb)
 }
 
+/// Where a deployment's agents pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pinning {
+    /// In the lab's own bpffs (`--pin-root`): nothing touches the host's.
+    Lab,
+    /// Wherever the agent pins by default (no `--pin-root`), as a user
+    /// runs it: the host's /sys/fs/bpf/xlb. Remove the pins at the end.
+    Default,
+}
+
 /// A deployment under test.
 pub struct Deployment {
     /// The topology (dropped last: tears everything down).
@@ -44,11 +54,18 @@ pub struct Deployment {
     pub lab_bin: PathBuf,
     /// The agent's API socket.
     pub socket: PathBuf,
+    /// Where its agents pin.
+    pub pinning: Pinning,
 }
 
 impl Deployment {
     /// Build the lab and start servers, the veth helper and the agent.
     pub fn start(xlb: &Path, lab_bin: &Path, backends: usize, agent_args: &[&str]) -> Result<Deployment> {
+        Self::start_pinning(xlb, lab_bin, backends, agent_args, Pinning::Lab)
+    }
+
+    /// `start`, with the agents pinning as `pinning` says.
+    pub fn start_pinning(xlb: &Path, lab_bin: &Path, backends: usize, agent_args: &[&str], pinning: Pinning) -> Result<Deployment> {
         let mut lab = Lab::new(backends)?;
         for i in 1..=backends {
             let fail = lab.dir.join(format!("fail-b{i}")).to_string_lossy().into_owned();
@@ -65,7 +82,7 @@ impl Deployment {
         }
         lab.spawn("xdp-pass", "sw", xlb, &["xdp-pass", "--iface", "p-lb"])?;
         let socket = lab.dir.join("xlb.sock");
-        let mut d = Deployment { lab, xlb: xlb.to_path_buf(), lab_bin: lab_bin.to_path_buf(), socket };
+        let mut d = Deployment { lab, xlb: xlb.to_path_buf(), lab_bin: lab_bin.to_path_buf(), socket, pinning };
         d.start_agent("agent", agent_args)?;
         let sw = d.lab.ns("sw");
         d.wait("the veth helper", Duration::from_secs(15), || {
@@ -102,7 +119,8 @@ impl Deployment {
     }
 
     /// Start `xlb agent` on the balancer's eth0 as process `name` (pinning
-    /// in the lab's bpffs unless `args` say `--no-pin`) and wait for its API.
+    /// as `self.pinning` says unless `args` say `--no-pin`; the state file
+    /// in the lab's directory) and wait for its API.
     pub fn start_agent(&mut self, name: &str, args: &[&str]) -> Result<()> {
         let (sock, pins, state) = (
             self.socket.to_string_lossy().into_owned(),
@@ -114,7 +132,10 @@ impl Deployment {
             all.extend_from_slice(&["--conntrack-size", "65536"]);
         }
         if !args.contains(&"--no-pin") {
-            all.extend_from_slice(&["--pin-root", &pins, "--state-dir", &state]);
+            all.extend_from_slice(&["--state-dir", &state]);
+            if self.pinning == Pinning::Lab {
+                all.extend_from_slice(&["--pin-root", &pins]);
+            }
         }
         all.extend_from_slice(args);
         let xlb = self.xlb.clone();

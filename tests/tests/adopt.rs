@@ -100,7 +100,7 @@ fn adoption_keeps_ids_and_flows_and_a_lost_state_file_rebuilds_cleanly() {
     a.del_backend(&v, ip(4)).expect("del b4");
     let flows: Vec<(u16, u8)> = (3000..3100).map(|p| (p, to(&mut a, &frame(70, p, SYN)).0)).collect();
     assert_eq!(to(&mut a, &frame(71, 5000, SYN)).0, 9);
-    let snap = a.snapshot("test").expect("snapshot");
+    let snap = a.snapshot("test", None).expect("snapshot");
     let (old_ids, old_table) = (ids(&a, &v), a.vips()[&v].table.clone());
     drop(a); // the maps stay pinned
 

@@ -31,6 +31,8 @@ pub struct Persist {
     pub path: PathBuf,
     /// Pin layout of the maps (`pin::layout_name`).
     pub layout: String,
+    /// The deployment the file belongs to.
+    pub identity: crate::pin::identity::Identity,
 }
 
 /// A backend map entry in use (free entries keep only their generation).
@@ -61,7 +63,7 @@ pub struct Adoption {
 
 impl<M: Maps> Agent<M> {
     /// The state file's contents for the running state.
-    pub fn snapshot(&self, layout: &str) -> Result<Snapshot> {
+    pub fn snapshot(&self, layout: &str, identity: Option<crate::pin::identity::Identity>) -> Result<Snapshot> {
         let config = toml::to_string(&self.dump()).context("cannot render the config")?;
         let vips = self
             .vips
@@ -90,7 +92,7 @@ impl<M: Maps> Agent<M> {
                     .collect(),
             })
             .collect();
-        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), mode: self.attach_mode.clone(), config, vips })
+        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), identity, mode: self.attach_mode.clone(), config, vips })
     }
 
     /// Rewrite the state file (when the agent keeps one). A failure is
@@ -99,7 +101,7 @@ impl<M: Maps> Agent<M> {
         self.state_dirty = false;
         let Some(p) = &self.persist else { return };
         self.saves += 1;
-        if let Err(e) = self.snapshot(&p.layout).and_then(|s| s.save(&p.path)) {
+        if let Err(e) = self.snapshot(&p.layout, Some(p.identity)).and_then(|s| s.save(&p.path)) {
             log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}");
         }
     }

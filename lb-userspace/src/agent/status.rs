@@ -85,6 +85,7 @@ impl<M: Maps> Agent<M> {
             attach_mode: self.attach_mode.clone(),
             program_id: self.dp.program_id(),
             pinned: self.pinned.as_ref().map(|p| p.display().to_string()),
+            pins_lost_on_exit: self.pins_lost_on_exit.clone(),
             counters,
             ring_size: self.dp.opts().ring_size,
             conntrack_capacity: self.dp.opts().conntrack_size,
@@ -115,6 +116,9 @@ pub struct Status {
     /// Where the maps are pinned (none: forwarding ends with the agent).
     #[serde(default)]
     pub pinned: Option<String>,
+    /// Set when the pins die with the agent (so does forwarding): why.
+    #[serde(default)]
+    pub pins_lost_on_exit: Option<String>,
     /// Global datapath counters by name.
     pub counters: BTreeMap<String, u64>,
     /// Entries per Maglev table.
