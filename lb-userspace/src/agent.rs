@@ -130,18 +130,8 @@ pub struct Agent<M: Maps = Datapath> {
     pub neighbours: crate::neigh::NeighCache,
     /// Connection-table entries at the last census (and when).
     census: Option<(u64, Instant)>,
-    /// The config file `config reload` and SIGHUP read, if any.
-    pub config_path: Option<std::path::PathBuf>,
     /// The state file kept for restarts (pinned deployments only).
     pub persist: Option<Persist>,
-    /// How the program is attached (`native`, `generic`), for status and the state file.
-    pub attach_mode: String,
-    /// Pin directory of the maps, when pinned.
-    pub pinned: Option<std::path::PathBuf>,
-    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
-    pub pins_lost_on_exit: Option<String>,
-    /// Asks the daemon to detach and exit (`xlb detach`).
-    pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
 
 impl<M: Maps> Agent<M> {
@@ -170,12 +160,7 @@ impl<M: Maps> Agent<M> {
             maglev: Default::default(),
             neighbours: Default::default(),
             census: None,
-            config_path: None,
             persist: None,
-            attach_mode: "not attached".to_string(),
-            pinned: None,
-            pins_lost_on_exit: None,
-            detach_tx: None,
         })
     }
 
@@ -767,7 +752,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xlb-agent-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("state.json");
-        a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity: crate::pin::identity::Identity { netns_cookie: 1, ifindex: 1 } });
+        let identity = crate::pin::identity::Identity { netns_cookie: 1, ifindex: 1 };
+        a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity, mode: "native".into() });
         dir
     }
 

@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use crate::{
-    agent::{check_persist, Admin, Agent, VipSpec},
+    agent::{check_persist, Admin, Agent, Status, VipSpec},
     config::{text, AlgoName, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
 use lb_common::Algo;
@@ -131,9 +131,40 @@ pub struct Response {
     pub result: serde_json::Value,
 }
 
+/// What the daemon knows beside the agent: how and where the program runs
+/// (for `status`), the config file (`config reload` without a file, and
+/// SIGHUP) and how to ask it to detach. None of it is the agent's concern.
+#[derive(Debug, Default)]
+pub struct Host {
+    /// The agent's `--config` file, if any.
+    pub config_path: Option<PathBuf>,
+    /// How the program is attached (`native`, `generic`).
+    pub attach_mode: String,
+    /// Pin directory of the maps, when pinned.
+    pub pinned: Option<PathBuf>,
+    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
+    pub pins_lost_on_exit: Option<String>,
+    /// Asks the daemon to detach and exit (`xlb detach`).
+    pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+}
+
+impl Host {
+    /// Add what the daemon knows to the agent's status.
+    pub fn fill(&self, s: &mut Status) {
+        s.attach_mode = self.attach_mode.clone();
+        s.pinned = self.pinned.as_ref().map(|p| p.display().to_string());
+        s.pins_lost_on_exit = self.pins_lost_on_exit.clone();
+    }
+
+    /// The file `config reload` applies: `path`, or the agent's `--config`.
+    pub fn config_file(&self, path: Option<PathBuf>) -> Result<PathBuf> {
+        path.or_else(|| self.config_path.clone()).ok_or_else(|| anyhow!("the agent has no --config file; give one"))
+    }
+}
+
 /// Apply one request (its values were parsed by their types; the agent
 /// checks the rules that need its state, before changing anything).
-pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
+pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json::Value> {
     match req {
         Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
             let algo = algo.map_or(Algo::Maglev, |a| a.0);
@@ -167,17 +198,21 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
             let (moved, entries) = agent.del_backend(&vip, ip)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
-        Request::Status => Ok(serde_json::to_value(agent.status()?)?),
+        Request::Status => {
+            let mut s = agent.status()?;
+            host.fill(&mut s);
+            Ok(serde_json::to_value(s)?)
+        }
         Request::ConfigDump => {
             let text = toml::to_string(&agent.dump()).map_err(|e| anyhow!("cannot render the config: {e}"))?;
             Ok(serde_json::json!({ "toml": text }))
         }
         Request::ConfigReload { path } => {
-            let changes = agent.reload(path.map(std::path::PathBuf::from))?;
+            let changes = agent.reload(&host.config_file(path.map(PathBuf::from))?)?;
             Ok(serde_json::json!({ "changes": changes }))
         }
         Request::Detach => {
-            let tx = agent.detach_tx.as_ref().ok_or_else(|| anyhow!("this agent cannot be detached through the API"))?;
+            let tx = host.detach_tx.as_ref().ok_or_else(|| anyhow!("this agent cannot be detached through the API"))?;
             tx.send(()).map_err(|_| anyhow!("the agent is already exiting"))?;
             Ok(serde_json::Value::Null)
         }
@@ -203,7 +238,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serve requests until the listener fails.
-pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, host: Arc<Host>) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -212,16 +247,16 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
                 continue;
             }
         };
-        let agent = agent.clone();
+        let (agent, host) = (agent.clone(), host.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, agent).await {
+            if let Err(e) = serve_one(stream, agent, host).await {
                 log::debug!("API connection: {e:#}");
             }
         });
     }
 }
 
-async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
+async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>, host: Arc<Host>) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let n = BufReader::new(r).take(MAX_REQUEST as u64).read_line(&mut line).await?;
@@ -235,7 +270,7 @@ async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
             Ok(req) => {
                 let res = {
                     let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
-                    handle(&mut a, req)
+                    handle(&mut a, &host, req)
                 };
                 match res {
                     Ok(v) => Response { ok: true, error: None, result: v },

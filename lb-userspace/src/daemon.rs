@@ -127,7 +127,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let listener = api::bind(&opts.socket)?;
     let started = start(&opts, pins.as_ref(), desired, me, iface_mac, handle).await;
-    let (agent, ifindex) = match started {
+    let (agent, mut host, ifindex) = match started {
         Ok(x) => x,
         Err(e) => {
             // Leave nothing behind: the next start must not find a stale
@@ -140,9 +140,8 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             return Err(e);
         }
     };
-    let mut agent = agent;
-    agent.pins_lost_on_exit = lost_on_exit;
-    serve(opts, pins, listener, agent, ifindex).await
+    host.pins_lost_on_exit = lost_on_exit;
+    serve(opts, pins, listener, agent, host, ifindex).await
 }
 
 /// Set a dead deployment's leftovers aside (its state file) and remove its
@@ -181,7 +180,7 @@ async fn start(
     me: identity::Identity,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
-) -> Result<(Agent, u32)> {
+) -> Result<(Agent, api::Host, u32)> {
     let ifindex = me.ifindex;
     if let Some(p) = pins {
         check_leftovers(p, me)?;
@@ -234,9 +233,12 @@ async fn start(
     } else {
         Agent::new(dp, aopts)?
     };
-    agent.config_path = opts.config.clone();
-    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me });
-    agent.pinned = pins.map(|p| p.shown.join(layout_name(&opts.load)));
+    let mut host = api::Host {
+        config_path: opts.config.clone(),
+        pinned: pins.map(|p| p.shown.join(layout_name(&opts.load))),
+        ..Default::default()
+    };
+    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me, mode: String::new() });
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
         if had_maps || snapshot.is_some() {
@@ -253,11 +255,14 @@ async fn start(
             log::warn!("the pinned link is attached in {} mode and keeps it; `xlb detach` first to change to {want} mode", s.mode);
         }
     }
-    agent.attach_mode = match (mode, &snapshot) {
+    host.attach_mode = match (mode, &snapshot) {
         (Some(m), _) => m.to_string(),
         (None, Some(s)) => s.mode.clone(),
         (None, None) => "unknown".to_string(),
     };
+    if let Some(p) = agent.persist.as_mut() {
+        p.mode = host.attach_mode.clone();
+    }
     agent.save_state();
     if let Some(p) = &pins {
         for old in p.other_layouts() {
@@ -271,7 +276,7 @@ async fn start(
         "xlb {} {} (ifindex {ifindex}, {iface_mac}) in {} mode, program id {}; {}; API on {}",
         if took_over { "replaced the program on" } else { "attached to" },
         opts.iface,
-        agent.attach_mode,
+        host.attach_mode,
         agent.dp.program_id().map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         match &pins {
             Some(p) => format!("pinned under {}", p.shown.display()),
@@ -280,7 +285,7 @@ async fn start(
         opts.socket.display()
     );
     drop(handle);
-    Ok((agent, ifindex))
+    Ok((agent, host, ifindex))
 }
 
 async fn serve(
@@ -288,10 +293,12 @@ async fn serve(
     pins: Option<Pins>,
     listener: tokio::net::UnixListener,
     mut agent: Agent,
+    mut host: api::Host,
     ifindex: u32,
 ) -> Result<()> {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
-    agent.detach_tx = Some(detach_tx);
+    host.detach_tx = Some(detach_tx);
+    let host = Arc::new(host);
     agent.neighbours.set_ifindex(ifindex);
     agent.defer_saves = true;
     let agent = Arc::new(Mutex::new(agent));
@@ -323,12 +330,12 @@ async fn serve(
             }
         })
     });
-    let server = tokio::spawn(api::serve(listener, agent.clone()));
+    let server = tokio::spawn(api::serve(listener, agent.clone(), host.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut detach = pins.is_none();
-    let lost_on_exit = agent.lock().ok().and_then(|a| a.pins_lost_on_exit.clone());
+    let lost_on_exit = host.pins_lost_on_exit.clone();
     loop {
         tokio::select! {
             _ = term.recv() => { log::info!("SIGTERM: exiting"); break; }
@@ -336,7 +343,7 @@ async fn serve(
             _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; break; }
             _ = hup.recv() => {
                 let Ok(mut a) = agent.lock() else { break };
-                match a.reload(None) {
+                match host.config_file(None).and_then(|f| a.reload(&f)) {
                     Ok(c) => log::info!("SIGHUP: config reloaded ({} change(s))", c.len()),
                     Err(e) => log::error!("SIGHUP: config not reloaded, nothing changed: {e:#}"),
                 }

@@ -33,6 +33,8 @@ pub struct Persist {
     pub layout: String,
     /// The deployment the file belongs to.
     pub identity: crate::pin::identity::Identity,
+    /// How the pinned link is attached (`native`, `generic`).
+    pub mode: String,
 }
 
 /// A backend map entry in use (free entries keep only their generation).
@@ -92,7 +94,7 @@ impl<M: Maps> Agent<M> {
                     .collect(),
             })
             .collect();
-        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), identity, mode: self.attach_mode.clone(), config, vips })
+        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), identity, mode: self.persist.as_ref().map(|p| p.mode.clone()).unwrap_or_default(), config, vips })
     }
 
     /// Rewrite the state file (when the agent keeps one). A failure is

@@ -146,12 +146,11 @@ impl<M: Maps> Agent<M> {
         Ok(changes)
     }
 
-    /// Read a config file (`path`, or the agent's `--config`), validate it
-    /// completely, then apply exactly its difference from the running state
-    /// (a file with any error changes nothing). `config reload` and SIGHUP.
-    pub fn reload(&mut self, path: Option<std::path::PathBuf>) -> Result<Vec<String>> {
-        let path = path.or_else(|| self.config_path.clone()).ok_or_else(|| anyhow::anyhow!("the agent has no --config file; give one"))?;
-        let desired = Desired::load(&path)?;
+    /// Read a config file, validate it completely, then apply exactly its
+    /// difference from the running state (a file with any error changes
+    /// nothing). `config reload` and SIGHUP.
+    pub fn reload(&mut self, path: &std::path::Path) -> Result<Vec<String>> {
+        let desired = Desired::load(path)?;
         self.apply_desired(&desired)
     }
 

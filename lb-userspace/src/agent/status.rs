@@ -8,7 +8,8 @@ use super::{kind_for, Agent, AgentReport, AgentState, Maps};
 use crate::config::{Admin, AllDown};
 
 impl<M: Maps> Agent<M> {
-    /// Everything `xlb status` shows.
+    /// Everything `xlb status` shows that the agent knows (the daemon adds
+    /// how and where the program runs: `api::Host::fill`).
     pub fn status(&self) -> Result<Status> {
         let mut vips = Vec::new();
         for (vip, s) in &self.vips {
@@ -82,10 +83,10 @@ impl<M: Maps> Agent<M> {
         let counters = lb_common::stats::ALL.iter().map(|s| (s.name().to_string(), stats[*s as usize])).collect();
         Ok(Status {
             vips,
-            attach_mode: self.attach_mode.clone(),
+            attach_mode: String::new(),
             program_id: self.dp.program_id(),
-            pinned: self.pinned.as_ref().map(|p| p.display().to_string()),
-            pins_lost_on_exit: self.pins_lost_on_exit.clone(),
+            pinned: None,
+            pins_lost_on_exit: None,
             counters,
             ring_size: self.dp.opts().ring_size,
             conntrack_capacity: self.dp.opts().conntrack_size,
