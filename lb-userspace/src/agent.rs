@@ -117,15 +117,12 @@ pub struct Agent<M: Maps = Datapath> {
     pub publications: u64,
     /// State-file saves.
     pub saves: u64,
-    /// Leave state-file saves to `save_if_dirty` (the daemon calls it every
-    /// 20 ms tick): a request then waits for its tables, not for rendering
-    /// the whole state (5–20 ms with hundreds of VIPs). Off: every `flush`
-    /// saves.
-    pub defer_saves: bool,
     /// Health checks: one job per distinct target.
     checks: checks::Jobs,
     /// Maglev layouts shared by VIPs with the same backends.
     maglev: crate::tables::MaglevCache,
+    /// Each VIP's config as TOML, for the state file (`dump_toml`).
+    toml_cache: std::cell::RefCell<std::collections::HashMap<Vip, String>>,
     /// Backend MACs as the kernel's neighbour table has them.
     pub neighbours: crate::neigh::NeighCache,
     /// Connection-table entries at the last census (and when).
@@ -155,9 +152,9 @@ impl<M: Maps> Agent<M> {
             state_dirty: false,
             publications: 0,
             saves: 0,
-            defer_saves: false,
             checks: Default::default(),
             maglev: Default::default(),
+            toml_cache: Default::default(),
             neighbours: Default::default(),
             census: None,
             persist: None,
@@ -176,15 +173,26 @@ impl<M: Maps> Agent<M> {
 
     /// Mark a VIP for the next `flush` (and the state file).
     fn mark(&mut self, vip: Vip) {
+        self.toml_cache.get_mut().remove(&vip);
         self.dirty.insert(vip);
         self.state_dirty = true;
         self.checks.stale();
     }
 
     /// Publish every VIP changed since the last flush, once each, then save
-    /// the state file once. Every public operation ends with it; the health
-    /// loop calls it once per batch of results.
+    /// the state file once. Every operator request ends with it, so what a
+    /// request changed is in the state file before it is answered.
     pub fn flush(&mut self) -> Result<()> {
+        let r = self.publish_dirty();
+        self.save_if_dirty();
+        r
+    }
+
+    /// Publish every VIP changed since the last call, once each, without
+    /// saving the state file: health results, slow start and neighbour
+    /// changes use it, and the health loop saves at most once per tick
+    /// (`save_if_dirty`), so a burst of results costs one save.
+    pub fn publish_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut first_err = None;
         for v in dirty {
@@ -194,9 +202,6 @@ impl<M: Maps> Agent<M> {
                     first_err.get_or_insert(e);
                 }
             }
-        }
-        if !self.defer_saves {
-            self.save_if_dirty();
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -287,6 +292,7 @@ impl<M: Maps> Agent<M> {
         }
         self.free_vip_ids.push_back(state.id);
         self.dirty.remove(vip);
+        self.toml_cache.get_mut().remove(vip);
         log::info!("VIP {vip} removed");
         self.sync_filter(vip)?;
         self.sync_fragment_alias(vip)?;
@@ -421,7 +427,7 @@ impl<M: Maps> Agent<M> {
         for v in due {
             self.dirty.insert(v);
         }
-        self.flush()
+        self.publish_dirty()
     }
 
     /// Set a VIP's slow-start time.
@@ -775,6 +781,26 @@ mod tests {
         assert_eq!(a.dp.ring_writes, 128);
         assert_eq!(a.saves, 2);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_state_files_config_is_the_dump_and_follows_every_change() {
+        let mut a = agent(64);
+        a.apply_desired(&desired(8, 1)).expect("apply");
+        let same = |a: &Agent<MemMaps>| {
+            let parsed = Desired::parse(&a.dump_toml().expect("toml"), "test").expect("parses");
+            let dumped = Desired::parse(&toml::to_string(&a.dump()).expect("toml"), "test").expect("parses");
+            assert_eq!(parsed, dumped);
+        };
+        same(&a);
+        a.set_backend(&vip("10.0.0.100:1003/tcp"), ip("10.0.0.11"), Some(7), Some(Admin::Drain), false).expect("set");
+        same(&a);
+        a.del_vip(&vip("10.0.0.100:1000/tcp")).expect("del");
+        a.add_vip_with(vip("10.0.0.100:1000/tcp"), Algo::SourceHash, 30, None, AllDown::FailOpen).expect("re-add");
+        same(&a);
+        assert!(a.dump_toml().expect("toml").contains("persist_timeout = 30"));
+        a.apply_desired(&desired(4, 2)).expect("apply");
+        same(&a);
     }
 
     #[test]

@@ -300,7 +300,6 @@ async fn serve(
     host.detach_tx = Some(detach_tx);
     let host = Arc::new(host);
     agent.neighbours.set_ifindex(ifindex);
-    agent.defer_saves = true;
     let agent = Arc::new(Mutex::new(agent));
     let health = tokio::spawn(health::run(agent.clone()));
     let census = tokio::spawn(census_loop(agent.clone()));

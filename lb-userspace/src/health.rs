@@ -65,7 +65,7 @@ pub async fn run(agent: Arc<Mutex<Agent>>) {
                         log::error!("applying the health of {} failed: {e:#}", job.target.ip);
                     }
                 }
-                if let Err(e) = a.flush() {
+                if let Err(e) = a.publish_dirty() {
                     log::error!("publishing health changes failed: {e:#}");
                 }
             }

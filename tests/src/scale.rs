@@ -152,7 +152,7 @@ pub fn shared(d: &mut Deployment, dir: &Path, vips: usize, c: Checks, steady: Du
     if kill {
         let dead = crate::lab::backend_ip(1).to_string();
         let t = Instant::now();
-        let killed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        let killed_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
         d.lab.kill("server1")?;
         loop {
             let st = status(d)?;
@@ -160,8 +160,8 @@ pub fn shared(d: &mut Deployment, dir: &Path, vips: usize, c: Checks, steady: Du
             let out = count(&st, &|b| b["ip"] == dead.as_str() && b["state"] == "down" && b["table_share"].as_f64() == Some(0.0));
             if out == vips {
                 r.removal_seen_ms = Some(t.elapsed().as_secs_f64() * 1e3);
-                let last = st["vips"].as_array().into_iter().flatten().filter_map(|v| v["published_at_ms"].as_u64()).max().unwrap_or(0);
-                r.removal_ms = Some(last.saturating_sub(killed_ms) as f64);
+                let last = st["vips"].as_array().into_iter().flatten().filter_map(|v| v["published_at_us"].as_u64()).max().unwrap_or(0);
+                r.removal_ms = Some(last.saturating_sub(killed_us) as f64 / 1e3);
                 break;
             }
             if t.elapsed() > Duration::from_secs(10) {

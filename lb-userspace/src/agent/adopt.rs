@@ -66,7 +66,7 @@ pub struct Adoption {
 impl<M: Maps> Agent<M> {
     /// The state file's contents for the running state.
     pub fn snapshot(&self, layout: &str, identity: Option<crate::pin::identity::Identity>) -> Result<Snapshot> {
-        let config = toml::to_string(&self.dump()).context("cannot render the config")?;
+        let config = self.dump_toml().context("cannot render the config")?;
         let vips = self
             .vips
             .iter()

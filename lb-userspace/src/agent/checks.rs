@@ -378,7 +378,7 @@ impl<M: Maps> Agent<M> {
         if let Some(mac) = mac {
             self.take_mac(ip, mac);
         }
-        self.flush()
+        self.publish_dirty()
     }
 
     /// A full dump of the neighbour table (at start, or after the
@@ -388,7 +388,7 @@ impl<M: Maps> Agent<M> {
         for &(ip, mac) in entries {
             self.take_mac(ip, mac);
         }
-        self.flush()
+        self.publish_dirty()
     }
 
     fn take_mac(&mut self, ip: IpAddr, mac: Mac) {
@@ -473,13 +473,14 @@ mod tests {
         CheckOutcome { ok: false, error: Some("connect: refused".into()), ..Default::default() }
     }
 
-    /// Run every due job with `result(ip)` and flush, as the health loop does.
+    /// Run every due job with `result(ip)` and publish, as the health loop does.
     fn round(a: &mut Agent<MemMaps>, now: Instant, result: impl Fn(IpAddr) -> CheckOutcome) -> usize {
         let jobs = a.due_checks(now);
         for j in &jobs {
             a.report(j, result(j.target.ip)).expect("report");
         }
-        a.flush().expect("flush");
+        a.publish_dirty().expect("publish");
+        a.save_if_dirty();
         jobs.len()
     }
 

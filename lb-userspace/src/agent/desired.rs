@@ -156,29 +156,54 @@ impl<M: Maps> Agent<M> {
 
     /// The running state as a config file that reproduces it.
     pub fn dump(&self) -> FileConfig {
-        let vips = self
-            .vips
-            .iter()
-            .map(|(v, s)| config::VipConfig {
-                address: v.to_string(),
-                algo: (s.algo != Algo::Maglev).then(|| s.algo.name().to_string()),
-                persist_timeout: (s.persist_secs > 0).then_some(s.persist_secs as u32),
-                health: s.health_explicit.then(|| s.health.clone()),
-                all_down: (s.all_down != AllDown::Drop).then_some(s.all_down),
-                slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
-                backends: s
-                    .backends
-                    .values()
-                    .map(|b| config::BackendConfig {
-                        ip: b.ip.to_string(),
-                        mac: b.mac_cfg.map(|m| m.to_string()),
-                        weight: (b.weight != config::DEFAULT_WEIGHT).then_some(b.weight),
-                        health: b.check.clone(),
-                        state: (b.admin != Admin::Ready).then_some(b.admin),
-                    })
-                    .collect(),
-            })
-            .collect();
+        let vips = self.vips.iter().map(|(v, s)| vip_config(v, s)).collect();
         FileConfig { health: self.opts.health.clone(), vips }
+    }
+
+    /// `dump` rendered as TOML, as the state file keeps it. Rendering 512
+    /// VIPs takes ~15 ms, so each VIP's text is kept until the VIP changes
+    /// (`mark`): a request re-renders one VIP, not all of them.
+    pub fn dump_toml(&self) -> Result<String> {
+        #[derive(serde::Serialize)]
+        struct Health<'a> {
+            health: &'a config::HealthConfig,
+        }
+        #[derive(serde::Serialize)]
+        struct OneVip {
+            vip: [config::VipConfig; 1],
+        }
+        let mut out = toml::to_string(&Health { health: &self.opts.health })?;
+        let mut cache = self.toml_cache.borrow_mut();
+        for (v, s) in &self.vips {
+            if !cache.contains_key(v) {
+                cache.insert(*v, toml::to_string(&OneVip { vip: [vip_config(v, s)] })?);
+            }
+            out.push('\n');
+            out.push_str(&cache[v]);
+        }
+        Ok(out)
+    }
+}
+
+/// A VIP as the config file writes it.
+fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
+    config::VipConfig {
+        address: v.to_string(),
+        algo: (s.algo != Algo::Maglev).then(|| s.algo.name().to_string()),
+        persist_timeout: (s.persist_secs > 0).then_some(s.persist_secs as u32),
+        health: s.health_explicit.then(|| s.health.clone()),
+        all_down: (s.all_down != AllDown::Drop).then_some(s.all_down),
+        slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
+        backends: s
+            .backends
+            .values()
+            .map(|b| config::BackendConfig {
+                ip: b.ip.to_string(),
+                mac: b.mac_cfg.map(|m| m.to_string()),
+                weight: (b.weight != config::DEFAULT_WEIGHT).then_some(b.weight),
+                health: b.check.clone(),
+                state: (b.admin != Admin::Ready).then_some(b.admin),
+            })
+            .collect(),
     }
 }

@@ -72,7 +72,7 @@ impl<M: Maps> Agent<M> {
                 health_check: kind_for(vip, &s.health).name().to_string(),
                 all_down: if s.all_down == AllDown::FailOpen { "fail-open" } else { "drop" }.to_string(),
                 failing_open: s.failing_open,
-                published_at_ms: s.published_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
+                published_at_us: s.published_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_micros() as u64),
                 backends,
                 packets: c.packets,
                 bytes: c.bytes,
@@ -170,9 +170,9 @@ pub struct VipStatus {
     pub all_down: String,
     /// Failing open right now.
     pub failing_open: bool,
-    /// When its table was last published (Unix time, ms).
+    /// When its table was last published (Unix time, µs).
     #[serde(default)]
-    pub published_at_ms: Option<u64>,
+    pub published_at_us: Option<u64>,
     /// Backends.
     pub backends: Vec<BackendStatus>,
     /// Packets forwarded.

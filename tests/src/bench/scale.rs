@@ -33,10 +33,12 @@ pub struct Scale {
     pub write_batch_ms: f64,
     /// The same through the memory mapping (what the agent does).
     pub write_mmap_ms: f64,
-    /// `backend set --weight` on a 3-backend VIP, request to answer (the
-    /// table is published before the answer), ms: median and max of 21,
-    /// every weight a new one (no cached Maglev layout).
+    /// `backend set --weight` on a 3-backend VIP, request sent → table
+    /// published (the VIP entry's update, timed by the agent), ms: median
+    /// and max of 21, every weight a new one (no cached Maglev layout).
     pub table_change_ms: [f64; 2],
+    /// The same, request sent → answer (after the state file is saved).
+    pub table_change_answer_ms: [f64; 2],
     /// 512 VIPs × 3 shared backends.
     pub shared_512: Option<Shared>,
     /// The same 512 × 3 through the CLI (`vip add`, 3 × `backend add` each), s.
@@ -104,16 +106,21 @@ pub fn run(xlb: &Path, lab_bin: &Path) -> Result<Scale> {
         r.rings_mib_512 = st["datapath_memory"]["XLB_RINGS"].as_u64().map(|b| b as f64 / 1048576.0);
         let vip = format!("{VIP}:1000/tcp");
         let b2 = backend_ip(2).to_string();
-        let mut times = Vec::new();
+        let (mut published, mut answered) = (Vec::new(), Vec::new());
+        let now_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
         for i in 0..21u32 {
             let req = Request::BackendSet { vip: vip.parse()?, ip: b2.parse()?, weight: Some(2 + i), state: None, dry_run: false };
-            let t = Instant::now();
+            let (t, sent) = (Instant::now(), now_us());
             let v = api::call(&d.socket, &req)?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            answered.push(t.elapsed().as_secs_f64() * 1e3);
             anyhow::ensure!(v["moved"].as_u64().unwrap_or(0) > 0, "weight {} changed no table entry: {v}", 2 + i);
+            let st = scale::status(&d)?;
+            let at = st["vips"].as_array().into_iter().flatten().find(|x| x["vip"] == vip.as_str()).and_then(|x| x["published_at_us"].as_u64());
+            published.push(at.context("publication time")?.saturating_sub(sent) as f64 / 1e3);
         }
-        let max = times.iter().copied().fold(0.0, f64::max);
-        r.table_change_ms = [median(times), max];
+        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        r.table_change_ms = [median(published.clone()), max(&published)];
+        r.table_change_answer_ms = [median(answered.clone()), max(&answered)];
     }
     // 512 × 3 through the CLI, checked on port 80 like the file's.
     {
