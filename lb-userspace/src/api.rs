@@ -146,6 +146,10 @@ pub struct Host {
     pub pins_lost_on_exit: Option<String>,
     /// Asks the daemon to detach and exit (`xlb detach`).
     pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    /// Told by the daemon when it has detached, so `xlb detach` answers then.
+    pub detached: tokio::sync::Notify,
+    /// Told by the API once that answer is written (the daemon then exits).
+    pub answered: tokio::sync::Notify,
 }
 
 impl Host {
@@ -268,10 +272,20 @@ async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>, host: Arc<Host>
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), result: serde_json::Value::Null },
             Ok(req) => {
+                let detaching = matches!(req, Request::Detach);
                 let res = {
                     let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
                     handle(&mut a, &host, req)
                 };
+                if detaching && res.is_ok() {
+                    // Answer once the daemon has detached (it needs the
+                    // last reference to the agent to drop the datapath).
+                    drop(agent);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), host.detached.notified()).await;
+                    let r = write_response(&mut w, &Response { ok: true, error: None, result: serde_json::Value::Null }).await;
+                    host.answered.notify_one();
+                    return r;
+                }
                 match res {
                     Ok(v) => Response { ok: true, error: None, result: v },
                     Err(e) => Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
@@ -279,7 +293,11 @@ async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>, host: Arc<Host>
             }
         }
     };
-    let mut out = serde_json::to_vec(&resp)?;
+    write_response(&mut w, &resp).await
+}
+
+async fn write_response(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> Result<()> {
+    let mut out = serde_json::to_vec(resp)?;
     out.push(b'\n');
     w.write_all(&out).await?;
     Ok(())

@@ -336,12 +336,13 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut detach = pins.is_none();
+    let mut detach_requested = false;
     let lost_on_exit = host.pins_lost_on_exit.clone();
     loop {
         tokio::select! {
             _ = term.recv() => { log::info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { log::info!("SIGINT: exiting"); break; }
-            _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; break; }
+            _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; detach_requested = true; break; }
             _ = hup.recv() => {
                 let Ok(mut a) = agent.lock() else { break };
                 match host.config_file(None).and_then(|f| a.reload(&f)) {
@@ -369,6 +370,13 @@ async fn serve(
     }
     // Dropping the agent drops the datapath: without pins that detaches the
     // program; with pins, forwarding goes on until the pins are removed.
+    // API connections still running let go of it within a moment.
+    for _ in 0..100 {
+        if Arc::strong_count(&agent) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     match Arc::try_unwrap(agent) {
         Ok(m) => drop(m),
         Err(_) => log::warn!("agent still referenced at exit; the kernel releases it when the process ends"),
@@ -389,6 +397,11 @@ async fn serve(
             opts.iface,
             p.shown.display()
         ),
+    }
+    if detach_requested {
+        // `xlb detach` is answered now that it is done.
+        host.detached.notify_one();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), host.answered.notified()).await;
     }
     Ok(())
 }
