@@ -383,7 +383,12 @@ async fn serve(
     }
     match (&pins, detach) {
         (Some(p), true) => {
+            // Hold the link while its pin goes, so that the last reference
+            // is this descriptor: closing it detaches at once, whereas the
+            // kernel defers a link whose last reference was the pin.
+            let held = aya::programs::links::PinnedLink::from_pin(&p.link).ok();
             p.remove_all()?;
+            drop(held);
             log::info!("detached from {} (pins under {} removed)", opts.iface, p.shown.display());
         }
         (None, _) => log::info!("detached from {}", opts.iface),
