@@ -58,7 +58,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {

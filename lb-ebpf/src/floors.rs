@@ -142,20 +142,30 @@ fn bump(i: u32) -> u64 {
 
 /// Live-traffic generator (BPF_PROG_RUN with live frames on the generator's
 /// veth): transmits one run in `BENCH_EVERY` (dropping the others, which
-/// sets the offered rate), each with the next of `BENCH_FLOWS` source ports.
+/// sets the offered rate), each with the next of `BENCH_FLOWS` source ports;
+/// with `BENCH_FLOWS` 0, every frame is a new flow (source port and the
+/// source address's low 16 bits count up together).
 #[xdp]
 pub fn bench_gen(ctx: XdpContext) -> u32 {
     let n = bump(0);
     // SAFETY: reads of load-time constants.
-    let (flows, every) = unsafe {
-        (core::ptr::read_volatile(&BENCH_FLOWS).max(1) as u64, core::ptr::read_volatile(&BENCH_EVERY).max(1) as u64)
-    };
+    let (flows, every) =
+        unsafe { (core::ptr::read_volatile(&BENCH_FLOWS) as u64, core::ptr::read_volatile(&BENCH_EVERY).max(1) as u64) };
     if n % every != 0 {
         return xdp_action::XDP_DROP;
     }
     let sent = bump(2);
-    let port = 1024 + (sent % flows) as u16;
     let Some(p) = ptr_mut_at::<[u8; 2]>(&ctx, 14 + 20) else { return xdp_action::XDP_DROP };
+    if flows == 0 {
+        let Some(a) = ptr_mut_at::<[u8; 2]>(&ctx, 14 + 14) else { return xdp_action::XDP_DROP };
+        // SAFETY: bounds checked.
+        unsafe {
+            *p = (sent as u16).to_be_bytes();
+            *a = ((sent >> 16) as u16).to_be_bytes();
+        }
+        return xdp_action::XDP_TX;
+    }
+    let port = 1024 + (sent % flows) as u16;
     // SAFETY: bounds checked.
     unsafe { *p = port.to_be_bytes() };
     xdp_action::XDP_TX

@@ -514,15 +514,15 @@ fn print_status(s: &Status) {
         s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         s.pinned.as_deref().map(|p| format!("maps pinned under {p}")).unwrap_or_else(|| "not pinned".into())
     );
-    if let Some(why) = &s.pins_lost_on_exit {
-        println!("warning: forwarding stops when the agent exits: {why}");
-    }
     println!(
         "connection table: {} flows, {:.1} MiB, {} entries at the last census",
         s.conntrack_capacity,
         s.conntrack_bytes as f64 / (1 << 20) as f64,
         s.conntrack_entries.map(|e| e.to_string()).unwrap_or_else(|| "no".into())
     );
+    if let Some(why) = &s.pins_lost_on_exit {
+        println!("warning: forwarding stops when the agent exits: {why}");
+    }
     let mib = |b: u64| b as f64 / 1048576.0;
     let total: u64 = s.datapath_memory.values().sum();
     let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();

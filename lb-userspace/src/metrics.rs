@@ -54,7 +54,8 @@ pub fn render(s: &Status) -> String {
     family("xlb_backend_check_latency_seconds", "gauge", "Duration of the last health check.", lat);
     let dp: Vec<(String, f64)> = s.counters.iter().map(|(k, v)| (format!("{{counter=\"{k}\"}}"), *v as f64)).collect();
     family("xlb_datapath_total", "counter", "Datapath verdicts and events (see the README).", dp);
-    family("xlb_conntrack_capacity", "gauge", "Connection-table capacity.", vec![(String::new(), s.conntrack_capacity as f64)]);
+    family("xlb_conntrack_capacity", "gauge", "Connection-table capacity (live flows).", vec![(String::new(), s.conntrack_capacity as f64)]);
+    family("xlb_conntrack_bytes", "gauge", "Connection-table memory.", vec![(String::new(), s.conntrack_bytes as f64)]);
     if let Some(e) = s.conntrack_entries {
         family("xlb_conntrack_entries", "gauge", "Connection-table entries at the last census.", vec![(String::new(), e as f64)]);
     }

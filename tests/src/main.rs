@@ -98,6 +98,7 @@ enum Cmd {
         /// Transmit one frame in this many runs (sets the offered rate).
         #[arg(long, default_value_t = 1)]
         every: u32,
+        /// Distinct flows cycled through; 0: every frame a new flow.
         #[arg(long, default_value_t = 1024)]
         flows: u32,
         /// Upper bound on sending time, seconds.
@@ -163,7 +164,7 @@ fn main() {
         Cmd::Bench { xlb, floors, out, sections } => xlb_tests::bench::run(&xlb, &floors, &out, &sections),
         Cmd::Gen { floors, iface, dst_mac, size, runs, every, flows, max_secs } => (|| {
             let mac: xlb::config::Mac = dst_mac.parse()?;
-            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), every.max(1), flows.max(1), max_secs.clamp(0.1, 60.0))?;
+            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), every.max(1), flows, max_secs.clamp(0.1, 60.0))?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         })(),

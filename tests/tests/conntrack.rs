@@ -246,7 +246,12 @@ fn writers_on_both_cpus_never_send_a_flow_to_another_flows_backend() {
     assert!(cpus >= 2, "needs two CPUs");
     // 200 backends: flows sharing a set are chosen with pairwise distinct
     // Maglev backends, so a packet on another flow's entry would be counted
-    // on a backend that is not its flow's.
+    // on a backend that is not its flow's. A torn entry exists for a few
+    // instructions only: this catches gross failures (lost or mixed
+    // entries, wrong counts) under real concurrency; every torn combination
+    // is checked exhaustively by lb-common's
+    // `torn_entries_never_name_another_flows_backend` (a layout without the
+    // value binding passed 30 s of this test but fails that one).
     let mut agent = lb(200);
     // Repeated runs see the frame the previous run rewrote (addressed to its
     // backend by then): act on any destination MAC here.

@@ -119,6 +119,7 @@ fn new_sizes_restore_services_into_new_tables_and_no_pin_detaches_on_exit() {
     assert_eq!(st["vips"][0]["algo"], "rr");
     assert_eq!(st["vips"][0]["backends"][1]["weight"], 3, "runtime changes survive: {st}");
     assert_eq!(st["conntrack_capacity"], 32768);
+    assert_eq!(st["conntrack_bytes"], lb_common::ct::ct_bytes(32768), "status shows the table's memory");
     d.wait_states(&[1, 2], Duration::from_secs(5)).expect("up");
     let s = d.connect(100).expect("client");
     assert_eq!(s.failed, 0, "{:?}", s.errors);

@@ -246,7 +246,7 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
         }
         // Warm the flows (table entries), then steps from the generator's
         // full rate down to a tenth of it.
-        gen(1, flows as u64 * 4)?;
+        gen(1, (flows as u64 * 4).max(4096))?;
         let mut steps = Vec::new();
         for every in [1u32, 2, 3, 4, 6, 10] {
             let f0 = if mode == "xlb" { forwarded(xlb, &socket)? } else { 0 };

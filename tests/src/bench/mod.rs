@@ -39,7 +39,7 @@ pub struct Results {
     /// Targets.
     pub targets: Vec<Target>,
     /// Live traffic.
-    pub live: Option<live::Live>,
+    pub live: Vec<live::Live>,
     /// nftables / HAProxy comparison.
     pub compare: Vec<compare::Mode>,
     /// Control plane.
@@ -122,15 +122,20 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
             },
         ];
     }
-    let mut live = None;
+    let mut live = Vec::new();
     if want("live") {
-        eprintln!("bench: live traffic (live frames over a veth)…");
-        match live::run(xlb, &lab_bin, floors, 64, 1024) {
-            Ok(l) => {
-                targets.push(Target { name: "live drop-free rate, xlb / reflector".into(), ratio: l.ratio_drop_free, limit: 0.8, at_least: true, met: false });
-                live = Some(l);
+        // 1024 established flows, then every frame a new flow (0).
+        for flows in [1024, 0] {
+            let mix = if flows == 0 { "100 % new flows".to_string() } else { format!("{flows} established flows") };
+            eprintln!("bench: live traffic (live frames over a veth), {mix}…");
+            match live::run(xlb, &lab_bin, floors, 64, flows) {
+                Ok(l) => {
+                    let name = format!("live drop-free rate, xlb / reflector, {mix}");
+                    targets.push(Target { name, ratio: l.ratio_drop_free, limit: 0.8, at_least: true, met: false });
+                    live.push(l);
+                }
+                Err(e) => errors.push(format!("live traffic ({mix}): {e:#}")),
             }
-            Err(e) => errors.push(format!("live traffic: {e:#}")),
         }
     }
     for t in &mut targets {

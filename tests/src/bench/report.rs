@@ -29,12 +29,14 @@ pub fn markdown(r: &Results) -> String {
             c.case, c.backends, c.conntrack, c.ns_per_pkt, c.spread_ns[0], c.spread_ns[1], c.kernel_avg_ns, c.floor, c.ratio, c.verified
         );
     }
+    new_flow_table(&mut s, r);
     let _ = writeln!(
         s,
         "\nFor scale (from the issue): a well-known C XDP balancer on this harness took about 28 ns for non-VIP traffic, 66 ns for an established flow and 143 ns for a new flow, against 5 ns for `floor_macswap_tx` and 18 ns for `floor_stateless_dsr` (ratios 3.7 and 7.9 to the stateless floor)."
     );
-    if let Some(l) = &r.live {
-        let _ = writeln!(s, "\n## Live traffic ({}-byte frames, {} flows, live frames over a veth)\n", l.frame_bytes, l.flows);
+    for l in &r.live {
+        let mix = if l.flows == 0 { "every frame a new flow".to_string() } else { format!("{} flows", l.flows) };
+        let _ = writeln!(s, "\n## Live traffic ({}-byte frames, {mix}, live frames over a veth)\n", l.frame_bytes);
         let _ = writeln!(s, "| mode | drop-free rate (frames/s) | highest forwarding rate (frames/s) |\n|---|---:|---:|");
         for m in &l.modes {
             let _ = writeln!(s, "| {} | {:.0} | {:.0} |", m.mode, m.drop_free_pps, m.max_forwarded_pps);
@@ -48,7 +50,8 @@ pub fn markdown(r: &Results) -> String {
                 let _ = writeln!(s, "| {} | {offered} | {:.0} | {:.0} | {fwd} | {:.3}% |", m.mode, st.sent_pps, st.received_pps, st.loss * 100.0);
             }
         }
-    } else {
+    }
+    if r.live.is_empty() {
         let _ = writeln!(s, "\n## Live traffic\n\nNot measured in this run (see the bench's output).");
     }
     let _ = writeln!(s, "\n## Against nftables and HAProxy (same namespaces, same client load)\n");
@@ -99,12 +102,45 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "\n## Method\n");
     let _ = writeln!(
         s,
-        "- Per-packet: steady cases run one frame with repeat N = 4·10⁶ and 2N; cost = (wall time of 2N − wall time of N) / N, five runs, median and spread; the kernel's own average (1 ns resolution) is shown too. The program's counters prove each run took the intended path (the proof column). New flows (main figure, `*_new_flow`): the floors object's `new_flows` program adds one to the frame's source address and tail-calls the program under test, with repeat 10⁵ (five calls, each its own address range): every run is a new 5-tuple, with caches as warm as a NIC's batches keep them; kernel average per run, median and spread. `*_new_flow_cold`: one syscall per frame over 50 000 distinct 5-tuples, the per-call overhead calibrated out with the same loop on `floor_pass`; every frame then meets caches the syscall path has disturbed (kept for comparison). `*_new_flow_64k_table`: the warm method with a 65 536-entry table, to show how much of a new flow is the table's size. \"Full\" connection table: filled with about 1 Mi unrelated entries first (LRU: new flows evict)."
+        "- Per-packet: steady cases run one frame with repeat N = 4·10⁶ and 2N; cost = (wall time of 2N − wall time of N) / N, five runs, median and spread; the kernel's own average (1 ns resolution) is shown too. The program's counters prove each run took the intended path (the proof column). New flows (main figure, `*_new_flow`): the floors object's `new_flows` program adds one to the frame's source address and tail-calls the program under test, with repeat 10⁵ (five calls, each its own address range): every run is a new 5-tuple, with caches as warm as a NIC's batches keep them; kernel average per run, median and spread. `*_new_flow_cold`: one syscall per frame over 50 000 distinct 5-tuples, the per-call overhead calibrated out with the same loop on `floor_pass`; every frame then meets caches the syscall path has disturbed (kept for comparison). `*_new_flow_64k_table`: the warm method with a 65 536-flow table, to show how much of a new flow is the table's size. Connection table \"50 %\" and \"full\": filled first with 50 % or 100 % of `--conntrack-size` (1 Mi) unrelated flows, placed as the datapath places them (new flows then evict: counted in the proof column). New flows are compared with `floor_one_line` (what a one-line table cannot avoid)."
     );
-    let _ = writeln!(s, "- Floors (a separate build of the same crate, same harness): `floor_pass` returns XDP_PASS; `floor_macswap_tx` swaps MACs and returns XDP_TX; `floor_stateless_dsr` parses IPv4 and the ports, hashes the 5-tuple once, reads one table entry (a MAC) and rewrites both MACs. `floor_stateless_dsr_new_flows` is the same program behind the same `new_flows` wrapper (so the wrapper and tail call cancel out), `floor_stateless_dsr_new_flows_cold` the same over the cold method's frames: new 5-tuples make table reads miss caches, which a single repeated frame never does, so new flows are compared with these (and, in the proof column, with the repeated-frame floor too).");
+    let _ = writeln!(s, "- Floors (a separate build of the same crate, same harness): `floor_pass` returns XDP_PASS; `floor_macswap_tx` swaps MACs and returns XDP_TX; `floor_stateless_dsr` parses IPv4 and the ports, hashes the 5-tuple once, reads one table entry (a MAC) and rewrites both MACs. `floor_one_line` is the stateless floor plus a read-modify-write of one random 64-byte line of a 16 MiB array, `floor_lru_insert` the stateless floor plus a lookup and an insert of the 5-tuple in a 1 Mi-entry kernel `LRU_HASH`, both behind the `new_flows` wrapper. `floor_stateless_dsr_new_flows` is the stateless floor behind the same `new_flows` wrapper (so the wrapper and tail call cancel out), `floor_stateless_dsr_new_flows_cold` the same over the cold method's frames: new 5-tuples make table reads miss caches, which a single repeated frame never does, so new flows are compared with these (and, in the proof column, with the repeated-frame floor too).");
     let _ = writeln!(s, "- Live: BPF_PROG_RUN with live frames from a generator namespace; its program gives each frame the next of the flows' source ports and sends it (XDP_TX) over a veth to the balancer's namespace, where xlb (or the reflector) sends it back to a counting sink. Offered rate in steps below the generator's maximum; drop-free = highest offered rate with < 0.1 % loss. Generator, balancer and sink share this machine's CPUs.");
     let _ = writeln!(s, "- Comparison: 3 × {} HTTP connections, 16 in parallel, per mode; CPU from /proc/stat over each run for the whole machine; the balancer's share = that minus the direct baseline (client → one backend). nftables DNATs with a `numgen` map and routes replies back; HAProxy proxies (two connections per client connection); xlb forwards requests only (L2 DSR). CPU time is counted in 10 ms ticks, so each figure is ± about 0.5 µs per connection.", 20000);
     s
+}
+
+/// The connection-table comparison of issue 12: the figures the issue
+/// measured before the set-associative table, and this run's.
+fn new_flow_table(s: &mut String, r: &Results) {
+    let at = |name: &str, ct: &str| {
+        r.cases.iter().find(|c| c.case == name && c.backends == 3 && c.conntrack.starts_with(ct)).map(|c| format!("{:.0}", c.ns_per_pkt)).unwrap_or_else(|| "-".into())
+    };
+    let floor = |name: &str| r.cases.iter().find(|c| c.case == name).map(|c| format!("{:.0}", c.ns_per_pkt)).unwrap_or_else(|| "-".into());
+    let _ = writeln!(s, "\n## New flows: one cache line (IPv4 TCP, 3 backends, ns per packet)\n");
+    let _ = writeln!(s, "| | established | new flow, table empty | new flow, table 50 % | new flow, table full |\n|---|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| the C balancer (issue 12's measurement, LRU table, flood guard off) | 135 | 497 | | 829 |");
+    let _ = writeln!(s, "| xlb with the kernel LRU hash (issue 12's measurement) | 77 | 469 | | 825 |");
+    let _ = writeln!(s, "| stateless floor (issue 12's measurement) | 34 | 37 | | 37 |");
+    let _ = writeln!(
+        s,
+        "| **xlb, set-associative table (this run)** | {} | {} | {} | {} |",
+        at("v4_tcp_established", "empty"),
+        at("v4_tcp_new_flow", "empty"),
+        at("v4_tcp_new_flow", "50 %"),
+        at("v4_tcp_new_flow", "full")
+    );
+    let _ = writeln!(
+        s,
+        "| stateless floor (this run: `floor_stateless_dsr`, `floor_stateless_dsr_new_flows`) | {} | {} | {} | {} |",
+        floor("floor_stateless_dsr"),
+        floor("floor_stateless_dsr_new_flows"),
+        floor("floor_stateless_dsr_new_flows"),
+        floor("floor_stateless_dsr_new_flows")
+    );
+    let _ = writeln!(s, "| `floor_one_line` (this run) | | {} | | |", floor("floor_one_line"));
+    let _ = writeln!(s, "| `floor_lru_insert` (this run) | | {} | | |", floor("floor_lru_insert"));
+    let _ = writeln!(s, "\nThe first three rows were measured by the issue on the same harness and machine on another day; only this run's rows compare with each other.");
 }
 
 /// A bar chart of ns/packet per case (3 backends, table empty; 10 000
