@@ -3,6 +3,7 @@
 //! before anything is sent.
 
 use anyhow::{Context, Result};
+use crate::config::Admin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ use crate::{
     maps::{AttachMode, Datapath, LoadOptions},
 };
 use crate::pin::{DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR};
-use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
 
 /// xlb: an XDP L4 load balancer (L2 direct server return).
 #[derive(Parser, Debug)]
@@ -105,9 +106,13 @@ pub struct AgentArgs {
     /// Entries per Maglev table (a prime).
     #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
     pub ring_size: u32,
-    /// Maximum number of VIPs.
+    /// Maximum number of VIPs (services; fragment aliases do not count).
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
+    /// Maximum number of VIPs with backends: each has a table of
+    /// ring-size entries (0.5 MiB at the default), allocated at start.
+    #[arg(long, default_value_t = DEFAULT_MAX_TABLES)]
+    pub max_tables: u32,
     /// Connection-table capacity in flows.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     pub conntrack_size: u32,
@@ -327,6 +332,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agent(a) => {
             let load = LoadOptions {
                 max_vips: a.max_vips,
+                max_tables: a.max_tables,
                 ring_size: a.ring_size,
                 conntrack_size: a.conntrack_size,
                 persist_size: a.persist_size,
@@ -352,16 +358,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::XdpPass { iface } => xdp_pass(&iface),
         Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
         Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
-            crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
+            let algo: crate::config::AlgoName = algo.parse()?;
+            crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
-            if let Some(m) = &all_down {
-                m.parse::<crate::config::AllDown>()?;
-            }
-            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
+            api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
-            api::call(&socket, &Request::VipDel { vip: vip.to_string() })?;
+            api::call(&socket, &Request::VipDel { vip })?;
             Ok(())
         }
         Command::Vip(VipCmd::List) => {
@@ -376,13 +381,7 @@ pub fn run(cli: Cli) -> Result<()> {
             check_weight(weight)?;
             let r = api::call(
                 &socket,
-                &Request::BackendAdd {
-                    vip: vip.to_string(),
-                    ip: ip.to_string(),
-                    mac: mac.map(|m| m.to_string()),
-                    weight: Some(weight),
-                    health: None,
-                },
+                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None },
             )?;
             print_moved(&r, false);
             Ok(())
@@ -392,17 +391,17 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(w) = weight {
                 check_weight(w)?;
             }
-            let state = [(drain, "drain"), (maint, "maint"), (up, "up")].iter().find(|(f, _)| *f).map(|(_, s)| s.to_string());
+            let state = [(drain, Admin::Drain), (maint, Admin::Maint), (up, Admin::Ready)].iter().find(|(f, _)| *f).map(|(_, s)| *s);
             if weight.is_none() && state.is_none() {
                 anyhow::bail!("nothing to change: give --weight, --drain, --maint or --up");
             }
-            let r = api::call(&socket, &Request::BackendSet { vip: vip.to_string(), ip: ip.to_string(), weight, state, dry_run })?;
+            let r = api::call(&socket, &Request::BackendSet { vip, ip, weight, state, dry_run })?;
             print_moved(&r, dry_run);
             Ok(())
         }
         Command::Backend(BackendCmd::Del { vip, ip }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
-            let r = api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
+            let r = api::call(&socket, &Request::BackendDel { vip, ip })?;
             print_moved(&r, false);
             Ok(())
         }
@@ -524,13 +523,25 @@ fn print_status(s: &Status) {
     if let Some(why) = &s.pins_lost_on_exit {
         println!("warning: forwarding stops when the agent exits: {why}");
     }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let total: u64 = s.datapath_memory.values().sum();
+    let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();
+    println!(
+        "memory: {:.1} MiB in maps ({}{}); {} of {} VIPs; {} check job(s)",
+        mib(total),
+        parts.join(", "),
+        if parts.is_empty() { "" } else { ", rest under 1 MiB each" },
+        s.vips.len(),
+        s.max_vips,
+        s.check_jobs
+    );
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
+    let load = LoadOptions { max_vips: 1, max_tables: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

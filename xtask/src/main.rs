@@ -167,7 +167,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare]");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale]");
             std::process::exit(2);
         }
     }
