@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod ha;
 pub mod health;
 pub mod maglev;
 pub mod maps;
