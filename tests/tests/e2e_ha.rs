@@ -1,0 +1,110 @@
+//! End to end, issue 11 (part): what xlb gives keepalived and routing
+//! daemons, on the real agent in namespaces: `xlb ha check` exit codes,
+//! `--announce-table` routes following readiness, drain, the grace while no
+//! agent answers, and withdrawal on detach. Needs root.
+
+use std::{process::Output, time::Duration};
+use xlb_tests::{
+    lab::{self, backend_ip},
+    scenario::{binaries, vip_arg, Deployment},
+};
+
+const TABLE: &str = "100";
+
+fn routes(d: &Deployment) -> String {
+    lab::sh("ip", &["-n", &d.lab.ns("lb"), "route", "show", "table", TABLE]).unwrap_or_default()
+}
+
+fn check(d: &Deployment, grace: &str) -> (i32, String) {
+    let out: Output = d.cli(&["ha", "check", "--grace", grace]).expect("xlb ha check");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text.trim().to_string())
+}
+
+#[test]
+fn readiness_announcements_drain_and_grace_follow_the_node() {
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &["--announce-table", TABLE]).expect("deployment");
+    let vip = lab::VIP.to_string();
+    // No VIP yet: not ready, nothing announced.
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.starts_with("not ready: no VIPs"), "{line}");
+
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip_arg(), &[], &ips).expect("vip");
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("backends up");
+    d.wait("the announcement", Duration::from_secs(3), || Ok(routes(&d).contains(&vip))).expect("announced");
+    let r = routes(&d);
+    assert!(r.contains(&format!("{vip} dev eth0 proto 245")), "{r}");
+    let (code, line) = check(&d, "10s");
+    assert_eq!((code, line.starts_with("ready")), (0, true), "{line}");
+    let st = d.status().expect("status");
+    assert_eq!(st["ha"]["ready"], true, "{st}");
+    assert_eq!(st["vips"][0]["table_fingerprint"].as_str().map(str::len), Some(16), "{st}");
+
+    // A VIP with a non-Maglev algorithm on an HA node: warned, one line.
+    let out = d.cli(&["vip", "add", "10.200.0.101:80/tcp", "--algo", "least-conn"]).expect("vip add");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("warning: with HA, only maglev and source-hash"), "{err}");
+    d.cli_ok(&["vip", "del", "10.200.0.101:80/tcp"]).expect("vip del");
+
+    // Drain: withdrawn, check fails, forwarding goes on.
+    d.cli_ok(&["ha", "drain"]).expect("drain");
+    d.wait("the withdrawal", Duration::from_secs(3), || Ok(!routes(&d).contains(&vip))).expect("withdrawn");
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("drained"), "{line}");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "a drained node still forwards: {:?}", s.errors);
+    d.cli_ok(&["ha", "undrain"]).expect("undrain");
+    d.wait("the announcement", Duration::from_secs(3), || Ok(routes(&d).contains(&vip))).expect("announced again");
+
+    // Every backend's server dies: no usable backend, withdrawn.
+    for i in 1..=3 {
+        d.lab.kill(&format!("server{i}")).expect("kill a server");
+    }
+    d.wait("the withdrawal", Duration::from_secs(10), || Ok(!routes(&d).contains(&vip))).expect("withdrawn when no backend serves");
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("no usable backend"), "{line}");
+    for i in 1..=3 {
+        let fail = d.lab.dir.join(format!("fail-b{i}")).to_string_lossy().into_owned();
+        let agent = d.lab.dir.join(format!("agent-b{i}")).to_string_lossy().into_owned();
+        let args = ["serve", "--name", &format!("b{i}"), "--port", "80", "--fail-file", &fail, "--udp-port", "5353", "--agent-port", "7777", "--agent-file", &agent];
+        d.lab.spawn(&format!("server{i}"), &format!("b{i}"), &lab_bin, &args).expect("restart a server");
+    }
+    d.wait("the announcement", Duration::from_secs(10), || Ok(routes(&d).contains(&vip))).expect("announced after recovery");
+
+    // The agent is killed: routes stay (forwarding goes on); `ha check`
+    // answers from the last verdict within the grace, not after it.
+    d.lab.kill("agent").expect("kill -9 the agent");
+    assert!(routes(&d).contains(&vip), "announcements outlive the agent with the forwarding");
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 0, "{line}");
+    assert!(line.contains("within the grace"), "{line}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let (code, line) = check(&d, "1s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("grace"), "{line}");
+
+    // A new agent adopts; readiness comes back without a withdrawal.
+    d.start_agent("agent2", &["--announce-table", TABLE]).expect("second agent");
+    d.wait("readiness", Duration::from_secs(5), || Ok(check(&d, "10s").0 == 0)).expect("ready again");
+    assert!(routes(&d).contains(&vip));
+
+    // Detach: forwarding stops, so do the announcements.
+    d.cli_ok(&["detach"]).expect("detach");
+    assert!(!routes(&d).contains(&vip), "withdrawn on detach: {}", routes(&d));
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+}
+
+#[test]
+fn ha_check_bad_arguments_exit_2() {
+    let (xlb, _) = binaries();
+    let out = std::process::Command::new(&xlb).args(["ha", "check", "--grace", "soon"]).output().expect("run xlb");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
