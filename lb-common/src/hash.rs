@@ -118,3 +118,33 @@ mod tests {
         }
     }
 }
+
+/// Golden vectors: every balancer of a cluster must hash a flow the same
+/// way (ECMP and VRRP failover move flows between nodes that only agree
+/// through this function). A change that breaks these splits a cluster of
+/// mixed versions: it needs a `LAYOUT_VERSION` bump and a release note.
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use crate::{FlowKey, PROTO_TCP, PROTO_UDP};
+
+    #[test]
+    fn flow_and_source_hashes_are_pinned() {
+        let v4 = FlowKey::v4([192, 0, 2, 7], 40000u16.to_be(), [10, 0, 0, 100], 80u16.to_be(), PROTO_TCP);
+        let v4u = FlowKey::v4([198, 51, 100, 9], 5353u16.to_be(), [10, 0, 0, 100], 53u16.to_be(), PROTO_UDP);
+        let mut s6 = [0u8; 16];
+        s6[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        s6[15] = 7;
+        let mut d6 = [0u8; 16];
+        d6[0] = 0xfd;
+        d6[14..].copy_from_slice(&[1, 1]);
+        let v6 = FlowKey::v6(s6, 50000u16.to_be(), d6, 443u16.to_be(), PROTO_TCP);
+        assert_eq!(flow_hash(&v4), 0x45734c00);
+        assert_eq!(flow_hash(&v4u), 0xdb775f86);
+        assert_eq!(flow_hash(&v6), 0xc6d226ec);
+        assert_eq!(src_hash(&v4), 0x82e15499);
+        assert_eq!(src_hash(&v6), 0xedc06d78);
+        assert_eq!(bytes_hash(&[10, 0, 1, 1], 0x5851_f42d), 0x5f76beea);
+        assert_eq!(bytes_hash(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3], 7), 0xbacfc91f);
+    }
+}

@@ -8,10 +8,12 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod ct;
 pub mod hash;
 pub mod maps;
 pub mod stats;
 
+pub use ct::{CtEntry, CtHash, CtSeed, CtSet, CtWay, CT_WAYS};
 pub use maps::*;
 pub use stats::Stat;
 
@@ -56,7 +58,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -66,7 +68,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "XLB_BACKENDS";
     /// Concatenated Maglev lookup tables: ring slot × ring size → backend id.
     pub const RINGS: &str = "XLB_RINGS";
-    /// `FlowKey` → `FlowValue` (LRU connection table).
+    /// Connection table: an array of `CtSet` (set-associative, see `ct`).
     pub const CONNTRACK: &str = "XLB_CONNTRACK";
     /// Per-CPU global counters indexed by `Stat`.
     pub const STATS: &str = "XLB_STATS";
@@ -81,8 +83,22 @@ pub mod map_names {
     pub const RR: &str = "XLB_RR";
     /// `PersistKey` → `PersistValue` (LRU, source-hash persistence).
     pub const PERSIST: &str = "XLB_PERSIST";
+    /// Destination MACs the balancer acts on (`mac_key`; 0 ends the list):
+    /// the interface's, then `--accept-mac`s. Not pinned: every agent
+    /// writes it before its program is attached.
+    pub const MACS: &str = "XLB_MACS";
     /// Every map above: all are pinned, and a restarted agent reuses them all.
     pub const ALL: [&str; 10] = [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST];
+}
+
+/// Entries of `XLB_MACS`: the interface's MAC and up to seven more.
+pub const MAX_ACCEPT_MACS: u32 = 8;
+
+/// A MAC as one `XLB_MACS` value (its six bytes, zero-extended; never 0
+/// for a real unicast address, so 0 marks the end of the list).
+#[inline(always)]
+pub fn mac_key(m: &[u8; 6]) -> u64 {
+    u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
 }
 
 /// Entries of the VIP pre-filter (`XLB_VIP_FILTER`).

@@ -165,6 +165,51 @@ pub struct BackendInfo {
 /// A connection-table entry pointing at a backend without it is re-balanced.
 pub const BACKEND_F_ALIVE: u16 = 1;
 
+impl VipKey {
+    /// The VIP map's key for IP fragments to this address and protocol
+    /// (they carry no ports): port 0, which no VIP may have.
+    #[inline(always)]
+    pub const fn fragment_alias(mut self) -> VipKey {
+        self.port_be = 0;
+        self
+    }
+
+    /// Whether this is a fragment alias key: a frame with destination port
+    /// 0 is never VIP traffic, only fragments are looked up under it.
+    #[inline(always)]
+    pub const fn is_fragment_alias(&self) -> bool {
+        self.port_be == 0
+    }
+}
+
+impl BackendInfo {
+    /// May carry traffic (healthy, or draining).
+    #[inline(always)]
+    pub const fn is_alive(&self) -> bool {
+        self.flags & BACKEND_F_ALIVE != 0
+    }
+
+    /// Is still the backend a table entry of generation `gen` was made for.
+    #[inline(always)]
+    pub const fn is_gen(&self, gen: u16) -> bool {
+        self.gen == gen
+    }
+
+    /// May keep a flow of VIP `vip_id` pinned to it at generation `gen`.
+    #[inline(always)]
+    pub const fn keeps(&self, gen: u16, vip_id: u32) -> bool {
+        self.is_gen(gen) && self.is_alive() && self.vip_id == vip_id
+    }
+}
+
+impl VipInfo {
+    /// Has a table to schedule with (some usable backend).
+    #[inline(always)]
+    pub const fn has_backends(&self) -> bool {
+        self.ring_size != 0
+    }
+}
+
 /// Key of the connection table: the flow's 5-tuple as the client sent it.
 /// The destination half is a `VipKey`, so the VIP lookup borrows it.
 #[repr(C)]
@@ -181,32 +226,39 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// An IPv4 flow (addresses in network order, ports in network order).
+    #[inline(always)]
+    pub fn v4(src: [u8; 4], sport_be: u16, dst: [u8; 4], dport_be: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            src: addr_v4(src),
+            sport_be,
+            _pad: 0,
+            vip: VipKey { addr: addr_v4(dst), port_be: dport_be, proto, family: crate::FAMILY_V4 },
+        }
+    }
+
+    /// An IPv6 flow.
+    #[inline(always)]
+    pub fn v6(src: Addr, sport_be: u16, dst: Addr, dport_be: u16, proto: u8) -> FlowKey {
+        FlowKey { src, sport_be, _pad: 0, vip: VipKey { addr: dst, port_be: dport_be, proto, family: FAMILY_V6 } }
+    }
+
+    /// Whether the addresses are IPv6.
+    #[inline(always)]
+    pub fn is_v6(&self) -> bool {
+        self.vip.family == FAMILY_V6
+    }
+
     /// Number of address bytes that carry information for this family.
     #[inline(always)]
     pub fn addr_len(&self) -> usize {
-        if self.vip.family == FAMILY_V6 {
+        if self.is_v6() {
             16
         } else {
             4
         }
     }
 }
-
-/// Value of the connection table.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowValue {
-    /// Backend id the flow is pinned to.
-    pub backend_id: u32,
-    /// `BackendInfo::gen` when the entry was made.
-    pub gen: u16,
-    /// `FLOW_F_*` flags.
-    pub flags: u16,
-}
-
-/// `FlowValue::flags`: a FIN or RST was seen; the flow no longer counts as
-/// active (its later packets still go to the same backend).
-pub const FLOW_F_CLOSED: u16 = 1;
 
 /// Key of the persistence table (source-hash VIPs with a timeout).
 #[repr(C)]
@@ -270,11 +322,11 @@ mod pod {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::BackendInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::PersistKey {}
     unsafe impl aya::Pod for super::PersistValue {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::StatBlock {}
+    unsafe impl aya::Pod for crate::CtSet {}
 }
 
 #[cfg(test)]
@@ -299,7 +351,7 @@ mod tests {
         assert_eq!(size_of::<VipInfo>(), 16);
         assert_eq!(size_of::<BackendInfo>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<crate::CtSet>(), 64);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<PersistKey>(), 20);
         assert_eq!(size_of::<PersistValue>(), 16);

@@ -48,10 +48,18 @@ pub enum Stat {
     FragForwarded = 17,
     /// Event: source-hash persistence kept a client on its backend.
     PersistHit = 18,
+    /// Event: a new flow took the way of an open entry (its set was full of
+    /// open flows): that flow lost its entry before it ended.
+    CtEvicted = 19,
+    /// XDP_PASS: VIP traffic in a frame addressed to another MAC (flooded
+    /// unknown unicast, broadcast, multicast): only frames for this
+    /// interface's MAC or an `--accept-mac` are balanced, so balancers
+    /// sharing a segment never forward the same frame twice.
+    PassOtherMac = 20,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
-pub const STAT_COUNT: u32 = 19;
+pub const STAT_COUNT: u32 = 21;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -74,10 +82,24 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::IcmpSteered,
     Stat::FragForwarded,
     Stat::PersistHit,
+    Stat::CtEvicted,
+    Stat::PassOtherMac,
 ];
 
-/// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
-pub const VERDICTS: &[Stat] = ALL.split_at(Stat::Aborted as usize + 1).0;
+/// Counters that are verdicts (exactly one per frame).
+pub const VERDICTS: &[Stat] = &[
+    Stat::Forwarded,
+    Stat::PassNotIp,
+    Stat::PassNotVip,
+    Stat::PassTruncated,
+    Stat::PassBadHeader,
+    Stat::PassOtherL4,
+    Stat::PassExtHeaders,
+    Stat::DropNoBackend,
+    Stat::DropBadBackend,
+    Stat::Aborted,
+    Stat::PassOtherMac,
+];
 
 impl Stat {
     /// Stable snake_case name used in `xlb stats` and JSON output.
@@ -102,6 +124,8 @@ impl Stat {
             Stat::IcmpSteered => "icmp_steered",
             Stat::FragForwarded => "frag_forwarded",
             Stat::PersistHit => "persist_hit",
+            Stat::CtEvicted => "conntrack_evicted",
+            Stat::PassOtherMac => "pass_other_mac",
         }
     }
 }
@@ -115,6 +139,7 @@ mod tests {
         for (i, s) in ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(VERDICTS.len(), Stat::Aborted as usize + 1);
+        assert_eq!(VERDICTS.len(), Stat::Aborted as usize + 2);
+        assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_") || v.name().starts_with("drop_") || matches!(v, Stat::Forwarded | Stat::Aborted)));
     }
 }

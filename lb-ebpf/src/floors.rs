@@ -5,14 +5,14 @@
 //! per-packet cost against. Generator and sink: live traffic over a veth.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, BPF_F_MMAPABLE},
     macros::{map, xdp},
-    maps::{Array, PerCpuArray, ProgramArray},
+    maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::{hash::flow_hash, FlowKey, VipKey, DEFAULT_RING_SIZE, FAMILY_V4};
 
-use crate::parse::{ptr_at, ptr_mut_at};
+use crate::pkt::{ptr_at, ptr_mut_at};
 
 /// Stateless Maglev table of the floor: entry → backend MAC (8 bytes).
 #[map(name = "FLOOR_RING")]
@@ -51,16 +51,62 @@ pub fn floor_macswap_tx(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Lines of `FLOOR_LINES`: 16 MiB of 64-byte lines.
+const FLOOR_LINES_N: u32 = 1 << 18;
+
+/// `floor_one_line`'s array: one random line per new flow.
+#[map(name = "FLOOR_LINES")]
+static FLOOR_LINES: Array<[u64; 8]> = Array::with_max_entries(FLOOR_LINES_N, BPF_F_MMAPABLE);
+
+/// `floor_lru_insert`'s table: a 1 Mi-entry LRU hash keyed by the 5-tuple.
+#[map(name = "FLOOR_LRU")]
+static FLOOR_LRU: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(1 << 20, 0);
+
 /// Floor: the least a Maglev L2-DSR balancer does: parse IPv4 and the ports,
 /// one hash of the 5-tuple, one table read (the backend's MAC), rewrite both
 /// MACs, XDP_TX. No VIP lookup, no state, no counters.
 #[xdp]
 pub fn floor_stateless_dsr(ctx: XdpContext) -> u32 {
-    let Some(ip) = ptr_at::<[u8; 20]>(&ctx, 14) else { return xdp_action::XDP_PASS };
+    stateless(&ctx, |_, _| {})
+}
+
+/// Floor of a stateful new flow: the stateless floor plus a read-modify-write
+/// of one random 64-byte line of a 16 MiB array (what a one-line connection
+/// table cannot avoid), behind the `new_flows` wrapper.
+#[xdp]
+pub fn floor_one_line(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |_, h| {
+        if let Some(line) = FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N) {
+            // SAFETY: a valid map value; races between CPUs only lose counts.
+            unsafe {
+                let w = &mut (*line)[(h >> 24) as usize & 7];
+                core::ptr::write_volatile(w, core::ptr::read_volatile(w) + 1);
+            }
+        }
+    })
+}
+
+/// Floor of an LRU-hash connection table: the stateless floor plus a lookup
+/// and an insert of the 5-tuple in a 1 Mi-entry `LRU_HASH` (what the LRU
+/// design cannot beat), behind the `new_flows` wrapper.
+#[xdp]
+pub fn floor_lru_insert(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |key, h| {
+        // SAFETY: the value is only tested for presence.
+        if unsafe { FLOOR_LRU.get(key) }.is_none() {
+            let _ = FLOOR_LRU.insert(key, &(h as u64), 0);
+        }
+    })
+}
+
+/// The stateless floor, with `state(key, hash)` run before the rewrite.
+#[inline(always)]
+fn stateless(ctx: &XdpContext, state: impl FnOnce(&FlowKey, u32)) -> u32 {
+    let Some(ip) = ptr_at::<[u8; 20]>(ctx, 14) else { return xdp_action::XDP_PASS };
     // SAFETY: bounds checked.
     let ip = unsafe { &*ip };
     let l4 = 14 + ((ip[0] & 0x0f) as usize) * 4;
-    let Some(p) = ptr_at::<[u16; 2]>(&ctx, l4) else { return xdp_action::XDP_PASS };
+    let Some(p) = ptr_at::<[u16; 2]>(ctx, l4) else { return xdp_action::XDP_PASS };
     // SAFETY: bounds checked.
     let p = unsafe { &*p };
     let mut key = FlowKey {
@@ -71,8 +117,10 @@ pub fn floor_stateless_dsr(ctx: XdpContext) -> u32 {
     };
     key.src[..4].copy_from_slice(&ip[12..16]);
     key.vip.addr[..4].copy_from_slice(&ip[16..20]);
-    let Some(mac) = FLOOR_RING.get(flow_hash(&key) % DEFAULT_RING_SIZE) else { return xdp_action::XDP_PASS };
-    let Some(m) = ptr_mut_at::<[u8; 12]>(&ctx, 0) else { return xdp_action::XDP_PASS };
+    let h = flow_hash(&key);
+    state(&key, h);
+    let Some(mac) = FLOOR_RING.get(h % DEFAULT_RING_SIZE) else { return xdp_action::XDP_PASS };
+    let Some(m) = ptr_mut_at::<[u8; 12]>(ctx, 0) else { return xdp_action::XDP_PASS };
     // SAFETY: bounds checked.
     let m = unsafe { &mut *m };
     m.copy_within(0..6, 6);

@@ -1,12 +1,13 @@
 //! xlb's XDP datapath: L4 load balancing by L2 direct server return.
 //!
-//! For each frame: `parse` extracts the 5-tuple (or a pass verdict), a
-//! one-read pre-filter turns away traffic that cannot be for a VIP,
-//! `conntrack` and `select` pick the backend (connection table first; the VIP
-//! map and its algorithm only for new flows),
-//! `forward` rewrites the MACs and returns XDP_TX, and `stats` counts exactly
-//! one verdict per frame. Frames that are not VIP traffic leave untouched
-//! with XDP_PASS.
+//! For each frame: `parse` extracts the 5-tuple (or a pass verdict; `pkt`
+//! holds the bounds-checked frame access), a one-read pre-filter turns away
+//! traffic that cannot be for a VIP, `steer` picks the backend (through the
+//! connection table in `conntrack`; the VIP map and an algorithm from
+//! `select` only for new flows, fragments and ICMP errors), `forward`
+//! rewrites the MACs and returns XDP_TX, and `stats` counts exactly one
+//! verdict per frame. Frames that are not VIP traffic leave untouched with
+//! XDP_PASS.
 #![no_std]
 #![no_main]
 // Atomic adds on shared map values (BPF has `lock xadd` but no `core` atomics).
@@ -19,12 +20,15 @@ mod floors;
 mod forward;
 mod maps;
 mod parse;
+mod pkt;
 mod select;
 mod stats;
+mod steer;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::Stat;
+use lb_common::{Stat, StatBlock};
 use parse::Kind;
+use steer::Choice;
 
 /// Set to 1 by the agent at load time (`--debug-datapath`) to log unusual
 /// verdicts through aya-log. Read-only data: the verifier removes the logging
@@ -35,12 +39,12 @@ static XLB_DEBUG: u8 = 0;
 /// The load balancer.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    let Some(block) = stats::block() else {
+    let Some(stats) = stats::block() else {
         // The stats map always has its one entry; without it, do no harm.
         return xdp_action::XDP_PASS;
     };
-    let (action, stat) = process(&ctx, block);
-    stats::count(block, stat);
+    let (action, stat) = process(&ctx, stats);
+    stats::count(stats, stat);
     action
 }
 
@@ -52,7 +56,7 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext, block: *mut lb_common::StatBlock) -> (u32, Stat) {
+fn process(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
     let pkt = match parse::packet(ctx) {
         Ok(p) => p,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
@@ -62,21 +66,11 @@ fn process(ctx: &XdpContext, block: *mut lb_common::StatBlock) -> (u32, Stat) {
     if maps::VIP_FILTER.get(idx).copied().unwrap_or(0) == 0 {
         return (xdp_action::XDP_PASS, Stat::PassNotVip);
     }
-    let chosen = match pkt.kind {
-        Kind::Flow => select::flow(&pkt, block).map(|c| (c.id, c.backend, c.new_flow)),
-        Kind::Fragment | Kind::IcmpError => {
-            // SAFETY: map values are only read; the agent replaces entries whole.
-            let Some(vip) = (unsafe { maps::VIPS.get(&pkt.key.vip) }) else {
-                return (xdp_action::XDP_PASS, Stat::PassNotVip);
-            };
-            if pkt.kind == Kind::Fragment {
-                select::fragment(&pkt.key, vip).map(|(id, b)| (id, b, false))
-            } else {
-                select::icmp(&pkt.key, vip).map(|(id, b)| (id, b, false))
-            }
-        }
-    };
-    let (id, backend, new_flow) = match chosen {
+    // Only after the pre-filter: non-VIP traffic pays nothing for it.
+    if !addressed_to_us(ctx) {
+        return (xdp_action::XDP_PASS, Stat::PassOtherMac);
+    }
+    let Choice { id, backend, new_flow } = match steer::choose(&pkt, stats) {
         Ok(c) => c,
         Err(Stat::PassNotVip) => return (xdp_action::XDP_PASS, Stat::PassNotVip),
         Err(stat) => {
@@ -88,13 +82,32 @@ fn process(ctx: &XdpContext, block: *mut lb_common::StatBlock) -> (u32, Stat) {
         return (xdp_action::XDP_ABORTED, Stat::Aborted);
     }
     match pkt.kind {
-        Kind::Fragment => stats::count(block, Stat::FragForwarded),
-        Kind::IcmpError => stats::count(block, Stat::IcmpSteered),
+        Kind::Fragment => stats::count(stats, Stat::FragForwarded),
+        Kind::IcmpError => stats::count(stats, Stat::IcmpSteered),
         Kind::Flow => {}
     }
-    let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::account(id, len, new_flow);
+    stats::account(id, pkt::len(ctx), new_flow);
     (xdp_action::XDP_TX, Stat::Forwarded)
+}
+
+/// The frame's destination MAC is one of `XLB_MACS` (the interface's own
+/// comes first: one read in the common case). An empty list accepts any
+/// MAC: only measurement harnesses run so (BPF_PROG_TEST_RUN with repeat
+/// runs the program again on the frame it rewrote, addressed to the
+/// backend by then); the agent always lists its interface's MAC.
+#[inline(always)]
+fn addressed_to_us(ctx: &XdpContext) -> bool {
+    let Ok(dst) = pkt::read::<[u8; 6]>(ctx, 0) else { return false };
+    let want = lb_common::mac_key(&dst);
+    for i in 0..lb_common::MAX_ACCEPT_MACS {
+        match maps::MACS.get(i).copied() {
+            Some(m) if m == want => return true,
+            Some(0) => return i == 0,
+            None => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 #[inline(always)]

@@ -6,10 +6,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
-    BackendInfo, Counters, FlowKey, FlowValue, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
+    ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
+    MAX_ACCEPT_MACS, RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -25,18 +26,13 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 pub static RINGS: Array<u32> =
     Array::with_max_entries((DEFAULT_MAX_TABLES + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, RINGS_MAP_FLAGS);
 
-/// The connection table: 5-tuple → backend (least recently used evicted),
-/// shared by all CPUs (see the README for why, and the measurement).
-#[cfg(not(feature = "percpu-conntrack"))]
+/// The connection table: `ct_elements(--conntrack-size)` one-line sets
+/// (layout in `lb_common::ct`), shared by all CPUs. Mmapable, so that its
+/// values start page-aligned (each set is exactly one cache line) and the
+/// agent can read it without a syscall per set.
 #[map(name = "XLB_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
-
-/// Per-CPU variant, built only to measure against the shared table.
-#[cfg(feature = "percpu-conntrack")]
-#[map(name = "XLB_CONNTRACK")]
-pub static CONNTRACK: aya_ebpf::maps::LruPerCpuHashMap<FlowKey, FlowValue> =
-    aya_ebpf::maps::LruPerCpuHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+pub static CONNTRACK: Array<CtSet> =
+    Array::with_max_entries(ct_elements(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
 /// Global verdict and event counters: one `StatBlock` per CPU.
 #[map(name = "XLB_STATS")]
@@ -65,3 +61,7 @@ pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS
 #[map(name = "XLB_PERSIST")]
 pub static PERSIST: LruHashMap<PersistKey, PersistValue> =
     LruHashMap::with_max_entries(DEFAULT_PERSIST_SIZE, 0);
+
+/// Destination MACs to act on (`lb_common::mac_key`; 0 ends the list).
+#[map(name = "XLB_MACS")]
+pub static MACS: Array<u64> = Array::with_max_entries(MAX_ACCEPT_MACS, 0);

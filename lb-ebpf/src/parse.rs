@@ -15,10 +15,8 @@
 //! turned around to the client → VIP direction).
 
 use aya_ebpf::programs::XdpContext;
-use core::mem::size_of;
-use lb_common::{
-    FlowKey, Stat, VipKey, FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP,
-};
+use lb_common::{FlowKey, Stat, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP};
+use crate::pkt::{ptr_at, read};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -67,30 +65,6 @@ pub struct Packet {
     pub kind: Kind,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
-}
-
-/// A pointer to a `T` at `off` bytes into the frame, if all of it is inside.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    if start + off + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *const T)
-}
-
-/// Mutable variant of `ptr_at`.
-#[inline(always)]
-pub fn ptr_mut_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
-}
-
-/// Read a `T` at `off` (copied out), or `PassTruncated`.
-#[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, Stat> {
-    let p: *const T = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
-    // SAFETY: ptr_at checked the bounds; T is plain bytes.
-    Ok(unsafe { p.read_unaligned() })
 }
 
 /// Parse a frame.
@@ -146,19 +120,6 @@ fn v4_header(ctx: &XdpContext, off: usize) -> Result<V4, Stat> {
 }
 
 #[inline(always)]
-fn key_v4(src: [u8; 4], sport_be: u16, dst: [u8; 4], dport_be: u16, proto: u8) -> FlowKey {
-    let mut key = FlowKey {
-        src: [0; 16],
-        sport_be,
-        _pad: 0,
-        vip: VipKey { addr: [0; 16], port_be: dport_be, proto, family: FAMILY_V4 },
-    };
-    key.src[..4].copy_from_slice(&src);
-    key.vip.addr[..4].copy_from_slice(&dst);
-    key
-}
-
-#[inline(always)]
 fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     let h = v4_header(ctx, off)?;
     if h.proto == PROTO_ICMP && !h.fragment {
@@ -166,14 +127,14 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     }
     let l4_len = l4_header_len(h.proto)?;
     if h.fragment {
-        let key = key_v4(h.src, 0, h.dst, 0, h.proto);
+        let key = FlowKey::v4(h.src, 0, h.dst, 0, h.proto);
         return Ok(Packet { key, kind: Kind::Fragment, tcp_flags: 0 });
     }
     if h.tot_len < h.l4 - off + l4_len {
         return Err(Stat::PassBadHeader);
     }
     let (sport, dport, tcp_flags) = ports(ctx, h.l4, l4_len)?;
-    Ok(Packet { key: key_v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags })
+    Ok(Packet { key: FlowKey::v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags })
 }
 
 /// ICMPv4: destination unreachable (incl. fragmentation needed), time
@@ -192,7 +153,7 @@ fn icmp4(ctx: &XdpContext, off: usize, outer_dst: [u8; 4]) -> Result<Packet, Sta
     }
     let p: [u16; 2] = read(ctx, inner.l4)?;
     // Inner: VIP:port → client:port. The flow is client → VIP.
-    let key = key_v4(inner.dst, p[1], inner.src, p[0], inner.proto);
+    let key = FlowKey::v4(inner.dst, p[1], inner.src, p[0], inner.proto);
     Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0 })
 }
 
@@ -240,12 +201,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
         return icmp6(ctx, l4, &ip.dst_addr);
     }
     let l4_len = l4_header_len(next)?;
-    let key = |sport_be, dport_be| FlowKey {
-        src: ip.src_addr,
-        sport_be,
-        _pad: 0,
-        vip: VipKey { addr: ip.dst_addr, port_be: dport_be, proto: next, family: FAMILY_V6 },
-    };
+    let key = |sport_be, dport_be| FlowKey::v6(ip.src_addr, sport_be, ip.dst_addr, dport_be, next);
     if fragment {
         return Ok(Packet { key: key(0, 0), kind: Kind::Fragment, tcp_flags: 0 });
     }
@@ -271,12 +227,7 @@ fn icmp6(ctx: &XdpContext, off: usize, outer_dst: &[u8; 16]) -> Result<Packet, S
         return Err(Stat::PassNotVip);
     }
     let p: [u16; 2] = read(ctx, off + ICMP_HDR_LEN + Ipv6Hdr::LEN)?;
-    let key = FlowKey {
-        src: inner.dst_addr,
-        sport_be: p[1],
-        _pad: 0,
-        vip: VipKey { addr: inner.src_addr, port_be: p[0], proto: inner.next_hdr, family: FAMILY_V6 },
-    };
+    let key = FlowKey::v6(inner.dst_addr, p[1], inner.src_addr, p[0], inner.next_hdr);
     Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0 })
 }
 

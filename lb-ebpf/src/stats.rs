@@ -7,19 +7,19 @@ use lb_common::{Stat, StatBlock};
 
 /// This CPU's global counter block.
 #[inline(always)]
-pub fn block() -> Option<*mut StatBlock> {
-    STATS.get_ptr_mut(0)
+pub fn block() -> Option<&'static mut StatBlock> {
+    let p = STATS.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value of a per-CPU array. An XDP program runs to
+    // completion on its CPU without being re-entered, so this is the only
+    // reference to the value while it runs.
+    Some(unsafe { &mut *p })
 }
 
 /// Add one to a global counter.
 #[inline(always)]
-pub fn count(block: *mut StatBlock, stat: Stat) {
-    // SAFETY: per-CPU value, this program is its only writer on this CPU;
-    // `stat` indexes within STAT_COUNT by construction.
-    unsafe {
-        if let Some(c) = (*block).c.get_mut(stat as usize) {
-            *c += 1;
-        }
+pub fn count(block: &mut StatBlock, stat: Stat) {
+    if let Some(c) = block.c.get_mut(stat as usize) {
+        *c += 1;
     }
 }
 

@@ -58,8 +58,11 @@ pub fn check_persist(algo: Algo, secs: u32) -> Result<u16> {
 /// Settings of an agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// MAC of the balancer's interface (the rewritten source MAC).
+    /// MAC of the balancer's interface (the rewritten source MAC, and the
+    /// first destination MAC the datapath acts on).
     pub iface_mac: Mac,
+    /// Further destination MACs to act on (`--accept-mac`, e.g. keepalived's VRRP MAC).
+    pub accept_macs: Vec<Mac>,
     /// Health checking.
     pub health: HealthConfig,
 }
@@ -135,6 +138,9 @@ impl<M: Maps> Agent<M> {
     /// An agent with no services over a loaded datapath.
     pub fn new(dp: M, opts: AgentOptions) -> Result<Agent<M>> {
         opts.health.validate()?;
+        let macs: Vec<[u8; 6]> = std::iter::once(opts.iface_mac).chain(opts.accept_macs.iter().copied()).map(|m| m.0).collect();
+        let mut dp = dp;
+        dp.set_accepted_macs(&macs)?;
         let load = dp.opts();
         let free_vip_ids = (0..load.max_vips).collect();
         let free_ring_slots = (0..load.ring_slots()).collect();
@@ -624,8 +630,7 @@ impl<M: Maps> Agent<M> {
     /// and protocol (fragments are balanced over its table). The VIP map
     /// has room for one alias per VIP (`maps::vip_map_entries`).
     fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
-        let mut alias_key = changed.key();
-        alias_key.port_be = 0;
+        let alias_key = changed.key().fragment_alias();
         let first = self.vips.iter().find(|(v, _)| v.addr == changed.addr && v.proto == changed.proto);
         match first {
             Some((v, _)) if v.port < changed.port => Ok(()),
@@ -639,7 +644,7 @@ impl<M: Maps> Agent<M> {
 
     /// Set every backend's active-flow count from a census of the
     /// connection table (corrects flows that ended without FIN/RST).
-    pub fn apply_census(&mut self, census: &crate::maps::ConntrackCensus) -> Result<()> {
+    pub fn apply_census(&mut self, census: &crate::conntrack::ConntrackCensus) -> Result<()> {
         let ids: Vec<(u32, u16)> = self.vips.values().flat_map(|s| s.backends.values().map(|b| (b.id, b.gen))).collect();
         for (id, gen) in ids {
             let n = census.open.get(&(id, gen)).copied().unwrap_or(0);
@@ -713,6 +718,7 @@ mod tests {
         let load = LoadOptions { max_vips, max_tables: max_vips, ring_size: 251, ..Default::default() };
         let opts = AgentOptions {
             iface_mac: "02:00:00:00:00:01".parse().expect("mac"),
+            accept_macs: Vec::new(),
             health: HealthConfig { kind: CheckKind::None, ..Default::default() },
         };
         Agent::new(MemMaps::new(load), opts).expect("agent")
@@ -856,7 +862,7 @@ mod tests {
     #[test]
     fn vips_with_backends_are_bounded_by_the_tables() {
         let load = LoadOptions { max_vips: 8, max_tables: 2, ring_size: 251, ..Default::default() };
-        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), health: HealthConfig { kind: CheckKind::None, ..Default::default() } };
+        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } };
         let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
         assert_eq!(a.dp.rings.len(), 4 * 251, "2 tables + 2 spares allocated, not 8 + 2");
         for p in 0..3 {

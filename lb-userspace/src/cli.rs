@@ -159,6 +159,11 @@ pub struct AgentArgs {
     /// Directory of the agent's state file (what a new agent needs to adopt).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Also balance frames addressed to this MAC (repeatable, up to 7), e.g.
+    /// keepalived's VRRP MAC 00:00:5e:00:01:NN with `use_vmac`. Frames to
+    /// any other MAC (flooded unknown unicast) pass to the kernel.
+    #[arg(long = "accept-mac", value_name = "MAC")]
+    pub accept_macs: Vec<crate::config::Mac>,
     /// Keep one host route per ready VIP address in this kernel routing
     /// table (protocol 245), for BIRD or FRR to announce.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
@@ -374,6 +379,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 metrics: a.metrics,
                 pin_root: (!a.no_pin).then_some(a.pin_root),
                 state_dir: a.state_dir,
+                accept_macs: a.accept_macs,
                 announce_table: a.announce_table,
             };
             runtime()?.block_on(daemon::run(opts))
@@ -572,6 +578,12 @@ fn print_status(s: &Status) {
     if let Some(why) = &s.pins_lost_on_exit {
         println!("warning: forwarding stops when the agent exits: {why}");
     }
+    println!(
+        "connection table: {} flows, {:.1} MiB, {} entries at the last census",
+        s.conntrack_capacity,
+        s.conntrack_bytes as f64 / (1 << 20) as f64,
+        s.conntrack_entries.map(|e| e.to_string()).unwrap_or_else(|| "no".into())
+    );
     let mib = |b: u64| b as f64 / 1048576.0;
     let total: u64 = s.datapath_memory.values().sum();
     let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();

@@ -44,6 +44,8 @@ pub struct DaemonOptions {
     pub pin_root: Option<PathBuf>,
     /// Directory of the state file.
     pub state_dir: PathBuf,
+    /// Destination MACs to act on besides the interface's (`--accept-mac`).
+    pub accept_macs: Vec<Mac>,
     /// Kernel routing table for announcements (`--announce-table`).
     pub announce_table: Option<u32>,
 }
@@ -243,7 +245,7 @@ async fn start(
         }
     }
     let health = desired.as_ref().map(|d| d.health.clone()).unwrap_or_default();
-    let aopts = AgentOptions { iface_mac, health };
+    let aopts = AgentOptions { iface_mac, accept_macs: opts.accept_macs.clone(), health };
     // Build the whole state in the maps first, then attach: the program
     // never runs over half-filled tables.
     let scan = if had_maps { dp.scan()? } else { PinnedScan::default() };

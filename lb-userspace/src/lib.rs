@@ -8,6 +8,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod ha;
 pub mod health;

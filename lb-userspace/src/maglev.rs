@@ -186,4 +186,17 @@ mod tests {
         let kb: Vec<&[u8]> = reversed.iter().map(|e| e.key).collect();
         assert_eq!(moved_slots(&a, &ka, &b, &kb), 0);
     }
+
+    /// Golden table: with the same backends, every node (and every version
+    /// that must run beside this one) builds exactly this table.
+    #[test]
+    fn permutation_is_pinned() {
+        let keys: [[u8; 4]; 3] = [[10, 0, 1, 1], [10, 0, 1, 2], [10, 0, 1, 3]];
+        let entries: Vec<Entry<'_>> =
+            keys.iter().zip([1, 1, 2]).map(|(k, w)| Entry { key: k.as_slice(), weight: w }).collect();
+        let t = build(&entries, 251).expect("table");
+        let digest = t.iter().fold(0x811c_9dc5u32, |h, &e| (h ^ e).wrapping_mul(0x0100_0193));
+        assert_eq!(&t[..16], &[2, 2, 1, 2, 0, 2, 1, 2, 0, 2, 1, 2, 1, 1, 0, 2]);
+        assert_eq!(digest, 0xfffd0b90, "FNV-1a of the whole table");
+    }
 }

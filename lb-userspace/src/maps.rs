@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -13,12 +13,16 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names, BackendInfo, Counters, FlowKey, FlowValue, Stat, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, FLOW_F_CLOSED,
-    MAX_BACKENDS, MAX_RING_SIZE, PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
+    ct::{ct_bytes, ct_elements, ct_sets},
+    map_names, BackendInfo, Counters, CtSeed, CtSet, Stat, StatBlock, VipInfo, VipKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
+    PROG_PASS, PROG_XLB, SPARE_RING_SLOTS,
 };
 
-use crate::maglev::is_prime;
+use crate::{
+    conntrack::{self, ConntrackReader, CtView},
+    maglev::is_prime,
+};
 
 /// The XDP object, built by `cargo xtask build` and embedded in the binary.
 /// Empty when the binary was built without it (a stand-in: see build.rs).
@@ -78,13 +82,19 @@ impl LoadOptions {
         if slots > u32::MAX as u64 / 2 {
             bail!("max tables × ring size is too large ({slots} ring entries)");
         }
-        if self.conntrack_size < 1024 {
-            bail!("connection table size {} is below 1024", self.conntrack_size);
+        if !(1024..=1 << 27).contains(&self.conntrack_size) {
+            bail!("connection table size {} out of range 1024..=134217728", self.conntrack_size);
         }
         if self.persist_size < 1024 {
             bail!("persistence table size {} is below 1024", self.persist_size);
         }
         Ok(())
+    }
+
+    /// Bytes of the connection table (sized so that `conntrack_size` live
+    /// flows lose at most 1 % of their entries early; see `lb_common::ct`).
+    pub fn conntrack_bytes(&self) -> u64 {
+        ct_bytes(self.conntrack_size)
     }
 
     /// Number of ring slots (tables) in `XLB_RINGS`: one per VIP that may
@@ -128,11 +138,13 @@ pub struct Datapath {
     rings: Array<MapData, u32>,
     /// The ring array mapped into memory (`BPF_F_MMAPABLE`), when possible.
     ring_mem: Option<RingMem>,
-    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack: Array<MapData, CtSet>,
+    ct_seed: CtSeed,
     stats: PerCpuArray<MapData, StatBlock>,
     vip_filter: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, Counters>,
     backend_conns: Array<MapData, i64>,
+    macs: Array<MapData, u64>,
     conntrack_id: u32,
     ncpus: usize,
     last_link: Option<aya::programs::xdp::XdpLinkId>,
@@ -147,34 +159,6 @@ pub struct PinnedScan {
     pub backends: Vec<BackendInfo>,
     /// Non-zero VIP pre-filter indexes.
     pub filter: Vec<u32>,
-}
-
-/// Open flows per (backend id, generation) and table size, from one walk
-/// of the connection table.
-#[derive(Debug, Default, Clone)]
-pub struct ConntrackCensus {
-    /// Entries not closed by FIN/RST, by (backend id, generation).
-    pub open: std::collections::HashMap<(u32, u16), i64>,
-    /// Entries in the table.
-    pub entries: u64,
-}
-
-/// A second handle on the connection table, for walking it without holding
-/// the agent (a walk of a full table takes a while).
-pub struct ConntrackReader(HashMap<MapData, FlowKey, FlowValue>);
-
-impl ConntrackReader {
-    /// Walk the table once.
-    pub fn census(&self) -> ConntrackCensus {
-        let mut c = ConntrackCensus::default();
-        for (_, v) in self.0.iter().filter_map(Result::ok) {
-            c.entries += 1;
-            if v.flags & FLOW_F_CLOSED == 0 {
-                *c.open.entry((v.backend_id, v.gen)).or_default() += 1;
-            }
-        }
-        c
-    }
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -372,16 +356,28 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, std::path::PathBuf)> =
             pin_dir.map(|d| map_names::ALL.iter().map(|n| (*n, d.join(n))).collect()).unwrap_or_default();
+        // A pinned table keeps its seed; a new one gets a random seed.
+        let pinned_seed = match pin_dir {
+            Some(d) => conntrack::pinned_seed(&d.join(map_names::CONNTRACK), opts.conntrack_size)?,
+            None => None,
+        };
+        let ct_seed = match pinned_seed {
+            Some(s) => s,
+            None => conntrack::random_seed()?,
+        };
+        let sets = ct_sets(opts.conntrack_size);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
             .map_max_entries(map_names::VIPS, vip_map_entries(&opts))
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK, ct_elements(opts.conntrack_size))
             .map_max_entries(map_names::PERSIST, opts.persist_size)
             .map_max_entries(map_names::RR, opts.max_vips)
             .override_global("XLB_DEBUG", &debug, true)
+            .override_global("XLB_CT_SETS", &sets, true)
+            .override_global("XLB_CT_SEED", &ct_seed.k, true)
             .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
         for name in [PROG_XLB, PROG_PASS] {
@@ -398,11 +394,15 @@ impl Datapath {
             }
         }
         let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow!("cannot read {p}: {e}"))?;
-        let conntrack: HashMap<MapData, FlowKey, FlowValue> = take(&mut ebpf, map_names::CONNTRACK)?;
+        let conntrack: Array<MapData, CtSet> = take(&mut ebpf, map_names::CONNTRACK)?;
         let conntrack_id = {
             use aya::maps::IterableMap;
             conntrack.map().info().context("connection table info")?.id()
         };
+        if pinned_seed.is_none() {
+            use aya::maps::IterableMap;
+            CtView::map(conntrack.map(), opts.conntrack_size, true)?.write_seed(&ct_seed);
+        }
         let mut dp = Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
@@ -410,7 +410,9 @@ impl Datapath {
             rings: take(&mut ebpf, map_names::RINGS)?,
             conntrack,
             conntrack_id,
+            ct_seed,
             backend_conns: take(&mut ebpf, map_names::BACKEND_CONNS)?,
+            macs: take(&mut ebpf, map_names::MACS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             vip_filter: take(&mut ebpf, map_names::VIP_FILTER)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
@@ -575,6 +577,36 @@ impl Datapath {
         self.rings.get(&index, 0).context("cannot read the ring map")
     }
 
+    /// The destination MACs the datapath acts on: the interface's first,
+    /// then the accepted ones (e.g. keepalived's VRRP MAC); frames to any
+    /// other MAC pass to the kernel (`pass_other_mac`).
+    pub fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        if macs.is_empty() {
+            bail!("the interface's own MAC must be accepted");
+        }
+        if macs.len() > MAX_ACCEPT_MACS as usize {
+            bail!("at most {} --accept-mac addresses besides the interface's own", MAX_ACCEPT_MACS - 1);
+        }
+        if let Some(m) = macs.iter().find(|m| m[0] & 1 == 1 || **m == [0; 6]) {
+            bail!("{} is not a unicast MAC address", crate::config::Mac(*m));
+        }
+        for i in 0..MAX_ACCEPT_MACS {
+            let v = macs.get(i as usize).map(lb_common::mac_key).unwrap_or(0);
+            self.macs.set(i, v, 0).context("cannot write the MAC map")?;
+        }
+        Ok(())
+    }
+
+    /// Act on frames to any MAC: for measurement harnesses only, whose
+    /// repeated runs see the frame the previous run rewrote (addressed to
+    /// the backend by then). The agent never does this.
+    pub fn accept_any_mac(&mut self) -> Result<()> {
+        for i in 0..MAX_ACCEPT_MACS {
+            self.macs.set(i, 0, 0).context("cannot write the MAC map")?;
+        }
+        Ok(())
+    }
+
     /// Sum of the global counters over all CPUs.
     pub fn stats(&self) -> Result<[u64; lb_common::stats::STAT_COUNT as usize]> {
         let per_cpu = self.stats.get(&0, 0).context("cannot read the stats map")?;
@@ -634,12 +666,18 @@ impl Datapath {
     /// A second handle on the connection table (see `ConntrackReader`).
     pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
         let data = MapData::from_id(self.conntrack_id).context("cannot reopen the connection table")?;
-        Ok(ConntrackReader(HashMap::try_from(Map::LruHashMap(data)).context("connection table type")?))
+        ConntrackReader::new(data, self.opts.conntrack_size)
     }
 
-    /// Insert a connection-table entry directly (benchmarks fill the table).
-    pub fn conntrack_insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
-        self.conntrack.insert(key, value, 0).context("cannot write the connection table")
+    /// The connection table, mapped writable (benchmarks and tests fill it).
+    pub fn conntrack_view(&self) -> Result<CtView> {
+        use aya::maps::IterableMap;
+        CtView::map(self.conntrack.map(), self.opts.conntrack_size, true)
+    }
+
+    /// The connection table's hash seed (tests predict where flows go).
+    pub fn conntrack_seed(&self) -> CtSeed {
+        self.ct_seed
     }
 
     /// Memory of each map as the kernel charges it (`memlock` in the map
@@ -670,7 +708,7 @@ impl Datapath {
         }
         for (name, m) in self.ebpf.maps() {
             let data = match m {
-                Map::Array(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) => d,
+                aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d) | aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::PerCpuHashMap(d) => d,
                 _ => continue,
             };
             if let Some(n) = map_names::ALL.iter().find(|n| **n == name).and_then(|_| fdinfo(data)) {

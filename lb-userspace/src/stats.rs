@@ -23,23 +23,25 @@ pub struct Conntrack {
     pub misses: u64,
     /// Entries at the last census (walk of the table), if one ran.
     pub entries: Option<u64>,
-    /// Capacity.
+    /// Capacity (live flows).
     pub capacity: u32,
-    /// Entries the LRU evicted: inserted − present at the last census
-    /// (entries are never deleted otherwise), so as old as that census.
-    pub evictions_estimate: Option<u64>,
+    /// Memory, bytes.
+    pub bytes: u64,
+    /// Open entries a new flow took the place of (their flows lost their
+    /// entry before they ended: the table is too small when this grows).
+    pub evicted: u64,
 }
 
 /// Compute connection-table figures from a status.
 pub fn conntrack(s: &Status) -> Conntrack {
     let c = |k: &str| s.counters.get(k).copied().unwrap_or(0);
-    let inserted = c("conntrack_miss").saturating_sub(c("conntrack_insert_fail"));
     Conntrack {
         hits: c("conntrack_hit"),
         misses: c("conntrack_miss"),
         entries: s.conntrack_entries,
         capacity: s.conntrack_capacity,
-        evictions_estimate: s.conntrack_entries.map(|e| inserted.saturating_sub(e)),
+        bytes: s.conntrack_bytes,
+        evicted: c("conntrack_evicted"),
     }
 }
 
@@ -102,12 +104,13 @@ fn render(s: &Status, prev: Option<&Status>, dt: f64) -> String {
     line(
         &mut out,
         format!(
-            "\nconnection table: {} hits, {} misses, {} of {} entries, ~{} evicted{}",
+            "\nconnection table: {} hits, {} misses, {} entries for {} flows ({:.1} MiB), {} open entries evicted{}",
             ct.hits,
             ct.misses,
             ct.entries.map(|e| e.to_string()).unwrap_or_else(|| "?".into()),
             ct.capacity,
-            ct.evictions_estimate.map(|e| e.to_string()).unwrap_or_else(|| "?".into()),
+            ct.bytes as f64 / (1 << 20) as f64,
+            ct.evicted,
             s.conntrack_census_age_ms.map(|a| format!(" (census {:.0} s ago)", a as f64 / 1000.0)).unwrap_or_default()
         ),
     );

@@ -5,7 +5,6 @@ pub mod bench;
 pub mod demo;
 pub mod frames;
 pub mod lab;
-pub mod measure;
 pub mod scale;
 pub mod scenario;
 pub mod traffic;

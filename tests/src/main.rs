@@ -113,8 +113,6 @@ enum Cmd {
         #[arg(long)]
         iface: String,
     },
-    /// Shared vs per-CPU connection table cost (`cargo xtask measure-conntrack`).
-    MeasureConntrack { shared: String, percpu: String },
     /// One HTTP request; prints the response.
     Get {
         #[arg(long)]
@@ -170,7 +168,6 @@ fn main() {
             Ok(())
         })(),
         Cmd::Attach { floors, prog, iface } => xlb_tests::bench::live::attach(&floors, &prog, &iface),
-        Cmd::MeasureConntrack { shared, percpu } => xlb_tests::measure::run(&shared, &percpu),
         Cmd::Get { target, path, method } => xlb_tests::traffic::request(target, &method, &path).map(|r| print!("{r}")),
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),
     };

@@ -26,7 +26,7 @@ pub fn test_agent() -> Agent {
     let dp = Datapath::load(LoadOptions { max_vips: 8, conntrack_size: 65536, ..Default::default() })
         .expect("the XDP program loads (run the tests as root)");
     let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-    Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), health }).expect("agent")
+    Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health }).expect("agent")
 }
 
 /// Run one frame: (action, frame as the program left it, change of every

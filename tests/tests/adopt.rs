@@ -46,8 +46,12 @@ fn load(fs: &Bpffs) -> Datapath {
     Datapath::load_pinned(LoadOptions { max_vips: 8, conntrack_size: 65536, ..Default::default() }, Some(&fs.maps())).expect("load pinned")
 }
 
+fn load_unpinned() -> Datapath {
+    Datapath::load(LoadOptions { max_vips: 8, conntrack_size: 65536, ..Default::default() }).expect("load")
+}
+
 fn opts() -> AgentOptions {
-    AgentOptions { iface_mac: Mac(LB_MAC), health: HealthConfig { kind: CheckKind::None, ..Default::default() } }
+    AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } }
 }
 
 fn ip(i: u8) -> IpAddr {
@@ -102,11 +106,14 @@ fn adoption_keeps_ids_and_flows_and_a_lost_state_file_rebuilds_cleanly() {
     assert_eq!(to(&mut a, &frame(71, 5000, SYN)).0, 9);
     let snap = a.snapshot("test", None).expect("snapshot");
     let (old_ids, old_table) = (ids(&a, &v), a.vips()[&v].table.clone());
+    let seed = a.dp.conntrack_seed();
     drop(a); // the maps stay pinned
 
     // A new agent with the state file: same ids, same generations, the same
     // table; every flow is a connection-table hit on its backend.
     let dp = load(&fs);
+    assert_eq!(dp.conntrack_seed(), seed, "the pinned connection table keeps its hash seed");
+    assert_ne!(load_unpinned().conntrack_seed(), seed, "a new table gets a new seed");
     let scan = dp.scan().expect("scan");
     let (mut b, r) = Agent::adopt(dp, opts(), Some(&snap), &scan).expect("adopt");
     b.collect_garbage(&scan).expect("gc");

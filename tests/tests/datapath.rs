@@ -313,3 +313,49 @@ fn verifier_work_stays_well_under_its_limit() {
     eprintln!("verifier processed {n} instructions");
     assert!(n < 500_000, "verifier processed {n} instructions");
 }
+
+#[test]
+fn only_frames_addressed_to_the_interface_or_an_accepted_mac_are_balanced() {
+    let mut f = Fixture::new();
+    let v = vip("10.0.0.100:80/tcp");
+    let with_dst = |dst: [u8; 6], sport: u16| {
+        let mut frame = tcp4(CLIENT, sport, VIP4, v.port);
+        frame[0..6].copy_from_slice(&dst);
+        frame
+    };
+    let vrrp_mac = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x07];
+    // Flooded unknown unicast, broadcast, multicast and a VRRP MAC not
+    // (yet) accepted: passed to the kernel untouched, no table entry.
+    for (i, dst) in [[0x02, 0, 0, 0, 0, 0x99], [0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1], vrrp_mac].into_iter().enumerate() {
+        let frame = with_dst(dst, 3000 + i as u16);
+        let (action, out, d) = f.run_counted(&frame);
+        assert_eq!(action, XDP_PASS, "dst {dst:02x?}");
+        assert_eq!(out, frame, "dst {dst:02x?}: frame untouched");
+        assert_one_verdict(&d, Stat::PassOtherMac, "frame for another MAC");
+        assert_eq!(d[Stat::CtMiss as usize] + d[Stat::CtHit as usize], 0, "no table lookup");
+    }
+    // Non-VIP traffic to another MAC keeps its own verdict (the check costs
+    // nothing before the VIP pre-filter).
+    let mut other = tcp4(CLIENT, 3100, Ipv4Addr::new(10, 0, 0, 99), 80);
+    other[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    let (_, _, d) = f.run_counted(&other);
+    assert_one_verdict(&d, Stat::PassNotVip, "non-VIP frame for another MAC");
+
+    // The interface's own MAC and, once accepted, the VRRP MAC: balanced,
+    // to the backend the agent's table predicts.
+    f.agent.dp.set_accepted_macs(&[LB_MAC, vrrp_mac]).expect("accept the VRRP MAC");
+    for (i, dst) in [LB_MAC, vrrp_mac].into_iter().enumerate() {
+        let sport = 3200 + i as u16;
+        let (action, out, d) = f.run_counted(&with_dst(dst, sport));
+        assert_eq!(action, XDP_TX, "dst {dst:02x?}");
+        assert_eq!(&out[0..6], &f.predicted_mac(&key4(CLIENT, sport, &v), &v));
+        assert_one_verdict(&d, Stat::Forwarded, "frame for an accepted MAC");
+    }
+    // Bad lists are refused with one line and change nothing.
+    for bad in [vec![[0x01, 0, 0x5e, 0, 0, 1]], vec![[0; 6]], vec![LB_MAC; 9], vec![]] {
+        let e = f.agent.dp.set_accepted_macs(&bad).expect_err("refused");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+    let (action, _, _) = f.run_counted(&with_dst(vrrp_mac, 3300));
+    assert_eq!(action, XDP_TX, "the accepted list is unchanged after refusals");
+}

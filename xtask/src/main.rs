@@ -140,16 +140,6 @@ fn main() -> Result<()> {
             c.arg("--").args(&args[1..]);
             run_tests(&mut c)
         }
-        Some("measure-conntrack") => {
-            // Shared vs per-CPU connection table, same harness, same run.
-            require_root("cargo xtask measure-conntrack")?;
-            build(&root)?;
-            build_ebpf_variant(&root, &["--features", "percpu-conntrack"], "target/ebpf-percpu")?;
-            run(Command::new(root.join("target/release/xlb-lab"))
-                .arg("measure-conntrack")
-                .arg(ebpf_object(&root))
-                .arg(root.join("target/ebpf-percpu/bpfel-unknown-none/release/lb-ebpf")))
-        }
         Some("bench") => {
             require_root("cargo xtask bench")?;
             runtime_tools()?;
@@ -177,7 +167,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale] | measure-conntrack");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale]");
             std::process::exit(2);
         }
     }

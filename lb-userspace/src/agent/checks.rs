@@ -441,7 +441,7 @@ mod tests {
 
     fn agent(max_vips: u32) -> Agent<MemMaps> {
         let load = LoadOptions { max_vips, max_tables: max_vips, ring_size: 251, ..Default::default() };
-        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), health: HealthConfig::default() };
+        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig::default() };
         Agent::new(MemMaps::new(load), opts).expect("agent")
     }
 

@@ -44,6 +44,8 @@ pub trait Maps {
     fn program_id(&self) -> Option<u32>;
     /// Memory of each map, bytes.
     fn memory(&self) -> std::collections::BTreeMap<String, u64>;
+    /// The destination MACs the datapath acts on (the interface's first).
+    fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()>;
 }
 
 impl Maps for Datapath {
@@ -92,6 +94,9 @@ impl Maps for Datapath {
     fn memory(&self) -> std::collections::BTreeMap<String, u64> {
         Datapath::memory(self)
     }
+    fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        Datapath::set_accepted_macs(self, macs)
+    }
 }
 
 /// The datapath's maps in memory, with a count of every write (tests check
@@ -116,6 +121,8 @@ pub struct MemMaps {
     pub ring_writes: usize,
     /// VIP entries written or removed.
     pub vip_writes: usize,
+    /// Accepted destination MACs.
+    pub macs: Vec<[u8; 6]>,
 }
 
 impl MemMaps {
@@ -205,5 +212,12 @@ impl Maps for MemMaps {
     }
     fn memory(&self) -> std::collections::BTreeMap<String, u64> {
         [("XLB_RINGS".to_string(), self.rings.len() as u64 * 8)].into_iter().collect()
+    }
+    fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        if macs.is_empty() || macs.len() > lb_common::MAX_ACCEPT_MACS as usize {
+            bail!("between 1 and {} accepted MACs", lb_common::MAX_ACCEPT_MACS);
+        }
+        self.macs = macs.to_vec();
+        Ok(())
     }
 }

@@ -91,6 +91,7 @@ impl<M: Maps> Agent<M> {
             counters,
             ring_size: self.dp.opts().ring_size,
             conntrack_capacity: self.dp.opts().conntrack_size,
+            conntrack_bytes: self.dp.opts().conntrack_bytes(),
             max_vips: self.dp.opts().max_vips,
             check_jobs: self.checks_running(),
             checks_started: self.checks.started,
@@ -126,8 +127,12 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// Entries per Maglev table.
     pub ring_size: u32,
-    /// Connection-table capacity.
+    /// Connection-table capacity: live flows it holds with at most 1 %
+    /// evicted early.
     pub conntrack_capacity: u32,
+    /// Connection-table memory, bytes.
+    #[serde(default)]
+    pub conntrack_bytes: u64,
     /// Most VIPs (`--max-vips`).
     #[serde(default)]
     pub max_vips: u32,

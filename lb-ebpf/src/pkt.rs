@@ -1,0 +1,46 @@
+//! Packet access: every read or write of frame bytes goes through these
+//! bounds-checked helpers (the verifier demands the check; the helpers make
+//! it impossible to forget).
+
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+use lb_common::Stat;
+
+/// A pointer to a `T` at `off` bytes into the frame, if all of it is inside.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// Mutable variant of `ptr_at`.
+#[inline(always)]
+pub fn ptr_mut_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
+}
+
+/// Read a `T` at `off` (copied out), or `PassTruncated`.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, Stat> {
+    let p: *const T = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
+    // SAFETY: ptr_at checked the bounds; T is plain bytes.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// The frame's 12 MAC bytes (destination, source) for rewriting in place.
+#[inline(always)]
+pub fn macs(ctx: &XdpContext) -> Option<&mut [u8; 12]> {
+    let p: *mut [u8; 12] = ptr_mut_at(ctx, 0)?;
+    // SAFETY: `ptr_mut_at` checked that 12 bytes lie inside the frame; the
+    // frame is this program's alone while it runs.
+    Some(unsafe { &mut *p })
+}
+
+/// Frame length in bytes.
+#[inline(always)]
+pub fn len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
