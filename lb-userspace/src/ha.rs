@@ -360,7 +360,7 @@ mod tests {
         /// `order` (ids then differ between agents built in other orders).
         fn node(order: &[usize]) -> Agent<MemMaps> {
             let load = LoadOptions { max_vips: 8, max_tables: 8, ring_size: 251, ..Default::default() };
-            let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), health: HealthConfig::default() };
+            let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig::default() };
             let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
             for (i, b) in BACKENDS.iter().enumerate() {
                 a.neighbour_changed(b.parse().expect("ip"), Some(Mac([2, 0, 0, 0, 0, 0x11 + i as u8]))).expect("neigh");
