@@ -108,3 +108,34 @@ fn ha_check_bad_arguments_exit_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn flooded_frames_to_a_mac_nobody_owns_are_not_forwarded() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let vip = format!("{}:5353/udp", lab::VIP);
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &["--check", "none"], &ips).expect("vip");
+    d.wait_states_of(&vip, &|i| backend_ip(i).to_string(), &[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let client = d.lab.ns("client");
+    let counter = |d: &Deployment, name: &str| d.status().expect("status")["counters"][name].as_u64().unwrap_or(0);
+    // The client's next hop for the VIP now has a MAC nobody owns: the
+    // bridge floods every frame to every port, the balancer's included.
+    lab::sh("ip", &["-n", &client, "neigh", "replace", &lab::LB_IP.to_string(), "lladdr", "02:de:ad:00:00:01", "dev", "eth0", "nud", "permanent"])
+        .expect("static neighbour");
+    let (fwd0, other0) = (counter(&d, "forwarded"), counter(&d, "pass_other_mac"));
+    let send = format!("for i in $(seq 1 10); do echo x$i > /dev/udp/{}/5353; done", lab::VIP);
+    lab::sh("ip", &["netns", "exec", &client, "bash", "-c", &send]).expect("send 10 datagrams");
+    std::thread::sleep(Duration::from_millis(300));
+    let (fwd1, other1) = (counter(&d, "forwarded"), counter(&d, "pass_other_mac"));
+    assert_eq!(fwd1 - fwd0, 0, "flooded frames forwarded");
+    assert_eq!(other1 - other0, 10, "each flooded frame passed and counted once");
+    // Addressed to the balancer again: forwarded.
+    let link = lab::sh("ip", &["-n", &d.lab.ns("lb"), "link", "show", "eth0"]).expect("ip link");
+    let lb_mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the balancer's MAC").to_string();
+    lab::sh("ip", &["-n", &client, "neigh", "replace", &lab::LB_IP.to_string(), "lladdr", &lb_mac, "dev", "eth0", "nud", "permanent"])
+        .expect("the balancer's MAC");
+    lab::sh("ip", &["netns", "exec", &client, "bash", "-c", &send]).expect("send 10 datagrams");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(&d, "forwarded") - fwd1, 10, "frames to the balancer's MAC are balanced");
+}
