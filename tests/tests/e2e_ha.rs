@@ -139,3 +139,81 @@ fn flooded_frames_to_a_mac_nobody_owns_are_not_forwarded() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(counter(&d, "forwarded") - fwd1, 10, "frames to the balancer's MAC are balanced");
 }
+
+/// keepalived in `role`'s namespace with examples/ha/keepalived.conf.
+fn keepalived(d: &mut Deployment, role: &str, priority: u32, socket: &std::path::Path) {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha/keepalived.conf");
+    let example = std::fs::canonicalize(&example).expect("examples/ha/keepalived.conf");
+    let conf = d.lab.dir.join(format!("keepalived-{role}.conf"));
+    let text = format!(
+        "$IFACE=eth0\n$PRIORITY={priority}\n$XLB={} --socket {}\ninclude {}\n",
+        d.xlb.display(),
+        socket.display(),
+        example.display()
+    );
+    std::fs::write(&conf, text).expect("write keepalived.conf");
+    let pid = |what: &str| d.lab.dir.join(format!("keepalived-{role}-{what}.pid")).to_string_lossy().into_owned();
+    let (main, vrrp, check) = (pid("main"), pid("vrrp"), pid("check"));
+    let conf = conf.to_string_lossy().into_owned();
+    let args = ["-n", "-l", "-D", "-f", conf.as_str(), "-p", main.as_str(), "-r", vrrp.as_str(), "-c", check.as_str()];
+    d.lab.spawn(&format!("keepalived-{role}"), role, std::path::Path::new("/usr/sbin/keepalived"), &args).expect("keepalived");
+}
+
+fn holds_address(d: &Deployment, role: &str, addr: &str) -> bool {
+    lab::sh("ip", &["-n", &d.lab.ns(role), "addr", "show", "eth0"]).map(|s| s.contains(&format!("{addr}/"))).unwrap_or(false)
+}
+
+#[test]
+fn vrrp_pair_fails_over_with_every_stream_kept() {
+    assert!(std::path::Path::new("/usr/sbin/keepalived").exists(), "keepalived is not installed (cargo xtask test installs it)");
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    // The standby: another balancer on the segment, with its own agent.
+    let lb2_ip: std::net::Ipv4Addr = "10.200.0.11".parse().expect("ip");
+    d.lab.add_host("lb2", lb2_ip, "fd00:200::11".parse().expect("ip6")).expect("lb2");
+    d.lab.spawn("xdp-pass-lb2", "sw", &xlb, &["xdp-pass", "--iface", "p-lb2"]).expect("xdp-pass");
+    let sw = d.lab.ns("sw");
+    for port in ["p-lb", "p-lb2"] {
+        // Unknown unicast is not flooded to balancers: outages are not hidden.
+        lab::sh("ip", &["netns", "exec", &sw, "bridge", "link", "set", "dev", port, "flood", "off"]).expect("flood off");
+    }
+    let sock2 = d.lab.dir.join("xlb2.sock");
+    let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
+    let s2 = sock2.to_string_lossy().into_owned();
+    let args = ["--socket", s2.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    d.lab.spawn("agent-lb2", "lb2", &xlb, &args).expect("second balancer's agent");
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip_arg(), &[], &ips).expect("vip on lb");
+    let lb2 = Deployment::cli_at(&xlb, &sock2);
+    d.wait("lb2's API", Duration::from_secs(15), || Ok(lb2(&["vip", "list"]).status.success())).expect("lb2 agent");
+    assert!(lb2(&["vip", "add", &vip_arg()]).status.success());
+    for ip in &ips {
+        assert!(lb2(&["backend", "add", &vip_arg(), ip]).status.success());
+    }
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("lb backends up");
+    d.wait("lb2 ready", Duration::from_secs(10), || Ok(lb2(&["ha", "check"]).status.success())).expect("lb2 ready");
+
+    // keepalived on both; the client reaches the VIP through the VRRP address.
+    let sock1 = d.socket.clone();
+    keepalived(&mut d, "lb", 150, &sock1);
+    keepalived(&mut d, "lb2", 100, &sock2);
+    let client = d.lab.ns("client");
+    lab::sh("ip", &["-n", &client, "route", "replace", &format!("{}/32", lab::VIP), "via", "10.200.0.9"]).expect("route via VRRP");
+    d.wait("lb to be master", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9"))).expect("master");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "through the master: {:?}", s.errors);
+
+    // 40 streams; the master's link goes down under them.
+    d.spawn_hold("hold", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(2000));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "down"]).expect("cut the master's link");
+    let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", "10.200.0.9"))).expect("failover");
+    eprintln!("VRRP: lb2 master {:?} after the master's link went down", took);
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold", Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    eprintln!("VRRP failover: {} streams, {} broken or moved", report.len(), broken.len());
+    assert_eq!(report.len(), 40);
+    assert!(broken.is_empty(), "streams broken or moved by the failover: {broken:?}");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
+}
