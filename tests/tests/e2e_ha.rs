@@ -217,3 +217,109 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
 }
+
+/// BIRD in `role`'s namespace: `router id` then the example file.
+fn bird(d: &mut Deployment, role: &str, id: &str, example: &str) {
+    let example = std::fs::canonicalize(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha").join(example)).expect("example");
+    let conf = d.lab.dir.join(format!("bird-{role}.conf"));
+    std::fs::write(&conf, format!("router id {id};\ninclude \"{}\";\n", example.display())).expect("write bird.conf");
+    let (sock, pid) = (d.lab.dir.join(format!("bird-{role}.ctl")), d.lab.dir.join(format!("bird-{role}.pid")));
+    let (conf, sock, pid) = (conf.to_string_lossy().into_owned(), sock.to_string_lossy().into_owned(), pid.to_string_lossy().into_owned());
+    d.lab.spawn(&format!("bird-{role}"), role, std::path::Path::new("/usr/sbin/bird"), &["-f", "-c", &conf, "-s", &sock, "-P", &pid]).expect("bird");
+}
+
+/// Next hops of the router's route to the VIP.
+fn nexthops(d: &Deployment) -> usize {
+    let r = lab::sh("ip", &["-n", &d.lab.ns("rt"), "route", "show", &format!("{}/32", lab::VIP)]).unwrap_or_default();
+    r.matches("nexthop via").count().max(usize::from(r.contains(" via ")))
+}
+
+#[test]
+fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
+    assert!(std::path::Path::new("/usr/sbin/bird").exists(), "bird2 is not installed (cargo xtask test installs it)");
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &["--announce-table", TABLE]).expect("deployment");
+    let sw = d.lab.ns("sw");
+    let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
+    // Two more balancers, each with its own agent announcing into table 100.
+    let mut clis = vec![Deployment::cli_at(&xlb, &d.socket)];
+    for (role, ip) in [("lb2", "10.200.0.11"), ("lb3", "10.200.0.12")] {
+        let ip6 = format!("fd00:200::{}", &ip[9..]);
+        d.lab.add_host(role, ip.parse().expect("ip"), ip6.parse().expect("ip6")).expect("balancer");
+        d.lab.spawn(&format!("xdp-pass-{role}"), "sw", &xlb, &["xdp-pass", "--iface", &format!("p-{role}")]).expect("xdp-pass");
+        let sock = d.lab.dir.join(format!("{role}.sock")).to_string_lossy().into_owned();
+        let args = ["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str(), "--announce-table", TABLE];
+        d.lab.spawn(&format!("agent-{role}"), role, &xlb, &args).expect("agent");
+        clis.push(Deployment::cli_at(&xlb, std::path::Path::new(&sock)));
+    }
+    for port in ["p-lb", "p-lb2", "p-lb3"] {
+        lab::sh("ip", &["netns", "exec", &sw, "bridge", "link", "set", "dev", port, "flood", "off"]).expect("flood off");
+    }
+    // The router: on the segment as 10.200.0.1, the client behind it.
+    let rt = d.lab.add_host("rt", "10.200.0.1".parse().expect("ip"), "fd00:200::1".parse().expect("ip6")).expect("router");
+    let client = d.lab.ns("client");
+    lab::sh("ip", &["-n", &sw, "link", "del", "p-client"]).expect("detach the client from the segment");
+    lab::sh("ip", &["-n", &rt, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &client]).expect("veth");
+    lab::sh("ip", &["-n", &rt, "addr", "add", "10.201.0.1/24", "dev", "eth1"]).expect("addr");
+    lab::sh("ip", &["-n", &rt, "link", "set", "eth1", "up"]).expect("up");
+    lab::sh("ip", &["-n", &client, "addr", "add", "10.201.0.2/24", "dev", "eth0"]).expect("addr");
+    lab::sh("ip", &["-n", &client, "link", "set", "eth0", "up"]).expect("up");
+    lab::sh("ip", &["-n", &client, "route", "add", "default", "via", "10.201.0.1"]).expect("route");
+    lab::sh("ip", &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"]).expect("tx off");
+    for (k, v) in [("net.ipv4.ip_forward", "1"), ("net.ipv4.fib_multipath_hash_policy", "1")] {
+        lab::sh("ip", &["netns", "exec", &rt, "sysctl", "-qw", &format!("{k}={v}")]).expect("sysctl");
+    }
+    for i in 1..=3 {
+        lab::sh("ip", &["-n", &d.lab.ns(&format!("b{i}")), "route", "add", "default", "via", "10.200.0.1"]).expect("backend route");
+    }
+    // The same service on every balancer.
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    for cli in &clis {
+        d.wait("an agent's API", Duration::from_secs(15), || Ok(cli(&["vip", "list"]).status.success())).expect("agent");
+        assert!(cli(&["vip", "add", &vip_arg()]).status.success());
+        for ip in &ips {
+            assert!(cli(&["backend", "add", &vip_arg(), ip]).status.success());
+        }
+    }
+    for cli in &clis {
+        d.wait("readiness", Duration::from_secs(10), || Ok(cli(&["ha", "check"]).status.success())).expect("ready");
+    }
+    let fps: Vec<String> = clis
+        .iter()
+        .map(|cli| {
+            let st: serde_json::Value = serde_json::from_slice(&cli(&["status", "--json"]).stdout).expect("status");
+            st["vips"][0]["table_fingerprint"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert!(fps.iter().all(|f| f.len() == 16 && *f == fps[0]), "every node built the same table: {fps:?}");
+
+    for (role, id) in [("lb", "10.200.0.10"), ("lb2", "10.200.0.11"), ("lb3", "10.200.0.12")] {
+        bird(&mut d, role, id, "bird-balancer.conf");
+    }
+    bird(&mut d, "rt", "10.200.0.1", "bird-router.conf");
+    d.wait("the ECMP route", Duration::from_secs(20), || Ok(nexthops(&d) == 3)).expect("3 next hops");
+    let s = d.connect(60).expect("client");
+    assert_eq!(s.failed, 0, "through the ECMP group: {:?}", s.errors);
+    let forwarded: Vec<u64> = clis
+        .iter()
+        .map(|cli| {
+            let st: serde_json::Value = serde_json::from_slice(&cli(&["status", "--json"]).stdout).expect("status");
+            st["counters"]["forwarded"].as_u64().unwrap_or(0)
+        })
+        .collect();
+    assert!(forwarded.iter().all(|&f| f > 0), "flows spread over all three balancers: {forwarded:?}");
+
+    // 40 streams; one balancer's link goes down under them (BFD notices).
+    d.spawn_hold("hold", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(2000));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "down"]).expect("cut lb2's link");
+    let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("route withdrawn");
+    eprintln!("ECMP: lb2's next hop withdrawn {took:?} after its link went down");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold", Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    eprintln!("ECMP failover: {} streams, {} broken or moved", report.len(), broken.len());
+    assert_eq!(report.len(), 40);
+    assert!(broken.is_empty(), "streams broken or moved by the failover: {broken:?}");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "new connections over the two left: {:?}", s.errors);
+}
