@@ -216,6 +216,44 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     assert!(broken.is_empty(), "streams broken or moved by the failover: {broken:?}");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
+
+    // Failback: the link returns; after preempt_delay the preferred node
+    // takes the address back, under streams.
+    d.spawn_hold("hold2", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "up"]).expect("restore the link");
+    d.wait("failback", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9") && !holds_address(&d, "lb2", "10.200.0.9")))
+        .expect("failback");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold2", Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    eprintln!("VRRP failback: {} streams, {} broken or moved", report.len(), broken.len());
+    assert!(broken.is_empty(), "streams broken or moved by the failback: {broken:?}");
+
+    // Restarting the master's agent is no failover (the verdict's grace).
+    d.lab.kill("agent").expect("kill -9 the master's agent");
+    let t0 = std::time::Instant::now();
+    let mut moved = false;
+    while t0.elapsed() < Duration::from_millis(2500) {
+        moved |= !holds_address(&d, "lb", "10.200.0.9");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.start_agent("agent2", &[]).expect("restarted agent");
+    for _ in 0..20 {
+        moved |= !holds_address(&d, "lb", "10.200.0.9");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!moved, "an agent restart moved the address");
+
+    // `xlb ha drain` fails the track script: the address moves, streams stay.
+    d.spawn_hold("hold3", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    d.cli_ok(&["ha", "drain"]).expect("drain the master");
+    let took = d.wait("the drained master to hand over", Duration::from_secs(8), || Ok(holds_address(&d, "lb2", "10.200.0.9")))
+        .expect("handover");
+    eprintln!("VRRP: drained master handed over after {took:?} (track script: interval 1 s, fall 2)");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold3", Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    assert!(broken.is_empty(), "streams broken or moved by the drain: {broken:?}");
 }
 
 /// BIRD in `role`'s namespace: `router id` then the example file.
@@ -322,4 +360,24 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     assert!(broken.is_empty(), "streams broken or moved by the failover: {broken:?}");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections over the two left: {:?}", s.errors);
+
+    // The balancer recovers: announced again only once its tables
+    // converged (its checks failed while its link was down), under streams.
+    d.spawn_hold("hold2", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "up"]).expect("restore lb2's link");
+    let took = d.wait("lb2's return", Duration::from_secs(15), || Ok(nexthops(&d) == 3)).expect("announced again");
+    eprintln!("ECMP: lb2 announced again {took:?} after its link came back");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold2", Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    assert!(broken.is_empty(), "streams broken or moved by lb2's return: {broken:?}");
+
+    // Graceful drain of lb3 under streams.
+    d.spawn_hold("hold3", 40, 6_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(clis[2](&["ha", "drain"]).status.success());
+    d.wait("lb3's withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("drained");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold3", Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    assert!(broken.is_empty(), "streams broken or moved by the drain: {broken:?}");
 }
