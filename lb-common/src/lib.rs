@@ -32,11 +32,19 @@ pub const PROTO_UDP: u8 = 17;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest Maglev lookup table the agent accepts (a prime, like every ring size).
 pub const MAX_RING_SIZE: u32 = 1_000_003;
-/// Default number of virtual services (the VIP map's capacity).
-pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Default number of virtual services (`--max-vips`): VIP ids and VIP-map
+/// entries cost a few bytes each, so this is generous.
+pub const DEFAULT_MAX_VIPS: u32 = 512;
+/// Default number of VIPs that may have backends, i.e. a table
+/// (`--max-tables`): each costs `ring size × 8` bytes of ring array
+/// (0.5 MiB at the default ring size), allocated when the agent loads.
+pub const DEFAULT_MAX_TABLES: u32 = 64;
 /// Ring slots beyond one per VIP: a table is written to a free slot and then
 /// published by one VIP-entry update, so no reader ever sees a half-written table.
 pub const SPARE_RING_SLOTS: u32 = 2;
+/// Flags of the ring array (`XLB_RINGS`): `BPF_F_MMAPABLE`, so the agent
+/// writes a table through a memory mapping instead of a system call per entry.
+pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
 /// Capacity of the backend array (backend ids are indexes into it).
 pub const MAX_BACKENDS: u32 = 16384;
 /// Default capacity of the connection table (flows).
@@ -51,7 +59,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {

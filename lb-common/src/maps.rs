@@ -55,6 +55,12 @@ pub enum Algo {
     LeastConn = 5,
 }
 
+impl core::fmt::Display for Algo {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Algo {
     /// Every algorithm.
     pub const ALL: [Algo; 6] = [
@@ -90,7 +96,19 @@ impl Algo {
         matches!(self, Algo::Maglev | Algo::SourceHash)
     }
 
-    /// Name used on the command line and in status.
+    /// The algorithm an operator names (`name`'s inverse), if any.
+    pub fn from_name(s: &str) -> Option<Algo> {
+        let mut i = 0;
+        while i < Algo::ALL.len() {
+            if Algo::ALL[i].name().as_bytes() == s.as_bytes() {
+                return Some(Algo::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Name used on the command line, in config and state files and in status.
     pub const fn name(self) -> &'static str {
         match self {
             Algo::Maglev => "maglev",
@@ -315,6 +333,15 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn algo_names_round_trip() {
+        for a in Algo::ALL {
+            assert_eq!(Algo::from_name(a.name()), Some(a));
+        }
+        assert_eq!(Algo::from_name("Maglev"), None);
+        assert_eq!(Algo::from_name(""), None);
+    }
 
     #[test]
     /// A change here changes the pinned maps' layout: bump `LAYOUT_VERSION`

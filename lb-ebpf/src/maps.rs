@@ -9,8 +9,8 @@ use aya_ebpf::{
 use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
     ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    MAX_ACCEPT_MACS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
+    MAX_ACCEPT_MACS, RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -24,7 +24,7 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 /// All Maglev tables, one per ring slot, back to back: entry → backend id.
 #[map(name = "XLB_RINGS")]
 pub static RINGS: Array<u32> =
-    Array::with_max_entries((DEFAULT_MAX_VIPS + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, 0);
+    Array::with_max_entries((DEFAULT_MAX_TABLES + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, RINGS_MAP_FLAGS);
 
 /// The connection table: `ct_elements(--conntrack-size)` one-line sets
 /// (layout in `lb_common::ct`), shared by all CPUs. Mmapable, so that its

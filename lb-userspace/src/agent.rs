@@ -2,39 +2,50 @@
 //!
 //! Data flows one way: operations (CLI/API, config file) change the desired
 //! state after validating everything they touch; health results change
-//! backends' runtime state; `reconcile` turns a VIP's state into map writes.
-//! A reconcile publishes a new Maglev table without readers ever seeing a
-//! half-written one: the table goes to a free ring slot first, then a single
-//! VIP-entry update switches the datapath over, and the old slot is recycled
-//! last (FIFO, so it is not rewritten while a packet may still read it).
+//! backends' runtime state; both only mark the VIPs they touched, and
+//! `flush` turns each marked VIP into map writes once (one plan, one table
+//! write, one VIP-entry update) and saves the state file once, however many
+//! changes arrived together. A table is published without readers ever
+//! seeing a half-written one: it goes to a free ring slot first, then a
+//! single VIP-entry update switches the datapath over, and the old slot is
+//! recycled last (FIFO, so it is not rewritten while a packet may still
+//! read it).
+//!
+//! Submodules, one concern each: `model` (services, backends, health),
+//! `plan` (what a table change does), `checks` (check jobs shared by every
+//! VIP using a target, rise/fall, the neighbour cache), `desired` (apply and
+//! dump a config), `status` (what status/stats/metrics read), `adopt`
+//! (restarts), `maps` (the narrow datapath trait and its in-memory twin).
 
 use anyhow::{anyhow, bail, Result};
 use lb_common::{Algo, BackendInfo, VipInfo, BACKEND_F_ALIVE};
-use serde::Serialize;
 
 pub use crate::config::Admin;
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use crate::{
-    config::{self, AllDown, CheckKind, Desired, FileConfig, HealthConfig, Mac, Proto, Vip},
+    config::{self, AllDown, CheckKind, HealthConfig, Mac, Vip},
     maps::Datapath,
-    tables,
 };
 
 mod adopt;
+mod checks;
+mod desired;
+pub mod maps;
+mod model;
+mod plan;
+mod status;
 pub use adopt::{in_use as backend_entry_in_use, Adoption, Persist};
+pub use checks::{kind_for, CheckJob, CheckOutcome, CheckTarget, Probe};
+pub use maps::{Maps, MemMaps};
+pub use model::{AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
+pub use status::{BackendStatus, Status, VipStatus};
 
-/// A scheduling algorithm as operators name it.
-pub fn parse_algo(s: &str) -> Result<Algo> {
-    Algo::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
-        let names: Vec<&str> = Algo::ALL.iter().map(|a| a.name()).collect();
-        anyhow!("unknown algorithm '{s}' (available: {})", names.join(", "))
-    })
-}
+pub use crate::config::parse_algo;
 
 /// Check a persistence timeout for an algorithm.
 pub fn check_persist(algo: Algo, secs: u32) -> Result<u16> {
@@ -42,273 +53,6 @@ pub fn check_persist(algo: Algo, secs: u32) -> Result<u16> {
         bail!("--persist-timeout only applies to the source-hash algorithm");
     }
     u16::try_from(secs).map_err(|_| anyhow!("persistence timeout {secs} s is over the maximum of {} s", u16::MAX))
-}
-
-/// Health of one backend.
-#[derive(Clone, Debug)]
-pub struct Health {
-    /// Passing checks (or no checks configured).
-    pub up: bool,
-    /// False until the first check result arrived.
-    pub checked: bool,
-    /// Consecutive successes.
-    pub ok_streak: u32,
-    /// Consecutive failures.
-    pub fail_streak: u32,
-    /// Why the last check failed.
-    pub last_error: Option<String>,
-    /// Number of up/down transitions.
-    pub transitions: u64,
-    /// Checks run and failed in total.
-    pub checks: u64,
-    /// Failed checks in total.
-    pub failures: u64,
-    /// When the next check is due.
-    pub next_check: Instant,
-    /// Duration of the last check, milliseconds.
-    pub last_latency_ms: Option<f64>,
-    /// A check is running.
-    pub in_flight: bool,
-}
-
-impl Health {
-    /// A backend's health before its first check (`up` when it is not checked).
-    fn fresh(up: bool, now: Instant) -> Health {
-        Health {
-            up,
-            checked: up,
-            ok_streak: 0,
-            fail_streak: 0,
-            last_error: None,
-            transitions: 0,
-            checks: 0,
-            failures: 0,
-            next_check: now,
-            in_flight: false,
-            last_latency_ms: None,
-        }
-    }
-}
-
-/// One backend of one VIP.
-#[derive(Clone, Debug)]
-pub struct Backend {
-    /// Address.
-    pub ip: IpAddr,
-    /// MAC given by the operator, if any.
-    pub mac_cfg: Option<Mac>,
-    /// MAC in use (given or resolved).
-    pub mac: Option<Mac>,
-    /// Weight (0 = no new flows).
-    pub weight: u32,
-    /// Datapath id.
-    pub id: u32,
-    /// Generation of the id.
-    pub gen: u16,
-    /// Health state.
-    pub health: Health,
-    /// Health-check settings of this backend (replace the VIP's), if any.
-    pub check: Option<HealthConfig>,
-    /// Operator's state.
-    pub admin: Admin,
-    /// When it last came up (slow start ramps its weight from here).
-    pub up_since: Option<Instant>,
-    /// Slow-start step (0..=SLOW_START_STEPS) in the published table.
-    pub ramp_step: u32,
-    /// What the backend's agent check last said.
-    pub agent: AgentReport,
-}
-
-/// What a backend's agent check reports (HAProxy's agent-check).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AgentReport {
-    /// Percentage of the configured weight to use.
-    pub pct: u32,
-    /// State it asks for (`Ready` = "up").
-    pub state: AgentState,
-}
-
-impl Default for AgentReport {
-    fn default() -> Self {
-        AgentReport { pct: 100, state: AgentState::Up }
-    }
-}
-
-/// A state an agent check can ask for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AgentState {
-    /// Serve normally.
-    Up,
-    /// Keep flows, no new ones.
-    Drain,
-    /// Down: no traffic, flows move.
-    Down,
-}
-
-impl AgentReport {
-    /// Parse an agent's line: words like `75%`, `up`/`ready`, `drain`,
-    /// `down`/`fail`/`stopped`/`maint`; unknown words are ignored. Keeps
-    /// what the line does not mention from `prev`.
-    pub fn parse(line: &str, prev: AgentReport) -> Result<AgentReport> {
-        let mut r = prev;
-        let mut understood = false;
-        for w in line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()) {
-            let w = w.to_ascii_lowercase();
-            if let Some(p) = w.strip_suffix('%') {
-                r.pct = p.parse::<u32>().map_err(|_| anyhow!("bad percentage '{w}'"))?.min(256);
-                understood = true;
-            } else {
-                r.state = match w.as_str() {
-                    "up" | "ready" => AgentState::Up,
-                    "drain" => AgentState::Drain,
-                    "down" | "fail" | "stopped" | "maint" => AgentState::Down,
-                    _ => continue,
-                };
-                understood = true;
-            }
-        }
-        if !understood {
-            bail!("agent said nothing usable: {:?}", line.trim());
-        }
-        Ok(r)
-    }
-}
-
-/// Slow start raises a weight in this many steps (each one a table rebuild).
-pub const SLOW_START_STEPS: u32 = 10;
-
-impl Backend {
-    /// A backend in service with datapath id and generation `id`, before
-    /// its first check (`up` when it is not checked).
-    fn new(ip: IpAddr, mac_cfg: Option<Mac>, weight: u32, id: (u32, u16), up: bool, now: Instant) -> Backend {
-        Backend {
-            ip,
-            mac_cfg,
-            mac: mac_cfg,
-            weight,
-            id: id.0,
-            gen: id.1,
-            health: Health::fresh(up, now),
-            check: None,
-            admin: Admin::Ready,
-            up_since: up.then_some(now),
-            ramp_step: 0,
-            agent: AgentReport::default(),
-        }
-    }
-    /// May carry traffic (existing flows at least).
-    pub fn alive(&self) -> bool {
-        self.health.up && self.mac.is_some() && self.admin != Admin::Maint && self.agent.state != AgentState::Down
-    }
-    /// Gets new flows.
-    pub fn usable(&self) -> bool {
-        self.alive() && self.admin == Admin::Ready && self.agent.state == AgentState::Up && self.effective_weight(SLOW_START_STEPS) > 0
-    }
-    /// Slow-start step at `now` (SLOW_START_STEPS = full weight).
-    fn step(&self, now: Instant, slow_start_ms: u64) -> u32 {
-        match (self.up_since, slow_start_ms) {
-            (Some(t), ms) if ms > 0 => {
-                let f = now.saturating_duration_since(t).as_millis() as u64 * SLOW_START_STEPS as u64 / ms;
-                (f as u32 + 1).min(SLOW_START_STEPS)
-            }
-            _ => SLOW_START_STEPS,
-        }
-    }
-    /// The weight the table uses at slow-start step `step`: weight × step,
-    /// so a backend at full weight has weight × SLOW_START_STEPS and a
-    /// ramping one a tenth, two tenths… of that (shares stay proportional).
-    fn effective_weight(&self, step: u32) -> u32 {
-        let w = self.weight * step * self.agent.pct / 100;
-        if w == 0 && self.weight > 0 && self.agent.pct > 0 {
-            1
-        } else {
-            w
-        }
-    }
-    fn key_bytes(&self) -> Vec<u8> {
-        match self.ip {
-            IpAddr::V4(a) => a.octets().to_vec(),
-            IpAddr::V6(a) => a.octets().to_vec(),
-        }
-    }
-}
-
-/// One virtual service.
-#[derive(Clone, Debug)]
-pub struct VipState {
-    /// Datapath id (stats index).
-    pub id: u32,
-    /// Scheduling algorithm.
-    pub algo: Algo,
-    /// Source-hash persistence, seconds (0 = none).
-    pub persist_secs: u16,
-    /// Health-check settings of its backends.
-    pub health: HealthConfig,
-    /// `health` was set for this VIP (not inherited from the agent).
-    pub health_explicit: bool,
-    /// What to do when every backend is down.
-    pub all_down: AllDown,
-    /// Slow start: a backend's weight ramps up over this long after it
-    /// comes up (0 = at once).
-    pub slow_start_ms: u64,
-    /// All backends are down and `all_down` is fail-open: balancing over them anyway.
-    pub failing_open: bool,
-    /// The VIP entry as last published to the datapath.
-    pub published: VipInfo,
-    /// Ring slot holding the published table, if any.
-    pub ring_slot: Option<u32>,
-    /// Backends by address.
-    pub backends: BTreeMap<IpAddr, Backend>,
-    /// The published table or sequence (backend ids), for measuring churn.
-    pub table: Vec<u32>,
-    /// Traffic of backends since removed (a VIP's counters are the sum over
-    /// its backends, kept here when one leaves).
-    pub retired: lb_common::Counters,
-}
-
-/// What a VIP's datapath state should be, computed without touching it.
-struct Plan {
-    /// Ids whose entries are alive.
-    alive: Vec<u32>,
-    /// Effective weights of the backends in the table.
-    weights: std::collections::HashMap<u32, u32>,
-    /// Slow-start steps used.
-    steps: std::collections::HashMap<u32, u32>,
-    /// The table or sequence.
-    table: Vec<u32>,
-    /// Entries that differ from the published table.
-    moved: usize,
-    /// Every backend is down and the VIP fails open.
-    failing_open: bool,
-}
-
-/// Compute a VIP's plan at `now` (slow start included).
-fn plan(state: &VipState, ring_size: u32, now: Instant) -> Result<Plan> {
-    // All down and fail-open: treat every backend with a known MAC as up.
-    let failing_open = state.all_down == AllDown::FailOpen
-        && !state.backends.values().any(|b| b.usable())
-        && state.backends.values().any(|b| b.mac.is_some() && b.weight > 0 && b.admin == Admin::Ready);
-    let alive_now = |b: &Backend| b.alive() || (failing_open && b.mac.is_some() && b.admin != Admin::Maint);
-    let usable_now = |b: &Backend| b.usable() || (failing_open && b.mac.is_some() && b.weight > 0 && b.admin == Admin::Ready);
-    let mut steps = std::collections::HashMap::new();
-    let mut weights = std::collections::HashMap::new();
-    let mut keys: Vec<(Vec<u8>, u32, u32)> = Vec::new();
-    for b in state.backends.values().filter(|b| usable_now(b)) {
-        let step = b.step(now, state.slow_start_ms);
-        let w = b.effective_weight(step);
-        steps.insert(b.id, step);
-        weights.insert(b.id, w);
-        keys.push((b.key_bytes(), w, b.id));
-    }
-    let members: Vec<tables::Member> = keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
-    let table = tables::build(state.algo, &members, ring_size)?;
-    let moved = if state.table.len() == table.len() {
-        state.table.iter().zip(&table).filter(|(a, b)| a != b).count()
-    } else {
-        table.len().max(state.table.len())
-    };
-    let alive = state.backends.values().filter(|b| alive_now(b)).map(|b| b.id).collect();
-    Ok(Plan { alive, weights, steps, table, moved, failing_open })
 }
 
 /// Settings of an agent.
@@ -323,93 +67,83 @@ pub struct AgentOptions {
     pub health: HealthConfig,
 }
 
-/// What a health job found.
-#[derive(Clone, Debug)]
-pub struct CheckOutcome {
-    /// The check passed (always true for `none` checks).
-    pub ok: bool,
-    /// Why not.
-    pub error: Option<String>,
-    /// The backend's MAC from the neighbour table, if it was looked up and found.
-    pub mac: Option<Mac>,
-    /// How long the check took, milliseconds.
-    pub latency_ms: Option<f64>,
-    /// The agent check's line, or why it failed.
-    pub agent: Option<Result<String, String>>,
+/// How a VIP is balanced and checked: everything `vip add` (CLI, API) and
+/// a config file's `[[vip]]` say besides its address and backends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VipSpec {
+    /// Scheduling algorithm.
+    pub algo: Algo,
+    /// Source-hash persistence, seconds.
+    pub persist: u16,
+    /// Its own health settings (default: the agent's).
+    pub health: Option<HealthConfig>,
+    /// What to do when every backend is down.
+    pub all_down: AllDown,
+    /// Slow start, milliseconds.
+    pub slow_start_ms: u64,
 }
 
-/// A health job to run: what to check.
-#[derive(Clone, Debug)]
-pub struct CheckJob {
-    /// The VIP.
-    pub vip: Vip,
-    /// The backend.
-    pub ip: IpAddr,
-    /// The check to run (`None`: only resolve the MAC).
-    pub kind: CheckKind,
-    /// Its settings.
-    pub cfg: HealthConfig,
-    /// Look the MAC up.
-    pub resolve_mac: bool,
-    /// Check timeout.
-    pub timeout: Duration,
-}
-
-/// The check that applies to a VIP's backends under `cfg`: a TCP connect
-/// only makes sense for TCP services, so on a UDP VIP it means no check.
-pub fn kind_for(vip: &Vip, cfg: &HealthConfig) -> CheckKind {
-    match (cfg.kind, vip.proto) {
-        (CheckKind::Tcp, Proto::Udp) => CheckKind::None,
-        (k, _) => k,
+impl Default for VipSpec {
+    fn default() -> Self {
+        VipSpec { algo: Algo::Maglev, persist: 0, health: None, all_down: AllDown::Drop, slow_start_ms: 0 }
     }
 }
 
-/// `ms` lengthened or shortened at random by up to `pct` percent.
-fn jittered(ms: u64, pct: u32) -> Duration {
-    use std::hash::BuildHasher;
-    let spread = ms * pct as u64 / 100;
-    if spread == 0 {
-        return Duration::from_millis(ms);
+impl VipSpec {
+    /// Check every rule of a VIP's settings (the one place they are checked).
+    pub fn validate(&self) -> Result<()> {
+        check_persist(self.algo, self.persist as u32)?;
+        if let Some(h) = &self.health {
+            h.validate()?;
+        }
+        config::check_slow_start(self.slow_start_ms)?;
+        Ok(())
     }
-    let r = std::collections::hash_map::RandomState::new().hash_one(ms);
-    Duration::from_millis(ms - spread + r % (2 * spread + 1))
 }
 
-/// The agent.
-pub struct Agent {
+/// The agent, over the real datapath (`Datapath`) or an in-memory one
+/// (`MemMaps`, for tests without BPF).
+pub struct Agent<M: Maps = Datapath> {
     /// The datapath it owns.
-    pub dp: Datapath,
+    pub dp: M,
     opts: AgentOptions,
     vips: BTreeMap<Vip, VipState>,
     free_vip_ids: VecDeque<u32>,
     free_ring_slots: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
     backend_gens: Vec<u16>,
+    /// VIPs changed since the last `flush`.
+    dirty: BTreeSet<Vip>,
+    /// The state file is behind the running state.
+    state_dirty: bool,
+    /// Tables published (each one plan, one ring write, one VIP entry).
+    pub publications: u64,
+    /// State-file saves.
+    pub saves: u64,
+    /// Health checks: one job per distinct target.
+    checks: checks::Jobs,
+    /// Maglev layouts shared by VIPs with the same backends.
+    maglev: crate::tables::MaglevCache,
+    /// Each VIP's config as TOML, for the state file (`dump_toml`).
+    toml_cache: std::cell::RefCell<std::collections::HashMap<Vip, String>>,
+    /// Backend MACs as the kernel's neighbour table has them.
+    pub neighbours: crate::neigh::NeighCache,
     /// Connection-table entries at the last census (and when).
     census: Option<(u64, Instant)>,
-    /// The config file `config reload` and SIGHUP read, if any.
-    pub config_path: Option<std::path::PathBuf>,
     /// The state file kept for restarts (pinned deployments only).
     pub persist: Option<Persist>,
-    /// How the program is attached (`native`, `generic`), for status and the state file.
-    pub attach_mode: String,
-    /// Pin directory of the maps, when pinned.
-    pub pinned: Option<std::path::PathBuf>,
-    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
-    pub pins_lost_on_exit: Option<String>,
-    /// Asks the daemon to detach and exit (`xlb detach`).
-    pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
 
-impl Agent {
+impl<M: Maps> Agent<M> {
     /// An agent with no services over a loaded datapath.
-    pub fn new(dp: Datapath, opts: AgentOptions) -> Result<Agent> {
+    pub fn new(dp: M, opts: AgentOptions) -> Result<Agent<M>> {
         opts.health.validate()?;
         let macs: Vec<[u8; 6]> = std::iter::once(opts.iface_mac).chain(opts.accept_macs.iter().copied()).map(|m| m.0).collect();
         let mut dp = dp;
         dp.set_accepted_macs(&macs)?;
-        let free_vip_ids = (0..dp.opts.max_vips).collect();
-        let free_ring_slots = (0..dp.opts.ring_slots()).collect();
+        let load = dp.opts();
+        let free_vip_ids = (0..load.max_vips).collect();
+        let free_ring_slots = (0..load.ring_slots()).collect();
         let free_backend_ids = (0..dp.max_backends()).collect();
         let backend_gens = vec![0; dp.max_backends() as usize];
         Ok(Agent {
@@ -420,13 +154,16 @@ impl Agent {
             free_ring_slots,
             free_backend_ids,
             backend_gens,
+            dirty: BTreeSet::new(),
+            state_dirty: false,
+            publications: 0,
+            saves: 0,
+            checks: Default::default(),
+            maglev: Default::default(),
+            toml_cache: Default::default(),
+            neighbours: Default::default(),
             census: None,
-            config_path: None,
             persist: None,
-            attach_mode: "not attached".to_string(),
-            pinned: None,
-            pins_lost_on_exit: None,
-            detach_tx: None,
         })
     }
 
@@ -440,57 +177,114 @@ impl Agent {
         &self.opts.health
     }
 
+    /// Mark a VIP for the next `flush` (and the state file).
+    fn mark(&mut self, vip: Vip) {
+        self.toml_cache.get_mut().remove(&vip);
+        self.dirty.insert(vip);
+        self.state_dirty = true;
+        self.checks.stale();
+    }
+
+    /// Publish every VIP changed since the last flush, once each, then save
+    /// the state file once. Every operator request ends with it, so what a
+    /// request changed is in the state file before it is answered.
+    pub fn flush(&mut self) -> Result<()> {
+        let r = self.publish_dirty();
+        self.save_if_dirty();
+        r
+    }
+
+    /// Publish every VIP changed since the last call, once each, without
+    /// saving the state file: health results, slow start and neighbour
+    /// changes use it, and the health loop saves at most once per tick
+    /// (`save_if_dirty`), so a burst of results costs one save.
+    pub fn publish_dirty(&mut self) -> Result<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut first_err = None;
+        for v in dirty {
+            if self.vips.contains_key(&v) {
+                if let Err(e) = self.publish_counted(&v, false) {
+                    log::error!("VIP {v}: publishing failed: {e:#}");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Save the state file if anything changed since the last save.
+    pub fn save_if_dirty(&mut self) {
+        if self.state_dirty {
+            self.save_state();
+        }
+    }
+
     /// Add a service (with no backends: its packets are dropped and
     /// counted), checked with the agent's health settings.
     pub fn add_vip(&mut self, vip: Vip, algo: Algo, persist_secs: u16) -> Result<()> {
-        self.add_vip_with(vip, algo, persist_secs, None, AllDown::Drop)
+        self.add_vip_spec(vip, &VipSpec { algo, persist: persist_secs, ..Default::default() })
     }
 
     /// Add a service with its own health settings and all-down behaviour.
     pub fn add_vip_with(&mut self, vip: Vip, algo: Algo, persist_secs: u16, health: Option<HealthConfig>, all_down: AllDown) -> Result<()> {
-        check_persist(algo, persist_secs as u32)?;
-        if let Some(h) = &health {
-            h.validate()?;
-        }
-        let health_explicit = health.is_some();
-        let health = health.unwrap_or_else(|| self.opts.health.clone());
+        self.add_vip_spec(vip, &VipSpec { algo, persist: persist_secs, health, all_down, slow_start_ms: 0 })
+    }
+
+    /// Add a service as `spec` says; its VIP entry is written once.
+    pub fn add_vip_spec(&mut self, vip: Vip, spec: &VipSpec) -> Result<()> {
+        self.insert_vip(vip, spec)?;
+        self.flush()
+    }
+
+    fn insert_vip(&mut self, vip: Vip, spec: &VipSpec) -> Result<()> {
+        spec.validate()?;
         if self.vips.contains_key(&vip) {
             bail!("VIP {vip} already exists");
         }
+        let max = self.dp.opts().max_vips;
         let id = *self
             .free_vip_ids
             .front()
-            .ok_or_else(|| anyhow!("cannot add VIP {vip}: all {} VIP slots are in use", self.dp.opts.max_vips))?;
-        let published = VipInfo { vip_id: id, algo: algo as u8, persist_secs, ..Default::default() };
+            .ok_or_else(|| anyhow!("cannot add VIP {vip}: the limit of {max} VIPs is reached (raise it with `xlb agent --max-vips`)"))?;
+        let published = VipInfo { vip_id: id, algo: spec.algo as u8, persist_secs: spec.persist, ..Default::default() };
         self.dp.set_vip(&vip.key(), &published)?;
         self.free_vip_ids.pop_front();
+        let health_explicit = spec.health.is_some();
+        let health = spec.health.clone().unwrap_or_else(|| self.opts.health.clone());
         self.vips.insert(
             vip,
             VipState {
                 id,
-                algo,
-                persist_secs,
+                algo: spec.algo,
+                persist_secs: spec.persist,
                 health,
                 health_explicit,
-                all_down,
-                slow_start_ms: 0,
+                all_down: spec.all_down,
+                slow_start_ms: spec.slow_start_ms,
                 failing_open: false,
                 published,
                 ring_slot: None,
                 backends: BTreeMap::new(),
                 table: Vec::new(),
+                published_at: None,
                 retired: Default::default(),
             },
         );
-        log::info!("VIP {vip} added ({})", algo.name());
+        log::info!("VIP {vip} added ({})", spec.algo.name());
         self.sync_filter(&vip)?;
         self.sync_fragment_alias(&vip)?;
-        self.save_state();
+        self.state_dirty = true;
+        self.checks.stale();
         Ok(())
     }
 
     /// Remove a service and its backends.
     pub fn del_vip(&mut self, vip: &Vip) -> Result<()> {
+        self.remove_vip(vip)?;
+        self.flush()
+    }
+
+    fn remove_vip(&mut self, vip: &Vip) -> Result<()> {
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         // Unpublish first: from here on its packets are XDP_PASS.
         self.dp.del_vip(&vip.key())?;
@@ -503,16 +297,19 @@ impl Agent {
             self.free_ring_slots.push_back(slot);
         }
         self.free_vip_ids.push_back(state.id);
+        self.dirty.remove(vip);
+        self.toml_cache.get_mut().remove(vip);
         log::info!("VIP {vip} removed");
         self.sync_filter(vip)?;
         self.sync_fragment_alias(vip)?;
-        self.save_state();
+        self.state_dirty = true;
+        self.checks.stale();
         Ok(())
     }
 
-    /// Add a backend to a service. Without a MAC, it is resolved from the
-    /// kernel's neighbour table; the backend carries traffic once it is
-    /// resolved and has passed its first health check.
+    /// Add a backend to a service. Without a MAC, it comes from the
+    /// neighbour cache (the kernel's table, followed live); the backend
+    /// carries traffic once it has a MAC and has passed its first check.
     pub fn add_backend(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32) -> Result<(usize, usize)> {
         self.add_backends(vip, &[(ip, mac, weight)])
     }
@@ -520,39 +317,68 @@ impl Agent {
     /// Add several backends to a service with one table rebuild. All are
     /// validated first: on any error nothing is added.
     pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<(usize, usize)> {
+        self.insert_backends(vip, list)?;
+        let moved = self.publish(vip)?;
+        self.flush()?;
+        Ok(moved)
+    }
+
+    /// Add a backend with its own health settings (or the VIP's): one
+    /// table publication.
+    pub fn add_backend_checked(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32, check: Option<HealthConfig>) -> Result<(usize, usize)> {
+        if let Some(h) = &check {
+            h.validate()?;
+        }
+        self.insert_backends(vip, &[(ip, mac, weight)])?;
+        if check.is_some() {
+            self.change_backend_check(vip, ip, check)?;
+        }
+        let moved = self.publish(vip)?;
+        self.flush()?;
+        Ok(moved)
+    }
+
+    fn insert_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let checks = kind_for(vip, &state.health);
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
         for &(ip, _, weight) in list {
             config::check_weight(weight)?;
-            if ip.is_ipv4() != vip.addr.is_ipv4() {
-                bail!("backend {ip} and VIP {vip} are of different address families");
-            }
+            config::check_backend_ip(vip, ip)?;
             if state.backends.contains_key(&ip) || !seen.insert(ip) {
                 bail!("backend {ip} already exists in VIP {vip}");
             }
         }
-        if state.algo == Algo::LeastConn
-            && state.backends.len() + list.len() > lb_common::MAX_LEAST_CONN_BACKENDS as usize
-        {
-            bail!("VIP {vip} (least-conn) would exceed the maximum of {} backends", lb_common::MAX_LEAST_CONN_BACKENDS);
+        check_backends_per_vip(vip, state.algo, state.backends.len() + list.len())?;
+        if state.backends.is_empty() && !list.is_empty() {
+            let with = self.vips.values().filter(|s| !s.backends.is_empty()).count();
+            check_tables(&self.dp.opts(), with + 1).map_err(|e| anyhow!("cannot add backends to VIP {vip}: {e}"))?;
         }
         if self.free_backend_ids.len() < list.len() {
-            bail!("not enough free backend ids ({} left)", self.free_backend_ids.len());
+            bail!("cannot add {} backend(s) to VIP {vip}: {}", list.len(), backends_full(self.free_backend_ids.len()));
         }
         let now = Instant::now();
         let up = checks == CheckKind::None;
         for &(ip, mac, weight) in list {
             let (id, gen) = self.claim_backend_id()?;
-            let b = Backend::new(ip, mac, weight, (id, gen), up, now);
+            let mut b = Backend::new(ip, mac, weight, (id, gen), up, now);
+            if b.mac.is_none() {
+                b.mac = self.neighbours.get(ip);
+            }
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
-            log::info!("VIP {vip}: backend {ip} added (weight {weight})");
+            log::debug!("VIP {vip}: backend {ip} added (weight {weight})");
         }
-        self.reconcile_counted(vip)
+        self.mark(*vip);
+        Ok(())
     }
 
     /// Give a backend its own health settings (replacing the VIP's).
     pub fn set_backend_check(&mut self, vip: &Vip, ip: IpAddr, check: Option<HealthConfig>) -> Result<()> {
+        self.change_backend_check(vip, ip, check)?;
+        self.flush()
+    }
+
+    fn change_backend_check(&mut self, vip: &Vip, ip: IpAddr, check: Option<HealthConfig>) -> Result<()> {
         if let Some(h) = &check {
             h.validate()?;
         }
@@ -564,9 +390,9 @@ impl Agent {
             // Not judged yet (or no longer checked): start as the new check says.
             b.health.up = kind == CheckKind::None;
             b.health.checked = b.health.up;
-            b.health.next_check = Instant::now();
         }
-        self.reconcile(vip)
+        self.mark(*vip);
+        Ok(())
     }
 
     /// Change a backend's weight. Weight 0 drains it: existing flows stay,
@@ -577,38 +403,21 @@ impl Agent {
 
     /// Change a backend's weight and/or operator state; with `dry_run`,
     /// only report what the table change would be. Returns (entries that
-    /// change, table size).
+    /// change, table size). Plans once, publishes once.
     pub fn set_backend(&mut self, vip: &Vip, ip: IpAddr, weight: Option<u32>, admin: Option<Admin>, dry_run: bool) -> Result<(usize, usize)> {
-        if let Some(w) = weight {
-            config::check_weight(w)?;
-        }
-        let ring_size = self.dp.opts.ring_size;
-        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        if !state.backends.contains_key(&ip) {
-            bail!("backend {ip} is not in VIP {vip}");
-        }
-        let mut next = state.clone();
-        let b = next.backends.get_mut(&ip).expect("checked above");
-        if let Some(w) = weight {
-            b.weight = w;
-        }
-        if let Some(a) = admin {
-            if a == Admin::Ready && b.admin == Admin::Maint {
-                // Back from maintenance: checked again from scratch.
-                b.health.up = kind_for(vip, b.check.as_ref().unwrap_or(&state.health)) == CheckKind::None;
-                b.health.checked = b.health.up;
-                b.health.next_check = Instant::now();
-                b.up_since = b.health.up.then(Instant::now);
-            }
-            b.admin = a;
-        }
-        let plan = plan(&next, ring_size, Instant::now())?;
         if dry_run {
-            return Ok((plan.moved, plan.table.len()));
+            let mut next = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.clone();
+            change_backend(vip, &mut next, ip, weight, admin)?;
+            let p = plan::plan(&next, self.dp.opts().ring_size, Instant::now(), &mut self.maglev, true)?;
+            return Ok((p.moved.unwrap_or(0), p.table.len()));
         }
-        log::info!("VIP {vip}: backend {ip} set to weight {} ({:?})", next.backends[&ip].weight, next.backends[&ip].admin);
-        *self.vips.get_mut(vip).expect("checked above") = next;
-        self.reconcile_counted(vip)
+        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        change_backend(vip, state, ip, weight, admin)?;
+        log::info!("VIP {vip}: backend {ip} set to weight {} ({:?})", state.backends[&ip].weight, state.backends[&ip].admin);
+        self.mark(*vip);
+        let moved = self.publish(vip)?;
+        self.flush()?;
+        Ok(moved)
     }
 
     /// Rebuild tables whose backends' slow start moved to another step.
@@ -622,36 +431,53 @@ impl Agent {
             .map(|(v, _)| *v)
             .collect();
         for v in due {
-            self.reconcile(&v)?;
+            self.dirty.insert(v);
         }
-        Ok(())
+        self.publish_dirty()
     }
 
     /// Set a VIP's slow-start time.
     pub fn set_slow_start(&mut self, vip: &Vip, ms: u64) -> Result<()> {
-        if ms > 3_600_000 {
-            bail!("slow start {ms} ms is over an hour");
-        }
+        config::check_slow_start(ms)?;
         self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.slow_start_ms = ms;
-        self.reconcile(vip)
+        self.mark(*vip);
+        self.flush()
     }
 
     /// Remove a backend from a service; its flows move to the others.
     pub fn del_backend(&mut self, vip: &Vip, ip: IpAddr) -> Result<(usize, usize)> {
-        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        let b = state.backends.remove(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
-        let carried = self.dp.backend_counters(b.id)?;
-        self.vips.get_mut(vip).expect("checked above").retired.add(&carried);
-        let moved = self.reconcile_counted(vip)?;
-        self.release_backend_id(b.id)?;
-        log::info!("VIP {vip}: backend {ip} removed");
+        let moved = self.remove_backends(vip, &[ip])?;
+        self.flush()?;
+        Ok(moved)
+    }
+
+    /// Remove backends and publish their VIP's table at once (their ids are
+    /// released only after the table stopped naming them).
+    fn remove_backends(&mut self, vip: &Vip, ips: &[IpAddr]) -> Result<(usize, usize)> {
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        if let Some(ip) = ips.iter().find(|ip| !state.backends.contains_key(ip)) {
+            bail!("backend {ip} is not in VIP {vip}");
+        }
+        let mut ids = Vec::new();
+        for ip in ips {
+            let b = self.vips.get_mut(vip).expect("checked above").backends.remove(ip).expect("checked above");
+            let carried = self.dp.backend_counters(b.id)?;
+            self.vips.get_mut(vip).expect("checked above").retired.add(&carried);
+            ids.push(b.id);
+            log::debug!("VIP {vip}: backend {ip} removed");
+        }
+        self.mark(*vip);
+        let moved = self.publish(vip)?;
+        for id in ids {
+            self.release_backend_id(id)?;
+        }
         Ok(moved)
     }
 
     /// Take a free backend id with its next generation (so the id's earlier
     /// flows never match), its counters zeroed.
     fn claim_backend_id(&mut self) -> Result<(u32, u16)> {
-        let id = self.free_backend_ids.pop_front().ok_or_else(|| anyhow!("no free backend id"))?;
+        let id = self.free_backend_ids.pop_front().ok_or_else(|| anyhow!("{}", backends_full(0)))?;
         self.backend_gens[id as usize] = self.backend_gens[id as usize].wrapping_add(1);
         self.dp.reset_backend_counters(id)?;
         self.dp.set_backend_conns(id, 0)?;
@@ -666,132 +492,23 @@ impl Agent {
         Ok(())
     }
 
-    /// Health jobs due now; marks them in flight.
-    pub fn due_checks(&mut self, now: Instant) -> Vec<CheckJob> {
-        let mut jobs = Vec::new();
-        for (vip, state) in self.vips.iter_mut() {
-            for b in state.backends.values_mut() {
-                let cfg = b.check.as_ref().unwrap_or(&state.health);
-                let kind = if b.admin == Admin::Maint { CheckKind::None } else { kind_for(vip, cfg) };
-                let needs_mac = b.mac_cfg.is_none();
-                let agent = cfg.agent_port.is_some() && b.admin != Admin::Maint;
-                if (kind == CheckKind::None && !needs_mac && !agent) || b.health.in_flight || b.health.next_check > now {
-                    continue;
-                }
-                b.health.in_flight = true;
-                jobs.push(CheckJob {
-                    vip: *vip,
-                    ip: b.ip,
-                    kind,
-                    cfg: cfg.clone(),
-                    resolve_mac: needs_mac,
-                    timeout: Duration::from_millis(cfg.timeout_ms),
-                });
-            }
-        }
-        jobs
+    /// Publish a VIP now (dropping its mark): backend entries, a new table
+    /// in a free slot, then the VIP entry that switches to it. Returns
+    /// (table entries that changed, table size).
+    fn publish(&mut self, vip: &Vip) -> Result<(usize, usize)> {
+        self.publish_counted(vip, true)
     }
 
-    /// Apply a health job's outcome; reconciles the VIP when anything changed.
-    pub fn report(&mut self, job: &CheckJob, out: CheckOutcome) -> Result<()> {
-        let Some(state) = self.vips.get_mut(&job.vip) else { return Ok(()) };
-        let Some(b) = state.backends.get_mut(&job.ip) else { return Ok(()) };
-        let cfg = b.check.as_ref().unwrap_or(&state.health).clone();
-        let mut came_up = false;
-        b.health.in_flight = false;
-        let mut changed = false;
-        if let (true, Some(mac)) = (job.resolve_mac, out.mac) {
-            if b.mac != Some(mac) {
-                log::info!("VIP {}: backend {} is at {mac}", job.vip, job.ip);
-                b.mac = Some(mac);
-                changed = true;
-            }
-        }
-        match &out.agent {
-            Some(Ok(line)) => match AgentReport::parse(line, b.agent) {
-                Ok(r) if r != b.agent => {
-                    log::info!("VIP {}: backend {} agent says {:?} → weight {}%, {:?}", job.vip, job.ip, line.trim(), r.pct, r.state);
-                    b.agent = r;
-                    changed = true;
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("VIP {}: backend {} agent check: {e:#}", job.vip, job.ip),
-            },
-            // As in HAProxy, a failing agent check does not change the state.
-            Some(Err(e)) => log::debug!("VIP {}: backend {} agent check failed: {e}", job.vip, job.ip),
-            None => {}
-        }
-        let h = &mut b.health;
-        if job.kind != CheckKind::None {
-            h.checks += 1;
-            h.last_latency_ms = out.latency_ms;
-            if out.ok {
-                h.ok_streak += 1;
-                h.fail_streak = 0;
-                if !h.up && (h.ok_streak >= cfg.rise || !h.checked) {
-                    h.up = true;
-                    came_up = true;
-                    h.transitions += 1;
-                    changed = true;
-                    log::info!("VIP {}: backend {} is up ({} {} check(s) passed)", job.vip, job.ip, h.ok_streak, job.kind.name());
-                }
-            } else {
-                h.failures += 1;
-                h.fail_streak += 1;
-                h.ok_streak = 0;
-                let why = out.error.unwrap_or_else(|| "check failed".into());
-                if h.up && h.fail_streak >= cfg.fall {
-                    h.up = false;
-                    h.transitions += 1;
-                    changed = true;
-                    log::warn!("VIP {}: backend {} is down after {} failed {} checks: {why}", job.vip, job.ip, h.fail_streak, job.kind.name());
-                } else if !h.checked {
-                    log::warn!("VIP {}: backend {} failed its first {} check: {why}", job.vip, job.ip, job.kind.name());
-                } else {
-                    log::debug!("VIP {}: backend {} check failed: {why}", job.vip, job.ip);
-                }
-                h.last_error = Some(why);
-            }
-            if h.transitions > 0 && h.transitions.is_multiple_of(10) && changed {
-                log::warn!("VIP {}: backend {} is flapping ({} transitions)", job.vip, job.ip, h.transitions);
-            }
-            h.checked = true;
-        }
-        // HAProxy's fastinter: check more often while a backend is changing state.
-        let transitioning = (h.up && h.fail_streak > 0) || (!h.up && h.ok_streak > 0);
-        let base = if transitioning { cfg.fast_interval_ms } else { cfg.interval_ms };
-        h.next_check = Instant::now() + jittered(base, cfg.jitter_pct);
-        if came_up {
-            b.up_since = Some(Instant::now());
-        }
-        if changed {
-            self.reconcile(&job.vip)?;
-            if let Some(state) = self.vips.get(&job.vip) {
-                if !state.backends.is_empty() && !state.backends.values().any(|b| b.usable()) {
-                    if state.failing_open {
-                        log::error!("VIP {}: every backend is down; failing open (balancing over all of them)", job.vip);
-                    } else {
-                        log::error!("VIP {}: no backend is available; its packets are dropped", job.vip);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Bring the datapath in line with a VIP's state: backend entries, a new
-    /// table in a free slot, then the VIP entry that publishes it.
-    pub fn reconcile(&mut self, vip: &Vip) -> Result<()> {
-        self.reconcile_counted(vip).map(|_| ())
-    }
-
-    /// `reconcile`, returning (table entries that changed, table size).
-    pub fn reconcile_counted(&mut self, vip: &Vip) -> Result<(usize, usize)> {
-        let ring_size = self.dp.opts.ring_size;
+    /// `publish`; with `count_moved` false the moved entries are not
+    /// counted (0 is returned): the health loop's publications skip it.
+    fn publish_counted(&mut self, vip: &Vip, count_moved: bool) -> Result<(usize, usize)> {
+        self.dirty.remove(vip);
+        self.state_dirty = true;
+        let ring_size = self.dp.opts().ring_size;
         let src_mac = self.opts.iface_mac.0;
         let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
-        let p = plan(state, ring_size, now)?;
+        let p = plan::plan(state, ring_size, now, &mut self.maglev, count_moved)?;
         let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
             dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
             src_mac,
@@ -814,9 +531,12 @@ impl Agent {
         for (id, i, _) in entries.iter().filter(|e| e.2) {
             self.dp.set_backend(*id, i)?;
         }
-        // 2. The table, in a free slot.
+        // 2. The table, in a free slot (unless it is the one published).
+        let unchanged = old_slot.is_some() && p.unchanged;
         let new_slot = if p.table.is_empty() {
             None
+        } else if unchanged {
+            old_slot
         } else {
             let slot = self.free_ring_slots.pop_front().ok_or_else(|| anyhow!("no free ring slot"))?;
             if let Err(e) = self.dp.write_ring(slot, &p.table) {
@@ -834,36 +554,58 @@ impl Agent {
             flags: 0,
             persist_secs,
         };
-        self.dp.set_vip(&vip.key(), &published)?;
-        if let Some(old) = old_slot {
+        let state = self.vips.get(vip).expect("checked above");
+        if published != state.published {
+            self.dp.set_vip(&vip.key(), &published)?;
+        }
+        if let Some(old) = old_slot.filter(|o| Some(*o) != new_slot) {
             self.free_ring_slots.push_back(old);
         }
         // 4. Backends that left: after the table stopped naming them.
         for (id, i, _) in entries.iter().filter(|e| !e.2) {
             self.dp.set_backend(*id, i)?;
         }
+        self.publications += 1;
         let state = self.vips.get_mut(vip).expect("checked above");
         if p.failing_open && !state.failing_open {
             log::error!("VIP {vip}: every backend is down; failing open (balancing over all of them)");
         }
         state.failing_open = p.failing_open;
+        if new_slot != state.ring_slot || published != state.published {
+            state.published_at = Some(std::time::SystemTime::now());
+        }
         state.ring_slot = new_slot;
+        let alias_changed = state.published != published;
         state.published = published;
         for b in state.backends.values_mut() {
             b.ramp_step = p.steps.get(&b.id).copied().unwrap_or(SLOW_START_STEPS);
         }
-        log::info!(
+        log::debug!(
             "VIP {vip}: {} table of {} backend(s) published ({} entries, {} changed)",
             algo.name(),
             p.weights.len(),
             p.table.len(),
-            p.moved
+            p.moved.map_or("not counted".to_string(), |m| m.to_string())
         );
-        let result = (p.moved, p.table.len());
+        let result = (p.moved.unwrap_or(0), p.table.len());
         state.table = p.table;
-        self.sync_fragment_alias(vip)?;
-        self.save_state();
+        if alias_changed {
+            self.sync_fragment_alias(vip)?;
+        }
         Ok(result)
+    }
+
+    /// Publish a VIP now, whether or not it changed (adoption republishes
+    /// every table); returns (table entries that changed, table size).
+    pub fn reconcile_counted(&mut self, vip: &Vip) -> Result<(usize, usize)> {
+        let moved = self.publish(vip)?;
+        self.flush()?;
+        Ok(moved)
+    }
+
+    /// `reconcile_counted` without the counts.
+    pub fn reconcile(&mut self, vip: &Vip) -> Result<()> {
+        self.reconcile_counted(vip).map(|_| ())
     }
 
     /// Keep the VIP pre-filter entry of this VIP's address equal to the
@@ -885,39 +627,19 @@ impl Agent {
     /// IP fragments carry no ports after the first, so they are matched by
     /// address and protocol: the datapath looks them up under port 0, where
     /// this keeps a copy of the entry of the lowest-port VIP on that address
-    /// and protocol (fragments are balanced over its table).
+    /// and protocol (fragments are balanced over its table). The VIP map
+    /// has room for one alias per VIP (`maps::vip_map_entries`).
     fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
         let alias_key = changed.key().fragment_alias();
-        let first = self
-            .vips
-            .iter()
-            .find(|(v, _)| v.addr == changed.addr && v.proto == changed.proto)
-            .map(|(_, s)| s.published);
+        let first = self.vips.iter().find(|(v, _)| v.addr == changed.addr && v.proto == changed.proto);
         match first {
-            Some(info) => self.dp.set_vip(&alias_key, &info),
+            Some((v, _)) if v.port < changed.port => Ok(()),
+            Some((_, s)) => {
+                let info = s.published;
+                self.dp.set_vip(&alias_key, &info)
+            }
             None => self.dp.del_vip(&alias_key).or(Ok(())),
         }
-    }
-
-    /// Follow a neighbour-table change: a backend without a configured MAC
-    /// whose resolved MAC changed gets the new one at once (no operator
-    /// action); a vanished entry is re-resolved by the next check.
-    pub fn neighbour_changed(&mut self, ip: IpAddr, mac: Option<Mac>) -> Result<()> {
-        let Some(mac) = mac else { return Ok(()) };
-        let mut changed = Vec::new();
-        for (vip, s) in self.vips.iter_mut() {
-            if let Some(b) = s.backends.get_mut(&ip) {
-                if b.mac_cfg.is_none() && b.mac != Some(mac) {
-                    log::info!("VIP {vip}: backend {ip} moved to {mac} (was {})", b.mac.map(|m| m.to_string()).unwrap_or_else(|| "unresolved".into()));
-                    b.mac = Some(mac);
-                    changed.push(*vip);
-                }
-            }
-        }
-        for v in changed {
-            self.reconcile(&v)?;
-        }
-        Ok(())
     }
 
     /// Set every backend's active-flow count from a census of the
@@ -931,342 +653,255 @@ impl Agent {
         self.census = Some((census.entries, Instant::now()));
         Ok(())
     }
-
-    /// Make the running state what `d` says, changing only what differs;
-    /// returns a line per change. `d` is fully validated; capacity is checked
-    /// before anything is touched.
-    pub fn apply_desired(&mut self, d: &Desired) -> Result<Vec<String>> {
-        let mut changes = Vec::new();
-        let wanted: BTreeMap<Vip, &config::DesiredVip> = d.vips.iter().map(|v| (v.vip, v)).collect();
-        let new_vips = wanted.keys().filter(|v| !self.vips.contains_key(v)).count();
-        let freed_vips = self.vips.keys().filter(|v| !wanted.contains_key(v)).count();
-        if new_vips > self.free_vip_ids.len() + freed_vips {
-            bail!("the config has {} VIPs; the agent has room for {}", d.vips.len(), self.dp.opts.max_vips);
-        }
-        let new_backends: usize = d
-            .vips
-            .iter()
-            .map(|dv| dv.backends.iter().filter(|b| self.vips.get(&dv.vip).is_none_or(|s| !s.backends.contains_key(&b.ip))).count())
-            .sum();
-        if new_backends > self.free_backend_ids.len() {
-            bail!("the config adds {new_backends} backends; {} backend ids are free", self.free_backend_ids.len());
-        }
-        for dv in &d.vips {
-            if dv.algo == Algo::LeastConn && dv.backends.len() > lb_common::MAX_LEAST_CONN_BACKENDS as usize {
-                bail!("VIP {} (least-conn) has more than {} backends", dv.vip, lb_common::MAX_LEAST_CONN_BACKENDS);
-            }
-        }
-        // Agent-wide health settings, inherited by VIPs without their own.
-        if d.health != self.opts.health {
-            self.opts.health = d.health.clone();
-            changes.push("agent health settings changed".to_string());
-            let inherit: Vec<Vip> = self.vips.iter().filter(|(_, s)| !s.health_explicit).map(|(v, _)| *v).collect();
-            for v in inherit {
-                if let Some(s) = self.vips.get_mut(&v) {
-                    s.health = d.health.clone();
-                }
-            }
-        }
-        let gone: Vec<Vip> = self.vips.keys().filter(|v| !wanted.contains_key(v)).copied().collect();
-        for v in gone {
-            self.del_vip(&v)?;
-            changes.push(format!("vip {v} removed"));
-        }
-        for dv in &d.vips {
-            let vip = dv.vip;
-            if !self.vips.contains_key(&vip) {
-                self.add_vip_with(vip, dv.algo, dv.persist, dv.health.clone(), dv.all_down)?;
-                changes.push(format!("vip {vip} added"));
-            } else {
-                let s = self.vips.get_mut(&vip).expect("present");
-                let health = dv.health.clone().unwrap_or_else(|| self.opts.health.clone());
-                if s.algo != dv.algo || s.persist_secs != dv.persist || s.all_down != dv.all_down || s.health != health || s.health_explicit != dv.health.is_some() {
-                    s.algo = dv.algo;
-                    s.persist_secs = dv.persist;
-                    s.all_down = dv.all_down;
-                    s.health = health;
-                    s.health_explicit = dv.health.is_some();
-                    changes.push(format!("vip {vip} settings changed"));
-                }
-            }
-            let s = self.vips.get_mut(&vip).expect("present");
-            if s.slow_start_ms != dv.slow_start_ms {
-                s.slow_start_ms = dv.slow_start_ms;
-                changes.push(format!("vip {vip} slow start {} ms", dv.slow_start_ms));
-            }
-            let extra: Vec<IpAddr> = s.backends.keys().filter(|ip| !dv.backends.iter().any(|b| b.ip == **ip)).copied().collect();
-            for ip in extra {
-                self.del_backend(&vip, ip)?;
-                changes.push(format!("vip {vip} backend {ip} removed"));
-            }
-            let add: Vec<(IpAddr, Option<Mac>, u32)> = dv
-                .backends
-                .iter()
-                .filter(|b| !self.vips[&vip].backends.contains_key(&b.ip))
-                .map(|b| (b.ip, b.mac, b.weight))
-                .collect();
-            if !add.is_empty() {
-                self.add_backends(&vip, &add)?;
-                for (ip, _, _) in &add {
-                    changes.push(format!("vip {vip} backend {ip} added"));
-                }
-            }
-            for b in &dv.backends {
-                let cur = &self.vips[&vip].backends[&b.ip];
-                if cur.check != b.health {
-                    self.set_backend_check(&vip, b.ip, b.health.clone())?;
-                    changes.push(format!("vip {vip} backend {} health settings changed", b.ip));
-                }
-                let cur = &self.vips[&vip].backends[&b.ip];
-                if cur.mac_cfg != b.mac {
-                    let be = self.vips.get_mut(&vip).expect("present").backends.get_mut(&b.ip).expect("present");
-                    be.mac_cfg = b.mac;
-                    if b.mac.is_some() {
-                        be.mac = b.mac;
-                    }
-                    changes.push(format!("vip {vip} backend {} MAC changed", b.ip));
-                }
-                let cur = &self.vips[&vip].backends[&b.ip];
-                if cur.weight != b.weight || cur.admin != b.state {
-                    changes.push(format!("vip {vip} backend {} weight {} {:?} → {} {:?}", b.ip, cur.weight, cur.admin, b.weight, b.state));
-                    self.set_backend(&vip, b.ip, Some(b.weight), Some(b.state), false)?;
-                }
-            }
-            self.reconcile(&vip)?;
-        }
-        for c in &changes {
-            log::info!("config: {c}");
-        }
-        Ok(changes)
-    }
-
-    /// The running state as a config file that reproduces it.
-    pub fn dump(&self) -> FileConfig {
-        let vips = self
-            .vips
-            .iter()
-            .map(|(v, s)| config::VipConfig {
-                address: v.to_string(),
-                algo: (s.algo != Algo::Maglev).then(|| s.algo.name().to_string()),
-                persist_timeout: (s.persist_secs > 0).then_some(s.persist_secs as u32),
-                health: s.health_explicit.then(|| s.health.clone()),
-                all_down: (s.all_down != AllDown::Drop).then_some(s.all_down),
-                slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
-                backends: s
-                    .backends
-                    .values()
-                    .map(|b| config::BackendConfig {
-                        ip: b.ip.to_string(),
-                        mac: b.mac_cfg.map(|m| m.to_string()),
-                        weight: (b.weight != config::DEFAULT_WEIGHT).then_some(b.weight),
-                        health: b.check.clone(),
-                        state: (b.admin != Admin::Ready).then_some(b.admin),
-                    })
-                    .collect(),
-            })
-            .collect();
-        FileConfig { health: self.opts.health.clone(), vips }
-    }
-
-    /// Everything `xlb status` shows.
-    pub fn status(&self) -> Result<Status> {
-        let mut vips = Vec::new();
-        for (vip, s) in &self.vips {
-            let mut backends = Vec::new();
-            for b in s.backends.values() {
-                let c = self.dp.backend_counters(b.id)?;
-                let state = match b.admin {
-                    Admin::Maint => "maint",
-                    Admin::Drain if b.alive() => "drain",
-                    _ if b.alive() && b.agent.state == AgentState::Drain => "drain",
-                    _ if b.alive() => "up",
-                    _ => "down",
-                }
-                .to_string();
-                let agent_note = (b.agent != AgentReport::default()).then(|| format!("agent: {}% {:?}", b.agent.pct, b.agent.state).to_lowercase());
-                let reason = if let Some(a) = agent_note.clone().filter(|_| b.agent.state != AgentState::Up) {
-                    Some(a)
-                } else if state == "down" && s.failing_open && b.mac.is_some() {
-                    Some(format!("fail-open: {}", b.health.last_error.clone().unwrap_or_else(|| "down".into())))
-                } else if b.mac.is_none() {
-                    Some("MAC not resolved yet".to_string())
-                } else if !b.health.up && !b.health.checked {
-                    Some("not checked yet".to_string())
-                } else if !b.health.up {
-                    b.health.last_error.clone()
-                } else if b.weight == 0 {
-                    Some("weight 0: no new flows".to_string())
-                } else {
-                    None
-                };
-                let slots = s.table.iter().filter(|&&id| id == b.id).count();
-                backends.push(BackendStatus {
-                    ip: b.ip.to_string(),
-                    mac: b.mac.map(|m| m.to_string()),
-                    weight: b.weight,
-                    state,
-                    reason,
-                    table_share: if s.table.is_empty() { 0.0 } else { slots as f64 / s.table.len() as f64 },
-                    check: kind_for(vip, b.check.as_ref().unwrap_or(&s.health)).name().to_string(),
-                    agent: agent_note,
-                    check_latency_ms: b.health.last_latency_ms,
-                    checks: b.health.checks,
-                    check_failures: b.health.failures,
-                    transitions: b.health.transitions,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    new_flows: c.new_flows,
-                    active_flows: self.dp.backend_conns(b.id)? as u64,
-                });
-            }
-            let mut c = s.retired;
-            for b in &backends {
-                c.add(&lb_common::Counters { packets: b.packets, bytes: b.bytes, new_flows: b.new_flows });
-            }
-            vips.push(VipStatus {
-                vip: vip.to_string(),
-                algo: s.algo.name().to_string(),
-                persist_timeout: s.persist_secs,
-                active_flows: backends.iter().map(|b| b.active_flows).sum(),
-                health_check: kind_for(vip, &s.health).name().to_string(),
-                all_down: if s.all_down == AllDown::FailOpen { "fail-open" } else { "drop" }.to_string(),
-                failing_open: s.failing_open,
-                backends,
-                packets: c.packets,
-                bytes: c.bytes,
-                new_flows: c.new_flows,
-            });
-        }
-        let stats = self.dp.stats()?;
-        let counters = lb_common::stats::ALL.iter().map(|s| (s.name().to_string(), stats[*s as usize])).collect();
-        Ok(Status {
-            vips,
-            attach_mode: self.attach_mode.clone(),
-            program_id: self.dp.program_id(),
-            pinned: self.pinned.as_ref().map(|p| p.display().to_string()),
-            pins_lost_on_exit: self.pins_lost_on_exit.clone(),
-            counters,
-            ring_size: self.dp.opts.ring_size,
-            conntrack_capacity: self.dp.opts.conntrack_size,
-            conntrack_bytes: self.dp.opts.conntrack_bytes(),
-            conntrack_entries: self.census.map(|(n, _)| n),
-            conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
-        })
-    }
 }
 
-/// `xlb status` data.
-#[derive(Serialize, serde::Deserialize, Debug)]
-pub struct Status {
-    /// Services.
-    pub vips: Vec<VipStatus>,
-    /// How the program is attached (`native`, `generic`).
-    #[serde(default)]
-    pub attach_mode: String,
-    /// Kernel id of the running XDP program.
-    #[serde(default)]
-    pub program_id: Option<u32>,
-    /// Where the maps are pinned (none: forwarding ends with the agent).
-    #[serde(default)]
-    pub pinned: Option<String>,
-    /// Set when the pins die with the agent (so does forwarding): why.
-    #[serde(default)]
-    pub pins_lost_on_exit: Option<String>,
-    /// Global datapath counters by name.
-    pub counters: BTreeMap<String, u64>,
-    /// Entries per Maglev table.
-    pub ring_size: u32,
-    /// Connection-table capacity: live flows it holds with at most 1 %
-    /// evicted early.
-    pub conntrack_capacity: u32,
-    /// Connection-table memory, bytes.
-    #[serde(default)]
-    pub conntrack_bytes: u64,
-    /// Connection-table entries at the last census (none yet: null).
-    pub conntrack_entries: Option<u64>,
-    /// Age of that census, milliseconds.
-    pub conntrack_census_age_ms: Option<u64>,
+/// Apply a weight and/or operator state to a VIP's backend (validated).
+fn change_backend(vip: &Vip, state: &mut VipState, ip: IpAddr, weight: Option<u32>, admin: Option<Admin>) -> Result<()> {
+    if let Some(w) = weight {
+        config::check_weight(w)?;
+    }
+    let health = state.health.clone();
+    let b = state.backends.get_mut(&ip).ok_or_else(|| anyhow!("backend {ip} is not in VIP {vip}"))?;
+    if let Some(w) = weight {
+        b.weight = w;
+    }
+    if let Some(a) = admin {
+        if a == Admin::Ready && b.admin == Admin::Maint {
+            // Back from maintenance: checked again from scratch.
+            b.health.up = kind_for(vip, b.check.as_ref().unwrap_or(&health)) == CheckKind::None;
+            b.health.checked = b.health.up;
+            b.up_since = b.health.up.then(Instant::now);
+        }
+        b.admin = a;
+    }
+    Ok(())
 }
 
-/// One service in `xlb status`.
-#[derive(Serialize, serde::Deserialize, Debug)]
-pub struct VipStatus {
-    /// `ADDR:PORT/PROTO`.
-    pub vip: String,
-    /// Algorithm.
-    pub algo: String,
-    /// Source-hash persistence, seconds (0 = none).
-    pub persist_timeout: u16,
-    /// Active flows (sum over backends).
-    pub active_flows: u64,
-    /// Health check in use.
-    pub health_check: String,
-    /// `drop` or `fail-open` when every backend is down.
-    pub all_down: String,
-    /// Failing open right now.
-    pub failing_open: bool,
-    /// Backends.
-    pub backends: Vec<BackendStatus>,
-    /// Packets forwarded.
-    pub packets: u64,
-    /// Bytes forwarded.
-    pub bytes: u64,
-    /// New flows.
-    pub new_flows: u64,
+/// The most backends one VIP may have: least-conn scans them all in the
+/// datapath; the others are bounded by the backend array.
+pub fn check_backends_per_vip(vip: &Vip, algo: Algo, n: usize) -> Result<()> {
+    if algo == Algo::LeastConn && n > lb_common::MAX_LEAST_CONN_BACKENDS as usize {
+        bail!(
+            "VIP {vip} would have {n} backends; least-conn allows at most {} per VIP (a fixed limit of the datapath's scan)",
+            lb_common::MAX_LEAST_CONN_BACKENDS
+        );
+    }
+    Ok(())
 }
 
-/// One backend in `xlb status`.
-#[derive(Serialize, serde::Deserialize, Debug)]
-pub struct BackendStatus {
-    /// Address.
-    pub ip: String,
-    /// MAC in use.
-    pub mac: Option<String>,
-    /// Weight.
-    pub weight: u32,
-    /// `up` or `down`.
-    pub state: String,
-    /// Why it is down (or gets no new flows).
-    pub reason: Option<String>,
-    /// Share of the Maglev table it owns.
-    pub table_share: f64,
-    /// Its health check.
-    pub check: String,
-    /// What its agent check reported, when not plain "100% up".
-    #[serde(default)]
-    pub agent: Option<String>,
-    /// Duration of its last check, milliseconds.
-    pub check_latency_ms: Option<f64>,
-    /// Health checks run.
-    pub checks: u64,
-    /// Health checks failed.
-    pub check_failures: u64,
-    /// Up/down transitions.
-    pub transitions: u64,
-    /// Packets forwarded to it.
-    pub packets: u64,
-    /// Bytes forwarded to it.
-    pub bytes: u64,
-    /// New flows sent to it.
-    pub new_flows: u64,
-    /// Active flows (opened, not yet closed by FIN/RST or ended).
-    pub active_flows: u64,
+/// VIPs with backends each need a table: at most `--max-tables` of them.
+pub fn check_tables(load: &crate::maps::LoadOptions, vips_with_backends: usize) -> Result<()> {
+    let max = load.tables();
+    if vips_with_backends > max as usize {
+        bail!(
+            "{vips_with_backends} VIPs would have backends; the limit of tables is {max} (raise it with `xlb agent --max-tables`; each table takes {:.1} MiB)",
+            load.ring_size as f64 * 8.0 / 1048576.0
+        );
+    }
+    Ok(())
+}
+
+/// The error when backend ids run out.
+fn backends_full(free: usize) -> String {
+    format!("only {free} of the {} backend entries are free (a fixed limit: lb_common::MAX_BACKENDS)", lb_common::MAX_BACKENDS)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        config::{Desired, DesiredBackend, DesiredVip},
+        maps::LoadOptions,
+    };
+
+    fn agent(max_vips: u32) -> Agent<MemMaps> {
+        let load = LoadOptions { max_vips, max_tables: max_vips, ring_size: 251, ..Default::default() };
+        let opts = AgentOptions {
+            iface_mac: "02:00:00:00:00:01".parse().expect("mac"),
+            accept_macs: Vec::new(),
+            health: HealthConfig { kind: CheckKind::None, ..Default::default() },
+        };
+        Agent::new(MemMaps::new(load), opts).expect("agent")
+    }
+
+    fn vip(s: &str) -> Vip {
+        s.parse().expect("vip")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn mac(n: u8) -> Option<Mac> {
+        Some(Mac([2, 0, 0, 0, 0, n]))
+    }
+
+    /// `n` VIPs on one address, 3 shared backends with known MACs, unchecked.
+    fn desired(n: u16, weight: u32) -> Desired {
+        let vips = (0..n)
+            .map(|p| DesiredVip {
+                vip: vip(&format!("10.0.0.100:{}/tcp", 1000 + p)),
+                algo: Algo::Maglev,
+                persist: 0,
+                health: None,
+                all_down: AllDown::Drop,
+                slow_start_ms: 0,
+                backends: (1..=3u8)
+                    .map(|i| DesiredBackend {
+                        ip: ip(&format!("10.0.0.{}", 10 + i)),
+                        mac: mac(i),
+                        weight: if i == 1 { weight } else { 1 },
+                        health: None,
+                        state: Admin::Ready,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips }
+    }
+
+    fn with_state_file(a: &mut Agent<MemMaps>, name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("xlb-agent-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.json");
+        let identity = crate::pin::identity::Identity { netns_cookie: 1, ifindex: 1 };
+        a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity, mode: "native".into() });
+        dir
+    }
 
     #[test]
-    fn agent_lines() {
-        let d = AgentReport::default();
-        assert_eq!(AgentReport::parse("75%\n", d).expect("pct"), AgentReport { pct: 75, state: AgentState::Up });
-        assert_eq!(AgentReport::parse("drain", d).expect("drain").state, AgentState::Drain);
-        let r = AgentReport::parse("up 50%", AgentReport { pct: 100, state: AgentState::Down }).expect("both");
-        assert_eq!(r, AgentReport { pct: 50, state: AgentState::Up });
-        assert_eq!(AgentReport::parse("MAINT", d).expect("maint").state, AgentState::Down);
-        assert_eq!(AgentReport::parse("ready 10%", r).expect("kept").pct, 10);
-        assert!(AgentReport::parse("hello", d).is_err());
-        assert!(AgentReport::parse("x%", d).is_err());
+    fn a_reload_publishes_each_vip_once_and_saves_once() {
+        let mut a = agent(64);
+        let dir = with_state_file(&mut a, "reload");
+        a.apply_desired(&desired(64, 1)).expect("apply");
+        assert_eq!(a.dp.ring_writes, 64, "one table per VIP");
+        assert_eq!(a.publications, 64);
+        assert_eq!(a.saves, 1, "one state-file save for the whole reload");
+        assert!(a.vips().iter().all(|(v, s)| a.dp.table(&v.key()) == s.table && s.table.len() == 251));
+        // The same file again changes nothing.
+        assert!(a.apply_desired(&desired(64, 1)).expect("apply").is_empty());
+        assert_eq!(a.dp.ring_writes, 64);
+        // One weight in every VIP: each table once more.
+        let changes = a.apply_desired(&desired(64, 3)).expect("apply");
+        assert_eq!(changes.len(), 64);
+        assert_eq!(a.dp.ring_writes, 128);
+        assert_eq!(a.saves, 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_state_files_config_is_the_dump_and_follows_every_change() {
+        let mut a = agent(64);
+        a.apply_desired(&desired(8, 1)).expect("apply");
+        let same = |a: &Agent<MemMaps>| {
+            let parsed = Desired::parse(&a.dump_toml().expect("toml"), "test").expect("parses");
+            let dumped = Desired::parse(&toml::to_string(&a.dump()).expect("toml"), "test").expect("parses");
+            assert_eq!(parsed, dumped);
+        };
+        same(&a);
+        a.set_backend(&vip("10.0.0.100:1003/tcp"), ip("10.0.0.11"), Some(7), Some(Admin::Drain), false).expect("set");
+        same(&a);
+        a.del_vip(&vip("10.0.0.100:1000/tcp")).expect("del");
+        a.add_vip_with(vip("10.0.0.100:1000/tcp"), Algo::SourceHash, 30, None, AllDown::FailOpen).expect("re-add");
+        same(&a);
+        assert!(a.dump_toml().expect("toml").contains("persist_timeout = 30"));
+        a.apply_desired(&desired(4, 2)).expect("apply");
+        same(&a);
+    }
+
+    #[test]
+    fn a_request_changes_the_tables_once() {
+        let mut a = agent(8);
+        let dir = with_state_file(&mut a, "request");
+        let v = vip("10.0.0.100:80/tcp");
+        let spec = VipSpec { slow_start_ms: 1000, ..Default::default() };
+        a.add_vip_spec(v, &spec).expect("vip");
+        assert_eq!((a.dp.vip_writes, a.dp.ring_writes, a.saves), (2, 0, 1), "VIP entry and its fragment alias, no table yet");
+        a.add_backends(&v, &[(ip("10.0.0.11"), mac(1), 1), (ip("10.0.0.12"), mac(2), 1)]).expect("backends");
+        assert_eq!((a.dp.ring_writes, a.saves), (1, 2));
+        let (w, s) = (a.dp.ring_writes, a.saves);
+        let (moved, size) = a.set_backend(&v, ip("10.0.0.11"), Some(5), Some(Admin::Ready), true).expect("dry run");
+        assert!(moved > 0 && size == 251);
+        assert_eq!((a.dp.ring_writes, a.saves), (w, s), "a dry run writes nothing");
+        assert_eq!(a.set_backend(&v, ip("10.0.0.11"), Some(5), None, false).expect("set"), (moved, size), "the dry run said what happens");
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 1, s + 1), "one plan, one write, one save");
+        a.add_backend_checked(&v, ip("10.0.0.13"), mac(3), 1, Some(HealthConfig { kind: CheckKind::None, ..Default::default() })).expect("add");
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 2, s + 2));
+        a.del_backend(&v, ip("10.0.0.13")).expect("del");
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+        // Bad input changes nothing.
+        assert!(a.set_backend(&v, ip("10.0.0.11"), Some(1_000_000), None, false).is_err());
+        assert!(a.del_backend(&v, ip("10.0.0.99")).is_err());
+        assert!(a.add_backends(&v, &[(ip("10.0.0.14"), None, 1), (ip("10.0.0.14"), None, 1)]).is_err());
+        assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+        assert_eq!(a.vips()[&v].backends.len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn max_vips_means_services_whatever_the_aliases_need() {
+        // Every VIP on its own address needs a fragment alias too: the VIP
+        // map has room for both, so the limit is the one the flag names.
+        let mut a = agent(4);
+        for i in 0..4 {
+            a.add_vip(vip(&format!("10.0.0.{}:80/tcp", 100 + i)), Algo::Maglev, 0).expect("within the limit");
+        }
+        assert_eq!(a.dp.vips.len(), 8, "4 VIPs + 4 aliases");
+        let e = a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect_err("over the limit").to_string();
+        assert_eq!(e, "cannot add VIP 10.0.0.200:80/tcp: the limit of 4 VIPs is reached (raise it with `xlb agent --max-vips`)");
+        assert!(!e.contains('\n'));
+        // A reload over the limit is refused whole, naming the flag.
+        let e = a.apply_desired(&desired(5, 1)).expect_err("over").to_string();
+        assert!(e.contains("limit is 4") && e.contains("--max-vips"), "{e}");
+        assert_eq!(a.vips().len(), 4, "nothing changed");
+        // Freed slots are reusable.
+        a.del_vip(&vip("10.0.0.100:80/tcp")).expect("del");
+        a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect("room again");
+    }
+
+    #[test]
+    fn vips_with_backends_are_bounded_by_the_tables() {
+        let load = LoadOptions { max_vips: 8, max_tables: 2, ring_size: 251, ..Default::default() };
+        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } };
+        let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
+        assert_eq!(a.dp.rings.len(), 4 * 251, "2 tables + 2 spares allocated, not 8 + 2");
+        for p in 0..3 {
+            a.add_vip(vip(&format!("10.0.0.100:{}/tcp", 80 + p)), Algo::Maglev, 0).expect("VIPs without backends need no table");
+        }
+        a.add_backend(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), mac(1), 1).expect("1st table");
+        a.add_backend(&vip("10.0.0.100:80/tcp"), ip("10.0.0.12"), mac(2), 1).expect("same table");
+        a.add_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11"), mac(1), 1).expect("2nd table");
+        let e = a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect_err("3rd").to_string();
+        assert!(e.contains("limit of tables is 2") && e.contains("--max-tables") && !e.contains('\n'), "{e}");
+        // Many table changes in a row never run out of slots.
+        for w in 1..20 {
+            a.set_weight(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), w).expect("reweight");
+        }
+        a.del_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11")).expect("frees the table");
+        a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect("room again");
+    }
+
+    #[test]
+    fn backends_per_vip_limit_is_one_line_naming_it() {
+        let mut a = agent(2);
+        let v = vip("10.0.0.100:80/tcp");
+        a.add_vip(v, Algo::LeastConn, 0).expect("vip");
+        let many: Vec<(IpAddr, Option<Mac>, u32)> =
+            (0..257u32).map(|i| (IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i + 1)), mac(1), 1)).collect();
+        let e = a.add_backends(&v, &many).expect_err("too many").to_string();
+        assert!(e.contains("least-conn allows at most 256") && !e.contains('\n'), "{e}");
+        assert!(a.vips()[&v].backends.is_empty());
+        a.add_backends(&v, &many[..256]).expect("256 fit");
+    }
+
+    #[test]
+    fn a_mixed_family_or_duplicate_backend_is_refused_before_anything_changes() {
+        let mut a = agent(2);
+        let v = vip("10.0.0.100:80/tcp");
+        a.add_vip(v, Algo::Maglev, 0).expect("vip");
+        assert!(a.add_backend(&v, ip("2001:db8::1"), mac(1), 1).is_err());
+        assert!(a.add_backend(&v, ip("224.0.0.1"), mac(1), 1).is_err());
+        assert_eq!(a.dp.ring_writes, 0);
     }
 }
+

@@ -15,33 +15,41 @@ use tokio::{
 };
 
 use crate::{
-    agent::{check_persist, parse_algo, Admin, Agent},
-    config::{check_weight, parse_backend_ip, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    agent::{check_persist, Admin, Agent, Status, VipSpec},
+    config::{text, AlgoName, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
+use lb_common::Algo;
+use std::net::IpAddr;
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// A request to the agent.
+/// A request to the agent. Fields are the operator's types (`Vip`, `Mac`,
+/// `AlgoName`, `Admin`, `AllDown`), read and written through the same
+/// `FromStr`/`Display` as the CLI and the config file, so a malformed value
+/// is refused by the same rule with the same one-line error.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Add a VIP.
     VipAdd {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
-        /// Algorithm name.
-        algo: Option<String>,
+        #[serde(with = "text")]
+        vip: Vip,
+        /// Algorithm (default maglev).
+        #[serde(default, with = "text::opt")]
+        algo: Option<AlgoName>,
         /// Source-hash persistence, seconds.
+        #[serde(default)]
         persist_timeout: Option<u32>,
         /// Health checking of its backends (default: the agent's).
         #[serde(default)]
         health: Option<HealthConfig>,
         /// `drop` or `fail-open` when every backend is down.
-        #[serde(default)]
-        all_down: Option<String>,
+        #[serde(default, with = "text::opt")]
+        all_down: Option<AllDown>,
         /// Slow start, milliseconds.
         #[serde(default)]
         slow_start_ms: Option<u64>,
@@ -49,19 +57,29 @@ pub enum Request {
     /// Remove a VIP.
     VipDel {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
     },
+    /// This node's HA readiness (`xlb ha check`).
+    HaCheck,
+    /// Withdraw this node (`xlb ha drain`).
+    HaDrain,
+    /// Undo `HaDrain`.
+    HaUndrain,
     /// List VIPs.
     VipList,
     /// Add a backend to a VIP.
     BackendAdd {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// Backend address.
-        ip: String,
+        ip: IpAddr,
         /// Backend MAC (resolved when absent).
-        mac: Option<String>,
+        #[serde(default, with = "text::opt")]
+        mac: Option<Mac>,
         /// Weight.
+        #[serde(default)]
         weight: Option<u32>,
         /// Health checking of this backend (default: the VIP's).
         #[serde(default)]
@@ -70,15 +88,16 @@ pub enum Request {
     /// Change a backend's weight and/or state; report the table change.
     BackendSet {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// Backend address.
-        ip: String,
+        ip: IpAddr,
         /// New weight.
         #[serde(default)]
         weight: Option<u32>,
         /// `up`, `drain` or `maint`.
-        #[serde(default)]
-        state: Option<String>,
+        #[serde(default, with = "text::opt")]
+        state: Option<Admin>,
         /// Only report.
         #[serde(default)]
         dry_run: bool,
@@ -86,9 +105,10 @@ pub enum Request {
     /// Remove a backend from a VIP.
     BackendDel {
         /// `ADDR:PORT/PROTO`.
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// Backend address.
-        ip: String,
+        ip: IpAddr,
     },
     /// Full status.
     Status,
@@ -155,68 +175,105 @@ pub struct Response {
     pub result: serde_json::Value,
 }
 
-/// Validate and apply one request.
-pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
+/// What the daemon knows beside the agent: how and where the program runs
+/// (for `status`), the config file (`config reload` without a file, and
+/// SIGHUP) and how to ask it to detach. None of it is the agent's concern.
+#[derive(Debug, Default)]
+pub struct Host {
+    /// The agent's `--config` file, if any.
+    pub config_path: Option<PathBuf>,
+    /// How the program is attached (`native`, `generic`).
+    pub attach_mode: String,
+    /// Pin directory of the maps, when pinned.
+    pub pinned: Option<PathBuf>,
+    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
+    pub pins_lost_on_exit: Option<String>,
+    /// Asks the daemon to detach and exit (`xlb detach`).
+    pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    /// Told by the daemon when it has detached, so `xlb detach` answers then.
+    pub detached: tokio::sync::Notify,
+    /// Told by the API once that answer is written (the daemon then exits).
+    pub answered: tokio::sync::Notify,
+    /// This node's HA switches (drain, last verdict); the daemon sets them.
+    pub ha: Option<std::sync::Arc<crate::ha::Node>>,
+}
+
+impl Host {
+    /// The agent's status with what the daemon knows added.
+    pub fn status(&self, agent: &Agent) -> Result<Status> {
+        let mut s = agent.status()?;
+        self.fill(&mut s);
+        s.ha = self.ha.as_ref().map(|n| agent.ha_verdict(n.drained()));
+        Ok(s)
+    }
+
+    /// Add what the daemon knows to the agent's status.
+    pub fn fill(&self, s: &mut Status) {
+        s.attach_mode = self.attach_mode.clone();
+        s.pinned = self.pinned.as_ref().map(|p| p.display().to_string());
+        s.pins_lost_on_exit = self.pins_lost_on_exit.clone();
+    }
+
+    /// The file `config reload` applies: `path`, or the agent's `--config`.
+    pub fn config_file(&self, path: Option<PathBuf>) -> Result<PathBuf> {
+        path.or_else(|| self.config_path.clone()).ok_or_else(|| anyhow!("the agent has no --config file; give one"))
+    }
+}
+
+/// Apply one request (its values were parsed by their types; the agent
+/// checks the rules that need its state, before changing anything).
+pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json::Value> {
     match req {
         Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
-            let vip: Vip = vip.parse()?;
-            let algo = parse_algo(algo.as_deref().unwrap_or("maglev"))?;
-            let persist = check_persist(algo, persist_timeout.unwrap_or(0))?;
-            let all_down: AllDown = all_down.as_deref().unwrap_or("drop").parse()?;
-            let slow = slow_start_ms.unwrap_or(0);
-            if slow > 3_600_000 {
-                bail!("slow start {slow} ms is over an hour");
-            }
-            agent.add_vip_with(vip, algo, persist, health, all_down)?;
-            if slow > 0 {
-                agent.set_slow_start(&vip, slow)?;
-            }
-            Ok(serde_json::Value::Null)
+            let algo = algo.map_or(Algo::Maglev, |a| a.0);
+            let spec = VipSpec {
+                algo,
+                persist: check_persist(algo, persist_timeout.unwrap_or(0))?,
+                health,
+                all_down: all_down.unwrap_or_default(),
+                slow_start_ms: slow_start_ms.unwrap_or(0),
+            };
+            agent.add_vip_spec(vip, &spec)?;
+            let ha_active = host.ha.as_ref().is_some_and(|n| n.active);
+            let warning = ha_active.then(|| crate::ha::inconsistency_warning(&agent.inconsistent_vips())).flatten();
+            Ok(warning.map_or(serde_json::Value::Null, |w| serde_json::json!({ "warning": w })))
         }
         Request::VipDel { vip } => {
-            let vip: Vip = vip.parse()?;
             agent.del_vip(&vip)?;
             Ok(serde_json::Value::Null)
         }
         Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
         Request::BackendAdd { vip, ip, mac, weight, health } => {
-            let vip: Vip = vip.parse()?;
-            let ip = parse_backend_ip(&vip, &ip)?;
-            let mac = mac.map(|m| m.parse::<Mac>()).transpose()?;
-            let weight = check_weight(weight.unwrap_or(DEFAULT_WEIGHT))?;
-            if let Some(h) = &health {
-                h.validate()?;
-            }
-            let (moved, entries) = agent.add_backend(&vip, ip, mac, weight)?;
-            if health.is_some() {
-                agent.set_backend_check(&vip, ip, health)?;
-            }
+            let (moved, entries) = agent.add_backend_checked(&vip, ip, mac, weight.unwrap_or(DEFAULT_WEIGHT), health)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {
-            let vip: Vip = vip.parse()?;
-            let ip = parse_backend_ip(&vip, &ip)?;
-            let weight = weight.map(check_weight).transpose()?;
-            let admin = state.as_deref().map(str::parse::<Admin>).transpose()?;
-            if weight.is_none() && admin.is_none() {
+            if weight.is_none() && state.is_none() {
                 bail!("nothing to change: give a weight or a state");
             }
-            let (moved, entries) = agent.set_backend(&vip, ip, weight, admin, dry_run)?;
+            let (moved, entries) = agent.set_backend(&vip, ip, weight, state, dry_run)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries, "applied": !dry_run }))
         }
         Request::BackendDel { vip, ip } => {
-            let vip: Vip = vip.parse()?;
-            let ip = parse_backend_ip(&vip, &ip)?;
             let (moved, entries) = agent.del_backend(&vip, ip)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
-        Request::Status => Ok(serde_json::to_value(agent.status()?)?),
+        Request::HaCheck | Request::HaDrain | Request::HaUndrain => {
+            let node = host.ha.as_ref().ok_or_else(|| anyhow!("this agent has no HA state"))?;
+            if !matches!(req, Request::HaCheck) {
+                node.set_drained(matches!(req, Request::HaDrain))?;
+            }
+            Ok(serde_json::to_value(agent.ha_verdict(node.drained()))?)
+        }
+        Request::Status => {
+            Ok(serde_json::to_value(host.status(agent)?)?)
+        }
         Request::ConfigDump => {
             let text = toml::to_string(&agent.dump()).map_err(|e| anyhow!("cannot render the config: {e}"))?;
             Ok(serde_json::json!({ "toml": text }))
         }
         Request::ConfigReload { path } => {
-            let changes = reload(agent, path.map(std::path::PathBuf::from))?;
+            let changes = agent.reload(&host.config_file(path.map(PathBuf::from))?)?;
             Ok(serde_json::json!({ "changes": changes }))
         }
         Request::Explain { vip, client } => {
@@ -229,19 +286,11 @@ pub fn handle(agent: &mut Agent, req: Request) -> Result<serde_json::Value> {
         }
         Request::Trace { .. } => bail!("trace streams: it is served on its own connection"),
         Request::Detach => {
-            let tx = agent.detach_tx.as_ref().ok_or_else(|| anyhow!("this agent cannot be detached through the API"))?;
+            let tx = host.detach_tx.as_ref().ok_or_else(|| anyhow!("this agent cannot be detached through the API"))?;
             tx.send(()).map_err(|_| anyhow!("the agent is already exiting"))?;
             Ok(serde_json::Value::Null)
         }
     }
-}
-
-/// Validate a config file completely, then apply exactly its difference
-/// from the running state (a file with any error changes nothing).
-pub fn reload(agent: &mut Agent, path: Option<std::path::PathBuf>) -> Result<Vec<String>> {
-    let path = path.or_else(|| agent.config_path.clone()).ok_or_else(|| anyhow!("the agent has no --config file; give one"))?;
-    let desired = crate::config::Desired::load(&path)?;
-    agent.apply_desired(&desired)
 }
 
 /// Bind the API socket: refuses when another agent answers on it, replaces
@@ -263,7 +312,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serve requests until the listener fails.
-pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, host: Arc<Host>) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -272,16 +321,16 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
                 continue;
             }
         };
-        let agent = agent.clone();
+        let (agent, host) = (agent.clone(), host.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, agent).await {
+            if let Err(e) = serve_one(stream, agent, host).await {
                 log::debug!("API connection: {e:#}");
             }
         });
     }
 }
 
-async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
+async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>, host: Arc<Host>) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r);
@@ -298,10 +347,20 @@ async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
                 return crate::diag::trace::serve(reader, w, agent, req).await;
             }
             Ok(req) => {
+                let detaching = matches!(req, Request::Detach);
                 let res = {
                     let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
-                    handle(&mut a, req)
+                    handle(&mut a, &host, req)
                 };
+                if detaching && res.is_ok() {
+                    // Answer once the daemon has detached (it needs the
+                    // last reference to the agent to drop the datapath).
+                    drop(agent);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), host.detached.notified()).await;
+                    let r = write_response(&mut w, &Response { ok: true, error: None, result: serde_json::Value::Null }).await;
+                    host.answered.notify_one();
+                    return r;
+                }
                 match res {
                     Ok(v) => Response { ok: true, error: None, result: v },
                     Err(e) => Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
@@ -309,7 +368,11 @@ async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
             }
         }
     };
-    let mut out = serde_json::to_vec(&resp)?;
+    write_response(&mut w, &resp).await
+}
+
+async fn write_response(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> Result<()> {
+    let mut out = serde_json::to_vec(resp)?;
     out.push(b'\n');
     w.write_all(&out).await?;
     Ok(())

@@ -3,6 +3,7 @@
 //! before anything is sent.
 
 use anyhow::{Context, Result};
+use crate::config::Admin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ use crate::{
     maps::{AttachMode, Datapath, LoadOptions},
 };
 use crate::pin::{DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR};
-use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, PROG_PASS};
 
 /// xlb: an XDP L4 load balancer (L2 direct server return).
 #[derive(Parser, Debug)]
@@ -127,6 +128,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// High availability beside keepalived or a routing daemon: readiness,
+    /// drain.
+    #[command(subcommand)]
+    Ha(HaCmd),
     /// Attach a pass-through XDP program to IFACE and hold it until
     /// SIGINT/SIGTERM. On a veth, XDP_TX frames are only delivered when the
     /// peer device has an XDP program: run this on the peer.
@@ -135,6 +140,26 @@ pub enum Command {
         #[arg(long)]
         iface: String,
     },
+}
+
+/// `xlb ha …`.
+#[derive(Subcommand, Debug)]
+pub enum HaCmd {
+    /// Exit 0 when this node is ready to be master or announced, 1 when not
+    /// (one line: why), 2 on error: for keepalived's `track_script` and
+    /// routing-daemon hooks.
+    Check {
+        /// While no agent answers, its last verdict counts this long (pinned
+        /// forwarding outlives the agent: restarting both nodes' agents at
+        /// once must not fail both over).
+        #[arg(long, default_value = "10s", value_parser = crate::ha::parse_duration)]
+        grace: std::time::Duration,
+    },
+    /// Withdraw this node (announcements removed, `ha check` fails) while it
+    /// keeps forwarding what still arrives.
+    Drain,
+    /// Undo `drain`.
+    Undrain,
 }
 
 /// XDP attach mode.
@@ -161,9 +186,13 @@ pub struct AgentArgs {
     /// Entries per Maglev table (a prime).
     #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
     pub ring_size: u32,
-    /// Maximum number of VIPs.
+    /// Maximum number of VIPs (services; fragment aliases do not count).
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
+    /// Maximum number of VIPs with backends: each has a table of
+    /// ring-size entries (0.5 MiB at the default), allocated at start.
+    #[arg(long, default_value_t = DEFAULT_MAX_TABLES)]
+    pub max_tables: u32,
     /// Connection-table capacity in flows.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     pub conntrack_size: u32,
@@ -195,6 +224,10 @@ pub struct AgentArgs {
     /// any other MAC (flooded unknown unicast) pass to the kernel.
     #[arg(long = "accept-mac", value_name = "MAC")]
     pub accept_macs: Vec<crate::config::Mac>,
+    /// Keep one host route per ready VIP address in this kernel routing
+    /// table (protocol 245), for BIRD or FRR to announce.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    pub announce_table: Option<u32>,
 }
 
 /// Health-check options of `xlb vip add` (any of them replaces the agent's
@@ -387,6 +420,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agent(a) => {
             let load = LoadOptions {
                 max_vips: a.max_vips,
+                max_tables: a.max_tables,
                 ring_size: a.ring_size,
                 conntrack_size: a.conntrack_size,
                 persist_size: a.persist_size,
@@ -407,22 +441,25 @@ pub fn run(cli: Cli) -> Result<()> {
                 pin_root: (!a.no_pin).then_some(a.pin_root),
                 state_dir: a.state_dir,
                 accept_macs: a.accept_macs,
+                announce_table: a.announce_table,
             };
             runtime()?.block_on(daemon::run(opts))
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
         Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
         Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
-            crate::agent::check_persist(crate::agent::parse_algo(&algo)?, persist_timeout.unwrap_or(0))?;
+            let algo: crate::config::AlgoName = algo.parse()?;
+            crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
-            if let Some(m) = &all_down {
-                m.parse::<crate::config::AllDown>()?;
+            let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
+            let r = api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            if let Some(w) = r["warning"].as_str() {
+                eprintln!("xlb: warning: {w}");
             }
-            api::call(&socket, &Request::VipAdd { vip: vip.to_string(), algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
-            api::call(&socket, &Request::VipDel { vip: vip.to_string() })?;
+            api::call(&socket, &Request::VipDel { vip })?;
             Ok(())
         }
         Command::Vip(VipCmd::List) => {
@@ -437,13 +474,7 @@ pub fn run(cli: Cli) -> Result<()> {
             check_weight(weight)?;
             let r = api::call(
                 &socket,
-                &Request::BackendAdd {
-                    vip: vip.to_string(),
-                    ip: ip.to_string(),
-                    mac: mac.map(|m| m.to_string()),
-                    weight: Some(weight),
-                    health: None,
-                },
+                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None },
             )?;
             print_moved(&r, false);
             Ok(())
@@ -453,17 +484,17 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(w) = weight {
                 check_weight(w)?;
             }
-            let state = [(drain, "drain"), (maint, "maint"), (up, "up")].iter().find(|(f, _)| *f).map(|(_, s)| s.to_string());
+            let state = [(drain, Admin::Drain), (maint, Admin::Maint), (up, Admin::Ready)].iter().find(|(f, _)| *f).map(|(_, s)| *s);
             if weight.is_none() && state.is_none() {
                 anyhow::bail!("nothing to change: give --weight, --drain, --maint or --up");
             }
-            let r = api::call(&socket, &Request::BackendSet { vip: vip.to_string(), ip: ip.to_string(), weight, state, dry_run })?;
+            let r = api::call(&socket, &Request::BackendSet { vip, ip, weight, state, dry_run })?;
             print_moved(&r, dry_run);
             Ok(())
         }
         Command::Backend(BackendCmd::Del { vip, ip }) => {
             let ip = parse_backend_ip(&vip, &ip)?;
-            let r = api::call(&socket, &Request::BackendDel { vip: vip.to_string(), ip: ip.to_string() })?;
+            let r = api::call(&socket, &Request::BackendDel { vip, ip })?;
             print_moved(&r, false);
             Ok(())
         }
@@ -513,6 +544,23 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::diag::trace::run(&socket, &req, pcap.as_deref(), json)
         }
         Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),
+        Command::Ha(HaCmd::Check { grace }) => {
+            let (ready, line) = match ha_check(&socket, grace) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("xlb: error: {}", format!("{e:#}").replace('\n', " "));
+                    std::process::exit(2)
+                }
+            };
+            println!("{line}");
+            std::process::exit(if ready { 0 } else { 1 })
+        }
+        Command::Ha(cmd) => {
+            let v = api::call(&socket, &if matches!(cmd, HaCmd::Drain) { Request::HaDrain } else { Request::HaUndrain })?;
+            let v: crate::ha::Verdict = serde_json::from_value(v).context("malformed answer from the agent")?;
+            println!("{}", if v.drained { "drained: announcements withdrawn, forwarding goes on" } else { "undrained" });
+            Ok(())
+        }
         Command::Status { json } => {
             let v = api::call(&socket, &Request::Status)?;
             if json {
@@ -524,6 +572,18 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `xlb ha check`: (ready, the line to print).
+fn ha_check(socket: &std::path::Path, grace: std::time::Duration) -> Result<(bool, String)> {
+    if std::os::unix::net::UnixStream::connect(socket).is_err() {
+        return Ok(crate::ha::offline_check(socket, grace));
+    }
+    let v: crate::ha::Verdict = serde_json::from_value(api::call(socket, &Request::HaCheck)?).context("malformed answer from the agent")?;
+    Ok(match v.why {
+        None => (true, format!("ready: {} VIP address(es) announceable", v.announce.len())),
+        Some(why) => (false, format!("not ready: {why}")),
+    })
 }
 
 /// "table: N of M entries changed" from an API answer.
@@ -613,13 +673,25 @@ fn print_status(s: &Status) {
     if let Some(why) = &s.pins_lost_on_exit {
         println!("warning: forwarding stops when the agent exits: {why}");
     }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let total: u64 = s.datapath_memory.values().sum();
+    let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();
+    println!(
+        "memory: {:.1} MiB in maps ({}{}); {} of {} VIPs; {} check job(s)",
+        mib(total),
+        parts.join(", "),
+        if parts.is_empty() { "" } else { ", rest under 1 MiB each" },
+        s.vips.len(),
+        s.max_vips,
+        s.check_jobs
+    );
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false };
+    let load = LoadOptions { max_vips: 1, max_tables: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

@@ -9,6 +9,71 @@ use serde::{Deserialize, Serialize};
 use std::{fmt, net::IpAddr, path::Path, str::FromStr};
 
 
+/// Serde through `FromStr`/`Display`, so the API (and anything else that
+/// serialises these types) accepts and prints exactly what the CLI and the
+/// config file do: `#[serde(with = "crate::config::text")]`, or
+/// `text::opt` for an `Option`.
+pub mod text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use std::{fmt::Display, str::FromStr};
+
+    /// Serialise as the value's `Display`.
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Deserialise a string with `FromStr` (its one-line error as is).
+    pub fn deserialize<'de, T: FromStr, D: Deserializer<'de>>(d: D) -> Result<T, D::Error>
+    where
+        T::Err: Display,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e: T::Err| D::Error::custom(format!("{e:#}")))
+    }
+
+    /// The same for an optional value.
+    pub mod opt {
+        use super::*;
+
+        /// Serialise `Some` as the value's `Display`, `None` as null.
+        pub fn serialize<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(v),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Deserialise null or a string with `FromStr`.
+        pub fn deserialize<'de, T: FromStr, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error>
+        where
+            T::Err: Display,
+        {
+            match Option::<String>::deserialize(d)? {
+                Some(s) => s.parse().map(Some).map_err(|e: T::Err| D::Error::custom(format!("{e:#}"))),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
+/// A scheduling algorithm as operators write it (`Algo::from_name`), with
+/// the same error everywhere: a `FromStr` for the CLI, API and config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlgoName(pub lb_common::Algo);
+
+impl FromStr for AlgoName {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_algo(s).map(AlgoName)
+    }
+}
+
+impl fmt::Display for AlgoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name())
+    }
+}
+
 /// Largest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
 /// Weight of a backend added without `--weight`.
@@ -109,11 +174,7 @@ pub fn check_unicast(ip: IpAddr) -> Result<()> {
 /// Parse a backend address for a VIP (same family, unicast).
 pub fn parse_backend_ip(vip: &Vip, s: &str) -> Result<IpAddr> {
     let ip: IpAddr = s.parse().map_err(|_| anyhow!("invalid backend IP '{s}'"))?;
-    check_unicast(ip).with_context(|| format!("invalid backend IP '{s}'"))?;
-    if ip.is_ipv4() != vip.addr.is_ipv4() {
-        bail!("backend {ip} and VIP {vip} are of different address families");
-    }
-    Ok(ip)
+    check_backend_ip(vip, ip)
 }
 
 /// A MAC address, `aa:bb:cc:dd:ee:ff`.
@@ -150,6 +211,35 @@ impl FromStr for Mac {
     }
 }
 
+/// A scheduling algorithm as operators name it (`Algo::from_name`, with
+/// the error every front end shows).
+pub fn parse_algo(s: &str) -> Result<lb_common::Algo> {
+    lb_common::Algo::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = lb_common::Algo::ALL.iter().map(|a| a.name()).collect();
+        anyhow!("unknown algorithm '{s}' (available: {})", names.join(", "))
+    })
+}
+
+/// Longest slow start accepted, milliseconds.
+pub const MAX_SLOW_START_MS: u64 = 3_600_000;
+
+/// Check a slow-start time.
+pub fn check_slow_start(ms: u64) -> Result<u64> {
+    if ms > MAX_SLOW_START_MS {
+        bail!("slow start {ms} ms is over an hour");
+    }
+    Ok(ms)
+}
+
+/// Check a backend address for a VIP (same family, unicast).
+pub fn check_backend_ip(vip: &Vip, ip: IpAddr) -> Result<IpAddr> {
+    check_unicast(ip).with_context(|| format!("invalid backend IP '{ip}'"))?;
+    if ip.is_ipv4() != vip.addr.is_ipv4() {
+        bail!("backend {ip} and VIP {vip} are of different address families");
+    }
+    Ok(ip)
+}
+
 /// Check a weight given by an operator.
 pub fn check_weight(w: u32) -> Result<u32> {
     if w > MAX_WEIGHT {
@@ -159,7 +249,7 @@ pub fn check_weight(w: u32) -> Result<u32> {
 }
 
 /// How backends are health-checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// A TCP connect to the backend (TCP VIPs; on a UDP VIP it means `none`).
@@ -201,7 +291,7 @@ impl FromStr for CheckKind {
 /// Health checking, in HAProxy's terms: `inter`, `fastinter`, `timeout
 /// check`, `rise`, `fall`, plus the check itself. Set for the agent, per VIP,
 /// or per backend (the most specific wins, whole).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Check type.
@@ -325,6 +415,15 @@ pub enum AllDown {
     FailOpen,
 }
 
+impl fmt::Display for AllDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AllDown::Drop => "drop",
+            AllDown::FailOpen => "fail-open",
+        })
+    }
+}
+
 impl FromStr for AllDown {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -347,6 +446,16 @@ pub enum Admin {
     Drain,
     /// Out of service: no traffic, its flows move, no health checks.
     Maint,
+}
+
+impl fmt::Display for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Admin::Ready => "up",
+            Admin::Drain => "drain",
+            Admin::Maint => "maint",
+        })
+    }
 }
 
 impl FromStr for Admin {
@@ -455,7 +564,7 @@ pub struct DesiredVip {
 }
 
 /// A whole config file, validated: what the agent should run.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Desired {
     /// Agent-wide health settings.
     pub health: HealthConfig,
@@ -490,7 +599,9 @@ impl Desired {
     }
 
     /// Validate a config text completely; errors name the line
-    /// (`config ORIGIN line N: …`).
+    /// (`config ORIGIN line N: …`). Lines are looked up only for an error:
+    /// searching the text for every entry would make a file of thousands
+    /// of backends take seconds.
     pub fn parse(text: &str, origin: &str) -> Result<Desired> {
         let cfg: FileConfig = toml::from_str(text).map_err(|e| {
             let msg = e.to_string().replace('\n', " ");
@@ -502,35 +613,36 @@ impl Desired {
         })?;
         cfg.health.validate().map_err(|e| anyhow!("config {origin} line {}: [health]: {e}", line_of(text, "[health]", 0)))?;
         let mut vips = Vec::new();
-        let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        let mut unique = std::collections::HashSet::new();
         for v in &cfg.vips {
             let n = seen.entry(v.address.clone()).or_default();
-            let vline = line_of(text, &format!("\"{}\"", v.address), *n);
+            let nth = *n;
             *n += 1;
+            let vline = || line_of(text, &format!("\"{}\"", v.address), nth);
             let at = |line: usize, e: anyhow::Error| anyhow!("config {origin} line {line}: vip {}: {e:#}", v.address);
-            let vip: Vip = v.address.parse().map_err(|e| at(vline, e))?;
-            if vips.iter().any(|d: &DesiredVip| d.vip == vip) {
-                return Err(at(vline, anyhow!("duplicate VIP")));
+            let vip: Vip = v.address.parse().map_err(|e| at(vline(), e))?;
+            if !unique.insert(vip) {
+                return Err(at(vline(), anyhow!("duplicate VIP")));
             }
-            let algo = crate::agent::parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline, "algo"), e))?;
+            let algo = parse_algo(v.algo.as_deref().unwrap_or("maglev")).map_err(|e| at(key_line(text, vline(), "algo"), e))?;
             let persist = crate::agent::check_persist(algo, v.persist_timeout.unwrap_or(0))
-                .map_err(|e| at(key_line(text, vline, "persist_timeout"), e))?;
+                .map_err(|e| at(key_line(text, vline(), "persist_timeout"), e))?;
             if let Some(h) = &v.health {
-                h.validate().map_err(|e| at(line_of(text, "[vip.health]", vips.len()).max(vline), e))?;
+                h.validate().map_err(|e| at(line_of(text, "[vip.health]", vips.len()).max(vline()), e))?;
             }
             let slow_start_ms = v.slow_start_ms.unwrap_or(0);
-            if slow_start_ms > 3_600_000 {
-                return Err(at(key_line(text, vline, "slow_start_ms"), anyhow!("slow_start_ms over an hour")));
-            }
+            check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline(), "slow_start_ms"), e))?;
             let mut backends: Vec<DesiredBackend> = Vec::new();
+            let mut seen_ips = std::collections::HashSet::new();
             for b in &v.backends {
-                let bline = line_of(text, &format!("\"{}\"", b.ip), 0);
                 let bat = |key: &str, e: anyhow::Error| {
+                    let bline = line_of(text, &format!("\"{}\"", b.ip), 0);
                     let line = if key.is_empty() { bline } else { key_line(text, bline, key) };
                     anyhow!("config {origin} line {line}: vip {} backend {}: {e:#}", v.address, b.ip)
                 };
                 let ip = parse_backend_ip(&vip, &b.ip).map_err(|e| bat("", e))?;
-                if backends.iter().any(|d| d.ip == ip) {
+                if !seen_ips.insert(ip) {
                     return Err(bat("", anyhow!("duplicate backend")));
                 }
                 let mac = b.mac.as_deref().map(str::parse::<Mac>).transpose().map_err(|e| bat("mac", e))?;

@@ -46,6 +46,36 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
     /// Destination MACs to act on besides the interface's (`--accept-mac`).
     pub accept_macs: Vec<Mac>,
+    /// Kernel routing table for announcements (`--announce-table`).
+    pub announce_table: Option<u32>,
+}
+
+/// Every `ha::TICK`: record the node's readiness (for `xlb ha check`) and,
+/// with `--announce-table`, make the table hold a route for exactly the
+/// ready VIP addresses. Errors are logged and retried on the next tick.
+async fn ha_loop(agent: Arc<Mutex<Agent>>, node: Arc<crate::ha::Node>, announcer: Option<crate::ha::Announcer>) {
+    let mut tick = tokio::time::interval(crate::ha::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(bool, Option<String>)> = None;
+    loop {
+        tick.tick().await;
+        let Ok(v) = agent.lock().map(|a| a.ha_verdict(node.drained())) else { return };
+        if last.as_ref() != Some(&(v.ready, v.why.clone())) {
+            match &v.why {
+                None => log::info!("HA: ready ({} VIP address(es))", v.announce.len()),
+                Some(why) => log::info!("HA: not ready: {why}"),
+            }
+            last = Some((v.ready, v.why.clone()));
+        }
+        if let Err(e) = node.record(&v) {
+            log::warn!("HA: {e:#}");
+        }
+        if let Some(a) = &announcer {
+            if let Err(e) = a.reconcile(&v.announce.iter().copied().collect()).await {
+                log::warn!("HA: announcements: {e:#}");
+            }
+        }
+    }
 }
 
 
@@ -129,7 +159,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let listener = api::bind(&opts.socket)?;
     let started = start(&opts, pins.as_ref(), desired, me, iface_mac, handle).await;
-    let (agent, resolver) = match started {
+    let (agent, mut host, ifindex) = match started {
         Ok(x) => x,
         Err(e) => {
             // Leave nothing behind: the next start must not find a stale
@@ -142,9 +172,8 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             return Err(e);
         }
     };
-    let mut agent = agent;
-    agent.pins_lost_on_exit = lost_on_exit;
-    serve(opts, pins, listener, agent, resolver).await
+    host.pins_lost_on_exit = lost_on_exit;
+    serve(opts, pins, listener, agent, host, ifindex).await
 }
 
 /// Set a dead deployment's leftovers aside (its state file) and remove its
@@ -183,7 +212,7 @@ async fn start(
     me: identity::Identity,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
-) -> Result<(Agent, neigh::Resolver)> {
+) -> Result<(Agent, api::Host, u32)> {
     let ifindex = me.ifindex;
     if let Some(p) = pins {
         check_leftovers(p, me)?;
@@ -236,11 +265,20 @@ async fn start(
     } else {
         Agent::new(dp, aopts)?
     };
-    agent.config_path = opts.config.clone();
-    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me });
-    agent.pinned = pins.map(|p| p.shown.join(layout_name(&opts.load)));
+    let mut host = api::Host {
+        config_path: opts.config.clone(),
+        pinned: pins.map(|p| p.shown.join(layout_name(&opts.load))),
+        ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.announce_table.is_some()))),
+        ..Default::default()
+    };
+    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me, mode: String::new() });
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
+        if opts.announce_table.is_some() {
+            if let Some(w) = crate::ha::inconsistency_warning(&agent.inconsistent_vips()) {
+                log::warn!("{w}");
+            }
+        }
         if had_maps || snapshot.is_some() {
             log::info!("config file applied over the adopted state: {} change(s)", changes.len());
         }
@@ -255,11 +293,14 @@ async fn start(
             log::warn!("the pinned link is attached in {} mode and keeps it; `xlb detach` first to change to {want} mode", s.mode);
         }
     }
-    agent.attach_mode = match (mode, &snapshot) {
+    host.attach_mode = match (mode, &snapshot) {
         (Some(m), _) => m.to_string(),
         (None, Some(s)) => s.mode.clone(),
         (None, None) => "unknown".to_string(),
     };
+    if let Some(p) = agent.persist.as_mut() {
+        p.mode = host.attach_mode.clone();
+    }
     agent.save_state();
     if let Some(p) = &pins {
         for old in p.other_layouts() {
@@ -273,7 +314,7 @@ async fn start(
         "xlb {} {} (ifindex {ifindex}, {iface_mac}) in {} mode, program id {}; {}; API on {}",
         if took_over { "replaced the program on" } else { "attached to" },
         opts.iface,
-        agent.attach_mode,
+        host.attach_mode,
         agent.dp.program_id().map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         match &pins {
             Some(p) => format!("pinned under {}", p.shown.display()),
@@ -281,7 +322,8 @@ async fn start(
         },
         opts.socket.display()
     );
-    Ok((agent, neigh::Resolver::new(handle, ifindex)))
+    drop(handle);
+    Ok((agent, host, ifindex))
 }
 
 async fn serve(
@@ -289,50 +331,63 @@ async fn serve(
     pins: Option<Pins>,
     listener: tokio::net::UnixListener,
     mut agent: Agent,
-    resolver: neigh::Resolver,
+    mut host: api::Host,
+    ifindex: u32,
 ) -> Result<()> {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
-    agent.detach_tx = Some(detach_tx);
+    host.detach_tx = Some(detach_tx);
+    let host = Arc::new(host);
+    agent.neighbours.set_ifindex(ifindex);
     let agent = Arc::new(Mutex::new(agent));
-    let ifindex = resolver.ifindex();
-    let health = tokio::spawn(health::run(agent.clone(), Some(resolver)));
+    let health = tokio::spawn(health::run(agent.clone()));
     let census = tokio::spawn(census_loop(agent.clone()));
     let neigh_agent = agent.clone();
     let neighbours = tokio::spawn(async move {
-        let r = neigh::watch(ifindex, |e| {
+        let r = neigh::watch(ifindex, |u| {
             if let Ok(mut a) = neigh_agent.lock() {
-                if let Err(err) = a.neighbour_changed(e.ip, e.mac) {
-                    log::error!("following the MAC of {}: {err:#}", e.ip);
+                let r = match u {
+                    neigh::NeighUpdate::Dump(all) => a.neighbours_dumped(&all),
+                    neigh::NeighUpdate::Change(e) => a.neighbour_changed(e.ip, e.mac),
+                };
+                if let Err(err) = r {
+                    log::error!("following backend MACs: {err:#}");
                 }
             }
         })
         .await;
         if let Err(e) = r {
-            log::warn!("neighbour changes are not followed live (checks still re-resolve MACs): {e:#}");
+            log::error!("backend MACs are not followed (only configured MACs work): {e:#}");
         }
     });
     let metrics = opts.metrics.map(|addr| {
-        let a = agent.clone();
+        let (a, h) = (agent.clone(), host.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, a).await {
+            if let Err(e) = crate::metrics::serve(addr, a, h).await {
                 log::error!("{e:#}");
             }
         })
     });
-    let server = tokio::spawn(api::serve(listener, agent.clone()));
+    let node = host.ha.clone().unwrap_or_else(|| Arc::new(crate::ha::Node::new(&opts.socket, opts.announce_table.is_some())));
+    let announcer = match opts.announce_table {
+        Some(t) => Some(crate::ha::Announcer::new(neigh::connect()?, t, ifindex)),
+        None => None,
+    };
+    let ha = tokio::spawn(ha_loop(agent.clone(), node.clone(), announcer));
+    let server = tokio::spawn(api::serve(listener, agent.clone(), host.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut detach = pins.is_none();
-    let lost_on_exit = agent.lock().ok().and_then(|a| a.pins_lost_on_exit.clone());
+    let mut detach_requested = false;
+    let lost_on_exit = host.pins_lost_on_exit.clone();
     loop {
         tokio::select! {
             _ = term.recv() => { log::info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { log::info!("SIGINT: exiting"); break; }
-            _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; break; }
+            _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; detach_requested = true; break; }
             _ = hup.recv() => {
                 let Ok(mut a) = agent.lock() else { break };
-                match api::reload(&mut a, None) {
+                match host.config_file(None).and_then(|f| a.reload(&f)) {
                     Ok(c) => log::info!("SIGHUP: config reloaded ({} change(s))", c.len()),
                     Err(e) => log::error!("SIGHUP: config not reloaded, nothing changed: {e:#}"),
                 }
@@ -340,6 +395,23 @@ async fn serve(
         }
     }
     server.abort();
+    ha.abort();
+    let _ = ha.await;
+    // Announcements outlive the agent with the forwarding they advertise;
+    // when forwarding stops (detach, no pins), they go first.
+    if detach || lost_on_exit.is_some() {
+        if let Some(t) = opts.announce_table {
+            match neigh::connect().map(|h| crate::ha::Announcer::new(h, t, ifindex)) {
+                Ok(a) => {
+                    if let Err(e) = a.reconcile(&Default::default()).await {
+                        log::warn!("HA: withdrawing announcements: {e:#}");
+                    }
+                }
+                Err(e) => log::warn!("HA: withdrawing announcements: {e:#}"),
+            }
+        }
+        node.remove();
+    }
     health.abort();
     census.abort();
     let _ = census.await;
@@ -352,18 +424,30 @@ async fn serve(
     let _ = server.await;
     let _ = health.await;
     let _ = std::fs::remove_file(&opts.socket);
-    if let Ok(a) = agent.lock() {
+    if let Ok(mut a) = agent.lock() {
         a.save_state();
     }
     // Dropping the agent drops the datapath: without pins that detaches the
     // program; with pins, forwarding goes on until the pins are removed.
+    // API connections still running let go of it within a moment.
+    for _ in 0..100 {
+        if Arc::strong_count(&agent) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     match Arc::try_unwrap(agent) {
         Ok(m) => drop(m),
         Err(_) => log::warn!("agent still referenced at exit; the kernel releases it when the process ends"),
     }
     match (&pins, detach) {
         (Some(p), true) => {
+            // Hold the link while its pin goes, so that the last reference
+            // is this descriptor: closing it detaches at once, whereas the
+            // kernel defers a link whose last reference was the pin.
+            let held = aya::programs::links::PinnedLink::from_pin(&p.link).ok();
             p.remove_all()?;
+            drop(held);
             log::info!("detached from {} (pins under {} removed)", opts.iface, p.shown.display());
         }
         (None, _) => log::info!("detached from {}", opts.iface),
@@ -377,6 +461,11 @@ async fn serve(
             opts.iface,
             p.shown.display()
         ),
+    }
+    if detach_requested {
+        // `xlb detach` is answered now that it is done.
+        host.detached.notify_one();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), host.answered.notified()).await;
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Heartbeats: the scheduler that runs every due health job (a TCP connect,
-//! an HTTP GET or a UDP exchange with the backend, plus MAC resolution while a
-//! backend has no MAC) and reports outcomes to the agent, which decides
-//! up/down with rise/fall and reconciles the datapath.
+//! an HTTP GET, a UDP exchange or an agent check: one per target, however
+//! many VIPs share it), probes addresses whose MAC is unknown, and reports
+//! outcomes to the agent, which applies rise/fall for every VIP using the
+//! target and publishes each changed VIP once per batch of results.
 
 use std::{
     net::SocketAddr,
@@ -15,44 +16,57 @@ use tokio::{
 };
 
 use crate::{
-    agent::{Agent, CheckJob, CheckOutcome},
+    agent::{Agent, CheckJob, CheckOutcome, Probe},
     config::CheckKind,
-    neigh::Resolver,
+    neigh,
 };
 
 /// How often the scheduler looks for due jobs.
 const TICK: Duration = Duration::from_millis(20);
 
 /// Run health jobs forever.
-pub async fn run(agent: Arc<Mutex<Agent>>, resolver: Option<Resolver>) {
+pub async fn run(agent: Arc<Mutex<Agent>>) {
     let mut running = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let jobs = match agent.lock() {
+                let (jobs, probes) = match agent.lock() {
                     Ok(mut a) => {
-                        if let Err(e) = a.tick(Instant::now()) {
+                        let now = Instant::now();
+                        if let Err(e) = a.tick(now) {
                             log::error!("slow start: {e:#}");
                         }
-                        a.due_checks(Instant::now())
+                        a.save_if_dirty();
+                        (a.due_checks(now), a.due_probes(now))
                     }
                     Err(_) => return,
                 };
+                for ip in probes {
+                    neigh::probe(ip);
+                }
                 for job in jobs {
-                    let r = resolver.clone();
                     running.spawn(async move {
-                        let out = check(&job, r.as_ref()).await;
+                        let out = check(&job).await;
                         (job, out)
                     });
                 }
             }
             Some(done) = running.join_next() => {
-                let Ok((job, out)) = done else { continue };
+                // Take every result that is ready, then publish once.
+                let mut batch = vec![done];
+                while let Some(more) = running.try_join_next() {
+                    batch.push(more);
+                }
                 let Ok(mut a) = agent.lock() else { return };
-                if let Err(e) = a.report(&job, out) {
-                    log::error!("VIP {}: applying the health of {} failed: {e:#}", job.vip, job.ip);
+                for (job, out) in batch.into_iter().filter_map(Result::ok) {
+                    if let Err(e) = a.report(&job, out) {
+                        log::error!("applying the health of {} failed: {e:#}", job.target.ip);
+                    }
+                }
+                if let Err(e) = a.publish_dirty() {
+                    log::error!("publishing health changes failed: {e:#}");
                 }
             }
         }
@@ -60,37 +74,27 @@ pub async fn run(agent: Arc<Mutex<Agent>>, resolver: Option<Resolver>) {
 }
 
 /// Run one job.
-pub async fn check(job: &CheckJob, resolver: Option<&Resolver>) -> CheckOutcome {
+pub async fn check(job: &CheckJob) -> CheckOutcome {
     let t0 = Instant::now();
-    let port = job.cfg.port.unwrap_or(job.vip.port);
-    let result = match job.kind {
-        CheckKind::None => Ok(()),
-        kind => match tokio::time::timeout(job.timeout, probe(kind, job, port)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("timeout after {} ms", job.timeout.as_millis())),
-        },
-    };
-    let latency_ms = (job.kind != CheckKind::None).then(|| t0.elapsed().as_secs_f64() * 1e3);
-    let mac = match (job.resolve_mac, resolver) {
-        (true, Some(r)) => match r.resolve(job.ip).await {
-            Ok(m) => m,
-            Err(e) => {
-                log::warn!("resolving the MAC of {} failed: {e:#}", job.ip);
-                None
-            }
-        },
-        _ => None,
-    };
-    let agent = match job.cfg.agent_port {
-        Some(p) => {
-            Some(match tokio::time::timeout(job.timeout, agent_line(SocketAddr::new(job.ip, p))).await {
+    let ip = job.target.ip;
+    let timed_out = || format!("timeout after {} ms", job.timeout.as_millis());
+    match job.target.probe {
+        Probe::Agent { port } => {
+            let agent = match tokio::time::timeout(job.timeout, agent_line(SocketAddr::new(ip, port))).await {
                 Ok(r) => r,
-                Err(_) => Err(format!("timeout after {} ms", job.timeout.as_millis())),
-            })
+                Err(_) => Err(timed_out()),
+            };
+            CheckOutcome { ok: agent.is_ok(), agent: Some(agent), ..Default::default() }
         }
-        _ => None,
-    };
-    CheckOutcome { ok: result.is_ok(), error: result.err(), mac, latency_ms, agent }
+        Probe::Health { kind, port } => {
+            let result = match tokio::time::timeout(job.timeout, probe(kind, job, SocketAddr::new(ip, port))).await {
+                Ok(r) => r,
+                Err(_) => Err(timed_out()),
+            };
+            let latency_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+            CheckOutcome { ok: result.is_ok(), error: result.err(), latency_ms, agent: None }
+        }
+    }
 }
 
 /// Read the agent's one line (HAProxy agent-check protocol).
@@ -110,8 +114,7 @@ async fn agent_line(addr: SocketAddr) -> Result<String, String> {
 }
 
 /// The check itself; `Err` carries the reason (refused, HTTP 503, …).
-async fn probe(kind: CheckKind, job: &CheckJob, port: u16) -> Result<(), String> {
-    let addr = SocketAddr::new(job.ip, port);
+async fn probe(kind: CheckKind, job: &CheckJob, addr: SocketAddr) -> Result<(), String> {
     match kind {
         CheckKind::None => Ok(()),
         CheckKind::Tcp => TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("connect: {e}")),
@@ -123,11 +126,11 @@ async fn probe(kind: CheckKind, job: &CheckJob, port: u16) -> Result<(), String>
 /// GET the path; the status code must be in the accepted range.
 async fn http(job: &CheckJob, addr: SocketAddr) -> Result<(), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    let host = job.cfg.http_host.clone().unwrap_or_else(|| match job.ip {
+    let host = job.target.spec.http_host.clone().unwrap_or_else(|| match job.target.ip {
         std::net::IpAddr::V4(a) => a.to_string(),
         std::net::IpAddr::V6(a) => format!("[{a}]"),
     });
-    let req = format!("GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: xlb-health\r\nConnection: close\r\n\r\n", job.cfg.http_path);
+    let req = format!("GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: xlb-health\r\nConnection: close\r\n\r\n", job.target.spec.http_path);
     s.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 256];
     let mut got = 0;
@@ -144,7 +147,7 @@ async fn http(job: &CheckJob, addr: SocketAddr) -> Result<(), String> {
         .and_then(|r| r.get(2..5))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("not an HTTP response: {:?}", line.lines().next().unwrap_or("")))?;
-    let (lo, hi) = job.cfg.status_range().map_err(|e| e.to_string())?;
+    let (lo, hi) = job.target.spec.status_range().map_err(|e| e.to_string())?;
     if (lo..=hi).contains(&code) {
         Ok(())
     } else {
@@ -157,10 +160,10 @@ async fn udp(job: &CheckJob, addr: SocketAddr) -> Result<(), String> {
     let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(|_| "bind address".to_string())?;
     let s = UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
     s.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    s.send(job.cfg.udp_payload.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    s.send(job.target.spec.udp_payload.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 2048];
     let n = s.recv(&mut buf).await.map_err(|e| format!("receive: {e}"))?;
-    match &job.cfg.udp_expect {
+    match &job.target.spec.udp_expect {
         Some(want) if !String::from_utf8_lossy(&buf[..n]).contains(want.as_str()) => {
             Err(format!("reply does not contain {want:?}"))
         }

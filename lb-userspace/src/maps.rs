@@ -15,7 +15,7 @@ use aya::{
 use lb_common::{
     ct::{ct_bytes, ct_elements, ct_sets},
     map_names, BackendInfo, Counters, CtSeed, CtSet, Stat, StatBlock, VipInfo, VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
     PROG_PASS, PROG_TRACE, PROG_XLB, SPARE_RING_SLOTS,
 };
 
@@ -41,8 +41,10 @@ pub fn xdp_object() -> Result<&'static [u8]> {
 /// Sizes fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
-    /// Capacity of the VIP map (and number of VIP ids).
+    /// Number of VIPs (ids; the VIP map holds them and their aliases).
     pub max_vips: u32,
+    /// Number of VIPs that may have backends (a table each; ring slots).
+    pub max_tables: u32,
     /// Entries of each Maglev table (a prime).
     pub ring_size: u32,
     /// Capacity of the connection table.
@@ -60,6 +62,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_vips: DEFAULT_MAX_VIPS,
+            max_tables: DEFAULT_MAX_TABLES,
             ring_size: DEFAULT_RING_SIZE,
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
             persist_size: DEFAULT_PERSIST_SIZE,
@@ -78,9 +81,12 @@ impl LoadOptions {
         if !(1..=4096).contains(&self.max_vips) {
             bail!("max VIPs {} out of range 1..=4096", self.max_vips);
         }
-        let slots = (self.max_vips + SPARE_RING_SLOTS) as u64 * self.ring_size as u64;
+        if self.max_tables == 0 {
+            bail!("max tables must be at least 1");
+        }
+        let slots = self.ring_slots() as u64 * self.ring_size as u64;
         if slots > u32::MAX as u64 / 2 {
-            bail!("max VIPs × ring size is too large ({slots} ring entries)");
+            bail!("max tables × ring size is too large ({slots} ring entries)");
         }
         if !(1024..=1 << 27).contains(&self.conntrack_size) {
             bail!("connection table size {} out of range 1024..=134217728", self.conntrack_size);
@@ -97,7 +103,7 @@ impl LoadOptions {
         ct_bytes(self.conntrack_size)
     }
 
-    /// Elements of `XLB_FLOW_KEYS`: one per way with `flow_keys`, else 1.
+    /// Elements of `XLB_CT_KEYS`: one per way with `flow_keys`, else 1.
     pub fn flow_key_slots(&self) -> u32 {
         if self.flow_keys {
             ct_sets(self.conntrack_size) * lb_common::CT_WAYS as u32
@@ -106,9 +112,15 @@ impl LoadOptions {
         }
     }
 
-    /// Number of ring slots (tables) in `XLB_RINGS`.
+    /// Number of ring slots (tables) in `XLB_RINGS`: one per VIP that may
+    /// have backends, plus spares to write a new table beside the old one.
     pub fn ring_slots(&self) -> u32 {
-        self.max_vips + SPARE_RING_SLOTS
+        self.max_tables.min(self.max_vips) + SPARE_RING_SLOTS
+    }
+
+    /// VIPs that may have backends at once.
+    pub fn tables(&self) -> u32 {
+        self.max_tables.min(self.max_vips)
     }
 }
 
@@ -139,6 +151,8 @@ pub struct Datapath {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, BackendInfo>,
     rings: Array<MapData, u32>,
+    /// The ring array mapped into memory (`BPF_F_MMAPABLE`), when possible.
+    ring_mem: Option<RingMem>,
     conntrack: Array<MapData, CtSet>,
     ct_seed: CtSeed,
     stats: PerCpuArray<MapData, StatBlock>,
@@ -173,6 +187,143 @@ pub struct PinnedScan {
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
     let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): write `keys[i] → values[i]` of
+/// an array of `u32` in one system call (aya 0.14 has no batch operations).
+/// A table of 65 537 entries written one `bpf_map_update_elem` at a time
+/// costs ~75 ms; in one batch, a few milliseconds. Not atomic for readers:
+/// the agent writes only slots the datapath does not read.
+pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    if keys.len() != values.len() || map.info().map(|i| i.value_size() != 4 || i.key_size() != 4).unwrap_or(true) {
+        bail!("batch update: {} keys, {} values, or not a u32 → u32 map", keys.len(), values.len());
+    }
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` for the kernel to read
+        // (and to write `count` back); `keys` and `values` point at `count`
+        // u32s each that stay borrowed for the whole call; the map's key and
+        // value sizes were checked to be 4 above.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // EINTR/EAGAIN: `count` says how many were written; go on from there.
+            if attr.count as usize > 0 && matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                done += attr.count as usize;
+                continue;
+            }
+            return Err(e).context("BPF_MAP_UPDATE_BATCH failed");
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
+/// The ring array (`BPF_F_MMAPABLE`) mapped read-write into the agent: a
+/// table of 65 537 entries is then written with plain stores instead of a
+/// system call per entry (~75 ms) or one batch update. Only slots the
+/// datapath does not read are written (see `Agent`), and a VIP-entry update
+/// (a system call, after a fence) publishes them.
+pub struct RingMem {
+    ptr: *mut u8,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is owned by this value alone (unmapped on drop), the
+// kernel keeps the memory alive while it is mapped, and every access goes
+// through `&self` of a `Datapath` the agent holds under its lock; moving it
+// to another thread is as safe as moving the map's fd.
+unsafe impl Send for RingMem {}
+
+/// Bytes per element of a BPF array: the value size rounded up to 8.
+const RING_ELEM: usize = 8;
+
+impl RingMem {
+    /// Map `entries` elements of `rings`, or `None` when the map is not
+    /// mmapable (e.g. created by an older build).
+    pub fn map(rings: &Array<MapData, u32>, entries: u32) -> Option<RingMem> {
+        use aya::maps::IterableMap;
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = (entries as usize * RING_ELEM).div_ceil(page) * page;
+        let fd = rings.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of `len` bytes of the map's fd at
+        // offset 0 (the kernel checks the size and the map's flags and fails
+        // with an error, never partially); nothing else aliases it.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            log::debug!("mmap of the ring map failed: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        Some(RingMem { ptr: ptr as *mut u8, len, entries })
+    }
+
+    /// Write `table` at entry `base`.
+    pub fn write(&self, base: u32, table: &[u32]) {
+        assert!(base as usize + table.len() <= self.entries as usize, "ring write out of bounds");
+        for (i, id) in table.iter().enumerate() {
+            // SAFETY: in bounds (asserted above); element k's value is the
+            // first 4 bytes at k × 8 of the mapping, 8-byte aligned; the
+            // datapath reads these bytes only after a later VIP-entry update
+            // points it at this slot, so no reader races this store.
+            unsafe { std::ptr::write_volatile(self.ptr.add((base as usize + i) * RING_ELEM) as *mut u32, *id) };
+        }
+        // The stores are complete before the publishing system call.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Read `len` entries from `base`.
+    pub fn read(&self, base: u32, len: u32) -> Result<Vec<u32>> {
+        if base as usize + len as usize > self.entries as usize {
+            bail!("ring read {base}+{len} out of bounds");
+        }
+        Ok((0..len as usize)
+            .map(|i| {
+                // SAFETY: in bounds (checked above), aligned as in `write`.
+                unsafe { std::ptr::read_volatile(self.ptr.add((base as usize + i) * RING_ELEM) as *const u32) }
+            })
+            .collect())
+    }
+}
+
+impl Drop for RingMem {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Entries of the VIP map: one per VIP plus at most one fragment alias per
+/// VIP (port 0 of its address and protocol), so `--max-vips N` always
+/// means N services.
+pub fn vip_map_entries(opts: &LoadOptions) -> u32 {
+    opts.max_vips * 2
 }
 
 /// Allow BPF maps to be locked in memory. Kernels ≥ 5.11 charge BPF memory to
@@ -242,7 +393,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
-            .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIPS, vip_map_entries(&opts))
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
             .map_max_entries(map_names::CONNTRACK, ct_elements(opts.conntrack_size))
             .map_max_entries(map_names::PERSIST, opts.persist_size)
@@ -277,9 +428,10 @@ impl Datapath {
             use aya::maps::IterableMap;
             CtView::map(conntrack.map(), opts.conntrack_size, true)?.write_seed(&ct_seed);
         }
-        Ok(Datapath {
+        let mut dp = Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
+            ring_mem: None,
             rings: take(&mut ebpf, map_names::RINGS)?,
             conntrack,
             conntrack_id,
@@ -299,7 +451,12 @@ impl Datapath {
             last_link: None,
             link_pin: None,
             running: PROG_XLB,
-        })
+        };
+        dp.ring_mem = RingMem::map(&dp.rings, opts.ring_slots() * opts.ring_size);
+        if dp.ring_mem.is_none() {
+            log::debug!("the ring map is not mmapable; tables are written with batch updates");
+        }
+        Ok(dp)
     }
 
     /// The load balancer program (for attaching or BPF_PROG_TEST_RUN).
@@ -489,6 +646,9 @@ impl Datapath {
 
     /// Read `len` ring entries from `offset` (a published table).
     pub fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        if let Some(m) = &self.ring_mem {
+            return m.read(offset, len);
+        }
         (offset..offset + len).map(|i| self.ring_entry(i)).collect()
     }
 
@@ -514,10 +674,19 @@ impl Datapath {
             bail!("ring slot {slot} or table size {} out of range", table.len());
         }
         let base = slot * self.opts.ring_size;
-        for (i, id) in table.iter().enumerate() {
-            self.rings.set(base + i as u32, id, 0).context("cannot write the ring map")?;
+        if let Some(m) = &self.ring_mem {
+            m.write(base, table);
+            return Ok(());
         }
-        Ok(())
+        let keys: Vec<u32> = (base..base + table.len() as u32).collect();
+        use aya::maps::IterableMap;
+        update_batch(self.rings.map(), &keys, table).context("cannot write the ring map")
+    }
+
+    /// Whether tables are written through a memory mapping of the ring
+    /// array (else with batch updates).
+    pub fn rings_mapped(&self) -> bool {
+        self.ring_mem.is_some()
     }
 
     /// Read one ring entry.
@@ -632,6 +801,44 @@ impl Datapath {
     /// The connection table's hash seed (tests predict where flows go).
     pub fn conntrack_seed(&self) -> CtSeed {
         self.ct_seed
+    }
+
+    /// Memory of each map as the kernel charges it (`memlock` in the map
+    /// fd's fdinfo), by map name.
+    pub fn memory(&self) -> std::collections::BTreeMap<String, u64> {
+        use aya::maps::IterableMap;
+        use std::os::fd::{AsFd, AsRawFd};
+        let fdinfo = |m: &MapData| -> Option<u64> {
+            let fd = m.fd().as_fd().as_raw_fd();
+            let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            text.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+        };
+        let mut out = std::collections::BTreeMap::new();
+        let ours: [(&str, &MapData); 8] = [
+            (map_names::VIPS, self.vips.map()),
+            (map_names::BACKENDS, self.backends.map()),
+            (map_names::RINGS, self.rings.map()),
+            (map_names::CONNTRACK, self.conntrack.map()),
+            (map_names::STATS, self.stats.map()),
+            (map_names::VIP_FILTER, self.vip_filter.map()),
+            (map_names::BACKEND_STATS, self.backend_stats.map()),
+            (map_names::BACKEND_CONNS, self.backend_conns.map()),
+        ];
+        for (name, m) in ours {
+            if let Some(n) = fdinfo(m) {
+                out.insert(name.to_string(), n);
+            }
+        }
+        for (name, m) in self.ebpf.maps() {
+            let data = match m {
+                aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d) | aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::PerCpuHashMap(d) => d,
+                _ => continue,
+            };
+            if let Some(n) = map_names::ALL.iter().find(|n| **n == name).and_then(|_| fdinfo(data)) {
+                out.insert(name.to_string(), n);
+            }
+        }
+        out
     }
 
     /// Capacity of the backend array.

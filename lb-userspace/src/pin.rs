@@ -52,8 +52,8 @@ pub struct Pins {
 /// The directory name of a layout: version and every size that shapes a map.
 pub fn layout_name(load: &LoadOptions) -> String {
     format!(
-        "v{LAYOUT_VERSION}-vips{}-ring{}-ct{}-persist{}",
-        load.max_vips, load.ring_size, load.conntrack_size, load.persist_size
+        "v{LAYOUT_VERSION}-vips{}-tables{}-ring{}-ct{}-persist{}",
+        load.max_vips, load.tables(), load.ring_size, load.conntrack_size, load.persist_size
     )
 }
 

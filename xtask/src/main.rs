@@ -89,8 +89,9 @@ fn nix_is_root() -> bool {
 
 fn runtime_tools() -> Result<()> {
     // `ip` for namespaces/veth/bridges, `ethtool` to turn off TX checksum
-    // offload on test senders; `tcpdump` reads the pcap `xlb trace` writes.
-    toolchain::apt_install(&["iproute2", "ethtool", "tcpdump"])
+    // offload on test senders, keepalived and BIRD for the failover tests,
+    // `tcpdump` reads the pcap `xlb trace` writes.
+    toolchain::apt_install(&["iproute2", "ethtool", "keepalived", "bird2", "tcpdump"])
 }
 
 /// Run `cargo test`, echoing its output, and end with one total line
@@ -167,7 +168,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare]");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale]");
             std::process::exit(2);
         }
     }

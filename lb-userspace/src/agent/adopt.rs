@@ -17,10 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{kind_for, Agent, AgentOptions, AgentState, Backend, VipState, SLOW_START_STEPS};
+use super::{kind_for, Agent, AgentOptions, AgentState, Backend, Maps, VipState, SLOW_START_STEPS};
 use crate::{
     config::{CheckKind, Desired, Mac},
-    maps::{Datapath, PinnedScan},
+    maps::PinnedScan,
     state::{BackendRuntime, Snapshot, VipRuntime, STATE_VERSION},
 };
 
@@ -33,6 +33,8 @@ pub struct Persist {
     pub layout: String,
     /// The deployment the file belongs to.
     pub identity: crate::pin::identity::Identity,
+    /// How the pinned link is attached (`native`, `generic`).
+    pub mode: String,
 }
 
 /// A backend map entry in use (free entries keep only their generation).
@@ -61,10 +63,10 @@ pub struct Adoption {
     pub backends_new: usize,
 }
 
-impl Agent {
+impl<M: Maps> Agent<M> {
     /// The state file's contents for the running state.
     pub fn snapshot(&self, layout: &str, identity: Option<crate::pin::identity::Identity>) -> Result<Snapshot> {
-        let config = toml::to_string(&self.dump()).context("cannot render the config")?;
+        let config = self.dump_toml().context("cannot render the config")?;
         let vips = self
             .vips
             .iter()
@@ -92,13 +94,15 @@ impl Agent {
                     .collect(),
             })
             .collect();
-        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), identity, mode: self.attach_mode.clone(), config, vips })
+        Ok(Snapshot { version: STATE_VERSION, layout: layout.to_string(), identity, mode: self.persist.as_ref().map(|p| p.mode.clone()).unwrap_or_default(), config, vips })
     }
 
     /// Rewrite the state file (when the agent keeps one). A failure is
     /// logged, not returned: the datapath change it records has been made.
-    pub fn save_state(&self) {
+    pub fn save_state(&mut self) {
+        self.state_dirty = false;
         let Some(p) = &self.persist else { return };
+        self.saves += 1;
         if let Err(e) = self.snapshot(&p.layout, Some(p.identity)).and_then(|s| s.save(&p.path)) {
             log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}");
         }
@@ -107,7 +111,7 @@ impl Agent {
     /// An agent over maps that may already carry a running deployment
     /// (`scan`), resuming the state in `snap`. Every id the maps use is
     /// reserved until `collect_garbage`.
-    pub fn adopt(dp: Datapath, opts: AgentOptions, snap: Option<&Snapshot>, scan: &PinnedScan) -> Result<(Agent, Adoption)> {
+    pub fn adopt(dp: M, opts: AgentOptions, snap: Option<&Snapshot>, scan: &PinnedScan) -> Result<(Agent<M>, Adoption)> {
         let desired = match snap {
             Some(s) => Some(Desired::parse(&s.config, "the agent's state file")?),
             None => None,
@@ -117,7 +121,7 @@ impl Agent {
             opts.health = d.health.clone();
         }
         let mut a = Agent::new(dp, opts)?;
-        let ring_size = a.dp.opts.ring_size;
+        let ring_size = a.dp.opts().ring_size;
         for (id, b) in scan.backends.iter().enumerate() {
             if let Some(g) = a.backend_gens.get_mut(id) {
                 *g = b.gen;
@@ -215,10 +219,12 @@ impl Agent {
                     ring_slot,
                     backends,
                     table,
+                    published_at: None,
                     retired: retired.unwrap_or_default(),
                 },
             );
         }
+        a.checks.stale();
         let vips: Vec<_> = a.vips.keys().copied().collect();
         for v in &vips {
             let (moved, size) = a.reconcile_counted(v)?;
@@ -257,8 +263,8 @@ impl Agent {
         }
         let owned_vip_ids: BTreeSet<u32> = self.vips.values().map(|s| s.id).collect();
         let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.ring_slot).collect();
-        self.free_vip_ids = (0..self.dp.opts.max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
-        self.free_ring_slots = (0..self.dp.opts.ring_slots()).filter(|i| !owned_slots.contains(i)).collect();
+        self.free_vip_ids = (0..self.dp.opts().max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
+        self.free_ring_slots = (0..self.dp.opts().ring_slots()).filter(|i| !owned_slots.contains(i)).collect();
         self.free_backend_ids = (0..self.dp.max_backends()).filter(|i| !owned_ids.contains(i)).collect();
         self.save_state();
         Ok(())

@@ -6,6 +6,7 @@ pub mod control;
 pub mod cost;
 pub mod live;
 pub mod report;
+pub mod scale;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -43,6 +44,8 @@ pub struct Results {
     pub compare: Vec<compare::Mode>,
     /// Control plane.
     pub control: control::Control,
+    /// Control plane at scale.
+    pub scale: Option<scale::Scale>,
     /// Sections that failed, with the reason.
     pub errors: Vec<String>,
 }
@@ -156,10 +159,18 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
             errors.push(format!("comparison: {e:#}"));
         }
     }
+    let mut scale = None;
+    if want("scale") {
+        eprintln!("bench: control plane at scale (512 VIPs, namespaces)…");
+        match scale::run(xlb, &lab_bin) {
+            Ok(s) => scale = Some(s),
+            Err(e) => errors.push(format!("scale: {e:#}")),
+        }
+    }
     for e in &errors {
         eprintln!("bench: FAILED {e}");
     }
-    let results = Results { machine: machine(), cases, targets, live, compare, control, errors };
+    let results = Results { machine: machine(), cases, targets, live, compare, control, scale, errors };
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     let md = report::markdown(&results);
     std::fs::write(out.join("REPORT.md"), &md)?;

@@ -1,0 +1,637 @@
+//! Health checks, one job per target: every (VIP, backend) whose check has
+//! the same address, probe, port and settings shares one job, so 512 VIPs
+//! on 3 backend hosts cost 3 checks per interval, not 1 536. A job's result
+//! fans out to every subscriber, each with its own rise/fall state machine
+//! (VIPs may differ in rise and fall). Agent checks are jobs of their own,
+//! shared the same way. MACs are not the checks' business: they come from
+//! the neighbour cache (`neigh::NeighCache`), fed by one netlink
+//! subscription; an address without a MAC is probed once per interval,
+//! however many VIPs use it.
+
+use anyhow::Result;
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use super::{
+    model::{AgentReport, Backend},
+    Agent, Maps,
+};
+use crate::config::{Admin, CheckKind, HealthConfig, Mac, Proto, Vip};
+
+/// What a job probes on its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// The health check proper (tcp, http or udp) on this port.
+    Health {
+        /// Check kind (never `None`).
+        kind: CheckKind,
+        /// Port.
+        port: u16,
+    },
+    /// The agent check (HAProxy's agent-check) on this port.
+    Agent {
+        /// Port.
+        port: u16,
+    },
+}
+
+/// One health job's identity: the same target is checked once, whatever
+/// number of VIPs use it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CheckTarget {
+    /// Backend address.
+    pub ip: IpAddr,
+    /// What is probed.
+    pub probe: Probe,
+    /// The settings that shape the probe and its schedule (what is sent and
+    /// expected, timeout, intervals); rise, fall and jitter are the
+    /// subscribers' own and are cleared here.
+    pub spec: HealthConfig,
+}
+
+impl CheckTarget {
+    /// The health-check target of a backend checked with `cfg` on `vip`.
+    fn health(vip: &Vip, ip: IpAddr, cfg: &HealthConfig) -> Option<CheckTarget> {
+        let kind = kind_for(vip, cfg);
+        if kind == CheckKind::None {
+            return None;
+        }
+        let d = HealthConfig::default();
+        let spec = HealthConfig {
+            kind,
+            rise: 0,
+            fall: 0,
+            jitter_pct: 0,
+            port: None,
+            agent_port: None,
+            http_path: if kind == CheckKind::Http { cfg.http_path.clone() } else { d.http_path },
+            http_host: if kind == CheckKind::Http { cfg.http_host.clone() } else { None },
+            http_status: if kind == CheckKind::Http { cfg.http_status.clone() } else { d.http_status },
+            udp_payload: if kind == CheckKind::Udp { cfg.udp_payload.clone() } else { d.udp_payload },
+            udp_expect: if kind == CheckKind::Udp { cfg.udp_expect.clone() } else { None },
+            ..cfg.clone()
+        };
+        Some(CheckTarget { ip, probe: Probe::Health { kind, port: cfg.port.unwrap_or(vip.port) }, spec })
+    }
+
+    /// The agent-check target of a backend checked with `cfg`, if it has one.
+    fn agent(ip: IpAddr, cfg: &HealthConfig) -> Option<CheckTarget> {
+        let port = cfg.agent_port?;
+        let spec = HealthConfig {
+            kind: CheckKind::None,
+            interval_ms: cfg.interval_ms,
+            fast_interval_ms: cfg.interval_ms,
+            timeout_ms: cfg.timeout_ms,
+            rise: 0,
+            fall: 0,
+            jitter_pct: 0,
+            ..HealthConfig::default()
+        };
+        Some(CheckTarget { ip, probe: Probe::Agent { port }, spec })
+    }
+
+    /// The targets a backend of `vip` subscribes to (none in maintenance).
+    fn of(vip: &Vip, vip_health: &HealthConfig, b: &Backend) -> [Option<CheckTarget>; 2] {
+        if b.admin == Admin::Maint {
+            return [None, None];
+        }
+        let cfg = b.check.as_ref().unwrap_or(vip_health);
+        [CheckTarget::health(vip, b.ip, cfg), CheckTarget::agent(b.ip, cfg)]
+    }
+}
+
+/// What a job found.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOutcome {
+    /// The check passed.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// How long the check took, milliseconds.
+    pub latency_ms: Option<f64>,
+    /// An agent check's line, or why it failed.
+    pub agent: Option<Result<String, String>>,
+}
+
+/// A job to run.
+#[derive(Clone, Debug)]
+pub struct CheckJob {
+    /// What to check.
+    pub target: CheckTarget,
+    /// How long it may take.
+    pub timeout: Duration,
+}
+
+/// The check that applies to a VIP's backends under `cfg`: a TCP connect
+/// only makes sense for TCP services, so on a UDP VIP it means no check.
+pub fn kind_for(vip: &Vip, cfg: &HealthConfig) -> CheckKind {
+    match (cfg.kind, vip.proto) {
+        (CheckKind::Tcp, Proto::Udp) => CheckKind::None,
+        (k, _) => k,
+    }
+}
+
+/// `ms` lengthened or shortened at random by up to `pct` percent.
+fn jittered(ms: u64, pct: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let spread = ms * pct as u64 / 100;
+    if spread == 0 {
+        return Duration::from_millis(ms);
+    }
+    let r = std::collections::hash_map::RandomState::new().hash_one(ms);
+    Duration::from_millis(ms - spread + r % (2 * spread + 1))
+}
+
+/// One job's schedule and subscribers.
+#[derive(Debug)]
+struct Job {
+    next: Instant,
+    in_flight: bool,
+    subscribers: Vec<(Vip, IpAddr)>,
+}
+
+/// Every job, rebuilt from the services when they change.
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    jobs: HashMap<CheckTarget, Job>,
+    stale: bool,
+    /// Jobs started so far.
+    pub started: u64,
+}
+
+impl Jobs {
+    /// The services changed: recompute targets before the next round.
+    pub(crate) fn stale(&mut self) {
+        self.stale = true;
+    }
+}
+
+/// How a backend's health changed with one result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transition {
+    None,
+    Up,
+    Down,
+    FirstFailure,
+}
+
+/// Apply one health result to a backend's rise/fall state machine.
+fn apply_health(b: &mut Backend, cfg: &HealthConfig, out: &CheckOutcome, now: Instant) -> Transition {
+    let h = &mut b.health;
+    h.checks += 1;
+    h.last_latency_ms = out.latency_ms;
+    let was_checked = h.checked;
+    h.checked = true;
+    if out.ok {
+        h.ok_streak += 1;
+        h.fail_streak = 0;
+        if !h.up && (h.ok_streak >= cfg.rise || !was_checked) {
+            h.up = true;
+            h.transitions += 1;
+            b.up_since = Some(now);
+            return Transition::Up;
+        }
+        return Transition::None;
+    }
+    h.failures += 1;
+    h.fail_streak += 1;
+    h.ok_streak = 0;
+    h.last_error = Some(out.error.clone().unwrap_or_else(|| "check failed".into()));
+    if h.up && h.fail_streak >= cfg.fall {
+        h.up = false;
+        h.transitions += 1;
+        Transition::Down
+    } else if !was_checked {
+        Transition::FirstFailure
+    } else {
+        Transition::None
+    }
+}
+
+/// A backend changing state: checked at the fast interval (HAProxy's fastinter).
+fn transitioning(b: &Backend) -> bool {
+    let h = &b.health;
+    (h.up && h.fail_streak > 0) || (!h.up && h.ok_streak > 0)
+}
+
+/// "a, b, c and 7 more" for log lines about many VIPs.
+fn some_vips(v: &[Vip]) -> String {
+    let shown: Vec<String> = v.iter().take(3).map(|v| v.to_string()).collect();
+    match v.len() {
+        n if n > 3 => format!("{} VIPs: {} and {} more", n, shown.join(", "), n - 3),
+        1 => format!("VIP {}", shown[0]),
+        n => format!("{n} VIPs: {}", shown.join(", ")),
+    }
+}
+
+/// How often an address without a MAC is probed.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+impl<M: Maps> Agent<M> {
+    /// Recompute targets and subscribers (after the services changed),
+    /// keeping the schedule of targets that stay.
+    fn refresh_jobs(&mut self, now: Instant) {
+        if !self.checks.stale {
+            return;
+        }
+        self.checks.stale = false;
+        let mut subs: HashMap<CheckTarget, Vec<(Vip, IpAddr)>> = HashMap::new();
+        for (vip, s) in &self.vips {
+            for b in s.backends.values() {
+                for t in CheckTarget::of(vip, &s.health, b).into_iter().flatten() {
+                    subs.entry(t).or_default().push((*vip, b.ip));
+                }
+            }
+        }
+        let old = std::mem::take(&mut self.checks.jobs);
+        let mut old = old;
+        for (t, subscribers) in subs {
+            let job = match old.remove(&t) {
+                Some(j) => Job { subscribers, ..j },
+                None => Job { next: now, in_flight: false, subscribers },
+            };
+            self.checks.jobs.insert(t, job);
+        }
+    }
+
+    /// Jobs due now (each target once); marks them in flight.
+    pub fn due_checks(&mut self, now: Instant) -> Vec<CheckJob> {
+        self.refresh_jobs(now);
+        let mut due = Vec::new();
+        for (t, j) in self.checks.jobs.iter_mut() {
+            if !j.in_flight && j.next <= now {
+                j.in_flight = true;
+                due.push(CheckJob { target: t.clone(), timeout: Duration::from_millis(t.spec.timeout_ms) });
+            }
+        }
+        self.checks.started += due.len() as u64;
+        due
+    }
+
+    /// Number of distinct check jobs (targets).
+    pub fn check_jobs(&mut self) -> usize {
+        self.refresh_jobs(Instant::now());
+        self.checks.jobs.len()
+    }
+
+    /// Number of check jobs as of the last round (without recomputing).
+    pub(crate) fn checks_running(&self) -> usize {
+        self.checks.jobs.len()
+    }
+
+    /// Apply a job's outcome to every subscriber; VIPs whose state changed
+    /// are marked for the next `flush` (the caller's).
+    pub fn report(&mut self, job: &CheckJob, out: CheckOutcome) -> Result<()> {
+        let now = Instant::now();
+        let Some(j) = self.checks.jobs.get_mut(&job.target) else { return Ok(()) };
+        j.in_flight = false;
+        let ip = job.target.ip;
+        let (mut down, mut up, mut first, mut agent_changed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut fast = false;
+        let mut jitter = 0;
+        let mut flapping = 0;
+        for (vip, bip) in &j.subscribers {
+            let Some(state) = self.vips.get_mut(vip) else { continue };
+            let Some(b) = state.backends.get_mut(bip) else { continue };
+            let cfg = b.check.as_ref().unwrap_or(&state.health);
+            jitter = jitter.max(cfg.jitter_pct);
+            let changed = match job.target.probe {
+                Probe::Agent { .. } => match &out.agent {
+                    Some(Ok(line)) => match AgentReport::parse(line, b.agent) {
+                        Ok(r) if r != b.agent => {
+                            b.agent = r;
+                            agent_changed.push(*vip);
+                            true
+                        }
+                        Ok(_) => false,
+                        Err(e) => {
+                            log::debug!("backend {ip} agent check: {e:#}");
+                            false
+                        }
+                    },
+                    // As in HAProxy, a failing agent check does not change the state.
+                    _ => false,
+                },
+                Probe::Health { .. } => {
+                    let cfg = cfg.clone();
+                    let t = apply_health(b, &cfg, &out, now);
+                    fast |= transitioning(b);
+                    match t {
+                        Transition::Up => up.push(*vip),
+                        Transition::Down => down.push(*vip),
+                        Transition::FirstFailure => first.push(*vip),
+                        Transition::None => {}
+                    }
+                    if matches!(t, Transition::Up | Transition::Down) && b.health.transitions.is_multiple_of(10) {
+                        flapping = flapping.max(b.health.transitions);
+                    }
+                    matches!(t, Transition::Up | Transition::Down)
+                }
+            };
+            if changed {
+                self.dirty.insert(*vip);
+                self.state_dirty = true;
+            }
+        }
+        let base = if fast { job.target.spec.fast_interval_ms } else { job.target.spec.interval_ms };
+        j.next = now + jittered(base, jitter);
+        let what = match job.target.probe {
+            Probe::Health { kind, port } => format!("{} :{port}", kind.name()),
+            Probe::Agent { port } => format!("agent :{port}"),
+        };
+        let why = out.error.as_deref().unwrap_or("check failed");
+        if !down.is_empty() {
+            log::warn!("backend {ip} is down ({what} check failed: {why}) for {}", some_vips(&down));
+        }
+        if !up.is_empty() {
+            log::info!("backend {ip} is up ({what} check passed) for {}", some_vips(&up));
+        }
+        if !first.is_empty() {
+            log::warn!("backend {ip} failed its first {what} check ({why}) for {}", some_vips(&first));
+        }
+        if let (false, Some(Ok(line))) = (agent_changed.is_empty(), &out.agent) {
+            log::info!("backend {ip}: agent says {:?} for {}", line.trim(), some_vips(&agent_changed));
+        }
+        if flapping > 0 {
+            log::warn!("backend {ip} is flapping ({flapping} transitions)");
+        }
+        let stranded: Vec<Vip> = down
+            .iter()
+            .filter(|v| self.vips.get(v).is_some_and(|s| !s.backends.values().any(|b| b.usable())))
+            .copied()
+            .collect();
+        if !stranded.is_empty() {
+            log::error!("no backend is available (packets dropped, or balanced over all with fail-open) for {}", some_vips(&stranded));
+        }
+        Ok(())
+    }
+
+    /// Follow one neighbour-table change: backends at `ip` without a
+    /// configured MAC take the new one at once (no operator action). A
+    /// vanished or failed entry keeps the last MAC (the health check judges
+    /// the backend) and the address is probed again.
+    pub fn neighbour_changed(&mut self, ip: IpAddr, mac: Option<Mac>) -> Result<()> {
+        self.neighbours.update(ip, mac);
+        if let Some(mac) = mac {
+            self.take_mac(ip, mac);
+        }
+        self.publish_dirty()
+    }
+
+    /// A full dump of the neighbour table (at start, or after the
+    /// subscription overran): the cache becomes exactly it.
+    pub fn neighbours_dumped(&mut self, entries: &[(IpAddr, Mac)]) -> Result<()> {
+        self.neighbours.replace(entries);
+        for &(ip, mac) in entries {
+            self.take_mac(ip, mac);
+        }
+        self.publish_dirty()
+    }
+
+    fn take_mac(&mut self, ip: IpAddr, mac: Mac) {
+        let mut moved = Vec::new();
+        let mut was = None;
+        for (vip, s) in self.vips.iter_mut() {
+            if let Some(b) = s.backends.get_mut(&ip) {
+                if b.mac_cfg.is_none() && b.mac != Some(mac) {
+                    was = was.or(b.mac);
+                    b.mac = Some(mac);
+                    moved.push(*vip);
+                }
+            }
+        }
+        match (moved.is_empty(), was) {
+            (true, _) => {}
+            (false, Some(old)) => log::info!("backend {ip} moved to {mac} (was {old}) for {}", some_vips(&moved)),
+            (false, None) => log::info!("backend {ip} is at {mac} (neighbour table) for {}", some_vips(&moved)),
+        }
+        for v in moved {
+            self.dirty.insert(v);
+            self.state_dirty = true;
+        }
+    }
+
+    /// Addresses to probe now so the kernel resolves them: backends without
+    /// a MAC, and vanished entries, each address at most once per
+    /// `PROBE_INTERVAL` whatever number of VIPs use it.
+    pub fn due_probes(&mut self, now: Instant) -> Vec<IpAddr> {
+        let mut want: BTreeSet<IpAddr> = self.neighbours.take_refresh();
+        for s in self.vips.values() {
+            for b in s.backends.values() {
+                if b.mac.is_none() && b.mac_cfg.is_none() && b.admin != Admin::Maint {
+                    want.insert(b.ip);
+                }
+            }
+        }
+        want.into_iter().filter(|ip| self.neighbours.probe_due(*ip, now, PROBE_INTERVAL)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        agent::{AgentOptions, MemMaps},
+        maps::LoadOptions,
+    };
+    use lb_common::Algo;
+
+    fn agent(max_vips: u32) -> Agent<MemMaps> {
+        let load = LoadOptions { max_vips, max_tables: max_vips, ring_size: 251, ..Default::default() };
+        let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig::default() };
+        Agent::new(MemMaps::new(load), opts).expect("agent")
+    }
+
+    fn vip(port: u16) -> Vip {
+        format!("10.0.0.100:{port}/tcp").parse().expect("vip")
+    }
+
+    const BACKENDS: [&str; 3] = ["10.0.0.11", "10.0.0.12", "10.0.0.13"];
+
+    /// `n` VIPs sharing three backends whose MACs are known.
+    fn shared(n: u16) -> Agent<MemMaps> {
+        let mut a = agent(n as u32);
+        for (i, b) in BACKENDS.iter().enumerate() {
+            a.neighbour_changed(b.parse().expect("ip"), Some(Mac([2, 0, 0, 0, 0, 0x11 + i as u8]))).expect("neigh");
+        }
+        for p in 0..n {
+            a.add_vip(vip(1000 + p), Algo::Maglev, 0).expect("vip");
+            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
+            a.add_backends(&vip(1000 + p), &list).expect("backends");
+        }
+        a
+    }
+
+    fn ok() -> CheckOutcome {
+        CheckOutcome { ok: true, latency_ms: Some(0.1), ..Default::default() }
+    }
+
+    fn refused() -> CheckOutcome {
+        CheckOutcome { ok: false, error: Some("connect: refused".into()), ..Default::default() }
+    }
+
+    /// Run every due job with `result(ip)` and publish, as the health loop does.
+    fn round(a: &mut Agent<MemMaps>, now: Instant, result: impl Fn(IpAddr) -> CheckOutcome) -> usize {
+        let jobs = a.due_checks(now);
+        for j in &jobs {
+            a.report(j, result(j.target.ip)).expect("report");
+        }
+        a.publish_dirty().expect("publish");
+        a.save_if_dirty();
+        jobs.len()
+    }
+
+    fn live(a: &Agent<MemMaps>, v: &Vip, ip: &str) -> bool {
+        let id = a.vips()[v].backends[&ip.parse::<IpAddr>().expect("ip")].id;
+        a.dp.table(&v.key()).contains(&id)
+    }
+
+    #[test]
+    fn one_job_per_target_whatever_the_number_of_vips() {
+        let mut a = shared(64);
+        assert_eq!(a.check_jobs(), 3 * 64, "each VIP port is its own target (the check connects to the VIP's port)");
+        // The same services checked on one port (e.g. :80 for 80 and 443 of
+        // many tenants) share it.
+        let mut a = agent(64);
+        let h = HealthConfig { port: Some(80), ..Default::default() };
+        for p in 0..64 {
+            a.add_vip_with(vip(1000 + p), Algo::Maglev, 0, Some(h.clone()), Default::default()).expect("vip");
+            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
+            a.add_backends(&vip(1000 + p), &list).expect("backends");
+        }
+        assert_eq!(a.check_jobs(), 3);
+        let t0 = Instant::now();
+        assert_eq!(a.due_checks(t0).len(), 3, "one job per backend host");
+        assert!(a.due_checks(t0).is_empty(), "in flight: not started twice");
+        // Rise and fall are each VIP's own; they do not split the job.
+        let v = vip(1000);
+        a.set_backend_check(&v, BACKENDS[0].parse().expect("ip"), Some(HealthConfig { port: Some(80), rise: 5, fall: 1, ..Default::default() }))
+            .expect("check");
+        assert_eq!(a.check_jobs(), 3);
+        // Another port or path is another job.
+        a.set_backend_check(&v, BACKENDS[0].parse().expect("ip"), Some(HealthConfig { port: Some(81), ..Default::default() })).expect("check");
+        assert_eq!(a.check_jobs(), 4);
+        // Agent checks are shared too.
+        let h = HealthConfig { port: Some(80), agent_port: Some(9999), ..Default::default() };
+        for p in 1..64 {
+            for b in BACKENDS {
+                a.set_backend_check(&vip(1000 + p), b.parse().expect("ip"), Some(h.clone())).expect("check");
+            }
+        }
+        assert_eq!(a.check_jobs(), 4 + 3, "the 4 health jobs (the agent port does not split them) + 3 shared agent jobs");
+    }
+
+    #[test]
+    fn a_shared_result_fans_out_to_every_vip_in_one_flush() {
+        let mut a = agent(512);
+        let h = HealthConfig { port: Some(80), ..Default::default() };
+        let macs: Vec<(IpAddr, Mac)> =
+            BACKENDS.iter().enumerate().map(|(i, b)| (b.parse().expect("ip"), Mac([2, 0, 0, 0, 0, 0x11 + i as u8]))).collect();
+        a.neighbours_dumped(&macs).expect("dump");
+        let mut d = crate::config::Desired::default();
+        for p in 0..512 {
+            d.vips.push(crate::config::DesiredVip {
+                vip: vip(1000 + p),
+                algo: Algo::Maglev,
+                persist: 0,
+                health: Some(h.clone()),
+                all_down: Default::default(),
+                slow_start_ms: 0,
+                backends: BACKENDS
+                    .iter()
+                    .map(|b| crate::config::DesiredBackend {
+                        ip: b.parse().expect("ip"),
+                        mac: None,
+                        weight: 1,
+                        health: None,
+                        state: Admin::Ready,
+                    })
+                    .collect(),
+            });
+        }
+        a.apply_desired(&d).expect("apply");
+        let writes = a.dp.ring_writes;
+        assert_eq!(writes, 0, "no backend is up before its first check: no table");
+        let t0 = Instant::now();
+        assert_eq!(round(&mut a, t0, |_| ok()), 3);
+        assert_eq!(a.dp.ring_writes, 512, "one table per VIP, once");
+        assert!(a.vips().keys().all(|v| BACKENDS.iter().all(|b| live(&a, v, b))));
+        // Backend 2 dies: fall (3) failures at the fast interval take it out
+        // of all 512 tables, each written once.
+        let dead: IpAddr = BACKENDS[1].parse().expect("ip");
+        let mut t = t0;
+        for i in 0..3 {
+            t += Duration::from_millis(400);
+            let before = a.dp.ring_writes;
+            assert_eq!(round(&mut a, t, |ip| if ip == dead { refused() } else { ok() }), 3);
+            let out = a.vips().keys().filter(|v| !live(&a, v, BACKENDS[1])).count();
+            let next = a.checks.jobs.iter().find(|(k, _)| k.ip == dead).map(|(_, j)| j.next).expect("job");
+            let fast = next <= Instant::now() + Duration::from_millis(115);
+            assert_eq!(fast, i < 2, "fast interval while changing state, the normal one once down");
+            if i < 2 {
+                assert_eq!(out, 0, "still in after {} failure(s)", i + 1);
+                assert_eq!(a.dp.ring_writes, before);
+            } else {
+                assert_eq!(out, 512, "out of every VIP's table after the third failure");
+                assert_eq!(a.dp.ring_writes, before + 512);
+            }
+        }
+        assert!(a.vips().keys().all(|v| live(&a, v, BACKENDS[0]) && live(&a, v, BACKENDS[2])), "no false down");
+    }
+
+    #[test]
+    fn rise_and_fall_are_each_vips_own() {
+        let mut a = shared(2);
+        let (v1, v2) = (vip(1000), vip(1001));
+        let ip: IpAddr = BACKENDS[0].parse().expect("ip");
+        a.set_backend_check(&v2, ip, Some(HealthConfig { fall: 1, ..Default::default() })).expect("check");
+        let mut t = Instant::now();
+        round(&mut a, t, |_| ok());
+        assert!(live(&a, &v1, BACKENDS[0]) && live(&a, &v2, BACKENDS[0]));
+        t += Duration::from_secs(1);
+        round(&mut a, t, |i| if i == ip { refused() } else { ok() });
+        assert!(live(&a, &v1, BACKENDS[0]), "fall 3: one failure is not enough");
+        assert!(!live(&a, &v2, BACKENDS[0]), "fall 1: out after one failure");
+    }
+
+    #[test]
+    fn macs_come_from_the_cache_and_unresolved_addresses_are_probed_once_each() {
+        let mut a = agent(8);
+        for p in 0..8 {
+            a.add_vip(vip(1000 + p), Algo::Maglev, 0).expect("vip");
+            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
+            a.add_backends(&vip(1000 + p), &list).expect("backends");
+        }
+        let t0 = Instant::now();
+        let probes = a.due_probes(t0);
+        assert_eq!(probes.len(), 3, "one probe per address, not per VIP: {probes:?}");
+        assert!(a.due_probes(t0 + Duration::from_millis(100)).is_empty(), "not again within the probe interval");
+        assert_eq!(a.due_probes(t0 + PROBE_INTERVAL).len(), 3, "again after it");
+        round(&mut a, t0, |_| ok());
+        assert_eq!(a.dp.ring_writes, 0, "up but no MAC: no table");
+        let ip: IpAddr = BACKENDS[0].parse().expect("ip");
+        let m = Mac([2, 0, 0, 0, 0, 0x42]);
+        a.neighbour_changed(ip, Some(m)).expect("event");
+        assert_eq!(a.dp.ring_writes, 8, "every VIP using it published once");
+        assert!((0..8).all(|p| a.vips()[&vip(1000 + p)].backends[&ip].mac == Some(m)));
+        assert_eq!(a.due_probes(t0 + 2 * PROBE_INTERVAL).len(), 2, "the resolved address is no longer probed");
+        // The entry vanishes: the MAC is kept, the address probed once.
+        a.neighbour_changed(ip, None).expect("event");
+        assert!((0..8).all(|p| a.vips()[&vip(1000 + p)].backends[&ip].mac == Some(m)));
+        assert!(a.due_probes(t0 + 4 * PROBE_INTERVAL).contains(&ip));
+        // A dump after an overrun brings changes missed meanwhile.
+        let m2 = Mac([2, 0, 0, 0, 0, 0x43]);
+        a.neighbours_dumped(&[(ip, m2)]).expect("dump");
+        assert!((0..8).all(|p| a.vips()[&vip(1000 + p)].backends[&ip].mac == Some(m2)));
+        // A configured MAC is never overridden.
+        let fixed: IpAddr = "10.0.0.20".parse().expect("ip");
+        let m3 = Mac([2, 0, 0, 0, 0, 0x20]);
+        a.add_backend(&vip(1000), fixed, Some(m3), 1).expect("backend");
+        a.neighbour_changed(fixed, Some(m2)).expect("event");
+        assert_eq!(a.vips()[&vip(1000)].backends[&fixed].mac, Some(m3));
+        assert!(!a.due_probes(t0 + 8 * PROBE_INTERVAL).contains(&fixed), "a configured MAC needs no probe");
+    }
+}

@@ -1,0 +1,223 @@
+//! The agent's narrow view of the datapath: the writes and reads it needs,
+//! nothing else. `Datapath` (the loaded object) implements it for real;
+//! `MemMaps` implements it in memory, so planning, coalescing, health state
+//! machines, limits and reload are unit-tested without BPF or root.
+
+use anyhow::{bail, Result};
+use lb_common::{BackendInfo, Counters, VipInfo, VipKey};
+use std::collections::HashMap;
+
+use crate::maps::{Datapath, LoadOptions};
+
+/// Number of global counters.
+const STATS: usize = lb_common::stats::STAT_COUNT as usize;
+
+/// What the agent reads and writes in the datapath.
+pub trait Maps {
+    /// Sizes the maps were created with.
+    fn opts(&self) -> LoadOptions;
+    /// Capacity of the backend array.
+    fn max_backends(&self) -> u32;
+    /// Insert or replace a VIP entry (atomic for readers).
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
+    /// Remove a VIP entry.
+    fn del_vip(&mut self, key: &VipKey) -> Result<()>;
+    /// Write a backend entry.
+    fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()>;
+    /// Write a table into ring slot `slot` (one operation).
+    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()>;
+    /// Read `len` ring entries from `offset`.
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>>;
+    /// Set a VIP pre-filter entry.
+    fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()>;
+    /// Traffic counters of a backend id (summed over CPUs).
+    fn backend_counters(&self, id: u32) -> Result<Counters>;
+    /// Zero a backend id's counters.
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
+    /// Active flows of a backend id.
+    fn backend_conns(&self, id: u32) -> Result<i64>;
+    /// Set a backend id's active-flow count.
+    fn set_backend_conns(&mut self, id: u32, n: i64) -> Result<()>;
+    /// Global counters summed over CPUs.
+    fn stats(&self) -> Result<[u64; STATS]>;
+    /// Kernel id of the loaded program, if any.
+    fn program_id(&self) -> Option<u32>;
+    /// Memory of each map, bytes.
+    fn memory(&self) -> std::collections::BTreeMap<String, u64>;
+    /// The destination MACs the datapath acts on (the interface's first).
+    fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()>;
+}
+
+impl Maps for Datapath {
+    fn opts(&self) -> LoadOptions {
+        self.opts
+    }
+    fn max_backends(&self) -> u32 {
+        Datapath::max_backends(self)
+    }
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        Datapath::set_vip(self, key, info)
+    }
+    fn del_vip(&mut self, key: &VipKey) -> Result<()> {
+        Datapath::del_vip(self, key)
+    }
+    fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        Datapath::set_backend(self, id, info)
+    }
+    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
+        Datapath::write_ring(self, slot, table)
+    }
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        Datapath::read_ring(self, offset, len)
+    }
+    fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
+        Datapath::set_vip_filter(self, idx, n)
+    }
+    fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Datapath::backend_counters(self, id)
+    }
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        Datapath::reset_backend_counters(self, id)
+    }
+    fn backend_conns(&self, id: u32) -> Result<i64> {
+        Datapath::backend_conns(self, id)
+    }
+    fn set_backend_conns(&mut self, id: u32, n: i64) -> Result<()> {
+        Datapath::set_backend_conns(self, id, n)
+    }
+    fn stats(&self) -> Result<[u64; STATS]> {
+        Datapath::stats(self)
+    }
+    fn program_id(&self) -> Option<u32> {
+        Datapath::program_id(self)
+    }
+    fn memory(&self) -> std::collections::BTreeMap<String, u64> {
+        Datapath::memory(self)
+    }
+    fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        Datapath::set_accepted_macs(self, macs)
+    }
+}
+
+/// The datapath's maps in memory, with a count of every write (tests check
+/// that a change touches the tables once).
+#[derive(Debug, Default, Clone)]
+pub struct MemMaps {
+    /// Sizes, as `Datapath::load` would take them.
+    pub load: LoadOptions,
+    /// VIP map.
+    pub vips: HashMap<VipKey, VipInfo>,
+    /// Backend array (only written entries).
+    pub backends: HashMap<u32, BackendInfo>,
+    /// Ring array.
+    pub rings: Vec<u32>,
+    /// Pre-filter entries (only non-zero ones).
+    pub filter: HashMap<u32, u32>,
+    /// Active flows per backend id.
+    pub conns: HashMap<u32, i64>,
+    /// Traffic per backend id (tests set it).
+    pub counters: HashMap<u32, Counters>,
+    /// Tables written (`write_ring` calls).
+    pub ring_writes: usize,
+    /// VIP entries written or removed.
+    pub vip_writes: usize,
+    /// Accepted destination MACs.
+    pub macs: Vec<[u8; 6]>,
+}
+
+impl MemMaps {
+    /// Empty maps of the given sizes.
+    pub fn new(load: LoadOptions) -> MemMaps {
+        MemMaps { load, rings: vec![0; (load.ring_slots() * load.ring_size) as usize], ..Default::default() }
+    }
+
+    /// The table the datapath would read for `key` (empty: no table).
+    pub fn table(&self, key: &VipKey) -> Vec<u32> {
+        self.vips
+            .get(key)
+            .map(|i| self.rings[i.ring_off as usize..(i.ring_off + i.ring_size) as usize].to_vec())
+            .unwrap_or_default()
+    }
+}
+
+impl Maps for MemMaps {
+    fn opts(&self) -> LoadOptions {
+        self.load
+    }
+    fn max_backends(&self) -> u32 {
+        lb_common::MAX_BACKENDS
+    }
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        // The kernel's hash map refuses a new key beyond its capacity.
+        if !self.vips.contains_key(key) && self.vips.len() >= crate::maps::vip_map_entries(&self.load) as usize {
+            bail!("cannot write the VIP map: bpf_map_update_elem failed: Argument list too long (os error 7)");
+        }
+        self.vip_writes += 1;
+        self.vips.insert(*key, *info);
+        Ok(())
+    }
+    fn del_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vip_writes += 1;
+        match self.vips.remove(key) {
+            Some(_) => Ok(()),
+            None => bail!("cannot remove from the VIP map: no such entry"),
+        }
+    }
+    fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        if id >= lb_common::MAX_BACKENDS {
+            bail!("backend id {id} out of range");
+        }
+        self.backends.insert(id, *info);
+        Ok(())
+    }
+    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
+        if table.len() > self.load.ring_size as usize || slot >= self.load.ring_slots() {
+            bail!("ring slot {slot} or table size {} out of range", table.len());
+        }
+        let base = (slot * self.load.ring_size) as usize;
+        self.rings[base..base + table.len()].copy_from_slice(table);
+        self.ring_writes += 1;
+        Ok(())
+    }
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        Ok(self.rings[offset as usize..(offset + len) as usize].to_vec())
+    }
+    fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
+        if n == 0 {
+            self.filter.remove(&idx);
+        } else {
+            self.filter.insert(idx, n);
+        }
+        Ok(())
+    }
+    fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Ok(self.counters.get(&id).copied().unwrap_or_default())
+    }
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        self.counters.remove(&id);
+        Ok(())
+    }
+    fn backend_conns(&self, id: u32) -> Result<i64> {
+        Ok(self.conns.get(&id).copied().unwrap_or(0).max(0))
+    }
+    fn set_backend_conns(&mut self, id: u32, n: i64) -> Result<()> {
+        self.conns.insert(id, n);
+        Ok(())
+    }
+    fn stats(&self) -> Result<[u64; STATS]> {
+        Ok([0; STATS])
+    }
+    fn program_id(&self) -> Option<u32> {
+        None
+    }
+    fn memory(&self) -> std::collections::BTreeMap<String, u64> {
+        [("XLB_RINGS".to_string(), self.rings.len() as u64 * 8)].into_iter().collect()
+    }
+    fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        if macs.is_empty() || macs.len() > lb_common::MAX_ACCEPT_MACS as usize {
+            bail!("between 1 and {} accepted MACs", lb_common::MAX_ACCEPT_MACS);
+        }
+        self.macs = macs.to_vec();
+        Ok(())
+    }
+}

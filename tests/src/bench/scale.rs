@@ -1,0 +1,148 @@
+//! Control plane at scale (issue 10): how a table is written (one system
+//! call per entry, one batch update, or stores through a memory mapping of
+//! a `BPF_F_MMAPABLE` array: all three on stand-alone arrays of 65 537
+//! entries, in this run), one table change from request to published, and
+//! many VIPs sharing backends (`scale::shared`): 512 VIPs × 3 backend hosts
+//! configured from a file and through the CLI one by one, and 64 VIPs × 100
+//! backends from a file.
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData};
+use serde::Serialize;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+use xlb::{
+    api::{self, Request},
+    maps::{update_batch, RingMem},
+};
+
+use crate::{
+    lab::{backend_ip, TempDir, VIP},
+    scale::{self, Checks, Shared},
+    scenario::Deployment,
+};
+
+/// Everything this section measured.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Scale {
+    /// Writing 65 537 ring entries, ms (median of 5): one `bpf_map_update_elem` each.
+    pub write_per_entry_ms: f64,
+    /// The same with one `BPF_MAP_UPDATE_BATCH`.
+    pub write_batch_ms: f64,
+    /// The same through the memory mapping (what the agent does).
+    pub write_mmap_ms: f64,
+    /// `backend set --weight` on a 3-backend VIP, request sent → table
+    /// published (the VIP entry's update, timed by the agent), ms: median
+    /// and max of 21, every weight a new one (no cached Maglev layout).
+    pub table_change_ms: [f64; 2],
+    /// The same, request sent → answer (after the state file is saved).
+    pub table_change_answer_ms: [f64; 2],
+    /// 512 VIPs × 3 shared backends.
+    pub shared_512: Option<Shared>,
+    /// The same 512 × 3 through the CLI (`vip add`, 3 × `backend add` each), s.
+    pub cli_512_s: Option<f64>,
+    /// 64 VIPs × 100 backends (configured MACs, no checks: no 100
+    /// namespaces), `config reload`, ms.
+    pub reload_64x100_ms: Option<f64>,
+    /// Ring array memory with --max-tables 512, MiB (from `xlb status`).
+    pub rings_mib_512: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// The three ways to write a table, on stand-alone arrays.
+pub fn ring_writes() -> Result<(f64, f64, f64)> {
+    const N: u32 = lb_common::DEFAULT_RING_SIZE;
+    let table: Vec<u32> = (0..N).map(|i| i % 3).collect();
+    let keys: Vec<u32> = (0..N).collect();
+    let mut plain: Array<MapData, u32> = Array::create(N, 0).context("array")?;
+    let mut per_entry = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (i, v) in table.iter().enumerate() {
+            plain.set(i as u32, v, 0)?;
+        }
+        per_entry.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut batch = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        use aya::maps::IterableMap;
+        update_batch(plain.map(), &keys, &table)?;
+        batch.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mapped: Array<MapData, u32> = Array::create(N, lb_common::RINGS_MAP_FLAGS).context("mmapable array")?;
+    let mem = RingMem::map(&mapped, N).context("mmap")?;
+    let mut mm = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        mem.write(0, &table);
+        mm.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // The kernel sees what was written.
+    for i in [0u32, 1, 777, N - 1] {
+        anyhow::ensure!(mapped.get(&i, 0)? == table[i as usize], "mmap write not seen by the kernel at {i}");
+    }
+    Ok((median(per_entry), median(batch), median(mm)))
+}
+
+/// Run the section.
+pub fn run(xlb: &Path, lab_bin: &Path) -> Result<Scale> {
+    let mut r = Scale::default();
+    (r.write_per_entry_ms, r.write_batch_ms, r.write_mmap_ms) = ring_writes()?;
+    let dir = TempDir::new("bench-scale")?;
+    // 512 VIPs × 3 from a file; steady state; a killed backend; then table
+    // changes on a VIP whose (two remaining) backends are up.
+    {
+        let mut d = Deployment::start(xlb, lab_bin, 3, &["--max-vips", "512", "--max-tables", "512"])?;
+        let c = Checks { interval_ms: 100, fast_interval_ms: 100, fall: 3 };
+        r.shared_512 = Some(scale::shared(&mut d, &dir.0, 512, c, Duration::from_secs(10), true)?);
+        let st = scale::status(&d)?;
+        r.rings_mib_512 = st["datapath_memory"]["XLB_RINGS"].as_u64().map(|b| b as f64 / 1048576.0);
+        let vip = format!("{VIP}:1000/tcp");
+        let b2 = backend_ip(2).to_string();
+        let (mut published, mut answered) = (Vec::new(), Vec::new());
+        let now_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        for i in 0..21u32 {
+            let req = Request::BackendSet { vip: vip.parse()?, ip: b2.parse()?, weight: Some(2 + i), state: None, dry_run: false };
+            let (t, sent) = (Instant::now(), now_us());
+            let v = api::call(&d.socket, &req)?;
+            answered.push(t.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(v["moved"].as_u64().unwrap_or(0) > 0, "weight {} changed no table entry: {v}", 2 + i);
+            let st = scale::status(&d)?;
+            let at = st["vips"].as_array().into_iter().flatten().find(|x| x["vip"] == vip.as_str()).and_then(|x| x["published_at_us"].as_u64());
+            published.push(at.context("publication time")?.saturating_sub(sent) as f64 / 1e3);
+        }
+        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        r.table_change_ms = [median(published.clone()), max(&published)];
+        r.table_change_answer_ms = [median(answered.clone()), max(&answered)];
+    }
+    // 512 × 3 through the CLI, checked on port 80 like the file's.
+    {
+        let d = Deployment::start(xlb, lab_bin, 3, &["--max-vips", "512", "--max-tables", "512"])?;
+        let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+        let t = Instant::now();
+        for p in 0..512 {
+            d.configure_vip(&format!("{VIP}:{}/tcp", 1000 + p), &["--check-port", "80"], &ips)?;
+        }
+        r.cli_512_s = Some(t.elapsed().as_secs_f64());
+    }
+    // 64 × 100, configured MACs and no checks.
+    {
+        let d = Deployment::start(xlb, lab_bin, 1, &["--max-vips", "64"])?;
+        let backends: Vec<(String, Option<String>)> = (0..100u32)
+            .map(|i| (format!("10.200.{}.{}", 1 + i / 200, 1 + i % 200), Some(format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256 + 1))))
+            .collect();
+        let text = scale::config(64, &backends, Checks { interval_ms: 300, fast_interval_ms: 100, fall: 3 }).replace("kind = \"tcp\"", "kind = \"none\"");
+        r.reload_64x100_ms = Some(scale::reload(&d, &dir.0, &text)?);
+        let st = scale::status(&d)?;
+        let up = st["vips"].as_array().into_iter().flatten().flat_map(|v| v["backends"].as_array().into_iter().flatten()).filter(|b| b["state"] == "up").count();
+        anyhow::ensure!(up == 6400, "64 × 100: {up} of 6400 backends up");
+    }
+    Ok(r)
+}
