@@ -177,6 +177,11 @@ impl<M: Maps> Agent<M> {
         &self.opts.health
     }
 
+    /// Whether a change of this VIP awaits publication (`xlb explain`).
+    pub fn is_pending(&self, vip: &Vip) -> bool {
+        self.dirty.contains(vip)
+    }
+
     /// Mark a VIP for the next `flush` (and the state file).
     fn mark(&mut self, vip: Vip) {
         self.toml_cache.get_mut().remove(&vip);

@@ -382,8 +382,8 @@ pub fn explain(agent: &Agent, vip: &Vip, client: &Client) -> Result<Explanation>
     };
     let mut may_change = Vec::new();
     if let Some(s) = state {
-        if o.vip.is_some_and(|v| v != s.published) {
-            may_change.push("the agent is publishing a new table for this VIP (the datapath still reads the previous one)".into());
+        if agent.is_pending(vip) || o.vip.is_some_and(|v| v != s.published) {
+            may_change.push("a change of this VIP awaits publication (the datapath still reads the previous table)".into());
         }
         if s.failing_open {
             may_change.push("every backend is down and the VIP fails open: it balances over them as if up until one passes its checks".into());
