@@ -140,6 +140,16 @@ fn flooded_frames_to_a_mac_nobody_owns_are_not_forwarded() {
     assert_eq!(counter(&d, "forwarded") - fwd1, 10, "frames to the balancer's MAC are balanced");
 }
 
+/// The streams of hold client `name` all lasted, none broken or moved
+/// to another backend; says so as `what`.
+fn assert_streams_kept(d: &Deployment, name: &str, what: &str) {
+    let report: Vec<xlb_tests::traffic::Held> = d.report(name, Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    eprintln!("{what}: {} streams, {} broken or moved", report.len(), broken.len());
+    assert_eq!(report.len(), 40, "{what}");
+    assert!(broken.is_empty(), "{what}: streams broken or moved: {broken:?}");
+}
+
 /// keepalived in `role`'s namespace with examples/ha/keepalived.conf.
 fn keepalived(d: &mut Deployment, role: &str, priority: u32, socket: &std::path::Path) {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha/keepalived.conf");
@@ -209,11 +219,7 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "down"]).expect("cut the master's link");
     let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", "10.200.0.9"))).expect("failover");
     eprintln!("VRRP: lb2 master {:?} after the master's link went down", took);
-    let report: Vec<xlb_tests::traffic::Held> = d.report("hold", Duration::from_secs(30)).expect("hold report");
-    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
-    eprintln!("VRRP failover: {} streams, {} broken or moved", report.len(), broken.len());
-    assert_eq!(report.len(), 40);
-    assert!(broken.is_empty(), "streams broken or moved by the failover: {broken:?}");
+    assert_streams_kept(&d, "hold", "VRRP failover");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
 
@@ -224,10 +230,7 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "up"]).expect("restore the link");
     d.wait("failback", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9") && !holds_address(&d, "lb2", "10.200.0.9")))
         .expect("failback");
-    let report: Vec<xlb_tests::traffic::Held> = d.report("hold2", Duration::from_secs(30)).expect("hold report");
-    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
-    eprintln!("VRRP failback: {} streams, {} broken or moved", report.len(), broken.len());
-    assert!(broken.is_empty(), "streams broken or moved by the failback: {broken:?}");
+    assert_streams_kept(&d, "hold2", "VRRP failback");
 
     // Restarting the master's agent is no failover (the verdict's grace).
     d.lab.kill("agent").expect("kill -9 the master's agent");
@@ -251,9 +254,7 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     let took = d.wait("the drained master to hand over", Duration::from_secs(8), || Ok(holds_address(&d, "lb2", "10.200.0.9")))
         .expect("handover");
     eprintln!("VRRP: drained master handed over after {took:?} (track script: interval 1 s, fall 2)");
-    let report: Vec<xlb_tests::traffic::Held> = d.report("hold3", Duration::from_secs(30)).expect("hold report");
-    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
-    assert!(broken.is_empty(), "streams broken or moved by the drain: {broken:?}");
+    assert_streams_kept(&d, "hold3", "VRRP drain");
 }
 
 /// BIRD in `role`'s namespace: `router id` then the example file.
@@ -353,11 +354,7 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "down"]).expect("cut lb2's link");
     let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("route withdrawn");
     eprintln!("ECMP: lb2's next hop withdrawn {took:?} after its link went down");
-    let report: Vec<xlb_tests::traffic::Held> = d.report("hold", Duration::from_secs(30)).expect("hold report");
-    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
-    eprintln!("ECMP failover: {} streams, {} broken or moved", report.len(), broken.len());
-    assert_eq!(report.len(), 40);
-    assert!(broken.is_empty(), "streams broken or moved by the failover: {broken:?}");
+    assert_streams_kept(&d, "hold", "ECMP failover");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections over the two left: {:?}", s.errors);
 
@@ -368,16 +365,12 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "up"]).expect("restore lb2's link");
     let took = d.wait("lb2's return", Duration::from_secs(15), || Ok(nexthops(&d) == 3)).expect("announced again");
     eprintln!("ECMP: lb2 announced again {took:?} after its link came back");
-    let report: Vec<xlb_tests::traffic::Held> = d.report("hold2", Duration::from_secs(30)).expect("hold report");
-    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
-    assert!(broken.is_empty(), "streams broken or moved by lb2's return: {broken:?}");
+    assert_streams_kept(&d, "hold2", "ECMP return of lb2");
 
     // Graceful drain of lb3 under streams.
     d.spawn_hold("hold3", 40, 6_000).expect("hold");
     std::thread::sleep(Duration::from_millis(500));
     assert!(clis[2](&["ha", "drain"]).status.success());
     d.wait("lb3's withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("drained");
-    let report: Vec<xlb_tests::traffic::Held> = d.report("hold3", Duration::from_secs(30)).expect("hold report");
-    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
-    assert!(broken.is_empty(), "streams broken or moved by the drain: {broken:?}");
+    assert_streams_kept(&d, "hold3", "ECMP drain");
 }
