@@ -30,32 +30,32 @@ pub enum Stat {
     DropBadBackend = 8,
     /// XDP_ABORTED: the frame could not be rewritten (should never happen).
     Aborted = 9,
-    /// Event: connection-table hit that was used.
-    CtHit = 10,
-    /// Event: connection-table miss (a new flow was scheduled).
-    CtMiss = 11,
-    /// Event: a table entry pointed at a dead or replaced backend; re-scheduled.
-    CtStale = 12,
-    /// Event: inserting into the connection table failed.
-    CtInsertFail = 13,
-    /// Event: a TCP SYN reused the 5-tuple of a table entry; re-scheduled.
-    CtSynReuse = 14,
-    /// Event: a FIN or RST closed a table entry (no longer active).
-    CtClosed = 15,
-    /// Event: an ICMP error about a VIP flow was sent to the flow's backend.
-    IcmpSteered = 16,
-    /// Event: an IP fragment to a VIP address was forwarded (3-tuple hash).
-    FragForwarded = 17,
-    /// Event: source-hash persistence kept a client on its backend.
-    PersistHit = 18,
-    /// Event: a new flow took the way of an open entry (its set was full of
-    /// open flows): that flow lost its entry before it ended.
-    CtEvicted = 19,
     /// XDP_PASS: VIP traffic in a frame addressed to another MAC (flooded
     /// unknown unicast, broadcast, multicast): only frames for this
     /// interface's MAC or an `--accept-mac` are balanced, so balancers
     /// sharing a segment never forward the same frame twice.
-    PassOtherMac = 20,
+    PassOtherMac = 10,
+    /// Event: connection-table hit that was used.
+    CtHit = 11,
+    /// Event: connection-table miss (a new flow was scheduled).
+    CtMiss = 12,
+    /// Event: a table entry pointed at a dead or replaced backend; re-scheduled.
+    CtStale = 13,
+    /// Event: inserting into the connection table failed.
+    CtInsertFail = 14,
+    /// Event: a TCP SYN reused the 5-tuple of a table entry; re-scheduled.
+    CtSynReuse = 15,
+    /// Event: a FIN or RST closed a table entry (no longer active).
+    CtClosed = 16,
+    /// Event: an ICMP error about a VIP flow was sent to the flow's backend.
+    IcmpSteered = 17,
+    /// Event: an IP fragment to a VIP address was forwarded (3-tuple hash).
+    FragForwarded = 18,
+    /// Event: source-hash persistence kept a client on its backend.
+    PersistHit = 19,
+    /// Event: a new flow took the way of an open entry (its set was full of
+    /// open flows): that flow lost its entry before it ended.
+    CtEvicted = 20,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
@@ -73,6 +73,7 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::DropNoBackend,
     Stat::DropBadBackend,
     Stat::Aborted,
+    Stat::PassOtherMac,
     Stat::CtHit,
     Stat::CtMiss,
     Stat::CtStale,
@@ -83,23 +84,10 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::FragForwarded,
     Stat::PersistHit,
     Stat::CtEvicted,
-    Stat::PassOtherMac,
 ];
 
-/// Counters that are verdicts (exactly one per frame).
-pub const VERDICTS: &[Stat] = &[
-    Stat::Forwarded,
-    Stat::PassNotIp,
-    Stat::PassNotVip,
-    Stat::PassTruncated,
-    Stat::PassBadHeader,
-    Stat::PassOtherL4,
-    Stat::PassExtHeaders,
-    Stat::DropNoBackend,
-    Stat::DropBadBackend,
-    Stat::Aborted,
-    Stat::PassOtherMac,
-];
+/// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
+pub const VERDICTS: &[Stat] = ALL.split_at(Stat::PassOtherMac as usize + 1).0;
 
 impl Stat {
     /// Stable snake_case name used in `xlb stats` and JSON output.
@@ -139,7 +127,7 @@ mod tests {
         for (i, s) in ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(VERDICTS.len(), Stat::Aborted as usize + 2);
+        assert_eq!(VERDICTS.len(), Stat::PassOtherMac as usize + 1);
         assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_") || v.name().starts_with("drop_") || matches!(v, Stat::Forwarded | Stat::Aborted)));
     }
 }

@@ -60,6 +60,12 @@ pub enum Request {
         #[serde(with = "text")]
         vip: Vip,
     },
+    /// This node's HA readiness (`xlb ha check`).
+    HaCheck,
+    /// Withdraw this node (`xlb ha drain`).
+    HaDrain,
+    /// Undo `HaDrain`.
+    HaUndrain,
     /// List VIPs.
     VipList,
     /// Add a backend to a VIP.
@@ -150,9 +156,19 @@ pub struct Host {
     pub detached: tokio::sync::Notify,
     /// Told by the API once that answer is written (the daemon then exits).
     pub answered: tokio::sync::Notify,
+    /// This node's HA switches (drain, last verdict); the daemon sets them.
+    pub ha: Option<std::sync::Arc<crate::ha::Node>>,
 }
 
 impl Host {
+    /// The agent's status with what the daemon knows added.
+    pub fn status(&self, agent: &Agent) -> Result<Status> {
+        let mut s = agent.status()?;
+        self.fill(&mut s);
+        s.ha = self.ha.as_ref().map(|n| agent.ha_verdict(n.drained()));
+        Ok(s)
+    }
+
     /// Add what the daemon knows to the agent's status.
     pub fn fill(&self, s: &mut Status) {
         s.attach_mode = self.attach_mode.clone();
@@ -180,7 +196,9 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
                 slow_start_ms: slow_start_ms.unwrap_or(0),
             };
             agent.add_vip_spec(vip, &spec)?;
-            Ok(serde_json::Value::Null)
+            let ha_active = host.ha.as_ref().is_some_and(|n| n.active);
+            let warning = ha_active.then(|| crate::ha::inconsistency_warning(&agent.inconsistent_vips())).flatten();
+            Ok(warning.map_or(serde_json::Value::Null, |w| serde_json::json!({ "warning": w })))
         }
         Request::VipDel { vip } => {
             agent.del_vip(&vip)?;
@@ -202,10 +220,15 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             let (moved, entries) = agent.del_backend(&vip, ip)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
+        Request::HaCheck | Request::HaDrain | Request::HaUndrain => {
+            let node = host.ha.as_ref().ok_or_else(|| anyhow!("this agent has no HA state"))?;
+            if !matches!(req, Request::HaCheck) {
+                node.set_drained(matches!(req, Request::HaDrain))?;
+            }
+            Ok(serde_json::to_value(agent.ha_verdict(node.drained()))?)
+        }
         Request::Status => {
-            let mut s = agent.status()?;
-            host.fill(&mut s);
-            Ok(serde_json::to_value(s)?)
+            Ok(serde_json::to_value(host.status(agent)?)?)
         }
         Request::ConfigDump => {
             let text = toml::to_string(&agent.dump()).map_err(|e| anyhow!("cannot render the config: {e}"))?;

@@ -72,6 +72,10 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// High availability beside keepalived or a routing daemon: readiness,
+    /// drain.
+    #[command(subcommand)]
+    Ha(HaCmd),
     /// Attach a pass-through XDP program to IFACE and hold it until
     /// SIGINT/SIGTERM. On a veth, XDP_TX frames are only delivered when the
     /// peer device has an XDP program: run this on the peer.
@@ -80,6 +84,26 @@ pub enum Command {
         #[arg(long)]
         iface: String,
     },
+}
+
+/// `xlb ha …`.
+#[derive(Subcommand, Debug)]
+pub enum HaCmd {
+    /// Exit 0 when this node is ready to be master or announced, 1 when not
+    /// (one line: why), 2 on error: for keepalived's `track_script` and
+    /// routing-daemon hooks.
+    Check {
+        /// While no agent answers, its last verdict counts this long (pinned
+        /// forwarding outlives the agent: restarting both nodes' agents at
+        /// once must not fail both over).
+        #[arg(long, default_value = "10s", value_parser = crate::ha::parse_duration)]
+        grace: std::time::Duration,
+    },
+    /// Withdraw this node (announcements removed, `ha check` fails) while it
+    /// keeps forwarding what still arrives.
+    Drain,
+    /// Undo `drain`.
+    Undrain,
 }
 
 /// XDP attach mode.
@@ -140,6 +164,10 @@ pub struct AgentArgs {
     /// any other MAC (flooded unknown unicast) pass to the kernel.
     #[arg(long = "accept-mac", value_name = "MAC")]
     pub accept_macs: Vec<crate::config::Mac>,
+    /// Keep one host route per ready VIP address in this kernel routing
+    /// table (protocol 245), for BIRD or FRR to announce.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    pub announce_table: Option<u32>,
 }
 
 /// Health-check options of `xlb vip add` (any of them replaces the agent's
@@ -352,6 +380,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 pin_root: (!a.no_pin).then_some(a.pin_root),
                 state_dir: a.state_dir,
                 accept_macs: a.accept_macs,
+                announce_table: a.announce_table,
             };
             runtime()?.block_on(daemon::run(opts))
         }
@@ -362,7 +391,10 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
             let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
-            api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            let r = api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            if let Some(w) = r["warning"].as_str() {
+                eprintln!("xlb: warning: {w}");
+            }
             Ok(())
         }
         Command::Vip(VipCmd::Del { vip }) => {
@@ -423,6 +455,23 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),
+        Command::Ha(HaCmd::Check { grace }) => {
+            let (ready, line) = match ha_check(&socket, grace) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("xlb: error: {}", format!("{e:#}").replace('\n', " "));
+                    std::process::exit(2)
+                }
+            };
+            println!("{line}");
+            std::process::exit(if ready { 0 } else { 1 })
+        }
+        Command::Ha(cmd) => {
+            let v = api::call(&socket, &if matches!(cmd, HaCmd::Drain) { Request::HaDrain } else { Request::HaUndrain })?;
+            let v: crate::ha::Verdict = serde_json::from_value(v).context("malformed answer from the agent")?;
+            println!("{}", if v.drained { "drained: announcements withdrawn, forwarding goes on" } else { "undrained" });
+            Ok(())
+        }
         Command::Status { json } => {
             let v = api::call(&socket, &Request::Status)?;
             if json {
@@ -434,6 +483,18 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `xlb ha check`: (ready, the line to print).
+fn ha_check(socket: &std::path::Path, grace: std::time::Duration) -> Result<(bool, String)> {
+    if std::os::unix::net::UnixStream::connect(socket).is_err() {
+        return Ok(crate::ha::offline_check(socket, grace));
+    }
+    let v: crate::ha::Verdict = serde_json::from_value(api::call(socket, &Request::HaCheck)?).context("malformed answer from the agent")?;
+    Ok(match v.why {
+        None => (true, format!("ready: {} VIP address(es) announceable", v.announce.len())),
+        Some(why) => (false, format!("not ready: {why}")),
+    })
 }
 
 /// "table: N of M entries changed" from an API answer.

@@ -46,6 +46,36 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
     /// Destination MACs to act on besides the interface's (`--accept-mac`).
     pub accept_macs: Vec<Mac>,
+    /// Kernel routing table for announcements (`--announce-table`).
+    pub announce_table: Option<u32>,
+}
+
+/// Every `ha::TICK`: record the node's readiness (for `xlb ha check`) and,
+/// with `--announce-table`, make the table hold a route for exactly the
+/// ready VIP addresses. Errors are logged and retried on the next tick.
+async fn ha_loop(agent: Arc<Mutex<Agent>>, node: Arc<crate::ha::Node>, announcer: Option<crate::ha::Announcer>) {
+    let mut tick = tokio::time::interval(crate::ha::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(bool, Option<String>)> = None;
+    loop {
+        tick.tick().await;
+        let Ok(v) = agent.lock().map(|a| a.ha_verdict(node.drained())) else { return };
+        if last.as_ref() != Some(&(v.ready, v.why.clone())) {
+            match &v.why {
+                None => log::info!("HA: ready ({} VIP address(es))", v.announce.len()),
+                Some(why) => log::info!("HA: not ready: {why}"),
+            }
+            last = Some((v.ready, v.why.clone()));
+        }
+        if let Err(e) = node.record(&v) {
+            log::warn!("HA: {e:#}");
+        }
+        if let Some(a) = &announcer {
+            if let Err(e) = a.reconcile(&v.announce.iter().copied().collect()).await {
+                log::warn!("HA: announcements: {e:#}");
+            }
+        }
+    }
 }
 
 
@@ -238,11 +268,17 @@ async fn start(
     let mut host = api::Host {
         config_path: opts.config.clone(),
         pinned: pins.map(|p| p.shown.join(layout_name(&opts.load))),
+        ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.announce_table.is_some()))),
         ..Default::default()
     };
     agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me, mode: String::new() });
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
+        if opts.announce_table.is_some() {
+            if let Some(w) = crate::ha::inconsistency_warning(&agent.inconsistent_vips()) {
+                log::warn!("{w}");
+            }
+        }
         if had_maps || snapshot.is_some() {
             log::info!("config file applied over the adopted state: {} change(s)", changes.len());
         }
@@ -324,13 +360,19 @@ async fn serve(
         }
     });
     let metrics = opts.metrics.map(|addr| {
-        let a = agent.clone();
+        let (a, h) = (agent.clone(), host.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, a).await {
+            if let Err(e) = crate::metrics::serve(addr, a, h).await {
                 log::error!("{e:#}");
             }
         })
     });
+    let node = host.ha.clone().unwrap_or_else(|| Arc::new(crate::ha::Node::new(&opts.socket, opts.announce_table.is_some())));
+    let announcer = match opts.announce_table {
+        Some(t) => Some(crate::ha::Announcer::new(neigh::connect()?, t, ifindex)),
+        None => None,
+    };
+    let ha = tokio::spawn(ha_loop(agent.clone(), node.clone(), announcer));
     let server = tokio::spawn(api::serve(listener, agent.clone(), host.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -353,6 +395,23 @@ async fn serve(
         }
     }
     server.abort();
+    ha.abort();
+    let _ = ha.await;
+    // Announcements outlive the agent with the forwarding they advertise;
+    // when forwarding stops (detach, no pins), they go first.
+    if detach || lost_on_exit.is_some() {
+        if let Some(t) = opts.announce_table {
+            match neigh::connect().map(|h| crate::ha::Announcer::new(h, t, ifindex)) {
+                Ok(a) => {
+                    if let Err(e) = a.reconcile(&Default::default()).await {
+                        log::warn!("HA: withdrawing announcements: {e:#}");
+                    }
+                }
+                Err(e) => log::warn!("HA: withdrawing announcements: {e:#}"),
+            }
+        }
+        node.remove();
+    }
     health.abort();
     census.abort();
     let _ = census.await;

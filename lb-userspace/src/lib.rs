@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
+pub mod ha;
 pub mod health;
 pub mod maglev;
 pub mod maps;

@@ -60,16 +60,23 @@ pub fn render(s: &Status) -> String {
         family("xlb_conntrack_entries", "gauge", "Connection-table entries at the last census.", vec![(String::new(), e as f64)]);
     }
     family("xlb_maglev_table_entries", "gauge", "Entries per Maglev table.", vec![(String::new(), s.ring_size as f64)]);
+    if let Some(ha) = &s.ha {
+        family("xlb_ha_ready", "gauge", "1 when this node is ready to be master or announced (xlb ha check).", vec![(String::new(), ha.ready as u8 as f64)]);
+        family("xlb_ha_drained", "gauge", "1 while this node is drained (xlb ha drain).", vec![(String::new(), ha.drained as u8 as f64)]);
+    }
+    let fp: Vec<(String, f64)> =
+        s.vips.iter().map(|v| (format!("{{vip=\"{}\",fingerprint=\"{}\"}}", esc(&v.vip), v.table_fingerprint), 1.0)).collect();
+    family("xlb_table_fingerprint", "gauge", "The VIP's table fingerprint (label): equal on nodes that choose alike.", fp);
     o
 }
 
 /// Serve metrics on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>) -> Result<()> {
+pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::api::Host>) -> Result<()> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
     log::info!("metrics on http://{addr}/metrics");
     loop {
         let Ok((mut s, _)) = listener.accept().await else { continue };
-        let agent = agent.clone();
+        let (agent, host) = (agent.clone(), host.clone());
         tokio::spawn(async move {
             // Read the request head (bounded in size and time): answering
             // with unread bytes pending would reset the connection.
@@ -84,7 +91,7 @@ pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>) -> Result<()> {
             }
             let req = String::from_utf8_lossy(&buf);
             let (status, body) = if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
-                let st = agent.lock().ok().map(|a| a.status());
+                let st = agent.lock().ok().map(|a| host.status(&a));
                 match st {
                     Some(Ok(st)) => ("200 OK", render(&st)),
                     _ => ("500 Internal Server Error", "status unavailable\n".to_string()),

@@ -150,6 +150,11 @@ impl Lab {
         Ok(ns)
     }
 
+    /// Another host on the bridge (e.g. a second balancer), torn down with the lab.
+    pub fn add_host(&mut self, role: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<String> {
+        self.attach(role, ip, ip6)
+    }
+
     fn build(&mut self) -> Result<()> {
         let sw = self.add_ns("sw")?;
         sh("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;

@@ -157,6 +157,14 @@ impl Deployment {
         bail!("timed out after {limit:?} waiting for {what}; agent log:\n{}", self.lab.log("agent"))
     }
 
+    /// A CLI bound to another agent's socket (another balancer's).
+    pub fn cli_at(xlb: &Path, socket: &Path) -> impl Fn(&[&str]) -> Output {
+        let (xlb, socket) = (xlb.to_path_buf(), socket.to_path_buf());
+        move |args: &[&str]| {
+            std::process::Command::new(&xlb).arg("--socket").arg(&socket).args(args).output().expect("run xlb")
+        }
+    }
+
     /// Run the CLI against this agent.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         std::process::Command::new(&self.xlb)

@@ -184,18 +184,32 @@ fn a_new_namespace_with_a_reused_inode_does_not_resume_a_dead_deployment() {
     drop(net);
 
     // A new namespace with the same name until the kernel hands out the
-    // same inode (it does once the old one is freed).
+    // same inode (it does once the old namespace is freed, which a loaded
+    // machine may take long to do). If it does not within 15 s, the test
+    // gives the new namespace the dead one's leftovers itself (its state
+    // file and pins renamed to the new inode's names): the same situation.
     let t0 = Instant::now();
     let net = loop {
         let net = Net::new(&ns, &peer);
-        if inode(&ns) == old_inode {
+        let now = inode(&ns);
+        if now == old_inode {
+            eprintln!("namespace inode {old_inode} reused after {:?}", t0.elapsed());
+            break net;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            let state = dir.join("state");
+            let (old_key, new_key) = (format!("eth0@ns{old_inode}"), format!("eth0@ns{now}"));
+            std::fs::rename(state.join(format!("{old_key}.json")), state.join(format!("{new_key}.json"))).expect("move the state file");
+            let old_pins = guard.0.take().expect("pins");
+            let new_pins = old_pins.with_file_name(&new_key);
+            std::fs::rename(&old_pins, &new_pins).expect("move the pins");
+            guard.0 = Some(new_pins);
+            eprintln!("inode {old_inode} not reused within 15 s: the dead deployment's leftovers were renamed to {new_key}");
             break net;
         }
         drop(net);
-        assert!(t0.elapsed() < Duration::from_secs(20), "the kernel did not reuse inode {old_inode} within 20 s");
         std::thread::sleep(Duration::from_millis(200));
     };
-    eprintln!("namespace inode {old_inode} reused after {:?}", t0.elapsed());
 
     // The agent there, with defaults, finds the dead one's state file under
     // the same name: it must set it aside and start clean.

@@ -89,8 +89,8 @@ fn nix_is_root() -> bool {
 
 fn runtime_tools() -> Result<()> {
     // `ip` for namespaces/veth/bridges, `ethtool` to turn off TX checksum
-    // offload on test senders.
-    toolchain::apt_install(&["iproute2", "ethtool"])
+    // offload on test senders, keepalived and BIRD for the failover tests.
+    toolchain::apt_install(&["iproute2", "ethtool", "keepalived", "bird2"])
 }
 
 /// Run `cargo test`, echoing its output, and end with one total line

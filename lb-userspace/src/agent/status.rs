@@ -66,6 +66,7 @@ impl<M: Maps> Agent<M> {
             }
             vips.push(VipStatus {
                 vip: vip.to_string(),
+                table_fingerprint: format!("{:016x}", crate::ha::fingerprint(s)),
                 algo: s.algo.name().to_string(),
                 persist_timeout: s.persist_secs,
                 active_flows: backends.iter().map(|b| b.active_flows).sum(),
@@ -98,6 +99,7 @@ impl<M: Maps> Agent<M> {
             neighbour_dumps: self.neighbours.dumps,
             neighbour_probes: self.neighbours.probes,
             datapath_memory: self.dp.memory(),
+            ha: None,
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
         })
@@ -152,6 +154,9 @@ pub struct Status {
     /// Kernel memory of each map (bytes, as the kernel charges it).
     #[serde(default)]
     pub datapath_memory: BTreeMap<String, u64>,
+    /// This node's HA readiness (the daemon fills it in).
+    #[serde(default)]
+    pub ha: Option<crate::ha::Verdict>,
     /// Connection-table entries at the last census (none yet: null).
     pub conntrack_entries: Option<u64>,
     /// Age of that census, milliseconds.
@@ -163,6 +168,10 @@ pub struct Status {
 pub struct VipStatus {
     /// `ADDR:PORT/PROTO`.
     pub vip: String,
+    /// Fingerprint of the published table over backend addresses
+    /// (`ha::fingerprint`): equal on nodes that choose alike.
+    #[serde(default)]
+    pub table_fingerprint: String,
     /// Algorithm.
     pub algo: String,
     /// Source-hash persistence, seconds (0 = none).

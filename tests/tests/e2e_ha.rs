@@ -1,0 +1,376 @@
+//! End to end, issue 11 (part): what xlb gives keepalived and routing
+//! daemons, on the real agent in namespaces: `xlb ha check` exit codes,
+//! `--announce-table` routes following readiness, drain, the grace while no
+//! agent answers, and withdrawal on detach. Needs root.
+
+use std::{process::Output, time::Duration};
+use xlb_tests::{
+    lab::{self, backend_ip},
+    scenario::{binaries, vip_arg, Deployment},
+};
+
+const TABLE: &str = "100";
+
+fn routes(d: &Deployment) -> String {
+    lab::sh("ip", &["-n", &d.lab.ns("lb"), "route", "show", "table", TABLE]).unwrap_or_default()
+}
+
+fn check(d: &Deployment, grace: &str) -> (i32, String) {
+    let out: Output = d.cli(&["ha", "check", "--grace", grace]).expect("xlb ha check");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text.trim().to_string())
+}
+
+#[test]
+fn readiness_announcements_drain_and_grace_follow_the_node() {
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &["--announce-table", TABLE]).expect("deployment");
+    let vip = lab::VIP.to_string();
+    // No VIP yet: not ready, nothing announced.
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.starts_with("not ready: no VIPs"), "{line}");
+
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip_arg(), &[], &ips).expect("vip");
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("backends up");
+    d.wait("the announcement", Duration::from_secs(3), || Ok(routes(&d).contains(&vip))).expect("announced");
+    let r = routes(&d);
+    assert!(r.contains(&format!("{vip} dev eth0 proto 245")), "{r}");
+    let (code, line) = check(&d, "10s");
+    assert_eq!((code, line.starts_with("ready")), (0, true), "{line}");
+    let st = d.status().expect("status");
+    assert_eq!(st["ha"]["ready"], true, "{st}");
+    assert_eq!(st["vips"][0]["table_fingerprint"].as_str().map(str::len), Some(16), "{st}");
+
+    // A VIP with a non-Maglev algorithm on an HA node: warned, one line.
+    let out = d.cli(&["vip", "add", "10.200.0.101:80/tcp", "--algo", "least-conn"]).expect("vip add");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("warning: with HA, only maglev and source-hash"), "{err}");
+    d.cli_ok(&["vip", "del", "10.200.0.101:80/tcp"]).expect("vip del");
+
+    // Drain: withdrawn, check fails, forwarding goes on.
+    d.cli_ok(&["ha", "drain"]).expect("drain");
+    d.wait("the withdrawal", Duration::from_secs(3), || Ok(!routes(&d).contains(&vip))).expect("withdrawn");
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("drained"), "{line}");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "a drained node still forwards: {:?}", s.errors);
+    d.cli_ok(&["ha", "undrain"]).expect("undrain");
+    d.wait("the announcement", Duration::from_secs(3), || Ok(routes(&d).contains(&vip))).expect("announced again");
+
+    // Every backend's server dies: no usable backend, withdrawn.
+    for i in 1..=3 {
+        d.lab.kill(&format!("server{i}")).expect("kill a server");
+    }
+    d.wait("the withdrawal", Duration::from_secs(10), || Ok(!routes(&d).contains(&vip))).expect("withdrawn when no backend serves");
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("no usable backend"), "{line}");
+    for i in 1..=3 {
+        let fail = d.lab.dir.join(format!("fail-b{i}")).to_string_lossy().into_owned();
+        let agent = d.lab.dir.join(format!("agent-b{i}")).to_string_lossy().into_owned();
+        let args = ["serve", "--name", &format!("b{i}"), "--port", "80", "--fail-file", &fail, "--udp-port", "5353", "--agent-port", "7777", "--agent-file", &agent];
+        d.lab.spawn(&format!("server{i}"), &format!("b{i}"), &lab_bin, &args).expect("restart a server");
+    }
+    d.wait("the announcement", Duration::from_secs(10), || Ok(routes(&d).contains(&vip))).expect("announced after recovery");
+
+    // The agent is killed: routes stay (forwarding goes on); `ha check`
+    // answers from the last verdict within the grace, not after it.
+    d.lab.kill("agent").expect("kill -9 the agent");
+    assert!(routes(&d).contains(&vip), "announcements outlive the agent with the forwarding");
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 0, "{line}");
+    assert!(line.contains("within the grace"), "{line}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let (code, line) = check(&d, "1s");
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("grace"), "{line}");
+
+    // A new agent adopts; readiness comes back without a withdrawal.
+    d.start_agent("agent2", &["--announce-table", TABLE]).expect("second agent");
+    d.wait("readiness", Duration::from_secs(5), || Ok(check(&d, "10s").0 == 0)).expect("ready again");
+    assert!(routes(&d).contains(&vip));
+
+    // Detach: forwarding stops, so do the announcements.
+    d.cli_ok(&["detach"]).expect("detach");
+    assert!(!routes(&d).contains(&vip), "withdrawn on detach: {}", routes(&d));
+    let (code, line) = check(&d, "10s");
+    assert_eq!(code, 1, "{line}");
+}
+
+#[test]
+fn ha_check_bad_arguments_exit_2() {
+    let (xlb, _) = binaries();
+    let out = std::process::Command::new(&xlb).args(["ha", "check", "--grace", "soon"]).output().expect("run xlb");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn flooded_frames_to_a_mac_nobody_owns_are_not_forwarded() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let vip = format!("{}:5353/udp", lab::VIP);
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip, &["--check", "none"], &ips).expect("vip");
+    d.wait_states_of(&vip, &|i| backend_ip(i).to_string(), &[1, 2, 3], Duration::from_secs(10)).expect("up");
+    let client = d.lab.ns("client");
+    let counter = |d: &Deployment, name: &str| d.status().expect("status")["counters"][name].as_u64().unwrap_or(0);
+    // The client's next hop for the VIP now has a MAC nobody owns: the
+    // bridge floods every frame to every port, the balancer's included.
+    lab::sh("ip", &["-n", &client, "neigh", "replace", &lab::LB_IP.to_string(), "lladdr", "02:de:ad:00:00:01", "dev", "eth0", "nud", "permanent"])
+        .expect("static neighbour");
+    let (fwd0, other0) = (counter(&d, "forwarded"), counter(&d, "pass_other_mac"));
+    let send = format!("for i in $(seq 1 10); do echo x$i > /dev/udp/{}/5353; done", lab::VIP);
+    lab::sh("ip", &["netns", "exec", &client, "bash", "-c", &send]).expect("send 10 datagrams");
+    std::thread::sleep(Duration::from_millis(300));
+    let (fwd1, other1) = (counter(&d, "forwarded"), counter(&d, "pass_other_mac"));
+    assert_eq!(fwd1 - fwd0, 0, "flooded frames forwarded");
+    assert_eq!(other1 - other0, 10, "each flooded frame passed and counted once");
+    // Addressed to the balancer again: forwarded.
+    let link = lab::sh("ip", &["-n", &d.lab.ns("lb"), "link", "show", "eth0"]).expect("ip link");
+    let lb_mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the balancer's MAC").to_string();
+    lab::sh("ip", &["-n", &client, "neigh", "replace", &lab::LB_IP.to_string(), "lladdr", &lb_mac, "dev", "eth0", "nud", "permanent"])
+        .expect("the balancer's MAC");
+    lab::sh("ip", &["netns", "exec", &client, "bash", "-c", &send]).expect("send 10 datagrams");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(&d, "forwarded") - fwd1, 10, "frames to the balancer's MAC are balanced");
+}
+
+/// The streams of hold client `name` all lasted, none broken or moved
+/// to another backend; says so as `what`.
+fn assert_streams_kept(d: &Deployment, name: &str, what: &str) {
+    let report: Vec<xlb_tests::traffic::Held> = d.report(name, Duration::from_secs(30)).expect("hold report");
+    let broken: Vec<_> = report.iter().filter(|h| h.broken.is_some() || h.switched).collect();
+    eprintln!("{what}: {} streams, {} broken or moved", report.len(), broken.len());
+    assert_eq!(report.len(), 40, "{what}");
+    assert!(broken.is_empty(), "{what}: streams broken or moved: {broken:?}");
+}
+
+/// keepalived in `role`'s namespace with examples/ha/keepalived.conf.
+fn keepalived(d: &mut Deployment, role: &str, priority: u32, socket: &std::path::Path) {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha/keepalived.conf");
+    let example = std::fs::canonicalize(&example).expect("examples/ha/keepalived.conf");
+    let conf = d.lab.dir.join(format!("keepalived-{role}.conf"));
+    let text = format!(
+        "$IFACE=eth0\n$PRIORITY={priority}\n$XLB={} --socket {}\ninclude {}\n",
+        d.xlb.display(),
+        socket.display(),
+        example.display()
+    );
+    std::fs::write(&conf, text).expect("write keepalived.conf");
+    let pid = |what: &str| d.lab.dir.join(format!("keepalived-{role}-{what}.pid")).to_string_lossy().into_owned();
+    let (main, vrrp, check) = (pid("main"), pid("vrrp"), pid("check"));
+    let conf = conf.to_string_lossy().into_owned();
+    let args = ["-n", "-l", "-D", "-f", conf.as_str(), "-p", main.as_str(), "-r", vrrp.as_str(), "-c", check.as_str()];
+    d.lab.spawn(&format!("keepalived-{role}"), role, std::path::Path::new("/usr/sbin/keepalived"), &args).expect("keepalived");
+}
+
+fn holds_address(d: &Deployment, role: &str, addr: &str) -> bool {
+    lab::sh("ip", &["-n", &d.lab.ns(role), "addr", "show", "eth0"]).map(|s| s.contains(&format!("{addr}/"))).unwrap_or(false)
+}
+
+#[test]
+fn vrrp_pair_fails_over_with_every_stream_kept() {
+    assert!(std::path::Path::new("/usr/sbin/keepalived").exists(), "keepalived is not installed (cargo xtask test installs it)");
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    // The standby: another balancer on the segment, with its own agent.
+    let lb2_ip: std::net::Ipv4Addr = "10.200.0.11".parse().expect("ip");
+    d.lab.add_host("lb2", lb2_ip, "fd00:200::11".parse().expect("ip6")).expect("lb2");
+    d.lab.spawn("xdp-pass-lb2", "sw", &xlb, &["xdp-pass", "--iface", "p-lb2"]).expect("xdp-pass");
+    let sw = d.lab.ns("sw");
+    for port in ["p-lb", "p-lb2"] {
+        // Unknown unicast is not flooded to balancers: outages are not hidden.
+        lab::sh("ip", &["netns", "exec", &sw, "bridge", "link", "set", "dev", port, "flood", "off"]).expect("flood off");
+    }
+    let sock2 = d.lab.dir.join("xlb2.sock");
+    let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
+    let s2 = sock2.to_string_lossy().into_owned();
+    let args = ["--socket", s2.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    d.lab.spawn("agent-lb2", "lb2", &xlb, &args).expect("second balancer's agent");
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    d.configure_vip(&vip_arg(), &[], &ips).expect("vip on lb");
+    let lb2 = Deployment::cli_at(&xlb, &sock2);
+    d.wait("lb2's API", Duration::from_secs(15), || Ok(lb2(&["vip", "list"]).status.success())).expect("lb2 agent");
+    assert!(lb2(&["vip", "add", &vip_arg()]).status.success());
+    for ip in &ips {
+        assert!(lb2(&["backend", "add", &vip_arg(), ip]).status.success());
+    }
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("lb backends up");
+    d.wait("lb2 ready", Duration::from_secs(10), || Ok(lb2(&["ha", "check"]).status.success())).expect("lb2 ready");
+
+    // keepalived on both; the client reaches the VIP through the VRRP address.
+    let sock1 = d.socket.clone();
+    keepalived(&mut d, "lb", 150, &sock1);
+    keepalived(&mut d, "lb2", 100, &sock2);
+    let client = d.lab.ns("client");
+    lab::sh("ip", &["-n", &client, "route", "replace", &format!("{}/32", lab::VIP), "via", "10.200.0.9"]).expect("route via VRRP");
+    d.wait("lb to be master", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9"))).expect("master");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "through the master: {:?}", s.errors);
+
+    // 40 streams; the master's link goes down under them.
+    d.spawn_hold("hold", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(2000));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "down"]).expect("cut the master's link");
+    let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", "10.200.0.9"))).expect("failover");
+    eprintln!("VRRP: lb2 master {:?} after the master's link went down", took);
+    assert_streams_kept(&d, "hold", "VRRP failover");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
+
+    // Failback: the link returns; after preempt_delay the preferred node
+    // takes the address back, under streams.
+    d.spawn_hold("hold2", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "up"]).expect("restore the link");
+    d.wait("failback", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9") && !holds_address(&d, "lb2", "10.200.0.9")))
+        .expect("failback");
+    assert_streams_kept(&d, "hold2", "VRRP failback");
+
+    // Restarting the master's agent is no failover (the verdict's grace).
+    d.lab.kill("agent").expect("kill -9 the master's agent");
+    let t0 = std::time::Instant::now();
+    let mut moved = false;
+    while t0.elapsed() < Duration::from_millis(2500) {
+        moved |= !holds_address(&d, "lb", "10.200.0.9");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.start_agent("agent2", &[]).expect("restarted agent");
+    for _ in 0..20 {
+        moved |= !holds_address(&d, "lb", "10.200.0.9");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!moved, "an agent restart moved the address");
+
+    // `xlb ha drain` fails the track script: the address moves, streams stay.
+    d.spawn_hold("hold3", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    d.cli_ok(&["ha", "drain"]).expect("drain the master");
+    let took = d.wait("the drained master to hand over", Duration::from_secs(8), || Ok(holds_address(&d, "lb2", "10.200.0.9")))
+        .expect("handover");
+    eprintln!("VRRP: drained master handed over after {took:?} (track script: interval 1 s, fall 2)");
+    assert_streams_kept(&d, "hold3", "VRRP drain");
+}
+
+/// BIRD in `role`'s namespace: `router id` then the example file.
+fn bird(d: &mut Deployment, role: &str, id: &str, example: &str) {
+    let example = std::fs::canonicalize(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha").join(example)).expect("example");
+    let conf = d.lab.dir.join(format!("bird-{role}.conf"));
+    std::fs::write(&conf, format!("router id {id};\ninclude \"{}\";\n", example.display())).expect("write bird.conf");
+    let (sock, pid) = (d.lab.dir.join(format!("bird-{role}.ctl")), d.lab.dir.join(format!("bird-{role}.pid")));
+    let (conf, sock, pid) = (conf.to_string_lossy().into_owned(), sock.to_string_lossy().into_owned(), pid.to_string_lossy().into_owned());
+    d.lab.spawn(&format!("bird-{role}"), role, std::path::Path::new("/usr/sbin/bird"), &["-f", "-c", &conf, "-s", &sock, "-P", &pid]).expect("bird");
+}
+
+/// Next hops of the router's route to the VIP.
+fn nexthops(d: &Deployment) -> usize {
+    let r = lab::sh("ip", &["-n", &d.lab.ns("rt"), "route", "show", &format!("{}/32", lab::VIP)]).unwrap_or_default();
+    r.matches("nexthop via").count().max(usize::from(r.contains(" via ")))
+}
+
+#[test]
+fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
+    assert!(std::path::Path::new("/usr/sbin/bird").exists(), "bird2 is not installed (cargo xtask test installs it)");
+    let (xlb, lab_bin) = binaries();
+    let mut d = Deployment::start(&xlb, &lab_bin, 3, &["--announce-table", TABLE]).expect("deployment");
+    let sw = d.lab.ns("sw");
+    let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
+    // Two more balancers, each with its own agent announcing into table 100.
+    let mut clis = vec![Deployment::cli_at(&xlb, &d.socket)];
+    for (role, ip) in [("lb2", "10.200.0.11"), ("lb3", "10.200.0.12")] {
+        let ip6 = format!("fd00:200::{}", &ip[9..]);
+        d.lab.add_host(role, ip.parse().expect("ip"), ip6.parse().expect("ip6")).expect("balancer");
+        d.lab.spawn(&format!("xdp-pass-{role}"), "sw", &xlb, &["xdp-pass", "--iface", &format!("p-{role}")]).expect("xdp-pass");
+        let sock = d.lab.dir.join(format!("{role}.sock")).to_string_lossy().into_owned();
+        let args = ["--socket", sock.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str(), "--announce-table", TABLE];
+        d.lab.spawn(&format!("agent-{role}"), role, &xlb, &args).expect("agent");
+        clis.push(Deployment::cli_at(&xlb, std::path::Path::new(&sock)));
+    }
+    for port in ["p-lb", "p-lb2", "p-lb3"] {
+        lab::sh("ip", &["netns", "exec", &sw, "bridge", "link", "set", "dev", port, "flood", "off"]).expect("flood off");
+    }
+    // The router: on the segment as 10.200.0.1, the client behind it.
+    let rt = d.lab.add_host("rt", "10.200.0.1".parse().expect("ip"), "fd00:200::1".parse().expect("ip6")).expect("router");
+    let client = d.lab.ns("client");
+    lab::sh("ip", &["-n", &sw, "link", "del", "p-client"]).expect("detach the client from the segment");
+    lab::sh("ip", &["-n", &rt, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &client]).expect("veth");
+    lab::sh("ip", &["-n", &rt, "addr", "add", "10.201.0.1/24", "dev", "eth1"]).expect("addr");
+    lab::sh("ip", &["-n", &rt, "link", "set", "eth1", "up"]).expect("up");
+    lab::sh("ip", &["-n", &client, "addr", "add", "10.201.0.2/24", "dev", "eth0"]).expect("addr");
+    lab::sh("ip", &["-n", &client, "link", "set", "eth0", "up"]).expect("up");
+    lab::sh("ip", &["-n", &client, "route", "add", "default", "via", "10.201.0.1"]).expect("route");
+    lab::sh("ip", &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"]).expect("tx off");
+    for (k, v) in [("net.ipv4.ip_forward", "1"), ("net.ipv4.fib_multipath_hash_policy", "1")] {
+        lab::sh("ip", &["netns", "exec", &rt, "sysctl", "-qw", &format!("{k}={v}")]).expect("sysctl");
+    }
+    for i in 1..=3 {
+        lab::sh("ip", &["-n", &d.lab.ns(&format!("b{i}")), "route", "add", "default", "via", "10.200.0.1"]).expect("backend route");
+    }
+    // The same service on every balancer.
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    for cli in &clis {
+        d.wait("an agent's API", Duration::from_secs(15), || Ok(cli(&["vip", "list"]).status.success())).expect("agent");
+        assert!(cli(&["vip", "add", &vip_arg()]).status.success());
+        for ip in &ips {
+            assert!(cli(&["backend", "add", &vip_arg(), ip]).status.success());
+        }
+    }
+    for cli in &clis {
+        d.wait("readiness", Duration::from_secs(10), || Ok(cli(&["ha", "check"]).status.success())).expect("ready");
+    }
+    let fps: Vec<String> = clis
+        .iter()
+        .map(|cli| {
+            let st: serde_json::Value = serde_json::from_slice(&cli(&["status", "--json"]).stdout).expect("status");
+            st["vips"][0]["table_fingerprint"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert!(fps.iter().all(|f| f.len() == 16 && *f == fps[0]), "every node built the same table: {fps:?}");
+
+    for (role, id) in [("lb", "10.200.0.10"), ("lb2", "10.200.0.11"), ("lb3", "10.200.0.12")] {
+        bird(&mut d, role, id, "bird-balancer.conf");
+    }
+    bird(&mut d, "rt", "10.200.0.1", "bird-router.conf");
+    d.wait("the ECMP route", Duration::from_secs(20), || Ok(nexthops(&d) == 3)).expect("3 next hops");
+    let s = d.connect(60).expect("client");
+    assert_eq!(s.failed, 0, "through the ECMP group: {:?}", s.errors);
+    let forwarded: Vec<u64> = clis
+        .iter()
+        .map(|cli| {
+            let st: serde_json::Value = serde_json::from_slice(&cli(&["status", "--json"]).stdout).expect("status");
+            st["counters"]["forwarded"].as_u64().unwrap_or(0)
+        })
+        .collect();
+    assert!(forwarded.iter().all(|&f| f > 0), "flows spread over all three balancers: {forwarded:?}");
+
+    // 40 streams; one balancer's link goes down under them (BFD notices).
+    d.spawn_hold("hold", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(2000));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "down"]).expect("cut lb2's link");
+    let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("route withdrawn");
+    eprintln!("ECMP: lb2's next hop withdrawn {took:?} after its link went down");
+    assert_streams_kept(&d, "hold", "ECMP failover");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "new connections over the two left: {:?}", s.errors);
+
+    // The balancer recovers: announced again only once its tables
+    // converged (its checks failed while its link was down), under streams.
+    d.spawn_hold("hold2", 40, 8_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "up"]).expect("restore lb2's link");
+    let took = d.wait("lb2's return", Duration::from_secs(15), || Ok(nexthops(&d) == 3)).expect("announced again");
+    eprintln!("ECMP: lb2 announced again {took:?} after its link came back");
+    assert_streams_kept(&d, "hold2", "ECMP return of lb2");
+
+    // Graceful drain of lb3 under streams.
+    d.spawn_hold("hold3", 40, 6_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(clis[2](&["ha", "drain"]).status.success());
+    d.wait("lb3's withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("drained");
+    assert_streams_kept(&d, "hold3", "ECMP drain");
+}
