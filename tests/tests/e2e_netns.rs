@@ -38,8 +38,18 @@ fn pin_dir(status: &serde_json::Value) -> PathBuf {
     Path::new(&maps).parent().expect("layout dir has a parent").to_path_buf()
 }
 
+/// The tests here create and delete namespaces, and one waits for the
+/// kernel to hand a freed namespace inode out again: run them one at a time,
+/// or another test's namespaces take that inode.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn ip_netns_exec_agent_killed_keeps_forwarding_with_default_pins() {
+    let _serial = serial();
     let (xlb, lab_bin) = binaries();
     let mut d = Deployment::start_pinning(&xlb, &lab_bin, 3, &[], Pinning::Default).expect("deployment");
     let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
@@ -155,6 +165,7 @@ fn cli(xlb: &Path, dir: &TempDir, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_new_namespace_with_a_reused_inode_does_not_resume_a_dead_deployment() {
+    let _serial = serial();
     let (xlb, dir, ns, peer) = bed("reuse");
     let mut guard = PinGuard(None);
 
@@ -233,6 +244,7 @@ fn a_new_namespace_with_a_reused_inode_does_not_resume_a_dead_deployment() {
 
 #[test]
 fn pins_that_die_with_the_agent_are_reported_never_claimed_to_stay() {
+    let _serial = serial();
     let (xlb, dir, ns, peer) = bed("priv");
     let _net = Net::new(&ns, &peer);
     // A bpffs mounted only inside the agent's own mount namespace (what
