@@ -46,12 +46,15 @@ fn turns(members: &[Member<'_>], cap: u32) -> Vec<u64> {
     w
 }
 
+/// What a Maglev layout depends on: ring size, members' keys and weights.
+type LayoutKey = (u32, Vec<(Vec<u8>, u32)>);
+
 /// Maglev tables by (ring size, members' keys and weights), as indexes
 /// into the members: VIPs that share their backends (and weights) share the
 /// table's layout, so it is computed once, not once per VIP (1.6–2 ms each).
 #[derive(Debug, Default)]
 pub struct MaglevCache {
-    tables: std::collections::HashMap<(u32, Vec<(Vec<u8>, u32)>), std::sync::Arc<Vec<u32>>>,
+    tables: std::collections::HashMap<LayoutKey, std::sync::Arc<Vec<u32>>>,
     /// Tables computed (cache misses).
     pub built: u64,
 }

@@ -276,7 +276,9 @@ fn writers_on_both_cpus_never_send_a_flow_to_another_flows_backend() {
     // inserts (evicting another flow's entry), every run of a SYN call
     // rewrites the entry (re-scheduled), a FIN call closes it. Calls are
     // few and long (a loaded machine reschedules between syscalls).
-    let halves: [Vec<(Flow, Vec<u8>, Vec<u8>, Vec<u8>)>; 2] = [0, 1].map(|h| {
+    // Per flow: its ACK, SYN and FIN frames.
+    type Frames = (Flow, Vec<u8>, Vec<u8>, Vec<u8>);
+    let halves: [Vec<Frames>; 2] = [0, 1].map(|h| {
         flows.iter().enumerate().filter(|(i, _)| i % 2 == h).map(|(_, f)| (*f, f.frame(ACK), f.frame(SYN), f.frame(FIN | ACK))).collect()
     });
     const ROUNDS: usize = 120;
