@@ -179,11 +179,14 @@ fn killed_backend_under_steady_new_connections_fails_none_to_healthy_backends() 
     // A connection can only be refused by b1 (its namespace is alive, its
     // port closed); b2 and b3 listen. So every failure must be a refusal,
     // started after the kill and before the removal (plus the 300 ms a
-    // check interval can add). Anything else hit a healthy backend.
+    // check interval can add), or a reset of a connection b1's kernel had
+    // accepted when its server was killed (started at most one request
+    // timeout before the kill). Anything else hit a healthy backend.
     for a in &failed {
         let e = a.error.as_deref().unwrap_or("");
-        assert!(e.contains("refused"), "a connection failed other than by b1's refusal: {a:?}");
-        assert!(a.t_ms >= killed_at_ms, "failure before the kill: {a:?}");
+        let in_flight_reset = e.contains("reset") && a.t_ms + 3000 >= killed_at_ms && a.t_ms <= killed_at_ms + 100;
+        assert!(e.contains("refused") || in_flight_reset, "a connection failed other than by b1's refusal or reset: {a:?}");
+        assert!(a.t_ms >= killed_at_ms || in_flight_reset, "failure before the kill: {a:?}");
     }
     // Status is polled every 50 ms: the removal happened before it was seen.
     let window_end = killed_at_ms + detected.as_millis() as u64;
