@@ -9,7 +9,6 @@ use lb_common::{
     ct::{ct_elements, ct_hash, ct_now, ct_sets, ct_victim},
     CtSeed, CtSet, CtWay, FlowKey, CT_WAYS,
 };
-use std::os::fd::{AsFd, AsRawFd};
 
 /// A fresh random seed for a new table.
 pub fn random_seed() -> Result<CtSeed> {
@@ -33,43 +32,18 @@ pub fn pinned_seed(pin: &std::path::Path, flows: u32) -> Result<Option<CtSeed>> 
     Ok(view.set(ct_sets(flows)).seed())
 }
 
-/// Map the first `bytes` of a `BPF_F_MMAPABLE` array's values (rounded up
-/// to pages) into this process, shared; the caller unmaps `(ptr, len)`.
-pub(crate) fn mmap_values(data: &MapData, bytes: usize, writable: bool) -> Result<(*mut libc::c_void, usize)> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let len = bytes.div_ceil(page) * page;
-    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-    let fd = data.fd().as_fd().as_raw_fd();
-    // SAFETY: a new shared mapping of the map's value area (the kernel
-    // checks the length and the flags against the map); nothing aliases it.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
-    if p == libc::MAP_FAILED {
-        bail!("{}", std::io::Error::last_os_error());
-    }
-    Ok((p, len))
-}
-
 /// The table mapped into this process (`BPF_F_MMAPABLE`).
 pub struct CtView {
-    base: *mut CtSet,
-    len: usize,
+    mem: crate::mmap::MapMem,
     sets: u32,
 }
-
-// SAFETY: the mapping is plain shared memory owned by this value; it is
-// only read with volatile 8-byte loads (or written by the one owner through
-// `&mut self`), which is what the datapath's readers expect.
-unsafe impl Send for CtView {}
-// SAFETY: as above; `&self` methods only read.
-unsafe impl Sync for CtView {}
 
 impl CtView {
     /// Map the table of a `flows`-capacity layout (`writable` for inserts).
     pub fn map(data: &MapData, flows: u32, writable: bool) -> Result<CtView> {
         let bytes = ct_elements(flows) as usize * std::mem::size_of::<CtSet>();
-        let (p, len) = mmap_values(data, bytes, writable).context("cannot map the connection table")?;
-        Ok(CtView { base: p.cast(), len, sets: ct_sets(flows) })
+        let mem = crate::mmap::MapMem::new(data, bytes, writable).context("cannot map the connection table")?;
+        Ok(CtView { mem, sets: ct_sets(flows) })
     }
 
     /// Number of sets (the seed record follows them).
@@ -84,7 +58,7 @@ impl CtView {
         // SAFETY: `i` is inside the mapping; aligned 8-byte volatile loads of
         // memory the datapath writes concurrently (each load is atomic).
         unsafe {
-            let p = self.base.add(i as usize);
+            let p = self.mem.base::<CtSet>().add(i as usize);
             for (w, way) in s.ways.iter_mut().enumerate() {
                 way.tag = std::ptr::read_volatile(&(*p).ways[w].tag);
                 way.val = std::ptr::read_volatile(&(*p).ways[w].val);
@@ -97,7 +71,7 @@ impl CtView {
         assert!(i <= self.sets, "set {i} out of range");
         // SAFETY: inside the mapping, which is writable (callers mapped it so).
         unsafe {
-            let p = self.base.add(i as usize);
+            let p = self.mem.base::<CtSet>().add(i as usize);
             for (w, way) in s.ways.iter().enumerate() {
                 std::ptr::write_volatile(&mut (*p).ways[w].val, way.val);
                 std::ptr::write_volatile(&mut (*p).ways[w].tag, way.tag);
@@ -143,13 +117,6 @@ impl CtView {
             }
         }
         c
-    }
-}
-
-impl Drop for CtView {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 

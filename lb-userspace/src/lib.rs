@@ -16,6 +16,7 @@ pub mod health;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
+pub mod mmap;
 pub mod neigh;
 pub mod pin;
 pub mod state;

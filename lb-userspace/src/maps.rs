@@ -249,16 +249,9 @@ pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
 /// datapath does not read are written (see `Agent`), and a VIP-entry update
 /// (a system call, after a fence) publishes them.
 pub struct RingMem {
-    ptr: *mut u8,
-    len: usize,
+    mem: crate::mmap::MapMem,
     entries: u32,
 }
-
-// SAFETY: the mapping is owned by this value alone (unmapped on drop), the
-// kernel keeps the memory alive while it is mapped, and every access goes
-// through `&self` of a `Datapath` the agent holds under its lock; moving it
-// to another thread is as safe as moving the map's fd.
-unsafe impl Send for RingMem {}
 
 /// Bytes per element of a BPF array: the value size rounded up to 8.
 const RING_ELEM: usize = 8;
@@ -268,20 +261,13 @@ impl RingMem {
     /// mmapable (e.g. created by an older build).
     pub fn map(rings: &Array<MapData, u32>, entries: u32) -> Option<RingMem> {
         use aya::maps::IterableMap;
-        use std::os::fd::{AsFd, AsRawFd};
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = (entries as usize * RING_ELEM).div_ceil(page) * page;
-        let fd = rings.map().fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh shared mapping of `len` bytes of the map's fd at
-        // offset 0 (the kernel checks the size and the map's flags and fails
-        // with an error, never partially); nothing else aliases it.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
-        if ptr == libc::MAP_FAILED {
-            log::debug!("mmap of the ring map failed: {}", std::io::Error::last_os_error());
-            return None;
+        match crate::mmap::MapMem::new(rings.map(), entries as usize * RING_ELEM, true) {
+            Ok(mem) => Some(RingMem { mem, entries }),
+            Err(e) => {
+                log::debug!("mmap of the ring map failed: {e}");
+                None
+            }
         }
-        Some(RingMem { ptr: ptr as *mut u8, len, entries })
     }
 
     /// Write `table` at entry `base`.
@@ -292,7 +278,7 @@ impl RingMem {
             // first 4 bytes at k × 8 of the mapping, 8-byte aligned; the
             // datapath reads these bytes only after a later VIP-entry update
             // points it at this slot, so no reader races this store.
-            unsafe { std::ptr::write_volatile(self.ptr.add((base as usize + i) * RING_ELEM) as *mut u32, *id) };
+            unsafe { std::ptr::write_volatile(self.mem.base::<u8>().add((base as usize + i) * RING_ELEM) as *mut u32, *id) };
         }
         // The stores are complete before the publishing system call.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -306,16 +292,9 @@ impl RingMem {
         Ok((0..len as usize)
             .map(|i| {
                 // SAFETY: in bounds (checked above), aligned as in `write`.
-                unsafe { std::ptr::read_volatile(self.ptr.add((base as usize + i) * RING_ELEM) as *const u32) }
+                unsafe { std::ptr::read_volatile(self.mem.base::<u8>().add((base as usize + i) * RING_ELEM) as *const u32) }
             })
             .collect())
-    }
-}
-
-impl Drop for RingMem {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
 

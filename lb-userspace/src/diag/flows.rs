@@ -85,30 +85,22 @@ pub struct FlowsReport {
 
 /// The flow-key array mapped read-only.
 struct KeysView {
-    base: *const FlowKey,
-    len: usize,
+    mem: crate::mmap::MapMem,
     slots: usize,
 }
 
 impl KeysView {
     fn map(data: &aya::maps::MapData, slots: u32) -> Result<KeysView> {
         let bytes = slots as usize * std::mem::size_of::<FlowKey>();
-        let (p, len) = crate::conntrack::mmap_values(data, bytes, false).context("cannot map the flow keys")?;
-        Ok(KeysView { base: p.cast(), len, slots: slots as usize })
+        let mem = crate::mmap::MapMem::new(data, bytes, false).context("cannot map the flow keys")?;
+        Ok(KeysView { mem, slots: slots as usize })
     }
 
     fn get(&self, i: usize) -> FlowKey {
         assert!(i < self.slots, "flow key {i} out of range");
         // SAFETY: inside the mapping; a volatile copy of memory the datapath
         // writes concurrently (a torn copy fails the signature check).
-        unsafe { std::ptr::read_volatile(self.base.add(i)) }
-    }
-}
-
-impl Drop for KeysView {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        unsafe { std::ptr::read_volatile(self.mem.base::<FlowKey>().add(i)) }
     }
 }
 
