@@ -59,6 +59,26 @@ pub fn src_hash(k: &FlowKey) -> u32 {
     fmix(h)
 }
 
+/// Hash of the destination port only (`--hash dst-port`): every flow to
+/// one port, from any client and to any address of the VIP, gets the same
+/// value.
+#[inline(always)]
+pub fn dst_port_hash(k: &FlowKey) -> u32 {
+    fmix(mix(0, k.vip.port_be as u32))
+}
+
+/// The hash a Maglev VIP indexes its table with: the 5-tuple, or the
+/// destination port for `--hash dst-port` VIPs. The datapath and every
+/// prediction (`xlb explain`, tests) use this one function.
+#[inline(always)]
+pub fn maglev_hash(vip: &crate::VipInfo, k: &FlowKey) -> u32 {
+    if vip.hashes_dst_port() {
+        dst_port_hash(k)
+    } else {
+        flow_hash(k)
+    }
+}
+
 /// A general 32-bit hash of bytes with a seed (used for Maglev permutations).
 pub fn bytes_hash(data: &[u8], seed: u32) -> u32 {
     let mut h = seed;
@@ -126,6 +146,9 @@ mod tests {
 #[cfg(test)]
 mod golden {
     use super::*;
+
+    /// `dst_port_hash` of any flow to port 80.
+    const DST_PORT_80: u32 = 0x8f2591d0;
     use crate::{FlowKey, PROTO_TCP, PROTO_UDP};
 
     #[test]
@@ -145,6 +168,8 @@ mod golden {
         assert_eq!(src_hash(&v4), 0x82e15499);
         assert_eq!(src_hash(&v6), 0xedc06d78);
         assert_eq!(bytes_hash(&[10, 0, 1, 1], 0x5851_f42d), 0x5f76beea);
+        assert_eq!(dst_port_hash(&v4), DST_PORT_80);
+        assert_eq!(dst_port_hash(&v6), dst_port_hash(&FlowKey::v4([1, 2, 3, 4], 9, [5, 6, 7, 8], 443u16.to_be(), PROTO_UDP)));
         assert_eq!(bytes_hash(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3], 7), 0xbacfc91f);
     }
 }

@@ -59,7 +59,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -112,6 +112,11 @@ pub fn mac_key(m: &[u8; 6]) -> u64 {
 
 /// Entries of the VIP pre-filter (`XLB_VIP_FILTER`).
 pub const VIP_FILTER_SIZE: u32 = 1 << 16;
+
+/// Bit of a pre-filter value: some VIP folding there is an any-port VIP
+/// (`VipKey::any_port`), so an exact miss is looked up once more. The
+/// other bits count the VIPs folding there.
+pub const VIP_FILTER_ANY_PORT: u32 = 1 << 31;
 
 /// Index of an address in the VIP pre-filter: its 32-bit words folded.
 #[inline(always)]

@@ -136,11 +136,32 @@ pub struct VipInfo {
     pub ring_size: u32,
     /// `Algo` as a byte.
     pub algo: u8,
-    /// `VIP_F_*` flags (none defined yet).
+    /// `VIP_F_*` flags.
     pub flags: u8,
     /// Source-hash persistence in seconds (0 = none).
     pub persist_secs: u16,
 }
+
+/// `VipInfo::flags`: Maglev hashes the destination port only
+/// (`hash::dst_port_hash`): every client of one port gets one backend.
+pub const VIP_F_HASH_DST_PORT: u8 = 1;
+/// `VipInfo::flags`: ICMP/ICMPv6 echo requests to the VIP's address are
+/// answered by the datapath (only on the address's echo entry,
+/// `VipKey::echo`).
+pub const VIP_F_ANSWER_PING: u8 = 2;
+/// `VipInfo::flags`: a QUIC service (UDP): short-header packets are routed
+/// by the server ID in their destination connection ID (`quic`).
+pub const VIP_F_QUIC: u8 = 4;
+
+/// `VipKey::family` bit of an any-port VIP's entry (`ADDR:*/PROTO`): its
+/// key has port 0 and this bit, so it differs from the fragment alias
+/// (port 0, plain family).
+pub const KEY_ANY_PORT: u8 = 0x80;
+
+/// IP protocol number of ICMP (the protocol of a VIP address's echo entry).
+pub const PROTO_ICMP: u8 = 1;
+/// IP protocol number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Value of the backend array: what the datapath needs to forward to it.
 #[repr(C)]
@@ -171,6 +192,40 @@ impl VipKey {
     #[inline(always)]
     pub const fn fragment_alias(mut self) -> VipKey {
         self.port_be = 0;
+        self.family &= !KEY_ANY_PORT;
+        self
+    }
+
+    /// The key of the any-port VIP (`ADDR:*/PROTO`) of this address and
+    /// protocol: looked up after the exact key misses, only where the
+    /// pre-filter says the address has one (`VIP_FILTER_ANY_PORT`).
+    #[inline(always)]
+    pub const fn any_port(mut self) -> VipKey {
+        self.port_be = 0;
+        self.family |= KEY_ANY_PORT;
+        self
+    }
+
+    /// Whether this is an any-port VIP's key.
+    #[inline(always)]
+    pub const fn is_any_port(&self) -> bool {
+        self.family & KEY_ANY_PORT != 0
+    }
+
+    /// The family without the any-port bit (`FAMILY_V4` or `FAMILY_V6`).
+    #[inline(always)]
+    pub const fn plain_family(&self) -> u8 {
+        self.family & !KEY_ANY_PORT
+    }
+
+    /// The echo entry of this VIP's address: port 0, protocol ICMP (IPv4)
+    /// or ICMPv6, present while some VIP of the address answers pings.
+    /// Its key is what the parser makes of an echo request.
+    #[inline(always)]
+    pub const fn echo(mut self) -> VipKey {
+        self.port_be = 0;
+        self.family &= !KEY_ANY_PORT;
+        self.proto = if self.family == FAMILY_V6 { PROTO_ICMPV6 } else { PROTO_ICMP };
         self
     }
 
@@ -207,6 +262,24 @@ impl VipInfo {
     #[inline(always)]
     pub const fn has_backends(&self) -> bool {
         self.ring_size != 0
+    }
+
+    /// Maglev over the destination port only (`--hash dst-port`).
+    #[inline(always)]
+    pub const fn hashes_dst_port(&self) -> bool {
+        self.flags & VIP_F_HASH_DST_PORT != 0
+    }
+
+    /// Echo requests to the address are answered (`--answer-ping`).
+    #[inline(always)]
+    pub const fn answers_ping(&self) -> bool {
+        self.flags & VIP_F_ANSWER_PING != 0
+    }
+
+    /// Routed by QUIC connection ID (`--quic`).
+    #[inline(always)]
+    pub const fn is_quic(&self) -> bool {
+        self.flags & VIP_F_QUIC != 0
     }
 }
 

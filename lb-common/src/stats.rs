@@ -56,10 +56,13 @@ pub enum Stat {
     /// Event: a new flow took the way of an open entry (its set was full of
     /// open flows): that flow lost its entry before it ended.
     CtEvicted = 20,
+    /// XDP_TX: an ICMP/ICMPv6 echo request to a VIP address with
+    /// `--answer-ping`, answered by the datapath itself.
+    EchoReplied = 21,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
-pub const STAT_COUNT: u32 = 21;
+pub const STAT_COUNT: u32 = 22;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -84,10 +87,26 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::FragForwarded,
     Stat::PersistHit,
     Stat::CtEvicted,
+    Stat::EchoReplied,
 ];
 
-/// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
-pub const VERDICTS: &[Stat] = ALL.split_at(Stat::PassOtherMac as usize + 1).0;
+/// Counters that are verdicts (exactly one per frame): the first block of
+/// `ALL`, then verdicts added later (new counters are appended, so the
+/// indexes of old ones never change).
+pub const VERDICTS: &[Stat] = &[
+    Stat::Forwarded,
+    Stat::PassNotIp,
+    Stat::PassNotVip,
+    Stat::PassTruncated,
+    Stat::PassBadHeader,
+    Stat::PassOtherL4,
+    Stat::PassExtHeaders,
+    Stat::DropNoBackend,
+    Stat::DropBadBackend,
+    Stat::Aborted,
+    Stat::PassOtherMac,
+    Stat::EchoReplied,
+];
 
 impl Stat {
     /// Stable snake_case name used in `xlb stats` and JSON output.
@@ -114,6 +133,7 @@ impl Stat {
             Stat::PersistHit => "persist_hit",
             Stat::CtEvicted => "conntrack_evicted",
             Stat::PassOtherMac => "pass_other_mac",
+            Stat::EchoReplied => "echo_replied",
         }
     }
 }
@@ -127,7 +147,12 @@ mod tests {
         for (i, s) in ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(VERDICTS.len(), Stat::PassOtherMac as usize + 1);
-        assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_") || v.name().starts_with("drop_") || matches!(v, Stat::Forwarded | Stat::Aborted)));
+        assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_")
+            || v.name().starts_with("drop_")
+            || matches!(v, Stat::Forwarded | Stat::Aborted | Stat::EchoReplied)));
+        // Every counter up to PassOtherMac is a verdict; events are not.
+        for s in ALL {
+            assert_eq!(VERDICTS.contains(&s), s as u32 <= Stat::PassOtherMac as u32 || s == Stat::EchoReplied, "{}", s.name());
+        }
     }
 }

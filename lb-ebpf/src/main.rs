@@ -15,6 +15,7 @@
 #![allow(internal_features)]
 
 mod conntrack;
+mod echo;
 #[cfg(feature = "floors")]
 mod floors;
 mod forward;
@@ -85,14 +86,18 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
     }
     // One array read turns away almost all traffic that is not for a VIP.
     let idx = lb_common::vip_filter_index(&pkt.key.vip.addr, pkt.key.vip.family);
-    if maps::VIP_FILTER.get(idx).copied().unwrap_or(0) == 0 {
-        return (xdp_action::XDP_PASS, Stat::PassNotVip);
+    let filter = maps::VIP_FILTER.get(idx).copied().unwrap_or(0);
+    if filter == 0 {
+        return (xdp_action::XDP_PASS, pkt.not_vip());
     }
     // Only after the pre-filter: non-VIP traffic pays nothing for it.
     if !addressed_to_us(ctx) {
         return (xdp_action::XDP_PASS, Stat::PassOtherMac);
     }
-    let Choice { id, backend, new_flow } = match steer::choose(&pkt, stats) {
+    if let Kind::Echo { l3 } = pkt.kind {
+        return answer_ping(ctx, &pkt, l3);
+    }
+    let Choice { id, backend, new_flow } = match steer::choose(&pkt, filter, stats) {
         Ok(c) => c,
         Err(Stat::PassNotVip) => return (xdp_action::XDP_PASS, Stat::PassNotVip),
         Err(stat) => {
@@ -109,10 +114,24 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
     match pkt.kind {
         Kind::Fragment => stats::count(stats, Stat::FragForwarded),
         Kind::IcmpError => stats::count(stats, Stat::IcmpSteered),
-        Kind::Flow => {}
+        Kind::Flow | Kind::Echo { .. } => {}
     }
     stats::account(id, pkt::len(ctx), new_flow);
     (xdp_action::XDP_TX, Stat::Forwarded)
+}
+
+/// An echo request to a VIP address: answered when the address has an
+/// echo entry (some VIP of it has `--answer-ping`), else the kernel's as
+/// before (`PassOtherL4`).
+#[inline(always)]
+fn answer_ping(ctx: &XdpContext, pkt: &parse::Packet, l3: usize) -> (u32, Stat) {
+    if !steer::answers_ping(&pkt.key.vip) {
+        return (xdp_action::XDP_PASS, Stat::PassOtherL4);
+    }
+    match echo::reply(ctx, l3, pkt.key.is_v6()) {
+        Ok(()) => (xdp_action::XDP_TX, Stat::EchoReplied),
+        Err(()) => (xdp_action::XDP_ABORTED, Stat::Aborted),
+    }
 }
 
 /// The frame's destination MAC is one of `XLB_MACS` (the interface's own

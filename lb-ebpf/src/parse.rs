@@ -15,7 +15,7 @@
 //! turned around to the client → VIP direction).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, Stat, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP};
+use lb_common::{FlowKey, Stat, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::pkt::{ptr_at, read};
 use network_types::{
     eth::EthHdr,
@@ -29,8 +29,8 @@ const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
 /// VLAN tags parsed at most (QinQ).
 const MAX_VLAN_TAGS: usize = 2;
 const VLAN_TAG_LEN: usize = 4;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -55,6 +55,10 @@ pub enum Kind {
     Fragment,
     /// An ICMP error about a VIP flow; the key is that flow's.
     IcmpError,
+    /// An ICMP/ICMPv6 echo request without IP options or extension headers:
+    /// the key is the address's echo entry (`VipKey::echo`); `l3` is the
+    /// IP header's offset (the ICMP header follows it directly).
+    Echo { l3: usize },
 }
 
 /// A parsed frame.
@@ -65,6 +69,18 @@ pub struct Packet {
     pub kind: Kind,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
+}
+
+impl Packet {
+    /// The verdict of a packet whose address is no VIP's: echo requests
+    /// keep the one they always had (the kernel answers them).
+    #[inline(always)]
+    pub fn not_vip(&self) -> Stat {
+        match self.kind {
+            Kind::Echo { .. } => Stat::PassOtherL4,
+            _ => Stat::PassNotVip,
+        }
+    }
 }
 
 /// Parse a frame.
@@ -123,7 +139,7 @@ fn v4_header(ctx: &XdpContext, off: usize) -> Result<V4, Stat> {
 fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     let h = v4_header(ctx, off)?;
     if h.proto == PROTO_ICMP && !h.fragment {
-        return icmp4(ctx, h.l4, h.dst);
+        return icmp4(ctx, off, &h);
     }
     let l4_len = l4_header_len(h.proto)?;
     if h.fragment {
@@ -140,9 +156,16 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
 /// ICMPv4: destination unreachable (incl. fragmentation needed), time
 /// exceeded and parameter problem carry the offending packet's IP header and
 /// first 8 bytes: the VIP's reply to a client. Steer to the flow's backend.
+/// Echo requests (IPv4 header without options) are `Kind::Echo`.
 #[inline(always)]
-fn icmp4(ctx: &XdpContext, off: usize, outer_dst: [u8; 4]) -> Result<Packet, Stat> {
+fn icmp4(ctx: &XdpContext, l3: usize, outer: &V4) -> Result<Packet, Stat> {
+    let (off, outer_dst) = (outer.l4, outer.dst);
     let icmp: [u8; 2] = read(ctx, off)?;
+    if icmp[0] == ICMP_ECHO_REQUEST && off == l3 + Ipv4Hdr::LEN && outer.tot_len >= Ipv4Hdr::LEN + ICMP_HDR_LEN {
+        let _: [u8; ICMP_HDR_LEN] = read(ctx, off)?;
+        let key = FlowKey::v4(outer.src, 0, outer_dst, 0, PROTO_ICMP);
+        return Ok(Packet { key, kind: Kind::Echo { l3 }, tcp_flags: 0 });
+    }
     if !matches!(icmp[0], 3 | 11 | 12) {
         return Err(Stat::PassOtherL4);
     }
@@ -198,6 +221,13 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     }
     let (next, l4, fragment) = v6_ext_walk(ctx, ip.next_hdr, off + Ipv6Hdr::LEN)?;
     if next == PROTO_ICMPV6 && !fragment {
+        if l4 == off + Ipv6Hdr::LEN && u16::from_be_bytes(ip.payload_len) as usize >= ICMP_HDR_LEN {
+            let icmp: [u8; ICMP_HDR_LEN] = read(ctx, l4)?;
+            if icmp[0] == ICMPV6_ECHO_REQUEST {
+                let key = FlowKey::v6(ip.src_addr, 0, ip.dst_addr, 0, PROTO_ICMPV6);
+                return Ok(Packet { key, kind: Kind::Echo { l3: off }, tcp_flags: 0 });
+            }
+        }
         return icmp6(ctx, l4, &ip.dst_addr);
     }
     let l4_len = l4_header_len(next)?;

@@ -11,7 +11,7 @@ use crate::{
     stats,
 };
 use lb_common::{
-    hash::{flow_hash, src_hash},
+    hash::{flow_hash, maglev_hash, src_hash},
     Algo, BackendInfo, FlowKey, PersistKey, PersistValue, Stat, StatBlock, VipInfo, MAX_LEAST_CONN_BACKENDS,
 };
 
@@ -62,7 +62,7 @@ pub fn schedule<'a>(key: &FlowKey, vip: &VipInfo, stats: &mut StatBlock) -> Resu
     }
     let algo = Algo::from_u8(vip.algo).ok_or(Stat::DropBadBackend)?;
     let idx = match algo {
-        Algo::Maglev => slot(flow_hash(key), vip.ring_size),
+        Algo::Maglev => slot(maglev_hash(vip, key), vip.ring_size),
         // SAFETY: helper without preconditions.
         Algo::Random => slot(unsafe { bpf_get_prandom_u32() }, vip.ring_size),
         Algo::RoundRobin | Algo::WeightedRoundRobin => rotate(vip),
@@ -175,7 +175,7 @@ pub fn rehash<'a>(key: &FlowKey, vip: &VipInfo) -> Result<(u32, &'a BackendInfo)
         return Err(Stat::DropNoBackend);
     }
     match Algo::from_u8(vip.algo) {
-        Some(Algo::Maglev) => ring_backend(vip, slot(flow_hash(key), vip.ring_size)),
+        Some(Algo::Maglev) => ring_backend(vip, slot(maglev_hash(vip, key), vip.ring_size)),
         Some(Algo::SourceHash) if vip.persist_secs == 0 => ring_backend(vip, slot(src_hash(key), vip.ring_size)),
         // Not a flow we can place: let the kernel have it.
         _ => Err(Stat::PassNotVip),

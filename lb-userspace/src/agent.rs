@@ -28,7 +28,7 @@ use std::{
 };
 
 use crate::{
-    config::{self, AllDown, CheckKind, HealthConfig, Mac, Vip},
+    config::{self, AllDown, CheckKind, HealthConfig, Mac, Vip, VipOpts},
     maps::Datapath,
 };
 
@@ -81,11 +81,13 @@ pub struct VipSpec {
     pub all_down: AllDown,
     /// Slow start, milliseconds.
     pub slow_start_ms: u64,
+    /// Datapath options (`--hash`, `--answer-ping`).
+    pub opts: VipOpts,
 }
 
 impl Default for VipSpec {
     fn default() -> Self {
-        VipSpec { algo: Algo::Maglev, persist: 0, health: None, all_down: AllDown::Drop, slow_start_ms: 0 }
+        VipSpec { algo: Algo::Maglev, persist: 0, health: None, all_down: AllDown::Drop, slow_start_ms: 0, opts: VipOpts::default() }
     }
 }
 
@@ -97,8 +99,18 @@ impl VipSpec {
             h.validate()?;
         }
         config::check_slow_start(self.slow_start_ms)?;
+        self.opts.validate(self.algo)?;
         Ok(())
     }
+}
+
+/// An any-port VIP has no port to health-check: its checks need one
+/// (`--check-port`, `port` in a `[vip.health]`), unless they are off.
+pub fn check_any_port_health(vip: &Vip, health: &HealthConfig) -> Result<()> {
+    if vip.is_any_port() && health.port.is_none() && checks::kind_for(vip, health) != CheckKind::None {
+        bail!("VIP {vip} serves every port: give its health checks a port (--check-port N) or turn them off (--check none)");
+    }
+    Ok(())
 }
 
 /// The agent, over the real datapath (`Datapath`) or an in-memory one
@@ -232,7 +244,7 @@ impl<M: Maps> Agent<M> {
 
     /// Add a service with its own health settings and all-down behaviour.
     pub fn add_vip_with(&mut self, vip: Vip, algo: Algo, persist_secs: u16, health: Option<HealthConfig>, all_down: AllDown) -> Result<()> {
-        self.add_vip_spec(vip, &VipSpec { algo, persist: persist_secs, health, all_down, slow_start_ms: 0 })
+        self.add_vip_spec(vip, &VipSpec { algo, persist: persist_secs, health, all_down, ..Default::default() })
     }
 
     /// Add a service as `spec` says; its VIP entry is written once.
@@ -251,11 +263,13 @@ impl<M: Maps> Agent<M> {
             .free_vip_ids
             .front()
             .ok_or_else(|| anyhow!("cannot add VIP {vip}: the limit of {max} VIPs is reached (raise it with `xlb agent --max-vips`)"))?;
-        let published = VipInfo { vip_id: id, algo: spec.algo as u8, persist_secs: spec.persist, ..Default::default() };
-        self.dp.set_vip(&vip.key(), &published)?;
-        self.free_vip_ids.pop_front();
         let health_explicit = spec.health.is_some();
         let health = spec.health.clone().unwrap_or_else(|| self.opts.health.clone());
+        check_any_port_health(&vip, &health)?;
+        let published =
+            VipInfo { vip_id: id, algo: spec.algo as u8, persist_secs: spec.persist, flags: spec.opts.flags(), ..Default::default() };
+        self.dp.set_vip(&vip.key(), &published)?;
+        self.free_vip_ids.pop_front();
         self.vips.insert(
             vip,
             VipState {
@@ -266,6 +280,7 @@ impl<M: Maps> Agent<M> {
                 health_explicit,
                 all_down: spec.all_down,
                 slow_start_ms: spec.slow_start_ms,
+                opts: spec.opts,
                 failing_open: false,
                 published,
                 ring_slot: None,
@@ -278,6 +293,7 @@ impl<M: Maps> Agent<M> {
         log::info!("VIP {vip} added ({})", spec.algo.name());
         self.sync_filter(&vip)?;
         self.sync_fragment_alias(&vip)?;
+        self.sync_echo(&vip, spec.opts.answer_ping)?;
         self.state_dirty = true;
         self.checks.stale();
         Ok(())
@@ -295,6 +311,7 @@ impl<M: Maps> Agent<M> {
         self.dp.del_vip(&vip.key())?;
         let ids: Vec<u32> = state.backends.values().map(|b| b.id).collect();
         let state = self.vips.remove(vip).expect("checked above");
+        let answered = state.opts.answer_ping;
         for id in ids {
             self.release_backend_id(id)?;
         }
@@ -307,6 +324,7 @@ impl<M: Maps> Agent<M> {
         log::info!("VIP {vip} removed");
         self.sync_filter(vip)?;
         self.sync_fragment_alias(vip)?;
+        self.sync_echo(vip, answered)?;
         self.state_dirty = true;
         self.checks.stale();
         Ok(())
@@ -530,7 +548,7 @@ impl<M: Maps> Agent<M> {
                 (b.id, info(b, alive, p.weights.get(&b.id).copied().unwrap_or(0)), alive)
             })
             .collect();
-        let (vip_id, algo, persist_secs, old_slot) = (state.id, state.algo, state.persist_secs, state.ring_slot);
+        let (vip_id, algo, persist_secs, old_slot, flags) = (state.id, state.algo, state.persist_secs, state.ring_slot, state.opts.flags());
         // 1. Alive backends first, so the new table never points at an
         //    entry that is not ready.
         for (id, i, _) in entries.iter().filter(|e| e.2) {
@@ -556,7 +574,7 @@ impl<M: Maps> Agent<M> {
             ring_off: new_slot.map(|s| s * ring_size).unwrap_or(0),
             ring_size: p.table.len() as u32,
             algo: algo as u8,
-            flags: 0,
+            flags,
             persist_secs,
         };
         let state = self.vips.get(vip).expect("checked above");
@@ -596,6 +614,8 @@ impl<M: Maps> Agent<M> {
         state.table = p.table;
         if alias_changed {
             self.sync_fragment_alias(vip)?;
+            let answering = self.vips.get(vip).is_some_and(|s| s.opts.answer_ping);
+            self.sync_echo(vip, answering)?;
         }
         Ok(result)
     }
@@ -616,17 +636,40 @@ impl<M: Maps> Agent<M> {
     /// Keep the VIP pre-filter entry of this VIP's address equal to the
     /// number of VIP addresses (any port or protocol) that fold to it.
     fn sync_filter(&mut self, changed: &Vip) -> Result<()> {
-        let k = changed.key();
-        let idx = lb_common::vip_filter_index(&k.addr, k.family);
-        let n = self
-            .vips
-            .keys()
-            .filter(|v| {
-                let vk = v.key();
-                lb_common::vip_filter_index(&vk.addr, vk.family) == idx
-            })
-            .count();
-        self.dp.set_vip_filter(idx, n as u32)
+        let idx = filter_index(changed);
+        self.dp.set_vip_filter(idx, self.filter_value(idx))
+    }
+
+    /// The pre-filter value at `idx`: how many VIPs fold there, and
+    /// `VIP_FILTER_ANY_PORT` if one of them is an any-port VIP.
+    fn filter_value(&self, idx: u32) -> u32 {
+        let here = || self.vips.keys().filter(|v| filter_index(v) == idx);
+        let n = here().count() as u32;
+        let any = here().any(|v| v.is_any_port());
+        if any {
+            n | lb_common::VIP_FILTER_ANY_PORT
+        } else {
+            n
+        }
+    }
+
+    /// The address's echo entry (`VipKey::echo`): a copy of the entry of
+    /// its first VIP with `--answer-ping`, present while there is one.
+    /// `answering`: the changed VIP answers pings or did before the change
+    /// (otherwise the entry is not its business and nothing is written).
+    fn sync_echo(&mut self, changed: &Vip, answering: bool) -> Result<()> {
+        if !answering {
+            return Ok(());
+        }
+        let key = changed.key().echo();
+        let first = self.vips.iter().find(|(v, s)| v.addr == changed.addr && s.opts.answer_ping);
+        match first {
+            Some((_, s)) => {
+                let info = s.published;
+                self.dp.set_vip(&key, &info)
+            }
+            None => self.dp.del_vip(&key).or(Ok(())),
+        }
     }
 
     /// IP fragments carry no ports after the first, so they are matched by
@@ -636,6 +679,7 @@ impl<M: Maps> Agent<M> {
     /// has room for one alias per VIP (`maps::vip_map_entries`).
     fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
         let alias_key = changed.key().fragment_alias();
+        // Any-port VIPs (port 0) come first: they get the fragments.
         let first = self.vips.iter().find(|(v, _)| v.addr == changed.addr && v.proto == changed.proto);
         match first {
             Some((v, _)) if v.port < changed.port => Ok(()),
@@ -658,6 +702,12 @@ impl<M: Maps> Agent<M> {
         self.census = Some((census.entries, Instant::now()));
         Ok(())
     }
+}
+
+/// A VIP's index in the pre-filter.
+fn filter_index(v: &Vip) -> u32 {
+    let k = v.key();
+    lb_common::vip_filter_index(&k.addr, k.plain_family())
 }
 
 /// Apply a weight and/or operator state to a VIP's backend (validated).
@@ -751,6 +801,7 @@ mod tests {
                 health: None,
                 all_down: AllDown::Drop,
                 slow_start_ms: 0,
+                opts: Default::default(),
                 backends: (1..=3u8)
                     .map(|i| DesiredBackend {
                         ip: ip(&format!("10.0.0.{}", 10 + i)),
@@ -812,6 +863,49 @@ mod tests {
         assert!(a.dump_toml().expect("toml").contains("persist_timeout = 30"));
         a.apply_desired(&desired(4, 2)).expect("apply");
         same(&a);
+    }
+
+    #[test]
+    fn vip_forms_write_their_derived_entries() {
+        let mut a = agent(8);
+        let any = vip("10.0.0.100:*/tcp");
+        let exact = vip("10.0.0.100:443/tcp");
+        a.add_vip(any, Algo::Maglev, 0).expect("any-port");
+        a.add_vip_spec(exact, &VipSpec { opts: VipOpts { answer_ping: true, ..Default::default() }, ..Default::default() })
+            .expect("exact");
+        let idx = filter_index(&exact);
+        assert_eq!(a.dp.filter.get(&idx), Some(&(2 | lb_common::VIP_FILTER_ANY_PORT)));
+        assert!(a.dp.vips.contains_key(&any.key()) && any.key().is_any_port());
+        // Fragments go to the any-port VIP (the address's lowest port).
+        assert_eq!(a.dp.vips[&any.key().fragment_alias()].vip_id, a.vips()[&any].id);
+        // The echo entry copies the answering VIP's.
+        let echo = a.dp.vips[&exact.key().echo()];
+        assert!(echo.answers_ping() && echo.vip_id == a.vips()[&exact].id);
+        a.del_vip(&exact).expect("del");
+        assert!(!a.dp.vips.contains_key(&exact.key().echo()), "no answering VIP left");
+        assert_eq!(a.dp.filter.get(&idx), Some(&(1 | lb_common::VIP_FILTER_ANY_PORT)));
+        a.del_vip(&any).expect("del");
+        assert!(a.dp.vips.is_empty() && a.dp.filter.is_empty());
+    }
+
+    #[test]
+    fn vip_form_options_are_checked() {
+        let mut a = agent(8);
+        let dst_port = VipSpec { opts: VipOpts { hash: config::HashMode::DstPort, ..Default::default() }, ..Default::default() };
+        let e = a.add_vip_spec(vip("10.0.0.1:80/tcp"), &VipSpec { algo: Algo::RoundRobin, ..dst_port.clone() }).expect_err("rr");
+        assert!(e.to_string().contains("--hash dst-port needs the maglev algorithm"), "{e}");
+        a.add_vip_spec(vip("10.0.0.1:80/tcp"), &dst_port).expect("maglev");
+        assert_eq!(a.dp.vips[&vip("10.0.0.1:80/tcp").key()].flags, lb_common::VIP_F_HASH_DST_PORT);
+        // An any-port VIP whose checks are on needs a port to check.
+        let tcp = HealthConfig { kind: CheckKind::Tcp, ..Default::default() };
+        let e = a.add_vip_spec(vip("10.0.0.2:*/tcp"), &VipSpec { health: Some(tcp.clone()), ..Default::default() }).expect_err("no port");
+        assert!(e.to_string().contains("--check-port"), "{e}");
+        assert!(!a.vips().contains_key(&vip("10.0.0.2:*/tcp")), "nothing changed");
+        let with_port = HealthConfig { port: Some(8080), ..tcp };
+        a.add_vip_spec(vip("10.0.0.2:*/tcp"), &VipSpec { health: Some(with_port), ..Default::default() }).expect("check port");
+        // UDP VIPs are not TCP-checked: no port needed.
+        let tcp = HealthConfig { kind: CheckKind::Tcp, ..Default::default() };
+        a.add_vip_spec(vip("10.0.0.2:*/udp"), &VipSpec { health: Some(tcp), ..Default::default() }).expect("udp");
     }
 
     #[test]

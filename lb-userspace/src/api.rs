@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     agent::{check_persist, Admin, Agent, Status, VipSpec},
-    config::{text, AlgoName, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    config::{text, AlgoName, AllDown, HashMode, HealthConfig, Mac, Vip, VipOpts, DEFAULT_WEIGHT},
 };
 use lb_common::Algo;
 use std::net::IpAddr;
@@ -53,6 +53,12 @@ pub enum Request {
         /// Slow start, milliseconds.
         #[serde(default)]
         slow_start_ms: Option<u64>,
+        /// `5-tuple` (default) or `dst-port`.
+        #[serde(default, with = "text::opt")]
+        hash: Option<HashMode>,
+        /// Answer pings to the VIP's address.
+        #[serde(default)]
+        answer_ping: Option<bool>,
     },
     /// Remove a VIP.
     VipDel {
@@ -224,7 +230,7 @@ impl Host {
 /// checks the rules that need its state, before changing anything).
 pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json::Value> {
     match req {
-        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
+        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms, hash, answer_ping } => {
             let algo = algo.map_or(Algo::Maglev, |a| a.0);
             let spec = VipSpec {
                 algo,
@@ -232,6 +238,7 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
                 health,
                 all_down: all_down.unwrap_or_default(),
                 slow_start_ms: slow_start_ms.unwrap_or(0),
+                opts: VipOpts::from_fields(hash, answer_ping),
             };
             agent.add_vip_spec(vip, &spec)?;
             let ha_active = host.ha.as_ref().is_some_and(|n| n.active);

@@ -355,6 +355,14 @@ pub enum VipCmd {
         /// Ramp a backend that comes up to its full weight over this long.
         #[arg(long, value_name = "MS")]
         slow_start_ms: Option<u64>,
+        /// What maglev hashes: 5-tuple (default) or dst-port (every client
+        /// of one destination port gets the same backend).
+        #[arg(long, value_name = "FIELDS")]
+        hash: Option<crate::config::HashMode>,
+        /// Answer ICMP/ICMPv6 echo requests to the VIP's address in the
+        /// datapath (default: the kernel's as before).
+        #[arg(long)]
+        answer_ping: bool,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -447,12 +455,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
         Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
-        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
+        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms, hash, answer_ping }) => {
             let algo: crate::config::AlgoName = algo.parse()?;
             crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
+            crate::config::VipOpts::from_fields(hash, Some(answer_ping)).validate(algo.0)?;
             let health = check.to_config()?;
             let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
-            let r = api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            let answer_ping = answer_ping.then_some(true);
+            let r = api::call(
+                &socket,
+                &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms, hash, answer_ping },
+            )?;
             if let Some(w) = r["warning"].as_str() {
                 eprintln!("xlb: warning: {w}");
             }
@@ -636,7 +649,13 @@ fn print_status(s: &Status) {
         println!("no VIPs");
     }
     for v in &s.vips {
-        let persist = if v.persist_timeout > 0 { format!(" persist={}s", v.persist_timeout) } else { String::new() };
+        let mut persist = if v.persist_timeout > 0 { format!(" persist={}s", v.persist_timeout) } else { String::new() };
+        if v.hash == "dst-port" {
+            persist.push_str(" hash=dst-port");
+        }
+        if v.answer_ping {
+            persist.push_str(" answer-ping");
+        }
         println!(
             "{}  algo={}{persist}  check={}  packets={} bytes={} new_flows={} active={}",
             v.vip, v.algo, v.health_check, v.packets, v.bytes, v.new_flows, v.active_flows

@@ -109,16 +109,20 @@ impl fmt::Display for Proto {
 }
 
 /// A virtual service: `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp` or
-/// `[2001:db8::100]:443/tcp`.
+/// `[2001:db8::100]:443/tcp`, or every port of an address:
+/// `10.0.0.100:*/tcp` (port 0 here, `VipKey::any_port` in the datapath).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Vip {
     /// Virtual IP address.
     pub addr: IpAddr,
-    /// Port (1..=65535).
+    /// Port (1..=65535), or `ANY_PORT` for every port.
     pub port: u16,
     /// Protocol.
     pub proto: Proto,
 }
+
+/// `Vip::port` of an any-port VIP (`ADDR:*/PROTO`).
+pub const ANY_PORT: u16 = 0;
 
 impl Vip {
     /// The datapath's key for this service.
@@ -127,15 +131,34 @@ impl Vip {
             IpAddr::V4(a) => (addr_v4(a.octets()), FAMILY_V4),
             IpAddr::V6(a) => (a.octets(), FAMILY_V6),
         };
-        VipKey { addr, port_be: self.port.to_be(), proto: self.proto.number(), family }
+        let k = VipKey { addr, port_be: self.port.to_be(), proto: self.proto.number(), family };
+        if self.is_any_port() {
+            k.any_port()
+        } else {
+            k
+        }
+    }
+
+    /// Serves every destination port of its address (`ADDR:*/PROTO`).
+    pub fn is_any_port(&self) -> bool {
+        self.port == ANY_PORT
+    }
+
+    /// The key of a flow to `port` of this service (any-port VIPs: the
+    /// flow keeps its real destination port).
+    pub fn flow_vip_key(&self, port: u16) -> VipKey {
+        let mut k = self.key().fragment_alias();
+        k.port_be = if self.is_any_port() { port } else { self.port }.to_be();
+        k
     }
 }
 
 impl fmt::Display for Vip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = if self.is_any_port() { "*".to_string() } else { self.port.to_string() };
         match self.addr {
-            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
-            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+            IpAddr::V4(a) => write!(f, "{a}:{port}/{}", self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{port}/{}", self.proto),
         }
     }
 }
@@ -143,19 +166,97 @@ impl fmt::Display for Vip {
 impl FromStr for Vip {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || anyhow!("invalid VIP '{s}': expected ADDR:PORT/PROTO, e.g. 10.0.0.100:80/tcp");
+        let bad = || anyhow!("invalid VIP '{s}': expected ADDR:PORT/PROTO or ADDR:*/PROTO, e.g. 10.0.0.100:80/tcp");
         let (sock, proto) = s.rsplit_once('/').ok_or_else(bad)?;
         let proto = match proto {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
             other => bail!("invalid VIP '{s}': protocol '{other}' is not tcp or udp"),
         };
-        let sock: std::net::SocketAddr = sock.parse().map_err(|_| bad())?;
-        if sock.port() == 0 {
-            bail!("invalid VIP '{s}': port 0");
+        let (addr, port) = sock.rsplit_once(':').ok_or_else(bad)?;
+        let port = if port == "*" {
+            ANY_PORT
+        } else {
+            match port.parse::<u16>() {
+                Ok(0) => bail!("invalid VIP '{s}': port 0 (every port is '*')"),
+                Ok(p) => p,
+                Err(_) => return Err(bad()),
+            }
+        };
+        let addr: IpAddr = match addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?.into(),
+            None => addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?.into(),
+        };
+        check_unicast(addr).with_context(|| format!("invalid VIP '{s}'"))?;
+        Ok(Vip { addr, port, proto })
+    }
+}
+
+/// What a Maglev VIP hashes to pick a new flow's backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum HashMode {
+    /// The 5-tuple (the default).
+    #[default]
+    FiveTuple,
+    /// The destination port only: every client of one port gets the same
+    /// backend (`lb_common::hash::dst_port_hash`).
+    DstPort,
+}
+
+impl fmt::Display for HashMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HashMode::FiveTuple => "5-tuple",
+            HashMode::DstPort => "dst-port",
+        })
+    }
+}
+
+impl FromStr for HashMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "5-tuple" => Ok(HashMode::FiveTuple),
+            "dst-port" => Ok(HashMode::DstPort),
+            _ => bail!("unknown hash '{s}' (available: 5-tuple, dst-port)"),
         }
-        check_unicast(sock.ip()).with_context(|| format!("invalid VIP '{s}'"))?;
-        Ok(Vip { addr: sock.ip(), port: sock.port(), proto })
+    }
+}
+
+/// A VIP's datapath options besides its algorithm: `--hash`,
+/// `--answer-ping` (CLI), the same keys in the API and the config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipOpts {
+    /// What Maglev hashes.
+    pub hash: HashMode,
+    /// Echo requests to the VIP's address are answered by the datapath.
+    pub answer_ping: bool,
+}
+
+impl VipOpts {
+    /// The `VipInfo::flags` these options set.
+    pub fn flags(&self) -> u8 {
+        let mut f = 0;
+        if self.hash == HashMode::DstPort {
+            f |= lb_common::VIP_F_HASH_DST_PORT;
+        }
+        if self.answer_ping {
+            f |= lb_common::VIP_F_ANSWER_PING;
+        }
+        f
+    }
+
+    /// Check the options against the VIP's algorithm.
+    pub fn validate(&self, algo: lb_common::Algo) -> Result<()> {
+        if self.hash == HashMode::DstPort && algo != lb_common::Algo::Maglev {
+            bail!("--hash dst-port needs the maglev algorithm (not {})", algo.name());
+        }
+        Ok(())
+    }
+
+    /// Options from the optional fields of a request or config entry.
+    pub fn from_fields(hash: Option<HashMode>, answer_ping: Option<bool>) -> VipOpts {
+        VipOpts { hash: hash.unwrap_or_default(), answer_ping: answer_ping.unwrap_or(false) }
     }
 }
 
@@ -512,6 +613,12 @@ pub struct VipConfig {
     /// its full weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start_ms: Option<u64>,
+    /// `5-tuple` (default) or `dst-port`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "text::opt")]
+    pub hash: Option<HashMode>,
+    /// Answer pings to the VIP's address (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_ping: Option<bool>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -559,6 +666,8 @@ pub struct DesiredVip {
     pub all_down: AllDown,
     /// Slow start, milliseconds.
     pub slow_start_ms: u64,
+    /// Datapath options.
+    pub opts: VipOpts,
     /// Backends.
     pub backends: Vec<DesiredBackend>,
 }
@@ -633,6 +742,9 @@ impl Desired {
             }
             let slow_start_ms = v.slow_start_ms.unwrap_or(0);
             check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline(), "slow_start_ms"), e))?;
+            crate::agent::check_any_port_health(&vip, v.health.as_ref().unwrap_or(&cfg.health)).map_err(|e| at(vline(), e))?;
+            let opts = VipOpts::from_fields(v.hash, v.answer_ping);
+            opts.validate(algo).map_err(|e| at(key_line(text, vline(), "hash"), e))?;
             let mut backends: Vec<DesiredBackend> = Vec::new();
             let mut seen_ips = std::collections::HashSet::new();
             for b in &v.backends {
@@ -659,6 +771,7 @@ impl Desired {
                 health: v.health.clone(),
                 all_down: v.all_down.unwrap_or_default(),
                 slow_start_ms,
+                opts,
                 backends,
             });
         }
@@ -678,7 +791,18 @@ mod tests {
         assert_eq!(&v.key().addr[..4], &[10, 0, 0, 100]);
         let v6: Vip = "[2001:db8::1]:443/udp".parse().expect("valid");
         assert_eq!(v6.to_string(), "[2001:db8::1]:443/udp");
+        let any: Vip = "10.0.0.100:*/tcp".parse().expect("any port");
+        assert_eq!(any.to_string(), "10.0.0.100:*/tcp");
+        assert!(any.is_any_port() && any.key().is_any_port() && any.key().port_be == 0);
+        assert_eq!(any.key().fragment_alias(), v.key().fragment_alias());
+        let any6: Vip = "[2001:db8::1]:*/udp".parse().expect("any port v6");
+        assert_eq!(any6.to_string(), "[2001:db8::1]:*/udp");
+        assert_eq!("dst-port".parse::<HashMode>().expect("hash").to_string(), "dst-port");
+        assert!("dst".parse::<HashMode>().is_err());
         for bad in [
+            "10.0.0.100:**/tcp",
+            "10.0.0.100:*",
+            "2001:db8::1:80/tcp",
             "10.0.0.100:80",
             "10.0.0.100/tcp",
             "10.0.0.100:0/tcp",

@@ -35,7 +35,9 @@ pub fn eth(ethertype: u16, vlans: &[(u16, u16)], payload: &[u8]) -> Vec<u8> {
     f
 }
 
-fn csum(data: &[u8]) -> u16 {
+/// The Internet checksum of `data` (RFC 1071): 0 over data that carries
+/// a correct checksum.
+pub fn csum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in data.chunks(2) {
         sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
@@ -124,4 +126,39 @@ pub fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
 /// A complete UDP/IPv4 frame.
 pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     eth(ETH_IP, &[], &ipv4(src, dst, 17, &[], 0, &udp(sport, dport, b"hello")))
+}
+
+/// An ICMP echo request (type 8) or reply (type 0) with a correct checksum.
+pub fn icmp_echo(ty: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = csum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// The ICMPv6 checksum of `msg` (its checksum field zero or not: the
+/// result is 0 when it is correct) with the IPv6 pseudo-header.
+pub fn icmp6_csum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
+    let mut p = Vec::with_capacity(40 + msg.len());
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 58]);
+    p.extend_from_slice(msg);
+    csum(&p)
+}
+
+/// An ICMPv6 echo request (type 128) or reply (129) from `src` to `dst`
+/// with a correct checksum.
+pub fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr, ty: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = icmp6_csum(src, dst, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
 }

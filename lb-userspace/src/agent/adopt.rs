@@ -155,7 +155,8 @@ impl<M: Maps> Agent<M> {
                 None => {
                     report.vips_new += 1;
                     let id = a.free_vip_ids.pop_front().context("no free VIP id for an adopted VIP")?;
-                    let info = VipInfo { vip_id: id, algo: dv.algo as u8, persist_secs: dv.persist, ..Default::default() };
+                    let info =
+                        VipInfo { vip_id: id, algo: dv.algo as u8, persist_secs: dv.persist, flags: dv.opts.flags(), ..Default::default() };
                     (id, info, None, Vec::new())
                 }
             };
@@ -214,6 +215,7 @@ impl<M: Maps> Agent<M> {
                     health_explicit: dv.health.is_some(),
                     all_down: dv.all_down,
                     slow_start_ms: dv.slow_start_ms,
+                    opts: dv.opts,
                     failing_open: false,
                     published,
                     ring_slot,
@@ -237,11 +239,15 @@ impl<M: Maps> Agent<M> {
     /// the agent does not own and free the ids and slots they held.
     pub fn collect_garbage(&mut self, scan: &PinnedScan) -> Result<()> {
         let owned_keys: BTreeSet<lb_common::VipKey> = self.vips.keys().map(|v| v.key()).collect();
-        let aliased: BTreeSet<(lb_common::Addr, u8, u8)> =
-            owned_keys.iter().map(|k| (k.addr, k.proto, k.family)).collect();
+        // Derived entries (fragment aliases, echo entries) of owned VIPs.
+        let derived: BTreeSet<lb_common::VipKey> = self
+            .vips
+            .iter()
+            .flat_map(|(v, s)| [Some(v.key().fragment_alias()), s.opts.answer_ping.then(|| v.key().echo())])
+            .flatten()
+            .collect();
         for (k, _) in &scan.vips {
-            let alias_kept = k.port_be == 0 && aliased.contains(&(k.addr, k.proto, k.family));
-            if !owned_keys.contains(k) && !alias_kept {
+            if !owned_keys.contains(k) && !derived.contains(k) {
                 self.dp.del_vip(k)?;
                 log::info!("removed a VIP entry no longer configured");
             }
@@ -254,12 +260,10 @@ impl<M: Maps> Agent<M> {
             }
         }
         // The VIP pre-filter: exact counts for every index in use before or now.
-        let mut counts: BTreeMap<u32, u32> = scan.filter.iter().map(|i| (*i, 0)).collect();
-        for k in &owned_keys {
-            *counts.entry(lb_common::vip_filter_index(&k.addr, k.family)).or_default() += 1;
-        }
-        for (idx, n) in counts {
-            self.dp.set_vip_filter(idx, n)?;
+        let mut indexes: BTreeSet<u32> = scan.filter.iter().copied().collect();
+        indexes.extend(owned_keys.iter().map(|k| lb_common::vip_filter_index(&k.addr, k.plain_family())));
+        for idx in indexes {
+            self.dp.set_vip_filter(idx, self.filter_value(idx))?;
         }
         let owned_vip_ids: BTreeSet<u32> = self.vips.values().map(|s| s.id).collect();
         let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.ring_slot).collect();

@@ -540,6 +540,7 @@ mod tests {
                 health: Some(h.clone()),
                 all_down: Default::default(),
                 slow_start_ms: 0,
+                opts: Default::default(),
                 backends: BACKENDS
                     .iter()
                     .map(|b| crate::config::DesiredBackend {

@@ -69,13 +69,23 @@ impl<M: Maps> Agent<M> {
                     health: dv.health.clone(),
                     all_down: dv.all_down,
                     slow_start_ms: dv.slow_start_ms,
+                    opts: dv.opts,
                 };
                 self.insert_vip(vip, &spec)?;
                 changes.push(format!("vip {vip} added"));
             } else {
                 let s = self.vips.get_mut(&vip).expect("present");
                 let health = dv.health.clone().unwrap_or_else(|| self.opts.health.clone());
-                if s.algo != dv.algo || s.persist_secs != dv.persist || s.all_down != dv.all_down || s.health != health || s.health_explicit != dv.health.is_some() {
+                if s.algo != dv.algo
+                    || s.persist_secs != dv.persist
+                    || s.all_down != dv.all_down
+                    || s.health != health
+                    || s.health_explicit != dv.health.is_some()
+                    || s.opts != dv.opts
+                {
+                    super::check_any_port_health(&vip, &health)?;
+                    let stops_answering = s.opts.answer_ping && !dv.opts.answer_ping;
+                    s.opts = dv.opts;
                     s.algo = dv.algo;
                     s.persist_secs = dv.persist;
                     s.all_down = dv.all_down;
@@ -83,6 +93,9 @@ impl<M: Maps> Agent<M> {
                     s.health_explicit = dv.health.is_some();
                     changes.push(format!("vip {vip} settings changed"));
                     self.mark(vip);
+                    if stops_answering {
+                        self.sync_echo(&vip, true)?;
+                    }
                 }
                 let s = self.vips.get_mut(&vip).expect("present");
                 if s.slow_start_ms != dv.slow_start_ms {
@@ -194,6 +207,8 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
         health: s.health_explicit.then(|| s.health.clone()),
         all_down: (s.all_down != AllDown::Drop).then_some(s.all_down),
         slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
+        hash: (s.opts.hash != config::HashMode::FiveTuple).then_some(s.opts.hash),
+        answer_ping: s.opts.answer_ping.then_some(true),
         backends: s
             .backends
             .values()

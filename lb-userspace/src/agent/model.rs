@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Result};
 use lb_common::{Algo, VipInfo};
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
-use crate::config::{Admin, AllDown, HealthConfig, Mac};
+use crate::config::{Admin, AllDown, HealthConfig, Mac, VipOpts};
 
 /// Health of one backend.
 #[derive(Clone, Debug)]
@@ -208,6 +208,8 @@ pub struct VipState {
     /// Slow start: a backend's weight ramps up over this long after it
     /// comes up (0 = at once).
     pub slow_start_ms: u64,
+    /// Datapath options (`--hash`, `--answer-ping`).
+    pub opts: VipOpts,
     /// All backends are down and `all_down` is fail-open: balancing over them anyway.
     pub failing_open: bool,
     /// The VIP entry as last published to the datapath.

@@ -73,6 +73,8 @@ impl<M: Maps> Agent<M> {
                 health_check: kind_for(vip, &s.health).name().to_string(),
                 all_down: if s.all_down == AllDown::FailOpen { "fail-open" } else { "drop" }.to_string(),
                 failing_open: s.failing_open,
+                hash: s.opts.hash.to_string(),
+                answer_ping: s.opts.answer_ping,
                 published_at_us: s.published_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_micros() as u64),
                 backends,
                 packets: c.packets,
@@ -184,6 +186,12 @@ pub struct VipStatus {
     pub all_down: String,
     /// Failing open right now.
     pub failing_open: bool,
+    /// What maglev hashes (`5-tuple` or `dst-port`).
+    #[serde(default)]
+    pub hash: String,
+    /// Echo requests to the address are answered by the datapath.
+    #[serde(default)]
+    pub answer_ping: bool,
     /// When its table was last published (Unix time, µs).
     #[serde(default)]
     pub published_at_us: Option<u64>,

@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use lb_common::{
     ct::{ct_hash, ct_now, CT_TIME_SHIFT},
-    hash::{flow_hash, src_hash},
+    hash::{flow_hash, maglev_hash, src_hash},
     Algo, BackendInfo, CtEntry, CtWay, FlowKey, PersistKey, PersistValue, Stat, VipInfo, CT_WAYS,
 };
 use serde::{Deserialize, Serialize};
@@ -59,7 +59,8 @@ impl std::fmt::Display for Client {
 
 /// The flow's 5-tuple as the datapath keys it.
 pub fn flow_key(vip: &Vip, client: &Client) -> Result<FlowKey> {
-    let mut k = FlowKey { src: [0; 16], sport_be: client.port.unwrap_or(0).to_be(), _pad: 0, vip: vip.key() };
+    // An any-port VIP's flows are explained at port 0 (no port is given).
+    let mut k = FlowKey { src: [0; 16], sport_be: client.port.unwrap_or(0).to_be(), _pad: 0, vip: vip.flow_vip_key(vip.port) };
     match (client.ip, vip.addr) {
         (IpAddr::V4(c), IpAddr::V4(_)) => k.src[..4].copy_from_slice(&c.octets()),
         (IpAddr::V6(c), IpAddr::V6(_)) => k.src = c.octets(),
@@ -345,7 +346,7 @@ pub fn observe(agent: &Agent, vip: &Vip, client: &Client) -> Result<(FlowKey, Ob
         }
     }
     let h = match algo {
-        Some(Algo::Maglev) => Some(flow_hash(&key)),
+        Some(Algo::Maglev) => Some(maglev_hash(&info, &key)),
         Some(Algo::SourceHash) => Some(src_hash(&key)),
         _ => None,
     };
@@ -421,7 +422,10 @@ pub fn explain(agent: &Agent, vip: &Vip, client: &Client) -> Result<Explanation>
         }
     }
     let hash = match algo {
-        Some(Algo::Maglev) => Some(format!("{:#010x} (5-tuple)", flow_hash(&key))),
+        Some(Algo::Maglev) => Some(match o.vip.filter(|v| v.hashes_dst_port()) {
+            Some(v) => format!("{:#010x} (destination port)", maglev_hash(&v, &key)),
+            None => format!("{:#010x} (5-tuple)", flow_hash(&key)),
+        }),
         Some(Algo::SourceHash) => Some(format!("{:#010x} (client address)", src_hash(&key))),
         _ => None,
     };

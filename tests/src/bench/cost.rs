@@ -472,3 +472,104 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
     }
     Ok(out)
 }
+
+/// `cargo xtask bench vipforms`: the VIP forms' paths (any-port VIPs,
+/// `--hash dst-port`, `--answer-ping`) and, in the same run, non-VIP and
+/// established traffic with none of them configured and with them
+/// configured on other addresses (3 backends, table empty).
+pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<Case>> {
+    const ANY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+    const DPORT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 102);
+    const PING: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 103);
+    let nonvip = eth(ETH_IP, &[], &ipv4(CLIENT, Ipv4Addr::new(10, 0, 0, 99), 6, &[], 0, &tcp(1234, 80, ACK, b"x")));
+    let est4 = v4_tcp(40000, ACK);
+    let any_est = eth(ETH_IP, &[], &ipv4(CLIENT, ANY, 6, &[], 0, &tcp(40003, 8080, ACK, b"0123456789")));
+    let dport_est = eth(ETH_IP, &[], &ipv4(CLIENT, DPORT, 6, &[], 0, &tcp(40004, 8443, ACK, b"0123456789")));
+    let mut out = Vec::new();
+    let mut push = |case: &str, ct: &str, (ns, spread, k): (f64, [f64; 2], f64), floor: &str, verified: String| {
+        out.push(Case {
+            case: case.into(),
+            backends: 3,
+            conntrack: ct.into(),
+            ns_per_pkt: ns,
+            spread_ns: spread,
+            kernel_avg_ns: k,
+            floor: floor.into(),
+            ratio: ns / floor_ns(floor),
+            verified,
+        });
+    };
+    // A steady case: warm once, then N/2N; the counter proves the path.
+    /// (median, spread, kernel average) and what the counters proved.
+    type Measured = ((f64, [f64; 2], f64), String);
+    let steady = |a: &mut Agent, frame: &[u8], want: u32, proof: Stat| -> Result<Measured> {
+        crate::xdp::run(&mut a.dp, frame);
+        let before = stat(a, proof)?;
+        let r = repeat_cost(a.dp.program(PROG_XLB)?, frame, want)?;
+        let moved = stat(a, proof)? - before;
+        let expect = RUNS as u64 * 3 * N as u64;
+        if moved != expect {
+            bail!("counter {} moved {moved}, expected {expect}", proof.name());
+        }
+        Ok((r, format!("{} +{moved} = {RUNS} runs × 3N", proof.name())))
+    };
+    // 1. Nothing but the exact VIP 10.0.0.100:80/tcp.
+    let mut plain = agent("10.0.0.100:80/tcp", 3)?;
+    for (case, frame, want, floor, proof) in [
+        ("nonvip_pass (no VIP forms)", &nonvip, 2, "floor_pass", Stat::PassNotVip),
+        ("v4_tcp_established (no VIP forms)", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
+    ] {
+        let (r, v) = steady(&mut plain, frame, want, proof).with_context(|| case.to_string())?;
+        push(case, "empty", r, floor, v);
+    }
+    drop(plain);
+    // 2. The same plus an any-port VIP, a dst-port VIP and an answering VIP.
+    let mut a = agent("10.0.0.100:80/tcp", 3)?;
+    let backends: Vec<(IpAddr, Option<Mac>, u32)> = a.vips().values().flat_map(|s| s.backends.values().map(|b| (b.ip, b.mac, 1))).collect();
+    for (v, opts) in [
+        ("10.0.0.101:*/tcp", xlb::config::VipOpts::default()),
+        ("10.0.0.102:*/tcp", xlb::config::VipOpts { hash: xlb::config::HashMode::DstPort, ..Default::default() }),
+        ("10.0.0.103:80/tcp", xlb::config::VipOpts { answer_ping: true, ..Default::default() }),
+    ] {
+        let v: Vip = v.parse()?;
+        a.add_vip_spec(v, &xlb::agent::VipSpec { opts, ..Default::default() })?;
+        a.add_backends(&v, &backends)?;
+    }
+    for (case, frame, want, floor, proof) in [
+        ("nonvip_pass (VIP forms elsewhere)", &nonvip, 2, "floor_pass", Stat::PassNotVip),
+        ("v4_tcp_established (VIP forms elsewhere)", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
+        ("any_port_established", &any_est, 3, "floor_stateless_dsr", Stat::CtHit),
+        ("dst_port_established", &dport_est, 3, "floor_stateless_dsr", Stat::CtHit),
+    ] {
+        let (r, v) = steady(&mut a, frame, want, proof).with_context(|| case.to_string())?;
+        push(case, "empty", r, floor, v);
+    }
+    // New flows to the any-port and dst-port VIPs (warm method).
+    for (case, dst, port) in [("any_port_new_flow", ANY, 8080u16), ("dst_port_new_flow", DPORT, 8443)] {
+        let (miss0, fwd0) = (stat(&a, Stat::CtMiss)?, stat(&a, Stat::Forwarded)?);
+        let fd = a.dp.program(PROG_XLB)?.fd()?.try_clone()?;
+        let frame = |run: u8| eth(ETH_IP, &[], &ipv4(Ipv4Addr::new(101, 64 + 4 * run, 0, 0), dst, 6, &[], 0, &tcp(5555, port, SYN, b"")));
+        let (ns, spread) = fl.warm_new_flows(&fd, &frame, NEW_FLOW_REPEAT, 3)?;
+        let want = RUNS as u64 * NEW_FLOW_REPEAT as u64;
+        let (misses, fwd) = (stat(&a, Stat::CtMiss)? - miss0, stat(&a, Stat::Forwarded)? - fwd0);
+        if misses != want || fwd != want {
+            bail!("{case}: {misses} misses, {fwd} forwards for {want} new flows");
+        }
+        push(case, "empty", (ns, spread, ns), "floor_one_line", format!("conntrack_miss +{misses}, forwarded +{fwd}"));
+    }
+    // Echo replies: the reply is no request, so one syscall per frame (as
+    // the cold new-flow method), the call overhead calibrated on floor_pass.
+    let echoes: Vec<Vec<u8>> = (0..NEW_FLOWS)
+        .map(|i| eth(ETH_IP, &[], &ipv4(CLIENT, PING, 1, &[], 0, &crate::frames::icmp_echo(8, i as u16, 1, &[0x5a; 56]))))
+        .collect();
+    let before = stat(&a, Stat::EchoReplied)?;
+    let total = loop_cost(a.dp.program(PROG_XLB)?, &echoes, 3)?;
+    let pass_total = loop_cost(fl.prog("floor_pass")?, &echoes, 2)?;
+    let replied = stat(&a, Stat::EchoReplied)? - before;
+    if replied != NEW_FLOWS as u64 {
+        bail!("echo: {replied} replies for {NEW_FLOWS} requests");
+    }
+    let ns = (total - pass_total) / NEW_FLOWS as f64 + floor_ns("floor_pass");
+    push("echo_reply_cold", "-", (ns, [ns, ns], total / NEW_FLOWS as f64), "floor_stateless_dsr_new_flows_cold", format!("echo_replied +{replied}; one syscall per frame"));
+    Ok(out)
+}

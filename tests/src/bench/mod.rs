@@ -73,6 +73,18 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
     let mut errors = Vec::new();
     let mut cases = Vec::new();
     let mut targets = Vec::new();
+    // Not part of a full run's default sections: `cargo xtask bench vipforms`.
+    if sections.iter().any(|x| x == "vipforms") {
+        eprintln!("bench: VIP forms (BPF_PROG_TEST_RUN)…");
+        let mut fl = cost::Floors::load(floors)?;
+        cases = cost::floors(&mut fl)?;
+        let floor: std::collections::HashMap<String, f64> = cases.iter().map(|c| (c.case.clone(), c.ns_per_pkt)).collect();
+        let floor_ns = |n: &str| floor.get(n).copied().unwrap_or(f64::NAN);
+        cases.extend(cost::vip_forms(&mut fl, &floor_ns)?);
+        for c in &cases {
+            eprintln!("bench:   {:<45} {:>8.1} ns  ×{:.2} {}  ({})", c.case, c.ns_per_pkt, c.ratio, c.floor, c.verified);
+        }
+    }
     if want("cost") {
         eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
         let mut fl = cost::Floors::load(floors)?;
