@@ -96,8 +96,14 @@ pub mod map_names {
     pub const TRACE_CFG: &str = "XLB_TRACE_CFG";
     /// Per-CPU `trace::TraceBucket` (not pinned).
     pub const TRACE_TB: &str = "XLB_TRACE_TB";
+    /// Prefix VIPs: LPM trie of `PrefixKey` → `VipInfo` (looked up only
+    /// after an exact miss, and only while `PREFIX_ON` is non-zero).
+    pub const VIP_PREFIX: &str = "XLB_VIP_PREFIX";
+    /// One `u32`: the number of prefix VIPs (0: the trie is never read).
+    pub const PREFIX_ON: &str = "XLB_PREFIX_ON";
     /// Every map above: all are pinned, and a restarted agent reuses them all.
-    pub const ALL: [&str; 10] = [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST];
+    pub const ALL: [&str; 12] =
+        [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST, VIP_PREFIX, PREFIX_ON];
 }
 
 /// Entries of `XLB_MACS`: the interface's MAC and up to seven more.

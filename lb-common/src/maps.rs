@@ -32,6 +32,48 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// Key data of the prefix-VIP trie (`XLB_VIP_PREFIX`, an LPM trie): the
+/// first `PREFIX_KEY_FIXED_BITS` bits (family, protocol, port) always
+/// match exactly, then the address's first bits up to the VIP's prefix
+/// length. The same keys as `VipKey` (any-port, fragment alias, echo
+/// entries) with the address last, as a trie needs it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PrefixKey {
+    /// `VipKey::family` (with `KEY_ANY_PORT` for any-port VIPs).
+    pub family: u8,
+    /// `VipKey::proto`.
+    pub proto: u8,
+    /// `VipKey::port_be`.
+    pub port_be: u16,
+    /// The address (a VIP's network address in entries).
+    pub addr: Addr,
+}
+
+/// Bits of a `PrefixKey` before its address (matched by every entry).
+pub const PREFIX_KEY_FIXED_BITS: u32 = 32;
+
+impl PrefixKey {
+    /// The trie key data of a `VipKey`.
+    #[inline(always)]
+    pub const fn of(k: &VipKey) -> PrefixKey {
+        PrefixKey { family: k.family, proto: k.proto, port_be: k.port_be, addr: k.addr }
+    }
+
+    /// Trie prefix length of an entry whose address has `addr_bits` bits
+    /// of prefix (a lookup uses the family's full length).
+    #[inline(always)]
+    pub const fn bits(addr_bits: u32) -> u32 {
+        PREFIX_KEY_FIXED_BITS + addr_bits
+    }
+
+    /// The `VipKey` this trie key data came from.
+    #[inline(always)]
+    pub const fn vip_key(&self) -> VipKey {
+        VipKey { addr: self.addr, port_be: self.port_be, proto: self.proto, family: self.family }
+    }
+}
+
 /// Scheduling algorithm of a VIP, as stored in `VipInfo::algo`. It picks
 /// the backend of a *new* flow; the connection table keeps it there.
 ///
@@ -392,6 +434,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no
     // invalid bit patterns, which is what `aya::Pod` requires.
     unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::PrefixKey {}
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::BackendInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
@@ -421,6 +464,7 @@ mod tests {
     /// (a restarted agent then starts fresh tables instead of misreading them).
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<PrefixKey>(), 20);
         assert_eq!(size_of::<VipInfo>(), 16);
         assert_eq!(size_of::<BackendInfo>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);

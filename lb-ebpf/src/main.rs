@@ -86,18 +86,19 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
     }
     // One array read turns away almost all traffic that is not for a VIP.
     let idx = lb_common::vip_filter_index(&pkt.key.vip.addr, pkt.key.vip.family);
+    // Prefix VIPs (only when there are any) pass the gate by a trie lookup.
     let filter = maps::VIP_FILTER.get(idx).copied().unwrap_or(0);
-    if filter == 0 {
+    let Some(gate) = steer::Gate::open(&pkt.key, filter) else {
         return (xdp_action::XDP_PASS, pkt.not_vip());
-    }
+    };
     // Only after the pre-filter: non-VIP traffic pays nothing for it.
     if !addressed_to_us(ctx) {
         return (xdp_action::XDP_PASS, Stat::PassOtherMac);
     }
     if let Kind::Echo { l3 } = pkt.kind {
-        return answer_ping(ctx, &pkt, l3);
+        return answer_ping(ctx, &pkt, l3, gate);
     }
-    let Choice { id, backend, new_flow } = match steer::choose(&pkt, filter, stats) {
+    let Choice { id, backend, new_flow } = match steer::choose(&pkt, gate, stats) {
         Ok(c) => c,
         Err(Stat::PassNotVip) => return (xdp_action::XDP_PASS, Stat::PassNotVip),
         Err(stat) => {
@@ -124,8 +125,8 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
 /// echo entry (some VIP of it has `--answer-ping`), else the kernel's as
 /// before (`PassOtherL4`).
 #[inline(always)]
-fn answer_ping(ctx: &XdpContext, pkt: &parse::Packet, l3: usize) -> (u32, Stat) {
-    if !steer::answers_ping(&pkt.key.vip) {
+fn answer_ping(ctx: &XdpContext, pkt: &parse::Packet, l3: usize, gate: steer::Gate) -> (u32, Stat) {
+    if !steer::answers_ping(&pkt.key.vip, gate) {
         return (xdp_action::XDP_PASS, Stat::PassOtherL4);
     }
     match echo::reply(ctx, l3, pkt.key.is_v6()) {

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
-    ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
+    ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, PrefixKey, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
     MAX_ACCEPT_MACS, RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
@@ -16,6 +16,15 @@ use lb_common::{
 /// Virtual services: (address, port, protocol) → how to balance them.
 #[map(name = "XLB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Prefix VIPs (`PREFIX/LEN:PORT/PROTO`): longest prefix wins. Read only
+/// after an exact miss and only while `PREFIX_ON` says there are any.
+#[map(name = "XLB_VIP_PREFIX")]
+pub static VIP_PREFIX: LpmTrie<PrefixKey, VipInfo> = LpmTrie::with_max_entries(DEFAULT_MAX_VIPS * 3, 0);
+
+/// Number of prefix VIPs (one entry): the gate of every trie lookup.
+#[map(name = "XLB_PREFIX_ON")]
+pub static PREFIX_ON: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Backends by id: where to send a flow.
 #[map(name = "XLB_BACKENDS")]

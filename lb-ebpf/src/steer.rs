@@ -3,11 +3,12 @@
 //! fragments by the VIP's 3-tuple hash, ICMP errors to the flow they are
 //! about. Every path returns a `Choice`, and the VIP map is read here only.
 
-use lb_common::{BackendInfo, FlowKey, Stat, StatBlock, VipInfo, VipKey, VIP_FILTER_ANY_PORT};
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::{BackendInfo, FlowKey, PrefixKey, Stat, StatBlock, VipInfo, VipKey, KEY_ANY_PORT, VIP_FILTER_ANY_PORT};
 
 use crate::{
     conntrack::{self, Track},
-    maps::VIPS,
+    maps::{PREFIX_ON, VIPS, VIP_PREFIX},
     parse::{Kind, Packet},
     select,
 };
@@ -29,11 +30,61 @@ impl<'a> Choice<'a> {
     }
 }
 
-/// Where `pkt` goes; `PassNotVip` when its destination is not a VIP after
-/// all, another `Stat` when it must be dropped. `filter` is the address's
-/// pre-filter value (it says whether an any-port VIP may match).
+/// What the pre-filter stage learnt about a packet's destination.
+#[derive(Clone, Copy)]
+pub struct Gate<'a> {
+    /// The address's pre-filter value (non-zero: some exact VIP address
+    /// folds there; `VIP_FILTER_ANY_PORT`: an any-port VIP may match).
+    pub filter: u32,
+    /// The prefix VIP found for an address no exact VIP has (the trie was
+    /// read before the connection table, so non-VIP traffic skips it).
+    pub prefix: Option<&'a VipInfo>,
+}
+
+impl<'a> Gate<'a> {
+    /// The gate of a packet: `None` when it is certainly not VIP traffic.
+    /// Costs one array read, plus one more when the filter misses (is
+    /// there any prefix VIP?) and a trie lookup only when there is one.
+    #[inline(always)]
+    pub fn open(key: &FlowKey, filter: u32) -> Option<Gate<'a>> {
+        if filter != 0 {
+            return Some(Gate { filter, prefix: None });
+        }
+        if !prefixes_on() {
+            return None;
+        }
+        prefix_vip(&key.vip).map(|v| Gate { filter, prefix: Some(v) })
+    }
+}
+
+/// Whether any prefix VIP is configured (`XLB_PREFIX_ON`).
 #[inline(always)]
-pub fn choose<'a>(pkt: &Packet, filter: u32, stats: &mut StatBlock) -> Result<Choice<'a>, Stat> {
+fn prefixes_on() -> bool {
+    PREFIX_ON.get(0).is_some_and(|n| *n != 0)
+}
+
+/// The most specific prefix VIP for a destination: with its port first,
+/// then the any-port one (unless the key is a fragment alias or echo key,
+/// port 0, whose entries are exact).
+#[inline(always)]
+fn prefix_vip<'a>(k: &VipKey) -> Option<&'a VipInfo> {
+    let bits = if k.family == lb_common::FAMILY_V6 { 128 } else { 32 };
+    let mut key = Key::new(PrefixKey::bits(bits), PrefixKey::of(k));
+    if let Some(v) = VIP_PREFIX.get(&key) {
+        return Some(v);
+    }
+    if k.port_be == 0 {
+        return None;
+    }
+    key.data.port_be = 0;
+    key.data.family |= KEY_ANY_PORT;
+    VIP_PREFIX.get(&key)
+}
+
+/// Where `pkt` goes; `PassNotVip` when its destination is not a VIP after
+/// all, another `Stat` when it must be dropped.
+#[inline(always)]
+pub fn choose<'a>(pkt: &Packet, gate: Gate<'a>, stats: &mut StatBlock) -> Result<Choice<'a>, Stat> {
     let key = &pkt.key;
     // Port 0 is where fragments of a VIP address are looked up; no VIP has
     // it, so a TCP/UDP packet (or an ICMP error about one) to port 0 is not
@@ -45,16 +96,16 @@ pub fn choose<'a>(pkt: &Packet, filter: u32, stats: &mut StatBlock) -> Result<Ch
         Kind::Flow => match conntrack::track(key, pkt.tcp_flags, stats) {
             Track::Hit(c) => Ok(c),
             Track::New(p) => {
-                let vip = vip(key, filter)?;
+                let vip = vip(key, gate)?;
                 p.settle(vip, stats);
                 let (id, backend) = select::schedule(key, vip, stats)?;
                 p.commit(key, id, backend, stats);
                 Ok(Choice { id, backend, new_flow: true })
             }
         },
-        Kind::Fragment => select::fragment(key, vip(key, filter)?).map(Choice::old),
+        Kind::Fragment => select::fragment(key, vip(key, gate)?).map(Choice::old),
         Kind::IcmpError => {
-            let vip = vip(key, filter)?;
+            let vip = vip(key, gate)?;
             match conntrack::peek(key, vip) {
                 Some(c) => Ok(c),
                 None => select::rehash(key, vip).map(Choice::old),
@@ -66,17 +117,26 @@ pub fn choose<'a>(pkt: &Packet, filter: u32, stats: &mut StatBlock) -> Result<Ch
 }
 
 /// The VIP a packet is for (fragments: their alias under port 0): the
-/// exact entry, else the address's any-port VIP, looked up only where the
-/// pre-filter says one exists (an exact VIP of the port always wins).
+/// exact entry, else the address's any-port VIP (looked up only where the
+/// pre-filter says one exists), else the most specific prefix VIP (only
+/// when there are any). An exact VIP always wins over a prefix.
 #[inline(always)]
-fn vip<'a>(key: &FlowKey, filter: u32) -> Result<&'a VipInfo, Stat> {
+fn vip<'a>(key: &FlowKey, gate: Gate<'a>) -> Result<&'a VipInfo, Stat> {
+    if let Some(v) = gate.prefix {
+        return Ok(v);
+    }
     // SAFETY: map values are only read; the agent replaces entries whole.
     if let Some(v) = unsafe { VIPS.get(&key.vip) } {
         return Ok(v);
     }
-    if filter & VIP_FILTER_ANY_PORT != 0 {
+    if gate.filter & VIP_FILTER_ANY_PORT != 0 {
         // SAFETY: as above.
         if let Some(v) = unsafe { VIPS.get(&key.vip.any_port()) } {
+            return Ok(v);
+        }
+    }
+    if prefixes_on() {
+        if let Some(v) = prefix_vip(&key.vip) {
             return Ok(v);
         }
     }
@@ -84,9 +144,13 @@ fn vip<'a>(key: &FlowKey, filter: u32) -> Result<&'a VipInfo, Stat> {
 }
 
 /// Whether the address of an echo request (its key: `VipKey::echo`) has
-/// an echo entry that answers.
+/// an echo entry that answers (exact address, else prefix).
 #[inline(always)]
-pub fn answers_ping(echo: &VipKey) -> bool {
-    // SAFETY: as above.
-    unsafe { VIPS.get(echo) }.is_some_and(|v| v.answers_ping())
+pub fn answers_ping(echo: &VipKey, gate: Gate) -> bool {
+    let v = match gate.prefix {
+        Some(v) => Some(v),
+        // SAFETY: as above.
+        None => unsafe { VIPS.get(echo) }.or_else(|| if prefixes_on() { prefix_vip(echo) } else { None }),
+    };
+    v.is_some_and(|v| v.answers_ping())
 }

@@ -268,7 +268,7 @@ impl<M: Maps> Agent<M> {
         check_any_port_health(&vip, &health)?;
         let published =
             VipInfo { vip_id: id, algo: spec.algo as u8, persist_secs: spec.persist, flags: spec.opts.flags(), ..Default::default() };
-        self.dp.set_vip(&vip.key(), &published)?;
+        self.put_entry(&vip, &vip.key(), &published)?;
         self.free_vip_ids.pop_front();
         self.vips.insert(
             vip,
@@ -306,10 +306,12 @@ impl<M: Maps> Agent<M> {
     }
 
     fn remove_vip(&mut self, vip: &Vip) -> Result<()> {
-        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        if !self.vips.contains_key(vip) {
+            bail!("unknown VIP {vip}");
+        }
         // Unpublish first: from here on its packets are XDP_PASS.
-        self.dp.del_vip(&vip.key())?;
-        let ids: Vec<u32> = state.backends.values().map(|b| b.id).collect();
+        self.drop_entry(vip, &vip.key())?;
+        let ids: Vec<u32> = self.vips[vip].backends.values().map(|b| b.id).collect();
         let state = self.vips.remove(vip).expect("checked above");
         let answered = state.opts.answer_ping;
         for id in ids {
@@ -579,7 +581,7 @@ impl<M: Maps> Agent<M> {
         };
         let state = self.vips.get(vip).expect("checked above");
         if published != state.published {
-            self.dp.set_vip(&vip.key(), &published)?;
+            self.put_entry(vip, &vip.key(), &published)?;
         }
         if let Some(old) = old_slot.filter(|o| Some(*o) != new_slot) {
             self.free_ring_slots.push_back(old);
@@ -636,14 +638,40 @@ impl<M: Maps> Agent<M> {
     /// Keep the VIP pre-filter entry of this VIP's address equal to the
     /// number of VIP addresses (any port or protocol) that fold to it.
     fn sync_filter(&mut self, changed: &Vip) -> Result<()> {
+        if changed.prefix.is_some() {
+            return self.dp.set_prefix_count(self.prefix_count());
+        }
         let idx = filter_index(changed);
         self.dp.set_vip_filter(idx, self.filter_value(idx))
+    }
+
+    /// Number of prefix VIPs (the datapath reads the trie only when > 0).
+    fn prefix_count(&self) -> u32 {
+        self.vips.keys().filter(|v| v.prefix.is_some()).count() as u32
+    }
+
+    /// Write one of `vip`'s datapath entries (its own, its fragment alias,
+    /// its address's echo entry): the VIP map, or the prefix trie for a
+    /// prefix VIP.
+    fn put_entry(&mut self, vip: &Vip, key: &lb_common::VipKey, info: &VipInfo) -> Result<()> {
+        match vip.prefix {
+            None => self.dp.set_vip(key, info),
+            Some(len) => self.dp.set_prefix_vip(key, len, info),
+        }
+    }
+
+    /// Remove one of `vip`'s datapath entries.
+    fn drop_entry(&mut self, vip: &Vip, key: &lb_common::VipKey) -> Result<()> {
+        match vip.prefix {
+            None => self.dp.del_vip(key),
+            Some(len) => self.dp.del_prefix_vip(key, len),
+        }
     }
 
     /// The pre-filter value at `idx`: how many VIPs fold there, and
     /// `VIP_FILTER_ANY_PORT` if one of them is an any-port VIP.
     fn filter_value(&self, idx: u32) -> u32 {
-        let here = || self.vips.keys().filter(|v| filter_index(v) == idx);
+        let here = || self.vips.keys().filter(|v| v.prefix.is_none() && filter_index(v) == idx);
         let n = here().count() as u32;
         let any = here().any(|v| v.is_any_port());
         if any {
@@ -662,13 +690,13 @@ impl<M: Maps> Agent<M> {
             return Ok(());
         }
         let key = changed.key().echo();
-        let first = self.vips.iter().find(|(v, s)| v.addr == changed.addr && s.opts.answer_ping);
+        let first = self.vips.iter().find(|(v, s)| v.addr == changed.addr && v.prefix == changed.prefix && s.opts.answer_ping);
         match first {
             Some((_, s)) => {
                 let info = s.published;
-                self.dp.set_vip(&key, &info)
+                self.put_entry(changed, &key, &info)
             }
-            None => self.dp.del_vip(&key).or(Ok(())),
+            None => self.drop_entry(changed, &key).or(Ok(())),
         }
     }
 
@@ -680,14 +708,14 @@ impl<M: Maps> Agent<M> {
     fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
         let alias_key = changed.key().fragment_alias();
         // Any-port VIPs (port 0) come first: they get the fragments.
-        let first = self.vips.iter().find(|(v, _)| v.addr == changed.addr && v.proto == changed.proto);
+        let first = self.vips.iter().find(|(v, _)| v.addr == changed.addr && v.prefix == changed.prefix && v.proto == changed.proto);
         match first {
             Some((v, _)) if v.port < changed.port => Ok(()),
             Some((_, s)) => {
                 let info = s.published;
-                self.dp.set_vip(&alias_key, &info)
+                self.put_entry(changed, &alias_key, &info)
             }
-            None => self.dp.del_vip(&alias_key).or(Ok(())),
+            None => self.drop_entry(changed, &alias_key).or(Ok(())),
         }
     }
 
@@ -886,6 +914,24 @@ mod tests {
         assert_eq!(a.dp.filter.get(&idx), Some(&(1 | lb_common::VIP_FILTER_ANY_PORT)));
         a.del_vip(&any).expect("del");
         assert!(a.dp.vips.is_empty() && a.dp.filter.is_empty());
+    }
+
+    #[test]
+    fn prefix_vips_live_in_the_trie_and_open_its_gate() {
+        let mut a = agent(8);
+        let p = vip("10.1.0.0/16:*/tcp");
+        let spec = VipSpec { opts: VipOpts { answer_ping: true, ..Default::default() }, ..Default::default() };
+        a.add_vip_spec(p, &spec).expect("prefix");
+        assert_eq!(a.dp.prefix_count, 1);
+        assert!(a.dp.vips.is_empty() && a.dp.filter.is_empty(), "nothing in the exact map or the pre-filter");
+        for k in [p.key(), p.key().fragment_alias(), p.key().echo()] {
+            assert!(a.dp.prefixes.contains_key(&(k, 16)), "{k:?}");
+        }
+        a.add_vip(vip("10.1.2.0/24:443/tcp"), Algo::Maglev, 0).expect("inner prefix");
+        assert_eq!(a.dp.prefix_count, 2);
+        a.del_vip(&p).expect("del");
+        assert_eq!(a.dp.prefix_count, 1);
+        assert!(a.dp.prefixes.keys().all(|(_, len)| *len == 24), "the /16's entries are gone");
     }
 
     #[test]

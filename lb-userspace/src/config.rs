@@ -111,10 +111,16 @@ impl fmt::Display for Proto {
 /// A virtual service: `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp` or
 /// `[2001:db8::100]:443/tcp`, or every port of an address:
 /// `10.0.0.100:*/tcp` (port 0 here, `VipKey::any_port` in the datapath).
+///
+/// Prefix VIPs serve every address of a network: `10.0.0.0/24:443/tcp`,
+/// `[2001:db8::]/64:*/udp` (the address is the network's, host bits zero).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Vip {
-    /// Virtual IP address.
+    /// Virtual IP address (a prefix VIP's network address).
     pub addr: IpAddr,
+    /// Prefix length of a prefix VIP (shorter than the address), `None`
+    /// for a single address.
+    pub prefix: Option<u8>,
     /// Port (1..=65535), or `ANY_PORT` for every port.
     pub port: u16,
     /// Protocol.
@@ -156,9 +162,47 @@ impl Vip {
 impl fmt::Display for Vip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let port = if self.is_any_port() { "*".to_string() } else { self.port.to_string() };
+        let len = self.prefix.map(|l| format!("/{l}")).unwrap_or_default();
         match self.addr {
-            IpAddr::V4(a) => write!(f, "{a}:{port}/{}", self.proto),
-            IpAddr::V6(a) => write!(f, "[{a}]:{port}/{}", self.proto),
+            IpAddr::V4(a) => write!(f, "{a}{len}:{port}/{}", self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]{len}:{port}/{}", self.proto),
+        }
+    }
+}
+
+/// Parse `ADDR` or `PREFIX/LEN` (IPv6 in brackets) of a VIP `s`.
+fn parse_vip_addr(s: &str, text: &str) -> Result<(IpAddr, Option<u8>)> {
+    let bad = || anyhow!("invalid VIP '{s}': expected ADDR:PORT/PROTO, PREFIX/LEN:PORT/PROTO or a port '*', e.g. 10.0.0.100:80/tcp");
+    let (addr, len) = match text.rsplit_once('/') {
+        Some((a, l)) => (a, Some(l.parse::<u8>().map_err(|_| bad())?)),
+        None => (text, None),
+    };
+    let addr: IpAddr = match addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?.into(),
+        None => addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?.into(),
+    };
+    let Some(len) = len else { return Ok((addr, None)) };
+    let bits: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    if len == 0 || len >= bits {
+        bail!("invalid VIP '{s}': prefix length {len} (1..{} ; a single address has none)", bits - 1);
+    }
+    let net = mask(addr, len);
+    if net != addr {
+        bail!("invalid VIP '{s}': {addr}/{len} has host bits set (the network is {net}/{len})");
+    }
+    Ok((addr, Some(len)))
+}
+
+/// `addr` with all but its first `len` bits zero.
+pub fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32) as u32) };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - len.min(128) as u32) };
+            IpAddr::V6((u128::from(a) & m).into())
         }
     }
 }
@@ -166,7 +210,7 @@ impl fmt::Display for Vip {
 impl FromStr for Vip {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || anyhow!("invalid VIP '{s}': expected ADDR:PORT/PROTO or ADDR:*/PROTO, e.g. 10.0.0.100:80/tcp");
+        let bad = || anyhow!("invalid VIP '{s}': expected ADDR:PORT/PROTO, PREFIX/LEN:PORT/PROTO or a port '*', e.g. 10.0.0.100:80/tcp");
         let (sock, proto) = s.rsplit_once('/').ok_or_else(bad)?;
         let proto = match proto {
             "tcp" => Proto::Tcp,
@@ -183,12 +227,9 @@ impl FromStr for Vip {
                 Err(_) => return Err(bad()),
             }
         };
-        let addr: IpAddr = match addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
-            Some(v6) => v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?.into(),
-            None => addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?.into(),
-        };
+        let (addr, prefix) = parse_vip_addr(s, addr)?;
         check_unicast(addr).with_context(|| format!("invalid VIP '{s}'"))?;
-        Ok(Vip { addr, port, proto })
+        Ok(Vip { addr, prefix, port, proto })
     }
 }
 
@@ -798,6 +839,22 @@ mod tests {
         let any6: Vip = "[2001:db8::1]:*/udp".parse().expect("any port v6");
         assert_eq!(any6.to_string(), "[2001:db8::1]:*/udp");
         assert_eq!("dst-port".parse::<HashMode>().expect("hash").to_string(), "dst-port");
+        for good in ["10.0.0.0/24:443/tcp", "10.0.0.0/8:*/udp", "[2001:db8::]/64:*/udp", "[2001:db8::]/48:443/tcp"] {
+            let p: Vip = good.parse().expect(good);
+            assert_eq!(p.to_string(), good);
+            assert!(p.prefix.is_some());
+        }
+        for (bad, why) in [
+            ("10.0.0.1/24:443/tcp", "host bits"),
+            ("10.0.0.0/32:443/tcp", "prefix length"),
+            ("10.0.0.0/0:443/tcp", "prefix length"),
+            ("[2001:db8::1]/64:443/tcp", "host bits"),
+            ("10.0.0.0/33:443/tcp", "prefix length"),
+            ("10.0.0.0/x:443/tcp", "invalid VIP"),
+        ] {
+            let e = bad.parse::<Vip>().expect_err(bad).to_string();
+            assert!(e.contains(why) && e.starts_with("invalid VIP"), "{bad}: {e}");
+        }
         assert!("dst".parse::<HashMode>().is_err());
         for bad in [
             "10.0.0.100:**/tcp",

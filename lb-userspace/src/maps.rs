@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{
     ct::{ct_bytes, ct_elements, ct_sets},
-    map_names, BackendInfo, Counters, CtSeed, CtSet, Stat, StatBlock, VipInfo, VipKey,
+    map_names, BackendInfo, Counters, CtSeed, CtSet, PrefixKey, Stat, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
     PROG_PASS, PROG_TRACE, PROG_XLB, SPARE_RING_SLOTS,
 };
@@ -149,6 +149,8 @@ pub struct Datapath {
     /// Sizes it was loaded with.
     pub opts: LoadOptions,
     vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_prefix: aya::maps::lpm_trie::LpmTrie<MapData, PrefixKey, VipInfo>,
+    prefix_on: Array<MapData, u32>,
     backends: Array<MapData, BackendInfo>,
     rings: Array<MapData, u32>,
     /// The ring array mapped into memory (`BPF_F_MMAPABLE`), when possible.
@@ -178,6 +180,8 @@ pub struct Datapath {
 pub struct PinnedScan {
     /// Every VIP entry (fragment aliases on port 0 included).
     pub vips: Vec<(VipKey, VipInfo)>,
+    /// Every prefix-VIP entry: (key, address prefix length, value).
+    pub prefixes: Vec<(VipKey, u8, VipInfo)>,
     /// Every backend entry, by id (free ids keep their generation).
     pub backends: Vec<BackendInfo>,
     /// Non-zero VIP pre-filter indexes.
@@ -298,11 +302,12 @@ impl RingMem {
     }
 }
 
-/// Entries of the VIP map: one per VIP plus at most one fragment alias per
-/// VIP (port 0 of its address and protocol), so `--max-vips N` always
-/// means N services.
+/// Entries of the VIP map (and of the prefix-VIP trie): one per VIP plus
+/// at most one fragment alias (port 0 of its address and protocol) and one
+/// echo entry (`--answer-ping`) per VIP, so `--max-vips N` always means N
+/// services.
 pub fn vip_map_entries(opts: &LoadOptions) -> u32 {
-    opts.max_vips * 2
+    opts.max_vips * 3
 }
 
 /// Allow BPF maps to be locked in memory. Kernels ≥ 5.11 charge BPF memory to
@@ -373,6 +378,7 @@ impl Datapath {
         }
         let mut ebpf = loader
             .map_max_entries(map_names::VIPS, vip_map_entries(&opts))
+            .map_max_entries(map_names::VIP_PREFIX, vip_map_entries(&opts))
             .map_max_entries(map_names::RINGS, opts.ring_slots() * opts.ring_size)
             .map_max_entries(map_names::CONNTRACK, ct_elements(opts.conntrack_size))
             .map_max_entries(map_names::PERSIST, opts.persist_size)
@@ -409,6 +415,8 @@ impl Datapath {
         }
         let mut dp = Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
+            vip_prefix: take(&mut ebpf, map_names::VIP_PREFIX)?,
+            prefix_on: take(&mut ebpf, map_names::PREFIX_ON)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             ring_mem: None,
             rings: take(&mut ebpf, map_names::RINGS)?,
@@ -620,7 +628,13 @@ impl Datapath {
                 filter.push(idx);
             }
         }
-        Ok(PinnedScan { vips, backends, filter })
+        let mut prefixes = Vec::new();
+        for kv in self.vip_prefix.iter() {
+            let (k, v) = kv.context("cannot read the prefix-VIP map")?;
+            let len = k.prefix_len().saturating_sub(lb_common::PREFIX_KEY_FIXED_BITS) as u8;
+            prefixes.push((k.data().vip_key(), len, v));
+        }
+        Ok(PinnedScan { vips, prefixes, backends, filter })
     }
 
     /// Read `len` ring entries from `offset` (a published table).
@@ -639,6 +653,24 @@ impl Datapath {
     /// Remove a VIP entry.
     pub fn del_vip(&mut self, key: &VipKey) -> Result<()> {
         self.vips.remove(key).context("cannot remove from the VIP map")
+    }
+
+    /// Insert or replace a prefix-VIP entry (`key`'s address is the network,
+    /// `len` its prefix length).
+    pub fn set_prefix_vip(&mut self, key: &VipKey, len: u8, info: &VipInfo) -> Result<()> {
+        let k = aya::maps::lpm_trie::Key::new(PrefixKey::bits(len as u32), PrefixKey::of(key));
+        self.vip_prefix.insert(&k, info, 0).context("cannot write the prefix-VIP map")
+    }
+
+    /// Remove a prefix-VIP entry.
+    pub fn del_prefix_vip(&mut self, key: &VipKey, len: u8) -> Result<()> {
+        let k = aya::maps::lpm_trie::Key::new(PrefixKey::bits(len as u32), PrefixKey::of(key));
+        self.vip_prefix.remove(&k).context("cannot remove from the prefix-VIP map")
+    }
+
+    /// Set the number of prefix VIPs (0 turns every trie lookup off).
+    pub fn set_prefix_count(&mut self, n: u32) -> Result<()> {
+        self.prefix_on.set(0, n, 0).context("cannot write the prefix-VIP gate")
     }
 
     /// Write a backend entry.
@@ -793,8 +825,9 @@ impl Datapath {
             text.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
         };
         let mut out = std::collections::BTreeMap::new();
-        let ours: [(&str, &MapData); 8] = [
+        let ours: [(&str, &MapData); 9] = [
             (map_names::VIPS, self.vips.map()),
+            (map_names::VIP_PREFIX, self.vip_prefix.map()),
             (map_names::BACKENDS, self.backends.map()),
             (map_names::RINGS, self.rings.map()),
             (map_names::CONNTRACK, self.conntrack.map()),

@@ -277,3 +277,101 @@ fn echo_requests_are_the_kernels_unless_the_vip_answers() {
     assert_eq!(lb.forwarded(&f, "TCP to the answering v6 VIP"), mac(11).0);
     assert!(lb.agent.vips()[&v6].opts.answer_ping);
 }
+
+/// Prefix VIPs: their own agent (the fixture above is at its VIP limit).
+fn prefix_lb() -> Lb {
+    let mut agent = test_agent();
+    let mut add = |v: &str, opts: VipOpts, backends: &[u8]| {
+        let v = vip(v);
+        agent.add_vip_spec(v, &VipSpec { opts, ..Default::default() }).expect("add vip");
+        for &i in backends {
+            let ip: IpAddr = if v.addr.is_ipv4() { IpAddr::V4(Ipv4Addr::new(10, 0, 6, i)) } else { format!("fd00::6:{i}").parse().expect("ip") };
+            agent.add_backend(&v, ip, Some(mac(i)), 1).expect("add backend");
+        }
+    };
+    let plain = VipOpts::default();
+    add("10.1.0.0/16:443/tcp", plain, &[1]);
+    add("10.1.0.0/16:80/tcp", VipOpts { answer_ping: true, ..plain }, &[5]);
+    add("10.1.2.0/24:443/tcp", plain, &[2]);
+    add("10.1.2.0/24:*/tcp", plain, &[3]);
+    add("10.1.2.7:443/tcp", plain, &[4]);
+    add("[fd00:1::]/64:*/udp", VipOpts { answer_ping: true, ..plain }, &[11, 12]);
+    Lb { agent }
+}
+
+#[test]
+fn prefix_vips_most_specific_wins_and_exact_beats_prefix() {
+    let mut lb = prefix_lb();
+    let a = |x: u8, y: u8| Ipv4Addr::new(10, 1, x, y);
+    for (dst, dport, want, what) in [
+        (a(5, 5), 443, 1, "the /16"),
+        (a(200, 1), 443, 1, "the /16, far end"),
+        (a(5, 5), 80, 5, "the /16's other port"),
+        (a(2, 9), 443, 2, "the /24 is more specific than the /16"),
+        (a(2, 255), 443, 2, "the /24's last address"),
+        (a(2, 9), 8080, 3, "the /24's any-port VIP"),
+        (a(2, 9), 80, 5, "a port VIP of the /16 beats the /24's any-port one"),
+        (a(2, 7), 443, 4, "an exact VIP inside the prefixes wins"),
+        (a(2, 7), 22, 3, "the exact address's other ports: the prefix"),
+    ] {
+        for sport in [1000u16, 2000, 3000] {
+            assert_eq!(lb.forwarded(&tcp4(CLIENT, sport, dst, dport), what), mac(want).0, "{what}: {dst}:{dport}");
+        }
+    }
+    for (frame, what) in [
+        (tcp4(CLIENT, 1000, a(5, 5), 8080), "the /16 has no VIP on this port"),
+        (tcp4(CLIENT, 1000, Ipv4Addr::new(10, 2, 0, 1), 443), "outside every prefix"),
+        (tcp4(CLIENT, 1000, Ipv4Addr::new(10, 0, 255, 255), 443), "just below the /16"),
+        (tcp4(CLIENT, 1000, a(2, 9), 0), "port 0"),
+        (udp4(CLIENT, 1000, a(2, 9), 443), "no UDP prefix VIP for IPv4"),
+    ] {
+        lb.passed(&frame, Stat::PassNotVip, what);
+    }
+    // IPv6 any-port prefix: the 5-tuple over its table.
+    let v6 = vip("[fd00:1::]/64:*/udp");
+    for (i, dport) in [53u16, 443, 9999].into_iter().enumerate() {
+        let dst: Ipv6Addr = format!("fd00:1::{:x}", 0x100 + i).parse().expect("v6");
+        let f = eth(ETH_IPV6, &[], &ipv6(CLIENT6, dst, 17, &frames::udp(4444, dport, b"q")));
+        let got = lb.forwarded(&f, "v6 prefix");
+        let k = FlowKey::v6(CLIENT6.octets(), 4444u16.to_be(), dst.octets(), dport.to_be(), 17);
+        assert_eq!(got, lb.predicted(&v6, &k), "v6 {dst}:{dport}");
+    }
+    let out6: Ipv6Addr = "fd00:2::1".parse().expect("v6");
+    lb.passed(&eth(ETH_IPV6, &[], &ipv6(CLIENT6, out6, 17, &frames::udp(4444, 53, b"q"))), Stat::PassNotVip, "outside the /64");
+    // Fragments of a prefix address: the lowest-port VIP of the most specific prefix.
+    let frag = eth(ETH_IP, &[], &ipv4(CLIENT, a(2, 9), 6, &[], 0x0005, &[7u8; 40]));
+    let (act, out, d) = lb.run(&frag);
+    assert_eq!((act, d[Stat::FragForwarded as usize]), (XDP_TX, 1), "prefix fragment forwarded");
+    assert_eq!(&out[..6], &mac(3).0, "the /24's any-port VIP takes its fragments");
+    // Echo: the /16 answers (its VIP on port 80 has --answer-ping), the v6 /64 too.
+    let req = eth(ETH_IP, &[], &ipv4(CLIENT, a(2, 9), 1, &[], 0, &icmp_echo(8, 3, 4, b"ping")));
+    let (act, out, d) = lb.run(&req);
+    assert_eq!(act, XDP_TX);
+    assert_one_verdict(&d, Stat::EchoReplied, "prefix echo");
+    check_echo_reply4(&req, &out);
+    let dst: Ipv6Addr = "fd00:1::77".parse().expect("v6");
+    let req6 = eth(ETH_IPV6, &[], &ipv6(CLIENT6, dst, 58, &icmp6_echo(CLIENT6, dst, 128, 1, 1, b"x")));
+    let (act, out, _) = lb.run(&req6);
+    assert_eq!(act, XDP_TX, "v6 prefix echo");
+    assert_eq!(frames::icmp6_csum(dst, CLIENT6, &out[54..]), 0);
+    let req = eth(ETH_IP, &[], &ipv4(CLIENT, Ipv4Addr::new(10, 2, 0, 1), 1, &[], 0, &icmp_echo(8, 3, 4, b"ping")));
+    lb.passed(&req, Stat::PassOtherL4, "echo outside the prefixes");
+}
+
+#[test]
+fn removing_prefix_vips_turns_the_trie_off() {
+    let mut lb = prefix_lb();
+    let dst = Ipv4Addr::new(10, 1, 2, 9);
+    assert_eq!(lb.forwarded(&tcp4(CLIENT, 1, dst, 443), "before"), mac(2).0);
+    lb.agent.del_vip(&vip("10.1.2.0/24:443/tcp")).expect("del");
+    assert_eq!(lb.forwarded(&tcp4(CLIENT, 2, dst, 443), "the /16 again"), mac(1).0);
+    for v in ["10.1.0.0/16:443/tcp", "10.1.0.0/16:80/tcp", "10.1.2.0/24:*/tcp", "[fd00:1::]/64:*/udp"] {
+        lb.agent.del_vip(&vip(v)).expect("del");
+    }
+    lb.passed(&tcp4(CLIENT, 3, dst, 443), Stat::PassNotVip, "no prefix VIP left");
+    assert_eq!(lb.forwarded(&tcp4(CLIENT, 4, Ipv4Addr::new(10, 1, 2, 7), 443), "exact kept"), mac(4).0);
+    // A duplicate prefix VIP is refused in one line and changes nothing.
+    lb.agent.add_vip(vip("10.1.0.0/16:443/tcp"), lb_common::Algo::Maglev, 0).expect("add");
+    let e = lb.agent.add_vip(vip("10.1.0.0/16:443/tcp"), lb_common::Algo::Maglev, 0).expect_err("duplicate");
+    assert!(e.to_string().contains("already exists") && !e.to_string().contains('\n'), "{e}");
+}

@@ -138,13 +138,18 @@ impl<M: Maps> Agent<M> {
         let mut report = Adoption::default();
         let (Some(snap), Some(desired)) = (snap, desired) else { return Ok((a, report)) };
         let runtime: HashMap<&str, &VipRuntime> = snap.vips.iter().map(|v| (v.vip.as_str(), v)).collect();
-        let published: HashMap<lb_common::VipKey, VipInfo> = scan.vips.iter().copied().collect();
+        let published: HashMap<(lb_common::VipKey, Option<u8>), VipInfo> = scan
+            .vips
+            .iter()
+            .map(|(k, i)| ((*k, None), *i))
+            .chain(scan.prefixes.iter().map(|(k, l, i)| ((*k, Some(*l)), *i)))
+            .collect();
         let now = Instant::now();
         for dv in &desired.vips {
             let name = dv.vip.to_string();
             let rt = runtime.get(name.as_str()).copied();
             let health = dv.health.clone().unwrap_or_else(|| a.opts.health.clone());
-            let confirmed = rt.and_then(|rt| published.get(&dv.vip.key()).filter(|i| i.vip_id == rt.id).copied());
+            let confirmed = rt.and_then(|rt| published.get(&(dv.vip.key(), dv.vip.prefix)).filter(|i| i.vip_id == rt.id).copied());
             let (id, published, ring_slot, table) = match confirmed {
                 Some(info) => {
                     report.vips_kept += 1;
@@ -238,20 +243,32 @@ impl<M: Maps> Agent<M> {
     /// After `adopt` (and the config file, if any): remove every map entry
     /// the agent does not own and free the ids and slots they held.
     pub fn collect_garbage(&mut self, scan: &PinnedScan) -> Result<()> {
-        let owned_keys: BTreeSet<lb_common::VipKey> = self.vips.keys().map(|v| v.key()).collect();
-        // Derived entries (fragment aliases, echo entries) of owned VIPs.
-        let derived: BTreeSet<lb_common::VipKey> = self
+        // Entries of owned VIPs and their derived ones (fragment aliases,
+        // echo entries), by (key, prefix length).
+        let owned: BTreeSet<(lb_common::VipKey, Option<u8>)> = self
             .vips
             .iter()
-            .flat_map(|(v, s)| [Some(v.key().fragment_alias()), s.opts.answer_ping.then(|| v.key().echo())])
-            .flatten()
+            .flat_map(|(v, s)| {
+                [Some(v.key()), Some(v.key().fragment_alias()), s.opts.answer_ping.then(|| v.key().echo())]
+                    .into_iter()
+                    .flatten()
+                    .map(|k| (k, v.prefix))
+            })
             .collect();
         for (k, _) in &scan.vips {
-            if !owned_keys.contains(k) && !derived.contains(k) {
+            if !owned.contains(&(*k, None)) {
                 self.dp.del_vip(k)?;
                 log::info!("removed a VIP entry no longer configured");
             }
         }
+        for (k, len, _) in &scan.prefixes {
+            if !owned.contains(&(*k, Some(*len))) {
+                self.dp.del_prefix_vip(k, *len)?;
+                log::info!("removed a prefix-VIP entry no longer configured");
+            }
+        }
+        self.dp.set_prefix_count(self.prefix_count())?;
+        let owned_keys: BTreeSet<lb_common::VipKey> = self.vips.keys().filter(|v| v.prefix.is_none()).map(|v| v.key()).collect();
         let owned_ids: BTreeSet<u32> = self.vips.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
         for (id, b) in scan.backends.iter().enumerate() {
             let id = id as u32;

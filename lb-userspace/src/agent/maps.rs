@@ -22,6 +22,12 @@ pub trait Maps {
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
     /// Remove a VIP entry.
     fn del_vip(&mut self, key: &VipKey) -> Result<()>;
+    /// Insert or replace a prefix-VIP entry (network `key`, length `len`).
+    fn set_prefix_vip(&mut self, key: &VipKey, len: u8, info: &VipInfo) -> Result<()>;
+    /// Remove a prefix-VIP entry.
+    fn del_prefix_vip(&mut self, key: &VipKey, len: u8) -> Result<()>;
+    /// Set the number of prefix VIPs (0: the datapath never reads the trie).
+    fn set_prefix_count(&mut self, n: u32) -> Result<()>;
     /// Write a backend entry.
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()>;
     /// Write a table into ring slot `slot` (one operation).
@@ -60,6 +66,15 @@ impl Maps for Datapath {
     }
     fn del_vip(&mut self, key: &VipKey) -> Result<()> {
         Datapath::del_vip(self, key)
+    }
+    fn set_prefix_vip(&mut self, key: &VipKey, len: u8, info: &VipInfo) -> Result<()> {
+        Datapath::set_prefix_vip(self, key, len, info)
+    }
+    fn del_prefix_vip(&mut self, key: &VipKey, len: u8) -> Result<()> {
+        Datapath::del_prefix_vip(self, key, len)
+    }
+    fn set_prefix_count(&mut self, n: u32) -> Result<()> {
+        Datapath::set_prefix_count(self, n)
     }
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
         Datapath::set_backend(self, id, info)
@@ -107,6 +122,10 @@ pub struct MemMaps {
     pub load: LoadOptions,
     /// VIP map.
     pub vips: HashMap<VipKey, VipInfo>,
+    /// Prefix-VIP trie: (network key, length) → value.
+    pub prefixes: HashMap<(VipKey, u8), VipInfo>,
+    /// Number of prefix VIPs the datapath is told of.
+    pub prefix_count: u32,
     /// Backend array (only written entries).
     pub backends: HashMap<u32, BackendInfo>,
     /// Ring array.
@@ -162,6 +181,25 @@ impl Maps for MemMaps {
             Some(_) => Ok(()),
             None => bail!("cannot remove from the VIP map: no such entry"),
         }
+    }
+    fn set_prefix_vip(&mut self, key: &VipKey, len: u8, info: &VipInfo) -> Result<()> {
+        if !self.prefixes.contains_key(&(*key, len)) && self.prefixes.len() >= crate::maps::vip_map_entries(&self.load) as usize {
+            bail!("cannot write the prefix-VIP map: bpf_map_update_elem failed: Argument list too long (os error 7)");
+        }
+        self.vip_writes += 1;
+        self.prefixes.insert((*key, len), *info);
+        Ok(())
+    }
+    fn del_prefix_vip(&mut self, key: &VipKey, len: u8) -> Result<()> {
+        self.vip_writes += 1;
+        match self.prefixes.remove(&(*key, len)) {
+            Some(_) => Ok(()),
+            None => bail!("cannot remove from the prefix-VIP map: no such entry"),
+        }
+    }
+    fn set_prefix_count(&mut self, n: u32) -> Result<()> {
+        self.prefix_count = n;
+        Ok(())
     }
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
         if id >= lb_common::MAX_BACKENDS {
