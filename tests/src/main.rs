@@ -33,6 +33,14 @@ enum Cmd {
         #[arg(long)]
         agent_file: Option<PathBuf>,
     },
+    /// COUNT ICMP echo requests to TARGET (raw socket); prints how many
+    /// got a correct reply.
+    Ping {
+        #[arg(long)]
+        target: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 3)]
+        count: u16,
+    },
     /// COUNT HTTP connections to TARGET; prints a JSON summary.
     Connect {
         #[arg(long)]
@@ -136,6 +144,7 @@ fn main() {
         Cmd::Serve { name, port, fail_file, udp_port, agent_port, agent_file } => {
             xlb_tests::traffic::serve(&name, port, fail_file, udp_port, agent_port.zip(agent_file))
         }
+        Cmd::Ping { target, count } => xlb_tests::traffic::ping(target, count.min(100), Duration::from_secs(1)).map(|n| println!("{n}")),
         Cmd::Connect { target, count, parallel, timeout_ms } => {
             let s = xlb_tests::traffic::connect(target, count.min(100_000), parallel.min(64), Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&s).unwrap_or_default());

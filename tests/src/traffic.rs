@@ -261,3 +261,67 @@ pub fn connect(target: SocketAddr, count: usize, parallel: usize, timeout: Durat
     }
     Arc::try_unwrap(summary).map(|m| m.into_inner().unwrap_or_default()).unwrap_or_default()
 }
+
+/// Send `count` ICMP echo requests to `target` (IPv4) from a raw socket, one
+/// at a time, waiting up to `timeout` for each reply; returns how many were
+/// answered with a correct echo reply (identifier, sequence, data).
+pub fn ping(target: std::net::Ipv4Addr, count: u16, timeout: Duration) -> Result<u16> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("raw ICMP socket (root needed)");
+    }
+    // SAFETY: `fd` is a new, valid descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    // SAFETY: a valid timeval for SO_RCVTIMEO on our socket.
+    unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32)
+    };
+    let id = (std::process::id() & 0xffff) as u16;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(target.octets()) },
+        sin_zero: [0; 8],
+    };
+    let mut answered = 0;
+    for seq in 0..count {
+        let data = format!("xlb-lab ping {seq}");
+        let req = crate::frames::icmp_echo(8, id, seq, data.as_bytes());
+        // SAFETY: `req` and `addr` are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(sock.as_raw_fd(), req.as_ptr() as *const libc::c_void, req.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error()).context("sendto");
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 1500];
+        while std::time::Instant::now() < deadline {
+            // SAFETY: `buf` is valid for its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            if n <= 0 {
+                continue;
+            }
+            let pkt = &buf[..n as usize];
+            let hl = ((pkt[0] & 0x0f) as usize) * 4;
+            if pkt.len() < hl + 8 || pkt[12..16] != target.octets() {
+                continue;
+            }
+            let icmp = &pkt[hl..];
+            let ok = icmp[0] == 0
+                && u16::from_be_bytes([icmp[4], icmp[5]]) == id
+                && u16::from_be_bytes([icmp[6], icmp[7]]) == seq
+                && &icmp[8..] == data.as_bytes()
+                && crate::frames::csum(icmp) == 0
+                && crate::frames::csum(&pkt[..hl]) == 0;
+            if ok {
+                answered += 1;
+                break;
+            }
+        }
+    }
+    Ok(answered)
+}
