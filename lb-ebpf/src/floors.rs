@@ -107,6 +107,24 @@ pub fn floor_lru_insert(ctx: XdpContext) -> u32 {
     })
 }
 
+/// The VIP `floor_forward` forwards (set at load, network order).
+#[no_mangle]
+static FLOOR_VIP: [u8; 4] = [0; 4];
+
+/// Floor for real clients (nginx, ab, iperf3): the stateless floor attached
+/// in xlb's place, forwarding IPv4 TCP to `FLOOR_VIP` by a hash of the
+/// 5-tuple into `FLOOR_RING`; everything else (ARP, checks' replies) passes.
+#[xdp]
+pub fn floor_forward(ctx: XdpContext) -> u32 {
+    let Some(h) = ptr_at::<[u8; 34]>(&ctx, 0) else { return xdp_action::XDP_PASS };
+    // SAFETY: bounds checked; a read of a load-time constant.
+    let (h, vip) = unsafe { (&*h, core::ptr::read_volatile(&FLOOR_VIP)) };
+    if h[12..14] != [0x08, 0x00] || h[14 + 9] != 6 || h[30..34] != vip {
+        return xdp_action::XDP_PASS;
+    }
+    stateless(&ctx, |_, _| {})
+}
+
 /// The stateless floor, with `state(key, hash)` run before the rewrite.
 #[inline(always)]
 fn stateless(ctx: &XdpContext, state: impl FnOnce(&FlowKey, u32)) -> u32 {

@@ -113,6 +113,12 @@ enum Cmd {
         prog: String,
         #[arg(long)]
         iface: String,
+        /// `floor_forward`: the VIP it forwards.
+        #[arg(long)]
+        vip: Option<std::net::Ipv4Addr>,
+        /// `floor_forward`: backend MACs, spread over its ring in turn.
+        #[arg(long = "ring-mac")]
+        ring_macs: Vec<String>,
     },
     /// One HTTP request; prints the response.
     Get {
@@ -168,7 +174,10 @@ fn main() {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         })(),
-        Cmd::Attach { floors, prog, iface } => xlb_tests::bench::live::attach(&floors, &prog, &iface),
+        Cmd::Attach { floors, prog, iface, vip, ring_macs } => (|| {
+            let macs = ring_macs.iter().map(|m| m.parse::<xlb::config::Mac>().map(|m| m.0)).collect::<Result<Vec<_>, _>>()?;
+            xlb_tests::bench::live::attach(&floors, &prog, &iface, vip, &macs)
+        })(),
         Cmd::Get { target, path, method } => xlb_tests::traffic::request(target, &method, &path).map(|r| print!("{r}")),
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),
     };

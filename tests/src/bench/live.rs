@@ -307,10 +307,21 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
     })
 }
 
-/// `xlb-lab attach`: hold a floors program on an interface until SIGTERM.
-pub fn attach(floors: &str, prog: &str, iface: &str) -> Result<()> {
+/// `xlb-lab attach`: hold a floors program on an interface until SIGTERM;
+/// for `floor_forward`, with its VIP and its ring filled with `macs` in turn.
+pub fn attach(floors: &str, prog: &str, iface: &str, vip: Option<Ipv4Addr>, macs: &[[u8; 6]]) -> Result<()> {
     let obj = std::fs::read(floors)?;
-    let mut ebpf = EbpfLoader::new().load(&obj)?;
+    let vip = vip.map(|v| v.octets()).unwrap_or_default();
+    let mut ebpf = EbpfLoader::new().override_global("FLOOR_VIP", &vip, true).load(&obj)?;
+    if !macs.is_empty() {
+        let mut ring: aya::maps::Array<_, [u8; 8]> =
+            aya::maps::Array::try_from(ebpf.map_mut("FLOOR_RING").ok_or_else(|| anyhow!("no FLOOR_RING"))?)?;
+        for i in 0..ring.len() {
+            let mut e = [0u8; 8];
+            e[..6].copy_from_slice(&macs[i as usize % macs.len()]);
+            ring.set(i, e, 0)?;
+        }
+    }
     let p: &mut Xdp = ebpf.program_mut(prog).ok_or_else(|| anyhow!("no {prog}"))?.try_into()?;
     p.load()?;
     p.attach(iface, XdpMode::Driver)?;
