@@ -18,7 +18,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(s, "## Targets (ratios measured in this run)\n\n| target | ratio | limit | met |\n|---|---:|---:|---|");
     for t in &r.targets {
-        let _ = writeln!(s, "| {} | {:.2} | {} {:.1} | {} |", t.name, t.ratio, if t.at_least { "≥" } else { "≤" }, t.limit, if t.met { "yes" } else { "**no**" });
+        let _ = writeln!(s, "| {} | {:.2} | {} {} | {} |", t.name, t.ratio, if t.at_least { "≥" } else { "≤" }, t.limit, if t.met { "yes" } else { "**no**" });
     }
     let _ = writeln!(s, "\n## Per-packet cost (BPF_PROG_TEST_RUN on the real program)\n");
     let _ = writeln!(s, "| case | backends | connection table | ns/packet | spread (ns) | kernel avg (ns) | floor | ratio | proof |\n|---|---:|---|---:|---|---:|---|---:|---|");
