@@ -137,6 +137,9 @@ pub struct Step {
     pub received_pps: f64,
     /// Forwarded per the balancer's counter, per second (xlb only).
     pub lb_forwarded_pps: Option<f64>,
+    /// New connection-table entries per second per xlb's `conntrack_miss`
+    /// counter (xlb only): proves the new-flow mix is new flows.
+    pub lb_new_flows_pps: Option<f64>,
     /// Loss fraction.
     pub loss: f64,
 }
@@ -188,10 +191,12 @@ fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
     Ok(m.0)
 }
 
-fn forwarded(xlb: &Path, socket: &Path) -> Result<u64> {
+/// xlb's (forwarded, conntrack_miss) counters.
+fn forwarded(xlb: &Path, socket: &Path) -> Result<(u64, u64)> {
     let out = std::process::Command::new(xlb).arg("--socket").arg(socket).args(["status", "--json"]).output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("status JSON")?;
-    Ok(v["counters"]["forwarded"].as_u64().unwrap_or(0))
+    let c = &v["counters"];
+    Ok((c["forwarded"].as_u64().unwrap_or(0), c["conntrack_miss"].as_u64().unwrap_or(0)))
 }
 
 /// Run the live comparison.
@@ -262,15 +267,21 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
         gen(1024, (flows as u64 * 4).max(4096))?;
         let mut steps = Vec::new();
         let mut step = |keep: u32| -> Result<bool> {
-            let f0 = if mode == "xlb" { forwarded(xlb, &socket)? } else { 0 };
+            let f0 = if mode == "xlb" { forwarded(xlb, &socket)? } else { (0, 0) };
             let r = gen(keep, RUNS_PER_STEP)?;
-            let f1 = if mode == "xlb" { Some(forwarded(xlb, &socket)?.saturating_sub(f0)) } else { None };
+            let f1 = if mode == "xlb" {
+                let (f, m) = forwarded(xlb, &socket)?;
+                Some((f.saturating_sub(f0.0), m.saturating_sub(f0.1)))
+            } else {
+                None
+            };
             let loss = 1.0 - r.received as f64 / r.sent.max(1) as f64;
             steps.push(Step {
                 offered_pps: r.sent as f64 / r.seconds,
                 sent_pps: r.sent as f64 / r.seconds,
                 received_pps: r.received as f64 / r.seconds,
-                lb_forwarded_pps: f1.map(|f| f as f64 / r.seconds),
+                lb_forwarded_pps: f1.map(|(f, _)| f as f64 / r.seconds),
+                lb_new_flows_pps: f1.map(|(_, m)| m as f64 / r.seconds),
                 loss,
             });
             Ok(loss < DROP_FREE_LOSS)

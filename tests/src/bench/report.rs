@@ -42,12 +42,13 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(s, "| {} | {:.0} | {:.0} |", m.mode, m.drop_free_pps, m.max_forwarded_pps);
         }
         let _ = writeln!(s, "\nxlb ÷ reflector: drop-free {:.2}, highest rate {:.2}.\n", l.ratio_drop_free, l.ratio_max);
-        let _ = writeln!(s, "| mode | offered | sent/s | returned/s | xlb forwarded/s | loss |\n|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "| mode | offered | sent/s | returned/s | xlb forwarded/s | xlb new flows/s (conntrack_miss) | loss |\n|---|---:|---:|---:|---:|---:|---:|");
         for m in &l.modes {
             for st in &m.steps {
                 let offered = if st.offered_pps == 0.0 { "max".to_string() } else { format!("{:.0}", st.offered_pps) };
                 let fwd = st.lb_forwarded_pps.map(|f| format!("{f:.0}")).unwrap_or_else(|| "-".into());
-                let _ = writeln!(s, "| {} | {offered} | {:.0} | {:.0} | {fwd} | {:.3}% |", m.mode, st.sent_pps, st.received_pps, st.loss * 100.0);
+                let new = st.lb_new_flows_pps.map(|f| format!("{f:.0}")).unwrap_or_else(|| "-".into());
+                let _ = writeln!(s, "| {} | {offered} | {:.0} | {:.0} | {fwd} | {new} | {:.3}% |", m.mode, st.sent_pps, st.received_pps, st.loss * 100.0);
             }
         }
     }
