@@ -173,11 +173,18 @@ fn holds_address(d: &Deployment, role: &str, addr: &str) -> bool {
     lab::sh("ip", &["-n", &d.lab.ns(role), "addr", "show", "eth0"]).map(|s| s.contains(&format!("{addr}/"))).unwrap_or(false)
 }
 
-#[test]
-fn vrrp_pair_fails_over_with_every_stream_kept() {
+/// The VRRP address the pair shares (examples/ha/keepalived.conf).
+const VRRP_ADDR: &str = "10.200.0.9";
+
+/// An active/standby pair: `lb` (the lab's balancer, preferred master) and
+/// `lb2` (10.200.0.11) with their own agents (`lb_args`, `lb2_args` added),
+/// keepalived on both, the lab VIP on both with the first `serving` of
+/// `backends` backends, the client routed through the VRRP address and
+/// `lb` master. Returns the deployment and `lb2`'s socket.
+fn vrrp_pair(backends: usize, serving: usize, lb_args: &[&str], lb2_args: &[&str]) -> (Deployment, std::path::PathBuf) {
     assert!(std::path::Path::new("/usr/sbin/keepalived").exists(), "keepalived is not installed (cargo xtask test installs it)");
     let (xlb, lab_bin) = binaries();
-    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let mut d = Deployment::start(&xlb, &lab_bin, backends, lb_args).expect("deployment");
     // The standby: another balancer on the segment, with its own agent.
     let lb2_ip: std::net::Ipv4Addr = "10.200.0.11".parse().expect("ip");
     d.lab.add_host("lb2", lb2_ip, "fd00:200::11".parse().expect("ip6")).expect("lb2");
@@ -190,17 +197,19 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     let sock2 = d.lab.dir.join("xlb2.sock");
     let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
     let s2 = sock2.to_string_lossy().into_owned();
-    let args = ["--socket", s2.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    let mut args = vec!["--socket", s2.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    args.extend_from_slice(lb2_args);
     d.lab.spawn("agent-lb2", "lb2", &xlb, &args).expect("second balancer's agent");
-    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    let ips: Vec<String> = (1..=serving).map(|i| backend_ip(i).to_string()).collect();
     d.configure_vip(&vip_arg(), &[], &ips).expect("vip on lb");
     let lb2 = Deployment::cli_at(&xlb, &sock2);
-    d.wait("lb2's API", Duration::from_secs(15), || Ok(lb2(&["vip", "list"]).status.success())).expect("lb2 agent");
+    d.wait("lb2's API", Duration::from_secs(15), || Ok(lb2(&["vip", "list"]).status.success())).unwrap_or_else(|e| panic!("lb2 agent: {e}\n{}", d.lab.log("agent-lb2")));
     assert!(lb2(&["vip", "add", &vip_arg()]).status.success());
     for ip in &ips {
         assert!(lb2(&["backend", "add", &vip_arg(), ip]).status.success());
     }
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("lb backends up");
+    let up: Vec<usize> = (1..=serving).collect();
+    d.wait_states(&up, Duration::from_secs(10)).expect("lb backends up");
     d.wait("lb2 ready", Duration::from_secs(10), || Ok(lb2(&["ha", "check"]).status.success())).expect("lb2 ready");
 
     // keepalived on both; the client reaches the VIP through the VRRP address.
@@ -208,10 +217,17 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     keepalived(&mut d, "lb", 150, &sock1);
     keepalived(&mut d, "lb2", 100, &sock2);
     let client = d.lab.ns("client");
-    lab::sh("ip", &["-n", &client, "route", "replace", &format!("{}/32", lab::VIP), "via", "10.200.0.9"]).expect("route via VRRP");
-    d.wait("lb to be master", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9"))).expect("master");
+    lab::sh("ip", &["-n", &client, "route", "replace", &format!("{}/32", lab::VIP), "via", VRRP_ADDR]).expect("route via VRRP");
+    d.wait("lb to be master", Duration::from_secs(10), || Ok(holds_address(&d, "lb", VRRP_ADDR))).expect("master");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "through the master: {:?}", s.errors);
+    (d, sock2)
+}
+
+#[test]
+fn vrrp_pair_fails_over_with_every_stream_kept() {
+    let (mut d, _) = vrrp_pair(3, 3, &[], &[]);
+    let sw = d.lab.ns("sw");
 
     // 40 streams; the master's link goes down under them.
     d.spawn_hold("hold", 40, 8_000).expect("hold");
@@ -373,4 +389,112 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     assert!(clis[2](&["ha", "drain"]).status.success());
     d.wait("lb3's withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("drained");
     assert_streams_kept(&d, "hold3", "ECMP drain");
+}
+
+/// A key file only root may read, for `--sync-key`.
+fn sync_key() -> lab::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = lab::TempDir::new("sync-key").expect("temp dir");
+    let f = dir.join("key");
+    std::fs::write(&f, "an example shared key, 32 bytes+\n").expect("write the key");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    dir
+}
+
+/// A JSON status from a CLI bound to another agent.
+fn status_of(cli: &impl Fn(&[&str]) -> Output) -> serde_json::Value {
+    serde_json::from_slice(&cli(&["status", "--json"]).stdout).unwrap_or_default()
+}
+
+fn sync_counter(st: &serde_json::Value, name: &str) -> u64 {
+    st["sync"][name].as_u64().unwrap_or(0)
+}
+
+/// The scenario: 40 streams through the master of a VRRP pair; a
+/// fourth backend is added on both nodes (Maglev now gives about a quarter
+/// of the established flows to it; the master's connection table keeps
+/// them on their backends); then the master's link goes down. Returns
+/// (streams broken or moved, streams).
+fn failover_after_a_backend_is_added(sync: bool) -> (usize, usize) {
+    let key = sync.then(sync_key);
+    let k = key.as_ref().map(|k| k.join("key").to_string_lossy().into_owned()).unwrap_or_default();
+    let (lb_args, lb2_args): (Vec<&str>, Vec<&str>) = if sync {
+        (vec!["--sync-peer", "10.200.0.11", "--sync-key", &k], vec!["--sync-peer", "10.200.0.10", "--sync-key", &k])
+    } else {
+        (vec![], vec![])
+    };
+    let (mut d, sock2) = vrrp_pair(4, 3, &lb_args, &lb2_args);
+    let lb2 = Deployment::cli_at(&d.xlb, &sock2);
+    let what = if sync { "with sync" } else { "without sync (control)" };
+    if sync {
+        let log = d.lab.log("agent");
+        assert!(log.contains("--flow-keys turned on") && log.contains("connection-table sync with 10.200.0.11:7470"), "{log}");
+    }
+    d.spawn_hold("hold", 40, 12_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(1500));
+    let b4 = backend_ip(4).to_string();
+    d.cli_ok(&["backend", "add", &vip_arg(), &b4]).expect("b4 on lb");
+    assert!(lb2(&["backend", "add", &vip_arg(), &b4]).status.success(), "b4 on lb2");
+    d.wait_states(&[1, 2, 3, 4], Duration::from_secs(10)).expect("b4 up on lb");
+    let b4_up = |st: &serde_json::Value| {
+        st["vips"][0]["backends"].as_array().into_iter().flatten().any(|b| b["ip"] == b4.as_str() && b["state"] == "up")
+    };
+    d.wait("b4 up on lb2", Duration::from_secs(10), || Ok(b4_up(&status_of(&lb2)))).expect("b4 up on lb2");
+    let fps = (d.status().expect("status")["vips"][0]["table_fingerprint"].clone(), status_of(&lb2)["vips"][0]["table_fingerprint"].clone());
+    assert_eq!(fps.0, fps.1, "both nodes have the new table");
+    if sync {
+        // The master sends what its table no longer gives; lb2 takes it.
+        d.wait("lb2 to take the master's entries", Duration::from_secs(5), || {
+            Ok(sync_counter(&d.status()?, "last_round_entries") > 0 && sync_counter(&status_of(&lb2), "inserted") >= sync_counter(&d.status()?, "last_round_entries"))
+        })
+        .expect("entries synced");
+        let (st1, st2) = (d.status().expect("status"), status_of(&lb2));
+        eprintln!(
+            "sync: lb sent {} entries that differ from the new table ({} datagrams so far); lb2 inserted {}, {} already there, {} unknown",
+            sync_counter(&st1, "last_round_entries"),
+            sync_counter(&st1, "sent_datagrams"),
+            sync_counter(&st2, "inserted"),
+            sync_counter(&st2, "unchanged"),
+            sync_counter(&st2, "unknown_backend")
+        );
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    lab::sh("ip", &["-n", &d.lab.ns("sw"), "link", "set", "p-lb", "down"]).expect("cut the master's link");
+    let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", VRRP_ADDR))).expect("failover");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold", Duration::from_secs(30)).expect("hold report");
+    let broken = report.iter().filter(|h| h.broken.is_some() || h.switched).count();
+    eprintln!("backend added, then the master failed ({what}): lb2 master after {took:?}; {broken} of {} streams broken or moved", report.len());
+    if sync {
+        // Forged and garbage datagrams to lb2's sync port: counted, dropped.
+        let client = d.lab.ns("client");
+        let st0 = status_of(&lb2);
+        let forge = "head -c 200 /dev/zero | tr '\\0' x > /dev/udp/10.200.0.11/7470; echo short > /dev/udp/10.200.0.11/7470";
+        lab::sh("ip", &["netns", "exec", &client, "bash", "-c", forge]).expect("send forged datagrams");
+        d.wait("the forged datagrams to be counted", Duration::from_secs(3), || {
+            let st = status_of(&lb2);
+            Ok(sync_counter(&st, "dropped_unauthenticated") == sync_counter(&st0, "dropped_unauthenticated") + 1
+                && sync_counter(&st, "dropped_malformed") == sync_counter(&st0, "dropped_malformed") + 1)
+        })
+        .expect("forged datagrams dropped and counted");
+        let stats = String::from_utf8_lossy(&lb2(&["stats"]).stdout).into_owned();
+        assert!(stats.contains("sync to 10.200.0.10:7470") && stats.contains("1 unauthenticated"), "{stats}");
+    }
+    (broken, report.len())
+}
+
+#[test]
+fn sync_keeps_the_flows_a_backend_change_moved_through_a_failover() {
+    let (broken, total) = failover_after_a_backend_is_added(true);
+    assert_eq!(total, 40);
+    assert_eq!(broken, 0, "with sync, no stream may break");
+}
+
+#[test]
+fn without_sync_a_backend_change_then_a_failover_breaks_streams() {
+    let (broken, total) = failover_after_a_backend_is_added(false);
+    assert_eq!(total, 40);
+    // Maglev gives about a quarter of the flows to the new backend (the
+    // chance that none of 40 moves is about 1e-5).
+    assert!(broken >= 1, "the control shows what sync saves: {broken} of {total} broke");
 }

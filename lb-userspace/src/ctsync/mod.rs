@@ -454,9 +454,11 @@ pub async fn run(agent: Arc<Mutex<Agent>>, sync: Arc<Syncer>, sock: tokio::net::
         }
     };
     let sock = Arc::new(sock);
-    let recv = tokio::spawn(receive_loop(agent.clone(), sync.clone(), sock.clone(), ins));
-    send_loop(agent, sync, sock, Arc::new(reader)).await;
-    recv.abort();
+    // One task: dropping it ends both loops (and their hold on the agent).
+    tokio::select! {
+        _ = receive_loop(agent.clone(), sync.clone(), sock.clone(), ins) => {}
+        _ = send_loop(agent, sync, sock, Arc::new(reader)) => {}
+    }
 }
 
 async fn receive_loop(agent: Arc<Mutex<Agent>>, sync: Arc<Syncer>, sock: Arc<tokio::net::UdpSocket>, mut ins: Inserter) {

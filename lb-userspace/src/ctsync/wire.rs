@@ -237,10 +237,12 @@ mod tests {
         (0..n)
             .map(|i| {
                 if i % 3 == 2 {
-                    let mut k = FlowKey::default();
-                    k.src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, i as u8];
-                    k.vip = VipKey { addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], port_be: 443u16.to_be(), proto: PROTO_UDP, family: FAMILY_V6 };
-                    k.sport_be = (40000 + i as u16).to_be();
+                    let k = FlowKey {
+                        src: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (i >> 8) as u8, i as u8],
+                        vip: VipKey { addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], port_be: 443u16.to_be(), proto: PROTO_UDP, family: FAMILY_V6 },
+                        sport_be: (40000 + i as u16).to_be(),
+                        ..Default::default()
+                    };
                     SyncEntry { key: k, backend: "fd00::11".parse().expect("ip") }
                 } else {
                     let k = FlowKey::v4([10, 0, (i >> 8) as u8, i as u8], (1024 + i as u16).to_be(), [10, 0, 0, 100], 80u16.to_be(), PROTO_TCP);
