@@ -144,8 +144,8 @@ fn main() -> Result<()> {
         Some("bench") => {
             require_root("cargo xtask bench")?;
             runtime_tools()?;
-            // The comparison's contenders and the plot's font, from Debian.
-            toolchain::apt_install(&["nftables", "haproxy", "fonts-dejavu-core"])?;
+            // The comparison's contenders, real clients and servers, and the plot's font, from Debian.
+            toolchain::apt_install(&["nftables", "haproxy", "nginx-light", "apache2-utils", "iperf3", "fonts-dejavu-core"])?;
             build(&root)?;
             build_ebpf_variant(&root, &["--features", "floors"], "target/ebpf-floors")?;
             run(Command::new(root.join("target/release/xlb-lab"))
