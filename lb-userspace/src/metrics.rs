@@ -99,6 +99,10 @@ pub fn render(s: &Status) -> String {
         f.gauge("xlb_ha_ready", "1 when this node is ready to be master or announced (xlb ha check).", one(ha.ready as u8 as f64));
         f.gauge("xlb_ha_drained", "1 while this node is drained (xlb ha drain).", one(ha.drained as u8 as f64));
     }
+    if let Some(sync) = &s.sync {
+        let c = sync.named().into_iter().map(|(k, v)| (label(&[("counter", k)]), v)).collect();
+        f.counter("xlb_sync_total", "Connection-table sync: entries and datagrams sent, received, inserted, dropped (unauthenticated, stale, malformed).", c);
+    }
     let fp = s.vips.iter().map(|v| (label(&[("vip", &v.vip), ("fingerprint", &v.table_fingerprint.to_string())]), 1.0)).collect();
     f.gauge("xlb_table_fingerprint", "The VIP's table fingerprint (label): equal on nodes that choose alike.", fp);
     let mut out = String::new();
