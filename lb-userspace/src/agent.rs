@@ -288,6 +288,7 @@ impl<M: Maps> Agent<M> {
                 table: Vec::new(),
                 published_at: None,
                 retired: Default::default(),
+                facts: Default::default(),
             },
         );
         log::info!("VIP {vip} added ({})", spec.algo.name());
@@ -614,6 +615,7 @@ impl<M: Maps> Agent<M> {
         );
         let result = (p.moved.unwrap_or(0), p.table.len());
         state.table = p.table;
+        state.facts = Default::default();
         if alias_changed {
             self.sync_fragment_alias(vip)?;
             let answering = self.vips.get(vip).is_some_and(|s| s.opts.answer_ping);
@@ -841,7 +843,7 @@ mod tests {
                     .collect(),
             })
             .collect();
-        Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips }
+        Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips, sync: None }
     }
 
     fn with_state_file(a: &mut Agent<MemMaps>, name: &str) -> std::path::PathBuf {

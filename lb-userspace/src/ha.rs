@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -46,7 +46,18 @@ pub fn vip_not_ready(s: &VipState) -> Option<String> {
 /// slot's backend *address* (ids are each node's own), so two nodes with
 /// the same config and health show the same number.
 pub fn fingerprint(s: &VipState) -> u64 {
-    let addr = |id: u32| s.backends.values().find(|b| b.id == id).map(|b| b.ip);
+    // Each backend's address bytes, looked up once (not per table entry).
+    let addrs: BTreeMap<u32, Vec<u8>> = s
+        .backends
+        .values()
+        .map(|b| {
+            let bytes = match b.ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            (b.id, bytes)
+        })
+        .collect();
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut eat = |bytes: &[u8]| {
         for &x in bytes {
@@ -54,18 +65,14 @@ pub fn fingerprint(s: &VipState) -> u64 {
         }
     };
     eat(s.algo.name().as_bytes());
-    let mut last: Option<(u32, Option<IpAddr>)> = None;
+    let mut last: Option<(u32, &[u8])> = None;
     for &id in &s.table {
-        let ip = match last {
-            Some((l, ip)) if l == id => ip,
-            _ => addr(id),
+        let bytes: &[u8] = match last {
+            Some((l, b)) if l == id => b,
+            _ => addrs.get(&id).map_or(&[0xff], Vec::as_slice),
         };
-        last = Some((id, ip));
-        match ip {
-            Some(IpAddr::V4(a)) => eat(&a.octets()),
-            Some(IpAddr::V6(a)) => eat(&a.octets()),
-            None => eat(&[0xff]),
-        }
+        last = Some((id, bytes));
+        eat(bytes);
     }
     h
 }
@@ -297,7 +304,7 @@ impl Announcer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -339,7 +346,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    mod readiness {
+    pub(crate) mod readiness {
         use super::super::*;
         use crate::{
             agent::{AgentOptions, CheckOutcome, MemMaps},
@@ -349,16 +356,16 @@ mod tests {
         use lb_common::Algo;
         use std::time::Instant;
 
-        const BACKENDS: [&str; 3] = ["10.0.0.11", "10.0.0.12", "10.0.0.13"];
-        const VIPS: [&str; 3] = ["10.0.0.100:80/tcp", "10.0.0.100:443/tcp", "10.0.0.101:80/tcp"];
+        pub(crate) const BACKENDS: [&str; 3] = ["10.0.0.11", "10.0.0.12", "10.0.0.13"];
+        pub(crate) const VIPS: [&str; 3] = ["10.0.0.100:80/tcp", "10.0.0.100:443/tcp", "10.0.0.101:80/tcp"];
 
-        fn vip(s: &str) -> Vip {
+        pub(crate) fn vip(s: &str) -> Vip {
             s.parse().expect("vip")
         }
 
         /// The three VIPs over three shared TCP-checked backends, added in
         /// `order` (ids then differ between agents built in other orders).
-        fn node(order: &[usize]) -> Agent<MemMaps> {
+        pub(crate) fn node(order: &[usize]) -> Agent<MemMaps> {
             let load = LoadOptions { max_vips: 8, max_tables: 8, ring_size: 251, ..Default::default() };
             let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig::default() };
             let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
@@ -374,7 +381,7 @@ mod tests {
         }
 
         /// Check rounds (each one interval later) with `ok(vip port, ip)`.
-        fn rounds(a: &mut Agent<MemMaps>, n: usize, t0: Instant, ok: impl Fn(&str) -> bool) -> Instant {
+        pub(crate) fn rounds(a: &mut Agent<MemMaps>, n: usize, t0: Instant, ok: impl Fn(&str) -> bool) -> Instant {
             let mut now = t0;
             for _ in 0..n {
                 now += std::time::Duration::from_secs(5);

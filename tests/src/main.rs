@@ -75,6 +75,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// A UDP probe to TARGET at RATE per second for DURATION (one flow);
+    /// prints a JSON report with the longest gap.
+    Probe {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+    },
     /// The benchmark (what `cargo xtask bench` runs).
     Bench {
         /// The xlb binary.
@@ -175,6 +185,10 @@ fn main() {
             );
             println!("{}", serde_json::to_string(&a).unwrap_or_default());
             Ok(())
+        }
+        Cmd::Probe { target, rate, duration_ms } => {
+            xlb_tests::traffic::probe(target, rate.clamp(1, 1000), Duration::from_millis(duration_ms.min(60_000)))
+                .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default()))
         }
         Cmd::Bench { xlb, floors, out, sections } => xlb_tests::bench::run(&xlb, &floors, &out, &sections),
         Cmd::Gen { floors, iface, dst_mac, size, runs, keep, flows, max_secs } => (|| {

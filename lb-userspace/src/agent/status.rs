@@ -40,7 +40,7 @@ impl<M: Maps> Agent<M> {
                 } else {
                     None
                 };
-                let slots = s.table.iter().filter(|&&id| id == b.id).count();
+                let slots = s.facts().slots.get(&b.id).copied().unwrap_or(0);
                 backends.push(BackendStatus {
                     ip: b.ip.to_string(),
                     mac: b.mac.map(|m| m.to_string()),
@@ -66,7 +66,7 @@ impl<M: Maps> Agent<M> {
             }
             vips.push(VipStatus {
                 vip: vip.to_string(),
-                table_fingerprint: format!("{:016x}", crate::ha::fingerprint(s)),
+                table_fingerprint: format!("{:016x}", s.facts().fingerprint),
                 algo: s.algo.name().to_string(),
                 persist_timeout: s.persist_secs,
                 active_flows: backends.iter().map(|b| b.active_flows).sum(),
@@ -102,6 +102,7 @@ impl<M: Maps> Agent<M> {
             neighbour_probes: self.neighbours.probes,
             datapath_memory: self.dp.memory(),
             ha: None,
+            sync: None,
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
         })
@@ -159,6 +160,9 @@ pub struct Status {
     /// This node's HA readiness (the daemon fills it in).
     #[serde(default)]
     pub ha: Option<crate::ha::Verdict>,
+    /// Connection-table sync (`--sync-peer`), when on (the daemon fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::ctsync::SyncStats>,
     /// Connection-table entries at the last census (none yet: null).
     pub conntrack_entries: Option<u64>,
     /// Age of that census, milliseconds.
