@@ -115,8 +115,11 @@ pub fn to_http(req: &Request) -> Result<(Method, String, Option<Vec<u8>>)> {
         match param {
             Some(name) => {
                 let v = fields.remove(name).and_then(|v| v.as_str().map(str::to_string)).ok_or_else(|| anyhow!("the request has no {name}"))?;
-                // A VIP is two segments (ADDR:PORT/PROTO): its '/' stays.
-                for part in v.split('/') {
+                // A VIP is two segments (ADDR:PORT/PROTO): its last '/'
+                // stays; a prefix VIP's other '/' (`10.0.0.0/24:*/tcp`) is
+                // encoded within the first segment.
+                let (head, tail) = v.rsplit_once('/').map_or((v.as_str(), None), |(h, t)| (h, Some(t)));
+                for part in std::iter::once(head).chain(tail) {
                     path.push('/');
                     path.push_str(&encode(part));
                 }
@@ -223,6 +226,8 @@ mod tests {
         let (m, p) = round_trip(Request::Flows { vip: Some("10.0.0.1:80/tcp".into()), backend: None, limit: Some(5) });
         assert_eq!((m, p.as_str()), (Method::GET, "/v1/flows?limit=5&vip=10.0.0.1:80%2Ftcp"));
         round_trip(Request::Status);
+        round_trip(Request::VipDel { vip: "10.0.0.0/24:*/tcp".parse().unwrap() });
+        round_trip(Request::VipDel { vip: "[2001:db8::]/64:443/udp".parse().unwrap() });
         round_trip(Request::VipAdd { vip: "10.0.0.1:81/udp".parse().unwrap(), algo: None, persist_timeout: Some(5), health: None, all_down: None, slow_start_ms: None, hash: None, answer_ping: None });
         round_trip(Request::ConfigReload { path: Some("/etc/xlb.toml".into()) });
         round_trip(Request::Trace { vip: None, backend: None, verdict: Some("tx".into()), count: Some(3), rate: Some(10) });

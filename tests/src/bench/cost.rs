@@ -557,6 +557,18 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
         }
         push(case, "empty", (ns, spread, ns), "floor_one_line", format!("conntrack_miss +{misses}, forwarded +{fwd}"));
     }
+    // 3. Prefix VIPs: the gate opens; non-VIP traffic pays a trie miss.
+    let prefix: Vip = "10.5.0.0/16:*/tcp".parse()?;
+    a.add_vip(prefix, Algo::Maglev, 0)?;
+    a.add_backends(&prefix, &backends)?;
+    let prefix_est = eth(ETH_IP, &[], &ipv4(CLIENT, Ipv4Addr::new(10, 5, 1, 2), 6, &[], 0, &tcp(40005, 8080, ACK, b"0123456789")));
+    for (case, frame, want, floor, proof) in [
+        ("nonvip_pass (prefix VIPs configured)", &nonvip, 2, "floor_pass", Stat::PassNotVip),
+        ("prefix_established", &prefix_est, 3, "floor_stateless_dsr", Stat::CtHit),
+    ] {
+        let (r, v) = steady(&mut a, frame, want, proof).with_context(|| case.to_string())?;
+        push(case, "empty", r, floor, v);
+    }
     // Echo replies: the reply is no request, so one syscall per frame (as
     // the cold new-flow method), the call overhead calibrated on floor_pass.
     let echoes: Vec<Vec<u8>> = (0..NEW_FLOWS)
