@@ -221,6 +221,7 @@ impl<M: Maps> Agent<M> {
                     table,
                     published_at: None,
                     retired: retired.unwrap_or_default(),
+                    facts: Default::default(),
                 },
             );
         }
