@@ -48,6 +48,8 @@ pub struct DaemonOptions {
     pub accept_macs: Vec<Mac>,
     /// Kernel routing table for announcements (`--announce-table`).
     pub announce_table: Option<u32>,
+    /// Encapsulation settings (routed backends).
+    pub encap: lb_common::EncapConfig,
 }
 
 /// Every `ha::TICK`: record the node's readiness (for `xlb ha check`) and,
@@ -239,6 +241,7 @@ async fn start(
         }
     }
     let mut dp = Datapath::load_pinned(opts.load, pins.map(|p| p.maps.as_path()))?;
+    dp.set_encap(&opts.encap)?;
     if opts.load.debug {
         if let Err(e) = aya_log::EbpfLogger::init(&mut dp.ebpf) {
             log::warn!("datapath logging unavailable: {e}");

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod diag;
+pub mod encap;
 pub mod ha;
 pub mod health;
 pub mod maglev;
