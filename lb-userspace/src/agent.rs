@@ -790,6 +790,7 @@ mod tests {
                 health: None,
                 all_down: AllDown::Drop,
                 slow_start_ms: 0,
+                forward: Default::default(),
                 backends: (1..=3u8)
                     .map(|i| DesiredBackend {
                         ip: ip(&format!("10.0.0.{}", 10 + i)),
@@ -797,6 +798,7 @@ mod tests {
                         weight: if i == 1 { weight } else { 1 },
                         health: None,
                         state: Admin::Ready,
+                        forward: None,
                     })
                     .collect(),
             })

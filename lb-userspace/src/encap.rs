@@ -60,7 +60,7 @@ pub fn encap_config(sources: &[String], gue_port: u16) -> Result<EncapConfig> {
     Ok(c)
 }
 
-/// Where `xlb decap` pins for an interface: `ROOT/decap-IFACE/{link,stats,vips}`.
+/// Where `xlb decap` pins for an interface: `ROOT/decap-IFACE/{link,stats}`.
 pub fn decap_dir(pin_root: &Path, iface: &str) -> PathBuf {
     pin_root.join(format!("decap-{}", crate::pin::iface_key(iface)))
 }
@@ -100,7 +100,6 @@ pub fn attach(iface: &str, vips: &[IpAddr], gue_port: u16, pin_root: &Path, mode
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     dp.stats_map().pin(dir.join("stats")).with_context(|| format!("cannot pin the counters in {}", dir.display()))?;
     fd.pin(dir.join("link")).with_context(|| format!("cannot pin the XDP link in {}", dir.display()))?;
-    std::fs::write(dir.join("vips"), vips.iter().map(|v| format!("{v}\n")).collect::<String>())?;
     Ok(())
 }
 
@@ -143,7 +142,7 @@ mod tests {
         let c = encap_config(&["10.9.8.7/24".into(), "fd00::1:2/112".into()], 6080).expect("valid");
         assert_eq!(c.src4, [10, 9, 8, 0]);
         assert_eq!(c.vary4, 0xff);
-        assert_eq!(&c.src6[12..], &[0, 0, 0, 0]);
+        assert_eq!(&c.src6[12..], &[0, 1, 0, 0], "host bits cleared");
         assert_eq!(c.vary6, 0xffff);
         assert_eq!(c.flags, ENCAP_F_SRC4 | ENCAP_F_SRC6);
         assert_eq!(u16::from_be(c.gue_port_be), 6080);
