@@ -27,10 +27,18 @@ static BENCH_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
 #[no_mangle]
 static BENCH_FLOWS: u32 = 1024;
 
-/// The generator transmits one frame in this many (set at load): the
-/// offered rate is the live-frames rate divided by it.
+/// The destination MAC the generator writes into every frame it sends (set
+/// at load, first six bytes): in live-frames mode a page comes back to the
+/// generator as the balancer left it (addressed to a backend), and xlb only
+/// acts on frames addressed to itself.
 #[no_mangle]
-static BENCH_EVERY: u32 = 1;
+static BENCH_DST_MAC: [u8; 8] = [0; 8];
+
+/// The generator transmits this many frames in 1024 runs (set at load,
+/// 1..=1024, spread evenly): the offered rate is the live-frames rate times
+/// `BENCH_KEEP / 1024`, fine enough to find a drop-free rate to ~0.1 %.
+#[no_mangle]
+static BENCH_KEEP: u32 = 1024;
 
 /// Floor: return XDP_PASS.
 #[xdp]
@@ -99,6 +107,24 @@ pub fn floor_lru_insert(ctx: XdpContext) -> u32 {
     })
 }
 
+/// The VIP `floor_forward` forwards (set at load, network order).
+#[no_mangle]
+static FLOOR_VIP: [u8; 4] = [0; 4];
+
+/// Floor for real clients (nginx, ab, iperf3): the stateless floor attached
+/// in xlb's place, forwarding IPv4 TCP to `FLOOR_VIP` by a hash of the
+/// 5-tuple into `FLOOR_RING`; everything else (ARP, checks' replies) passes.
+#[xdp]
+pub fn floor_forward(ctx: XdpContext) -> u32 {
+    let Some(h) = ptr_at::<[u8; 34]>(&ctx, 0) else { return xdp_action::XDP_PASS };
+    // SAFETY: bounds checked; a read of a load-time constant.
+    let (h, vip) = unsafe { (&*h, core::ptr::read_volatile(&FLOOR_VIP)) };
+    if h[12..14] != [0x08, 0x00] || h[14 + 9] != 6 || h[30..34] != vip {
+        return xdp_action::XDP_PASS;
+    }
+    stateless(&ctx, |_, _| {})
+}
+
 /// The stateless floor, with `state(key, hash)` run before the rewrite.
 #[inline(always)]
 fn stateless(ctx: &XdpContext, state: impl FnOnce(&FlowKey, u32)) -> u32 {
@@ -141,7 +167,7 @@ fn bump(i: u32) -> u64 {
 }
 
 /// Live-traffic generator (BPF_PROG_RUN with live frames on the generator's
-/// veth): transmits one run in `BENCH_EVERY` (dropping the others, which
+/// veth): transmits `BENCH_KEEP` runs in 1024 (dropping the others, which
 /// sets the offered rate), each with the next of `BENCH_FLOWS` source ports;
 /// with `BENCH_FLOWS` 0, every frame is a new flow (source port and the
 /// source address's low 16 bits count up together).
@@ -149,12 +175,19 @@ fn bump(i: u32) -> u64 {
 pub fn bench_gen(ctx: XdpContext) -> u32 {
     let n = bump(0);
     // SAFETY: reads of load-time constants.
-    let (flows, every) =
-        unsafe { (core::ptr::read_volatile(&BENCH_FLOWS) as u64, core::ptr::read_volatile(&BENCH_EVERY).max(1) as u64) };
-    if n % every != 0 {
+    let (flows, keep) =
+        unsafe { (core::ptr::read_volatile(&BENCH_FLOWS) as u64, core::ptr::read_volatile(&BENCH_KEEP).clamp(1, 1024) as u64) };
+    // Run n transmits when ⌊n·keep/1024⌋ steps: keep of every 1024, evenly.
+    if (n.wrapping_mul(keep)) >> 10 == (n.wrapping_sub(1).wrapping_mul(keep)) >> 10 {
         return xdp_action::XDP_DROP;
     }
     let sent = bump(2);
+    let Some(m) = ptr_mut_at::<[u8; 6]>(&ctx, 0) else { return xdp_action::XDP_DROP };
+    // SAFETY: bounds checked; a read of a load-time constant.
+    unsafe {
+        let mac = core::ptr::read_volatile(&BENCH_DST_MAC);
+        (*m).copy_from_slice(&mac[..6]);
+    }
     let Some(p) = ptr_mut_at::<[u8; 2]>(&ctx, 14 + 20) else { return xdp_action::XDP_DROP };
     if flows == 0 {
         let Some(a) = ptr_mut_at::<[u8; 2]>(&ctx, 14 + 14) else { return xdp_action::XDP_DROP };

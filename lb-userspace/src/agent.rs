@@ -803,7 +803,7 @@ mod tests {
                     .collect(),
             })
             .collect();
-        Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips }
+        Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips, sync: None }
     }
 
     fn with_state_file(a: &mut Agent<MemMaps>, name: &str) -> std::path::PathBuf {

@@ -202,6 +202,8 @@ pub struct Host {
     pub answered: tokio::sync::Notify,
     /// This node's HA switches (drain, last verdict); the daemon sets them.
     pub ha: Option<std::sync::Arc<crate::ha::Node>>,
+    /// The connection-table sync, when on.
+    pub sync: Option<std::sync::Arc<crate::ctsync::Syncer>>,
 }
 
 impl Host {
@@ -218,6 +220,7 @@ impl Host {
         s.attach_mode = self.attach_mode.clone();
         s.pinned = self.pinned.as_ref().map(|p| p.display().to_string());
         s.pins_lost_on_exit = self.pins_lost_on_exit.clone();
+        s.sync = self.sync.as_ref().map(|x| x.stats());
     }
 
     /// The file `config reload` applies: `path`, or the agent's `--config`.

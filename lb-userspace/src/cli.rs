@@ -2,7 +2,7 @@
 //! client of its API. Arguments are validated here too, so a typo fails
 //! before anything is sent.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use crate::config::Admin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -288,6 +288,18 @@ pub struct AgentArgs {
     /// UDP destination port of GUE encapsulation (`--forward gue`).
     #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
     pub gue_port: u16,
+    /// Send connection-table entries the table no longer gives to this
+    /// balancer (ADDR or ADDR:PORT, port 7470 by default; repeatable), and
+    /// take its entries. Turns on --flow-keys.
+    #[arg(long = "sync-peer", value_name = "ADDR[:PORT]")]
+    pub sync_peers: Vec<crate::ctsync::SyncPeer>,
+    /// File with the key the sync peers share (HMAC-SHA256; at least 16
+    /// bytes; mode 600).
+    #[arg(long, value_name = "FILE")]
+    pub sync_key: Option<PathBuf>,
+    /// Where to receive sync datagrams (default: every address, port 7470).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub sync_listen: Option<std::net::SocketAddr>,
 }
 
 /// Health-check options of `xlb vip add` (any of them replaces the agent's
@@ -480,6 +492,24 @@ pub enum BackendCmd {
     },
 }
 
+/// The sync settings of `xlb agent`'s flags (none given: none, or the
+/// config file's).
+fn sync_settings(
+    peers: Vec<crate::ctsync::SyncPeer>,
+    key: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<Option<crate::ctsync::SyncSettings>> {
+    match (peers.is_empty(), key) {
+        (true, None) if listen.is_none() => Ok(None),
+        (false, Some(key_file)) => {
+            let s = crate::ctsync::SyncSettings { peers, key_file, listen };
+            s.validate()?;
+            Ok(Some(s))
+        }
+        _ => bail!("--sync-peer and --sync-key go together (--sync-listen needs them)"),
+    }
+}
+
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let socket = api::socket_path(cli.socket);
@@ -510,6 +540,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 accept_macs: a.accept_macs,
                 announce_table: a.announce_table,
                 encap: crate::encap::encap_config(&a.encap_sources, a.gue_port)?,
+                sync: sync_settings(a.sync_peers, a.sync_key, a.sync_listen)?,
             };
             runtime()?.block_on(daemon::run(opts))
         }

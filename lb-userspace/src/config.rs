@@ -564,6 +564,23 @@ pub struct FileConfig {
     /// Virtual services.
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
+    /// Connection-table sync with other balancers (read at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncConfig>,
+}
+
+/// The config file's `[sync]`: what `--sync-peer`, `--sync-key` and
+/// `--sync-listen` say (the flags win when given).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Peers, `ADDR` or `ADDR:PORT`.
+    pub peers: Vec<String>,
+    /// File with the shared key.
+    pub key_file: String,
+    /// Where to receive, `ADDR:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 /// A backend as configured, validated.
@@ -611,6 +628,8 @@ pub struct Desired {
     pub health: HealthConfig,
     /// Services.
     pub vips: Vec<DesiredVip>,
+    /// Connection-table sync, if configured.
+    pub sync: Option<crate::ctsync::SyncSettings>,
 }
 
 /// 1-based number of the `nth` (0-based) line containing `needle`, or of the
@@ -726,7 +745,23 @@ impl Desired {
                 backends,
             });
         }
-        Ok(Desired { health: cfg.health, vips })
+        let sync = match &cfg.sync {
+            None => None,
+            Some(c) => {
+                let at = |e: anyhow::Error| anyhow!("config {origin} line {}: [sync]: {e:#}", line_of(text, "[sync]", 0));
+                let peers = c.peers.iter().map(|p| p.parse()).collect::<Result<Vec<crate::ctsync::SyncPeer>>>().map_err(at)?;
+                let listen = c
+                    .listen
+                    .as_deref()
+                    .map(|l| l.parse::<std::net::SocketAddr>().map_err(|_| anyhow!("invalid listen address '{l}': expected ADDR:PORT")))
+                    .transpose()
+                    .map_err(at)?;
+                let s = crate::ctsync::SyncSettings { peers, key_file: c.key_file.clone().into(), listen };
+                s.validate().map_err(at)?;
+                Some(s)
+            }
+        };
+        Ok(Desired { health: cfg.health, vips, sync })
     }
 }
 
@@ -804,6 +839,21 @@ mod tests {
         assert!(e.contains("line 3"), "{e}");
         let d = Desired::parse(text.replace("mac = \"zz\"\n", "state = \"drain\"\n").as_str(), "t").expect("valid");
         assert_eq!(d.vips[0].backends[1].state, Admin::Drain);
+    }
+
+    #[test]
+    fn sync_section() {
+        let base = "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n";
+        let d = Desired::parse(&format!("{base}[sync]\npeers = [\"10.0.0.2\", \"10.0.0.3:9000\"]\nkey_file = \"/etc/xlb/sync.key\"\n"), "t").expect("valid");
+        let s = d.sync.expect("sync");
+        assert_eq!(s.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["10.0.0.2:7470", "10.0.0.3:9000"]);
+        assert_eq!(s.key_file, std::path::PathBuf::from("/etc/xlb/sync.key"));
+        let e = Desired::parse(&format!("{base}\n[sync]\npeers = [\"nope\"]\nkey_file = \"k\"\n"), "t").expect_err("bad peer").to_string();
+        assert!(e.starts_with("config t line 4: [sync]: invalid sync peer 'nope'"), "{e}");
+        let e = Desired::parse(&format!("{base}[sync]\npeers = []\nkey_file = \"k\"\n"), "t").expect_err("no peer").to_string();
+        assert!(e.contains("at least one peer"), "{e}");
+        assert!(Desired::parse(&format!("{base}[sync]\npeers = [\"10.0.0.2\"]\n"), "t").is_err(), "key_file is required");
+        assert!(Desired::parse(base, "t").expect("valid").sync.is_none());
     }
 
     #[test]

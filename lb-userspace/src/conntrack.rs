@@ -79,6 +79,20 @@ impl CtView {
         }
     }
 
+    /// Write way `w` of set `i` as the datapath does: the value word, then
+    /// the tag word (a reader checks the pair; see `lb_common::ct`). The
+    /// set's other ways are not touched, so a flow the datapath inserts
+    /// beside it meanwhile keeps its entry.
+    fn store_way(&mut self, i: u32, w: usize, way: &CtWay) {
+        assert!(i < self.sets && w < CT_WAYS, "way {i}/{w} out of range");
+        // SAFETY: inside the mapping, which is writable (callers mapped it so).
+        unsafe {
+            let p = self.mem.base::<CtSet>().add(i as usize);
+            std::ptr::write_volatile(&mut (*p).ways[w].val, way.val);
+            std::ptr::write_volatile(&mut (*p).ways[w].tag, way.tag);
+        }
+    }
+
     /// Record the seed in the table's last element.
     pub fn write_seed(&mut self, seed: &CtSeed) {
         self.store(self.sets, &CtSet::seed_record(seed));
@@ -87,18 +101,38 @@ impl CtView {
     /// Insert a flow as the datapath would (same set, same victim choice);
     /// returns whether an open entry was evicted.
     pub fn insert(&mut self, seed: &CtSeed, key: &FlowKey, backend_id: u32, gen: u16) -> bool {
+        self.insert_keyed(seed, key, backend_id, gen, None) == Inserted::Evicted
+    }
+
+    /// Insert a flow as the datapath would, and its key beside its way in
+    /// `keys` (`--flow-keys`) after the entry, in the datapath's order. An
+    /// open entry of the flow already naming this backend is left as it is
+    /// (its age untouched, so copies passed back and forth between nodes
+    /// do not keep an idle flow young).
+    pub fn insert_keyed(&mut self, seed: &CtSeed, key: &FlowKey, backend_id: u32, gen: u16, keys: Option<&mut KeysView>) -> Inserted {
         let h = ct_hash(key, seed, self.sets);
-        let mut s = self.set(h.set);
+        let s = self.set(h.set);
         let now = ct_now(monotonic_coarse_ns());
         let tags = s.ways.map(|w| w.tag);
         let vals = s.ways.map(|w| w.val);
-        let (way, evicted) = match (0..CT_WAYS).find(|&i| CtWay::matches(tags[i], vals[i], &h)) {
-            Some(i) => (i, false),
-            None => ct_victim(&tags, &vals, now),
+        let (way, outcome) = match (0..CT_WAYS).find(|&i| CtWay::matches(tags[i], vals[i], &h)) {
+            Some(i) => {
+                let e = CtWay::entry(tags[i], vals[i]);
+                if e.backend_id == backend_id & 0xffff && e.gen == gen && !e.closed {
+                    return Inserted::Unchanged;
+                }
+                (i, Inserted::Replaced)
+            }
+            None => match ct_victim(&tags, &vals, now) {
+                (i, true) => (i, Inserted::Evicted),
+                (i, false) => (i, Inserted::New),
+            },
         };
-        s.ways[way] = CtWay::new(&h, backend_id, gen, false, now);
-        self.store(h.set, &s);
-        evicted
+        self.store_way(h.set, way, &CtWay::new(&h, backend_id, gen, false, now));
+        if let Some(k) = keys {
+            k.put(h.set as usize * CT_WAYS + way, key);
+        }
+        outcome
     }
 
     /// Walk every set once.
@@ -117,6 +151,53 @@ impl CtView {
             }
         }
         c
+    }
+}
+
+/// What `CtView::insert_keyed` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// Took a free or closed way.
+    New,
+    /// Took the place of another open flow's entry (as the datapath evicts).
+    Evicted,
+    /// Rewrote the flow's own entry, which named another backend.
+    Replaced,
+    /// The flow's entry already named this backend: nothing written.
+    Unchanged,
+}
+
+/// The flow-key array (`XLB_CT_KEYS`, `--flow-keys`) mapped into this
+/// process: slot `set × CT_WAYS + way` holds the key of that way's flow.
+/// Never trusted alone: a key counts only when its signature is its way's.
+pub struct KeysView {
+    mem: crate::mmap::MapMem,
+    slots: usize,
+}
+
+impl KeysView {
+    /// Map the first `slots` keys (`writable` for `put`).
+    pub fn map(data: &MapData, slots: u32, writable: bool) -> Result<KeysView> {
+        let bytes = slots as usize * std::mem::size_of::<FlowKey>();
+        let mem = crate::mmap::MapMem::new(data, bytes, writable).context("cannot map the flow keys")?;
+        Ok(KeysView { mem, slots: slots as usize })
+    }
+
+    /// Slot `i`.
+    pub fn get(&self, i: usize) -> FlowKey {
+        assert!(i < self.slots, "flow key {i} out of range");
+        // SAFETY: inside the mapping; a volatile copy of memory the datapath
+        // writes concurrently (a torn copy fails the signature check).
+        unsafe { std::ptr::read_volatile(self.mem.base::<FlowKey>().add(i)) }
+    }
+
+    /// Write slot `i` (the mapping must be writable); ignored past the end.
+    pub fn put(&mut self, i: usize, key: &FlowKey) {
+        if i < self.slots {
+            // SAFETY: inside the writable mapping; readers check the key
+            // against its way's signature, so a torn copy is only skipped.
+            unsafe { std::ptr::write_volatile(self.mem.base::<FlowKey>().add(i), *key) };
+        }
     }
 }
 
@@ -161,4 +242,33 @@ impl ConntrackReader {
     pub fn view(&self) -> &CtView {
         &self.view
     }
+
+    /// The mapped table alone (the mapping outlives the handle).
+    pub fn into_view(self) -> CtView {
+        self.view
+    }
+}
+
+/// Call `f` with every entry whose key `keys` holds (`--flow-keys`): a key
+/// counts only when its signature is its way's, so a key overwritten or
+/// torn since is skipped, never paired with another flow's entry. Returns
+/// the number of entries skipped so.
+pub fn for_each_keyed(view: &CtView, keys: &KeysView, seed: &CtSeed, mut f: impl FnMut(FlowKey, CtWay)) -> u64 {
+    let mut unkeyed = 0;
+    for set in 0..view.sets() {
+        let s = view.set(set);
+        for (w, way) in s.ways.iter().enumerate() {
+            if CtWay::is_empty(way.val) {
+                continue;
+            }
+            let key = keys.get(set as usize * CT_WAYS + w);
+            let h = ct_hash(&key, seed, view.sets());
+            if h.set != set || !CtWay::matches(way.tag, way.val, &h) {
+                unkeyed += 1;
+                continue;
+            }
+            f(key, *way);
+        }
+    }
+    unkeyed
 }

@@ -50,6 +50,9 @@ pub struct DaemonOptions {
     pub announce_table: Option<u32>,
     /// Encapsulation settings (routed backends).
     pub encap: lb_common::EncapConfig,
+    /// Connection-table sync from the flags (`--sync-peer`, `--sync-key`);
+    /// without them, the config file's `[sync]`.
+    pub sync: Option<crate::ctsync::SyncSettings>,
 }
 
 /// Every `ha::TICK`: record the node's readiness (for `xlb ha check`) and,
@@ -132,11 +135,25 @@ async fn census_loop(agent: Arc<Mutex<Agent>>) {
 }
 
 /// Run the agent until a termination signal.
-pub async fn run(opts: DaemonOptions) -> Result<()> {
+pub async fn run(mut opts: DaemonOptions) -> Result<()> {
     crate::maps::xdp_object()?;
     check_privileges()?;
     let desired = match &opts.config {
         Some(p) => Some(Desired::load(p)?),
+        None => None,
+    };
+    // Sync: the flags, else the config file's [sync]; read at start only.
+    let sync_settings = opts.sync.clone().or_else(|| desired.as_ref().and_then(|d| d.sync.clone()));
+    let syncer = match &sync_settings {
+        Some(s) => Some(Arc::new(crate::ctsync::Syncer::new(s)?)),
+        None => None,
+    };
+    if syncer.is_some() && !opts.load.flow_keys {
+        opts.load.flow_keys = true;
+        log::info!("connection-table sync: --flow-keys turned on (the sync reads each entry's 5-tuple beside it)");
+    }
+    let sync_sock = match &sync_settings {
+        Some(s) => Some(crate::ctsync::bind(s.listen).await?),
         None => None,
     };
     let handle = neigh::connect()?;
@@ -175,7 +192,8 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         }
     };
     host.pins_lost_on_exit = lost_on_exit;
-    serve(opts, pins, listener, agent, host, ifindex).await
+    host.sync = syncer;
+    serve(opts, pins, listener, agent, host, ifindex, sync_sock).await
 }
 
 /// Set a dead deployment's leftovers aside (its state file) and remove its
@@ -336,6 +354,7 @@ async fn serve(
     mut agent: Agent,
     mut host: api::Host,
     ifindex: u32,
+    sync_sock: Option<tokio::net::UdpSocket>,
 ) -> Result<()> {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::unbounded_channel();
     host.detach_tx = Some(detach_tx);
@@ -376,6 +395,14 @@ async fn serve(
         None => None,
     };
     let ha = tokio::spawn(ha_loop(agent.clone(), node.clone(), announcer));
+    let sync = match (host.sync.clone(), sync_sock) {
+        (Some(s), Some(sock)) => {
+            let at = sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            log::info!("connection-table sync with {} (listening on {at})", s.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "));
+            Some(tokio::spawn(crate::ctsync::run(agent.clone(), s, sock)))
+        }
+        _ => None,
+    };
     let server = tokio::spawn(api::serve(listener, agent.clone(), host.clone()));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -417,6 +444,10 @@ async fn serve(
     }
     health.abort();
     census.abort();
+    if let Some(s) = sync {
+        s.abort();
+        let _ = s.await;
+    }
     let _ = census.await;
     neighbours.abort();
     let _ = neighbours.await;

@@ -297,7 +297,7 @@ impl Announcer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -339,7 +339,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    mod readiness {
+    pub(crate) mod readiness {
         use super::super::*;
         use crate::{
             agent::{AgentOptions, CheckOutcome, MemMaps},
@@ -349,16 +349,16 @@ mod tests {
         use lb_common::Algo;
         use std::time::Instant;
 
-        const BACKENDS: [&str; 3] = ["10.0.0.11", "10.0.0.12", "10.0.0.13"];
-        const VIPS: [&str; 3] = ["10.0.0.100:80/tcp", "10.0.0.100:443/tcp", "10.0.0.101:80/tcp"];
+        pub(crate) const BACKENDS: [&str; 3] = ["10.0.0.11", "10.0.0.12", "10.0.0.13"];
+        pub(crate) const VIPS: [&str; 3] = ["10.0.0.100:80/tcp", "10.0.0.100:443/tcp", "10.0.0.101:80/tcp"];
 
-        fn vip(s: &str) -> Vip {
+        pub(crate) fn vip(s: &str) -> Vip {
             s.parse().expect("vip")
         }
 
         /// The three VIPs over three shared TCP-checked backends, added in
         /// `order` (ids then differ between agents built in other orders).
-        fn node(order: &[usize]) -> Agent<MemMaps> {
+        pub(crate) fn node(order: &[usize]) -> Agent<MemMaps> {
             let load = LoadOptions { max_vips: 8, max_tables: 8, ring_size: 251, ..Default::default() };
             let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig::default() };
             let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
@@ -374,7 +374,7 @@ mod tests {
         }
 
         /// Check rounds (each one interval later) with `ok(vip port, ip)`.
-        fn rounds(a: &mut Agent<MemMaps>, n: usize, t0: Instant, ok: impl Fn(&str) -> bool) -> Instant {
+        pub(crate) fn rounds(a: &mut Agent<MemMaps>, n: usize, t0: Instant, ok: impl Fn(&str) -> bool) -> Instant {
             let mut now = t0;
             for _ in 0..n {
                 now += std::time::Duration::from_secs(5);

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
+pub mod ctsync;
 pub mod daemon;
 pub mod diag;
 pub mod encap;

@@ -64,6 +64,10 @@ pub fn render(s: &Status) -> String {
         family("xlb_ha_ready", "gauge", "1 when this node is ready to be master or announced (xlb ha check).", vec![(String::new(), ha.ready as u8 as f64)]);
         family("xlb_ha_drained", "gauge", "1 while this node is drained (xlb ha drain).", vec![(String::new(), ha.drained as u8 as f64)]);
     }
+    if let Some(sync) = &s.sync {
+        let c: Vec<(String, f64)> = sync.named().into_iter().map(|(k, v)| (format!("{{counter=\"{k}\"}}"), v as f64)).collect();
+        family("xlb_sync_total", "counter", "Connection-table sync: entries and datagrams sent, received, inserted, dropped (unauthenticated, stale, malformed).", c);
+    }
     let fp: Vec<(String, f64)> =
         s.vips.iter().map(|v| (format!("{{vip=\"{}\",fingerprint=\"{}\"}}", esc(&v.vip), v.table_fingerprint), 1.0)).collect();
     family("xlb_table_fingerprint", "gauge", "The VIP's table fingerprint (label): equal on nodes that choose alike.", fp);

@@ -114,6 +114,9 @@ fn render(s: &Status, prev: Option<&Status>, dt: f64) -> String {
             s.conntrack_census_age_ms.map(|a| format!(" (census {:.0} s ago)", a as f64 / 1000.0)).unwrap_or_default()
         ),
     );
+    if let Some(sync) = &s.sync {
+        line(&mut out, sync.line());
+    }
     out
 }
 

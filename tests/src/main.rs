@@ -67,6 +67,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// A UDP probe to TARGET at RATE per second for DURATION (one flow);
+    /// prints a JSON report with the longest gap.
+    Probe {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+    },
     /// The benchmark (what `cargo xtask bench` runs).
     Bench {
         /// The xlb binary.
@@ -92,12 +102,12 @@ enum Cmd {
         dst_mac: String,
         #[arg(long, default_value_t = 64)]
         size: usize,
-        /// Live-frame runs (the program transmits one in --every of them).
+        /// Live-frame runs (the program transmits --keep of every 1024).
         #[arg(long, default_value_t = 1 << 22)]
         runs: u64,
-        /// Transmit one frame in this many runs (sets the offered rate).
-        #[arg(long, default_value_t = 1)]
-        every: u32,
+        /// Frames transmitted per 1024 runs, 1..=1024 (sets the offered rate).
+        #[arg(long, default_value_t = 1024)]
+        keep: u32,
         /// Distinct flows cycled through; 0: every frame a new flow.
         #[arg(long, default_value_t = 1024)]
         flows: u32,
@@ -113,6 +123,12 @@ enum Cmd {
         prog: String,
         #[arg(long)]
         iface: String,
+        /// `floor_forward`: the VIP it forwards.
+        #[arg(long)]
+        vip: Option<std::net::Ipv4Addr>,
+        /// `floor_forward`: backend MACs, spread over its ring in turn.
+        #[arg(long = "ring-mac")]
+        ring_macs: Vec<String>,
     },
     /// One HTTP request; prints the response.
     Get {
@@ -161,14 +177,21 @@ fn main() {
             println!("{}", serde_json::to_string(&a).unwrap_or_default());
             Ok(())
         }
+        Cmd::Probe { target, rate, duration_ms } => {
+            xlb_tests::traffic::probe(target, rate.clamp(1, 1000), Duration::from_millis(duration_ms.min(60_000)))
+                .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default()))
+        }
         Cmd::Bench { xlb, floors, out, sections } => xlb_tests::bench::run(&xlb, &floors, &out, &sections),
-        Cmd::Gen { floors, iface, dst_mac, size, runs, every, flows, max_secs } => (|| {
+        Cmd::Gen { floors, iface, dst_mac, size, runs, keep, flows, max_secs } => (|| {
             let mac: xlb::config::Mac = dst_mac.parse()?;
-            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), every.max(1), flows, max_secs.clamp(0.1, 60.0))?;
+            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), keep.clamp(1, 1024), flows, max_secs.clamp(0.1, 60.0))?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         })(),
-        Cmd::Attach { floors, prog, iface } => xlb_tests::bench::live::attach(&floors, &prog, &iface),
+        Cmd::Attach { floors, prog, iface, vip, ring_macs } => (|| {
+            let macs = ring_macs.iter().map(|m| m.parse::<xlb::config::Mac>().map(|m| m.0)).collect::<Result<Vec<_>, _>>()?;
+            xlb_tests::bench::live::attach(&floors, &prog, &iface, vip, &macs)
+        })(),
         Cmd::Get { target, path, method } => xlb_tests::traffic::request(target, &method, &path).map(|r| print!("{r}")),
         Cmd::Demo { xlb } => xlb_tests::demo::run(&xlb),
     };

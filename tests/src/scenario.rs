@@ -260,12 +260,22 @@ impl Deployment {
         self.lab.spawn(name, "client", &lab_bin, &["stream", "--target", &target, "--rate", &r, "--duration-ms", &ms])
     }
 
-    /// Wait for a background client (`spawn_hold`, `spawn_stream`) to finish
+    /// Start `xlb-lab probe` (`rate` UDP datagrams per second to the lab
+    /// VIP's port `port` for `ms`, one flow) in the client namespace, as
+    /// process `name`; its report is a `traffic::ProbeReport`.
+    pub fn spawn_probe(&mut self, name: &str, port: u16, rate: u32, ms: u64) -> Result<()> {
+        let target = format!("{VIP}:{port}");
+        let (r, ms) = (rate.to_string(), ms.to_string());
+        let lab_bin = self.lab_bin.clone();
+        self.lab.spawn(name, "client", &lab_bin, &["probe", "--target", &target, "--rate", &r, "--duration-ms", &ms])
+    }
+
+    /// Wait for a background client (`spawn_hold`, `spawn_stream`, `spawn_probe`) to finish
     /// and parse the JSON report it prints.
     pub fn report<T: serde::de::DeserializeOwned>(&self, name: &str, limit: Duration) -> Result<T> {
         let mut line = None;
         self.wait(&format!("{name} to finish"), limit, || {
-            line = self.lab.log(name).lines().find(|l| l.starts_with('[')).map(str::to_string);
+            line = self.lab.log(name).lines().find(|l| l.starts_with('[') || l.starts_with('{')).map(str::to_string);
             Ok(line.is_some())
         })?;
         serde_json::from_str(line.as_deref().unwrap_or("")).with_context(|| format!("{name}'s report"))

@@ -198,6 +198,69 @@ pub struct Attempt {
     pub error: Option<String>,
 }
 
+/// What a UDP probe saw.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct ProbeReport {
+    /// Probes sent.
+    pub sent: u64,
+    /// Probes answered.
+    pub answered: u64,
+    /// Longest run of unanswered probes, as time (run × period), ms: the
+    /// outage a client saw.
+    pub max_gap_ms: u64,
+    /// Backends that answered.
+    pub backends: Vec<String>,
+}
+
+/// A UDP probe: one numbered datagram to `target` every `1/rate` s for
+/// `duration` (from one socket: one flow), answers matched by number.
+pub fn probe(target: SocketAddr, rate: u32, duration: Duration) -> Result<ProbeReport> {
+    let local: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let sock = std::net::UdpSocket::bind(local)?;
+    // Not connected: with L2 DSR the answer comes from the backend's own
+    // address, not the VIP's (the test server's socket is unbound).
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let n = (duration.as_secs_f64() / period.as_secs_f64()).ceil() as usize;
+    let rx = sock.try_clone()?;
+    let until = std::time::Instant::now() + duration + Duration::from_millis(500);
+    let receiver = std::thread::spawn(move || {
+        let mut got = vec![false; n];
+        let mut backends = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 512];
+        while std::time::Instant::now() < until {
+            let Ok((len, _)) = rx.recv_from(&mut buf) else { continue };
+            let text = String::from_utf8_lossy(&buf[..len]);
+            let mut words = text.split_whitespace();
+            let who = words.next().unwrap_or("").to_string();
+            if let Some(i) = words.nth(1).and_then(|w| w.parse::<usize>().ok()).filter(|&i| i < n) {
+                got[i] = true;
+                backends.insert(who);
+            }
+        }
+        (got, backends)
+    });
+    let t0 = std::time::Instant::now();
+    for i in 0..n {
+        if let Some(wait) = (period * i as u32).checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let _ = sock.send_to(format!("probe {i}\n").as_bytes(), target);
+    }
+    let (got, backends) = receiver.join().map_err(|_| anyhow::anyhow!("the probe's receiver failed"))?;
+    let (mut run, mut longest) = (0u64, 0u64);
+    for &g in &got {
+        run = if g { 0 } else { run + 1 };
+        longest = longest.max(run);
+    }
+    Ok(ProbeReport {
+        sent: n as u64,
+        answered: got.iter().filter(|&&g| g).count() as u64,
+        max_gap_ms: (longest as f64 * period.as_secs_f64() * 1000.0).round() as u64,
+        backends: backends.into_iter().collect(),
+    })
+}
+
 /// Wall-clock milliseconds since the Unix epoch (comparable across processes).
 pub fn epoch_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

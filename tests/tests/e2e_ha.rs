@@ -150,6 +150,14 @@ fn assert_streams_kept(d: &Deployment, name: &str, what: &str) {
     assert!(broken.is_empty(), "{what}: streams broken or moved: {broken:?}");
 }
 
+/// The UDP probe `name` finished with a gap of at most `bound_ms`; says so as `what`.
+fn assert_gap(d: &Deployment, name: &str, what: &str, bound_ms: u64) {
+    let r: xlb_tests::traffic::ProbeReport = d.report(name, Duration::from_secs(15)).expect("probe report");
+    eprintln!("{what}: UDP probe at 100/s: {} of {} answered, longest gap {} ms (bound {bound_ms} ms)", r.answered, r.sent, r.max_gap_ms);
+    assert!(r.answered > 0, "{what}: the probe got no answer: {r:?}");
+    assert!(r.max_gap_ms <= bound_ms, "{what}: gap {} ms over {bound_ms} ms", r.max_gap_ms);
+}
+
 /// keepalived in `role`'s namespace with examples/ha/keepalived.conf.
 fn keepalived(d: &mut Deployment, role: &str, priority: u32, socket: &std::path::Path) {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha/keepalived.conf");
@@ -173,11 +181,18 @@ fn holds_address(d: &Deployment, role: &str, addr: &str) -> bool {
     lab::sh("ip", &["-n", &d.lab.ns(role), "addr", "show", "eth0"]).map(|s| s.contains(&format!("{addr}/"))).unwrap_or(false)
 }
 
-#[test]
-fn vrrp_pair_fails_over_with_every_stream_kept() {
+/// The VRRP address the pair shares (examples/ha/keepalived.conf).
+const VRRP_ADDR: &str = "10.200.0.9";
+
+/// An active/standby pair: `lb` (the lab's balancer, preferred master) and
+/// `lb2` (10.200.0.11) with their own agents (`lb_args`, `lb2_args` added),
+/// keepalived on both, the lab VIP on both with the first `serving` of
+/// `backends` backends, the client routed through the VRRP address and
+/// `lb` master. Returns the deployment and `lb2`'s socket.
+fn vrrp_pair(backends: usize, serving: usize, lb_args: &[&str], lb2_args: &[&str]) -> (Deployment, std::path::PathBuf) {
     assert!(std::path::Path::new("/usr/sbin/keepalived").exists(), "keepalived is not installed (cargo xtask test installs it)");
     let (xlb, lab_bin) = binaries();
-    let mut d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let mut d = Deployment::start(&xlb, &lab_bin, backends, lb_args).expect("deployment");
     // The standby: another balancer on the segment, with its own agent.
     let lb2_ip: std::net::Ipv4Addr = "10.200.0.11".parse().expect("ip");
     d.lab.add_host("lb2", lb2_ip, "fd00:200::11".parse().expect("ip6")).expect("lb2");
@@ -190,17 +205,19 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     let sock2 = d.lab.dir.join("xlb2.sock");
     let (pins, state) = (d.pin_root().to_string_lossy().into_owned(), d.state_dir().to_string_lossy().into_owned());
     let s2 = sock2.to_string_lossy().into_owned();
-    let args = ["--socket", s2.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    let mut args = vec!["--socket", s2.as_str(), "agent", "--iface", "eth0", "--conntrack-size", "65536", "--pin-root", pins.as_str(), "--state-dir", state.as_str()];
+    args.extend_from_slice(lb2_args);
     d.lab.spawn("agent-lb2", "lb2", &xlb, &args).expect("second balancer's agent");
-    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    let ips: Vec<String> = (1..=serving).map(|i| backend_ip(i).to_string()).collect();
     d.configure_vip(&vip_arg(), &[], &ips).expect("vip on lb");
     let lb2 = Deployment::cli_at(&xlb, &sock2);
-    d.wait("lb2's API", Duration::from_secs(15), || Ok(lb2(&["vip", "list"]).status.success())).expect("lb2 agent");
+    d.wait("lb2's API", Duration::from_secs(15), || Ok(lb2(&["vip", "list"]).status.success())).unwrap_or_else(|e| panic!("lb2 agent: {e}\n{}", d.lab.log("agent-lb2")));
     assert!(lb2(&["vip", "add", &vip_arg()]).status.success());
     for ip in &ips {
         assert!(lb2(&["backend", "add", &vip_arg(), ip]).status.success());
     }
-    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("lb backends up");
+    let up: Vec<usize> = (1..=serving).collect();
+    d.wait_states(&up, Duration::from_secs(10)).expect("lb backends up");
     d.wait("lb2 ready", Duration::from_secs(10), || Ok(lb2(&["ha", "check"]).status.success())).expect("lb2 ready");
 
     // keepalived on both; the client reaches the VIP through the VRRP address.
@@ -208,17 +225,36 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     keepalived(&mut d, "lb", 150, &sock1);
     keepalived(&mut d, "lb2", 100, &sock2);
     let client = d.lab.ns("client");
-    lab::sh("ip", &["-n", &client, "route", "replace", &format!("{}/32", lab::VIP), "via", "10.200.0.9"]).expect("route via VRRP");
-    d.wait("lb to be master", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9"))).expect("master");
+    lab::sh("ip", &["-n", &client, "route", "replace", &format!("{}/32", lab::VIP), "via", VRRP_ADDR]).expect("route via VRRP");
+    d.wait("lb to be master", Duration::from_secs(10), || Ok(holds_address(&d, "lb", VRRP_ADDR))).expect("master");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "through the master: {:?}", s.errors);
+    (d, sock2)
+}
 
-    // 40 streams; the master's link goes down under them.
+#[test]
+fn vrrp_pair_fails_over_with_every_stream_kept() {
+    let (mut d, sock2) = vrrp_pair(3, 3, &[], &[]);
+    let sw = d.lab.ns("sw");
+    // A UDP service on both, for a 100/s probe that measures the gap.
+    let udp = format!("{}:5353/udp", lab::VIP);
+    let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+    let lb2 = Deployment::cli_at(&d.xlb, &sock2);
+    d.configure_vip(&udp, &["--check", "none"], &ips).expect("UDP VIP on lb");
+    assert!(lb2(&["vip", "add", &udp, "--check", "none"]).status.success());
+    for ip in &ips {
+        assert!(lb2(&["backend", "add", &udp, ip]).status.success());
+    }
+    d.wait("lb2 ready with the UDP VIP", Duration::from_secs(10), || Ok(lb2(&["ha", "check"]).status.success())).expect("lb2 ready");
+
+    // 40 streams and the probe; the master's link goes down under them.
     d.spawn_hold("hold", 40, 8_000).expect("hold");
+    d.spawn_probe("probe", 5353, 100, 4_000).expect("probe");
     std::thread::sleep(Duration::from_millis(2000));
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "down"]).expect("cut the master's link");
-    let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", "10.200.0.9"))).expect("failover");
+    let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", VRRP_ADDR))).expect("failover");
     eprintln!("VRRP: lb2 master {:?} after the master's link went down", took);
+    assert_gap(&d, "probe", "VRRP failover (link down)", 500);
     assert_streams_kept(&d, "hold", "VRRP failover");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
@@ -228,21 +264,32 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     d.spawn_hold("hold2", 40, 8_000).expect("hold");
     std::thread::sleep(Duration::from_millis(500));
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "up"]).expect("restore the link");
-    d.wait("failback", Duration::from_secs(10), || Ok(holds_address(&d, "lb", "10.200.0.9") && !holds_address(&d, "lb2", "10.200.0.9")))
+    d.wait("failback", Duration::from_secs(10), || Ok(holds_address(&d, "lb", VRRP_ADDR) && !holds_address(&d, "lb2", VRRP_ADDR)))
         .expect("failback");
     assert_streams_kept(&d, "hold2", "VRRP failback");
+
+    // keepalived stopped on the master (SIGTERM): it resigns at once
+    // (priority 0), the standby takes over without waiting for adverts.
+    d.spawn_probe("probe2", 5353, 100, 3_000).expect("probe");
+    std::thread::sleep(Duration::from_millis(1000));
+    d.lab.stop("keepalived-lb").expect("SIGTERM keepalived on the master");
+    d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", VRRP_ADDR))).expect("handover");
+    assert_gap(&d, "probe2", "VRRP keepalived SIGTERM on the master", 200);
+    let sock1 = d.socket.clone();
+    keepalived(&mut d, "lb", 150, &sock1);
+    d.wait("lb to be master again", Duration::from_secs(10), || Ok(holds_address(&d, "lb", VRRP_ADDR))).expect("master again");
 
     // Restarting the master's agent is no failover (the verdict's grace).
     d.lab.kill("agent").expect("kill -9 the master's agent");
     let t0 = std::time::Instant::now();
     let mut moved = false;
     while t0.elapsed() < Duration::from_millis(2500) {
-        moved |= !holds_address(&d, "lb", "10.200.0.9");
+        moved |= !holds_address(&d, "lb", VRRP_ADDR);
         std::thread::sleep(Duration::from_millis(50));
     }
     d.start_agent("agent2", &[]).expect("restarted agent");
     for _ in 0..20 {
-        moved |= !holds_address(&d, "lb", "10.200.0.9");
+        moved |= !holds_address(&d, "lb", VRRP_ADDR);
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!moved, "an agent restart moved the address");
@@ -251,7 +298,7 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     d.spawn_hold("hold3", 40, 8_000).expect("hold");
     std::thread::sleep(Duration::from_millis(500));
     d.cli_ok(&["ha", "drain"]).expect("drain the master");
-    let took = d.wait("the drained master to hand over", Duration::from_secs(8), || Ok(holds_address(&d, "lb2", "10.200.0.9")))
+    let took = d.wait("the drained master to hand over", Duration::from_secs(8), || Ok(holds_address(&d, "lb2", VRRP_ADDR)))
         .expect("handover");
     eprintln!("VRRP: drained master handed over after {took:?} (track script: interval 1 s, fall 2)");
     assert_streams_kept(&d, "hold3", "VRRP drain");
@@ -265,6 +312,62 @@ fn bird(d: &mut Deployment, role: &str, id: &str, example: &str) {
     let (sock, pid) = (d.lab.dir.join(format!("bird-{role}.ctl")), d.lab.dir.join(format!("bird-{role}.pid")));
     let (conf, sock, pid) = (conf.to_string_lossy().into_owned(), sock.to_string_lossy().into_owned(), pid.to_string_lossy().into_owned());
     d.lab.spawn(&format!("bird-{role}"), role, std::path::Path::new("/usr/sbin/bird"), &["-f", "-c", &conf, "-s", &sock, "-P", &pid]).expect("bird");
+}
+
+/// FRR's zebra, bfdd and bgpd in `role`'s namespace (as the frr user),
+/// configured with examples/ha/frr.conf through vtysh.
+fn frr(d: &mut Deployment, role: &str) {
+    assert!(std::path::Path::new("/usr/lib/frr/bgpd").exists(), "frr is not installed (cargo xtask test installs it)");
+    let example = std::fs::canonicalize(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha/frr.conf")).expect("example");
+    let dir = d.lab.dir.join(format!("frr-{role}"));
+    std::fs::create_dir_all(&dir).expect("FRR's directory");
+    let empty = dir.join("empty.conf");
+    std::fs::write(&empty, "").expect("empty config");
+    lab::sh("chown", &["-R", "frr:frr", &dir.to_string_lossy()]).expect("chown");
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (vty, zsock, conf) = (p(""), p("zserv.api"), empty.to_string_lossy().into_owned());
+    for daemon in ["zebra", "bfdd", "bgpd"] {
+        let pid = p(&format!("{daemon}.pid"));
+        let mut args = vec!["-u", "frr", "-g", "frr", "-P", "0", "--vty_socket", vty.as_str(), "-z", zsock.as_str(), "-i", pid.as_str(), "-f", conf.as_str(), "--log", "stdout"];
+        let ctl = p("bfdd.sock");
+        if daemon == "bfdd" {
+            args.extend_from_slice(&["--bfdctl", ctl.as_str()]);
+        }
+        d.lab.spawn(&format!("frr-{daemon}-{role}"), role, &std::path::Path::new("/usr/lib/frr").join(daemon), &args).expect("FRR daemon");
+    }
+    let ns = d.lab.ns(role);
+    d.wait("FRR's daemons", Duration::from_secs(15), || {
+        Ok(["zebra", "bfdd", "bgpd"].iter().all(|dm| lab::sh("ip", &["netns", "exec", &ns, "vtysh", "--vty_socket", &vty, "-d", dm, "-c", "show version"]).is_ok()))
+    })
+    .expect("FRR up");
+    lab::sh("ip", &["netns", "exec", &ns, "vtysh", "--vty_socket", &vty, "-f", &example.to_string_lossy()]).expect("vtysh -f frr.conf");
+}
+
+/// A `show` command's output from FRR in `role`'s namespace.
+fn frr_show(d: &Deployment, role: &str, cmd: &str) -> String {
+    let vty = d.lab.dir.join(format!("frr-{role}")).join("").to_string_lossy().into_owned();
+    lab::sh("ip", &["netns", "exec", &d.lab.ns(role), "vtysh", "--vty_socket", &vty, "-c", cmd]).unwrap_or_else(|e| e.to_string())
+}
+
+/// The router's BGP and BFD state and FRR's on lb2 (for failures).
+fn routing_state(d: &Deployment) -> String {
+    let ctl = d.lab.dir.join("bird-rt.ctl").to_string_lossy().into_owned();
+    let birdc = |cmd: &str| lab::sh("birdc", &["-s", &ctl, cmd]).unwrap_or_else(|e| e.to_string());
+    let rt = lab::sh("ip", &["-n", &d.lab.ns("rt"), "route", "show", &format!("{}/32", lab::VIP)]).unwrap_or_default();
+    format!(
+        "router route: {rt}\nrouter protocols:\n{}\nrouter BFD:\n{}\nFRR BGP:\n{}\nFRR BFD:\n{}",
+        birdc("show protocols"),
+        birdc("show bfd sessions"),
+        frr_show(d, "lb2", "show bgp summary"),
+        frr_show(d, "lb2", "show bfd peers"),
+    ) + &format!("\nbfdd log:\n{}\nbgpd log:\n{}", d.lab.log("frr-bfdd-lb2"), d.lab.log("frr-bgpd-lb2"))
+}
+
+/// The router's BFD session to `ip` is up.
+fn bfd_up(d: &Deployment, ip: &str) -> bool {
+    let ctl = d.lab.dir.join("bird-rt.ctl").to_string_lossy().into_owned();
+    let out = lab::sh("birdc", &["-s", &ctl, "show bfd sessions"]).unwrap_or_default();
+    out.lines().any(|l| l.split_whitespace().next() == Some(ip) && l.split_whitespace().nth(2) == Some("Up"))
 }
 
 /// Next hops of the router's route to the VIP.
@@ -332,11 +435,17 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
         .collect();
     assert!(fps.iter().all(|f| f.len() == 16 && *f == fps[0]), "every node built the same table: {fps:?}");
 
-    for (role, id) in [("lb", "10.200.0.10"), ("lb2", "10.200.0.11"), ("lb3", "10.200.0.12")] {
+    // lb2 speaks FRR, the others BIRD: one ECMP route over all three.
+    for (role, id) in [("lb", "10.200.0.10"), ("lb3", "10.200.0.12")] {
         bird(&mut d, role, id, "bird-balancer.conf");
     }
+    frr(&mut d, "lb2");
     bird(&mut d, "rt", "10.200.0.1", "bird-router.conf");
-    d.wait("the ECMP route", Duration::from_secs(20), || Ok(nexthops(&d) == 3)).expect("3 next hops");
+    let took = d.wait("the ECMP route", Duration::from_secs(20), || Ok(nexthops(&d) == 3)).unwrap_or_else(|e| {
+        let rt = lab::sh("ip", &["-n", &d.lab.ns("rt"), "route", "show", &format!("{}/32", lab::VIP)]).unwrap_or_default();
+        panic!("{e}\nrouter: {rt}\n{}", routing_state(&d))
+    });
+    eprintln!("ECMP: 3 next hops (2 BIRD, 1 FRR) {took:?} after the daemons started");
     let s = d.connect(60).expect("client");
     assert_eq!(s.failed, 0, "through the ECMP group: {:?}", s.errors);
     let forwarded: Vec<u64> = clis
@@ -348,24 +457,42 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
         .collect();
     assert!(forwarded.iter().all(|&f| f > 0), "flows spread over all three balancers: {forwarded:?}");
 
-    // 40 streams; one balancer's link goes down under them (BFD notices).
+    // 40 streams; one balancer's link goes down under them (BFD notices,
+    // once its session is up).
+    d.wait("BFD sessions to every balancer", Duration::from_secs(10), || Ok(["10.200.0.10", "10.200.0.11", "10.200.0.12"].iter().all(|ip| bfd_up(&d, ip))))
+        .unwrap_or_else(|e| panic!("{e}\n{}", routing_state(&d)));
     d.spawn_hold("hold", 40, 8_000).expect("hold");
     std::thread::sleep(Duration::from_millis(2000));
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "down"]).expect("cut lb2's link");
-    let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("route withdrawn");
-    eprintln!("ECMP: lb2's next hop withdrawn {took:?} after its link went down");
+    let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).unwrap_or_else(|e| panic!("{e}\n{}", routing_state(&d)));
+    eprintln!("ECMP: lb2's (FRR) next hop withdrawn {took:?} after its link went down");
+    assert!(took <= Duration::from_millis(500), "withdrawal took {took:?}, over 0.5 s");
     assert_streams_kept(&d, "hold", "ECMP failover");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections over the two left: {:?}", s.errors);
 
     // The balancer recovers: announced again only once its tables
-    // converged (its checks failed while its link was down), under streams.
-    d.spawn_hold("hold2", 40, 8_000).expect("hold");
-    std::thread::sleep(Duration::from_millis(500));
-    lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "up"]).expect("restore lb2's link");
-    let took = d.wait("lb2's return", Duration::from_secs(15), || Ok(nexthops(&d) == 3)).expect("announced again");
-    eprintln!("ECMP: lb2 announced again {took:?} after its link came back");
-    assert_streams_kept(&d, "hold2", "ECMP return of lb2");
+    // converged (its checks failed while its link was down), under
+    // streams; five times (each a link cut, the checks failing, the link back).
+    let not_ready = || !clis[1](&["ha", "check"]).status.success();
+    for run in 1..=5 {
+        if run > 1 {
+            d.wait("lb2's BFD session", Duration::from_secs(10), || Ok(bfd_up(&d, "10.200.0.11"))).unwrap_or_else(|e| panic!("{e}\n{}", routing_state(&d)));
+            lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "down"]).expect("cut lb2's link");
+            let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("route withdrawn");
+            assert!(took <= Duration::from_millis(500), "run {run}: withdrawal took {took:?}, over 0.5 s");
+        }
+        d.wait("lb2's checks to fail", Duration::from_secs(5), || Ok(not_ready())).expect("lb2 not ready while cut off");
+        let hold = format!("hold-r{run}");
+        // BGP's reconnect backoff (error wait time 1, 10) may keep lb2 out
+        // up to ~10 s: the streams outlast it.
+        d.spawn_hold(&hold, 40, 13_000).expect("hold");
+        std::thread::sleep(Duration::from_millis(500));
+        lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "up"]).expect("restore lb2's link");
+        let took = d.wait("lb2's return", Duration::from_secs(12), || Ok(nexthops(&d) == 3)).expect("announced again");
+        eprintln!("ECMP run {run}/5: lb2 announced again {took:?} after its link came back");
+        assert_streams_kept(&d, &hold, &format!("ECMP return of lb2, run {run}/5"));
+    }
 
     // Graceful drain of lb3 under streams.
     d.spawn_hold("hold3", 40, 6_000).expect("hold");
@@ -373,4 +500,143 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     assert!(clis[2](&["ha", "drain"]).status.success());
     d.wait("lb3's withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).expect("drained");
     assert_streams_kept(&d, "hold3", "ECMP drain");
+
+    // FRR withdraws on drain too.
+    assert!(clis[1](&["ha", "drain"]).status.success());
+    let took = d.wait("lb2's (FRR) withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 1)).expect("drained");
+    eprintln!("ECMP: FRR withdrew lb2's route {took:?} after `xlb ha drain`");
+    let s = d.connect(30).expect("client");
+    assert_eq!(s.failed, 0, "through the one balancer left: {:?}", s.errors);
+
+    // Fingerprints: equal on all nodes, and equal again within
+    // interval × rise after a change each node sees for itself (a backend's
+    // server stops, then comes back).
+    let fingerprints = || -> Vec<String> {
+        clis.iter().map(|cli| status_of(cli)["vips"][0]["table_fingerprint"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    let all_equal = |f: &[String]| f.iter().all(|x| x.len() == 16 && *x == f[0]);
+    let before = fingerprints();
+    assert!(all_equal(&before), "{before:?}");
+    d.lab.kill("server3").expect("kill b3's server");
+    d.wait("every node to drop b3", Duration::from_secs(5), || { let f = fingerprints(); Ok(all_equal(&f) && f[0] != before[0]) }).expect("equal without b3");
+    let fail = d.lab.dir.join("fail-b3").to_string_lossy().into_owned();
+    let agentf = d.lab.dir.join("agent-b3").to_string_lossy().into_owned();
+    let args = ["serve", "--name", "b3", "--port", "80", "--fail-file", &fail, "--udp-port", "5353", "--agent-port", "7777", "--agent-file", &agentf];
+    let lab_bin = d.lab_bin.clone();
+    d.lab.spawn("server3", "b3", &lab_bin, &args).expect("restart b3's server");
+    let took = d.wait("every node to take b3 back", Duration::from_secs(5), || Ok(fingerprints() == before)).expect("equal again");
+    // Checks every 300 ms (±10 % jitter), rise 2: the first success comes
+    // within one interval, the second one later; 200 ms for the server to
+    // listen and for reading three statuses.
+    let bound = Duration::from_millis(300 * 2 * 11 / 10 + 200);
+    eprintln!("fingerprints equal on all 3 nodes again {took:?} after b3's server came back (interval 300 ms × rise 2; bound {bound:?})");
+    assert!(took <= bound, "fingerprints equal again only after {took:?}");
+}
+
+/// A key file only root may read, for `--sync-key`.
+fn sync_key() -> lab::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = lab::TempDir::new("sync-key").expect("temp dir");
+    let f = dir.join("key");
+    std::fs::write(&f, "an example shared key, 32 bytes+\n").expect("write the key");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    dir
+}
+
+/// A JSON status from a CLI bound to another agent.
+fn status_of(cli: &impl Fn(&[&str]) -> Output) -> serde_json::Value {
+    serde_json::from_slice(&cli(&["status", "--json"]).stdout).unwrap_or_default()
+}
+
+fn sync_counter(st: &serde_json::Value, name: &str) -> u64 {
+    st["sync"][name].as_u64().unwrap_or(0)
+}
+
+/// The scenario: 40 streams through the master of a VRRP pair; a
+/// fourth backend is added on both nodes (Maglev now gives about a quarter
+/// of the established flows to it; the master's connection table keeps
+/// them on their backends); then the master's link goes down. Returns
+/// (streams broken or moved, streams).
+fn failover_after_a_backend_is_added(sync: bool) -> (usize, usize) {
+    let key = sync.then(sync_key);
+    let k = key.as_ref().map(|k| k.join("key").to_string_lossy().into_owned()).unwrap_or_default();
+    let (lb_args, lb2_args): (Vec<&str>, Vec<&str>) = if sync {
+        (vec!["--sync-peer", "10.200.0.11", "--sync-key", &k], vec!["--sync-peer", "10.200.0.10", "--sync-key", &k])
+    } else {
+        (vec![], vec![])
+    };
+    let (mut d, sock2) = vrrp_pair(4, 3, &lb_args, &lb2_args);
+    let lb2 = Deployment::cli_at(&d.xlb, &sock2);
+    let what = if sync { "with sync" } else { "without sync (control)" };
+    if sync {
+        let log = d.lab.log("agent");
+        assert!(log.contains("--flow-keys turned on") && log.contains("connection-table sync with 10.200.0.11:7470"), "{log}");
+    }
+    d.spawn_hold("hold", 40, 12_000).expect("hold");
+    std::thread::sleep(Duration::from_millis(1500));
+    let b4 = backend_ip(4).to_string();
+    d.cli_ok(&["backend", "add", &vip_arg(), &b4]).expect("b4 on lb");
+    assert!(lb2(&["backend", "add", &vip_arg(), &b4]).status.success(), "b4 on lb2");
+    d.wait_states(&[1, 2, 3, 4], Duration::from_secs(10)).expect("b4 up on lb");
+    let b4_up = |st: &serde_json::Value| {
+        st["vips"][0]["backends"].as_array().into_iter().flatten().any(|b| b["ip"] == b4.as_str() && b["state"] == "up")
+    };
+    d.wait("b4 up on lb2", Duration::from_secs(10), || Ok(b4_up(&status_of(&lb2)))).expect("b4 up on lb2");
+    let fps = (d.status().expect("status")["vips"][0]["table_fingerprint"].clone(), status_of(&lb2)["vips"][0]["table_fingerprint"].clone());
+    assert_eq!(fps.0, fps.1, "both nodes have the new table");
+    if sync {
+        // The master sends what its table no longer gives; lb2 takes it.
+        d.wait("lb2 to take the master's entries", Duration::from_secs(5), || {
+            Ok(sync_counter(&d.status()?, "last_round_entries") > 0 && sync_counter(&status_of(&lb2), "inserted") >= sync_counter(&d.status()?, "last_round_entries"))
+        })
+        .expect("entries synced");
+        let (st1, st2) = (d.status().expect("status"), status_of(&lb2));
+        eprintln!(
+            "sync: lb sent {} entries that differ from the new table ({} datagrams so far); lb2 inserted {}, {} already there, {} unknown",
+            sync_counter(&st1, "last_round_entries"),
+            sync_counter(&st1, "sent_datagrams"),
+            sync_counter(&st2, "inserted"),
+            sync_counter(&st2, "unchanged"),
+            sync_counter(&st2, "unknown_backend")
+        );
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    lab::sh("ip", &["-n", &d.lab.ns("sw"), "link", "set", "p-lb", "down"]).expect("cut the master's link");
+    let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", VRRP_ADDR))).expect("failover");
+    let report: Vec<xlb_tests::traffic::Held> = d.report("hold", Duration::from_secs(30)).expect("hold report");
+    let broken = report.iter().filter(|h| h.broken.is_some() || h.switched).count();
+    eprintln!("backend added, then the master failed ({what}): lb2 master after {took:?}; {broken} of {} streams broken or moved", report.len());
+    if sync {
+        // Forged and garbage datagrams to lb2's sync port: counted, dropped.
+        let client = d.lab.ns("client");
+        let st0 = status_of(&lb2);
+        let forge = "head -c 200 /dev/zero | tr '\\0' x > /dev/udp/10.200.0.11/7470; echo short > /dev/udp/10.200.0.11/7470";
+        lab::sh("ip", &["netns", "exec", &client, "bash", "-c", forge]).expect("send forged datagrams");
+        d.wait("the forged datagrams to be counted", Duration::from_secs(3), || {
+            let st = status_of(&lb2);
+            Ok(sync_counter(&st, "dropped_unauthenticated") == sync_counter(&st0, "dropped_unauthenticated") + 1
+                && sync_counter(&st, "dropped_malformed") == sync_counter(&st0, "dropped_malformed") + 1)
+        })
+        .expect("forged datagrams dropped and counted");
+        let stats = String::from_utf8_lossy(&lb2(&["stats"]).stdout).into_owned();
+        assert!(stats.contains("sync to 10.200.0.10:7470") && stats.contains("1 unauthenticated"), "{stats}");
+    }
+    (broken, report.len())
+}
+
+#[test]
+fn sync_keeps_the_flows_a_backend_change_moved_through_a_failover() {
+    let (broken, total) = failover_after_a_backend_is_added(true);
+    assert_eq!(total, 40);
+    assert_eq!(broken, 0, "with sync, no stream may break");
+}
+
+#[test]
+fn without_sync_a_backend_change_then_a_failover_breaks_streams() {
+    let (broken, total) = failover_after_a_backend_is_added(false);
+    assert_eq!(total, 40);
+    // Maglev gives about a quarter of the flows to the new backend (the
+    // chance that none of 40 moves is about 1e-5).
+    assert!(broken >= 1, "the control shows what sync saves: {broken} of {total} broke");
 }

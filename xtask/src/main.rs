@@ -89,9 +89,9 @@ fn nix_is_root() -> bool {
 
 fn runtime_tools() -> Result<()> {
     // `ip` for namespaces/veth/bridges, `ethtool` to turn off TX checksum
-    // offload on test senders, keepalived and BIRD for the failover tests,
+    // offload on test senders, keepalived, BIRD and FRR for the failover tests,
     // `tcpdump` reads the pcap `xlb trace` writes.
-    toolchain::apt_install(&["iproute2", "ethtool", "keepalived", "bird2", "tcpdump"])
+    toolchain::apt_install(&["iproute2", "ethtool", "keepalived", "bird2", "frr", "tcpdump"])
 }
 
 /// Run `cargo test`, echoing its output, and end with one total line
@@ -144,8 +144,8 @@ fn main() -> Result<()> {
         Some("bench") => {
             require_root("cargo xtask bench")?;
             runtime_tools()?;
-            // The comparison's contenders and the plot's font, from Debian.
-            toolchain::apt_install(&["nftables", "haproxy", "fonts-dejavu-core"])?;
+            // The comparison's contenders, real clients and servers, and the plot's font, from Debian.
+            toolchain::apt_install(&["nftables", "haproxy", "nginx-light", "apache2-utils", "iperf3", "fonts-dejavu-core"])?;
             build(&root)?;
             build_ebpf_variant(&root, &["--features", "floors"], "target/ebpf-floors")?;
             run(Command::new(root.join("target/release/xlb-lab"))

@@ -177,7 +177,7 @@ impl<M: Maps> Agent<M> {
     /// The running state as a config file that reproduces it.
     pub fn dump(&self) -> FileConfig {
         let vips = self.vips.iter().map(|(v, s)| vip_config(v, s)).collect();
-        FileConfig { health: self.opts.health.clone(), vips }
+        FileConfig { health: self.opts.health.clone(), vips, sync: None }
     }
 
     /// `dump` rendered as TOML, as the state file keeps it. Rendering 512

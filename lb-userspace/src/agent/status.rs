@@ -100,6 +100,7 @@ impl<M: Maps> Agent<M> {
             neighbour_probes: self.neighbours.probes,
             datapath_memory: self.dp.memory(),
             ha: None,
+            sync: None,
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
         })
@@ -157,6 +158,9 @@ pub struct Status {
     /// This node's HA readiness (the daemon fills it in).
     #[serde(default)]
     pub ha: Option<crate::ha::Verdict>,
+    /// Connection-table sync (`--sync-peer`), when on (the daemon fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::ctsync::SyncStats>,
     /// Connection-table entries at the last census (none yet: null).
     pub conntrack_entries: Option<u64>,
     /// Age of that census, milliseconds.

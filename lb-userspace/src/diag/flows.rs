@@ -7,10 +7,10 @@
 //! never shown with another flow's backend. Without `--flow-keys` only the
 //! per-backend counts of open entries can be given.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use lb_common::{
-    ct::{ct_hash, ct_now, CT_TIME_SHIFT},
-    CtWay, FlowKey, CT_WAYS,
+    ct::{ct_now, CT_TIME_SHIFT},
+    CtWay, FlowKey,
 };
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -83,27 +83,6 @@ pub struct FlowsReport {
     pub per_backend: Vec<BackendCount>,
 }
 
-/// The flow-key array mapped read-only.
-struct KeysView {
-    mem: crate::mmap::MapMem,
-    slots: usize,
-}
-
-impl KeysView {
-    fn map(data: &aya::maps::MapData, slots: u32) -> Result<KeysView> {
-        let bytes = slots as usize * std::mem::size_of::<FlowKey>();
-        let mem = crate::mmap::MapMem::new(data, bytes, false).context("cannot map the flow keys")?;
-        Ok(KeysView { mem, slots: slots as usize })
-    }
-
-    fn get(&self, i: usize) -> FlowKey {
-        assert!(i < self.slots, "flow key {i} out of range");
-        // SAFETY: inside the mapping; a volatile copy of memory the datapath
-        // writes concurrently (a torn copy fails the signature check).
-        unsafe { std::ptr::read_volatile(self.mem.base::<FlowKey>().add(i)) }
-    }
-}
-
 /// Per-backend open entries from a census (any configuration).
 fn per_backend(agent: &Agent, census: &crate::conntrack::ConntrackCensus) -> Vec<BackendCount> {
     let mut out = Vec::new();
@@ -138,7 +117,7 @@ pub fn flows(agent: &Agent, req: &FlowsRequest) -> Result<FlowsReport> {
         return Ok(report);
     }
     let view = reader.view();
-    let keys = KeysView::map(dp.flow_keys_map(), dp.opts.flow_key_slots())?;
+    let keys = crate::conntrack::KeysView::map(dp.flow_keys_map(), dp.opts.flow_key_slots(), false)?;
     let seed = dp.conntrack_seed();
     let now = ct_now(crate::conntrack::monotonic_coarse_ns());
     // (backend id, generation) → (VIP, backend address) as the agent knows them.
@@ -150,30 +129,18 @@ pub fn flows(agent: &Agent, req: &FlowsRequest) -> Result<FlowsReport> {
     }
     let vip_key = vip.map(|v| v.key());
     let mut found: Vec<(u64, FlowKey, lb_common::CtEntry)> = Vec::new();
-    for set in 0..view.sets() {
-        let s = view.set(set);
-        for (w, way) in s.ways.iter().enumerate().take(CT_WAYS) {
-            if CtWay::is_empty(way.val) {
-                continue;
-            }
-            let key = keys.get(set as usize * CT_WAYS + w);
-            let h = ct_hash(&key, &seed, view.sets());
-            if h.set != set || !CtWay::matches(way.tag, way.val, &h) {
-                report.unkeyed += 1;
-                continue;
-            }
-            let e = CtWay::entry(way.tag, way.val);
-            if vip_key.is_some_and(|k| k != key.vip) {
-                continue;
-            }
-            if let Some(b) = backend {
-                if owners.get(&(e.backend_id, e.gen)).map(|o| o.1) != Some(b) {
-                    continue;
-                }
-            }
-            found.push((CtWay::age(way.tag, now), key, e));
+    report.unkeyed = crate::conntrack::for_each_keyed(view, &keys, &seed, |key, way| {
+        let e = CtWay::entry(way.tag, way.val);
+        if vip_key.is_some_and(|k| k != key.vip) {
+            return;
         }
-    }
+        if let Some(b) = backend {
+            if owners.get(&(e.backend_id, e.gen)).map(|o| o.1) != Some(b) {
+                return;
+            }
+        }
+        found.push((CtWay::age(way.tag, now), key, e));
+    });
     report.matched = found.len() as u64;
     found.sort_by_key(|f| f.0);
     found.truncate(limit);

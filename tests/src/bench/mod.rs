@@ -138,9 +138,6 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
             }
         }
     }
-    for t in &mut targets {
-        t.met = if t.at_least { t.ratio >= t.limit } else { t.ratio <= t.limit };
-    }
     let mut control = control::Control { maglev_build_ms: control::maglev_builds(), ..Default::default() };
     let mut compare = Vec::new();
     if want("compare") {
@@ -152,12 +149,19 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
             d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
             control.death_to_removal_ms = control::death_to_removal(&mut d, &lab_bin, 3)?;
             d.wait_states(&[1, 2, 3], std::time::Duration::from_secs(10))?;
-            compare = compare::run(&mut d)?;
+            compare = compare::run(&mut d, floors)?;
             Ok(())
         })();
         if let Err(e) = r {
             errors.push(format!("comparison: {e:#}"));
         }
+        if let Some((conns, iperf)) = compare::ratios(&compare) {
+            targets.push(Target { name: "ab connections/s, xlb / stateless forwarder".into(), ratio: conns, limit: 0.93, at_least: true, met: false });
+            targets.push(Target { name: "iperf3 throughput, xlb / stateless forwarder".into(), ratio: iperf, limit: 0.9, at_least: true, met: false });
+        }
+    }
+    for t in &mut targets {
+        t.met = if t.at_least { t.ratio >= t.limit } else { t.ratio <= t.limit };
     }
     let mut scale = None;
     if want("scale") {

@@ -18,7 +18,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(s, "## Targets (ratios measured in this run)\n\n| target | ratio | limit | met |\n|---|---:|---:|---|");
     for t in &r.targets {
-        let _ = writeln!(s, "| {} | {:.2} | {} {:.1} | {} |", t.name, t.ratio, if t.at_least { "≥" } else { "≤" }, t.limit, if t.met { "yes" } else { "**no**" });
+        let _ = writeln!(s, "| {} | {:.2} | {} {} | {} |", t.name, t.ratio, if t.at_least { "≥" } else { "≤" }, t.limit, if t.met { "yes" } else { "**no**" });
     }
     let _ = writeln!(s, "\n## Per-packet cost (BPF_PROG_TEST_RUN on the real program)\n");
     let _ = writeln!(s, "| case | backends | connection table | ns/packet | spread (ns) | kernel avg (ns) | floor | ratio | proof |\n|---|---:|---|---:|---|---:|---|---:|---|");
@@ -42,25 +42,33 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(s, "| {} | {:.0} | {:.0} |", m.mode, m.drop_free_pps, m.max_forwarded_pps);
         }
         let _ = writeln!(s, "\nxlb ÷ reflector: drop-free {:.2}, highest rate {:.2}.\n", l.ratio_drop_free, l.ratio_max);
-        let _ = writeln!(s, "| mode | offered | sent/s | returned/s | xlb forwarded/s | loss |\n|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "| mode | offered | sent/s | returned/s | xlb forwarded/s | xlb new flows/s (conntrack_miss) | loss |\n|---|---:|---:|---:|---:|---:|---:|");
         for m in &l.modes {
             for st in &m.steps {
                 let offered = if st.offered_pps == 0.0 { "max".to_string() } else { format!("{:.0}", st.offered_pps) };
                 let fwd = st.lb_forwarded_pps.map(|f| format!("{f:.0}")).unwrap_or_else(|| "-".into());
-                let _ = writeln!(s, "| {} | {offered} | {:.0} | {:.0} | {fwd} | {:.3}% |", m.mode, st.sent_pps, st.received_pps, st.loss * 100.0);
+                let new = st.lb_new_flows_pps.map(|f| format!("{f:.0}")).unwrap_or_else(|| "-".into());
+                let _ = writeln!(s, "| {} | {offered} | {:.0} | {:.0} | {fwd} | {new} | {:.3}% |", m.mode, st.sent_pps, st.received_pps, st.loss * 100.0);
             }
         }
     }
     if r.live.is_empty() {
         let _ = writeln!(s, "\n## Live traffic\n\nNot measured in this run (see the bench's output).");
     }
-    let _ = writeln!(s, "\n## Against nftables and HAProxy (same namespaces, same client load)\n");
-    let _ = writeln!(s, "| mode | connections/s | busy CPU µs per connection (machine) | balancer CPU µs per connection | failed |\n|---|---:|---:|---:|---:|");
+    let _ = writeln!(s, "\n## Real clients: nginx, ab, iperf3 (same namespaces, same run)\n");
+    let _ = writeln!(s, "| mode | ab connections/s | × stateless | busy CPU µs per connection (machine) | balancer CPU µs per connection | failed | iperf3 Gbit/s | × stateless |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    let stateless = r.compare.iter().find(|c| c.mode == "stateless");
     for c in &r.compare {
         // Below the baseline cannot be a cost: tick-based CPU accounting
         // undercounts a machine that is not saturated (a latency-bound run).
         let lb = if c.lb_cpu_us_per_conn < 0.0 { "n/a (run not CPU-bound)".to_string() } else { format!("{:.1}", c.lb_cpu_us_per_conn) };
-        let _ = writeln!(s, "| {} | {:.0} | {:.1} | {lb} | {} |", c.mode, c.conns_per_sec, c.cpu_us_per_conn, c.failed);
+        let x_conns = stateless.map(|f| format!("{:.2}", c.conns_per_sec / f.conns_per_sec)).unwrap_or_default();
+        let gbps = c.iperf_gbps.map(|g| format!("{g:.2}")).unwrap_or_else(|| "-".into());
+        let x_gbps = match (c.iperf_gbps, stateless.and_then(|f| f.iperf_gbps)) {
+            (Some(g), Some(f)) => format!("{:.2}", g / f),
+            _ => "-".into(),
+        };
+        let _ = writeln!(s, "| {} | {:.0} | {x_conns} | {:.1} | {lb} | {} | {gbps} | {x_gbps} |", c.mode, c.conns_per_sec, c.cpu_us_per_conn, c.failed);
     }
     let _ = writeln!(s, "\n## Control plane\n");
     for (n, ms) in &r.control.maglev_build_ms {
@@ -105,8 +113,8 @@ pub fn markdown(r: &Results) -> String {
         "- Per-packet: steady cases run one frame with repeat N = 4·10⁶ and 2N; cost = (wall time of 2N − wall time of N) / N, five runs, median and spread; the kernel's own average (1 ns resolution) is shown too. The program's counters prove each run took the intended path (the proof column). New flows (main figure, `*_new_flow`): the floors object's `new_flows` program adds one to the frame's source address and tail-calls the program under test, with repeat 10⁵ (five calls, each its own address range): every run is a new 5-tuple, with caches as warm as a NIC's batches keep them; kernel average per run, median and spread. `*_new_flow_cold`: one syscall per frame over 50 000 distinct 5-tuples, the per-call overhead calibrated out with the same loop on `floor_pass`; every frame then meets caches the syscall path has disturbed (kept for comparison). `*_new_flow_64k_table`: the warm method with a 65 536-flow table, to show how much of a new flow is the table's size. Connection table \"50 %\" and \"full\": filled first with 50 % or 100 % of `--conntrack-size` (1 Mi) unrelated flows, placed as the datapath places them (new flows then evict: counted in the proof column). New flows are compared with `floor_one_line` (what a one-line table cannot avoid)."
     );
     let _ = writeln!(s, "- Floors (a separate build of the same crate, same harness): `floor_pass` returns XDP_PASS; `floor_macswap_tx` swaps MACs and returns XDP_TX; `floor_stateless_dsr` parses IPv4 and the ports, hashes the 5-tuple once, reads one table entry (a MAC) and rewrites both MACs. `floor_one_line` is the stateless floor plus a read-modify-write of one random 64-byte line of a 16 MiB array, `floor_lru_insert` the stateless floor plus a lookup and an insert of the 5-tuple in a 1 Mi-entry kernel `LRU_HASH`, both behind the `new_flows` wrapper. `floor_stateless_dsr_new_flows` is the stateless floor behind the same `new_flows` wrapper (so the wrapper and tail call cancel out), `floor_stateless_dsr_new_flows_cold` the same over the cold method's frames: new 5-tuples make table reads miss caches, which a single repeated frame never does, so new flows are compared with these (and, in the proof column, with the repeated-frame floor too).");
-    let _ = writeln!(s, "- Live: BPF_PROG_RUN with live frames from a generator namespace; its program gives each frame the next of the flows' source ports and sends it (XDP_TX) over a veth to the balancer's namespace, where xlb (or the reflector) sends it back to a counting sink. Offered rate in steps below the generator's maximum; drop-free = highest offered rate with < 0.1 % loss. Generator, balancer and sink share this machine's CPUs.");
-    let _ = writeln!(s, "- Comparison: 3 × {} HTTP connections, 16 in parallel, per mode; CPU from /proc/stat over each run for the whole machine; the balancer's share = that minus the direct baseline (client → one backend). nftables DNATs with a `numgen` map and routes replies back; HAProxy proxies (two connections per client connection); xlb forwards requests only (L2 DSR). CPU time is counted in 10 ms ticks, so each figure is ± about 0.5 µs per connection.", 20000);
+    let _ = writeln!(s, "- Live: BPF_PROG_RUN with live frames from a generator namespace; its program gives each frame the next of the flows' source ports and sends it (XDP_TX) over a veth to the balancer's namespace, where xlb (or the reflector) sends it back to a counting sink. Offered rate: the generator transmits k of every 1024 runs (evenly spread), first at its full rate, then by bisection on k (7 steps); drop-free = highest offered rate with < 0.1 % loss. Generator, balancer and sink share this machine's CPUs.");
+    let _ = writeln!(s, "- Real clients: nginx (1 worker, fixed answer) on every backend; `ab -n {} -c 16` (a new connection per request) and `iperf3 -t 4` (one TCP stream, to a VIP with one backend: its control and data connections must meet one server), 3 runs per mode, medians. `stateless` is `floor_forward` (the floors object's ~20-line stateless MAC-rewrite forwarder) attached in xlb's place: the floor xlb is compared with, since the extra hop through the balancer's namespace costs both the same. CPU from /proc/stat over each run for the whole machine; the balancer's share = that minus the direct baseline (client → one backend). nftables DNATs with a `numgen` map and routes replies back; HAProxy proxies (two connections per client connection); xlb and the stateless forwarder forward requests only (L2 DSR). CPU time is counted in 10 ms ticks, so each figure is ± about 0.5 µs per connection.", 20000);
     s
 }
 
