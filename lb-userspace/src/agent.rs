@@ -285,6 +285,7 @@ impl<M: Maps> Agent<M> {
                 table: Vec::new(),
                 published_at: None,
                 retired: Default::default(),
+                facts: Default::default(),
             },
         );
         log::info!("VIP {vip} added ({})", spec.algo.name());
@@ -633,6 +634,7 @@ impl<M: Maps> Agent<M> {
         );
         let result = (p.moved.unwrap_or(0), p.table.len());
         state.table = p.table;
+        state.facts = Default::default();
         if alias_changed {
             self.sync_fragment_alias(vip)?;
         }

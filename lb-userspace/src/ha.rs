@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -46,7 +46,18 @@ pub fn vip_not_ready(s: &VipState) -> Option<String> {
 /// slot's backend *address* (ids are each node's own), so two nodes with
 /// the same config and health show the same number.
 pub fn fingerprint(s: &VipState) -> u64 {
-    let addr = |id: u32| s.backends.values().find(|b| b.id == id).map(|b| b.ip);
+    // Each backend's address bytes, looked up once (not per table entry).
+    let addrs: BTreeMap<u32, Vec<u8>> = s
+        .backends
+        .values()
+        .map(|b| {
+            let bytes = match b.ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            (b.id, bytes)
+        })
+        .collect();
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut eat = |bytes: &[u8]| {
         for &x in bytes {
@@ -54,18 +65,14 @@ pub fn fingerprint(s: &VipState) -> u64 {
         }
     };
     eat(s.algo.name().as_bytes());
-    let mut last: Option<(u32, Option<IpAddr>)> = None;
+    let mut last: Option<(u32, &[u8])> = None;
     for &id in &s.table {
-        let ip = match last {
-            Some((l, ip)) if l == id => ip,
-            _ => addr(id),
+        let bytes: &[u8] = match last {
+            Some((l, b)) if l == id => b,
+            _ => addrs.get(&id).map_or(&[0xff], Vec::as_slice),
         };
-        last = Some((id, ip));
-        match ip {
-            Some(IpAddr::V4(a)) => eat(&a.octets()),
-            Some(IpAddr::V6(a)) => eat(&a.octets()),
-            None => eat(&[0xff]),
-        }
+        last = Some((id, bytes));
+        eat(bytes);
     }
     h
 }
@@ -138,7 +145,7 @@ pub struct Node {
     drained: AtomicBool,
     marker: PathBuf,
     verdict_file: PathBuf,
-    /// HA options are set (`--announce-table`): warn about algorithms.
+    /// HA options are set (`--announce-table`, `--sync-peer`): warn about algorithms.
     pub active: bool,
 }
 

@@ -110,22 +110,53 @@ fn bad_input_gets_one_line_and_changes_nothing() {
     fails(&d, &["backend", "add", &vip, &b1], "already exists");
     fails(&d, &["backend", "del", &vip, "10.200.0.99"], "not in VIP");
 
-    // Bad requests straight to the API (bypassing the CLI's own checks).
-    for raw in [
-        "this is not json",
-        r#"{"cmd":"vip-add","vip":"1.2.3.4:0/tcp"}"#,
-        r#"{"cmd":"backend-add","vip":"10.200.0.100:80/tcp","ip":"10.200.0.23","weight":100000}"#,
-        r#"{"cmd":"backend-add","vip":"10.200.0.100:80/tcp","ip":"10.200.0.23","mac":"ff:ff:ff:ff:ff:ff"}"#,
-        r#"{"cmd":"reboot"}"#,
+    // The API is HTTP/JSON on the socket: real curl reads it…
+    let sock = d.socket.to_string_lossy().into_owned();
+    let curl = |method: &str, path: &str, body: Option<&str>| -> (u16, serde_json::Value) {
+        let url = format!("http://xlb{path}");
+        let mut args = vec!["-sS", "-g", "--max-time", "5", "--unix-socket", &sock, "-X", method, "-w", "\n%{http_code}", &url];
+        if let Some(b) = body {
+            args.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let out = std::process::Command::new("curl").args(&args).output().expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').expect("curl output");
+        (code.trim().parse().expect("status code"), serde_json::from_str(json).unwrap_or_else(|e| panic!("{method} {path}: {e}: {json:?}")))
+    };
+    let (code, st) = curl("GET", "/v1/status", None);
+    assert_eq!(code, 200);
+    assert_eq!(st["vips"][0]["vip"], vip.as_str(), "{st}");
+    assert_eq!(st["vips"][0]["backends"][0]["weight"], 5, "{st}");
+    let (code, list) = curl("GET", "/v1/vips", None);
+    assert_eq!((code, list), (200, serde_json::json!([vip.clone()])));
+
+    // …and bad requests straight to it (bypassing the CLI's own checks) get
+    // an HTTP error status and one JSON line.
+    let backends = format!("/v1/vips/{vip}/backends");
+    for (method, path, body, want) in [
+        ("POST", "/v1/vips", Some("this is not json"), 400),
+        ("POST", "/v1/vips", Some(r#"{"vip":"1.2.3.4:0/tcp"}"#), 400),
+        ("POST", "/v1/vips", Some(r#"{"vip":"10.200.0.101:80/tcp","algo":"fastest"}"#), 400),
+        ("POST", backends.as_str(), Some(r#"{"ip":"10.200.0.23","weight":100000}"#), 400),
+        ("POST", backends.as_str(), Some(r#"{"ip":"10.200.0.23","mac":"ff:ff:ff:ff:ff:ff"}"#), 400),
+        ("POST", backends.as_str(), Some(r#"{"ip":"10.200.0.23","colour":"red"}"#), 400),
+        ("PUT", &format!("{backends}/10.200.0.99"), Some(r#"{"weight":2}"#), 400),
+        ("DELETE", "/v1/vips/10.200.0.199:80/tcp", None, 400),
+        ("POST", "/v1/reboot", Some("{}"), 404),
+        ("GET", "/status", None, 404),
+        ("DELETE", "/v1/status", None, 405),
     ] {
-        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("socket");
-        s.write_all(format!("{raw}\n").as_bytes()).expect("send");
-        let mut line = String::new();
-        std::io::BufReader::new(s).read_line(&mut line).expect("answer");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
-        assert_eq!(v["ok"], false, "{raw} → {line}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty() && !e.contains('\n')), "{line}");
+        let (code, v) = curl(method, path, body);
+        assert_eq!(code, want, "{method} {path} {body:?} → {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty() && !e.contains('\n')), "{method} {path} → {v}");
+        assert_eq!(v.as_object().map(|o| o.len()), Some(1), "only the error: {v}");
     }
+    // Not HTTP at all: hyper's own 400, and the agent goes on.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("socket");
+    s.write_all(b"this is not http\r\n\r\n").expect("send");
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).expect("answer");
+    assert!(line.starts_with("HTTP/1.1 400"), "{line:?}");
 
     let after = d.status().expect("status");
     assert_eq!(before["vips"].as_array().map(|v| v.len()), after["vips"].as_array().map(|v| v.len()));

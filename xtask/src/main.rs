@@ -90,8 +90,9 @@ fn nix_is_root() -> bool {
 fn runtime_tools() -> Result<()> {
     // `ip` for namespaces/veth/bridges, `ethtool` to turn off TX checksum
     // offload on test senders, keepalived, BIRD and FRR for the failover tests,
-    // `tcpdump` reads the pcap `xlb trace` writes.
-    toolchain::apt_install(&["iproute2", "ethtool", "keepalived", "bird2", "frr", "tcpdump"])
+    // `tcpdump` reads the pcap `xlb trace` writes, `curl --unix-socket`
+    // reads the agent's HTTP API as an operator would.
+    toolchain::apt_install(&["iproute2", "ethtool", "keepalived", "bird2", "frr", "tcpdump", "curl"])
 }
 
 /// Run `cargo test`, echoing its output, and end with one total line

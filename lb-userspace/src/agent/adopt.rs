@@ -224,6 +224,7 @@ impl<M: Maps> Agent<M> {
                     table,
                     published_at: None,
                     retired: retired.unwrap_or_default(),
+                    facts: Default::default(),
                 },
             );
         }

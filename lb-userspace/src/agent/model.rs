@@ -236,6 +236,33 @@ pub struct VipState {
     /// Traffic of backends since removed (a VIP's counters are the sum over
     /// its backends, kept here when one leaves).
     pub retired: lb_common::Counters,
+    /// What status reads from the published table, computed on first use
+    /// after each publication (`facts`), not on every status request.
+    pub facts: std::cell::OnceCell<TableFacts>,
+}
+
+/// Facts of a published table that status, metrics and HA read.
+#[derive(Clone, Debug, Default)]
+pub struct TableFacts {
+    /// `ha::fingerprint` of the table.
+    pub fingerprint: u64,
+    /// Entries per backend id.
+    pub slots: BTreeMap<u32, usize>,
+}
+
+impl VipState {
+    /// The published table's facts (a walk of the table the first time
+    /// after a publication: at 512 VIPs of 65 537 entries, walking every
+    /// table for each status took the agent's lock for 0.6 s).
+    pub fn facts(&self) -> &TableFacts {
+        self.facts.get_or_init(|| {
+            let mut slots = BTreeMap::new();
+            for &id in &self.table {
+                *slots.entry(id).or_insert(0) += 1;
+            }
+            TableFacts { fingerprint: crate::ha::fingerprint(self), slots }
+        })
+    }
 }
 
 #[cfg(test)]

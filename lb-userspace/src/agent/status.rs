@@ -40,7 +40,7 @@ impl<M: Maps> Agent<M> {
                 } else {
                     None
                 };
-                let slots = s.table.iter().filter(|&&id| id == b.id).count();
+                let slots = s.facts().slots.get(&b.id).copied().unwrap_or(0);
                 backends.push(BackendStatus {
                     ip: b.ip.to_string(),
                     mac: b.mac.map(|m| m.to_string()),
@@ -67,7 +67,7 @@ impl<M: Maps> Agent<M> {
             }
             vips.push(VipStatus {
                 vip: vip.to_string(),
-                table_fingerprint: format!("{:016x}", crate::ha::fingerprint(s)),
+                table_fingerprint: format!("{:016x}", s.facts().fingerprint),
                 algo: s.algo.name().to_string(),
                 persist_timeout: s.persist_secs,
                 active_flows: backends.iter().map(|b| b.active_flows).sum(),

@@ -28,6 +28,8 @@ pub const DEFAULT_RATE: u32 = 1000;
 const BURST: u64 = 64;
 /// How often the agent empties the ring while a trace runs.
 const POLL: Duration = Duration::from_millis(20);
+/// Longest silence on a trace stream (see `stream`).
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// What a client asks to trace.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -237,48 +239,37 @@ fn line<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     Ok(l)
 }
 
-/// Serve one `trace` request on an API connection: swap the tracing
-/// program in, stream records until `count` or until the client goes, and
-/// swap the balancer back in whatever happens.
-pub async fn serve<R, W>(mut reader: R, mut w: W, agent: Arc<Mutex<Agent>>, req: TraceRequest) -> Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt;
-    let lock = || agent.lock().map_err(|_| anyhow!("agent state poisoned"));
-    let started = {
-        let mut a = lock()?;
-        filter(&a, &req).and_then(|cfg| a.dp.trace_start(&cfg))
-    };
-    let first = match &started {
-        Ok(()) => crate::api::Response { ok: true, error: None, result: serde_json::json!({ "tracing": true }) },
-        Err(e) => crate::api::Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
-    };
-    w.write_all(&line(&first)?).await?;
-    if started.is_err() {
-        return Ok(());
-    }
+/// Start a trace: check the request against the agent's services and swap
+/// the tracing program in (nothing changes when it fails).
+pub fn start(agent: &Mutex<Agent>, req: &TraceRequest) -> Result<()> {
+    let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
+    let cfg = filter(&a, req)?;
+    a.dp.trace_start(&cfg)?;
     log::info!("trace started: the tracing program runs on the interface");
-    let streamed = stream(&mut reader, &mut w, &agent, req.count).await;
-    let stopped = lock().and_then(|mut a| a.dp.trace_stop());
-    log::info!("trace ended: the balancer runs on the interface again");
-    let missed = stopped?;
-    if let Ok(frames) = streamed {
-        let _ = w.write_all(&line(&StreamMsg::End { frames, missed })?).await;
-    }
     Ok(())
 }
 
-async fn stream<R, W>(reader: &mut R, w: &mut W, agent: &Arc<Mutex<Agent>>, count: Option<u64>) -> Result<u64>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Send a started trace's records as lines into `tx` until `count` or until
+/// the client is gone, then swap the balancer back in whatever happened.
+pub async fn pump(tx: tokio::sync::mpsc::Sender<bytes::Bytes>, agent: Arc<Mutex<Agent>>, count: Option<u64>) {
+    let streamed = stream(&tx, &agent, count).await;
+    let stopped = agent.lock().map_err(|_| anyhow!("agent state poisoned")).and_then(|mut a| a.dp.trace_stop());
+    log::info!("trace ended: the balancer runs on the interface again");
+    match (stopped, streamed) {
+        (Ok(missed), Ok(frames)) => {
+            if let Ok(l) = line(&StreamMsg::End { frames, missed }) {
+                let _ = tx.send(l.into()).await;
+            }
+        }
+        (Err(e), _) => log::error!("cannot end the trace: {e:#}"),
+        (Ok(_), Err(e)) => log::debug!("trace: {e:#}"),
+    }
+}
+
+async fn stream(tx: &tokio::sync::mpsc::Sender<bytes::Bytes>, agent: &Arc<Mutex<Agent>>, count: Option<u64>) -> Result<u64> {
     let offset = clock_ns(libc::CLOCK_REALTIME).wrapping_sub(clock_ns(libc::CLOCK_MONOTONIC));
     let mut sent = 0u64;
-    let mut buf = [0u8; 64];
+    let mut quiet = std::time::Instant::now();
     loop {
         let out = {
             let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
@@ -291,17 +282,18 @@ where
             sent += recs.len() as u64;
             out
         };
-        if !out.is_empty() {
-            w.write_all(&out).await.context("the trace client is gone")?;
+        // An empty line now and then while nothing matches: writing it is
+        // how a client that went away is noticed.
+        if !out.is_empty() || quiet.elapsed() >= KEEPALIVE {
+            let out = if out.is_empty() { b"\n".to_vec() } else { out };
+            tx.send(out.into()).await.map_err(|_| anyhow!("the trace client is gone"))?;
+            quiet = std::time::Instant::now();
         }
         if count.is_some_and(|c| sent >= c) {
             return Ok(sent);
         }
         tokio::select! {
-            n = reader.read(&mut buf) => match n {
-                Ok(0) | Err(_) => bail!("the trace client closed the connection"),
-                Ok(_) => {}
-            },
+            _ = tx.closed() => bail!("the trace client closed the connection"),
             _ = tokio::time::sleep(POLL) => {}
         }
     }
@@ -352,23 +344,13 @@ pub fn frame_bytes(f: &FrameLine) -> Result<Vec<u8>> {
 
 /// `xlb trace`: stream from the agent at `socket`, print lines, write the pcap.
 pub fn run(socket: &std::path::Path, req: &crate::api::Request, pcap: Option<&std::path::Path>, json: bool) -> Result<()> {
-    use std::io::BufRead;
     let mut pcap = pcap
         .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())).and_then(|f| PcapWriter::new(std::io::BufWriter::new(f))))
         .transpose()?;
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| anyhow!("cannot reach the agent at {} ({e}); is `xlb agent` running?", socket.display()))?;
-    s.write_all(&line(req)?).context("cannot send to the agent")?;
-    let mut lines = std::io::BufReader::new(s.try_clone()?).lines();
-    let first = lines.next().ok_or_else(|| anyhow!("no answer from the agent"))??;
-    let resp: crate::api::Response = serde_json::from_str(&first).context("malformed answer from the agent")?;
-    if !resp.ok {
-        bail!(resp.error.unwrap_or_else(|| "trace refused".into()));
-    }
     let stdout = std::io::stdout();
-    for l in lines {
-        let l = l.context("the agent closed the trace")?;
-        match serde_json::from_str::<StreamMsg>(&l).context("malformed trace line from the agent")? {
+    let mut ended = false;
+    crate::api::client::stream(socket, req, |l| {
+        match serde_json::from_str::<StreamMsg>(l).context("malformed trace line from the agent")? {
             StreamMsg::Frame(f) => {
                 if let Some(p) = &mut pcap {
                     p.frame(f.time_ns, &frame_bytes(&f)?, f.len)?;
@@ -377,16 +359,22 @@ pub fn run(socket: &std::path::Path, req: &crate::api::Request, pcap: Option<&st
                 let mut o = stdout.lock();
                 // A closed stdout (a pipe into head) ends the trace.
                 if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
-                    return Ok(());
+                    ended = true;
+                    return Ok(false);
                 }
+                Ok(true)
             }
             StreamMsg::End { frames, missed } => {
                 eprintln!("trace: {frames} frame(s){}", if missed > 0 { format!(", {missed} matching frame(s) not recorded (rate limit)") } else { String::new() });
-                return Ok(());
+                ended = true;
+                Ok(false)
             }
         }
+    })?;
+    if !ended {
+        bail!("the agent ended the trace early");
     }
-    bail!("the agent ended the trace early")
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,18 +1,23 @@
-//! The agent's local API: one JSON request and one JSON response per line
-//! over a unix socket (root only, mode 0600). Every request is validated in
-//! full before the agent changes anything.
+//! The agent's local API: HTTP/JSON on a unix socket (root only, mode
+//! 0600), versioned paths (`curl --unix-socket /run/xlb/xlb.sock
+//! http://xlb/v1/status`). The CLI is its client. Every request is validated
+//! in full before the agent changes anything.
+//!
+//! - [`Request`]: the one typed request model (CLI, API; its values are the
+//!   config file's types);
+//! - [`http`]: its HTTP form (routes), read by the server and written by the client;
+//! - [`server`]: the hyper server on the agent's runtime; [`client`]: the CLI's side.
 
-use anyhow::{anyhow, bail, Context, Result};
+pub mod client;
+pub mod http;
+pub mod server;
+
+pub use client::call;
+pub use server::{bind, serve};
+
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-};
+use std::path::PathBuf;
 
 use crate::{
     agent::{check_persist, Admin, Agent, Status, VipSpec},
@@ -23,8 +28,6 @@ use std::net::IpAddr;
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 64 * 1024;
 
 /// A request to the agent. Fields are the operator's types (`Vip`, `Mac`,
 /// `AlgoName`, `Admin`, `AllDown`), read and written through the same
@@ -168,19 +171,6 @@ pub enum Request {
     },
 }
 
-/// The agent's answer.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct Response {
-    /// Whether the request was applied.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Result data.
-    #[serde(default)]
-    pub result: serde_json::Value,
-}
-
 /// What the daemon knows beside the agent: how and where the program runs
 /// (for `status`), the config file (`config reload` without a file, and
 /// SIGHUP) and how to ask it to detach. None of it is the agent's concern.
@@ -301,112 +291,6 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             tx.send(()).map_err(|_| anyhow!("the agent is already exiting"))?;
             Ok(serde_json::Value::Null)
         }
-    }
-}
-
-/// Bind the API socket: refuses when another agent answers on it, replaces
-/// a stale file, and makes it root-only.
-pub fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another agent is already listening on {}", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict {}", path.display()))?;
-    Ok(listener)
-}
-
-/// Serve requests until the listener fails.
-pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, host: Arc<Host>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                log::error!("API accept failed: {e}");
-                continue;
-            }
-        };
-        let (agent, host) = (agent.clone(), host.clone());
-        tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, agent, host).await {
-                log::debug!("API connection: {e:#}");
-            }
-        });
-    }
-}
-
-async fn serve_one(stream: UnixStream, agent: Arc<Mutex<Agent>>, host: Arc<Host>) -> Result<()> {
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(r);
-    let n = (&mut reader).take(MAX_REQUEST as u64).read_line(&mut line).await?;
-    let resp = if n == 0 {
-        return Ok(());
-    } else if !line.ends_with('\n') && n >= MAX_REQUEST {
-        Response { ok: false, error: Some("request too long".into()), result: serde_json::Value::Null }
-    } else {
-        match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), result: serde_json::Value::Null },
-            Ok(Request::Trace { vip, backend, verdict, count, rate }) => {
-                let req = crate::diag::trace::TraceRequest { vip, backend, verdict, count, rate };
-                return crate::diag::trace::serve(reader, w, agent, req).await;
-            }
-            Ok(req) => {
-                let detaching = matches!(req, Request::Detach);
-                let res = {
-                    let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
-                    handle(&mut a, &host, req)
-                };
-                if detaching && res.is_ok() {
-                    // Answer once the daemon has detached (it needs the
-                    // last reference to the agent to drop the datapath).
-                    drop(agent);
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), host.detached.notified()).await;
-                    let r = write_response(&mut w, &Response { ok: true, error: None, result: serde_json::Value::Null }).await;
-                    host.answered.notify_one();
-                    return r;
-                }
-                match res {
-                    Ok(v) => Response { ok: true, error: None, result: v },
-                    Err(e) => Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
-                }
-            }
-        }
-    };
-    write_response(&mut w, &resp).await
-}
-
-async fn write_response(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> Result<()> {
-    let mut out = serde_json::to_vec(resp)?;
-    out.push(b'\n');
-    w.write_all(&out).await?;
-    Ok(())
-}
-
-use tokio::io::AsyncReadExt as _;
-
-/// Send one request to the agent at `socket` and return its result.
-pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        anyhow!("cannot reach the agent at {} ({e}); is `xlb agent` running?", socket.display())
-    })?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line).context("cannot send to the agent")?;
-    let mut answer = String::new();
-    std::io::BufReader::new(s).read_line(&mut answer).context("no answer from the agent")?;
-    let resp: Response = serde_json::from_str(&answer).context("malformed answer from the agent")?;
-    if resp.ok {
-        Ok(resp.result)
-    } else {
-        Err(anyhow!(resp.error.unwrap_or_else(|| "request failed".into())))
     }
 }
 

@@ -1,0 +1,88 @@
+//! The CLI's side of the API: hyper's HTTP/1.1 client connection (no pool,
+//! no TLS: one request per connection over the unix socket) on a
+//! current-thread runtime, the same HTTP code as the server, chunked
+//! streams (trace) included.
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, header, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::path::Path;
+
+use super::{http::to_http, Request};
+
+/// Send one request to the agent at `socket` and return its result.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    runtime()?.block_on(async {
+        let resp = send(socket, req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.context("the agent's answer broke off")?.to_bytes();
+        answer(status, &body)
+    })
+}
+
+/// Send a streaming request (trace): `on_line` gets each non-empty line of
+/// the answer until it returns false or the agent ends the stream.
+pub fn stream(socket: &Path, req: &Request, mut on_line: impl FnMut(&str) -> Result<bool>) -> Result<()> {
+    runtime()?.block_on(async {
+        let resp = send(socket, req).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if status != StatusCode::OK {
+            let bytes = body.collect().await.context("the agent's answer broke off")?.to_bytes();
+            answer(status, &bytes)?;
+            bail!("the agent answered {status}");
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("the agent closed the stream")?;
+            let Some(data) = frame.data_ref() else { continue };
+            pending.extend_from_slice(data);
+            while let Some(n) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=n).collect();
+                let line = std::str::from_utf8(&line).context("malformed line from the agent")?.trim();
+                if !line.is_empty() && !on_line(line)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_io().build().context("cannot start the async runtime")
+}
+
+async fn send(socket: &Path, req: &Request) -> Result<hyper::Response<Incoming>> {
+    let (method, path, body) = to_http(req)?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow!("cannot reach the agent at {} ({e}); is `xlb agent` running?", socket.display()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("cannot talk to the agent")?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            log::debug!("API connection: {e}");
+        }
+    });
+    let mut http = hyper::Request::builder().method(method).uri(path).header(header::HOST, "xlb");
+    if body.is_some() {
+        http = http.header(header::CONTENT_TYPE, "application/json");
+    }
+    let http = http.body(Full::new(Bytes::from(body.unwrap_or_default()))).context("cannot build the request")?;
+    sender.send_request(http).await.context("no answer from the agent")
+}
+
+/// The result of an answer, or its error line.
+fn answer(status: StatusCode, body: &[u8]) -> Result<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).with_context(|| format!("malformed answer from the agent ({status})"))?;
+    if status.is_success() {
+        return Ok(v);
+    }
+    match v["error"].as_str() {
+        Some(e) => Err(anyhow!("{e}")),
+        None => Err(anyhow!("the agent answered {status}")),
+    }
+}
