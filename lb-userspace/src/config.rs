@@ -74,6 +74,37 @@ impl fmt::Display for AlgoName {
     }
 }
 
+/// How backends are reached (`Forward::from_name`): a `FromStr` for the
+/// CLI, API and config file, with the same error everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardName(pub lb_common::Forward);
+
+impl FromStr for ForwardName {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        lb_common::Forward::from_name(s).map(ForwardName).ok_or_else(|| {
+            let names: Vec<&str> = lb_common::Forward::ALL.iter().map(|f| f.name()).collect();
+            anyhow!("unknown forwarding mode '{s}' (available: {})", names.join(", "))
+        })
+    }
+}
+
+impl fmt::Display for ForwardName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name())
+    }
+}
+
+/// Check a backend address for a VIP reached by `forward`: the same family
+/// for L2; either family when routed (the backend's decides the outer header).
+pub fn check_backend_ip_for(vip: &Vip, ip: IpAddr, forward: lb_common::Forward) -> Result<IpAddr> {
+    if forward.is_routed() {
+        check_unicast(ip).with_context(|| format!("invalid backend IP '{ip}'"))?;
+        return Ok(ip);
+    }
+    check_backend_ip(vip, ip)
+}
+
 /// Largest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
 /// Weight of a backend added without `--weight`.
@@ -630,6 +661,9 @@ pub struct BackendConfig {
     /// Operator's state: up (default), drain or maint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<Admin>,
+    /// How to reach it, replacing the VIP's `forward`: l2, ipip or gue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
 }
 
 /// A VIP in the config file.
@@ -660,6 +694,9 @@ pub struct VipConfig {
     /// Answer pings to the VIP's address (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_ping: Option<bool>,
+    /// How its backends are reached (default `l2`): l2, ipip or gue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -707,6 +744,8 @@ pub struct DesiredBackend {
     pub health: Option<HealthConfig>,
     /// Operator's state.
     pub state: Admin,
+    /// Forwarding mode replacing the VIP's, if any.
+    pub forward: Option<lb_common::Forward>,
 }
 
 /// A service as configured, validated.
@@ -726,6 +765,8 @@ pub struct DesiredVip {
     pub slow_start_ms: u64,
     /// Datapath options.
     pub opts: VipOpts,
+    /// Forwarding mode of its backends.
+    pub forward: lb_common::Forward,
     /// Backends.
     pub backends: Vec<DesiredBackend>,
 }
@@ -805,6 +846,13 @@ impl Desired {
             crate::agent::check_any_port_health(&vip, v.health.as_ref().unwrap_or(&cfg.health)).map_err(|e| at(vline(), e))?;
             let opts = VipOpts::from_fields(v.hash, v.answer_ping);
             opts.validate(algo).map_err(|e| at(key_line(text, vline(), "hash"), e))?;
+            let forward = v
+                .forward
+                .as_deref()
+                .map(str::parse::<ForwardName>)
+                .transpose()
+                .map_err(|e| at(key_line(text, vline(), "forward"), e))?
+                .map_or(lb_common::Forward::L2, |f| f.0);
             let mut backends: Vec<DesiredBackend> = Vec::new();
             let mut seen_ips = std::collections::HashSet::new();
             for b in &v.backends {
@@ -813,7 +861,15 @@ impl Desired {
                     let line = if key.is_empty() { bline } else { key_line(text, bline, key) };
                     anyhow!("config {origin} line {line}: vip {} backend {}: {e:#}", v.address, b.ip)
                 };
-                let ip = parse_backend_ip(&vip, &b.ip).map_err(|e| bat("", e))?;
+                let bforward = b
+                    .forward
+                    .as_deref()
+                    .map(str::parse::<ForwardName>)
+                    .transpose()
+                    .map_err(|e| bat("forward", e))?
+                    .map(|f| f.0);
+                let ip: IpAddr = b.ip.parse().map_err(|_| bat("", anyhow!("invalid backend IP '{}'", b.ip)))?;
+                let ip = check_backend_ip_for(&vip, ip, bforward.unwrap_or(forward)).map_err(|e| bat("", e))?;
                 if !seen_ips.insert(ip) {
                     return Err(bat("", anyhow!("duplicate backend")));
                 }
@@ -822,7 +878,14 @@ impl Desired {
                 if let Some(h) = &b.health {
                     h.validate().map_err(|e| bat("", e))?;
                 }
-                backends.push(DesiredBackend { ip, mac, weight, health: b.health.clone(), state: b.state.unwrap_or_default() });
+                backends.push(DesiredBackend {
+                    ip,
+                    mac,
+                    weight,
+                    health: b.health.clone(),
+                    state: b.state.unwrap_or_default(),
+                    forward: bforward,
+                });
             }
             vips.push(DesiredVip {
                 vip,
@@ -832,6 +895,7 @@ impl Desired {
                 all_down: v.all_down.unwrap_or_default(),
                 slow_start_ms,
                 opts,
+                forward,
                 backends,
             });
         }

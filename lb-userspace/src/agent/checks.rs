@@ -541,6 +541,7 @@ mod tests {
                 all_down: Default::default(),
                 slow_start_ms: 0,
                 opts: Default::default(),
+                forward: Default::default(),
                 backends: BACKENDS
                     .iter()
                     .map(|b| crate::config::DesiredBackend {
@@ -549,6 +550,7 @@ mod tests {
                         weight: 1,
                         health: None,
                         state: Admin::Ready,
+                        forward: None,
                     })
                     .collect(),
             });

@@ -2,7 +2,7 @@
 //! each VIP published once), dump the running one.
 
 use anyhow::{bail, Result};
-use lb_common::Algo;
+use lb_common::{Algo, Forward};
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{check_backends_per_vip, Agent, Maps, VipSpec};
@@ -70,6 +70,7 @@ impl<M: Maps> Agent<M> {
                     all_down: dv.all_down,
                     slow_start_ms: dv.slow_start_ms,
                     opts: dv.opts,
+                    forward: dv.forward,
                 };
                 self.insert_vip(vip, &spec)?;
                 changes.push(format!("vip {vip} added"));
@@ -98,6 +99,12 @@ impl<M: Maps> Agent<M> {
                     }
                 }
                 let s = self.vips.get_mut(&vip).expect("present");
+                if s.forward != dv.forward {
+                    s.forward = dv.forward;
+                    changes.push(format!("vip {vip} forward {}", dv.forward));
+                    self.mark(vip);
+                }
+                let s = self.vips.get_mut(&vip).expect("present");
                 if s.slow_start_ms != dv.slow_start_ms {
                     s.slow_start_ms = dv.slow_start_ms;
                     changes.push(format!("vip {vip} slow start {} ms", dv.slow_start_ms));
@@ -112,19 +119,32 @@ impl<M: Maps> Agent<M> {
                     changes.push(format!("vip {vip} backend {ip} removed"));
                 }
             }
-            let add: Vec<(IpAddr, Option<Mac>, u32)> = dv
-                .backends
-                .iter()
-                .filter(|b| !self.vips[&vip].backends.contains_key(&b.ip))
-                .map(|b| (b.ip, b.mac, b.weight))
-                .collect();
-            if !add.is_empty() {
-                self.insert_backends(&vip, &add)?;
-                for (ip, _, _) in &add {
-                    changes.push(format!("vip {vip} backend {ip} added"));
+            // Added in groups of one forwarding mode (one table publication).
+            for fwd in [None, Some(Forward::L2), Some(Forward::Ipip), Some(Forward::Gue)] {
+                let add: Vec<(IpAddr, Option<Mac>, u32)> = dv
+                    .backends
+                    .iter()
+                    .filter(|b| b.forward == fwd && !self.vips[&vip].backends.contains_key(&b.ip))
+                    .map(|b| (b.ip, b.mac, b.weight))
+                    .collect();
+                if !add.is_empty() {
+                    self.insert_backends(&vip, &add, fwd)?;
+                    for (ip, _, _) in &add {
+                        changes.push(format!("vip {vip} backend {ip} added"));
+                    }
                 }
             }
             for b in &dv.backends {
+                let vip_forward = self.vips[&vip].forward;
+                let be = self.vips.get_mut(&vip).expect("present").backends.get_mut(&b.ip).expect("present");
+                let effective = b.forward.unwrap_or(vip_forward);
+                if be.forward_cfg != b.forward || be.forward != effective {
+                    config::check_backend_ip_for(&vip, b.ip, effective)?;
+                    be.forward_cfg = b.forward;
+                    be.forward = effective;
+                    changes.push(format!("vip {vip} backend {} forward {effective}", b.ip));
+                    self.mark(vip);
+                }
                 let cur = &self.vips[&vip].backends[&b.ip];
                 if cur.check != b.health {
                     self.change_backend_check(&vip, b.ip, b.health.clone())?;
@@ -209,6 +229,7 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
         slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
         hash: (s.opts.hash != config::HashMode::FiveTuple).then_some(s.opts.hash),
         answer_ping: s.opts.answer_ping.then_some(true),
+        forward: s.forward.is_routed().then(|| s.forward.name().to_string()),
         backends: s
             .backends
             .values()
@@ -218,6 +239,7 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
                 weight: (b.weight != config::DEFAULT_WEIGHT).then_some(b.weight),
                 health: b.check.clone(),
                 state: (b.admin != Admin::Ready).then_some(b.admin),
+                forward: b.forward_cfg.map(|f| f.name().to_string()),
             })
             .collect(),
     }

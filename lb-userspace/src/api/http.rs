@@ -228,7 +228,17 @@ mod tests {
         round_trip(Request::Status);
         round_trip(Request::VipDel { vip: "10.0.0.0/24:*/tcp".parse().unwrap() });
         round_trip(Request::VipDel { vip: "[2001:db8::]/64:443/udp".parse().unwrap() });
-        round_trip(Request::VipAdd { vip: "10.0.0.1:81/udp".parse().unwrap(), algo: None, persist_timeout: Some(5), health: None, all_down: None, slow_start_ms: None, hash: None, answer_ping: None });
+        round_trip(Request::VipAdd {
+            vip: "10.0.0.1:81/udp".parse().unwrap(),
+            algo: None,
+            persist_timeout: Some(5),
+            health: None,
+            all_down: None,
+            slow_start_ms: None,
+            hash: None,
+            answer_ping: None,
+            forward: Some(crate::config::ForwardName(lb_common::Forward::Gue)),
+        });
         round_trip(Request::ConfigReload { path: Some("/etc/xlb.toml".into()) });
         round_trip(Request::Trace { vip: None, backend: None, verdict: Some("tx".into()), count: Some(3), rate: Some(10) });
         // Every kind has a route.
