@@ -132,6 +132,9 @@ pub struct Agent<M: Maps = Datapath> {
     census: Option<(u64, Instant)>,
     /// The state file kept for restarts (pinned deployments only).
     pub persist: Option<Persist>,
+    /// Requests leave the state file to their caller (`take_save`, written
+    /// outside the lock): the daemon sets this.
+    pub defer_saves: bool,
 }
 
 impl<M: Maps> Agent<M> {
@@ -164,6 +167,7 @@ impl<M: Maps> Agent<M> {
             neighbours: Default::default(),
             census: None,
             persist: None,
+            defer_saves: false,
         })
     }
 
@@ -191,11 +195,15 @@ impl<M: Maps> Agent<M> {
     }
 
     /// Publish every VIP changed since the last flush, once each, then save
-    /// the state file once. Every operator request ends with it, so what a
-    /// request changed is in the state file before it is answered.
+    /// the state file once. Every operator request ends with it. With
+    /// `defer_saves` (the daemon), the caller saves (`take_save`, written
+    /// outside the lock): the API before it answers, the health loop once
+    /// per tick.
     pub fn flush(&mut self) -> Result<()> {
         let r = self.publish_dirty();
-        self.save_if_dirty();
+        if !self.defer_saves {
+            self.save_if_dirty();
+        }
         r
     }
 
@@ -652,8 +660,20 @@ impl<M: Maps> Agent<M> {
     /// Set every backend's active-flow count from a census of the
     /// connection table (corrects flows that ended without FIN/RST).
     pub fn apply_census(&mut self, census: &crate::conntrack::ConntrackCensus) -> Result<()> {
-        let ids: Vec<(u32, u16)> = self.vips.values().flat_map(|s| s.backends.values().map(|b| (b.id, b.gen))).collect();
-        for (id, gen) in ids {
+        let ids = self.census_backends();
+        self.apply_census_to(census, &ids)
+    }
+
+    /// Every backend (id, generation) a census sets.
+    pub fn census_backends(&self) -> Vec<(u32, u16)> {
+        self.vips.values().flat_map(|s| s.backends.values().map(|b| (b.id, b.gen))).collect()
+    }
+
+    /// `apply_census` for some backends: the daemon applies a census in
+    /// parts, releasing the lock between them (one write per backend: at
+    /// 1 536 backends, a few ms that a request would otherwise wait).
+    pub fn apply_census_to(&mut self, census: &crate::conntrack::ConntrackCensus, ids: &[(u32, u16)]) -> Result<()> {
+        for &(id, gen) in ids {
             let n = census.open.get(&(id, gen)).copied().unwrap_or(0);
             self.dp.set_backend_conns(id, n)?;
         }
@@ -772,7 +792,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("state.json");
         let identity = crate::pin::identity::Identity { netns_cookie: 1, ifindex: 1 };
-        a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity, mode: "native".into() });
+        a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity, mode: "native".into(), order: Default::default() });
         dir
     }
 
@@ -814,6 +834,28 @@ mod tests {
         assert!(a.dump_toml().expect("toml").contains("persist_timeout = 30"));
         a.apply_desired(&desired(4, 2)).expect("apply");
         same(&a);
+    }
+
+    #[test]
+    fn deferred_saves_are_one_per_tick_and_never_go_back_in_time() {
+        let mut a = agent(8);
+        let dir = with_state_file(&mut a, "deferred");
+        a.defer_saves = true;
+        a.apply_desired(&desired(2, 1)).expect("apply");
+        a.set_weight(&vip("10.0.0.100:1000/tcp"), ip("10.0.0.11"), 4).expect("weight");
+        assert_eq!(a.saves, 0, "requests leave the save to their caller");
+        let first = a.take_save().expect("the file is behind");
+        assert!(a.take_save().is_none(), "one save for both changes");
+        a.set_weight(&vip("10.0.0.100:1000/tcp"), ip("10.0.0.11"), 5).expect("weight");
+        let second = a.take_save().expect("behind again");
+        // Written out of order (two requests' writes racing): the later
+        // snapshot stays.
+        second.write();
+        first.write();
+        let snap = crate::state::Snapshot::load(&dir.join("state.json")).expect("load").expect("a file");
+        assert_eq!(snap.config, a.dump_toml().expect("dump"));
+        assert!(snap.config.contains("weight = 5"), "{}", snap.config);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
