@@ -101,15 +101,17 @@ impl CtView {
     /// Insert a flow as the datapath would (same set, same victim choice);
     /// returns whether an open entry was evicted.
     pub fn insert(&mut self, seed: &CtSeed, key: &FlowKey, backend_id: u32, gen: u16) -> bool {
-        self.insert_keyed(seed, key, backend_id, gen, None) == Inserted::Evicted
+        self.insert_keyed(seed, key, backend_id, gen, 0, None) == Inserted::Evicted
     }
 
-    /// Insert a flow as the datapath would, and its key beside its way in
-    /// `keys` (`--flow-keys`) after the entry, in the datapath's order. An
-    /// open entry of the flow already naming this backend is left as it is
-    /// (its age untouched, so copies passed back and forth between nodes
-    /// do not keep an idle flow young).
-    pub fn insert_keyed(&mut self, seed: &CtSeed, key: &FlowKey, backend_id: u32, gen: u16, keys: Option<&mut KeysView>) -> Inserted {
+    /// Insert a flow last seen `idle` time units ago as the datapath would,
+    /// and its key beside its way in `keys` (`--flow-keys`) after the
+    /// entry, in the datapath's order. An open entry of the flow already
+    /// naming this backend is left as it is (its age untouched, so copies
+    /// passed back and forth between nodes do not keep an idle flow
+    /// young), and so is one naming another backend that was seen more
+    /// recently than `idle` ago (this node's own flow on that 5-tuple).
+    pub fn insert_keyed(&mut self, seed: &CtSeed, key: &FlowKey, backend_id: u32, gen: u16, idle: u64, keys: Option<&mut KeysView>) -> Inserted {
         let h = ct_hash(key, seed, self.sets);
         let s = self.set(h.set);
         let now = ct_now(monotonic_coarse_ns());
@@ -121,6 +123,9 @@ impl CtView {
                 if e.backend_id == backend_id & 0xffff && e.gen == gen && !e.closed {
                     return Inserted::Unchanged;
                 }
+                if !e.closed && CtWay::age(tags[i], now) < idle {
+                    return Inserted::KeptNewer;
+                }
                 (i, Inserted::Replaced)
             }
             None => match ct_victim(&tags, &vals, now) {
@@ -128,7 +133,7 @@ impl CtView {
                 (i, false) => (i, Inserted::New),
             },
         };
-        self.store_way(h.set, way, &CtWay::new(&h, backend_id, gen, false, now));
+        self.store_way(h.set, way, &CtWay::new(&h, backend_id, gen, false, now.wrapping_sub(idle)));
         if let Some(k) = keys {
             k.put(h.set as usize * CT_WAYS + way, key);
         }
@@ -165,6 +170,9 @@ pub enum Inserted {
     Replaced,
     /// The flow's entry already named this backend: nothing written.
     Unchanged,
+    /// The flow's open entry names another backend and was seen more
+    /// recently: nothing written.
+    KeptNewer,
 }
 
 /// The flow-key array (`XLB_CT_KEYS`, `--flow-keys`) mapped into this

@@ -53,6 +53,14 @@ pub struct DaemonOptions {
     pub sync: Option<crate::ctsync::SyncSettings>,
 }
 
+impl DaemonOptions {
+    /// This node is one of several balancers (announcements or sync): warn
+    /// about algorithms whose choice other nodes cannot repeat.
+    fn ha_options(&self) -> bool {
+        self.announce_table.is_some() || self.sync.is_some()
+    }
+}
+
 /// Every `ha::TICK`: record the node's readiness (for `xlb ha check`) and,
 /// with `--announce-table`, make the table hold a route for exactly the
 /// ready VIP addresses. Errors are logged and retried on the next tick.
@@ -162,6 +170,7 @@ pub async fn run(mut opts: DaemonOptions) -> Result<()> {
         Some(s) => Some(crate::ctsync::bind(s.listen).await?),
         None => None,
     };
+    opts.sync = sync_settings;
     let handle = neigh::connect()?;
     let (ifindex, iface_mac) = neigh::link(&handle, &opts.iface).await?;
     let me = identity::Identity::here(ifindex)?;
@@ -294,13 +303,13 @@ async fn start(
     let mut host = api::Host {
         config_path: opts.config.clone(),
         pinned: pins.map(|p| p.shown.join(layout_name(&opts.load))),
-        ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.announce_table.is_some()))),
+        ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.ha_options()))),
         ..Default::default()
     };
     agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me, mode: String::new(), order: Default::default() });
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
-        if opts.announce_table.is_some() {
+        if opts.ha_options() {
             if let Some(w) = crate::ha::inconsistency_warning(&agent.inconsistent_vips()) {
                 log::warn!("{w}");
             }
@@ -396,7 +405,7 @@ async fn serve(
             }
         })
     });
-    let node = host.ha.clone().unwrap_or_else(|| Arc::new(crate::ha::Node::new(&opts.socket, opts.announce_table.is_some())));
+    let node = host.ha.clone().unwrap_or_else(|| Arc::new(crate::ha::Node::new(&opts.socket, opts.ha_options())));
     let announcer = match opts.announce_table {
         Some(t) => Some(crate::ha::Announcer::new(neigh::connect()?, t, ifindex)),
         None => None,

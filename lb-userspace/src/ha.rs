@@ -145,7 +145,7 @@ pub struct Node {
     drained: AtomicBool,
     marker: PathBuf,
     verdict_file: PathBuf,
-    /// HA options are set (`--announce-table`): warn about algorithms.
+    /// HA options are set (`--announce-table`, `--sync-peer`): warn about algorithms.
     pub active: bool,
 }
 

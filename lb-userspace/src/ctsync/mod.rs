@@ -143,6 +143,7 @@ pub struct Counters {
     received_entries: AtomicU64,
     inserted: AtomicU64,
     unchanged: AtomicU64,
+    kept_newer: AtomicU64,
     unknown_backend: AtomicU64,
     dropped_unauthenticated: AtomicU64,
     dropped_stale: AtomicU64,
@@ -171,6 +172,10 @@ pub struct SyncStats {
     pub inserted: u64,
     /// Entries already there with the same backend.
     pub unchanged: u64,
+    /// Entries not taken: this node saw the flow more recently, on
+    /// another backend (a 5-tuple reused since, here).
+    #[serde(default)]
+    pub kept_newer: u64,
     /// Entries for a VIP or backend address this node does not have: skipped.
     pub unknown_backend: u64,
     /// Datagrams whose HMAC did not verify with our key: dropped.
@@ -201,6 +206,7 @@ impl Counters {
             received_entries: g(&self.received_entries),
             inserted: g(&self.inserted),
             unchanged: g(&self.unchanged),
+            kept_newer: g(&self.kept_newer),
             unknown_backend: g(&self.unknown_backend),
             dropped_unauthenticated: g(&self.dropped_unauthenticated),
             dropped_stale: g(&self.dropped_stale),
@@ -222,6 +228,7 @@ impl SyncStats {
             ("received_entries", self.received_entries),
             ("inserted", self.inserted),
             ("unchanged", self.unchanged),
+            ("kept_newer", self.kept_newer),
             ("unknown_backend", self.unknown_backend),
             ("dropped_unauthenticated", self.dropped_unauthenticated),
             ("dropped_stale", self.dropped_stale),
@@ -232,7 +239,7 @@ impl SyncStats {
     /// One line for `xlb stats`.
     pub fn line(&self) -> String {
         format!(
-            "sync to {}: sent {} entries in {} datagrams ({} errors), received {} entries in {} datagrams ({} inserted, {} already there, {} unknown backend); dropped {} unauthenticated, {} stale, {} malformed",
+            "sync to {}: sent {} entries in {} datagrams ({} errors), received {} entries in {} datagrams ({} inserted, {} already there, {} kept newer, {} unknown backend); dropped {} unauthenticated, {} stale, {} malformed",
             self.peers.join(", "),
             self.sent_entries,
             self.sent_datagrams,
@@ -241,6 +248,7 @@ impl SyncStats {
             self.received_datagrams,
             self.inserted,
             self.unchanged,
+            self.kept_newer,
             self.unknown_backend,
             self.dropped_unauthenticated,
             self.dropped_stale,
@@ -305,10 +313,11 @@ impl Tables {
         entries
             .into_iter()
             .filter(|(_, e, age)| !e.closed && *age <= max_age)
-            .filter_map(|(key, e, _)| {
+            .filter_map(|(key, e, age)| {
                 let t = self.vips.get(&key.vip)?;
                 let ip = *t.alive.get(&(e.backend_id, e.gen))?;
-                (Self::predicted(t, &key) != Some(e.backend_id)).then_some(SyncEntry { key, backend: ip })
+                let idle = u16::try_from(age).unwrap_or(u16::MAX);
+                (Self::predicted(t, &key) != Some(e.backend_id)).then_some(SyncEntry { key, backend: ip, idle })
             })
             .collect()
     }
@@ -387,8 +396,9 @@ impl Syncer {
         for e in &g.entries {
             match tables.resolve(e) {
                 None => Counters::add(&c.unknown_backend, 1),
-                Some((id, gen)) => match ins.view.insert_keyed(&ins.seed, &e.key, id, gen, Some(&mut ins.keys)) {
+                Some((id, gen)) => match ins.view.insert_keyed(&ins.seed, &e.key, id, gen, e.idle as u64, Some(&mut ins.keys)) {
                     Inserted::Unchanged => Counters::add(&c.unchanged, 1),
+                    Inserted::KeptNewer => Counters::add(&c.kept_newer, 1),
                     _ => Counters::add(&c.inserted, 1),
                 },
             }
@@ -401,6 +411,17 @@ pub struct Inserter {
     view: CtView,
     keys: KeysView,
     seed: lb_common::CtSeed,
+}
+
+impl Inserter {
+    /// Map `dp`'s table and flow keys writable (needs `--flow-keys`).
+    pub fn new(dp: &crate::maps::Datapath) -> Result<Inserter> {
+        if !dp.opts.flow_keys {
+            bail!("the sync needs the flow keys (--flow-keys)");
+        }
+        let keys = KeysView::map(dp.flow_keys_map(), dp.opts.flow_key_slots(), true)?;
+        Ok(Inserter { view: dp.conntrack_view()?, keys, seed: dp.conntrack_seed() })
+    }
 }
 
 /// The table and its keys mapped read-only, for the sender's walks.
@@ -443,7 +464,7 @@ pub async fn run(agent: Arc<Mutex<Agent>>, sync: Arc<Syncer>, sock: tokio::net::
         let slots = dp.opts.flow_key_slots();
         let seed = dp.conntrack_seed();
         let reader = Reader { view: dp.conntrack_reader()?.into_view(), keys: KeysView::map(dp.flow_keys_map(), slots, false)?, seed };
-        let ins = Inserter { view: dp.conntrack_view()?, keys: KeysView::map(dp.flow_keys_map(), slots, true)?, seed };
+        let ins = Inserter::new(dp)?;
         Ok((reader, ins))
     });
     let (reader, ins) = match maps {

@@ -94,14 +94,14 @@ fn received_entries_map_to_this_nodes_own_ids() {
     for ip in BACKENDS {
         let ip: IpAddr = ip.parse().expect("ip");
         let mine = b.vips()[&vip(VIPS[0])].backends[&ip].clone();
-        assert_eq!(tb.resolve(&SyncEntry { key, backend: ip }), Some((mine.id, mine.gen)), "{ip}");
+        assert_eq!(tb.resolve(&SyncEntry { key, backend: ip, idle: 0 }), Some((mine.id, mine.gen)), "{ip}");
         assert_ne!(a.vips()[&vip(VIPS[0])].backends[&ip].id, mine.id, "{ip}: the ids differ between nodes");
     }
-    assert_eq!(tb.resolve(&SyncEntry { key, backend: "10.0.0.99".parse().expect("ip") }), None, "unknown backend");
-    assert_eq!(tb.resolve(&SyncEntry { key, backend: "fd00::11".parse().expect("ip") }), None, "other family");
+    assert_eq!(tb.resolve(&SyncEntry { key, backend: "10.0.0.99".parse().expect("ip"), idle: 0 }), None, "unknown backend");
+    assert_eq!(tb.resolve(&SyncEntry { key, backend: "fd00::11".parse().expect("ip"), idle: 0 }), None, "other family");
     let mut elsewhere = key;
     elsewhere.vip.port_be = 8080u16.to_be();
-    assert_eq!(tb.resolve(&SyncEntry { key: elsewhere, backend: BACKENDS[0].parse().expect("ip") }), None, "unknown VIP");
+    assert_eq!(tb.resolve(&SyncEntry { key: elsewhere, backend: BACKENDS[0].parse().expect("ip"), idle: 0 }), None, "unknown VIP");
 }
 
 #[test]

@@ -11,12 +11,14 @@
 //! 16  seq      u64, per sender, +1 per datagram
 //! 24  time_ms  u64, sender's wall clock (ms since the epoch)
 //! 32  entries  count × (flags u8, proto u8, sport u16, vport u16,
-//!              client, VIP, backend: 4 or 16 bytes each by the flags)
+//!              idle u16, client, VIP, backend: 4 or 16 bytes each by
+//!              the flags)
 //! ..  tag      32 bytes, HMAC-SHA256(key, bytes 0..)
 //! ```
 //!
-//! All integers big-endian. Flags: bit 0 the flow is IPv6, bit 1 the
-//! backend is IPv6; other bits must be 0. A receiver accepts a datagram
+//! All integers big-endian. `idle`: time since the sender last saw the
+//! flow, in the connection table's unit (2²⁴ ns ≈ 16.8 ms). Flags: bit 0
+//! the flow is IPv6, bit 1 the backend is IPv6; other bits must be 0. A receiver accepts a datagram
 //! only with a valid tag, a sequence number above the last it accepted from
 //! that sender, and a time within `WINDOW` of its own clock (an old
 //! datagram replayed after its sender restarted is refused too).
@@ -53,6 +55,8 @@ pub struct SyncEntry {
     pub key: FlowKey,
     /// Its backend's address.
     pub backend: IpAddr,
+    /// Time since the sender last saw the flow (connection-table units).
+    pub idle: u16,
 }
 
 /// Why a datagram was refused.
@@ -70,7 +74,7 @@ pub enum Refused {
 fn entry_len(e: &SyncEntry) -> usize {
     let a = if e.key.is_v6() { 16 } else { 4 };
     let b = if e.backend.is_ipv6() { 16 } else { 4 };
-    6 + 2 * a + b
+    8 + 2 * a + b
 }
 
 fn tag(key: &[u8], bytes: &[u8]) -> HmacSha256 {
@@ -96,6 +100,7 @@ pub fn encode(key: &[u8], sender: u64, seq: &mut u64, time_ms: u64, entries: &[S
             body.extend_from_slice(&[flags, e.key.vip.proto]);
             body.extend_from_slice(&u16::from_be(e.key.sport_be).to_be_bytes());
             body.extend_from_slice(&u16::from_be(e.key.vip.port_be).to_be_bytes());
+            body.extend_from_slice(&e.idle.to_be_bytes());
             let a = e.key.addr_len();
             body.extend_from_slice(&e.key.src[..a]);
             body.extend_from_slice(&e.key.vip.addr[..a]);
@@ -158,7 +163,7 @@ pub fn decode(key: &[u8], d: &[u8]) -> Result<Datagram, Refused> {
     }
     let count = u16_at(signed, 6) as usize;
     let (sender, seq, time_ms) = (u64_at(signed, 8), u64_at(signed, 16), u64_at(signed, 24));
-    let mut entries = Vec::with_capacity(count.min(MAX_DATAGRAM / 18));
+    let mut entries = Vec::with_capacity(count.min(MAX_DATAGRAM / 20));
     let mut i = HEADER;
     for _ in 0..count {
         let flags = *signed.get(i).ok_or(Refused::Malformed)?;
@@ -166,16 +171,17 @@ pub fn decode(key: &[u8], d: &[u8]) -> Result<Datagram, Refused> {
             return Err(Refused::Malformed);
         }
         let (a, b) = (if flags & 1 != 0 { 16 } else { 4 }, if flags & 2 != 0 { 16 } else { 4 });
-        let len = 6 + 2 * a + b;
+        let len = 8 + 2 * a + b;
         let e = signed.get(i..i + len).ok_or(Refused::Malformed)?;
         let mut key = FlowKey::default();
         key.vip.proto = e[1];
         key.sport_be = u16_at(e, 2).to_be();
         key.vip.port_be = u16_at(e, 4).to_be();
-        key.src[..a].copy_from_slice(&e[6..6 + a]);
-        key.vip.addr[..a].copy_from_slice(&e[6 + a..6 + 2 * a]);
+        key.src[..a].copy_from_slice(&e[8..8 + a]);
+        key.vip.addr[..a].copy_from_slice(&e[8 + a..8 + 2 * a]);
         key.vip.family = if a == 16 { FAMILY_V6 } else { FAMILY_V4 };
-        let raw = &e[6 + 2 * a..];
+        let idle = u16_at(e, 6);
+        let raw = &e[8 + 2 * a..];
         let backend = if b == 16 {
             let mut o = [0u8; 16];
             o.copy_from_slice(raw);
@@ -183,7 +189,7 @@ pub fn decode(key: &[u8], d: &[u8]) -> Result<Datagram, Refused> {
         } else {
             IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
         };
-        entries.push(SyncEntry { key, backend });
+        entries.push(SyncEntry { key, backend, idle });
         i += len;
     }
     if i != signed.len() {
@@ -243,10 +249,10 @@ mod tests {
                         sport_be: (40000 + i as u16).to_be(),
                         ..Default::default()
                     };
-                    SyncEntry { key: k, backend: "fd00::11".parse().expect("ip") }
+                    SyncEntry { key: k, backend: "fd00::11".parse().expect("ip"), idle: i as u16 }
                 } else {
                     let k = FlowKey::v4([10, 0, (i >> 8) as u8, i as u8], (1024 + i as u16).to_be(), [10, 0, 0, 100], 80u16.to_be(), PROTO_TCP);
-                    SyncEntry { key: k, backend: IpAddr::V4(Ipv4Addr::new(10, 0, 1, (i % 7) as u8 + 1)) }
+                    SyncEntry { key: k, backend: IpAddr::V4(Ipv4Addr::new(10, 0, 1, (i % 7) as u8 + 1)), idle: u16::MAX - i as u16 }
                 }
             })
             .collect()
