@@ -59,7 +59,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -96,9 +96,21 @@ pub mod map_names {
     pub const TRACE_CFG: &str = "XLB_TRACE_CFG";
     /// Per-CPU `trace::TraceBucket` (not pinned).
     pub const TRACE_TB: &str = "XLB_TRACE_TB";
+    /// The one `EncapConfig` (outer sources, GUE port; not pinned: every
+    /// agent and `xlb decap attach` writes it).
+    pub const ENCAP: &str = "XLB_ENCAP";
+    /// `DecapKey` → 1: inner destinations `xlb decap` hands to the stack.
+    pub const DECAP_VIPS: &str = "XLB_DECAP_VIPS";
+    /// Tail-call targets: `TAIL_ENCAP` → `xlb_encap`. Pinned: the kernel
+    /// empties a program array when no process or pin holds it, and the
+    /// pinned balancer outlives its agent; every agent sets it at load.
+    pub const PROGS: &str = "XLB_PROGS";
     /// Every map above: all are pinned, and a restarted agent reuses them all.
-    pub const ALL: [&str; 10] = [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST];
+    pub const ALL: [&str; 11] = [VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST, PROGS];
 }
+
+/// Entries of `XLB_DECAP_VIPS` (`xlb decap --vip`).
+pub const MAX_DECAP_VIPS: u32 = 256;
 
 /// Entries of `XLB_MACS`: the interface's MAC and up to seven more.
 pub const MAX_ACCEPT_MACS: u32 = 8;
@@ -128,6 +140,13 @@ pub fn vip_filter_index(addr: &Addr, family: u8) -> u32 {
 pub const PROG_XLB: &str = "xlb";
 /// Name of the tracing variant of the balancer (`xlb trace` swaps it in).
 pub const PROG_TRACE: &str = "xlb_trace";
+/// Name of the routed path's program: the balancer tail-calls it for
+/// frames to routed backends (its own 512-byte stack).
+pub const PROG_ENCAP: &str = "xlb_encap";
+/// Index of `xlb_encap` in `XLB_PROGS`.
+pub const TAIL_ENCAP: u32 = 0;
+/// Name of the decapsulating program (`xlb decap`, on backends).
+pub const PROG_DECAP: &str = "xlb_decap";
 /// Name of the XDP_PASS helper program in the object (for veth peers: XDP_TX
 /// frames are only delivered when the peer has an XDP program attached).
 pub const PROG_PASS: &str = "xlb_pass";

@@ -56,10 +56,30 @@ pub enum Stat {
     /// Event: a new flow took the way of an open entry (its set was full of
     /// open flows): that flow lost its entry before it ended.
     CtEvicted = 20,
+    /// XDP_REDIRECT: a VIP packet encapsulated for a routed backend whose
+    /// next hop (the kernel FIB's answer) is on another interface.
+    Redirected = 21,
+    /// XDP_DROP: a VIP packet for a routed backend the kernel FIB has no
+    /// usable answer for (no route, no neighbour entry for the next hop yet,
+    /// forwarding disabled on the interface), or no encapsulation source
+    /// address of the backend's family, or a VLAN-tagged frame.
+    DropNoRoute = 22,
+    /// XDP_TX: a VIP packet too big for the path once encapsulated; an ICMP
+    /// fragmentation-needed / ICMPv6 packet-too-big went back to the client.
+    TooBig = 23,
+    /// XDP_PASS (`xlb_decap`): an xlb-encapsulated packet for a local VIP,
+    /// handed to the stack without its outer headers.
+    Decapsulated = 24,
+    /// XDP_PASS (`xlb_decap`): not a tunnel packet xlb's decap handles
+    /// (left untouched).
+    DecapNotTunnel = 25,
+    /// XDP_PASS (`xlb_decap`): a tunnel packet whose inner destination is
+    /// not one of the host's VIPs (`--vip`; left untouched).
+    DecapNotLocal = 26,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
-pub const STAT_COUNT: u32 = 21;
+pub const STAT_COUNT: u32 = 27;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -84,10 +104,35 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::FragForwarded,
     Stat::PersistHit,
     Stat::CtEvicted,
+    Stat::Redirected,
+    Stat::DropNoRoute,
+    Stat::TooBig,
+    Stat::Decapsulated,
+    Stat::DecapNotTunnel,
+    Stat::DecapNotLocal,
 ];
 
-/// Counters that are verdicts (exactly one per frame): the first block of `ALL`.
-pub const VERDICTS: &[Stat] = ALL.split_at(Stat::PassOtherMac as usize + 1).0;
+/// Counters that are verdicts (exactly one per frame): the first block of
+/// `ALL` and the verdicts appended after the events.
+pub const VERDICTS: &[Stat] = &[
+    Stat::Forwarded,
+    Stat::PassNotIp,
+    Stat::PassNotVip,
+    Stat::PassTruncated,
+    Stat::PassBadHeader,
+    Stat::PassOtherL4,
+    Stat::PassExtHeaders,
+    Stat::DropNoBackend,
+    Stat::DropBadBackend,
+    Stat::Aborted,
+    Stat::PassOtherMac,
+    Stat::Redirected,
+    Stat::DropNoRoute,
+    Stat::TooBig,
+    Stat::Decapsulated,
+    Stat::DecapNotTunnel,
+    Stat::DecapNotLocal,
+];
 
 impl Stat {
     /// Stable snake_case name used in `xlb stats` and JSON output.
@@ -114,6 +159,12 @@ impl Stat {
             Stat::PersistHit => "persist_hit",
             Stat::CtEvicted => "conntrack_evicted",
             Stat::PassOtherMac => "pass_other_mac",
+            Stat::Redirected => "redirected",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::TooBig => "too_big",
+            Stat::Decapsulated => "decapsulated",
+            Stat::DecapNotTunnel => "pass_decap_not_tunnel",
+            Stat::DecapNotLocal => "pass_decap_not_local",
         }
     }
 }
@@ -127,7 +178,9 @@ mod tests {
         for (i, s) in ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(VERDICTS.len(), Stat::PassOtherMac as usize + 1);
-        assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_") || v.name().starts_with("drop_") || matches!(v, Stat::Forwarded | Stat::Aborted)));
+        assert_eq!(VERDICTS.len(), Stat::PassOtherMac as usize + 1 + 6);
+        assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_")
+            || v.name().starts_with("drop_")
+            || matches!(v, Stat::Forwarded | Stat::Aborted | Stat::Redirected | Stat::TooBig | Stat::Decapsulated)));
     }
 }

@@ -15,6 +15,8 @@
 #![allow(internal_features)]
 
 mod conntrack;
+mod decap;
+mod encap;
 #[cfg(feature = "floors")]
 mod floors;
 mod forward;
@@ -24,6 +26,7 @@ mod pkt;
 mod select;
 mod stats;
 mod steer;
+mod toobig;
 mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -67,6 +70,17 @@ fn balance<const TRACE: bool>(ctx: &XdpContext) -> u32 {
     action
 }
 
+/// `xlb decap` on a backend: strips xlb's encapsulation from packets for
+/// the host's VIPs (see `decap`); everything else passes untouched.
+#[xdp]
+pub fn xlb_decap(ctx: XdpContext) -> u32 {
+    let (action, stat) = decap::run(&ctx);
+    if let Some(stats) = stats::block() {
+        stats::count(stats, stat);
+    }
+    action
+}
+
 /// Returns XDP_PASS for every frame: attached to the peer of a veth so that
 /// frames sent there with XDP_TX are delivered (a veth requirement).
 #[xdp]
@@ -103,16 +117,85 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
     if let Some(s) = seen {
         s.backend_id = id;
     }
+    if backend.is_routed() {
+        // Returns only when the tail call fails (no `xlb_encap` set).
+        return hand_off(ctx, &pkt, id, new_flow);
+    }
     if forward::rewrite(ctx, backend).is_err() {
         return (xdp_action::XDP_ABORTED, Stat::Aborted);
     }
-    match pkt.kind {
+    forwarded(stats, pkt.kind, id, pkt::len(ctx), new_flow);
+    (xdp_action::XDP_TX, Stat::Forwarded)
+}
+
+/// Events and per-backend traffic of a forwarded frame.
+#[inline(always)]
+fn forwarded(stats: &mut StatBlock, kind: Kind, id: u32, bytes: u64, new_flow: bool) {
+    match kind {
         Kind::Fragment => stats::count(stats, Stat::FragForwarded),
         Kind::IcmpError => stats::count(stats, Stat::IcmpSteered),
         Kind::Flow => {}
     }
-    stats::account(id, pkt::len(ctx), new_flow);
-    (xdp_action::XDP_TX, Stat::Forwarded)
+    stats::account(id, bytes, new_flow);
+}
+
+/// A frame for a routed backend: the choice goes to `xlb_encap` through
+/// `XLB_HANDOFF` and a tail call (the encapsulation needs stack the
+/// balancer's frame does not leave). `xlb_encap` counts the verdict.
+#[inline(always)]
+fn hand_off(ctx: &XdpContext, pkt: &parse::Packet, id: u32, new_flow: bool) -> (u32, Stat) {
+    let Some(h) = maps::HANDOFF.get_ptr_mut(0) else {
+        return (xdp_action::XDP_DROP, Stat::DropNoRoute);
+    };
+    let kind = match pkt.kind {
+        Kind::Flow => 0,
+        Kind::Fragment => 1,
+        Kind::IcmpError => 2,
+    };
+    // SAFETY: this CPU's value of a per-CPU array, used only by this
+    // program and the one it tail-calls, which run one after the other.
+    unsafe {
+        (*h).key = pkt.key;
+        (*h).id = id;
+        (*h).bytes = pkt::len(ctx) as u32;
+        (*h).new_flow = new_flow as u8;
+        (*h).kind = kind;
+        maps::PROGS.tail_call(ctx, lb_common::TAIL_ENCAP);
+    }
+    (xdp_action::XDP_DROP, Stat::DropNoRoute)
+}
+
+/// The routed path (tail-called by `xlb`/`xlb_trace`, never attached):
+/// encapsulate the frame for the backend in `XLB_HANDOFF` and count its
+/// verdict (frames that take this path are not in `xlb trace`).
+#[xdp]
+pub fn xlb_encap(ctx: XdpContext) -> u32 {
+    let Some(stats) = stats::block() else {
+        return xdp_action::XDP_DROP;
+    };
+    let (action, stat) = encap_handed(&ctx, stats);
+    stats::count(stats, stat);
+    action
+}
+
+#[inline(always)]
+fn encap_handed(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
+    let Some(h) = maps::HANDOFF.get(0) else {
+        return (xdp_action::XDP_DROP, Stat::DropNoRoute);
+    };
+    let Some(backend) = maps::BACKENDS.get(h.id) else {
+        return (xdp_action::XDP_DROP, Stat::DropBadBackend);
+    };
+    let (action, stat) = encap::forward(ctx, &h.key, backend);
+    if matches!(stat, Stat::Forwarded | Stat::Redirected) {
+        let kind = match h.kind {
+            1 => Kind::Fragment,
+            2 => Kind::IcmpError,
+            _ => Kind::Flow,
+        };
+        forwarded(stats, kind, h.id, h.bytes as u64, h.new_flow != 0);
+    }
+    (action, stat)
 }
 
 /// The frame's destination MAC is one of `XLB_MACS` (the interface's own

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
-    ct::ct_elements, BackendInfo, Counters, CtSet, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
+    ct::ct_elements, BackendInfo, Counters, CtSet, DecapKey, EncapConfig, PersistKey, PersistValue, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
     MAX_ACCEPT_MACS, RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
 };
@@ -83,3 +83,25 @@ pub static TRACE_TB: PerCpuArray<lb_common::trace::TraceBucket> = PerCpuArray::w
 /// inserts and never read by the program. One element unless enabled.
 #[map(name = "XLB_CT_KEYS")]
 pub static FLOW_KEYS: Array<lb_common::FlowKey> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Encapsulation settings (one entry, written by the agent or `xlb decap`).
+#[map(name = "XLB_ENCAP")]
+pub static ENCAP: Array<EncapConfig> = Array::with_max_entries(1, 0);
+
+/// `xlb decap`: inner destinations (the host's VIPs) it hands to the stack.
+#[map(name = "XLB_DECAP_VIPS")]
+pub static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(lb_common::MAX_DECAP_VIPS, 0);
+
+/// Per-CPU scratch space of the routed path (`encap`): the FIB lookup's
+/// parameters live here rather than on the 512-byte BPF stack.
+#[map(name = "XLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::encap::FibParams> = PerCpuArray::with_max_entries(1, 0);
+
+/// The balancer's choice for a frame to a routed backend, handed to
+/// `xlb_encap` (per CPU: the tail call runs on the same CPU, next).
+#[map(name = "XLB_HANDOFF")]
+pub static HANDOFF: PerCpuArray<crate::encap::Handoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// Tail-call targets (`lb_common::TAIL_ENCAP`: `xlb_encap`), set by the agent.
+#[map(name = "XLB_PROGS")]
+pub static PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);

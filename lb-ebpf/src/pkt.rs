@@ -44,3 +44,13 @@ pub fn macs(ctx: &XdpContext) -> Option<&mut [u8; 12]> {
 pub fn len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
+
+/// `N` frame bytes at `off` for writing in place, if all inside.
+#[inline(always)]
+pub fn bytes_mut<'a, const N: usize>(ctx: &XdpContext, off: usize) -> Option<&'a mut [u8; N]> {
+    let p: *mut [u8; N] = ptr_mut_at(ctx, off)?;
+    // SAFETY: `ptr_mut_at` checked that N bytes lie inside the frame; the
+    // frame is this program's alone while it runs. Callers drop the
+    // reference before the frame is resized.
+    Some(unsafe { &mut *p })
+}

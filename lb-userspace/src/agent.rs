@@ -18,7 +18,7 @@
 //! (restarts), `maps` (the narrow datapath trait and its in-memory twin).
 
 use anyhow::{anyhow, bail, Result};
-use lb_common::{Algo, BackendInfo, VipInfo};
+use lb_common::{Algo, BackendInfo, Forward, VipInfo};
 
 pub use crate::config::Admin;
 use std::{
@@ -82,11 +82,13 @@ pub struct VipSpec {
     pub all_down: AllDown,
     /// Slow start, milliseconds.
     pub slow_start_ms: u64,
+    /// How its backends are reached (each may say otherwise).
+    pub forward: Forward,
 }
 
 impl Default for VipSpec {
     fn default() -> Self {
-        VipSpec { algo: Algo::Maglev, persist: 0, health: None, all_down: AllDown::Drop, slow_start_ms: 0 }
+        VipSpec { algo: Algo::Maglev, persist: 0, health: None, all_down: AllDown::Drop, slow_start_ms: 0, forward: Forward::L2 }
     }
 }
 
@@ -100,6 +102,15 @@ impl VipSpec {
         config::check_slow_start(self.slow_start_ms)?;
         Ok(())
     }
+}
+
+/// A routed backend needs an outer source address of its family.
+pub fn check_encap_source(cfg: &lb_common::EncapConfig, ip: IpAddr, forward: Forward) -> Result<()> {
+    let (flag, family) = if ip.is_ipv4() { (lb_common::ENCAP_F_SRC4, "IPv4") } else { (lb_common::ENCAP_F_SRC6, "IPv6") };
+    if forward.is_routed() && cfg.flags & flag == 0 {
+        bail!("backend {ip} is routed ({forward}) but the agent has no {family} --encap-source");
+    }
+    Ok(())
 }
 
 /// The agent, over the real datapath (`Datapath`) or an in-memory one
@@ -241,7 +252,7 @@ impl<M: Maps> Agent<M> {
 
     /// Add a service with its own health settings and all-down behaviour.
     pub fn add_vip_with(&mut self, vip: Vip, algo: Algo, persist_secs: u16, health: Option<HealthConfig>, all_down: AllDown) -> Result<()> {
-        self.add_vip_spec(vip, &VipSpec { algo, persist: persist_secs, health, all_down, slow_start_ms: 0 })
+        self.add_vip_spec(vip, &VipSpec { algo, persist: persist_secs, health, all_down, ..Default::default() })
     }
 
     /// Add a service as `spec` says; its VIP entry is written once.
@@ -275,6 +286,7 @@ impl<M: Maps> Agent<M> {
                 health_explicit,
                 all_down: spec.all_down,
                 slow_start_ms: spec.slow_start_ms,
+                forward: spec.forward,
                 failing_open: false,
                 published,
                 ring_slot: None,
@@ -332,7 +344,7 @@ impl<M: Maps> Agent<M> {
     /// Add several backends to a service with one table rebuild. All are
     /// validated first: on any error nothing is added.
     pub fn add_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<(usize, usize)> {
-        self.insert_backends(vip, list)?;
+        self.insert_backends(vip, list, None)?;
         let moved = self.publish(vip)?;
         self.flush()?;
         Ok(moved)
@@ -341,10 +353,22 @@ impl<M: Maps> Agent<M> {
     /// Add a backend with its own health settings (or the VIP's): one
     /// table publication.
     pub fn add_backend_checked(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32, check: Option<HealthConfig>) -> Result<(usize, usize)> {
+        self.add_backend_full(vip, (ip, mac, weight), check, None)
+    }
+
+    /// `add_backend_checked` with a forwarding mode of its own (`None`:
+    /// the VIP's): one table publication.
+    pub fn add_backend_full(
+        &mut self,
+        vip: &Vip,
+        (ip, mac, weight): (IpAddr, Option<Mac>, u32),
+        check: Option<HealthConfig>,
+        forward: Option<Forward>,
+    ) -> Result<(usize, usize)> {
         if let Some(h) = &check {
             h.validate()?;
         }
-        self.insert_backends(vip, &[(ip, mac, weight)])?;
+        self.insert_backends(vip, &[(ip, mac, weight)], forward)?;
         if check.is_some() {
             self.change_backend_check(vip, ip, check)?;
         }
@@ -353,13 +377,16 @@ impl<M: Maps> Agent<M> {
         Ok(moved)
     }
 
-    fn insert_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)]) -> Result<()> {
+    /// Add backends (`forward`: their own forwarding mode, else the VIP's).
+    fn insert_backends(&mut self, vip: &Vip, list: &[(IpAddr, Option<Mac>, u32)], forward: Option<Forward>) -> Result<()> {
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let checks = kind_for(vip, &state.health);
+        let effective = forward.unwrap_or(state.forward);
         let mut seen = BTreeSet::new();
         for &(ip, _, weight) in list {
             config::check_weight(weight)?;
-            config::check_backend_ip(vip, ip)?;
+            config::check_backend_ip_for(vip, ip, effective)?;
+            check_encap_source(&self.dp.encap_config(), ip, effective)?;
             if state.backends.contains_key(&ip) || !seen.insert(ip) {
                 bail!("backend {ip} already exists in VIP {vip}");
             }
@@ -377,7 +404,9 @@ impl<M: Maps> Agent<M> {
         for &(ip, mac, weight) in list {
             let (id, gen) = self.claim_backend_id()?;
             let mut b = Backend::new(ip, mac, weight, (id, gen), up, now);
-            if b.mac.is_none() {
+            b.forward_cfg = forward;
+            b.forward = effective;
+            if b.mac.is_none() && !effective.is_routed() {
                 b.mac = self.neighbours.get(ip);
             }
             self.vips.get_mut(vip).expect("checked above").backends.insert(ip, b);

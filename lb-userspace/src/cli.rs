@@ -58,6 +58,11 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// On a backend of routed VIPs (`--forward ipip|gue`): strip xlb's
+    /// encapsulation in XDP and hand the inner packets to the stack, for
+    /// hosts without ipip/ip6tnl/fou tunnel devices.
+    #[command(subcommand)]
+    Decap(DecapCmd),
     /// Detach xlb from its interface and remove its pinned maps and state:
     /// asks the running agent to do it and exit; with no agent running,
     /// removes the pins of `--iface` directly (which detaches the program).
@@ -162,6 +167,52 @@ pub enum HaCmd {
     Undrain,
 }
 
+/// `xlb decap …`.
+#[derive(Subcommand, Debug)]
+pub enum DecapCmd {
+    /// Attach the decapsulating program to an interface; it stays attached
+    /// (pinned under --pin-root) until `xlb decap detach`.
+    Attach {
+        /// Interface the tunnel packets arrive on.
+        #[arg(long)]
+        iface: String,
+        /// A VIP this host serves (repeatable): tunnel packets for other
+        /// inner destinations pass untouched.
+        #[arg(long = "vip", value_name = "ADDR", required = true)]
+        vips: Vec<std::net::IpAddr>,
+        /// UDP port of GUE encapsulation (the balancer's --gue-port).
+        #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+        gue_port: u16,
+        /// Root of the pins.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// XDP mode (default native).
+        #[arg(long, value_enum)]
+        xdp_mode: Option<ModeArg>,
+    },
+    /// Detach it.
+    Detach {
+        /// Interface.
+        #[arg(long)]
+        iface: String,
+        /// Root of the pins.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+    /// Its counters: decapsulated, pass_decap_not_tunnel, pass_decap_not_local.
+    Stats {
+        /// Interface.
+        #[arg(long)]
+        iface: String,
+        /// Root of the pins.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// XDP attach mode.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum ModeArg {
@@ -228,6 +279,15 @@ pub struct AgentArgs {
     /// table (protocol 245), for BIRD or FRR to announce.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
     pub announce_table: Option<u32>,
+    /// Outer source of encapsulated frames (routed backends), one prefix
+    /// per family, e.g. 10.0.9.0/24 and fd00:9::/112: the flow hash picks
+    /// the address inside it (up to its last 32 bits), so routers' ECMP
+    /// spreads flows. A single address (/32, /128) works too.
+    #[arg(long = "encap-source", value_name = "PREFIX")]
+    pub encap_sources: Vec<String>,
+    /// UDP destination port of GUE encapsulation (`--forward gue`).
+    #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
     /// Send connection-table entries the table no longer gives to this
     /// balancer (ADDR or ADDR:PORT, port 7470 by default; repeatable), and
     /// take its entries. Turns on --flow-keys.
@@ -367,6 +427,10 @@ pub enum VipCmd {
         /// Ramp a backend that comes up to its full weight over this long.
         #[arg(long, value_name = "MS")]
         slow_start_ms: Option<u64>,
+        /// How its backends are reached: l2 (MAC rewrite, same segment;
+        /// the default), ipip (IP-in-IP, routed) or gue (GUE over UDP, routed).
+        #[arg(long, value_name = "MODE")]
+        forward: Option<crate::config::ForwardName>,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -384,7 +448,7 @@ pub enum BackendCmd {
     Add {
         /// ADDR:PORT/PROTO
         vip: Vip,
-        /// Backend IP address (same family as the VIP).
+        /// Backend IP address (same family as the VIP unless routed).
         ip: String,
         /// Backend MAC; resolved from the neighbour table when omitted.
         #[arg(long)]
@@ -392,6 +456,9 @@ pub enum BackendCmd {
         /// Weight, 0..=10000 (0 = no new flows).
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// How to reach it, replacing the VIP's --forward: l2, ipip or gue.
+        #[arg(long, value_name = "MODE")]
+        forward: Option<crate::config::ForwardName>,
     },
     /// Change a backend's weight or state; prints how many table entries
     /// change.
@@ -472,18 +539,41 @@ pub fn run(cli: Cli) -> Result<()> {
                 state_dir: a.state_dir,
                 accept_macs: a.accept_macs,
                 announce_table: a.announce_table,
+                encap: crate::encap::encap_config(&a.encap_sources, a.gue_port)?,
                 sync: sync_settings(a.sync_peers, a.sync_key, a.sync_listen)?,
             };
             runtime()?.block_on(daemon::run(opts))
         }
         Command::XdpPass { iface } => xdp_pass(&iface),
+        Command::Decap(DecapCmd::Attach { iface, vips, gue_port, pin_root, xdp_mode }) => {
+            let mode = xdp_mode.map(|m| match m {
+                ModeArg::Native => AttachMode::Native,
+                ModeArg::Generic => AttachMode::Generic,
+            });
+            crate::encap::attach(&iface, &vips, gue_port, &pin_root, mode)?;
+            println!("xlb decap attached to {iface} for {} VIP address(es)", vips.len());
+            Ok(())
+        }
+        Command::Decap(DecapCmd::Detach { iface, pin_root }) => crate::encap::detach(&iface, &pin_root),
+        Command::Decap(DecapCmd::Stats { iface, pin_root, json }) => {
+            let st = crate::encap::stats(&iface, &pin_root)?;
+            if json {
+                let m: serde_json::Map<String, serde_json::Value> = st.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+                println!("{}", serde_json::Value::Object(m));
+            } else {
+                for (k, v) in st {
+                    println!("{k:<24} {v}");
+                }
+            }
+            Ok(())
+        }
         Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
-        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms }) => {
+        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms, forward }) => {
             let algo: crate::config::AlgoName = algo.parse()?;
             crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
             let health = check.to_config()?;
             let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
-            let r = api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms })?;
+            let r = api::call(&socket, &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms, forward })?;
             if let Some(w) = r["warning"].as_str() {
                 eprintln!("xlb: warning: {w}");
             }
@@ -500,12 +590,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Backend(BackendCmd::Add { vip, ip, mac, weight }) => {
-            let ip = parse_backend_ip(&vip, &ip)?;
+        Command::Backend(BackendCmd::Add { vip, ip, mac, weight, forward }) => {
+            // A routed backend may be of the other family: the agent knows
+            // the VIP's mode and checks.
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| anyhow::anyhow!("invalid backend IP '{ip}'"))?;
+            crate::config::check_unicast(ip).with_context(|| format!("invalid backend IP '{ip}'"))?;
             check_weight(weight)?;
             let r = api::call(
                 &socket,
-                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None },
+                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None, forward },
             )?;
             print_moved(&r, false);
             Ok(())

@@ -74,6 +74,37 @@ impl fmt::Display for AlgoName {
     }
 }
 
+/// How backends are reached (`Forward::from_name`): a `FromStr` for the
+/// CLI, API and config file, with the same error everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardName(pub lb_common::Forward);
+
+impl FromStr for ForwardName {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        lb_common::Forward::from_name(s).map(ForwardName).ok_or_else(|| {
+            let names: Vec<&str> = lb_common::Forward::ALL.iter().map(|f| f.name()).collect();
+            anyhow!("unknown forwarding mode '{s}' (available: {})", names.join(", "))
+        })
+    }
+}
+
+impl fmt::Display for ForwardName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name())
+    }
+}
+
+/// Check a backend address for a VIP reached by `forward`: the same family
+/// for L2; either family when routed (the backend's decides the outer header).
+pub fn check_backend_ip_for(vip: &Vip, ip: IpAddr, forward: lb_common::Forward) -> Result<IpAddr> {
+    if forward.is_routed() {
+        check_unicast(ip).with_context(|| format!("invalid backend IP '{ip}'"))?;
+        return Ok(ip);
+    }
+    check_backend_ip(vip, ip)
+}
+
 /// Largest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
 /// Weight of a backend added without `--weight`.
@@ -494,6 +525,9 @@ pub struct BackendConfig {
     /// Operator's state: up (default), drain or maint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<Admin>,
+    /// How to reach it, replacing the VIP's `forward`: l2, ipip or gue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
 }
 
 /// A VIP in the config file.
@@ -518,6 +552,9 @@ pub struct VipConfig {
     /// its full weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start_ms: Option<u64>,
+    /// How its backends are reached (default `l2`): l2, ipip or gue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -565,6 +602,8 @@ pub struct DesiredBackend {
     pub health: Option<HealthConfig>,
     /// Operator's state.
     pub state: Admin,
+    /// Forwarding mode replacing the VIP's, if any.
+    pub forward: Option<lb_common::Forward>,
 }
 
 /// A service as configured, validated.
@@ -582,6 +621,8 @@ pub struct DesiredVip {
     pub all_down: AllDown,
     /// Slow start, milliseconds.
     pub slow_start_ms: u64,
+    /// Forwarding mode of its backends.
+    pub forward: lb_common::Forward,
     /// Backends.
     pub backends: Vec<DesiredBackend>,
 }
@@ -658,6 +699,13 @@ impl Desired {
             }
             let slow_start_ms = v.slow_start_ms.unwrap_or(0);
             check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline(), "slow_start_ms"), e))?;
+            let forward = v
+                .forward
+                .as_deref()
+                .map(str::parse::<ForwardName>)
+                .transpose()
+                .map_err(|e| at(key_line(text, vline(), "forward"), e))?
+                .map_or(lb_common::Forward::L2, |f| f.0);
             let mut backends: Vec<DesiredBackend> = Vec::new();
             let mut seen_ips = std::collections::HashSet::new();
             for b in &v.backends {
@@ -666,7 +714,15 @@ impl Desired {
                     let line = if key.is_empty() { bline } else { key_line(text, bline, key) };
                     anyhow!("config {origin} line {line}: vip {} backend {}: {e:#}", v.address, b.ip)
                 };
-                let ip = parse_backend_ip(&vip, &b.ip).map_err(|e| bat("", e))?;
+                let bforward = b
+                    .forward
+                    .as_deref()
+                    .map(str::parse::<ForwardName>)
+                    .transpose()
+                    .map_err(|e| bat("forward", e))?
+                    .map(|f| f.0);
+                let ip: IpAddr = b.ip.parse().map_err(|_| bat("", anyhow!("invalid backend IP '{}'", b.ip)))?;
+                let ip = check_backend_ip_for(&vip, ip, bforward.unwrap_or(forward)).map_err(|e| bat("", e))?;
                 if !seen_ips.insert(ip) {
                     return Err(bat("", anyhow!("duplicate backend")));
                 }
@@ -675,7 +731,14 @@ impl Desired {
                 if let Some(h) = &b.health {
                     h.validate().map_err(|e| bat("", e))?;
                 }
-                backends.push(DesiredBackend { ip, mac, weight, health: b.health.clone(), state: b.state.unwrap_or_default() });
+                backends.push(DesiredBackend {
+                    ip,
+                    mac,
+                    weight,
+                    health: b.health.clone(),
+                    state: b.state.unwrap_or_default(),
+                    forward: bforward,
+                });
             }
             vips.push(DesiredVip {
                 vip,
@@ -684,6 +747,7 @@ impl Desired {
                 health: v.health.clone(),
                 all_down: v.all_down.unwrap_or_default(),
                 slow_start_ms,
+                forward,
                 backends,
             });
         }

@@ -48,9 +48,23 @@ pub struct DaemonOptions {
     pub accept_macs: Vec<Mac>,
     /// Kernel routing table for announcements (`--announce-table`).
     pub announce_table: Option<u32>,
+    /// Encapsulation settings (routed backends).
+    pub encap: lb_common::EncapConfig,
     /// Connection-table sync from the flags (`--sync-peer`, `--sync-key`);
     /// without them, the config file's `[sync]`.
     pub sync: Option<crate::ctsync::SyncSettings>,
+}
+
+/// Routed backends need forwarding enabled on the interface: without it
+/// the kernel's FIB gives the datapath no next hop (`drop_no_route`).
+fn warn_if_not_forwarding(iface: &str, encap: &lb_common::EncapConfig) {
+    let off = |path: String| std::fs::read_to_string(path).map(|v| v.trim() == "0").unwrap_or(false);
+    if encap.flags & lb_common::ENCAP_F_SRC4 != 0 && off(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding")) {
+        log::warn!("IPv4 forwarding is off on {iface}: routed (ipip/gue) IPv4 backends get no next hop (sysctl net.ipv4.conf.{iface}.forwarding=1)");
+    }
+    if encap.flags & lb_common::ENCAP_F_SRC6 != 0 && off(format!("/proc/sys/net/ipv6/conf/{iface}/forwarding")) {
+        log::warn!("IPv6 forwarding is off on {iface}: routed (ipip/gue) IPv6 backends get no next hop (sysctl net.ipv6.conf.{iface}.forwarding=1)");
+    }
 }
 
 impl DaemonOptions {
@@ -274,6 +288,8 @@ async fn start(
         }
     }
     let mut dp = Datapath::load_pinned(opts.load, pins.map(|p| p.maps.as_path()))?;
+    dp.set_encap(&opts.encap)?;
+    warn_if_not_forwarding(&opts.iface, &opts.encap);
     if opts.load.debug {
         if let Err(e) = aya_log::EbpfLogger::init(&mut dp.ebpf) {
             log::warn!("datapath logging unavailable: {e}");

@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod ctsync;
 pub mod daemon;
 pub mod diag;
+pub mod encap;
 pub mod ha;
 pub mod health;
 pub mod maglev;

@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -14,9 +14,9 @@ use aya::{
 };
 use lb_common::{
     ct::{ct_bytes, ct_elements, ct_sets},
-    map_names, BackendInfo, Counters, CtSeed, CtSet, Stat, StatBlock, VipInfo, VipKey,
+    map_names, BackendInfo, Counters, CtSeed, CtSet, DecapKey, EncapConfig, Stat, StatBlock, VipInfo, VipKey,
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_ACCEPT_MACS, MAX_BACKENDS, MAX_RING_SIZE,
-    PROG_PASS, PROG_TRACE, PROG_XLB, SPARE_RING_SLOTS,
+    PROG_DECAP, PROG_ENCAP, PROG_PASS, PROG_TRACE, PROG_XLB, SPARE_RING_SLOTS, TAIL_ENCAP,
 };
 
 use lb_common::trace::{TraceBucket, TraceConfig, TraceRecord};
@@ -160,6 +160,11 @@ pub struct Datapath {
     backend_stats: PerCpuArray<MapData, Counters>,
     backend_conns: Array<MapData, i64>,
     macs: Array<MapData, u64>,
+    encap: Array<MapData, EncapConfig>,
+    encap_cfg: EncapConfig,
+    /// Held open: the kernel empties a program array nobody holds.
+    _progs: ProgramArray<MapData>,
+    decap_vips: HashMap<MapData, DecapKey, u32>,
     conntrack_id: u32,
     ncpus: usize,
     last_link: Option<aya::programs::xdp::XdpLinkId>,
@@ -298,6 +303,14 @@ impl RingMem {
     }
 }
 
+/// The decap map's key for an inner destination.
+pub fn decap_key(ip: std::net::IpAddr) -> DecapKey {
+    match ip {
+        std::net::IpAddr::V4(a) => DecapKey { addr: lb_common::addr_v4(a.octets()), family: lb_common::FAMILY_V4, _pad: [0; 3] },
+        std::net::IpAddr::V6(a) => DecapKey { addr: a.octets(), family: lb_common::FAMILY_V6, _pad: [0; 3] },
+    }
+}
+
 /// Entries of the VIP map: one per VIP plus at most one fragment alias per
 /// VIP (port 0 of its address and protocol), so `--max-vips N` always
 /// means N services.
@@ -384,7 +397,7 @@ impl Datapath {
             .override_global("XLB_CT_SEED", &ct_seed.k, true)
             .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
-        for name in [PROG_XLB, PROG_TRACE, PROG_PASS] {
+        for name in [PROG_XLB, PROG_TRACE, PROG_PASS, PROG_DECAP, PROG_ENCAP] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
@@ -396,6 +409,12 @@ impl Datapath {
             if let Ok(Some(n)) = prog.info().map(|i| i.verified_instruction_count()) {
                 log::debug!("XDP program {name} verified: {n} instructions processed");
             }
+        }
+        let mut progs: ProgramArray<MapData> = take(&mut ebpf, map_names::PROGS)?;
+        {
+            let encap: &mut Xdp = ebpf.program_mut(PROG_ENCAP).context("xlb_encap")?.try_into()?;
+            let fd = encap.fd().context("xlb_encap is not loaded")?;
+            progs.set(TAIL_ENCAP, fd, 0).context("cannot set the tail-call target xlb_encap")?;
         }
         let ncpus = aya::util::nr_cpus().map_err(|(p, e)| anyhow!("cannot read {p}: {e}"))?;
         let conntrack: Array<MapData, CtSet> = take(&mut ebpf, map_names::CONNTRACK)?;
@@ -417,6 +436,10 @@ impl Datapath {
             ct_seed,
             backend_conns: take(&mut ebpf, map_names::BACKEND_CONNS)?,
             macs: take(&mut ebpf, map_names::MACS)?,
+            encap: take(&mut ebpf, map_names::ENCAP)?,
+            _progs: progs,
+            encap_cfg: EncapConfig::default(),
+            decap_vips: take(&mut ebpf, map_names::DECAP_VIPS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
             vip_filter: take(&mut ebpf, map_names::VIP_FILTER)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
@@ -701,6 +724,33 @@ impl Datapath {
             self.macs.set(i, 0, 0).context("cannot write the MAC map")?;
         }
         Ok(())
+    }
+
+    /// Set the encapsulation settings (outer sources, GUE port; routed
+    /// backends, and `xlb decap`'s GUE port).
+    pub fn set_encap(&mut self, cfg: &EncapConfig) -> Result<()> {
+        self.encap.set(0, *cfg, 0).context("cannot write the encapsulation settings")?;
+        self.encap_cfg = *cfg;
+        Ok(())
+    }
+
+    /// The encapsulation settings last set.
+    pub fn encap_config(&self) -> EncapConfig {
+        self.encap_cfg
+    }
+
+    /// `xlb decap`: accept tunnel packets whose inner destination is one of `addrs`.
+    pub fn set_decap_vips(&mut self, addrs: &[std::net::IpAddr]) -> Result<()> {
+        for ip in addrs {
+            self.decap_vips.insert(decap_key(*ip), 1, 0).with_context(|| format!("cannot add {ip} to the decap map"))?;
+        }
+        Ok(())
+    }
+
+    /// The global counter map (to pin it: `xlb decap stats` reads it).
+    pub fn stats_map(&self) -> &MapData {
+        use aya::maps::IterableMap;
+        self.stats.map()
     }
 
     /// Sum of the global counters over all CPUs.

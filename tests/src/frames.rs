@@ -35,7 +35,8 @@ pub fn eth(ethertype: u16, vlans: &[(u16, u16)], payload: &[u8]) -> Vec<u8> {
     f
 }
 
-fn csum(data: &[u8]) -> u16 {
+/// The Internet checksum of `data` (0 over a header that carries a correct one).
+pub fn csum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in data.chunks(2) {
         sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod demo;
 pub mod frames;
 pub mod lab;
+pub mod routed;
 pub mod scale;
 pub mod scenario;
 pub mod traffic;

@@ -43,6 +43,34 @@ pub fn run(dp: &mut Datapath, frame: &[u8]) -> (u32, Vec<u8>, Vec<i64>) {
     (r.return_value, out, after.iter().zip(before.iter()).map(|(a, b)| *a as i64 - *b as i64).collect())
 }
 
+/// XDP_REDIRECT.
+pub const XDP_REDIRECT: u32 = 4;
+
+/// `run` for any program of the object, as if the frame arrived on
+/// interface `ingress_ifindex` of the calling thread's network namespace
+/// (0: none; the kernel then uses the namespace's loopback).
+pub fn run_on(dp: &mut Datapath, prog: &str, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>, Vec<i64>) {
+    let before = dp.stats().expect("stats");
+    let mut out = vec![0u8; frame.len() + 512];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex (data_end = the frame's length).
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let p = dp.program(prog).expect("program");
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    let after = dp.stats().expect("stats");
+    (r.return_value, out, after.iter().zip(before.iter()).map(|(a, b)| *a as i64 - *b as i64).collect())
+}
+
 /// Exactly one verdict counter moved, by one, and it is `want`.
 pub fn assert_one_verdict(delta: &[i64], want: Stat, what: &str) {
     for &s in VERDICTS {

@@ -158,6 +158,16 @@ fn assert_gap(d: &Deployment, name: &str, what: &str, bound_ms: u64) {
     assert!(r.max_gap_ms <= bound_ms, "{what}: gap {} ms over {bound_ms} ms", r.max_gap_ms);
 }
 
+/// Every connection of the new-connection stream `name` (50/s, each
+/// within 2 s) succeeded; says so as `what`.
+fn assert_new_connections(d: &Deployment, name: &str, what: &str) {
+    let attempts: Vec<xlb_tests::traffic::Attempt> = d.report(name, Duration::from_secs(15)).expect("stream report");
+    let failed: Vec<_> = attempts.iter().filter_map(|a| a.error.as_deref()).collect();
+    eprintln!("{what}: {} new connections at 50/s, {} failed", attempts.len(), failed.len());
+    assert!(attempts.len() >= 150, "{what}: {} attempts", attempts.len());
+    assert!(failed.is_empty(), "{what}: new connections failed: {failed:?}");
+}
+
 /// keepalived in `role`'s namespace with examples/ha/keepalived.conf.
 fn keepalived(d: &mut Deployment, role: &str, priority: u32, socket: &std::path::Path) {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ha/keepalived.conf");
@@ -250,11 +260,13 @@ fn vrrp_pair_fails_over_with_every_stream_kept() {
     // 40 streams and the probe; the master's link goes down under them.
     d.spawn_hold("hold", 40, 8_000).expect("hold");
     d.spawn_probe("probe", 5353, 100, 4_000).expect("probe");
+    d.spawn_stream("stream", 50, 4_000).expect("new connections");
     std::thread::sleep(Duration::from_millis(2000));
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb", "down"]).expect("cut the master's link");
     let took = d.wait("lb2 to take over", Duration::from_secs(5), || Ok(holds_address(&d, "lb2", VRRP_ADDR))).expect("failover");
     eprintln!("VRRP: lb2 master {:?} after the master's link went down", took);
     assert_gap(&d, "probe", "VRRP failover (link down)", 500);
+    assert_new_connections(&d, "stream", "VRRP failover (link down)");
     assert_streams_kept(&d, "hold", "VRRP failover");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections through the new master: {:?}", s.errors);
@@ -462,12 +474,14 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     d.wait("BFD sessions to every balancer", Duration::from_secs(10), || Ok(["10.200.0.10", "10.200.0.11", "10.200.0.12"].iter().all(|ip| bfd_up(&d, ip))))
         .unwrap_or_else(|e| panic!("{e}\n{}", routing_state(&d)));
     d.spawn_hold("hold", 40, 8_000).expect("hold");
+    d.spawn_stream("stream", 50, 4_000).expect("new connections");
     std::thread::sleep(Duration::from_millis(2000));
     lab::sh("ip", &["-n", &sw, "link", "set", "p-lb2", "down"]).expect("cut lb2's link");
     let took = d.wait("the withdrawal", Duration::from_secs(5), || Ok(nexthops(&d) == 2)).unwrap_or_else(|e| panic!("{e}\n{}", routing_state(&d)));
     eprintln!("ECMP: lb2's (FRR) next hop withdrawn {took:?} after its link went down");
     assert!(took <= Duration::from_millis(500), "withdrawal took {took:?}, over 0.5 s");
     assert_streams_kept(&d, "hold", "ECMP failover");
+    assert_new_connections(&d, "stream", "ECMP failover");
     let s = d.connect(30).expect("client");
     assert_eq!(s.failed, 0, "new connections over the two left: {:?}", s.errors);
 
@@ -518,7 +532,17 @@ fn ecmp_group_loses_a_balancer_with_every_stream_kept() {
     let before = fingerprints();
     assert!(all_equal(&before), "{before:?}");
     d.lab.kill("server3").expect("kill b3's server");
-    d.wait("every node to drop b3", Duration::from_secs(5), || { let f = fingerprints(); Ok(all_equal(&f) && f[0] != before[0]) }).expect("equal without b3");
+    let b3_states = || -> Vec<String> {
+        clis.iter()
+            .map(|cli| {
+                let st = status_of(cli);
+                let b = st["vips"][0]["backends"].as_array().into_iter().flatten().find(|b| b["ip"] == backend_ip(3).to_string().as_str()).cloned();
+                format!("{} b3 {}", st["vips"][0]["table_fingerprint"], b.map(|b| b["state"].to_string()).unwrap_or_default())
+            })
+            .collect()
+    };
+    d.wait("every node to drop b3", Duration::from_secs(10), || { let f = fingerprints(); Ok(all_equal(&f) && f[0] != before[0]) })
+        .unwrap_or_else(|e| panic!("{e}\nbefore {before:?}, now {:?}", b3_states()));
     let fail = d.lab.dir.join("fail-b3").to_string_lossy().into_owned();
     let agentf = d.lab.dir.join("agent-b3").to_string_lossy().into_owned();
     let args = ["serve", "--name", "b3", "--port", "80", "--fail-file", &fail, "--udp-port", "5353", "--agent-port", "7777", "--agent-file", &agentf];

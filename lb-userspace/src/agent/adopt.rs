@@ -235,6 +235,8 @@ impl<M: Maps> Agent<M> {
                 let mut be = Backend::new(db.ip, db.mac, db.weight, bid, unchecked, now);
                 be.check = db.health.clone();
                 be.admin = db.state;
+                be.forward_cfg = db.forward;
+                be.forward = db.forward.unwrap_or(dv.forward);
                 if let Some(b) = brt {
                     let h = &mut be.health;
                     h.up = b.up || unchecked;
@@ -269,6 +271,7 @@ impl<M: Maps> Agent<M> {
                     health_explicit: dv.health.is_some(),
                     all_down: dv.all_down,
                     slow_start_ms: dv.slow_start_ms,
+                    forward: dv.forward,
                     failing_open: false,
                     published,
                     ring_slot,

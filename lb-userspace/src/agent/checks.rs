@@ -540,6 +540,7 @@ mod tests {
                 health: Some(h.clone()),
                 all_down: Default::default(),
                 slow_start_ms: 0,
+                forward: Default::default(),
                 backends: BACKENDS
                     .iter()
                     .map(|b| crate::config::DesiredBackend {
@@ -548,6 +549,7 @@ mod tests {
                         weight: 1,
                         health: None,
                         state: Admin::Ready,
+                        forward: None,
                     })
                     .collect(),
             });

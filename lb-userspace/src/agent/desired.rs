@@ -2,7 +2,7 @@
 //! each VIP published once), dump the running one.
 
 use anyhow::{bail, Result};
-use lb_common::Algo;
+use lb_common::{Algo, Forward};
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{check_backends_per_vip, Agent, Maps, VipSpec};
@@ -69,6 +69,7 @@ impl<M: Maps> Agent<M> {
                     health: dv.health.clone(),
                     all_down: dv.all_down,
                     slow_start_ms: dv.slow_start_ms,
+                    forward: dv.forward,
                 };
                 self.insert_vip(vip, &spec)?;
                 changes.push(format!("vip {vip} added"));
@@ -82,6 +83,12 @@ impl<M: Maps> Agent<M> {
                     s.health = health;
                     s.health_explicit = dv.health.is_some();
                     changes.push(format!("vip {vip} settings changed"));
+                    self.mark(vip);
+                }
+                let s = self.vips.get_mut(&vip).expect("present");
+                if s.forward != dv.forward {
+                    s.forward = dv.forward;
+                    changes.push(format!("vip {vip} forward {}", dv.forward));
                     self.mark(vip);
                 }
                 let s = self.vips.get_mut(&vip).expect("present");
@@ -99,19 +106,32 @@ impl<M: Maps> Agent<M> {
                     changes.push(format!("vip {vip} backend {ip} removed"));
                 }
             }
-            let add: Vec<(IpAddr, Option<Mac>, u32)> = dv
-                .backends
-                .iter()
-                .filter(|b| !self.vips[&vip].backends.contains_key(&b.ip))
-                .map(|b| (b.ip, b.mac, b.weight))
-                .collect();
-            if !add.is_empty() {
-                self.insert_backends(&vip, &add)?;
-                for (ip, _, _) in &add {
-                    changes.push(format!("vip {vip} backend {ip} added"));
+            // Added in groups of one forwarding mode (one table publication).
+            for fwd in [None, Some(Forward::L2), Some(Forward::Ipip), Some(Forward::Gue)] {
+                let add: Vec<(IpAddr, Option<Mac>, u32)> = dv
+                    .backends
+                    .iter()
+                    .filter(|b| b.forward == fwd && !self.vips[&vip].backends.contains_key(&b.ip))
+                    .map(|b| (b.ip, b.mac, b.weight))
+                    .collect();
+                if !add.is_empty() {
+                    self.insert_backends(&vip, &add, fwd)?;
+                    for (ip, _, _) in &add {
+                        changes.push(format!("vip {vip} backend {ip} added"));
+                    }
                 }
             }
             for b in &dv.backends {
+                let vip_forward = self.vips[&vip].forward;
+                let be = self.vips.get_mut(&vip).expect("present").backends.get_mut(&b.ip).expect("present");
+                let effective = b.forward.unwrap_or(vip_forward);
+                if be.forward_cfg != b.forward || be.forward != effective {
+                    config::check_backend_ip_for(&vip, b.ip, effective)?;
+                    be.forward_cfg = b.forward;
+                    be.forward = effective;
+                    changes.push(format!("vip {vip} backend {} forward {effective}", b.ip));
+                    self.mark(vip);
+                }
                 let cur = &self.vips[&vip].backends[&b.ip];
                 if cur.check != b.health {
                     self.change_backend_check(&vip, b.ip, b.health.clone())?;
@@ -194,6 +214,7 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
         health: s.health_explicit.then(|| s.health.clone()),
         all_down: (s.all_down != AllDown::Drop).then_some(s.all_down),
         slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
+        forward: s.forward.is_routed().then(|| s.forward.name().to_string()),
         backends: s
             .backends
             .values()
@@ -203,6 +224,7 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
                 weight: (b.weight != config::DEFAULT_WEIGHT).then_some(b.weight),
                 health: b.check.clone(),
                 state: (b.admin != Admin::Ready).then_some(b.admin),
+                forward: b.forward_cfg.map(|f| f.name().to_string()),
             })
             .collect(),
     }

@@ -46,11 +46,19 @@ pub trait Maps {
     fn memory(&self) -> std::collections::BTreeMap<String, u64>;
     /// The destination MACs the datapath acts on (the interface's first).
     fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()>;
+    /// The encapsulation settings (routed backends need a source address
+    /// of their family). In memory: both families have one.
+    fn encap_config(&self) -> lb_common::EncapConfig {
+        lb_common::EncapConfig { flags: lb_common::ENCAP_F_SRC4 | lb_common::ENCAP_F_SRC6, ..Default::default() }
+    }
 }
 
 impl Maps for Datapath {
     fn opts(&self) -> LoadOptions {
         self.opts
+    }
+    fn encap_config(&self) -> lb_common::EncapConfig {
+        Datapath::encap_config(self)
     }
     fn max_backends(&self) -> u32 {
         Datapath::max_backends(self)

@@ -2,7 +2,7 @@
 //! settings, health and agent-check state, and what was last published.
 
 use anyhow::{anyhow, bail, Result};
-use lb_common::{Algo, VipInfo};
+use lb_common::{Algo, Forward, VipInfo};
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use crate::config::{Admin, AllDown, HealthConfig, Mac};
@@ -74,6 +74,10 @@ pub struct Backend {
     pub ramp_step: u32,
     /// What the backend's agent check last said.
     pub agent: AgentReport,
+    /// Forwarding mode given for this backend (replacing the VIP's), if any.
+    pub forward_cfg: Option<Forward>,
+    /// Forwarding mode in use: `forward_cfg`, else the VIP's.
+    pub forward: Forward,
 }
 
 /// What a backend's agent check reports (HAProxy's agent-check).
@@ -151,11 +155,18 @@ impl Backend {
             up_since: up.then_some(now),
             ramp_step: 0,
             agent: AgentReport::default(),
+            forward_cfg: None,
+            forward: Forward::L2,
         }
+    }
+    /// Has what its forwarding mode needs: a MAC for L2 (routed backends'
+    /// next hops come from the kernel's FIB in the datapath).
+    pub fn reachable(&self) -> bool {
+        self.forward.is_routed() || self.mac.is_some()
     }
     /// May carry traffic (existing flows at least).
     pub fn alive(&self) -> bool {
-        self.health.up && self.mac.is_some() && self.admin != Admin::Maint && self.agent.state != AgentState::Down
+        self.health.up && self.reachable() && self.admin != Admin::Maint && self.agent.state != AgentState::Down
     }
     /// Gets new flows.
     pub fn usable(&self) -> bool {
@@ -208,6 +219,8 @@ pub struct VipState {
     /// Slow start: a backend's weight ramps up over this long after it
     /// comes up (0 = at once).
     pub slow_start_ms: u64,
+    /// How its backends are reached unless they say otherwise.
+    pub forward: Forward,
     /// All backends are down and `all_down` is fail-open: balancing over them anyway.
     pub failing_open: bool,
     /// The VIP entry as last published to the datapath.

@@ -28,13 +28,23 @@ impl<M: Maps> Agent<M> {
         let now = Instant::now();
         let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         let p = plan::plan(state, ring_size, now, &mut self.maglev, count_moved)?;
-        let info = |b: &Backend, alive: bool, weight: u32| BackendInfo {
-            dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
-            src_mac,
-            flags: if alive { BACKEND_F_ALIVE } else { 0 },
-            gen: b.gen,
-            weight,
-            vip_id: state.id,
+        let info = |b: &Backend, alive: bool, weight: u32| {
+            let (addr, family) = match b.ip {
+                std::net::IpAddr::V4(a) => (lb_common::addr_v4(a.octets()), lb_common::FAMILY_V4),
+                std::net::IpAddr::V6(a) => (a.octets(), lb_common::FAMILY_V6),
+            };
+            BackendInfo {
+                dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
+                src_mac,
+                flags: if alive { BACKEND_F_ALIVE } else { 0 },
+                gen: b.gen,
+                weight,
+                vip_id: state.id,
+                addr,
+                forward: b.forward as u8,
+                family,
+                _pad: 0,
+            }
         };
         let entries: Vec<(u32, BackendInfo, bool)> = state
             .backends

@@ -27,9 +27,9 @@ impl<M: Maps> Agent<M> {
                 let agent_note = (b.agent != AgentReport::default()).then(|| format!("agent: {}% {:?}", b.agent.pct, b.agent.state).to_lowercase());
                 let reason = if let Some(a) = agent_note.clone().filter(|_| b.agent.state != AgentState::Up) {
                     Some(a)
-                } else if state == "down" && s.failing_open && b.mac.is_some() {
+                } else if state == "down" && s.failing_open && b.reachable() {
                     Some(format!("fail-open: {}", b.health.last_error.clone().unwrap_or_else(|| "down".into())))
-                } else if b.mac.is_none() {
+                } else if !b.reachable() {
                     Some("MAC not resolved yet".to_string())
                 } else if !b.health.up && !b.health.checked {
                     Some("not checked yet".to_string())
@@ -44,6 +44,7 @@ impl<M: Maps> Agent<M> {
                 backends.push(BackendStatus {
                     ip: b.ip.to_string(),
                     mac: b.mac.map(|m| m.to_string()),
+                    forward: b.forward.name().to_string(),
                     weight: b.weight,
                     state,
                     reason,
@@ -208,6 +209,8 @@ pub struct BackendStatus {
     pub ip: String,
     /// MAC in use.
     pub mac: Option<String>,
+    /// How it is reached: `l2`, `ipip` or `gue`.
+    pub forward: String,
     /// Weight.
     pub weight: u32,
     /// `up` or `down`.

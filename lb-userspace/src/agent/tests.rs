@@ -39,6 +39,7 @@ fn desired(n: u16, weight: u32) -> Desired {
             health: None,
             all_down: AllDown::Drop,
             slow_start_ms: 0,
+            forward: Default::default(),
             backends: (1..=3u8)
                 .map(|i| DesiredBackend {
                     ip: ip(&format!("10.0.0.{}", 10 + i)),
@@ -46,6 +47,7 @@ fn desired(n: u16, weight: u32) -> Desired {
                     weight: if i == 1 { weight } else { 1 },
                     health: None,
                     state: Admin::Ready,
+                    forward: None,
                 })
                 .collect(),
         })

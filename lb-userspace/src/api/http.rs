@@ -223,7 +223,7 @@ mod tests {
         let (m, p) = round_trip(Request::Flows { vip: Some("10.0.0.1:80/tcp".into()), backend: None, limit: Some(5) });
         assert_eq!((m, p.as_str()), (Method::GET, "/v1/flows?limit=5&vip=10.0.0.1:80%2Ftcp"));
         round_trip(Request::Status);
-        round_trip(Request::VipAdd { vip: "10.0.0.1:81/udp".parse().unwrap(), algo: None, persist_timeout: Some(5), health: None, all_down: None, slow_start_ms: None });
+        round_trip(Request::VipAdd { vip: "10.0.0.1:81/udp".parse().unwrap(), algo: None, persist_timeout: Some(5), health: None, all_down: None, slow_start_ms: None, forward: Some(crate::config::ForwardName(lb_common::Forward::Gue)) });
         round_trip(Request::ConfigReload { path: Some("/etc/xlb.toml".into()) });
         round_trip(Request::Trace { vip: None, backend: None, verdict: Some("tx".into()), count: Some(3), rate: Some(10) });
         // Every kind has a route.

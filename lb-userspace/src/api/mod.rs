@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use crate::{
     agent::{check_persist, Admin, Agent, Status, VipSpec},
-    config::{text, AlgoName, AllDown, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
+    config::{text, AlgoName, AllDown, ForwardName, HealthConfig, Mac, Vip, DEFAULT_WEIGHT},
 };
 use lb_common::Algo;
 use std::net::IpAddr;
@@ -56,6 +56,9 @@ pub enum Request {
         /// Slow start, milliseconds.
         #[serde(default)]
         slow_start_ms: Option<u64>,
+        /// How its backends are reached: `l2` (default), `ipip` or `gue`.
+        #[serde(default, with = "text::opt")]
+        forward: Option<ForwardName>,
     },
     /// Remove a VIP.
     VipDel {
@@ -87,6 +90,9 @@ pub enum Request {
         /// Health checking of this backend (default: the VIP's).
         #[serde(default)]
         health: Option<HealthConfig>,
+        /// Its own forwarding mode (default: the VIP's).
+        #[serde(default, with = "text::opt")]
+        forward: Option<ForwardName>,
     },
     /// Change a backend's weight and/or state; report the table change.
     BackendSet {
@@ -217,7 +223,7 @@ impl Host {
 /// checks the rules that need its state, before changing anything).
 pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json::Value> {
     match req {
-        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms } => {
+        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms, forward } => {
             let algo = algo.map_or(Algo::Maglev, |a| a.0);
             let spec = VipSpec {
                 algo,
@@ -225,6 +231,7 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
                 health,
                 all_down: all_down.unwrap_or_default(),
                 slow_start_ms: slow_start_ms.unwrap_or(0),
+                forward: forward.map_or(lb_common::Forward::L2, |f| f.0),
             };
             agent.add_vip_spec(vip, &spec)?;
             let ha_active = host.ha.as_ref().is_some_and(|n| n.active);
@@ -236,8 +243,9 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             Ok(serde_json::Value::Null)
         }
         Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
-        Request::BackendAdd { vip, ip, mac, weight, health } => {
-            let (moved, entries) = agent.add_backend_checked(&vip, ip, mac, weight.unwrap_or(DEFAULT_WEIGHT), health)?;
+        Request::BackendAdd { vip, ip, mac, weight, health, forward } => {
+            let b = (ip, mac, weight.unwrap_or(DEFAULT_WEIGHT));
+            let (moved, entries) = agent.add_backend_full(&vip, b, health, forward.map(|f| f.0))?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {

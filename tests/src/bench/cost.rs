@@ -98,13 +98,13 @@ impl Case {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
 }
 
 /// Time `repeat` runs of a frame: (wall ns, kernel average ns, return value).
-fn timed(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, f64, u32)> {
+pub(crate) fn timed(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, f64, u32)> {
     let mut out = vec![0u8; frame.len() + 256];
     let t = Instant::now();
     let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() })?;
@@ -198,7 +198,7 @@ fn v6_tcp(sport: u16, flags: u8) -> Vec<u8> {
     eth(ETH_IPV6, &[], &ipv6(CLIENT6, VIP6, 6, &tcp(sport, 80, flags, b"0123456789")))
 }
 
-fn new_flow_frames(v6: bool) -> Vec<Vec<u8>> {
+pub(crate) fn new_flow_frames(v6: bool) -> Vec<Vec<u8>> {
     (0..NEW_FLOWS)
         .map(|i| {
             let sport = 1024 + (i % 60000) as u16;
@@ -249,7 +249,7 @@ fn agent_with_table(vip: &str, n: u32, ct: u32) -> Result<Agent> {
 }
 
 /// The same with any load options (`--flow-keys`).
-fn agent_with_opts(vip: &str, n: u32, opts: LoadOptions) -> Result<Agent> {
+pub(crate) fn agent_with_opts(vip: &str, n: u32, opts: LoadOptions) -> Result<Agent> {
     let dp = Datapath::load(opts)?;
     let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
     let mut agent = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health })?;
@@ -300,7 +300,7 @@ fn fill(agent: &mut Agent, count: u32) -> Result<u64> {
     Ok(agent.dp.conntrack_reader()?.census().entries)
 }
 
-fn stat(a: &Agent, s: Stat) -> Result<u64> {
+pub(crate) fn stat(a: &Agent, s: Stat) -> Result<u64> {
     a.dp.stat(s)
 }
 

@@ -4,6 +4,7 @@
 pub mod compare;
 pub mod control;
 pub mod cost;
+pub mod encap;
 pub mod live;
 pub mod report;
 pub mod scale;
@@ -65,7 +66,8 @@ fn machine() -> serde_json::Value {
     })
 }
 
-/// Run the benchmark's `sections` (any of cost, live, compare; all when empty).
+/// Run the benchmark's `sections` (any of cost, live, compare, scale; all
+/// when empty; `encap` only when named).
 pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<()> {
     let want = |s: &str| sections.is_empty() || sections.iter().any(|x| x == s);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -123,6 +125,15 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
         ];
     }
     let mut live = Vec::new();
+    // Only on request (`cargo xtask bench encap`): routed backends' cost
+    // beside the L2 path's, measured the same way in the same run.
+    if sections.iter().any(|x| x == "encap") {
+        eprintln!("bench: routed backends (IPIP, GUE) beside L2, repeat-1 runs…");
+        match encap::cases() {
+            Ok(c) => cases.extend(c),
+            Err(e) => errors.push(format!("encap: {e:#}")),
+        }
+    }
     if want("live") {
         // 1024 established flows, then every frame a new flow (0).
         for flows in [1024, 0] {

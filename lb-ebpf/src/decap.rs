@@ -1,0 +1,117 @@
+//! `xlb decap` (on backends): strip xlb's encapsulation from packets for
+//! the host's VIPs and hand the inner packet to the stack, for hosts without
+//! ipip/ip6tnl/fou devices.
+//!
+//! Accepted: an untagged frame whose outer IPv4 (no options, not a
+//! fragment) or IPv6 (no extension headers) header carries IPv4 or IPv6
+//! (protocol 4 / 41), or UDP to the GUE port with an IP packet directly
+//! after it (GUE variant 1), whose inner destination is in
+//! `XLB_DECAP_VIPS`. The outer headers are removed, the Ethernet header is
+//! rebuilt in front of the inner packet (the frame's MACs, the inner
+//! family's EtherType) and the frame is passed (verdict `Decapsulated`).
+//! Anything else passes untouched (`DecapNotTunnel`, `DecapNotLocal`).
+//! The inner packet is not checked here: the stack does that.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{addr_v4, DecapKey, Stat, FAMILY_V4, FAMILY_V6, PROTO_UDP};
+
+use crate::{
+    maps::{DECAP_VIPS, ENCAP},
+    pkt,
+};
+
+const ETH_LEN: usize = 14;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+const PROTO_IPIP: u8 = 4;
+const PROTO_IPV6: u8 = 41;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const UDP_LEN: usize = 8;
+
+/// Decapsulate one frame: action and verdict.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> (u32, Stat) {
+    match strip(ctx) {
+        Ok(()) => (xdp_action::XDP_PASS, Stat::Decapsulated),
+        Err(stat) => (xdp_action::XDP_PASS, stat),
+    }
+}
+
+/// Where the inner packet starts and what it should be (from the outer
+/// header's protocol; 0 = from its version nibble, for GUE).
+#[inline(always)]
+fn tunnel(ctx: &XdpContext) -> Result<(usize, u8), Stat> {
+    let not = |_| Stat::DecapNotTunnel;
+    let ethertype: [u8; 2] = pkt::read(ctx, 12).map_err(not)?;
+    let (proto, l4) = match ethertype {
+        ETH_P_IP => {
+            let h: [u8; IPV4_LEN] = pkt::read(ctx, ETH_LEN).map_err(not)?;
+            // No options, not a fragment (flags+offset other than DF).
+            if h[0] != 0x45 || (u16::from_be_bytes([h[6], h[7]]) & 0x3fff) != 0 {
+                return Err(Stat::DecapNotTunnel);
+            }
+            (h[9], ETH_LEN + IPV4_LEN)
+        }
+        ETH_P_IPV6 => {
+            let h: [u8; 8] = pkt::read(ctx, ETH_LEN).map_err(not)?;
+            if h[0] >> 4 != 6 {
+                return Err(Stat::DecapNotTunnel);
+            }
+            (h[6], ETH_LEN + IPV6_LEN)
+        }
+        _ => return Err(Stat::DecapNotTunnel),
+    };
+    match proto {
+        PROTO_IPIP => Ok((l4, 4)),
+        PROTO_IPV6 => Ok((l4, 6)),
+        PROTO_UDP => {
+            let gue_port = ENCAP.get(0).map(|c| c.gue_port_be).unwrap_or(0);
+            let udp: [u16; 2] = pkt::read(ctx, l4).map_err(not)?;
+            if gue_port == 0 || udp[1] != gue_port {
+                return Err(Stat::DecapNotTunnel);
+            }
+            Ok((l4 + UDP_LEN, 0))
+        }
+        _ => Err(Stat::DecapNotTunnel),
+    }
+}
+
+#[inline(always)]
+fn strip(ctx: &XdpContext) -> Result<(), Stat> {
+    let (inner, want) = tunnel(ctx)?;
+    let first: [u8; 1] = pkt::read(ctx, inner).map_err(|_| Stat::DecapNotTunnel)?;
+    let version = first[0] >> 4;
+    if want != 0 && version != want {
+        return Err(Stat::DecapNotTunnel);
+    }
+    let (key, ethertype) = match version {
+        4 => {
+            let d: [u8; 4] = pkt::read(ctx, inner + 16).map_err(|_| Stat::DecapNotTunnel)?;
+            (DecapKey { addr: addr_v4(d), family: FAMILY_V4, _pad: [0; 3] }, ETH_P_IP)
+        }
+        6 => {
+            let d: [u8; 16] = pkt::read(ctx, inner + 24).map_err(|_| Stat::DecapNotTunnel)?;
+            (DecapKey { addr: d, family: FAMILY_V6, _pad: [0; 3] }, ETH_P_IPV6)
+        }
+        _ => return Err(Stat::DecapNotTunnel),
+    };
+    // SAFETY: map values are only read.
+    if unsafe { DECAP_VIPS.get(&key) }.is_none() {
+        return Err(Stat::DecapNotLocal);
+    }
+    let macs: [u8; 12] = pkt::read(ctx, 0).map_err(|_| Stat::DecapNotTunnel)?;
+    let mut eth = [0u8; ETH_LEN];
+    eth[..12].copy_from_slice(&macs);
+    eth[12..].copy_from_slice(&ethertype);
+    let at = inner - ETH_LEN;
+    let p: *mut [u8; ETH_LEN] = pkt::ptr_mut_at(ctx, at).ok_or(Stat::DecapNotTunnel)?;
+    // SAFETY: `ptr_mut_at` checked that the 14 bytes lie inside the frame
+    // (they overwrite outer headers, read in full above).
+    unsafe { p.write_unaligned(eth) };
+    // SAFETY: moves the frame's start forward by `at` bytes, inside the frame.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, at as i32) } != 0 {
+        return Err(Stat::DecapNotTunnel);
+    }
+    Ok(())
+}
