@@ -154,7 +154,8 @@ fn hand_off(ctx: &XdpContext, pkt: &parse::Packet, id: u32, new_flow: bool) -> (
         return (xdp_action::XDP_DROP, Stat::DropNoRoute);
     };
     let kind = match pkt.kind {
-        Kind::Flow => 0,
+        // Echo requests are answered before a backend is chosen.
+        Kind::Flow | Kind::Echo { .. } => 0,
         Kind::Fragment => 1,
         Kind::IcmpError => 2,
     };

@@ -147,9 +147,17 @@ async fn census_loop(agent: Arc<Mutex<Agent>>) {
         tick.tick().await;
         let r = reader.clone();
         let Ok(census) = tokio::task::spawn_blocking(move || r.census()).await else { return };
-        let Ok(mut a) = agent.lock() else { return };
-        if let Err(e) = a.apply_census(&census) {
-            log::warn!("applying the connection-table census failed: {e:#}");
+        let Ok(ids) = agent.lock().map(|a| a.census_backends()) else { return };
+        for part in ids.chunks(64) {
+            let applied = match agent.lock() {
+                Ok(mut a) => a.apply_census_to(&census, part),
+                Err(_) => return,
+            };
+            if let Err(e) = applied {
+                log::warn!("applying the connection-table census failed: {e:#}");
+                break;
+            }
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -314,7 +322,7 @@ async fn start(
         ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.ha_options()))),
         ..Default::default()
     };
-    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me, mode: String::new() });
+    agent.persist = pins.map(|p| Persist { path: p.state.clone(), layout: layout_name(&opts.load), identity: me, mode: String::new(), order: Default::default() });
     if let Some(d) = &desired {
         let changes = agent.apply_desired(d)?;
         if opts.ha_options() {
@@ -382,6 +390,8 @@ async fn serve(
     host.detach_tx = Some(detach_tx);
     let host = Arc::new(host);
     agent.neighbours.set_ifindex(ifindex);
+    // The API and the health loop write the state file outside the lock.
+    agent.defer_saves = true;
     let agent = Arc::new(Mutex::new(agent));
     let health = tokio::spawn(health::run(agent.clone()));
     let census = tokio::spawn(census_loop(agent.clone()));

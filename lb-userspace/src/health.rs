@@ -32,17 +32,20 @@ pub async fn run(agent: Arc<Mutex<Agent>>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let (jobs, probes) = match agent.lock() {
+                let (jobs, probes, save) = match agent.lock() {
                     Ok(mut a) => {
                         let now = Instant::now();
                         if let Err(e) = a.tick(now) {
                             log::error!("slow start: {e:#}");
                         }
-                        a.save_if_dirty();
-                        (a.due_checks(now), a.due_probes(now))
+                        (a.due_checks(now), a.due_probes(now), a.take_save())
                     }
                     Err(_) => return,
                 };
+                // At most one state-file save per tick, written outside the lock.
+                if let Some(s) = save {
+                    tokio::task::spawn_blocking(move || s.write());
+                }
                 for ip in probes {
                     neigh::probe(ip);
                 }

@@ -35,6 +35,43 @@ pub struct Persist {
     pub identity: crate::pin::identity::Identity,
     /// How the pinned link is attached (`native`, `generic`).
     pub mode: String,
+    /// Keeps writes in the order their snapshots were taken.
+    pub order: std::sync::Arc<SaveOrder>,
+}
+
+/// Orders state-file writes done outside the agent's lock: a snapshot
+/// taken earlier never overwrites one taken later.
+#[derive(Debug, Default)]
+pub struct SaveOrder {
+    taken: std::sync::atomic::AtomicU64,
+    written: std::sync::Mutex<u64>,
+}
+
+/// A state-file write taken under the agent's lock (`Agent::take_save`) and
+/// done outside it: at 512 VIPs rendering and writing the file is the
+/// largest part of a request, and holding the lock for it delays every
+/// other request and health result.
+#[derive(Debug)]
+pub struct PendingSave {
+    snap: Snapshot,
+    path: PathBuf,
+    seq: u64,
+    order: std::sync::Arc<SaveOrder>,
+}
+
+impl PendingSave {
+    /// Write the file, unless a later snapshot is already written. A
+    /// failure is logged: the datapath change it records has been made.
+    pub fn write(self) {
+        let Ok(mut written) = self.order.written.lock() else { return };
+        if *written >= self.seq {
+            return;
+        }
+        match self.snap.save(&self.path) {
+            Ok(()) => *written = self.seq,
+            Err(e) => log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}"),
+        }
+    }
 }
 
 /// A backend map entry in use (free entries keep only their generation).
@@ -100,11 +137,29 @@ impl<M: Maps> Agent<M> {
     /// Rewrite the state file (when the agent keeps one). A failure is
     /// logged, not returned: the datapath change it records has been made.
     pub fn save_state(&mut self) {
-        self.state_dirty = false;
-        let Some(p) = &self.persist else { return };
+        self.state_dirty = true;
+        if let Some(s) = self.take_save() {
+            s.write();
+        }
+    }
+
+    /// The state file's next contents, when it is behind the running state
+    /// (to `write` outside the agent's lock; writes keep their order).
+    pub fn take_save(&mut self) -> Option<PendingSave> {
+        if !std::mem::take(&mut self.state_dirty) {
+            return None;
+        }
+        let p = self.persist.as_ref()?;
         self.saves += 1;
-        if let Err(e) = self.snapshot(&p.layout, Some(p.identity)).and_then(|s| s.save(&p.path)) {
-            log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}");
+        match self.snapshot(&p.layout, Some(p.identity)) {
+            Ok(snap) => {
+                let seq = p.order.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Some(PendingSave { snap, path: p.path.clone(), seq, order: p.order.clone() })
+            }
+            Err(e) => {
+                log::error!("cannot save the agent's state (a restart would reschedule flows): {e:#}");
+                None
+            }
         }
     }
 

@@ -121,12 +121,18 @@ async fn respond(
         return trace(agent, req);
     }
     let detaching = matches!(req, Request::Detach);
-    let res = match agent.lock() {
-        Ok(mut a) => handle(&mut a, &host, req),
+    let (res, save) = match agent.lock() {
+        Ok(mut a) => (handle(&mut a, &host, req), a.take_save()),
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "agent state poisoned"),
     };
     // The daemon needs the last reference to the agent to drop the datapath.
     drop(agent);
+    // What the request changed is in the state file before it is answered
+    // (a `kill -9` right after the answer loses nothing); rendering and
+    // writing the file does not hold the agent's lock.
+    if let Some(s) = save {
+        let _ = tokio::task::spawn_blocking(move || s.write()).await;
+    }
     match res {
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
         Ok(v) if detaching => {

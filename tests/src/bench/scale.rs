@@ -43,6 +43,13 @@ pub struct Scale {
     pub shared_512: Option<Shared>,
     /// The same 512 × 3 through the CLI (`vip add`, 3 × `backend add` each), s.
     pub cli_512_s: Option<f64>,
+    /// Where a CLI command's time goes, ms (medians of 50, after the 512 ×
+    /// 3): `xlb --version` (process start); `xlb vip list` (start, connect
+    /// and a request that changes nothing); `xlb backend set --weight` on
+    /// one of the 512 VIPs (a plan, a publication, a state-file save).
+    pub cli_split_ms: Option<[f64; 3]>,
+    /// Load average (1 min) when the CLI run started: the machine is shared.
+    pub cli_load: Option<f64>,
     /// 64 VIPs × 100 backends (configured MACs, no checks: no 100
     /// namespaces), `config reload`, ms.
     pub reload_64x100_ms: Option<f64>,
@@ -126,11 +133,25 @@ pub fn run(xlb: &Path, lab_bin: &Path) -> Result<Scale> {
     {
         let d = Deployment::start(xlb, lab_bin, 3, &["--max-vips", "512", "--max-tables", "512"])?;
         let ips: Vec<String> = (1..=3).map(|i| backend_ip(i).to_string()).collect();
+        r.cli_load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok());
         let t = Instant::now();
         for p in 0..512 {
             d.configure_vip(&format!("{VIP}:{}/tcp", 1000 + p), &["--check-port", "80"], &ips)?;
         }
         r.cli_512_s = Some(t.elapsed().as_secs_f64());
+        let timed = |args: &[&str]| -> Result<f64> {
+            let t = Instant::now();
+            d.cli_ok(args)?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        let (mut start, mut noop, mut set) = (Vec::new(), Vec::new(), Vec::new());
+        let vip = format!("{VIP}:1200/tcp");
+        for i in 0..50u32 {
+            start.push(timed(&["--version"])?);
+            noop.push(timed(&["vip", "list"])?);
+            set.push(timed(&["backend", "set", &vip, &ips[1], "--weight", &(2 + i).to_string()])?);
+        }
+        r.cli_split_ms = Some([median(start), median(noop), median(set)]);
     }
     // 64 × 100, configured MACs and no checks.
     {

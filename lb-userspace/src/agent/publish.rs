@@ -1,0 +1,226 @@
+//! Publication: how a VIP's planned table reaches the datapath (backend
+//! entries, the table in a free ring slot, then the VIP entry that switches
+//! to it, atomically for the datapath), and the entries that follow a VIP
+//! (the address pre-filter, the fragment alias).
+
+use anyhow::{anyhow, Result};
+use lb_common::{BackendInfo, VipInfo, BACKEND_F_ALIVE};
+use std::time::Instant;
+
+use super::{filter_index, plan, Agent, Backend, Maps, SLOW_START_STEPS};
+use crate::config::Vip;
+
+impl<M: Maps> Agent<M> {
+    /// Publish a VIP now (dropping its mark): backend entries, a new table
+    /// in a free slot, then the VIP entry that switches to it. Returns
+    /// (table entries that changed, table size).
+    pub(super) fn publish(&mut self, vip: &Vip) -> Result<(usize, usize)> {
+        self.publish_counted(vip, true)
+    }
+
+    /// `publish`; with `count_moved` false the moved entries are not
+    /// counted (0 is returned): the health loop's publications skip it.
+    pub(super) fn publish_counted(&mut self, vip: &Vip, count_moved: bool) -> Result<(usize, usize)> {
+        self.dirty.remove(vip);
+        self.state_dirty = true;
+        let ring_size = self.dp.opts().ring_size;
+        let src_mac = self.opts.iface_mac.0;
+        let now = Instant::now();
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let p = plan::plan(state, ring_size, now, &mut self.maglev, count_moved)?;
+        let info = |b: &Backend, alive: bool, weight: u32| {
+            let (addr, family) = match b.ip {
+                std::net::IpAddr::V4(a) => (lb_common::addr_v4(a.octets()), lb_common::FAMILY_V4),
+                std::net::IpAddr::V6(a) => (a.octets(), lb_common::FAMILY_V6),
+            };
+            BackendInfo {
+                dst_mac: b.mac.map(|m| m.0).unwrap_or_default(),
+                src_mac,
+                flags: if alive { BACKEND_F_ALIVE } else { 0 },
+                gen: b.gen,
+                weight,
+                vip_id: state.id,
+                addr,
+                forward: b.forward as u8,
+                family,
+                _pad: 0,
+            }
+        };
+        let entries: Vec<(u32, BackendInfo, bool)> = state
+            .backends
+            .values()
+            .map(|b| {
+                let alive = p.alive.contains(&b.id);
+                (b.id, info(b, alive, p.weights.get(&b.id).copied().unwrap_or(0)), alive)
+            })
+            .collect();
+        let (vip_id, algo, persist_secs, old_slot, flags) = (state.id, state.algo, state.persist_secs, state.ring_slot, state.opts.flags());
+        // 1. Alive backends first, so the new table never points at an
+        //    entry that is not ready.
+        for (id, i, _) in entries.iter().filter(|e| e.2) {
+            self.dp.set_backend(*id, i)?;
+        }
+        // 2. The table, in a free slot (unless it is the one published).
+        let unchanged = old_slot.is_some() && p.unchanged;
+        let new_slot = if p.table.is_empty() {
+            None
+        } else if unchanged {
+            old_slot
+        } else {
+            let slot = self.free_ring_slots.pop_front().ok_or_else(|| anyhow!("no free ring slot"))?;
+            if let Err(e) = self.dp.write_ring(slot, &p.table) {
+                self.free_ring_slots.push_front(slot);
+                return Err(e);
+            }
+            Some(slot)
+        };
+        // 3. Publish.
+        let published = VipInfo {
+            vip_id,
+            ring_off: new_slot.map(|s| s * ring_size).unwrap_or(0),
+            ring_size: p.table.len() as u32,
+            algo: algo as u8,
+            flags,
+            persist_secs,
+        };
+        let state = self.vips.get(vip).expect("checked above");
+        if published != state.published {
+            self.put_entry(vip, &vip.key(), &published)?;
+        }
+        if let Some(old) = old_slot.filter(|o| Some(*o) != new_slot) {
+            self.free_ring_slots.push_back(old);
+        }
+        // 4. Backends that left: after the table stopped naming them.
+        for (id, i, _) in entries.iter().filter(|e| !e.2) {
+            self.dp.set_backend(*id, i)?;
+        }
+        self.publications += 1;
+        let state = self.vips.get_mut(vip).expect("checked above");
+        if p.failing_open && !state.failing_open {
+            log::error!("VIP {vip}: every backend is down; failing open (balancing over all of them)");
+        }
+        state.failing_open = p.failing_open;
+        if new_slot != state.ring_slot || published != state.published {
+            state.published_at = Some(std::time::SystemTime::now());
+        }
+        state.ring_slot = new_slot;
+        let alias_changed = state.published != published;
+        state.published = published;
+        for b in state.backends.values_mut() {
+            b.ramp_step = p.steps.get(&b.id).copied().unwrap_or(SLOW_START_STEPS);
+        }
+        log::debug!(
+            "VIP {vip}: {} table of {} backend(s) published ({} entries, {} changed)",
+            algo.name(),
+            p.weights.len(),
+            p.table.len(),
+            p.moved.map_or("not counted".to_string(), |m| m.to_string())
+        );
+        let result = (p.moved.unwrap_or(0), p.table.len());
+        state.table = p.table;
+        state.facts = Default::default();
+        if alias_changed {
+            self.sync_fragment_alias(vip)?;
+            let answering = self.vips.get(vip).is_some_and(|s| s.opts.answer_ping);
+            self.sync_echo(vip, answering)?;
+        }
+        Ok(result)
+    }
+
+    /// Publish a VIP now, whether or not it changed (adoption republishes
+    /// every table); returns (table entries that changed, table size).
+    pub fn reconcile_counted(&mut self, vip: &Vip) -> Result<(usize, usize)> {
+        let moved = self.publish(vip)?;
+        self.flush()?;
+        Ok(moved)
+    }
+
+    /// `reconcile_counted` without the counts.
+    pub fn reconcile(&mut self, vip: &Vip) -> Result<()> {
+        self.reconcile_counted(vip).map(|_| ())
+    }
+
+    /// Keep the VIP pre-filter entry of this VIP's address equal to the
+    /// number of VIP addresses (any port or protocol) that fold to it.
+    pub(super) fn sync_filter(&mut self, changed: &Vip) -> Result<()> {
+        if changed.prefix.is_some() {
+            return self.dp.set_prefix_count(self.prefix_count());
+        }
+        let idx = filter_index(changed);
+        self.dp.set_vip_filter(idx, self.filter_value(idx))
+    }
+
+    /// Number of prefix VIPs (the datapath reads the trie only when > 0).
+    pub(super) fn prefix_count(&self) -> u32 {
+        self.vips.keys().filter(|v| v.prefix.is_some()).count() as u32
+    }
+
+    /// Write one of `vip`'s datapath entries (its own, its fragment alias,
+    /// its address's echo entry): the VIP map, or the prefix trie for a
+    /// prefix VIP.
+    pub(super) fn put_entry(&mut self, vip: &Vip, key: &lb_common::VipKey, info: &VipInfo) -> Result<()> {
+        match vip.prefix {
+            None => self.dp.set_vip(key, info),
+            Some(len) => self.dp.set_prefix_vip(key, len, info),
+        }
+    }
+
+    /// Remove one of `vip`'s datapath entries.
+    pub(super) fn drop_entry(&mut self, vip: &Vip, key: &lb_common::VipKey) -> Result<()> {
+        match vip.prefix {
+            None => self.dp.del_vip(key),
+            Some(len) => self.dp.del_prefix_vip(key, len),
+        }
+    }
+
+    /// The pre-filter value at `idx`: how many VIPs fold there, and
+    /// `VIP_FILTER_ANY_PORT` if one of them is an any-port VIP.
+    pub(super) fn filter_value(&self, idx: u32) -> u32 {
+        let here = || self.vips.keys().filter(|v| v.prefix.is_none() && filter_index(v) == idx);
+        let n = here().count() as u32;
+        let any = here().any(|v| v.is_any_port());
+        if any {
+            n | lb_common::VIP_FILTER_ANY_PORT
+        } else {
+            n
+        }
+    }
+
+    /// The address's echo entry (`VipKey::echo`): a copy of the entry of
+    /// its first VIP with `--answer-ping`, present while there is one.
+    /// `answering`: the changed VIP answers pings or did before the change
+    /// (otherwise the entry is not its business and nothing is written).
+    pub(super) fn sync_echo(&mut self, changed: &Vip, answering: bool) -> Result<()> {
+        if !answering {
+            return Ok(());
+        }
+        let key = changed.key().echo();
+        let first = self.vips.iter().find(|(v, s)| v.addr == changed.addr && v.prefix == changed.prefix && s.opts.answer_ping);
+        match first {
+            Some((_, s)) => {
+                let info = s.published;
+                self.put_entry(changed, &key, &info)
+            }
+            None => self.drop_entry(changed, &key).or(Ok(())),
+        }
+    }
+
+    /// IP fragments carry no ports after the first, so they are matched by
+    /// address and protocol: the datapath looks them up under port 0, where
+    /// this keeps a copy of the entry of the lowest-port VIP on that address
+    /// and protocol (fragments are balanced over its table). The VIP map
+    /// has room for one alias per VIP (`maps::vip_map_entries`).
+    pub(super) fn sync_fragment_alias(&mut self, changed: &Vip) -> Result<()> {
+        let alias_key = changed.key().fragment_alias();
+        // Any-port VIPs (port 0) come first: they get the fragments.
+        let first = self.vips.iter().find(|(v, _)| v.addr == changed.addr && v.prefix == changed.prefix && v.proto == changed.proto);
+        match first {
+            Some((v, _)) if v.port < changed.port => Ok(()),
+            Some((_, s)) => {
+                let info = s.published;
+                self.put_entry(changed, &alias_key, &info)
+            }
+            None => self.drop_entry(changed, &alias_key).or(Ok(())),
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The agent's unit tests: planning, coalescing, limits and saves over
+//! `MemMaps` (no BPF).
+
+use super::*;
+use crate::{
+    config::{Desired, DesiredBackend, DesiredVip},
+    maps::LoadOptions,
+};
+
+fn agent(max_vips: u32) -> Agent<MemMaps> {
+    let load = LoadOptions { max_vips, max_tables: max_vips, ring_size: 251, ..Default::default() };
+    let opts = AgentOptions {
+        iface_mac: "02:00:00:00:00:01".parse().expect("mac"),
+        accept_macs: Vec::new(),
+        health: HealthConfig { kind: CheckKind::None, ..Default::default() },
+    };
+    Agent::new(MemMaps::new(load), opts).expect("agent")
+}
+
+fn vip(s: &str) -> Vip {
+    s.parse().expect("vip")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn mac(n: u8) -> Option<Mac> {
+    Some(Mac([2, 0, 0, 0, 0, n]))
+}
+
+/// `n` VIPs on one address, 3 shared backends with known MACs, unchecked.
+fn desired(n: u16, weight: u32) -> Desired {
+    let vips = (0..n)
+        .map(|p| DesiredVip {
+            vip: vip(&format!("10.0.0.100:{}/tcp", 1000 + p)),
+            algo: Algo::Maglev,
+            persist: 0,
+            health: None,
+            all_down: AllDown::Drop,
+            slow_start_ms: 0,
+            forward: Default::default(),
+            backends: (1..=3u8)
+                .map(|i| DesiredBackend {
+                    ip: ip(&format!("10.0.0.{}", 10 + i)),
+                    mac: mac(i),
+                    weight: if i == 1 { weight } else { 1 },
+                    health: None,
+                    state: Admin::Ready,
+                    forward: None,
+                })
+                .collect(),
+        })
+        .collect();
+    Desired { health: HealthConfig { kind: CheckKind::None, ..Default::default() }, vips, sync: None }
+}
+
+fn with_state_file(a: &mut Agent<MemMaps>, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("xlb-agent-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("state.json");
+    let identity = crate::pin::identity::Identity { netns_cookie: 1, ifindex: 1 };
+    a.persist = Some(Persist { path: path.clone(), layout: "test".into(), identity, mode: "native".into(), order: Default::default() });
+    dir
+}
+
+#[test]
+fn a_reload_publishes_each_vip_once_and_saves_once() {
+    let mut a = agent(64);
+    let dir = with_state_file(&mut a, "reload");
+    a.apply_desired(&desired(64, 1)).expect("apply");
+    assert_eq!(a.dp.ring_writes, 64, "one table per VIP");
+    assert_eq!(a.publications, 64);
+    assert_eq!(a.saves, 1, "one state-file save for the whole reload");
+    assert!(a.vips().iter().all(|(v, s)| a.dp.table(&v.key()) == s.table && s.table.len() == 251));
+    // The same file again changes nothing.
+    assert!(a.apply_desired(&desired(64, 1)).expect("apply").is_empty());
+    assert_eq!(a.dp.ring_writes, 64);
+    // One weight in every VIP: each table once more.
+    let changes = a.apply_desired(&desired(64, 3)).expect("apply");
+    assert_eq!(changes.len(), 64);
+    assert_eq!(a.dp.ring_writes, 128);
+    assert_eq!(a.saves, 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_state_files_config_is_the_dump_and_follows_every_change() {
+    let mut a = agent(64);
+    a.apply_desired(&desired(8, 1)).expect("apply");
+    let same = |a: &Agent<MemMaps>| {
+        let parsed = Desired::parse(&a.dump_toml().expect("toml"), "test").expect("parses");
+        let dumped = Desired::parse(&toml::to_string(&a.dump()).expect("toml"), "test").expect("parses");
+        assert_eq!(parsed, dumped);
+    };
+    same(&a);
+    a.set_backend(&vip("10.0.0.100:1003/tcp"), ip("10.0.0.11"), Some(7), Some(Admin::Drain), false).expect("set");
+    same(&a);
+    a.del_vip(&vip("10.0.0.100:1000/tcp")).expect("del");
+    a.add_vip_with(vip("10.0.0.100:1000/tcp"), Algo::SourceHash, 30, None, AllDown::FailOpen).expect("re-add");
+    same(&a);
+    assert!(a.dump_toml().expect("toml").contains("persist_timeout = 30"));
+    a.apply_desired(&desired(4, 2)).expect("apply");
+    same(&a);
+}
+
+#[test]
+fn deferred_saves_are_one_per_tick_and_never_go_back_in_time() {
+    let mut a = agent(8);
+    let dir = with_state_file(&mut a, "deferred");
+    a.defer_saves = true;
+    a.apply_desired(&desired(2, 1)).expect("apply");
+    a.set_weight(&vip("10.0.0.100:1000/tcp"), ip("10.0.0.11"), 4).expect("weight");
+    assert_eq!(a.saves, 0, "requests leave the save to their caller");
+    let first = a.take_save().expect("the file is behind");
+    assert!(a.take_save().is_none(), "one save for both changes");
+    a.set_weight(&vip("10.0.0.100:1000/tcp"), ip("10.0.0.11"), 5).expect("weight");
+    let second = a.take_save().expect("behind again");
+    // Written out of order (two requests' writes racing): the later
+    // snapshot stays.
+    second.write();
+    first.write();
+    let snap = crate::state::Snapshot::load(&dir.join("state.json")).expect("load").expect("a file");
+    assert_eq!(snap.config, a.dump_toml().expect("dump"));
+    assert!(snap.config.contains("weight = 5"), "{}", snap.config);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_request_changes_the_tables_once() {
+    let mut a = agent(8);
+    let dir = with_state_file(&mut a, "request");
+    let v = vip("10.0.0.100:80/tcp");
+    let spec = VipSpec { slow_start_ms: 1000, ..Default::default() };
+    a.add_vip_spec(v, &spec).expect("vip");
+    assert_eq!((a.dp.vip_writes, a.dp.ring_writes, a.saves), (2, 0, 1), "VIP entry and its fragment alias, no table yet");
+    a.add_backends(&v, &[(ip("10.0.0.11"), mac(1), 1), (ip("10.0.0.12"), mac(2), 1)]).expect("backends");
+    assert_eq!((a.dp.ring_writes, a.saves), (1, 2));
+    let (w, s) = (a.dp.ring_writes, a.saves);
+    let (moved, size) = a.set_backend(&v, ip("10.0.0.11"), Some(5), Some(Admin::Ready), true).expect("dry run");
+    assert!(moved > 0 && size == 251);
+    assert_eq!((a.dp.ring_writes, a.saves), (w, s), "a dry run writes nothing");
+    assert_eq!(a.set_backend(&v, ip("10.0.0.11"), Some(5), None, false).expect("set"), (moved, size), "the dry run said what happens");
+    assert_eq!((a.dp.ring_writes, a.saves), (w + 1, s + 1), "one plan, one write, one save");
+    a.add_backend_checked(&v, ip("10.0.0.13"), mac(3), 1, Some(HealthConfig { kind: CheckKind::None, ..Default::default() })).expect("add");
+    assert_eq!((a.dp.ring_writes, a.saves), (w + 2, s + 2));
+    a.del_backend(&v, ip("10.0.0.13")).expect("del");
+    assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+    // Bad input changes nothing.
+    assert!(a.set_backend(&v, ip("10.0.0.11"), Some(1_000_000), None, false).is_err());
+    assert!(a.del_backend(&v, ip("10.0.0.99")).is_err());
+    assert!(a.add_backends(&v, &[(ip("10.0.0.14"), None, 1), (ip("10.0.0.14"), None, 1)]).is_err());
+    assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+    assert_eq!(a.vips()[&v].backends.len(), 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn max_vips_means_services_whatever_the_aliases_need() {
+    // Every VIP on its own address needs a fragment alias too: the VIP
+    // map has room for both, so the limit is the one the flag names.
+    let mut a = agent(4);
+    for i in 0..4 {
+        a.add_vip(vip(&format!("10.0.0.{}:80/tcp", 100 + i)), Algo::Maglev, 0).expect("within the limit");
+    }
+    assert_eq!(a.dp.vips.len(), 8, "4 VIPs + 4 aliases");
+    let e = a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect_err("over the limit").to_string();
+    assert_eq!(e, "cannot add VIP 10.0.0.200:80/tcp: the limit of 4 VIPs is reached (raise it with `xlb agent --max-vips`)");
+    assert!(!e.contains('\n'));
+    // A reload over the limit is refused whole, naming the flag.
+    let e = a.apply_desired(&desired(5, 1)).expect_err("over").to_string();
+    assert!(e.contains("limit is 4") && e.contains("--max-vips"), "{e}");
+    assert_eq!(a.vips().len(), 4, "nothing changed");
+    // Freed slots are reusable.
+    a.del_vip(&vip("10.0.0.100:80/tcp")).expect("del");
+    a.add_vip(vip("10.0.0.200:80/tcp"), Algo::Maglev, 0).expect("room again");
+}
+
+#[test]
+fn vips_with_backends_are_bounded_by_the_tables() {
+    let load = LoadOptions { max_vips: 8, max_tables: 2, ring_size: 251, ..Default::default() };
+    let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } };
+    let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
+    assert_eq!(a.dp.rings.len(), 4 * 251, "2 tables + 2 spares allocated, not 8 + 2");
+    for p in 0..3 {
+        a.add_vip(vip(&format!("10.0.0.100:{}/tcp", 80 + p)), Algo::Maglev, 0).expect("VIPs without backends need no table");
+    }
+    a.add_backend(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), mac(1), 1).expect("1st table");
+    a.add_backend(&vip("10.0.0.100:80/tcp"), ip("10.0.0.12"), mac(2), 1).expect("same table");
+    a.add_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11"), mac(1), 1).expect("2nd table");
+    let e = a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect_err("3rd").to_string();
+    assert!(e.contains("limit of tables is 2") && e.contains("--max-tables") && !e.contains('\n'), "{e}");
+    // Many table changes in a row never run out of slots.
+    for w in 1..20 {
+        a.set_weight(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), w).expect("reweight");
+    }
+    a.del_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11")).expect("frees the table");
+    a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect("room again");
+}
+
+#[test]
+fn backends_per_vip_limit_is_one_line_naming_it() {
+    let mut a = agent(2);
+    let v = vip("10.0.0.100:80/tcp");
+    a.add_vip(v, Algo::LeastConn, 0).expect("vip");
+    let many: Vec<(IpAddr, Option<Mac>, u32)> =
+        (0..257u32).map(|i| (IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i + 1)), mac(1), 1)).collect();
+    let e = a.add_backends(&v, &many).expect_err("too many").to_string();
+    assert!(e.contains("least-conn allows at most 256") && !e.contains('\n'), "{e}");
+    assert!(a.vips()[&v].backends.is_empty());
+    a.add_backends(&v, &many[..256]).expect("256 fit");
+}
+
+#[test]
+fn a_mixed_family_or_duplicate_backend_is_refused_before_anything_changes() {
+    let mut a = agent(2);
+    let v = vip("10.0.0.100:80/tcp");
+    a.add_vip(v, Algo::Maglev, 0).expect("vip");
+    assert!(a.add_backend(&v, ip("2001:db8::1"), mac(1), 1).is_err());
+    assert!(a.add_backend(&v, ip("224.0.0.1"), mac(1), 1).is_err());
+    assert_eq!(a.dp.ring_writes, 0);
+}
+
+#[test]
+fn vip_forms_write_their_derived_entries() {
+    let mut a = agent(8);
+    let any = vip("10.0.0.100:*/tcp");
+    let exact = vip("10.0.0.100:443/tcp");
+    a.add_vip(any, Algo::Maglev, 0).expect("any-port");
+    a.add_vip_spec(exact, &VipSpec { opts: VipOpts { answer_ping: true, ..Default::default() }, ..Default::default() })
+        .expect("exact");
+    let idx = filter_index(&exact);
+    assert_eq!(a.dp.filter.get(&idx), Some(&(2 | lb_common::VIP_FILTER_ANY_PORT)));
+    assert!(a.dp.vips.contains_key(&any.key()) && any.key().is_any_port());
+    // Fragments go to the any-port VIP (the address's lowest port).
+    assert_eq!(a.dp.vips[&any.key().fragment_alias()].vip_id, a.vips()[&any].id);
+    // The echo entry copies the answering VIP's.
+    let echo = a.dp.vips[&exact.key().echo()];
+    assert!(echo.answers_ping() && echo.vip_id == a.vips()[&exact].id);
+    a.del_vip(&exact).expect("del");
+    assert!(!a.dp.vips.contains_key(&exact.key().echo()), "no answering VIP left");
+    assert_eq!(a.dp.filter.get(&idx), Some(&(1 | lb_common::VIP_FILTER_ANY_PORT)));
+    a.del_vip(&any).expect("del");
+    assert!(a.dp.vips.is_empty() && a.dp.filter.is_empty());
+}
+
+#[test]
+fn prefix_vips_live_in_the_trie_and_open_its_gate() {
+    let mut a = agent(8);
+    let p = vip("10.1.0.0/16:*/tcp");
+    let spec = VipSpec { opts: VipOpts { answer_ping: true, ..Default::default() }, ..Default::default() };
+    a.add_vip_spec(p, &spec).expect("prefix");
+    assert_eq!(a.dp.prefix_count, 1);
+    assert!(a.dp.vips.is_empty() && a.dp.filter.is_empty(), "nothing in the exact map or the pre-filter");
+    for k in [p.key(), p.key().fragment_alias(), p.key().echo()] {
+        assert!(a.dp.prefixes.contains_key(&(k, 16)), "{k:?}");
+    }
+    a.add_vip(vip("10.1.2.0/24:443/tcp"), Algo::Maglev, 0).expect("inner prefix");
+    assert_eq!(a.dp.prefix_count, 2);
+    a.del_vip(&p).expect("del");
+    assert_eq!(a.dp.prefix_count, 1);
+    assert!(a.dp.prefixes.keys().all(|(_, len)| *len == 24), "the /16's entries are gone");
+}
+
+#[test]
+fn vip_form_options_are_checked() {
+    let mut a = agent(8);
+    let dst_port = VipSpec { opts: VipOpts { hash: config::HashMode::DstPort, ..Default::default() }, ..Default::default() };
+    let e = a.add_vip_spec(vip("10.0.0.1:80/tcp"), &VipSpec { algo: Algo::RoundRobin, ..dst_port.clone() }).expect_err("rr");
+    assert!(e.to_string().contains("--hash dst-port needs the maglev algorithm"), "{e}");
+    a.add_vip_spec(vip("10.0.0.1:80/tcp"), &dst_port).expect("maglev");
+    assert_eq!(a.dp.vips[&vip("10.0.0.1:80/tcp").key()].flags, lb_common::VIP_F_HASH_DST_PORT);
+    // An any-port VIP whose checks are on needs a port to check.
+    let tcp = HealthConfig { kind: CheckKind::Tcp, ..Default::default() };
+    let e = a.add_vip_spec(vip("10.0.0.2:*/tcp"), &VipSpec { health: Some(tcp.clone()), ..Default::default() }).expect_err("no port");
+    assert!(e.to_string().contains("--check-port"), "{e}");
+    assert!(!a.vips().contains_key(&vip("10.0.0.2:*/tcp")), "nothing changed");
+    let with_port = HealthConfig { port: Some(8080), ..tcp };
+    a.add_vip_spec(vip("10.0.0.2:*/tcp"), &VipSpec { health: Some(with_port), ..Default::default() }).expect("check port");
+    // UDP VIPs are not TCP-checked: no port needed.
+    let tcp = HealthConfig { kind: CheckKind::Tcp, ..Default::default() };
+    a.add_vip_spec(vip("10.0.0.2:*/udp"), &VipSpec { health: Some(tcp), ..Default::default() }).expect("udp");
+}
