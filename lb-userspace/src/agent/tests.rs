@@ -39,6 +39,7 @@ fn desired(n: u16, weight: u32) -> Desired {
             health: None,
             all_down: AllDown::Drop,
             slow_start_ms: 0,
+            opts: Default::default(),
             forward: Default::default(),
             backends: (1..=3u8)
                 .map(|i| DesiredBackend {
