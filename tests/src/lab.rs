@@ -94,6 +94,76 @@ pub fn cleanup_all() {
     }
 }
 
+/// Long-running processes started in network namespaces, each logging to
+/// `NAME.log` in a directory; stopped (last started first) on drop, and by
+/// their owner before it deletes the namespaces.
+pub struct Procs {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Procs {
+    /// No processes yet; logs go to `dir`.
+    pub fn new(dir: &Path) -> Procs {
+        Procs { dir: dir.to_path_buf(), children: Vec::new() }
+    }
+
+    /// Start `program` in namespace `ns` under `name`.
+    pub fn spawn(&mut self, name: &str, ns: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = in_ns(ns, program)
+            .args(args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn take(&mut self, name: &str) -> Result<Child> {
+        let i = self.children.iter().position(|(n, _)| n == name).with_context(|| format!("no process {name}"))?;
+        Ok(self.children.remove(i).1)
+    }
+
+    /// SIGTERM, then SIGKILL after 3 s.
+    pub fn stop(&mut self, name: &str) -> Result<()> {
+        terminate(&mut self.take(name)?);
+        Ok(())
+    }
+
+    /// SIGKILL at once.
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let mut child = self.take(name)?;
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(())
+    }
+
+    /// The pid (`ip netns exec` execs the program).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
+    /// What the process wrote so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Stop every process, last started first.
+    pub fn stop_all(&mut self) {
+        for (_, mut c) in self.children.drain(..).rev() {
+            terminate(&mut c);
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
 /// The topology and the processes running in it.
 pub struct Lab {
     /// Unique tag of this lab (part of every namespace name).
@@ -107,7 +177,7 @@ pub struct Lab {
     /// /sys/fs/bpf from the agent, but not this.
     pub bpffs: PathBuf,
     namespaces: Vec<String>,
-    children: Vec<(String, Child)>,
+    procs: Procs,
 }
 
 impl Lab {
@@ -122,7 +192,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("xlb-lab-{tag}"));
         let bpffs = dir.join("bpffs");
         std::fs::create_dir_all(&bpffs)?;
-        let mut lab = Lab { tag, backends, dir, bpffs, namespaces: Vec::new(), children: Vec::new() };
+        let mut lab = Lab { tag, backends, procs: Procs::new(&dir), dir, bpffs, namespaces: Vec::new() };
         sh("mount", &["-t", "bpf", "bpf", &lab.bpffs.to_string_lossy()]).context("mounting the lab's bpffs")?;
         lab.build().context("building the namespace topology")?;
         Ok(lab)
@@ -182,42 +252,28 @@ impl Lab {
 
     /// Start a long-running process in a role's namespace; killed on drop.
     pub fn spawn(&mut self, name: &str, role: &str, program: &Path, args: &[&str]) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = in_ns(&self.ns(role), program)
-            .args(args)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
+        let ns = self.ns(role);
+        self.procs.spawn(name, &ns, program, args)
     }
 
     /// Stop a process started with `spawn` (SIGTERM, then SIGKILL after 3 s).
     pub fn stop(&mut self, name: &str) -> Result<()> {
-        let i = self.children.iter().position(|(n, _)| n == name).with_context(|| format!("no process {name}"))?;
-        let (_, mut child) = self.children.remove(i);
-        terminate(&mut child);
-        Ok(())
+        self.procs.stop(name)
     }
 
     /// Kill a process started with `spawn` at once (SIGKILL).
     pub fn kill(&mut self, name: &str) -> Result<()> {
-        let i = self.children.iter().position(|(n, _)| n == name).with_context(|| format!("no process {name}"))?;
-        let (_, mut child) = self.children.remove(i);
-        let _ = child.kill();
-        let _ = child.wait();
-        Ok(())
+        self.procs.kill(name)
     }
 
     /// The pid of a process started with `spawn` (`ip netns exec` execs it).
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+        self.procs.pid(name)
     }
 
     /// The log of a process started with `spawn`.
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+        self.procs.log(name)
     }
 
     /// Run a command in a role's namespace to completion.
@@ -274,9 +330,7 @@ extern "C" {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for (_, mut c) in self.children.drain(..).rev() {
-            terminate(&mut c);
-        }
+        self.procs.stop_all();
         for ns in self.namespaces.drain(..).rev() {
             delete_ns(&ns);
         }

@@ -20,12 +20,12 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use crate::lab::{in_ns, sh};
+use crate::lab::{in_ns, sh, Procs};
 
 /// Delete a namespace of this module (only the test's own thread is in
 /// it: nothing to kill).
@@ -152,7 +152,7 @@ pub struct RoutedLab {
     pub bpffs: PathBuf,
     tag: String,
     namespaces: Vec<String>,
-    children: Vec<(String, Child)>,
+    procs: Procs,
 }
 
 /// The routed lab's IPv4 VIP.
@@ -188,7 +188,7 @@ impl RoutedLab {
         let bpffs = dir.join("bpffs");
         std::fs::create_dir_all(&bpffs)?;
         let socket = dir.join("xlb.sock");
-        let mut r = RoutedLab { xlb, lab_bin, socket, dir, bpffs, tag, namespaces: Vec::new(), children: Vec::new() };
+        let mut r = RoutedLab { xlb, lab_bin, socket, procs: Procs::new(&dir), dir, bpffs, tag, namespaces: Vec::new() };
         sh("mount", &["-t", "bpf", "bpf", &r.bpffs.to_string_lossy()]).context("mounting the lab's bpffs")?;
         r.build(backends).context("building the routed topology")?;
         let pins = r.bpffs.join("xlb").to_string_lossy().into_owned();
@@ -283,29 +283,18 @@ impl RoutedLab {
 
     /// Start a long-running process in a role's namespace; killed on drop.
     pub fn spawn(&mut self, name: &str, role: &str, program: &Path, args: &[&str]) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = in_ns(&self.ns(role), program)
-            .args(args)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
+        let ns = self.ns(role);
+        self.procs.spawn(name, &ns, program, args)
     }
 
     /// Kill a process started with `spawn` at once.
     pub fn kill(&mut self, name: &str) -> Result<()> {
-        let i = self.children.iter().position(|(n, _)| n == name).with_context(|| format!("no process {name}"))?;
-        let (_, mut child) = self.children.remove(i);
-        let _ = child.kill();
-        let _ = child.wait();
-        Ok(())
+        self.procs.kill(name)
     }
 
     /// The log of a process started with `spawn`.
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+        self.procs.log(name)
     }
 
     /// Run a command in a role's namespace to completion.
@@ -352,9 +341,7 @@ impl RoutedLab {
 
 impl Drop for RoutedLab {
     fn drop(&mut self) {
-        for (_, mut c) in self.children.drain(..).rev() {
-            crate::lab::terminate(&mut c);
-        }
+        self.procs.stop_all();
         for ns in self.namespaces.drain(..).rev() {
             crate::lab::delete_ns(&ns);
         }
