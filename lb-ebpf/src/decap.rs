@@ -16,18 +16,12 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::Xdp
 use lb_common::{addr_v4, DecapKey, Stat, FAMILY_V4, FAMILY_V6, PROTO_UDP};
 
 use crate::{
+    // The headers `encap` writes are the ones read here: one definition.
+    encap::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN},
     maps::{DECAP_VIPS, ENCAP},
     pkt,
 };
 
-const ETH_LEN: usize = 14;
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
-const PROTO_IPIP: u8 = 4;
-const PROTO_IPV6: u8 = 41;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
 
 /// Decapsulate one frame: action and verdict.
 #[inline(always)]

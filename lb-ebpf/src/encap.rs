@@ -41,16 +41,16 @@ use crate::{
 };
 
 pub const ETH_LEN: usize = 14;
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// IP protocol numbers of IPv4 and IPv6 as payloads.
-const PROTO_IPIP: u8 = 4;
-const PROTO_IPV6: u8 = 41;
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
 pub const IPV4_LEN: usize = 20;
 pub const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
+pub const UDP_LEN: usize = 8;
 const FIB_SUCCESS: i64 = 0;
 const FIB_FRAG_NEEDED: i64 = 8;
 

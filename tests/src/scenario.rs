@@ -15,6 +15,16 @@ use crate::{
     traffic::Summary,
 };
 
+/// (IP, state) of a VIP's backends in `xlb status --json` output.
+pub fn backend_states_in(status: &Value, vip: &str) -> Vec<(String, String)> {
+    let v = status["vips"].as_array().into_iter().flatten().find(|v| v["vip"] == vip);
+    v.and_then(|v| v["backends"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|b| (b["ip"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
 /// The lab's service, as the CLI writes it.
 pub fn vip_arg() -> String {
     format!("{VIP}:80/tcp")
@@ -196,17 +206,7 @@ impl Deployment {
 
     /// States of a VIP's backends by IP.
     pub fn backend_states_of(&self, vip: &str) -> Result<Vec<(String, String)>> {
-        let s = self.status()?;
-        let v = s["vips"].as_array().into_iter().flatten().find(|v| v["vip"] == vip);
-        Ok(v.map(|v| {
-            v["backends"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|b| (b["ip"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
-                .collect()
-        })
-        .unwrap_or_default())
+        Ok(backend_states_in(&self.status()?, vip))
     }
 
     /// Add the lab VIP and all backends through the CLI (MACs resolved by the agent).

@@ -71,13 +71,7 @@ fn forwarded(lab: &RoutedLab, role: &str) -> u64 {
 
 fn states(lab: &RoutedLab, vip: &str) -> Vec<(String, String)> {
     let s: Value = serde_json::from_str(&lab.cli_ok(&["status", "--json"]).expect("status")).expect("json");
-    let v = s["vips"].as_array().into_iter().flatten().find(|v| v["vip"] == vip).cloned().unwrap_or_default();
-    v["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|b| (b["ip"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
-        .collect()
+    xlb_tests::scenario::backend_states_in(&s, vip)
 }
 
 fn wait_up(lab: &RoutedLab, vip: &str, up: &[String], limit: Duration) {
