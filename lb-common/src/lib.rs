@@ -11,11 +11,13 @@
 pub mod ct;
 pub mod hash;
 pub mod maps;
+pub mod quic;
 pub mod stats;
 pub mod trace;
 
 pub use ct::{CtEntry, CtHash, CtSeed, CtSet, CtWay, CT_WAYS};
 pub use maps::*;
+pub use quic::QuicIdKey;
 pub use stats::Stat;
 
 /// Address family tag carried in keys (`AF_INET`).
@@ -59,7 +61,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -110,9 +112,13 @@ pub mod map_names {
     /// empties a program array when no process or pin holds it, and the
     /// pinned balancer outlives its agent; every agent sets it at load.
     pub const PROGS: &str = "XLB_PROGS";
+    /// `quic::QuicIdKey` → backend id: the server IDs of `--quic` VIPs'
+    /// backends.
+    pub const QUIC_IDS: &str = "XLB_QUIC_IDS";
     /// Every map above: all are pinned, and a restarted agent reuses them all.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST, VIP_PREFIX, PREFIX_ON, PROGS,
+        QUIC_IDS,
     ];
 }
 

@@ -191,8 +191,8 @@ pub const VIP_F_HASH_DST_PORT: u8 = 1;
 /// answered by the datapath (only on the address's echo entry,
 /// `VipKey::echo`).
 pub const VIP_F_ANSWER_PING: u8 = 2;
-/// `VipInfo::flags`: a QUIC service (UDP): short-header packets are routed
-/// by the server ID in their destination connection ID (`quic`).
+/// `VipInfo::flags`: a QUIC service (UDP): packets whose destination
+/// connection ID carries a server ID go to its backend (`quic`).
 pub const VIP_F_QUIC: u8 = 4;
 
 /// `VipKey::family` bit of an any-port VIP's entry (`ADDR:*/PROTO`): its
@@ -588,6 +588,7 @@ mod pod {
     unsafe impl aya::Pod for crate::CtSet {}
     unsafe impl aya::Pod for super::EncapConfig {}
     unsafe impl aya::Pod for super::DecapKey {}
+    unsafe impl aya::Pod for crate::QuicIdKey {}
 }
 
 #[cfg(test)]
@@ -635,5 +636,6 @@ mod tests {
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<PersistKey>(), 20);
         assert_eq!(size_of::<PersistValue>(), 16);
+        assert_eq!(size_of::<crate::QuicIdKey>(), 8);
     }
 }

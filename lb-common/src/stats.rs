@@ -79,10 +79,23 @@ pub enum Stat {
     /// XDP_TX: an ICMP/ICMPv6 echo request to a VIP address with
     /// `--answer-ping`, answered by the datapath itself.
     EchoReplied = 27,
+    /// Event (`--quic` VIPs, connection-table misses): the destination
+    /// connection ID's server ID named a live backend of the VIP: sent there.
+    QuicRouted = 28,
+    /// Event: a server ID that no backend of the VIP has: scheduled by the
+    /// VIP's algorithm.
+    QuicUnknownId = 29,
+    /// Event: a server ID whose backend cannot take traffic (down): scheduled
+    /// by the VIP's algorithm.
+    QuicFallback = 30,
+    /// Event: a QUIC packet without a routable server ID (Initial or 0-RTT
+    /// packet, unknown version, server ID 0, another config rotation,
+    /// shorter than its connection ID): scheduled by the VIP's algorithm.
+    QuicNoId = 31,
 }
 
 /// Number of `Stat` counters (the size of `StatBlock`).
-pub const STAT_COUNT: u32 = 28;
+pub const STAT_COUNT: u32 = 32;
 
 /// Every counter, in index order.
 pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -114,6 +127,10 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::DecapNotTunnel,
     Stat::DecapNotLocal,
     Stat::EchoReplied,
+    Stat::QuicRouted,
+    Stat::QuicUnknownId,
+    Stat::QuicFallback,
+    Stat::QuicNoId,
 ];
 
 /// Counters that are verdicts (exactly one per frame): the first block of
@@ -171,6 +188,10 @@ impl Stat {
             Stat::DecapNotTunnel => "pass_decap_not_tunnel",
             Stat::DecapNotLocal => "pass_decap_not_local",
             Stat::EchoReplied => "echo_replied",
+            Stat::QuicRouted => "quic_routed",
+            Stat::QuicUnknownId => "quic_unknown_id",
+            Stat::QuicFallback => "quic_fallback",
+            Stat::QuicNoId => "quic_no_id",
         }
     }
 }

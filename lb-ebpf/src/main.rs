@@ -24,6 +24,7 @@ mod forward;
 mod maps;
 mod parse;
 mod pkt;
+mod quic;
 mod select;
 mod stats;
 mod steer;
@@ -112,7 +113,7 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
     if let Kind::Echo { l3 } = pkt.kind {
         return answer_ping(ctx, &pkt, l3, gate);
     }
-    let Choice { id, backend, new_flow } = match steer::choose(&pkt, gate, stats) {
+    let Choice { id, backend, new_flow } = match steer::choose(ctx, &pkt, gate, stats) {
         Ok(c) => c,
         Err(Stat::PassNotVip) => return (xdp_action::XDP_PASS, Stat::PassNotVip),
         Err(stat) => {

@@ -27,6 +27,10 @@ pub static VIP_PREFIX: LpmTrie<PrefixKey, VipInfo> = LpmTrie::with_max_entries(D
 #[map(name = "XLB_PREFIX_ON")]
 pub static PREFIX_ON: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Server IDs of `--quic` VIPs' backends: (VIP id, server ID) → backend id.
+#[map(name = "XLB_QUIC_IDS")]
+pub static QUIC_IDS: HashMap<lb_common::QuicIdKey, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
 /// Backends by id: where to send a flow.
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);

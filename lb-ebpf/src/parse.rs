@@ -69,6 +69,9 @@ pub struct Packet {
     pub kind: Kind,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
+    /// Offset of the TCP/UDP header (`Kind::Flow`; 0 otherwise): where
+    /// `quic` finds the UDP length and payload.
+    pub l4: usize,
 }
 
 impl Packet {
@@ -144,13 +147,13 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     let l4_len = l4_header_len(h.proto)?;
     if h.fragment {
         let key = FlowKey::v4(h.src, 0, h.dst, 0, h.proto);
-        return Ok(Packet { key, kind: Kind::Fragment, tcp_flags: 0 });
+        return Ok(Packet { key, kind: Kind::Fragment, tcp_flags: 0, l4: 0 });
     }
     if h.tot_len < h.l4 - off + l4_len {
         return Err(Stat::PassBadHeader);
     }
     let (sport, dport, tcp_flags) = ports(ctx, h.l4, l4_len)?;
-    Ok(Packet { key: FlowKey::v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags })
+    Ok(Packet { key: FlowKey::v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags, l4: h.l4 })
 }
 
 /// ICMPv4: destination unreachable (incl. fragmentation needed), time
@@ -164,7 +167,7 @@ fn icmp4(ctx: &XdpContext, l3: usize, outer: &V4) -> Result<Packet, Stat> {
     if icmp[0] == ICMP_ECHO_REQUEST && off == l3 + Ipv4Hdr::LEN && outer.tot_len >= Ipv4Hdr::LEN + ICMP_HDR_LEN {
         let _: [u8; ICMP_HDR_LEN] = read(ctx, off)?;
         let key = FlowKey::v4(outer.src, 0, outer_dst, 0, PROTO_ICMP);
-        return Ok(Packet { key, kind: Kind::Echo { l3 }, tcp_flags: 0 });
+        return Ok(Packet { key, kind: Kind::Echo { l3 }, tcp_flags: 0, l4: 0 });
     }
     if !matches!(icmp[0], 3 | 11 | 12) {
         return Err(Stat::PassOtherL4);
@@ -177,7 +180,7 @@ fn icmp4(ctx: &XdpContext, l3: usize, outer: &V4) -> Result<Packet, Stat> {
     let p: [u16; 2] = read(ctx, inner.l4)?;
     // Inner: VIP:port → client:port. The flow is client → VIP.
     let key = FlowKey::v4(inner.dst, p[1], inner.src, p[0], inner.proto);
-    Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0 })
+    Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0, l4: 0 })
 }
 
 /// Walk IPv6 extension headers from `next` at `off`; returns the final
@@ -225,7 +228,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
             let icmp: [u8; ICMP_HDR_LEN] = read(ctx, l4)?;
             if icmp[0] == ICMPV6_ECHO_REQUEST {
                 let key = FlowKey::v6(ip.src_addr, 0, ip.dst_addr, 0, PROTO_ICMPV6);
-                return Ok(Packet { key, kind: Kind::Echo { l3: off }, tcp_flags: 0 });
+                return Ok(Packet { key, kind: Kind::Echo { l3: off }, tcp_flags: 0, l4: 0 });
             }
         }
         return icmp6(ctx, l4, &ip.dst_addr);
@@ -233,13 +236,13 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     let l4_len = l4_header_len(next)?;
     let key = |sport_be, dport_be| FlowKey::v6(ip.src_addr, sport_be, ip.dst_addr, dport_be, next);
     if fragment {
-        return Ok(Packet { key: key(0, 0), kind: Kind::Fragment, tcp_flags: 0 });
+        return Ok(Packet { key: key(0, 0), kind: Kind::Fragment, tcp_flags: 0, l4: 0 });
     }
     if (u16::from_be_bytes(ip.payload_len) as usize) < l4 - off - Ipv6Hdr::LEN + l4_len {
         return Err(Stat::PassBadHeader);
     }
     let (sport, dport, tcp_flags) = ports(ctx, l4, l4_len)?;
-    Ok(Packet { key: key(sport, dport), kind: Kind::Flow, tcp_flags })
+    Ok(Packet { key: key(sport, dport), kind: Kind::Flow, tcp_flags, l4 })
 }
 
 /// ICMPv6 destination unreachable, packet too big, time exceeded and
@@ -258,7 +261,7 @@ fn icmp6(ctx: &XdpContext, off: usize, outer_dst: &[u8; 16]) -> Result<Packet, S
     }
     let p: [u16; 2] = read(ctx, off + ICMP_HDR_LEN + Ipv6Hdr::LEN)?;
     let key = FlowKey::v6(inner.dst_addr, p[1], inner.src_addr, p[0], inner.next_hdr);
-    Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0 })
+    Ok(Packet { key, kind: Kind::IcmpError, tcp_flags: 0, l4: 0 })
 }
 
 /// Fixed header length of a balanced L4 protocol.

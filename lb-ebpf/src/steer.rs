@@ -3,14 +3,14 @@
 //! fragments by the VIP's 3-tuple hash, ICMP errors to the flow they are
 //! about. Every path returns a `Choice`, and the VIP map is read here only.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{BackendInfo, FlowKey, PrefixKey, Stat, StatBlock, VipInfo, VipKey, KEY_ANY_PORT, VIP_FILTER_ANY_PORT};
 
 use crate::{
     conntrack::{self, Track},
     maps::{PREFIX_ON, VIPS, VIP_PREFIX},
     parse::{Kind, Packet},
-    select,
+    quic, select,
 };
 
 /// The backend chosen for a packet.
@@ -84,7 +84,7 @@ fn prefix_vip<'a>(k: &VipKey) -> Option<&'a VipInfo> {
 /// Where `pkt` goes; `PassNotVip` when its destination is not a VIP after
 /// all, another `Stat` when it must be dropped.
 #[inline(always)]
-pub fn choose<'a>(pkt: &Packet, gate: Gate<'a>, stats: &mut StatBlock) -> Result<Choice<'a>, Stat> {
+pub fn choose<'a>(ctx: &XdpContext, pkt: &Packet, gate: Gate<'a>, stats: &mut StatBlock) -> Result<Choice<'a>, Stat> {
     let key = &pkt.key;
     // Port 0 is where fragments of a VIP address are looked up; no VIP has
     // it, so a TCP/UDP packet (or an ICMP error about one) to port 0 is not
@@ -98,7 +98,13 @@ pub fn choose<'a>(pkt: &Packet, gate: Gate<'a>, stats: &mut StatBlock) -> Result
             Track::New(p) => {
                 let vip = vip(key, gate)?;
                 p.settle(vip, stats);
-                let (id, backend) = select::schedule(key, vip, stats)?;
+                // `--quic`: the server ID in the connection ID first (a
+                // client that moved to a new address or port misses the
+                // table and is sent back to its backend here).
+                let (id, backend) = match quic::backend(ctx, pkt, vip, stats) {
+                    Some(c) => c,
+                    None => select::schedule(key, vip, stats)?,
+                };
                 p.commit(key, id, backend, stats);
                 Ok(Choice { id, backend, new_flow: true })
             }

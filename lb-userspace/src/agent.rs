@@ -30,6 +30,7 @@ use std::{
 use crate::{
     config::{self, AllDown, CheckKind, HealthConfig, Mac, Vip, VipOpts},
     maps::Datapath,
+    quic::ServerId,
 };
 
 mod adopt;
@@ -104,13 +105,13 @@ impl Default for VipSpec {
 
 impl VipSpec {
     /// Check every rule of a VIP's settings (the one place they are checked).
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self, vip: &Vip) -> Result<()> {
         check_persist(self.algo, self.persist as u32)?;
         if let Some(h) = &self.health {
             h.validate()?;
         }
         config::check_slow_start(self.slow_start_ms)?;
-        self.opts.validate(self.algo)?;
+        self.opts.validate(vip, self.algo)?;
         Ok(())
     }
 }
@@ -282,7 +283,7 @@ impl<M: Maps> Agent<M> {
     }
 
     fn insert_vip(&mut self, vip: Vip, spec: &VipSpec) -> Result<()> {
-        spec.validate()?;
+        spec.validate(&vip)?;
         if self.vips.contains_key(&vip) {
             bail!("VIP {vip} already exists");
         }
@@ -314,6 +315,7 @@ impl<M: Maps> Agent<M> {
                 published,
                 ring_slot: None,
                 backends: BTreeMap::new(),
+                quic_ids: BTreeMap::new(),
                 table: Vec::new(),
                 published_at: None,
                 retired: Default::default(),
@@ -342,6 +344,10 @@ impl<M: Maps> Agent<M> {
         // Unpublish first: from here on its packets are XDP_PASS.
         self.drop_entry(vip, &vip.key())?;
         let ids: Vec<u32> = self.vips[vip].backends.values().map(|b| b.id).collect();
+        let (vip_id, server_ids) = (self.vips[vip].id, self.vips[vip].quic_ids.clone());
+        for sid in server_ids.keys() {
+            self.dp.set_quic_id(vip_id, *sid, None)?;
+        }
         let state = self.vips.remove(vip).expect("checked above");
         let answered = state.opts.answer_ping;
         for id in ids {
@@ -381,25 +387,28 @@ impl<M: Maps> Agent<M> {
     /// Add a backend with its own health settings (or the VIP's): one
     /// table publication.
     pub fn add_backend_checked(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32, check: Option<HealthConfig>) -> Result<(usize, usize)> {
-        self.add_backend_full(vip, (ip, mac, weight), check, None)
+        self.add_backend_full(vip, (ip, mac, weight), check, None, None)
     }
 
     /// `add_backend_checked` with a forwarding mode of its own (`None`:
-    /// the VIP's): one table publication.
+    /// the VIP's) and a QUIC server ID: one table publication.
     pub fn add_backend_full(
         &mut self,
         vip: &Vip,
         (ip, mac, weight): (IpAddr, Option<Mac>, u32),
         check: Option<HealthConfig>,
         forward: Option<Forward>,
+        server_id: Option<ServerId>,
     ) -> Result<(usize, usize)> {
         if let Some(h) = &check {
             h.validate()?;
         }
+        self.check_server_ids(vip, &[(ip, server_id)])?;
         self.insert_backends(vip, &[(ip, mac, weight)], forward)?;
         if check.is_some() {
             self.change_backend_check(vip, ip, check)?;
         }
+        self.set_server_ids(vip, &[(ip, server_id)])?;
         let moved = self.publish(vip)?;
         self.flush()?;
         Ok(moved)
@@ -442,6 +451,40 @@ impl<M: Maps> Agent<M> {
         }
         self.mark(*vip);
         Ok(())
+    }
+
+    /// Whether a VIP's server IDs would follow the rules after giving
+    /// `ids` to these (present or new) backends (`quic::check_server_ids`).
+    fn check_server_ids(&self, vip: &Vip, ids: &[(IpAddr, Option<ServerId>)]) -> Result<()> {
+        let state = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let given = |ip: &IpAddr| ids.iter().find(|(i, _)| i == ip).map(|(_, id)| *id);
+        let after = state
+            .backends
+            .values()
+            .map(|b| (b.ip, given(&b.ip).unwrap_or(b.server_id)))
+            .chain(ids.iter().filter(|(ip, _)| !state.backends.contains_key(ip)).copied());
+        crate::quic::check_server_ids(vip, state.opts.quic, after).map(|_| ())
+    }
+
+    /// Give backends of a VIP their QUIC server IDs (`None`: none), checked
+    /// all together first; marks the VIP when one changed (publication
+    /// writes `XLB_QUIC_IDS`). Returns whether one changed.
+    fn set_server_ids(&mut self, vip: &Vip, ids: &[(IpAddr, Option<ServerId>)]) -> Result<bool> {
+        self.check_server_ids(vip, ids)?;
+        let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        if let Some((ip, _)) = ids.iter().find(|(ip, _)| !state.backends.contains_key(ip)) {
+            bail!("backend {ip} is not in VIP {vip}");
+        }
+        let mut changed = false;
+        for (ip, id) in ids {
+            let b = state.backends.get_mut(ip).expect("checked above");
+            changed |= b.server_id != *id;
+            b.server_id = *id;
+        }
+        if changed {
+            self.mark(*vip);
+        }
+        Ok(changed)
     }
 
     /// Give a backend its own health settings (replacing the VIP's).

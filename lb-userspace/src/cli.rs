@@ -260,6 +260,11 @@ pub struct AgentArgs {
     /// flows` (one 40-byte store per new flow; 40 bytes per table way).
     #[arg(long)]
     pub flow_keys: bool,
+    /// Connection-ID length (3..=20) of the short-header QUIC packets of
+    /// `--quic` VIPs: short headers do not carry it, so all their servers
+    /// issue connection IDs of this length.
+    #[arg(long, value_name = "N", default_value_t = crate::quic::CidLen::default())]
+    pub quic_cid_len: crate::quic::CidLen,
     /// Root under which the maps and the XDP link are pinned (per interface),
     /// so forwarding survives the agent and a new agent adopts it.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
@@ -439,6 +444,11 @@ pub enum VipCmd {
         /// the default), ipip (IP-in-IP, routed) or gue (GUE over UDP, routed).
         #[arg(long, value_name = "MODE")]
         forward: Option<crate::config::ForwardName>,
+        /// QUIC (UDP VIPs): packets whose destination connection ID
+        /// carries a backend's `--server-id` go to that backend (README:
+        /// "QUIC connection-ID routing").
+        #[arg(long)]
+        quic: bool,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -467,6 +477,10 @@ pub enum BackendCmd {
         /// How to reach it, replacing the VIP's --forward: l2, ipip or gue.
         #[arg(long, value_name = "MODE")]
         forward: Option<crate::config::ForwardName>,
+        /// QUIC server ID, 1..=65535, unique in the VIP (a `--quic` VIP
+        /// sends connection IDs carrying it to this backend).
+        #[arg(long, value_name = "N")]
+        server_id: Option<crate::quic::ServerId>,
     },
     /// Change a backend's weight or state; prints how many table entries
     /// change.
@@ -531,6 +545,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 persist_size: a.persist_size,
                 debug: a.debug_datapath,
                 flow_keys: a.flow_keys,
+                quic_cid_len: a.quic_cid_len,
             };
             load.validate()?;
             let opts = DaemonOptions {
@@ -576,16 +591,17 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Detach { iface, pin_root, state_dir } => detach(&socket, iface.as_deref(), &pin_root, &state_dir),
-        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms, hash, answer_ping, forward }) => {
+        Command::Vip(VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms, hash, answer_ping, forward, quic }) => {
             let algo: crate::config::AlgoName = algo.parse()?;
             crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
-            crate::config::VipOpts::from_fields(hash, Some(answer_ping)).validate(algo.0)?;
+            crate::config::VipOpts::from_fields(hash, Some(answer_ping), Some(quic)).validate(&vip, algo.0)?;
+            let quic = quic.then_some(true);
             let health = check.to_config()?;
             let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
             let answer_ping = answer_ping.then_some(true);
             let r = api::call(
                 &socket,
-                &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms, hash, answer_ping, forward },
+                &Request::VipAdd { vip, algo: Some(algo), persist_timeout, health, all_down, slow_start_ms, hash, answer_ping, forward, quic },
             )?;
             if let Some(w) = r["warning"].as_str() {
                 eprintln!("xlb: warning: {w}");
@@ -603,7 +619,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Backend(BackendCmd::Add { vip, ip, mac, weight, forward }) => {
+        Command::Backend(BackendCmd::Add { vip, ip, mac, weight, forward, server_id }) => {
             // A routed backend may be of the other family: the agent knows
             // the VIP's mode and checks.
             let ip: std::net::IpAddr = ip.parse().map_err(|_| anyhow::anyhow!("invalid backend IP '{ip}'"))?;
@@ -611,7 +627,7 @@ pub fn run(cli: Cli) -> Result<()> {
             check_weight(weight)?;
             let r = api::call(
                 &socket,
-                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None, forward },
+                &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None, forward, server_id },
             )?;
             print_moved(&r, false);
             Ok(())
@@ -780,13 +796,16 @@ fn print_status(s: &Status) {
         if v.answer_ping {
             persist.push_str(" answer-ping");
         }
+        if v.quic {
+            persist.push_str(" quic");
+        }
         println!(
             "{}  algo={}{persist}  check={}  packets={} bytes={} new_flows={} active={}",
             v.vip, v.algo, v.health_check, v.packets, v.bytes, v.new_flows, v.active_flows
         );
         for b in &v.backends {
             println!(
-                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={} active={} check={}{}{}",
+                "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={} active={} check={}{}{}{}",
                 b.ip,
                 b.mac.as_deref().unwrap_or("?"),
                 b.weight,
@@ -797,6 +816,7 @@ fn print_status(s: &Status) {
                 b.active_flows,
                 b.check,
                 b.check_latency_ms.map(|l| format!(" ({l:.1} ms)")).unwrap_or_default(),
+                b.server_id.map(|i| format!(" server-id={i}")).unwrap_or_default(),
                 b.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()
             );
         }
@@ -834,7 +854,7 @@ fn print_status(s: &Status) {
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {
-    let load = LoadOptions { max_vips: 1, max_tables: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false };
+    let load = LoadOptions { max_vips: 1, max_tables: 1, ring_size: 2, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false, quic_cid_len: Default::default() };
     let mut dp = Datapath::load(load)?;
     dp.program(PROG_PASS)?
         .attach(iface, aya::programs::XdpMode::Driver)

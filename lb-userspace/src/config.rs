@@ -296,13 +296,16 @@ impl FromStr for HashMode {
 }
 
 /// A VIP's datapath options besides its algorithm: `--hash`,
-/// `--answer-ping` (CLI), the same keys in the API and the config file.
+/// `--answer-ping`, `--quic` (CLI), the same keys in the API and the config file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipOpts {
     /// What Maglev hashes.
     pub hash: HashMode,
     /// Echo requests to the VIP's address are answered by the datapath.
     pub answer_ping: bool,
+    /// QUIC: packets whose connection ID carries a backend's server ID go
+    /// to that backend (UDP VIPs; `crate::quic`).
+    pub quic: bool,
 }
 
 impl VipOpts {
@@ -315,20 +318,23 @@ impl VipOpts {
         if self.answer_ping {
             f |= lb_common::VIP_F_ANSWER_PING;
         }
+        if self.quic {
+            f |= lb_common::VIP_F_QUIC;
+        }
         f
     }
 
-    /// Check the options against the VIP's algorithm.
-    pub fn validate(&self, algo: lb_common::Algo) -> Result<()> {
+    /// Check the options against the VIP and its algorithm.
+    pub fn validate(&self, vip: &Vip, algo: lb_common::Algo) -> Result<()> {
         if self.hash == HashMode::DstPort && algo != lb_common::Algo::Maglev {
             bail!("--hash dst-port needs the maglev algorithm (not {})", algo.name());
         }
-        Ok(())
+        crate::quic::check_vip(vip, self)
     }
 
     /// Options from the optional fields of a request or config entry.
-    pub fn from_fields(hash: Option<HashMode>, answer_ping: Option<bool>) -> VipOpts {
-        VipOpts { hash: hash.unwrap_or_default(), answer_ping: answer_ping.unwrap_or(false) }
+    pub fn from_fields(hash: Option<HashMode>, answer_ping: Option<bool>, quic: Option<bool>) -> VipOpts {
+        VipOpts { hash: hash.unwrap_or_default(), answer_ping: answer_ping.unwrap_or(false), quic: quic.unwrap_or(false) }
     }
 }
 
@@ -670,6 +676,9 @@ pub struct BackendConfig {
     /// How to reach it, replacing the VIP's `forward`: l2, ipip or gue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<String>,
+    /// QUIC server ID (1..=65535, unique in the VIP; `--quic` VIPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<crate::quic::ServerId>,
 }
 
 /// A VIP in the config file.
@@ -703,6 +712,9 @@ pub struct VipConfig {
     /// How its backends are reached (default `l2`): l2, ipip or gue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<String>,
+    /// QUIC connection-ID routing (default false; UDP VIPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<bool>,
     /// Backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -752,6 +764,8 @@ pub struct DesiredBackend {
     pub state: Admin,
     /// Forwarding mode replacing the VIP's, if any.
     pub forward: Option<lb_common::Forward>,
+    /// QUIC server ID, if any.
+    pub server_id: Option<crate::quic::ServerId>,
 }
 
 /// A service as configured, validated.
@@ -850,8 +864,9 @@ impl Desired {
             let slow_start_ms = v.slow_start_ms.unwrap_or(0);
             check_slow_start(slow_start_ms).map_err(|e| at(key_line(text, vline(), "slow_start_ms"), e))?;
             crate::agent::check_any_port_health(&vip, v.health.as_ref().unwrap_or(&cfg.health)).map_err(|e| at(vline(), e))?;
-            let opts = VipOpts::from_fields(v.hash, v.answer_ping);
-            opts.validate(algo).map_err(|e| at(key_line(text, vline(), "hash"), e))?;
+            let opts = VipOpts::from_fields(v.hash, v.answer_ping, v.quic);
+            let opts_key = if opts.quic && vip.proto != Proto::Udp { "quic" } else { "hash" };
+            opts.validate(&vip, algo).map_err(|e| at(key_line(text, vline(), opts_key), e))?;
             let forward = v
                 .forward
                 .as_deref()
@@ -891,8 +906,11 @@ impl Desired {
                     health: b.health.clone(),
                     state: b.state.unwrap_or_default(),
                     forward: bforward,
+                    server_id: b.server_id,
                 });
             }
+            crate::quic::check_server_ids(&vip, opts.quic, backends.iter().map(|b| (b.ip, b.server_id)))
+                .map_err(|e| at(key_line(text, vline(), "quic"), e))?;
             vips.push(DesiredVip {
                 vip,
                 algo,

@@ -68,7 +68,7 @@ pub fn decap_dir(pin_root: &Path, iface: &str) -> PathBuf {
 /// The smallest maps the object loads with (the decap program uses only
 /// the counters, the VIP set and the settings).
 fn small_load() -> LoadOptions {
-    LoadOptions { max_vips: 1, max_tables: 1, ring_size: 7, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false }
+    LoadOptions { max_vips: 1, max_tables: 1, ring_size: 7, conntrack_size: 1024, persist_size: 1024, debug: false, flow_keys: false, quic_cid_len: Default::default() }
 }
 
 /// `xlb decap attach`: load the object, fill the VIP set, attach

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mmap;
 pub mod neigh;
 pub mod pin;
+pub mod quic;
 pub mod state;
 pub mod stats;
 pub mod tables;

@@ -56,6 +56,8 @@ pub struct LoadOptions {
     /// Keep each connection-table entry's key beside it (`xlb flows`):
     /// one 40-byte store per new flow, and 40 bytes per way of memory.
     pub flow_keys: bool,
+    /// Short-header DCID length of `--quic` VIPs' servers (`--quic-cid-len`).
+    pub quic_cid_len: crate::quic::CidLen,
 }
 
 impl Default for LoadOptions {
@@ -68,6 +70,7 @@ impl Default for LoadOptions {
             persist_size: DEFAULT_PERSIST_SIZE,
             debug: false,
             flow_keys: false,
+            quic_cid_len: Default::default(),
         }
     }
 }
@@ -151,6 +154,7 @@ pub struct Datapath {
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_prefix: aya::maps::lpm_trie::LpmTrie<MapData, PrefixKey, VipInfo>,
     prefix_on: Array<MapData, u32>,
+    quic_ids: HashMap<MapData, lb_common::QuicIdKey, u32>,
     backends: Array<MapData, BackendInfo>,
     rings: Array<MapData, u32>,
     /// The ring array mapped into memory (`BPF_F_MMAPABLE`), when possible.
@@ -191,6 +195,8 @@ pub struct PinnedScan {
     pub backends: Vec<BackendInfo>,
     /// Non-zero VIP pre-filter indexes.
     pub filter: Vec<u32>,
+    /// Every QUIC server-ID entry.
+    pub quic_ids: Vec<(lb_common::QuicIdKey, u32)>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -400,6 +406,7 @@ impl Datapath {
             .override_global("XLB_FLOW_KEYS", &(opts.flow_keys as u8), true)
             .override_global("XLB_DEBUG", &debug, true)
             .override_global("XLB_CT_SETS", &sets, true)
+            .override_global("XLB_QUIC_CID_LEN", &opts.quic_cid_len.0, true)
             .override_global("XLB_CT_SEED", &ct_seed.k, true)
             .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
@@ -436,6 +443,7 @@ impl Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             vip_prefix: take(&mut ebpf, map_names::VIP_PREFIX)?,
             prefix_on: take(&mut ebpf, map_names::PREFIX_ON)?,
+            quic_ids: take(&mut ebpf, map_names::QUIC_IDS)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             ring_mem: None,
             rings: take(&mut ebpf, map_names::RINGS)?,
@@ -657,7 +665,11 @@ impl Datapath {
             let len = k.prefix_len().saturating_sub(lb_common::PREFIX_KEY_FIXED_BITS) as u8;
             prefixes.push((k.data().vip_key(), len, v));
         }
-        Ok(PinnedScan { vips, prefixes, backends, filter })
+        let mut quic_ids = Vec::new();
+        for kv in self.quic_ids.iter() {
+            quic_ids.push(kv.context("cannot read the QUIC server-ID map")?);
+        }
+        Ok(PinnedScan { vips, prefixes, backends, filter, quic_ids })
     }
 
     /// Read `len` ring entries from `offset` (a published table).
@@ -689,6 +701,18 @@ impl Datapath {
     pub fn del_prefix_vip(&mut self, key: &VipKey, len: u8) -> Result<()> {
         let k = aya::maps::lpm_trie::Key::new(PrefixKey::bits(len as u32), PrefixKey::of(key));
         self.vip_prefix.remove(&k).context("cannot remove from the prefix-VIP map")
+    }
+
+    /// Map (VIP id, QUIC server ID) to a backend id, or remove the mapping.
+    pub fn set_quic_id(&mut self, vip_id: u32, server_id: u16, backend: Option<u32>) -> Result<()> {
+        let k = lb_common::QuicIdKey::new(vip_id, server_id);
+        match backend {
+            Some(b) => self.quic_ids.insert(k, b, 0).context("cannot write the QUIC server-ID map"),
+            None => match self.quic_ids.remove(&k) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r.context("cannot remove from the QUIC server-ID map"),
+            },
+        }
     }
 
     /// Set the number of prefix VIPs (0 turns every trie lookup off).

@@ -243,6 +243,7 @@ impl<M: Maps> Agent<M> {
                 be.admin = db.state;
                 be.forward_cfg = db.forward;
                 be.forward = db.forward.unwrap_or(dv.forward);
+                be.server_id = db.server_id;
                 if let Some(b) = brt {
                     let h = &mut be.health;
                     h.up = b.up || unchecked;
@@ -283,6 +284,14 @@ impl<M: Maps> Agent<M> {
                     published,
                     ring_slot,
                     backends,
+                    // The pinned entries of a kept VIP: publication writes
+                    // only their difference from what its backends say.
+                    quic_ids: scan
+                        .quic_ids
+                        .iter()
+                        .filter(|(k, _)| confirmed.is_some() && k.vip_id == id)
+                        .map(|(k, b)| (k.server_id as u16, *b))
+                        .collect(),
                     table,
                     published_at: None,
                     retired: retired.unwrap_or_default(),
@@ -327,6 +336,12 @@ impl<M: Maps> Agent<M> {
             }
         }
         self.dp.set_prefix_count(self.prefix_count())?;
+        for (k, _) in &scan.quic_ids {
+            let owned = self.vips.values().any(|s| s.id == k.vip_id && s.quic_ids.contains_key(&(k.server_id as u16)));
+            if !owned {
+                self.dp.set_quic_id(k.vip_id, k.server_id as u16, None)?;
+            }
+        }
         let owned_keys: BTreeSet<lb_common::VipKey> = self.vips.keys().filter(|v| v.prefix.is_none()).map(|v| v.key()).collect();
         let owned_ids: BTreeSet<u32> = self.vips.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
         for (id, b) in scan.backends.iter().enumerate() {

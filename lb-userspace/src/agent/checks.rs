@@ -551,6 +551,7 @@ mod tests {
                         health: None,
                         state: Admin::Ready,
                         forward: None,
+                        server_id: None,
                     })
                     .collect(),
             });

@@ -160,6 +160,10 @@ impl<M: Maps> Agent<M> {
                     self.mark(vip);
                 }
                 let cur = &self.vips[&vip].backends[&b.ip];
+                if cur.server_id != b.server_id {
+                    changes.push(format!("vip {vip} backend {} server ID {}", b.ip, b.server_id.map_or("none".into(), |i| i.to_string())));
+                }
+                let cur = &self.vips[&vip].backends[&b.ip];
                 if cur.weight != b.weight || cur.admin != b.state {
                     changes.push(format!("vip {vip} backend {} weight {} {:?} → {} {:?}", b.ip, cur.weight, cur.admin, b.weight, b.state));
                     let state = self.vips.get_mut(&vip).expect("present");
@@ -167,6 +171,11 @@ impl<M: Maps> Agent<M> {
                     self.mark(vip);
                 }
             }
+        }
+        // Server IDs, each VIP's all at once (two backends may swap theirs).
+        for dv in &d.vips {
+            let ids: Vec<_> = dv.backends.iter().map(|b| (b.ip, b.server_id)).collect();
+            self.set_server_ids(&dv.vip, &ids)?;
         }
         self.flush()?;
         if changes.len() > 20 {
@@ -229,6 +238,7 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
         slow_start_ms: (s.slow_start_ms > 0).then_some(s.slow_start_ms),
         hash: (s.opts.hash != config::HashMode::FiveTuple).then_some(s.opts.hash),
         answer_ping: s.opts.answer_ping.then_some(true),
+        quic: s.opts.quic.then_some(true),
         forward: s.forward.is_routed().then(|| s.forward.name().to_string()),
         backends: s
             .backends
@@ -240,6 +250,7 @@ fn vip_config(v: &Vip, s: &super::VipState) -> config::VipConfig {
                 health: b.check.clone(),
                 state: (b.admin != Admin::Ready).then_some(b.admin),
                 forward: b.forward_cfg.map(|f| f.name().to_string()),
+                server_id: b.server_id,
             })
             .collect(),
     }

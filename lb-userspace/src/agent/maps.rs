@@ -28,6 +28,8 @@ pub trait Maps {
     fn del_prefix_vip(&mut self, key: &VipKey, len: u8) -> Result<()>;
     /// Set the number of prefix VIPs (0: the datapath never reads the trie).
     fn set_prefix_count(&mut self, n: u32) -> Result<()>;
+    /// Map (VIP id, QUIC server ID) to a backend id, or remove the mapping.
+    fn set_quic_id(&mut self, vip_id: u32, server_id: u16, backend: Option<u32>) -> Result<()>;
     /// Write a backend entry.
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()>;
     /// Write a table into ring slot `slot` (one operation).
@@ -87,6 +89,9 @@ impl Maps for Datapath {
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
         Datapath::set_backend(self, id, info)
     }
+    fn set_quic_id(&mut self, vip_id: u32, server_id: u16, backend: Option<u32>) -> Result<()> {
+        Datapath::set_quic_id(self, vip_id, server_id, backend)
+    }
     fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
         Datapath::write_ring(self, slot, table)
     }
@@ -134,6 +139,8 @@ pub struct MemMaps {
     pub prefixes: HashMap<(VipKey, u8), VipInfo>,
     /// Number of prefix VIPs the datapath is told of.
     pub prefix_count: u32,
+    /// QUIC server IDs: (VIP id, server ID) → backend id.
+    pub quic_ids: HashMap<(u32, u16), u32>,
     /// Backend array (only written entries).
     pub backends: HashMap<u32, BackendInfo>,
     /// Ring array.
@@ -207,6 +214,13 @@ impl Maps for MemMaps {
     }
     fn set_prefix_count(&mut self, n: u32) -> Result<()> {
         self.prefix_count = n;
+        Ok(())
+    }
+    fn set_quic_id(&mut self, vip_id: u32, server_id: u16, backend: Option<u32>) -> Result<()> {
+        match backend {
+            Some(b) => self.quic_ids.insert((vip_id, server_id), b),
+            None => self.quic_ids.remove(&(vip_id, server_id)),
+        };
         Ok(())
     }
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {

@@ -5,7 +5,10 @@ use anyhow::{anyhow, bail, Result};
 use lb_common::{Algo, Forward, VipInfo};
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
-use crate::config::{Admin, AllDown, HealthConfig, Mac, VipOpts};
+use crate::{
+    config::{Admin, AllDown, HealthConfig, Mac, VipOpts},
+    quic::ServerId,
+};
 
 /// Health of one backend.
 #[derive(Clone, Debug)]
@@ -78,6 +81,8 @@ pub struct Backend {
     pub forward_cfg: Option<Forward>,
     /// Forwarding mode in use: `forward_cfg`, else the VIP's.
     pub forward: Forward,
+    /// QUIC server ID (`--server-id`), if any.
+    pub server_id: Option<ServerId>,
 }
 
 /// What a backend's agent check reports (HAProxy's agent-check).
@@ -157,6 +162,7 @@ impl Backend {
             agent: AgentReport::default(),
             forward_cfg: None,
             forward: Forward::L2,
+            server_id: None,
         }
     }
     /// Has what its forwarding mode needs: a MAC for L2 (routed backends'
@@ -231,6 +237,8 @@ pub struct VipState {
     pub ring_slot: Option<u32>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, Backend>,
+    /// Server ID → backend id as last published to `XLB_QUIC_IDS`.
+    pub quic_ids: BTreeMap<u16, u32>,
     /// The published table or sequence (backend ids), for measuring churn.
     pub table: Vec<u32>,
     /// When its table was last published (wall clock, for status).

@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, Result};
 use lb_common::{BackendInfo, VipInfo, BACKEND_F_ALIVE};
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use super::{filter_index, plan, Agent, Backend, Maps, SLOW_START_STEPS};
 use crate::config::Vip;
@@ -87,6 +87,7 @@ impl<M: Maps> Agent<M> {
         if published != state.published {
             self.put_entry(vip, &vip.key(), &published)?;
         }
+        self.sync_quic_ids(vip)?;
         if let Some(old) = old_slot.filter(|o| Some(*o) != new_slot) {
             self.free_ring_slots.push_back(old);
         }
@@ -138,6 +139,27 @@ impl<M: Maps> Agent<M> {
     /// `reconcile_counted` without the counts.
     pub fn reconcile(&mut self, vip: &Vip) -> Result<()> {
         self.reconcile_counted(vip).map(|_| ())
+    }
+
+    /// Make the VIP's entries of `XLB_QUIC_IDS` (server ID → backend id)
+    /// what its backends say (none unless it is a `--quic` VIP): only the
+    /// difference from the last publication is written.
+    pub(super) fn sync_quic_ids(&mut self, vip: &Vip) -> Result<()> {
+        let s = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
+        let want: BTreeMap<u16, u32> =
+            if s.opts.quic { s.backends.values().filter_map(|b| Some((b.server_id?.0, b.id))).collect() } else { BTreeMap::new() };
+        if want == s.quic_ids {
+            return Ok(());
+        }
+        let (vip_id, old) = (s.id, s.quic_ids.clone());
+        for sid in old.keys().filter(|k| !want.contains_key(k)) {
+            self.dp.set_quic_id(vip_id, *sid, None)?;
+        }
+        for (sid, id) in want.iter().filter(|(k, v)| old.get(k) != Some(v)) {
+            self.dp.set_quic_id(vip_id, *sid, Some(*id))?;
+        }
+        self.vips.get_mut(vip).expect("checked above").quic_ids = want;
+        Ok(())
     }
 
     /// Keep the VIP pre-filter entry of this VIP's address equal to the

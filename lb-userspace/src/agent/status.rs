@@ -52,6 +52,7 @@ impl<M: Maps> Agent<M> {
                     check: kind_for(vip, b.check.as_ref().unwrap_or(&s.health)).name().to_string(),
                     agent: agent_note,
                     check_latency_ms: b.health.last_latency_ms,
+                    server_id: b.server_id.map(|i| i.0),
                     checks: b.health.checks,
                     check_failures: b.health.failures,
                     transitions: b.health.transitions,
@@ -76,6 +77,7 @@ impl<M: Maps> Agent<M> {
                 failing_open: s.failing_open,
                 hash: s.opts.hash.to_string(),
                 answer_ping: s.opts.answer_ping,
+                quic: s.opts.quic,
                 published_at_us: s.published_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_micros() as u64),
                 backends,
                 packets: c.packets,
@@ -197,6 +199,9 @@ pub struct VipStatus {
     /// Echo requests to the address are answered by the datapath.
     #[serde(default)]
     pub answer_ping: bool,
+    /// Routed by QUIC connection ID (`--quic`).
+    #[serde(default)]
+    pub quic: bool,
     /// When its table was last published (Unix time, µs).
     #[serde(default)]
     pub published_at_us: Option<u64>,
@@ -234,6 +239,9 @@ pub struct BackendStatus {
     pub agent: Option<String>,
     /// Duration of its last check, milliseconds.
     pub check_latency_ms: Option<f64>,
+    /// QUIC server ID (`--server-id`), if any.
+    #[serde(default)]
+    pub server_id: Option<u16>,
     /// Health checks run.
     pub checks: u64,
     /// Health checks failed.

@@ -49,6 +49,7 @@ fn desired(n: u16, weight: u32) -> Desired {
                     health: None,
                     state: Admin::Ready,
                     forward: None,
+                    server_id: None,
                 })
                 .collect(),
         })

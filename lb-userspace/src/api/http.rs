@@ -238,6 +238,7 @@ mod tests {
             hash: None,
             answer_ping: None,
             forward: Some(crate::config::ForwardName(lb_common::Forward::Gue)),
+            quic: Some(true),
         });
         round_trip(Request::ConfigReload { path: Some("/etc/xlb.toml".into()) });
         round_trip(Request::Trace { vip: None, backend: None, verdict: Some("tx".into()), count: Some(3), rate: Some(10) });

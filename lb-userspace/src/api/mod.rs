@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use crate::{
     agent::{check_persist, Admin, Agent, Status, VipSpec},
     config::{text, AlgoName, AllDown, ForwardName, HashMode, HealthConfig, Mac, Vip, VipOpts, DEFAULT_WEIGHT},
+    quic::ServerId,
 };
 use lb_common::Algo;
 use std::net::IpAddr;
@@ -65,6 +66,9 @@ pub enum Request {
         /// How its backends are reached: `l2` (default), `ipip` or `gue`.
         #[serde(default, with = "text::opt")]
         forward: Option<ForwardName>,
+        /// QUIC connection-ID routing (UDP VIPs).
+        #[serde(default)]
+        quic: Option<bool>,
     },
     /// Remove a VIP.
     VipDel {
@@ -99,6 +103,9 @@ pub enum Request {
         /// Its own forwarding mode (default: the VIP's).
         #[serde(default, with = "text::opt")]
         forward: Option<ForwardName>,
+        /// QUIC server ID (1..=65535, unique in the VIP; `--quic` VIPs).
+        #[serde(default)]
+        server_id: Option<ServerId>,
     },
     /// Change a backend's weight and/or state; report the table change.
     BackendSet {
@@ -229,7 +236,7 @@ impl Host {
 /// checks the rules that need its state, before changing anything).
 pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json::Value> {
     match req {
-        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms, hash, answer_ping, forward } => {
+        Request::VipAdd { vip, algo, persist_timeout, health, all_down, slow_start_ms, hash, answer_ping, forward, quic } => {
             let algo = algo.map_or(Algo::Maglev, |a| a.0);
             let spec = VipSpec {
                 algo,
@@ -237,7 +244,7 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
                 health,
                 all_down: all_down.unwrap_or_default(),
                 slow_start_ms: slow_start_ms.unwrap_or(0),
-                opts: VipOpts::from_fields(hash, answer_ping),
+                opts: VipOpts::from_fields(hash, answer_ping, quic),
                 forward: forward.map_or(lb_common::Forward::L2, |f| f.0),
             };
             agent.add_vip_spec(vip, &spec)?;
@@ -250,9 +257,9 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             Ok(serde_json::Value::Null)
         }
         Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
-        Request::BackendAdd { vip, ip, mac, weight, health, forward } => {
+        Request::BackendAdd { vip, ip, mac, weight, health, forward, server_id } => {
             let b = (ip, mac, weight.unwrap_or(DEFAULT_WEIGHT));
-            let (moved, entries) = agent.add_backend_full(&vip, b, health, forward.map(|f| f.0))?;
+            let (moved, entries) = agent.add_backend_full(&vip, b, health, forward.map(|f| f.0), server_id)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries }))
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {
