@@ -162,3 +162,46 @@ pub fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr, ty: u8, id: u16, seq: u16, paylo
     m[2..4].copy_from_slice(&c.to_be_bytes());
     m
 }
+
+/// QUIC packets as a client sends them (UDP payloads), connection IDs from
+/// `lb_common::quic::encode_cid`. Padded to 40 bytes: every real QUIC
+/// packet is longer than the header bytes xlb reads.
+pub mod quic {
+    use lb_common::quic::{FIXED_BIT, LONG_HEADER, VERSION_1};
+
+    fn padded(mut p: Vec<u8>) -> Vec<u8> {
+        while p.len() < 40 {
+            p.push(0xa5);
+        }
+        p
+    }
+
+    /// A short-header (1-RTT) packet to `dcid`.
+    pub fn short(dcid: &[u8]) -> Vec<u8> {
+        let mut p = vec![FIXED_BIT | 0x01];
+        p.extend_from_slice(dcid);
+        padded(p)
+    }
+
+    /// A long-header packet of `version` and type bits `ty` (v1: 0
+    /// Initial, 1 0-RTT, 2 Handshake) from `scid` to `dcid`.
+    pub fn long(version: u32, ty: u8, dcid: &[u8], scid: &[u8]) -> Vec<u8> {
+        let mut p = vec![LONG_HEADER | FIXED_BIT | (ty << 4)];
+        p.extend_from_slice(&version.to_be_bytes());
+        p.push(dcid.len() as u8);
+        p.extend_from_slice(dcid);
+        p.push(scid.len() as u8);
+        p.extend_from_slice(scid);
+        padded(p)
+    }
+
+    /// A QUIC v1 Initial to a client-chosen `dcid`.
+    pub fn initial(dcid: &[u8]) -> Vec<u8> {
+        long(VERSION_1, 0, dcid, &[0xc1; 8])
+    }
+
+    /// A QUIC v1 Handshake packet to `dcid`.
+    pub fn handshake(dcid: &[u8]) -> Vec<u8> {
+        long(VERSION_1, 2, dcid, &[0xc1; 8])
+    }
+}

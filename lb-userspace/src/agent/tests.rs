@@ -283,3 +283,61 @@ fn vip_form_options_are_checked() {
     let tcp = HealthConfig { kind: CheckKind::Tcp, ..Default::default() };
     a.add_vip_spec(vip("10.0.0.2:*/udp"), &VipSpec { health: Some(tcp), ..Default::default() }).expect("udp");
 }
+
+#[test]
+fn quic_server_ids_follow_their_backends_through_every_path() {
+    use crate::quic::ServerId;
+    let mut a = agent(8);
+    let q = vip("10.0.0.70:443/udp");
+    a.add_vip_spec(q, &VipSpec { opts: VipOpts { quic: true, ..Default::default() }, ..Default::default() }).expect("quic");
+    assert_eq!(a.dp.vips[&q.key()].flags, lb_common::VIP_F_QUIC);
+    a.add_backend_full(&q, (ip("10.0.0.11"), mac(1), 1), None, None, Some(ServerId(7))).expect("b1");
+    a.add_backend_full(&q, (ip("10.0.0.12"), mac(2), 1), None, None, Some(ServerId(8))).expect("b2");
+    a.add_backend_full(&q, (ip("10.0.0.13"), mac(3), 1), None, None, None).expect("b3 without an ID");
+    let id = |a: &Agent<MemMaps>, s: &str| a.vips()[&q].backends[&ip(s)].id;
+    let vid = a.vips()[&q].id;
+    let ids = |a: &Agent<MemMaps>| a.dp.quic_ids.clone();
+    assert_eq!(ids(&a), [((vid, 7), id(&a, "10.0.0.11")), ((vid, 8), id(&a, "10.0.0.12"))].into_iter().collect());
+    assert!(a.add_backend_full(&q, (ip("10.0.0.14"), mac(4), 1), None, None, Some(ServerId(7))).is_err(), "duplicate");
+    assert_eq!(a.vips()[&q].backends.len(), 3, "nothing added");
+    // A config that swaps two IDs and gives the third one applies at once.
+    let mut d = a.dump();
+    assert_eq!(d.vips[0].quic, Some(true));
+    d.vips[0].backends[0].server_id = Some(ServerId(8));
+    d.vips[0].backends[1].server_id = Some(ServerId(7));
+    d.vips[0].backends[2].server_id = Some(ServerId(9));
+    let text = toml::to_string(&d).expect("toml");
+    let desired = config::Desired::parse(&text, "t").expect("valid");
+    let changes = a.apply_desired(&desired).expect("swap");
+    assert_eq!(changes.iter().filter(|c| c.contains("server ID")).count(), 3, "{changes:?}");
+    assert_eq!(a.dp.quic_ids.get(&(vid, 8)), Some(&id(&a, "10.0.0.11")));
+    assert_eq!(a.dp.quic_ids.get(&(vid, 7)), Some(&id(&a, "10.0.0.12")));
+    assert_eq!(a.dp.quic_ids.get(&(vid, 9)), Some(&id(&a, "10.0.0.13")));
+    assert!(a.dump_toml().expect("toml").contains("server_id = 9"), "the state file keeps them");
+    // Config errors name the rule, in one line; nothing changes.
+    for (bad, want) in [
+        (text.replace("server_id = 8", "server_id = 7"), "both"),
+        (text.replace("server_id = 8", "server_id = 0"), "invalid server ID 0"),
+        (text.replace("quic = true", "quic = false"), "needs a --quic VIP"),
+        (text.replace("443/udp", "443/tcp").replace("server_id", "weight"), "needs a UDP VIP"),
+    ] {
+        let e = config::Desired::parse(&bad, "t").expect_err(want).to_string();
+        assert!(e.contains(want) && !e.contains('\n'), "{want}: {e}");
+    }
+    a.del_backend(&q, ip("10.0.0.11")).expect("del");
+    assert_eq!(a.dp.quic_ids.len(), 2);
+    // --quic off: the VIP's entries go; the IDs must go with it.
+    let mut d = a.dump();
+    d.vips[0].quic = None;
+    for b in &mut d.vips[0].backends {
+        b.server_id = None;
+    }
+    a.apply_desired(&config::Desired::parse(&toml::to_string(&d).expect("toml"), "t").expect("valid")).expect("off");
+    assert!(a.dp.quic_ids.is_empty() && a.dp.vips[&q.key()].flags == 0);
+    d.vips[0].quic = Some(true);
+    d.vips[0].backends[0].server_id = Some(ServerId(1));
+    a.apply_desired(&config::Desired::parse(&toml::to_string(&d).expect("toml"), "t").expect("valid")).expect("on");
+    assert_eq!(a.dp.quic_ids.len(), 1);
+    a.del_vip(&q).expect("del vip");
+    assert!(a.dp.quic_ids.is_empty());
+}
