@@ -85,6 +85,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         duration_ms: u64,
     },
+    /// COUNT datagrams with payload HEX (e.g. a QUIC packet) to TARGET from
+    /// one socket bound to BIND (port 0: a new port); prints the name of
+    /// the backend that answered each one ("-" for no answer in 1 s).
+    Datagrams {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        hex: String,
+        #[arg(long, default_value_t = 1)]
+        count: u16,
+    },
     /// The benchmark (what `cargo xtask bench` runs).
     Bench {
         /// The xlb binary.
@@ -160,6 +173,11 @@ fn main() {
         Cmd::Serve { name, port, fail_file, udp_port, agent_port, agent_file } => {
             xlb_tests::traffic::serve(&name, port, fail_file, udp_port, agent_port.zip(agent_file))
         }
+        Cmd::Datagrams { target, bind, hex, count } => xlb_tests::traffic::datagrams(target, bind, &hex, count.min(100)).map(|who| {
+            for w in who {
+                println!("{w}");
+            }
+        }),
         Cmd::Ping { target, count } => xlb_tests::traffic::ping(target, count.min(100), Duration::from_secs(1)).map(|n| println!("{n}")),
         Cmd::Connect { target, count, parallel, timeout_ms } => {
             let s = xlb_tests::traffic::connect(target, count.min(100_000), parallel.min(64), Duration::from_millis(timeout_ms));

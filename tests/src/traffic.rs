@@ -388,3 +388,25 @@ pub fn ping(target: std::net::Ipv4Addr, count: u16, timeout: Duration) -> Result
     }
     Ok(answered)
 }
+
+/// `count` datagrams with payload `hex` to `target` from one socket bound
+/// to `bind`, one at a time: the name each answer starts with (the test
+/// server's echo), or "-" when none came within a second.
+pub fn datagrams(target: SocketAddr, bind: SocketAddr, hex: &str, count: u16) -> Result<Vec<String>> {
+    let payload: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+        .collect::<std::result::Result<_, _>>()
+        .context("payload is not hex")?;
+    let sock = std::net::UdpSocket::bind(bind).with_context(|| format!("cannot bind {bind}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut who = Vec::new();
+    let mut buf = [0u8; 2048];
+    for _ in 0..count {
+        sock.send_to(&payload, target)?;
+        who.push(match sock.recv_from(&mut buf) {
+            Ok((n, _)) => String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("?").to_string(),
+            Err(_) => "-".to_string(),
+        });
+    }
+    Ok(who)
+}
