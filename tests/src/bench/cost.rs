@@ -96,6 +96,21 @@ impl Case {
             verified,
         }
     }
+
+    /// A case of `backends` backends compared to `floor` (whose cost `floor_ns` gives).
+    fn new(case: &str, backends: u32, ct: &str, (ns, spread, k): (f64, [f64; 2], f64), floor: &str, floor_ns: &dyn Fn(&str) -> f64, verified: String) -> Case {
+        Case {
+            case: case.into(),
+            backends,
+            conntrack: ct.into(),
+            ns_per_pkt: ns,
+            spread_ns: spread,
+            kernel_avg_ns: k,
+            floor: floor.into(),
+            ratio: ns / floor_ns(floor),
+            verified,
+        }
+    }
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
@@ -414,17 +429,7 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
             extra.push(warm_case(format!("{name}_flow_keys"), "empty, --flow-keys", warm_new_flow_case(fl, &mut keyed, false, NEW_FLOW_REPEAT)?));
         }
         let mut push = |case: &str, ns: f64, spread: [f64; 2], k: f64, floor: &str, verified: String| {
-            out.push(Case {
-                case: case.into(),
-                backends,
-                conntrack: ct.clone(),
-                ns_per_pkt: ns,
-                spread_ns: spread,
-                kernel_avg_ns: k,
-                floor: floor.into(),
-                ratio: ns / floor_ns(floor),
-                verified,
-            });
+            out.push(Case::new(case, backends, &ct, (ns, spread, k), floor, floor_ns, verified));
         };
         for (name, frame, want, floor, proof) in steady {
             // Warm: the first packet of a flow makes its table entry.
@@ -473,6 +478,73 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
     Ok(out)
 }
 
+/// The QUIC path (part of `vipforms`): a plain UDP VIP's established and
+/// new flows before and after a `--quic` VIP is added elsewhere (the same
+/// agent, the same run), then the `--quic` VIP's established flows, new
+/// flows routed by their connection ID, and Initials (hashed).
+fn quic(fl: &mut Floors, a: &mut Agent, backends: &[(IpAddr, Option<Mac>, u32)], floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<Case>> {
+    use lb_common::quic::encode_cid;
+    const UDP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 104);
+    const QUIC: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 105);
+    let short = crate::frames::quic::short(&encode_cid::<8>(2, &[1, 2, 3, 4, 5]));
+    let initial = crate::frames::quic::initial(&[0x77; 8]);
+    let to = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, payload: &[u8]| eth(ETH_IP, &[], &ipv4(src, dst, 17, &[], 0, &udp(sport, 443, payload)));
+    let mut out = Vec::new();
+    let measure = |a: &mut Agent, case: &str, frame: &[u8], proof: Stat| -> Result<Case> {
+        crate::xdp::run(&mut a.dp, frame);
+        let before = stat(a, proof)?;
+        let r = repeat_cost(a.dp.program(PROG_XLB)?, frame, 3)?;
+        let moved = stat(a, proof)? - before;
+        if moved != RUNS as u64 * 3 * N as u64 {
+            bail!("{case}: counter {} moved {moved}", proof.name());
+        }
+        Ok(Case::new(case, 3, "empty", r, "floor_stateless_dsr", floor_ns, format!("{} +{moved} = {RUNS} runs × 3N", proof.name())))
+    };
+    let plain: Vip = format!("{UDP}:443/udp").parse()?;
+    a.add_vip(plain, Algo::Maglev, 0)?;
+    a.add_backends(&plain, backends)?;
+    let udp_est = to(CLIENT, 40006, UDP, &short);
+    out.push(measure(a, "udp_established (no --quic VIP)", &udp_est, Stat::CtHit)?);
+    // Each new-flow case its own sources (102.x, 103.x, …): never a hit.
+    let mut first_octet = 101u8;
+    let mut new_flows = |a: &mut Agent, case: &str, dst: Ipv4Addr, payload: &[u8], event: Option<Stat>| -> Result<Case> {
+        first_octet += 1;
+        let src = first_octet;
+        let ev0 = event.map(|e| stat(a, e)).transpose()?;
+        let (miss0, fwd0) = (stat(a, Stat::CtMiss)?, stat(a, Stat::Forwarded)?);
+        let fd = a.dp.program(PROG_XLB)?.fd()?.try_clone()?;
+        let frame = |run: u8| to(Ipv4Addr::new(src, 64 + 4 * run, 0, 0), 5555, dst, payload);
+        let (ns, spread) = fl.warm_new_flows(&fd, &frame, NEW_FLOW_REPEAT, 3)?;
+        let want = RUNS as u64 * NEW_FLOW_REPEAT as u64;
+        let (misses, fwd) = (stat(a, Stat::CtMiss)? - miss0, stat(a, Stat::Forwarded)? - fwd0);
+        let events = match (event, ev0) {
+            (Some(e), Some(b)) => Some((e, stat(a, e)? - b)),
+            _ => None,
+        };
+        if misses != want || fwd != want || events.is_some_and(|(_, n)| n != want) {
+            bail!("{case}: {misses} misses, {fwd} forwards, {events:?} for {want} new flows");
+        }
+        let proof = events.map_or(String::new(), |(e, n)| format!(", {} +{n}", e.name()));
+        Ok(Case::new(case, 3, "empty", (ns, spread, ns), "floor_one_line", floor_ns, format!("conntrack_miss +{misses}, forwarded +{fwd}{proof}")))
+    };
+    out.push(new_flows(a, "udp_new_flow (no --quic VIP)", UDP, &short, None)?);
+    // A --quic VIP on another address, backends with server IDs 1..=3.
+    let q: Vip = format!("{QUIC}:443/udp").parse()?;
+    let quic_opts = xlb::config::VipOpts { quic: true, ..Default::default() };
+    a.add_vip_spec(q, &xlb::agent::VipSpec { opts: quic_opts, ..Default::default() })?;
+    for (i, (ip, mac, w)) in backends.iter().enumerate() {
+        a.add_backend_full(&q, (*ip, *mac, *w), None, None, Some(xlb::quic::ServerId(i as u16 + 1)))?;
+    }
+    let udp_est2 = to(CLIENT, 40008, UDP, &short);
+    out.push(measure(a, "udp_established (a --quic VIP elsewhere)", &udp_est2, Stat::CtHit)?);
+    out.push(new_flows(a, "udp_new_flow (a --quic VIP elsewhere)", UDP, &short, None)?);
+    let quic_est = to(CLIENT, 40007, QUIC, &short);
+    out.push(measure(a, "quic_established", &quic_est, Stat::CtHit)?);
+    out.push(new_flows(a, "quic_new_flow_routed (by server ID)", QUIC, &short, Some(Stat::QuicRouted))?);
+    out.push(new_flows(a, "quic_new_flow_initial (hashed)", QUIC, &initial, Some(Stat::QuicNoId))?);
+    Ok(out)
+}
+
 /// `cargo xtask bench vipforms`: the VIP forms' paths (any-port VIPs,
 /// `--hash dst-port`, `--answer-ping`) and, in the same run, non-VIP and
 /// established traffic with none of them configured and with them
@@ -486,18 +558,8 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
     let any_est = eth(ETH_IP, &[], &ipv4(CLIENT, ANY, 6, &[], 0, &tcp(40003, 8080, ACK, b"0123456789")));
     let dport_est = eth(ETH_IP, &[], &ipv4(CLIENT, DPORT, 6, &[], 0, &tcp(40004, 8443, ACK, b"0123456789")));
     let mut out = Vec::new();
-    let mut push = |case: &str, ct: &str, (ns, spread, k): (f64, [f64; 2], f64), floor: &str, verified: String| {
-        out.push(Case {
-            case: case.into(),
-            backends: 3,
-            conntrack: ct.into(),
-            ns_per_pkt: ns,
-            spread_ns: spread,
-            kernel_avg_ns: k,
-            floor: floor.into(),
-            ratio: ns / floor_ns(floor),
-            verified,
-        });
+    let mut push = |case: &str, ct: &str, r: (f64, [f64; 2], f64), floor: &str, verified: String| {
+        out.push(Case::new(case, 3, ct, r, floor, floor_ns, verified));
     };
     // A steady case: warm once, then N/2N; the counter proves the path.
     /// (median, spread, kernel average) and what the counters proved.
@@ -557,6 +619,8 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
         }
         push(case, "empty", (ns, spread, ns), "floor_one_line", format!("conntrack_miss +{misses}, forwarded +{fwd}"));
     }
+    // QUIC (before prefix VIPs, which change the non-VIP path).
+    let quic_cases = quic(fl, &mut a, &backends, floor_ns)?;
     // 3. Prefix VIPs: the gate opens; non-VIP traffic pays a trie miss.
     let prefix: Vip = "10.5.0.0/16:*/tcp".parse()?;
     a.add_vip(prefix, Algo::Maglev, 0)?;
@@ -583,5 +647,6 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
     }
     let ns = (total - pass_total) / NEW_FLOWS as f64 + floor_ns("floor_pass");
     push("echo_reply_cold", "-", (ns, [ns, ns], total / NEW_FLOWS as f64), "floor_stateless_dsr_new_flows_cold", format!("echo_replied +{replied}; one syscall per frame"));
+    out.extend(quic_cases);
     Ok(out)
 }
