@@ -229,6 +229,9 @@ fn chosen_any(agent: &Agent, out: &[u8]) -> (Vip, u32) {
     panic!("frame sent to {:02x?}, no backend of any VIP", &out[..6])
 }
 
+/// The VIP that serves a destination, and how the lookup found it.
+type Served = (&'static str, xlb::diag::explain::Lookup);
+
 #[test]
 fn explain_finds_any_port_and_prefix_vips_as_the_program_does() {
     let mut agent = test_agent();
@@ -252,7 +255,7 @@ fn explain_finds_any_port_and_prefix_vips_as_the_program_does() {
     let a = |x: u8, y: u8| IpAddr::V4(Ipv4Addr::new(10, 1, x, y));
     let c6: Ipv6Addr = "fd00::2:7".parse().expect("ip");
     // (destination, port, the VIP that serves it and how; None: not VIP traffic)
-    let cases: Vec<(IpAddr, u16, Option<(&str, xlb::diag::explain::Lookup)>)> = {
+    let cases: Vec<(IpAddr, u16, Option<Served>)> = {
         use xlb::diag::explain::Lookup::*;
         vec![
             (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 60)), 443, Some(("10.0.0.60:443/tcp", Exact))),
