@@ -43,7 +43,7 @@ mod status;
 pub use adopt::{in_use as backend_entry_in_use, Adoption, Persist};
 pub use checks::{kind_for, CheckJob, CheckOutcome, CheckTarget, Probe};
 pub use maps::{Maps, MemMaps};
-pub use model::{AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
+pub use model::{fingerprint, AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
 pub use status::{BackendStatus, Status, VipStatus};
 
 pub use crate::config::{check_any_port_health, check_persist};

@@ -1,13 +1,15 @@
 //! The requests that read the agent: `xlb status`, `explain`, `flows`,
 //! `trace`, `ha …`.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use std::io::Write;
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
 use super::output::print_status;
 use crate::{
     agent::Status,
+    diag::trace::{frame_bytes, render, PcapWriter, StreamMsg},
     api::{self, Request},
     config::Vip,
 };
@@ -35,11 +37,15 @@ pub enum HaCmd {
 /// `xlb status`.
 pub fn status(socket: &Path, json: bool) -> Result<()> {
     let v = api::call(socket, &Request::Status)?;
+    show(v, json, "status", |s: Status| print_status(&s))
+}
+
+/// An answer as pretty JSON, or read as `T` and printed by `text`.
+fn show<T: serde::de::DeserializeOwned>(v: serde_json::Value, json: bool, what: &str, text: impl FnOnce(T)) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let s: Status = serde_json::from_value(v).context("malformed status from the agent")?;
-        print_status(&s);
+        text(serde_json::from_value(v).with_context(|| format!("malformed {what} from the agent"))?);
     }
     Ok(())
 }
@@ -47,26 +53,14 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
 /// `xlb explain`.
 pub fn explain(socket: &Path, vip: &Vip, client: &crate::diag::explain::Client, json: bool) -> Result<()> {
     let v = api::call(socket, &Request::Explain { vip: vip.to_string(), client: client.to_string() })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        let e: crate::diag::explain::Explanation = serde_json::from_value(v).context("malformed explanation from the agent")?;
-        print!("{}", crate::diag::explain::render(&e));
-    }
-    Ok(())
+    show(v, json, "explanation", |e| print!("{}", crate::diag::explain::render(&e)))
 }
 
 /// `xlb flows`.
 pub fn flows(socket: &Path, vip: Option<Vip>, backend: Option<std::net::IpAddr>, limit: usize, json: bool) -> Result<()> {
     let req = Request::Flows { vip: vip.map(|v| v.to_string()), backend: backend.map(|b| b.to_string()), limit: Some(limit) };
     let v = api::call(socket, &req)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        let r: crate::diag::flows::FlowsReport = serde_json::from_value(v).context("malformed flows from the agent")?;
-        print!("{}", crate::diag::flows::render(&r));
-    }
-    Ok(())
+    show(v, json, "flows", |r| print!("{}", crate::diag::flows::render(&r)))
 }
 
 /// `xlb trace`.
@@ -85,7 +79,42 @@ pub fn trace(
         anyhow::bail!("--count must be at least 1");
     }
     let req = Request::Trace { vip: vip.map(|v| v.to_string()), backend: backend.map(|b| b.to_string()), verdict, count, rate: Some(rate) };
-    crate::diag::trace::run(socket, &req, pcap.as_deref(), json)
+    stream_trace(socket, &req, pcap.as_deref(), json)
+}
+
+/// `xlb trace`: stream from the agent at `socket`, print lines, write the pcap.
+fn stream_trace(socket: &Path, req: &Request, pcap: Option<&Path>, json: bool) -> Result<()> {
+    let mut pcap = pcap
+        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())).and_then(|f| PcapWriter::new(std::io::BufWriter::new(f))))
+        .transpose()?;
+    let stdout = std::io::stdout();
+    let mut ended = false;
+    api::client::stream(socket, req, |l| {
+        match serde_json::from_str::<StreamMsg>(l).context("malformed trace line from the agent")? {
+            StreamMsg::Frame(f) => {
+                if let Some(p) = &mut pcap {
+                    p.frame(f.time_ns, &frame_bytes(&f)?, f.len)?;
+                }
+                let text = if json { serde_json::to_string(&f)? } else { render(&f) };
+                let mut o = stdout.lock();
+                // A closed stdout (a pipe into head) ends the trace.
+                if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
+                    ended = true;
+                    return Ok(false);
+                }
+                Ok(true)
+            }
+            StreamMsg::End { frames, missed } => {
+                eprintln!("trace: {frames} frame(s){}", if missed > 0 { format!(", {missed} matching frame(s) not recorded (rate limit)") } else { String::new() });
+                ended = true;
+                Ok(false)
+            }
+        }
+    })?;
+    if !ended {
+        bail!("the agent ended the trace early");
+    }
+    Ok(())
 }
 
 /// `xlb ha …`.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::output::print_moved;
 use crate::{
     api::{self, Request},
-    config::{check_weight, parse_backend_ip, Admin, HealthConfig, Mac, Vip},
+    config::{parse_backend_ip, Admin, AlgoName, AllDown, CheckKind, ForwardName, HashMode, HealthConfig, Mac, Vip},
 };
 
 /// Health-check options of `xlb vip add` (any of them replaces the agent's
@@ -17,7 +17,7 @@ use crate::{
 pub struct CheckArgs {
     /// Check: tcp, http, udp or none.
     #[arg(long = "check", value_name = "KIND")]
-    pub kind: Option<String>,
+    pub kind: Option<CheckKind>,
     /// Port to check (default: the VIP's).
     #[arg(long = "check-port")]
     pub port: Option<u16>,
@@ -72,8 +72,8 @@ impl CheckArgs {
             return Ok(None);
         }
         let mut h = HealthConfig::default();
-        if let Some(k) = &self.kind {
-            h.kind = k.parse()?;
+        if let Some(k) = self.kind {
+            h.kind = k;
         }
         h.port = self.port;
         h.agent_port = self.agent_port;
@@ -122,7 +122,7 @@ pub enum VipCmd {
         vip: Vip,
         /// Scheduling algorithm: maglev, rr, wrr, random, source-hash, least-conn.
         #[arg(long, default_value = "maglev")]
-        algo: String,
+        algo: AlgoName,
         /// With source-hash: seconds a client stays on its backend after its
         /// last new flow, even across backend changes.
         #[arg(long, value_name = "SECS")]
@@ -132,14 +132,14 @@ pub enum VipCmd {
         check: CheckArgs,
         /// When every backend is down: drop (default) or fail-open.
         #[arg(long, value_name = "MODE")]
-        all_down: Option<String>,
+        all_down: Option<AllDown>,
         /// Ramp a backend that comes up to its full weight over this long.
         #[arg(long, value_name = "MS")]
         slow_start_ms: Option<u64>,
         /// What maglev hashes: 5-tuple (default) or dst-port (every client
         /// of one destination port gets the same backend).
         #[arg(long, value_name = "FIELDS")]
-        hash: Option<crate::config::HashMode>,
+        hash: Option<HashMode>,
         /// Answer ICMP/ICMPv6 echo requests to the VIP's address in the
         /// datapath (default: the kernel's as before).
         #[arg(long)]
@@ -147,7 +147,7 @@ pub enum VipCmd {
         /// How its backends are reached: l2 (MAC rewrite, same segment;
         /// the default), ipip (IP-in-IP, routed) or gue (GUE over UDP, routed).
         #[arg(long, value_name = "MODE")]
-        forward: Option<crate::config::ForwardName>,
+        forward: Option<ForwardName>,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -166,7 +166,8 @@ pub enum BackendCmd {
         /// ADDR:PORT/PROTO
         vip: Vip,
         /// Backend IP address (same family as the VIP unless routed).
-        ip: String,
+        #[arg(value_parser = parse_backend_ip)]
+        ip: std::net::IpAddr,
         /// Backend MAC; resolved from the neighbour table when omitted.
         #[arg(long)]
         mac: Option<Mac>,
@@ -175,7 +176,7 @@ pub enum BackendCmd {
         weight: u32,
         /// How to reach it, replacing the VIP's --forward: l2, ipip or gue.
         #[arg(long, value_name = "MODE")]
-        forward: Option<crate::config::ForwardName>,
+        forward: Option<ForwardName>,
     },
     /// Change a backend's weight or state; prints how many table entries
     /// change.
@@ -183,7 +184,8 @@ pub enum BackendCmd {
         /// ADDR:PORT/PROTO
         vip: Vip,
         /// Backend IP address.
-        ip: String,
+        #[arg(value_parser = parse_backend_ip)]
+        ip: std::net::IpAddr,
         /// New weight, 0..=10000 (0 = no new flows).
         #[arg(long)]
         weight: Option<u32>,
@@ -205,7 +207,8 @@ pub enum BackendCmd {
         /// ADDR:PORT/PROTO
         vip: Vip,
         /// Backend IP address.
-        ip: String,
+        #[arg(value_parser = parse_backend_ip)]
+        ip: std::net::IpAddr,
     },
 }
 
@@ -213,11 +216,10 @@ pub enum BackendCmd {
 pub fn vip(socket: &Path, cmd: VipCmd) -> Result<()> {
     match cmd {
         VipCmd::Add { vip, algo, persist_timeout, check, all_down, slow_start_ms, hash, answer_ping, forward } => {
-            let algo: crate::config::AlgoName = algo.parse()?;
-            crate::agent::check_persist(algo.0, persist_timeout.unwrap_or(0))?;
-            crate::config::VipOpts::from_fields(hash, Some(answer_ping)).validate(algo.0)?;
+            // Values are parsed by their types; the rules across them
+            // (persistence, hash and algorithm, checks of an any-port VIP)
+            // are the agent's.
             let health = check.to_config()?;
-            let all_down = all_down.map(|m| m.parse::<crate::config::AllDown>()).transpose()?;
             let answer_ping = answer_ping.then_some(true);
             let r = api::call(
                 socket,
@@ -246,11 +248,8 @@ pub fn vip(socket: &Path, cmd: VipCmd) -> Result<()> {
 pub fn backend(socket: &Path, cmd: BackendCmd) -> Result<()> {
     match cmd {
         BackendCmd::Add { vip, ip, mac, weight, forward } => {
-            // A routed backend may be of the other family: the agent knows
-            // the VIP's mode and checks.
-            let ip: std::net::IpAddr = ip.parse().map_err(|_| anyhow::anyhow!("invalid backend IP '{ip}'"))?;
-            crate::config::check_unicast(ip).with_context(|| format!("invalid backend IP '{ip}'"))?;
-            check_weight(weight)?;
+            // The address's family, the weight's range: the agent checks
+            // them (a routed backend may be of the other family).
             let r = api::call(
                 socket,
                 &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None, forward },
@@ -259,20 +258,12 @@ pub fn backend(socket: &Path, cmd: BackendCmd) -> Result<()> {
             Ok(())
         }
         BackendCmd::Set { vip, ip, weight, drain, maint, up, dry_run } => {
-            let ip = parse_backend_ip(&vip, &ip)?;
-            if let Some(w) = weight {
-                check_weight(w)?;
-            }
             let state = [(drain, Admin::Drain), (maint, Admin::Maint), (up, Admin::Ready)].iter().find(|(f, _)| *f).map(|(_, s)| *s);
-            if weight.is_none() && state.is_none() {
-                anyhow::bail!("nothing to change: give --weight, --drain, --maint or --up");
-            }
             let r = api::call(socket, &Request::BackendSet { vip, ip, weight, state, dry_run })?;
             print_moved(&r, dry_run);
             Ok(())
         }
         BackendCmd::Del { vip, ip } => {
-            let ip = parse_backend_ip(&vip, &ip)?;
             let r = api::call(socket, &Request::BackendDel { vip, ip })?;
             print_moved(&r, false);
             Ok(())

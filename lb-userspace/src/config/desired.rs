@@ -143,7 +143,7 @@ impl Desired {
                     .transpose()
                     .map_err(|e| bat("forward", e))?
                     .map(|f| f.0);
-                let ip: IpAddr = b.ip.parse().map_err(|_| bat("", anyhow!("invalid backend IP '{}'", b.ip)))?;
+                let ip = parse_backend_ip(&b.ip).map_err(|e| bat("", e))?;
                 let ip = check_backend_ip_for(&vip, ip, bforward.unwrap_or(forward)).map_err(|e| bat("", e))?;
                 if !seen_ips.insert(ip) {
                     return Err(bat("", anyhow!("duplicate backend")));

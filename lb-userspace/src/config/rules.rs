@@ -36,10 +36,10 @@ pub fn check_unicast(ip: IpAddr) -> Result<()> {
     Ok(())
 }
 
-/// Parse a backend address for a VIP (same family, unicast).
-pub fn parse_backend_ip(vip: &Vip, s: &str) -> Result<IpAddr> {
-    let ip: IpAddr = s.parse().map_err(|_| anyhow!("invalid backend IP '{s}'"))?;
-    check_backend_ip(vip, ip)
+/// Parse a backend address (its family and kind are checked against its
+/// VIP by `check_backend_ip_for`).
+pub fn parse_backend_ip(s: &str) -> Result<IpAddr> {
+    s.parse().map_err(|_| anyhow!("invalid backend IP '{s}'"))
 }
 
 /// Longest slow start accepted, milliseconds.
@@ -94,9 +94,12 @@ mod tests {
     #[test]
     fn backend_family_must_match() {
         let v: Vip = "10.0.0.100:80/tcp".parse().expect("valid");
-        assert!(parse_backend_ip(&v, "10.0.0.11").is_ok());
-        assert!(parse_backend_ip(&v, "2001:db8::1").is_err());
-        assert!(parse_backend_ip(&v, "banana").is_err());
+        let ip = |s: &str| parse_backend_ip(s).expect(s);
+        assert!(check_backend_ip(&v, ip("10.0.0.11")).is_ok());
+        assert!(check_backend_ip(&v, ip("2001:db8::1")).is_err());
+        assert!(check_backend_ip_for(&v, ip("2001:db8::1"), lb_common::Forward::Ipip).is_ok());
+        assert!(check_backend_ip_for(&v, ip("0.0.0.0"), lb_common::Forward::Ipip).is_err());
+        assert!(parse_backend_ip("banana").expect_err("banana").to_string().contains("invalid backend IP 'banana'"));
         assert!(check_weight(MAX_WEIGHT + 1).is_err());
     }
 }
