@@ -70,8 +70,9 @@ pub struct Packet {
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
     /// Offset of the TCP/UDP header (`Kind::Flow`; 0 otherwise): where
-    /// `quic` finds the UDP length and payload.
-    pub l4: usize,
+    /// `quic` finds the UDP length and payload. A `u16` beside `tcp_flags`:
+    /// it fits in the padding, so `xlb_trace`'s stack does not grow.
+    pub l4: u16,
 }
 
 impl Packet {
@@ -153,7 +154,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
         return Err(Stat::PassBadHeader);
     }
     let (sport, dport, tcp_flags) = ports(ctx, h.l4, l4_len)?;
-    Ok(Packet { key: FlowKey::v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags, l4: h.l4 })
+    Ok(Packet { key: FlowKey::v4(h.src, sport, h.dst, dport, h.proto), kind: Kind::Flow, tcp_flags, l4: h.l4 as u16 })
 }
 
 /// ICMPv4: destination unreachable (incl. fragmentation needed), time
@@ -242,7 +243,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
         return Err(Stat::PassBadHeader);
     }
     let (sport, dport, tcp_flags) = ports(ctx, l4, l4_len)?;
-    Ok(Packet { key: key(sport, dport), kind: Kind::Flow, tcp_flags, l4 })
+    Ok(Packet { key: key(sport, dport), kind: Kind::Flow, tcp_flags, l4: l4 as u16 })
 }
 
 /// ICMPv6 destination unreachable, packet too big, time exceeded and

@@ -40,7 +40,7 @@ pub fn backend<'a>(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo, stats: &mut St
     if !vip.is_quic() || pkt.key.vip.proto != PROTO_UDP {
         return None;
     }
-    let id = route(ctx.ctx, pkt.l4, vip.vip_id, stats);
+    let id = route(ctx.ctx, pkt.l4 as usize, vip.vip_id, stats);
     if id == NONE {
         return None;
     }
@@ -81,24 +81,28 @@ fn judge(raw: *mut xdp_md, l4: usize, vip_id: u32) -> Result<u32, Stat> {
     }
 }
 
-/// UDP header and the QUIC header's first bytes, up to a long header's
-/// server ID: first octet, version (4), DCID length, DCID octets 0-2.
-const HEAD_LEN: usize = UDP_HDR_LEN + LONG_DCID_OFF + MIN_CID_LEN as usize;
+/// Where the bytes `route` reads start in the UDP header: its length.
+const UDP_LEN_OFF: usize = 4;
+/// The UDP length and checksum, then the QUIC header's first bytes up to a
+/// long header's server ID: first octet, version (4), DCID length, DCID
+/// octets 0-2. (Kept small: this subprogram's stack adds to `xlb_trace`'s
+/// within the verifier's 512-byte limit.)
+const HEAD_LEN: usize = UDP_HDR_LEN - UDP_LEN_OFF + LONG_DCID_OFF + MIN_CID_LEN as usize;
 
 /// The non-zero server ID in the DCID of the QUIC packet in the UDP
 /// datagram at `l4`, if it has a routable one. (Every real QUIC packet is
-/// longer than `HEAD_LEN`: header protection samples 16 bytes after a
-/// 4-byte packet number offset, RFC 9001 §5.4.2.)
+/// longer than the 9 bytes read: header protection samples 16 bytes after
+/// a 4-byte packet number offset, RFC 9001 §5.4.2.)
 #[inline(always)]
 fn packet_server_id(raw: *mut xdp_md, l4: usize) -> Option<u16> {
     let mut b = [0u8; HEAD_LEN];
     // SAFETY: the helper writes at most `HEAD_LEN` bytes into `b` and
     // fails (non-zero) when they are not all inside the frame.
-    if unsafe { bpf_xdp_load_bytes(raw, l4 as u32, b.as_mut_ptr().cast(), HEAD_LEN as u32) } != 0 {
+    if unsafe { bpf_xdp_load_bytes(raw, (l4 + UDP_LEN_OFF) as u32, b.as_mut_ptr().cast(), HEAD_LEN as u32) } != 0 {
         return None;
     }
-    let payload_len = (u16::from_be_bytes([b[4], b[5]]) as usize).checked_sub(UDP_HDR_LEN)?;
-    let h = &b[UDP_HDR_LEN..];
+    let payload_len = (u16::from_be_bytes([b[0], b[1]]) as usize).checked_sub(UDP_HDR_LEN)?;
+    let h = &b[UDP_HDR_LEN - UDP_LEN_OFF..];
     if h[0] & FIXED_BIT == 0 {
         return None;
     }
