@@ -172,7 +172,8 @@ pub enum Request {
     },
     /// Where one flow goes now and why (`xlb explain`; changes nothing).
     Explain {
-        /// `ADDR:PORT/PROTO`.
+        /// The flow's destination `ADDR:PORT/PROTO` (any-port and prefix
+        /// VIPs serve it as in the datapath).
         #[serde(with = "text")]
         vip: Vip,
         /// `ADDR[:PORT]` of the client.
