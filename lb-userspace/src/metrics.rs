@@ -112,7 +112,7 @@ pub fn render(s: &Status) -> String {
 }
 
 /// Serve metrics on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::api::Host>) -> Result<()> {
+pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::host::Host>) -> Result<()> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
     log::info!("metrics on http://{addr}/metrics");
     let agent = Arc::downgrade(&agent);
@@ -138,7 +138,7 @@ pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::
     }
 }
 
-fn respond<B>(req: &hyper::Request<B>, agent: &Weak<Mutex<Agent>>, host: &crate::api::Host) -> hyper::Response<Full<Bytes>> {
+fn respond<B>(req: &hyper::Request<B>, agent: &Weak<Mutex<Agent>>, host: &crate::host::Host) -> hyper::Response<Full<Bytes>> {
     let answer = |status: StatusCode, body: String| {
         let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;

@@ -9,7 +9,7 @@ use crate::config::{Admin, AllDown};
 
 impl<M: Maps> Agent<M> {
     /// Everything `xlb status` shows that the agent knows (the daemon adds
-    /// how and where the program runs: `api::Host::fill`).
+    /// how and where the program runs: `host::Host::fill`).
     pub fn status(&self) -> Result<Status> {
         let mut vips = Vec::new();
         for (vip, s) in &self.vips {

@@ -342,41 +342,6 @@ pub fn frame_bytes(f: &FrameLine) -> Result<Vec<u8>> {
     (0..f.data.len()).step_by(2).map(|i| u8::from_str_radix(&f.data[i..i + 2], 16).context("malformed frame data from the agent")).collect()
 }
 
-/// `xlb trace`: stream from the agent at `socket`, print lines, write the pcap.
-pub fn run(socket: &std::path::Path, req: &crate::api::Request, pcap: Option<&std::path::Path>, json: bool) -> Result<()> {
-    let mut pcap = pcap
-        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())).and_then(|f| PcapWriter::new(std::io::BufWriter::new(f))))
-        .transpose()?;
-    let stdout = std::io::stdout();
-    let mut ended = false;
-    crate::api::client::stream(socket, req, |l| {
-        match serde_json::from_str::<StreamMsg>(l).context("malformed trace line from the agent")? {
-            StreamMsg::Frame(f) => {
-                if let Some(p) = &mut pcap {
-                    p.frame(f.time_ns, &frame_bytes(&f)?, f.len)?;
-                }
-                let text = if json { serde_json::to_string(&f)? } else { render(&f) };
-                let mut o = stdout.lock();
-                // A closed stdout (a pipe into head) ends the trace.
-                if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
-                    ended = true;
-                    return Ok(false);
-                }
-                Ok(true)
-            }
-            StreamMsg::End { frames, missed } => {
-                eprintln!("trace: {frames} frame(s){}", if missed > 0 { format!(", {missed} matching frame(s) not recorded (rate limit)") } else { String::new() });
-                ended = true;
-                Ok(false)
-            }
-        }
-    })?;
-    if !ended {
-        bail!("the agent ended the trace early");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
