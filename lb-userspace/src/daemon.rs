@@ -319,6 +319,7 @@ async fn start(
     let mut host = crate::host::Host {
         config_path: opts.config.clone(),
         pinned: pins.map(|p| p.shown.join(layout_name(&opts.load))),
+        pin_root: opts.pin_root.clone(),
         ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.ha_options()))),
         ..Default::default()
     };

@@ -19,6 +19,9 @@ pub struct Host {
     pub attach_mode: String,
     /// Pin directory of the maps, when pinned.
     pub pinned: Option<PathBuf>,
+    /// The `--pin-root` given, where `xlb decap` pins too (its counters go
+    /// into status).
+    pub pin_root: Option<PathBuf>,
     /// Why the pins die with the agent (forwarding stops when it exits), if they do.
     pub pins_lost_on_exit: Option<String>,
     /// Asks the daemon to detach and exit (`xlb detach`).
@@ -48,6 +51,12 @@ impl Host {
         s.pinned = self.pinned.as_ref().map(|p| p.display().to_string());
         s.pins_lost_on_exit = self.pins_lost_on_exit.clone();
         s.sync = self.sync.as_ref().map(|x| x.stats());
+        if let Some(root) = &self.pin_root {
+            s.decap = crate::encap::decap_all(root).unwrap_or_else(|e| {
+                log::warn!("cannot read the xlb decap counters: {e:#}");
+                Vec::new()
+            });
+        }
     }
 
     /// The file `config reload` applies: `path`, or the agent's `--config`.

@@ -171,7 +171,8 @@ pub enum Request {
     },
     /// Where one flow goes now and why (`xlb explain`; changes nothing).
     Explain {
-        /// `ADDR:PORT/PROTO`.
+        /// The flow's destination `ADDR:PORT/PROTO` (any-port and prefix
+        /// VIPs serve it as in the datapath).
         vip: String,
         /// `ADDR[:PORT]` of the client.
         client: String,

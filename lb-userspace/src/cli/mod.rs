@@ -64,6 +64,10 @@ pub enum Command {
         /// Refresh in place every second with rates, like `top` (Ctrl-C to stop).
         #[arg(long)]
         watch: bool,
+        /// Root of the pins, where `xlb decap`'s counters are read when no
+        /// agent answers (a backend host).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
     },
     /// On a backend of routed VIPs (`--forward ipip|gue`): strip xlb's
     /// encapsulation in XDP and hand the inner packets to the stack, for
@@ -88,7 +92,9 @@ pub enum Command {
     /// hash, table entry, connection-table and persistence entries, which
     /// one wins, and when that may change.
     Explain {
-        /// ADDR:PORT/PROTO of the VIP.
+        /// The flow's destination ADDR:PORT/PROTO: a VIP, or an address
+        /// and port that an any-port or prefix VIP serves (the VIP is found
+        /// as the datapath finds it: exact, any-port, most specific prefix).
         vip: Vip,
         /// The client: ADDR:PORT ([ADDR]:PORT for IPv6); ADDR alone for
         /// source-hash VIPs.
@@ -118,13 +124,15 @@ pub enum Command {
     /// they arrived to a pcap file. Stops after --count frames or Ctrl-C;
     /// the balancer runs untraced again as soon as it stops.
     Trace {
-        /// Only frames for this VIP (ADDR:PORT/PROTO).
+        /// Only frames for this VIP (ADDR:PORT/PROTO; an any-port or prefix
+        /// VIP: every destination its form covers).
         #[arg(long)]
         vip: Option<Vip>,
         /// Only frames sent to this backend address.
         #[arg(long)]
         backend: Option<std::net::IpAddr>,
-        /// Only frames with this verdict: tx, pass or drop.
+        /// Only frames with this verdict: tx (sent on, routed frames out
+        /// another interface too), pass or drop.
         #[arg(long, value_parser = ["tx", "pass", "drop"])]
         verdict: Option<String>,
         /// Stop after N frames.
@@ -166,7 +174,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backend(cmd) => service::backend(&socket, cmd),
         Command::Config(cmd) => service::config(&socket, cmd),
         Command::Status { json } => diag::status(&socket, json),
-        Command::Stats { json, watch } => crate::stats::run(&socket, json, watch),
+        Command::Stats { json, watch, pin_root } => crate::stats::run(&socket, &pin_root, json, watch),
         Command::Explain { vip, client, json } => diag::explain(&socket, &vip, &client, json),
         Command::Flows { vip, backend, limit, json } => diag::flows(&socket, vip, backend, limit, json),
         Command::Trace { vip, backend, verdict, count, pcap, rate, json } => {
