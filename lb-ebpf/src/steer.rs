@@ -93,11 +93,12 @@ pub fn choose<'a>(ctx: &XdpContext, pkt: &Packet, gate: Gate<'a>, stats: &mut St
         return Err(Stat::PassNotVip);
     }
     match pkt.kind {
+        // The VIP and the algorithm before the new entry's accounting: a
+        // pure SYN's set is read only then (see `conntrack::track`).
         Kind::Flow => match conntrack::track(key, pkt.tcp_flags, stats) {
             Track::Hit(c) => Ok(c),
-            Track::New(p) => {
+            Track::New(mut p) => {
                 let vip = vip(key, gate)?;
-                p.settle(vip, stats);
                 // `--quic`: the server ID in the connection ID first (a
                 // client that moved to a new address or port misses the
                 // table and is sent back to its backend here).
@@ -105,6 +106,7 @@ pub fn choose<'a>(ctx: &XdpContext, pkt: &Packet, gate: Gate<'a>, stats: &mut St
                     Some(c) => c,
                     None => select::schedule(key, vip, stats)?,
                 };
+                p.settle(vip, stats);
                 p.commit(key, id, backend, stats);
                 Ok(Choice { id, backend, new_flow: true })
             }
