@@ -3,15 +3,16 @@
 //! load time (`EbpfLoader::set_max_entries`).
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::{self, ArrayOfMaps},
+    macros::{btf_map, map},
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
     ct::ct_elements, BackendInfo, Counters, CtSet, DecapKey, EncapConfig, PersistKey, PersistValue, PrefixKey, StatBlock, VipInfo,
     VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    MAX_ACCEPT_MACS, RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, MAX_BACKENDS,
+    MAX_ACCEPT_MACS, VIP_FILTER_SIZE,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -31,10 +32,16 @@ pub static PREFIX_ON: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// All Maglev tables, one per ring slot, back to back: entry → backend id.
-#[map(name = "XLB_RINGS")]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries((DEFAULT_MAX_TABLES + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, RINGS_MAP_FLAGS);
+/// One VIP's lookup table (Maglev, or the id sequence of the other
+/// algorithms): entry → backend id. Only the inner-map template: each table
+/// is created by the agent with its own size (`BPF_F_INNER_MAP`).
+pub type Table = btf_maps::Array<u32, 1, { lb_common::TABLE_MAP_FLAGS as usize }>;
+
+/// Table slot (`VipInfo::table_slot`) → that VIP's table. A BTF-defined
+/// map: the loader reads the inner template from the object's BTF. Its
+/// size is set at load time (`--max-tables` plus spares).
+#[btf_map(name = "XLB_TABLES")]
+pub static TABLES: ArrayOfMaps<Table, 1> = ArrayOfMaps::new();
 
 /// The connection table: `ct_elements(--conntrack-size)` one-line sets
 /// (layout in `lb_common::ct`), shared by all CPUs. Mmapable, so that its

@@ -141,7 +141,7 @@ pub struct Agent<M: Maps = Datapath> {
     opts: AgentOptions,
     vips: BTreeMap<Vip, VipState>,
     free_vip_ids: VecDeque<u32>,
-    free_ring_slots: VecDeque<u32>,
+    free_table_slots: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
     backend_gens: Vec<u16>,
     /// VIPs changed since the last `flush`.
@@ -178,7 +178,7 @@ impl<M: Maps> Agent<M> {
         dp.set_accepted_macs(&macs)?;
         let load = dp.opts();
         let free_vip_ids = (0..load.max_vips).collect();
-        let free_ring_slots = (0..load.ring_slots()).collect();
+        let free_table_slots = (0..load.table_slots()).collect();
         let free_backend_ids = (0..dp.max_backends()).collect();
         let backend_gens = vec![0; dp.max_backends() as usize];
         Ok(Agent {
@@ -186,7 +186,7 @@ impl<M: Maps> Agent<M> {
             opts,
             vips: BTreeMap::new(),
             free_vip_ids,
-            free_ring_slots,
+            free_table_slots,
             free_backend_ids,
             backend_gens,
             dirty: BTreeSet::new(),
@@ -312,7 +312,7 @@ impl<M: Maps> Agent<M> {
                 forward: spec.forward,
                 failing_open: false,
                 published,
-                ring_slot: None,
+                table_slot: None,
                 backends: BTreeMap::new(),
                 table: Vec::new(),
                 published_at: None,
@@ -347,9 +347,6 @@ impl<M: Maps> Agent<M> {
         for id in ids {
             self.release_backend_id(id)?;
         }
-        if let Some(slot) = state.ring_slot {
-            self.free_ring_slots.push_back(slot);
-        }
         self.free_vip_ids.push_back(state.id);
         self.dirty.remove(vip);
         self.toml_cache.get_mut().remove(vip);
@@ -357,6 +354,10 @@ impl<M: Maps> Agent<M> {
         self.sync_filter(vip)?;
         self.sync_fragment_alias(vip)?;
         self.sync_echo(vip, answered)?;
+        // After the entries that may have copied the VIP's.
+        if let Some(slot) = state.table_slot {
+            self.release_table(slot)?;
+        }
         self.state_dirty = true;
         self.checks.stale();
         Ok(())

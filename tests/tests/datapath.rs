@@ -284,24 +284,29 @@ fn connection_table_keeps_flows_across_changes_and_moves_a_dead_backends_flows()
 }
 
 #[test]
-fn tables_are_published_by_switching_ring_slots() {
+fn tables_are_published_by_switching_table_slots() {
     // Every reconcile writes the new table to another slot and then points
     // the VIP at it: the slot in use changes, the old one is not reused at once.
     let mut f = Fixture::new();
     let v = vip("10.0.0.100:80/tcp");
-    let slot = |f: &Fixture| f.agent.vips()[&v].ring_slot.expect("published");
+    let slot = |f: &Fixture| f.agent.vips()[&v].table_slot.expect("published");
     let s1 = slot(&f);
     f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9)), Some(backend_mac(9)), 3).expect("add");
     let s2 = slot(&f);
     f.agent.del_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9))).expect("del");
     let s3 = slot(&f);
     assert!(s1 != s2 && s2 != s3 && s1 != s3, "slots {s1} {s2} {s3}");
-    // The published ring is what the datapath reads.
+    // The published table is what the datapath reads.
     let ring_size = f.agent.dp.opts.ring_size;
     let table = f.agent.vips()[&v].table.clone();
     for i in [0u32, 1, 777, ring_size - 1] {
-        assert_eq!(f.agent.dp.ring_entry(s3 * ring_size + i).expect("ring"), table[i as usize]);
+        assert_eq!(f.agent.dp.table_entry(s3, i).expect("table"), table[i as usize]);
     }
+    // The replaced tables are freed: only the published ones are left.
+    let mut published: Vec<u32> = f.agent.vips().values().filter_map(|s| s.table_slot).collect();
+    published.sort_unstable();
+    assert_eq!(f.agent.dp.occupied_slots().expect("slots"), published);
+    assert!(!published.contains(&s1) && !published.contains(&s2));
 }
 
 #[test]

@@ -30,10 +30,15 @@ pub trait Maps {
     fn set_prefix_count(&mut self, n: u32) -> Result<()>;
     /// Write a backend entry.
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()>;
-    /// Write a table into ring slot `slot` (one operation).
-    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()>;
-    /// Read `len` ring entries from `offset`.
-    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>>;
+    /// Create a table holding `table` in the free slot `slot` (readers see
+    /// it once a VIP entry names the slot).
+    fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()>;
+    /// Free the table in `slot` (no entry names it any more).
+    fn free_table(&mut self, slot: u32) -> Result<()>;
+    /// The first `len` entries of the table in `slot`.
+    fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>>;
+    /// Slots that hold a table.
+    fn occupied_slots(&self) -> Result<Vec<u32>>;
     /// Set a VIP pre-filter entry.
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()>;
     /// Traffic counters of a backend id (summed over CPUs).
@@ -87,11 +92,17 @@ impl Maps for Datapath {
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
         Datapath::set_backend(self, id, info)
     }
-    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        Datapath::write_ring(self, slot, table)
+    fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
+        Datapath::write_table(self, slot, table)
     }
-    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
-        Datapath::read_ring(self, offset, len)
+    fn free_table(&mut self, slot: u32) -> Result<()> {
+        Datapath::free_table(self, slot)
+    }
+    fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
+        Datapath::read_table(self, slot, len)
+    }
+    fn occupied_slots(&self) -> Result<Vec<u32>> {
+        Datapath::occupied_slots(self)
     }
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
         Datapath::set_vip_filter(self, idx, n)
@@ -136,16 +147,18 @@ pub struct MemMaps {
     pub prefix_count: u32,
     /// Backend array (only written entries).
     pub backends: HashMap<u32, BackendInfo>,
-    /// Ring array.
-    pub rings: Vec<u32>,
+    /// Tables by slot (each its own map in the kernel).
+    pub tables: HashMap<u32, Vec<u32>>,
     /// Pre-filter entries (only non-zero ones).
     pub filter: HashMap<u32, u32>,
     /// Active flows per backend id.
     pub conns: HashMap<u32, i64>,
     /// Traffic per backend id (tests set it).
     pub counters: HashMap<u32, Counters>,
-    /// Tables written (`write_ring` calls).
-    pub ring_writes: usize,
+    /// Tables written (`write_table` calls).
+    pub table_writes: usize,
+    /// Tables freed.
+    pub table_frees: usize,
     /// VIP entries written or removed.
     pub vip_writes: usize,
     /// Accepted destination MACs.
@@ -155,14 +168,16 @@ pub struct MemMaps {
 impl MemMaps {
     /// Empty maps of the given sizes.
     pub fn new(load: LoadOptions) -> MemMaps {
-        MemMaps { load, rings: vec![0; (load.ring_slots() * load.ring_size) as usize], ..Default::default() }
+        MemMaps { load, ..Default::default() }
     }
 
     /// The table the datapath would read for `key` (empty: no table).
     pub fn table(&self, key: &VipKey) -> Vec<u32> {
         self.vips
             .get(key)
-            .map(|i| self.rings[i.ring_off as usize..(i.ring_off + i.ring_size) as usize].to_vec())
+            .filter(|i| i.ring_size > 0)
+            .and_then(|i| self.tables.get(&i.table_slot))
+            .cloned()
             .unwrap_or_default()
     }
 }
@@ -216,17 +231,33 @@ impl Maps for MemMaps {
         self.backends.insert(id, *info);
         Ok(())
     }
-    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        if table.len() > self.load.ring_size as usize || slot >= self.load.ring_slots() {
-            bail!("ring slot {slot} or table size {} out of range", table.len());
+    fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
+        if table.is_empty() || table.len() > self.load.ring_size as usize || slot >= self.load.table_slots() {
+            bail!("table slot {slot} or table size {} out of range", table.len());
         }
-        let base = (slot * self.load.ring_size) as usize;
-        self.rings[base..base + table.len()].copy_from_slice(table);
-        self.ring_writes += 1;
+        // The agent only ever fills a free slot: the datapath may be reading the others.
+        if self.tables.insert(slot, table.to_vec()).is_some() {
+            bail!("table slot {slot} is in use");
+        }
+        self.table_writes += 1;
         Ok(())
     }
-    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
-        Ok(self.rings[offset as usize..(offset + len) as usize].to_vec())
+    fn free_table(&mut self, slot: u32) -> Result<()> {
+        if self.tables.remove(&slot).is_some() {
+            self.table_frees += 1;
+        }
+        Ok(())
+    }
+    fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
+        match self.tables.get(&slot) {
+            Some(t) if t.len() >= len as usize => Ok(t[..len as usize].to_vec()),
+            _ => bail!("no table of {len} entries in slot {slot}"),
+        }
+    }
+    fn occupied_slots(&self) -> Result<Vec<u32>> {
+        let mut v: Vec<u32> = self.tables.keys().copied().collect();
+        v.sort_unstable();
+        Ok(v)
     }
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
         if n == 0 {
@@ -257,7 +288,8 @@ impl Maps for MemMaps {
         None
     }
     fn memory(&self) -> std::collections::BTreeMap<String, u64> {
-        [("XLB_RINGS".to_string(), self.rings.len() as u64 * 8)].into_iter().collect()
+        let bytes = self.tables.values().map(|t| t.len() as u64 * 8).sum();
+        [(lb_common::map_names::TABLES.to_string(), bytes)].into_iter().collect()
     }
     fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
         if macs.is_empty() || macs.len() > lb_common::MAX_ACCEPT_MACS as usize {
