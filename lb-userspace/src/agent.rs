@@ -6,10 +6,10 @@
 //! `flush` turns each marked VIP into map writes once (one plan, one table
 //! write, one VIP-entry update) and saves the state file once, however many
 //! changes arrived together. A table is published without readers ever
-//! seeing a half-written one: it goes to a free ring slot first, then a
-//! single VIP-entry update switches the datapath over, and the old slot is
-//! recycled last (FIFO, so it is not rewritten while a packet may still
-//! read it).
+//! seeing a half-written one: it is created whole as a map of its own in a
+//! free table slot, then a single VIP-entry update switches the datapath
+//! over, and the old table is freed last (the kernel keeps it for packets
+//! still reading it; slots are recycled FIFO).
 //!
 //! Submodules, one concern each: `model` (services, backends, health),
 //! `plan` (what a table change does), `checks` (check jobs shared by every

@@ -163,6 +163,8 @@ pub struct MemMaps {
     pub vip_writes: usize,
     /// Accepted destination MACs.
     pub macs: Vec<[u8; 6]>,
+    /// Tests set it: VIP-entry writes fail (as a failing map's would).
+    pub refuse_vip_writes: bool,
 }
 
 impl MemMaps {
@@ -190,6 +192,9 @@ impl Maps for MemMaps {
         lb_common::MAX_BACKENDS
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        if self.refuse_vip_writes {
+            bail!("cannot write the VIP map: refused (test)");
+        }
         // The kernel's hash map refuses a new key beyond its capacity.
         if !self.vips.contains_key(key) && self.vips.len() >= crate::maps::vip_map_entries(&self.load) as usize {
             bail!("cannot write the VIP map: bpf_map_update_elem failed: Argument list too long (os error 7)");
