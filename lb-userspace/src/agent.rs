@@ -141,7 +141,6 @@ pub struct Agent<M: Maps = Datapath> {
     opts: AgentOptions,
     vips: BTreeMap<Vip, VipState>,
     free_vip_ids: VecDeque<u32>,
-    free_table_slots: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
     backend_gens: Vec<u16>,
     /// VIPs changed since the last `flush`.
@@ -178,7 +177,6 @@ impl<M: Maps> Agent<M> {
         dp.set_accepted_macs(&macs)?;
         let load = dp.opts();
         let free_vip_ids = (0..load.max_vips).collect();
-        let free_table_slots = (0..load.table_slots()).collect();
         let free_backend_ids = (0..dp.max_backends()).collect();
         let backend_gens = vec![0; dp.max_backends() as usize];
         Ok(Agent {
@@ -186,7 +184,6 @@ impl<M: Maps> Agent<M> {
             opts,
             vips: BTreeMap::new(),
             free_vip_ids,
-            free_table_slots,
             free_backend_ids,
             backend_gens,
             dirty: BTreeSet::new(),
@@ -246,6 +243,13 @@ impl<M: Maps> Agent<M> {
     pub fn publish_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut first_err = None;
+        // A burst: its new tables in one batch (a table change waits for no
+        // kernel grace period while ready tables last).
+        if dirty.len() > 1 {
+            if let Err(e) = self.dp.reserve_tables(dirty.len()) {
+                log::warn!("reserving {} tables: {e:#}", dirty.len());
+            }
+        }
         for v in dirty {
             if self.vips.contains_key(&v) {
                 if let Err(e) = self.publish_counted(&v, false) {

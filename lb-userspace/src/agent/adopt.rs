@@ -182,20 +182,9 @@ impl<M: Maps> Agent<M> {
             }
         }
         let used_vip_ids: BTreeSet<u32> = scan.vips.iter().map(|(_, i)| i.vip_id).collect();
-        // Slots named by any entry (prefix VIPs' too) stay out of the free
-        // list until the final reconcile has rebuilt it.
-        let used_slots: BTreeSet<u32> = scan
-            .vips
-            .iter()
-            .map(|(_, i)| i)
-            .chain(scan.prefixes.iter().map(|(_, _, i)| i))
-            .filter(|i| i.ring_size > 0)
-            .map(|i| i.table_slot)
-            .collect();
         let used_ids: BTreeSet<u32> =
             scan.backends.iter().enumerate().filter(|(_, b)| in_use(b)).map(|(i, _)| i as u32).collect();
         a.free_vip_ids.retain(|x| !used_vip_ids.contains(x));
-        a.free_table_slots.retain(|x| !used_slots.contains(x));
         a.free_backend_ids.retain(|x| !used_ids.contains(x));
 
         let mut report = Adoption::default();
@@ -359,14 +348,11 @@ impl<M: Maps> Agent<M> {
         let owned_vip_ids: BTreeSet<u32> = self.vips.values().map(|s| s.id).collect();
         let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.table_slot).collect();
         self.free_vip_ids = (0..self.dp.opts().max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
-        self.free_table_slots = (0..self.dp.opts().table_slots()).filter(|i| !owned_slots.contains(i)).collect();
-        // Tables no entry names (an agent stopped mid-publication, VIPs
-        // no longer configured): their memory back.
-        for slot in self.dp.occupied_slots()? {
-            if !owned_slots.contains(&slot) {
-                self.dp.free_table(slot)?;
-                log::info!("freed the table in slot {slot}, which no VIP names");
-            }
+        // Tables no entry names (an agent stopped mid-publication, VIPs no
+        // longer configured, an earlier agent's ready tables): freed.
+        let loose = self.dp.release_unnamed(&owned_slots);
+        if loose > 0 {
+            log::info!("freeing {loose} table(s) no VIP names");
         }
         self.free_backend_ids = (0..self.dp.max_backends()).filter(|i| !owned_ids.contains(i)).collect();
         self.save_state();

@@ -30,15 +30,17 @@ pub trait Maps {
     fn set_prefix_count(&mut self, n: u32) -> Result<()>;
     /// Write a backend entry.
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()>;
-    /// Create a table holding `table` in the free slot `slot` (readers see
-    /// it once a VIP entry names the slot).
-    fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()>;
+    /// Put `table` in a new table in a slot no entry names and return the
+    /// slot (readers see it once a VIP entry names the slot).
+    fn write_table(&mut self, table: &[u32]) -> Result<u32>;
+    /// Have `n` new tables ready (before a burst of publications).
+    fn reserve_tables(&mut self, n: usize) -> Result<()>;
     /// Free the table in `slot` (no entry names it any more).
-    fn free_table(&mut self, slot: u32) -> Result<()>;
+    fn free_table(&mut self, slot: u32);
     /// The first `len` entries of the table in `slot`.
     fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>>;
-    /// Slots that hold a table.
-    fn occupied_slots(&self) -> Result<Vec<u32>>;
+    /// Free every table in a slot outside `named` (adoption); how many.
+    fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize;
     /// Set a VIP pre-filter entry.
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()>;
     /// Traffic counters of a backend id (summed over CPUs).
@@ -92,17 +94,20 @@ impl Maps for Datapath {
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
         Datapath::set_backend(self, id, info)
     }
-    fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        Datapath::write_table(self, slot, table)
+    fn write_table(&mut self, table: &[u32]) -> Result<u32> {
+        Datapath::write_table(self, table)
     }
-    fn free_table(&mut self, slot: u32) -> Result<()> {
+    fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        Datapath::reserve_tables(self, n)
+    }
+    fn free_table(&mut self, slot: u32) {
         Datapath::free_table(self, slot)
     }
     fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
         Datapath::read_table(self, slot, len)
     }
-    fn occupied_slots(&self) -> Result<Vec<u32>> {
-        Datapath::occupied_slots(self)
+    fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize {
+        Datapath::release_unnamed(self, named)
     }
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
         Datapath::set_vip_filter(self, idx, n)
@@ -159,6 +164,8 @@ pub struct MemMaps {
     pub table_writes: usize,
     /// Tables freed.
     pub table_frees: usize,
+    /// Most tables reserved at once (`reserve_tables`).
+    pub reserved: usize,
     /// VIP entries written or removed.
     pub vip_writes: usize,
     /// Accepted destination MACs.
@@ -236,22 +243,32 @@ impl Maps for MemMaps {
         self.backends.insert(id, *info);
         Ok(())
     }
-    fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        if table.is_empty() || table.len() > self.load.ring_size as usize || slot >= self.load.table_slots() {
-            bail!("table slot {slot} or table size {} out of range", table.len());
+    fn write_table(&mut self, table: &[u32]) -> Result<u32> {
+        if table.is_empty() || table.len() > self.load.ring_size as usize {
+            bail!("table size {} out of range", table.len());
         }
-        // The agent only ever fills a free slot: the datapath may be reading the others.
-        if self.tables.insert(slot, table.to_vec()).is_some() {
-            bail!("table slot {slot} is in use");
-        }
+        // A slot no table is in: the datapath may be reading the others.
+        let slot = (0..self.load.table_slots()).find(|s| !self.tables.contains_key(s));
+        let slot = slot.ok_or_else(|| anyhow::anyhow!("no free table slot"))?;
+        self.tables.insert(slot, table.to_vec());
         self.table_writes += 1;
+        Ok(slot)
+    }
+    fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        self.reserved = self.reserved.max(n);
         Ok(())
     }
-    fn free_table(&mut self, slot: u32) -> Result<()> {
+    fn free_table(&mut self, slot: u32) {
         if self.tables.remove(&slot).is_some() {
             self.table_frees += 1;
         }
-        Ok(())
+    }
+    fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize {
+        let loose: Vec<u32> = self.tables.keys().copied().filter(|s| !named.contains(s)).collect();
+        for s in &loose {
+            self.free_table(*s);
+        }
+        loose.len()
     }
     fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
         match self.tables.get(&slot) {
@@ -259,11 +276,7 @@ impl Maps for MemMaps {
             _ => bail!("no table of {len} entries in slot {slot}"),
         }
     }
-    fn occupied_slots(&self) -> Result<Vec<u32>> {
-        let mut v: Vec<u32> = self.tables.keys().copied().collect();
-        v.sort_unstable();
-        Ok(v)
-    }
+
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
         if n == 0 {
             self.filter.remove(&idx);

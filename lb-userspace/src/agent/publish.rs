@@ -69,12 +69,7 @@ impl<M: Maps> Agent<M> {
         } else if unchanged {
             old_slot
         } else {
-            let slot = self.free_table_slots.pop_front().ok_or_else(|| self.tables_full())?;
-            if let Err(e) = self.dp.write_table(slot, &p.table) {
-                self.free_table_slots.push_front(slot);
-                return Err(e);
-            }
-            Some(slot)
+            Some(self.dp.write_table(&p.table)?)
         };
         // 3. Publish.
         let published = VipInfo {
@@ -135,16 +130,10 @@ impl<M: Maps> Agent<M> {
         Ok(result)
     }
 
-    /// Free a table no entry names any more, and its slot.
+    /// Free a table no entry names any more.
     pub(super) fn release_table(&mut self, slot: u32) -> Result<()> {
-        self.free_table_slots.push_back(slot);
-        self.dp.free_table(slot)
-    }
-
-    /// The one-line error when every table slot is taken.
-    fn tables_full(&self) -> anyhow::Error {
-        let load = self.dp.opts();
-        anyhow!("{} VIPs already have a table: the limit is --max-tables {} (and --max-vips {})", load.tables(), load.max_tables, load.max_vips)
+        self.dp.free_table(slot);
+        Ok(())
     }
 
     /// Publish a VIP now, whether or not it changed (adoption republishes

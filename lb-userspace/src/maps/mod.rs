@@ -9,10 +9,12 @@
 
 mod attach;
 mod options;
+mod pool;
 mod read;
 pub mod tables;
 
 pub use options::{vip_map_entries, AttachMode, LoadOptions};
+pub use pool::POOL_READY;
 pub use tables::{update_batch, Fill, TableMem};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -54,10 +56,8 @@ pub struct Datapath {
     prefix_on: Array<MapData, u32>,
     backends: Array<MapData, BackendInfo>,
     tables: tables::Tables,
-    /// Bytes of the table in each occupied slot (`xlb status`).
-    table_bytes: std::collections::HashMap<u32, u64>,
-    /// How new tables are filled.
-    fill: Fill,
+    /// Its slots, ready tables and janitor.
+    pool: pool::Pool,
     conntrack: Array<MapData, CtSet>,
     ct_seed: CtSeed,
     stats: PerCpuArray<MapData, StatBlock>,
@@ -218,14 +218,15 @@ impl Datapath {
             use aya::maps::IterableMap;
             CtView::map(conntrack.map(), opts.conntrack_size, true)?.write_seed(&ct_seed);
         }
+        let tables = tables::Tables::new(ebpf.take_map(map_names::TABLES).ok_or_else(|| anyhow!("map {} missing from the XDP object", map_names::TABLES))?)?;
+        let pool = tables::pool(&tables, &opts)?;
         let dp = Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             vip_prefix: take(&mut ebpf, map_names::VIP_PREFIX)?,
             prefix_on: take(&mut ebpf, map_names::PREFIX_ON)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
-            tables: tables::Tables::new(ebpf.take_map(map_names::TABLES).ok_or_else(|| anyhow!("map {} missing from the XDP object", map_names::TABLES))?)?,
-            table_bytes: Default::default(),
-            fill: Fill::Mmap,
+            pool,
+            tables,
             conntrack,
             conntrack_id,
             ct_seed,

@@ -85,10 +85,12 @@ impl LoadOptions {
         }
     }
 
-    /// Number of table slots in `XLB_TABLES`: one per VIP that may have a
-    /// table, plus spares to create a new table beside the old one.
+    /// Number of table slots in `XLB_TABLES` (8 bytes each; a table takes
+    /// memory only while in a slot): two per VIP that may have a table (its
+    /// table, and a replaced one until it is freed, or one reserved for a
+    /// burst), the ready pool and spares.
     pub fn table_slots(&self) -> u32 {
-        self.tables() + SPARE_TABLE_SLOTS
+        2 * self.tables() + super::POOL_READY as u32 + SPARE_TABLE_SLOTS
     }
 
     /// VIPs that may have backends at once.

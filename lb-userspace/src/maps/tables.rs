@@ -1,9 +1,10 @@
-//! Lookup tables: one BPF array per VIP table, created when the table is
-//! published and freed when it is replaced or its VIP removed, so memory
-//! follows the VIPs actually configured (nothing is preallocated per
-//! possible VIP). `XLB_TABLES`, an array of maps, names each table by slot;
-//! the VIP entry names the slot (`VipInfo::table_slot`), so switching a VIP
-//! to a new table is one VIP-entry update, after the table is complete.
+//! Lookup tables: one BPF array per VIP table, created for it and freed when
+//! it is replaced or its VIP removed, so memory follows the VIPs actually
+//! configured (nothing is preallocated per possible VIP). `XLB_TABLES`, an
+//! array of maps, holds each table in a slot; the VIP entry names the slot
+//! (`VipInfo::table_slot`), so switching a VIP to a new table is one
+//! VIP-entry update, after the table is complete. Slots and ready tables:
+//! `pool`.
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, ArrayOfMaps, IterableMap, Map, MapData};
@@ -26,7 +27,7 @@ impl Tables {
         Ok(Tables(map))
     }
 
-    fn data(&self) -> &MapData {
+    pub(super) fn data(&self) -> &MapData {
         match &self.0 {
             Map::ArrayOfMaps(d) => d,
             _ => unreachable!("checked in Tables::new"),
@@ -37,9 +38,6 @@ impl Tables {
         ArrayOfMaps::try_from(&self.0).context("the table array has an unexpected type")
     }
 
-    fn typed_mut(&mut self) -> Result<ArrayOfMaps<&mut MapData, Array<MapData, u32>>> {
-        ArrayOfMaps::try_from(&mut self.0).context("the table array has an unexpected type")
-    }
 }
 
 /// Name of every table map (`bpftool map` shows it; at most 15 bytes).
@@ -57,12 +55,30 @@ pub enum Fill {
     Batch,
 }
 
+/// Name of the placeholder table that fills emptied slots.
+pub const EMPTY_MAP_NAME: &str = "XLB_EMPTY";
+
 /// A new, empty table of `entries` elements (`TABLE_MAP_FLAGS`: mmapable,
 /// and of any size under the one inner-map template).
 pub fn create_table(entries: u32) -> Result<Array<MapData, u32>> {
+    create_named(entries, TABLE_MAP_NAME)
+}
+
+/// The placeholder put in emptied slots: a slot's table is freed by
+/// replacing it, which (unlike a delete) can be batched. One entry, naming
+/// no backend; a packet racing the emptying of its VIP's old slot finds no
+/// entry there and is dropped, never sent to another VIP's backend.
+pub fn create_placeholder() -> Result<Array<MapData, u32>> {
+    let mut m = create_named(1, EMPTY_MAP_NAME)?;
+    // Beyond the backend array: the datapath finds no backend there.
+    m.set(0, u32::MAX, 0).context("cannot write the placeholder table")?;
+    Ok(m)
+}
+
+fn create_named(entries: u32, name: &str) -> Result<Array<MapData, u32>> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, entries, TABLE_MAP_FLAGS);
-    let data = MapData::create(obj, TABLE_MAP_NAME, None).with_context(|| format!("cannot create a table of {entries} entries"))?;
+    let data = MapData::create(obj, name, None).with_context(|| format!("cannot create a table of {entries} entries"))?;
     Array::try_from(Map::Array(data)).context("a new table has an unexpected type")
 }
 
@@ -125,13 +141,20 @@ impl TableMem {
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): write `keys[i] → values[i]` of
-/// an array of `u32` in one system call (aya 0.14 has no batch operations).
-/// A table of 65 537 entries written one `bpf_map_update_elem` at a time
-/// costs ~75 ms; in one batch, about a millisecond.
+/// a map of `u32` keys and values (an array of `u32`, or of maps: values are
+/// fds) in one system call (aya 0.14 has no batch operations). A table of
+/// 65 537 entries written one `bpf_map_update_elem` at a time costs ~75 ms.
 pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
     if keys.len() != values.len() || map.info().map(|i| i.value_size() != 4 || i.key_size() != 4).unwrap_or(true) {
         bail!("batch update: {} keys, {} values, or not a u32 → u32 map", keys.len(), values.len());
     }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    bpf_batch(map, BPF_MAP_UPDATE_BATCH, keys, Some(values)).context("BPF_MAP_UPDATE_BATCH failed")
+}
+
+/// One batch command (`BPF_MAP_{UPDATE,DELETE}_BATCH`) over `u32` keys
+/// (and values), resumed where the kernel stopped on EINTR/EAGAIN.
+fn bpf_batch(map: &MapData, cmd: libc::c_long, keys: &[u32], values: Option<&[u32]>) -> std::io::Result<()> {
     /// The `batch` member of `union bpf_attr`.
     #[repr(C)]
     struct BatchAttr {
@@ -144,63 +167,59 @@ pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
         elem_flags: u64,
         flags: u64,
     }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     let mut done = 0usize;
     while done < keys.len() {
         let mut attr = BatchAttr {
             in_batch: 0,
             out_batch: 0,
             keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
+            values: values.map_or(0, |v| v[done..].as_ptr() as u64),
             count: (keys.len() - done) as u32,
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             elem_flags: 0,
             flags: 0,
         };
         // SAFETY: `attr` is a valid `bpf_attr.batch` for the kernel to read
-        // (and to write `count` back); `keys` and `values` point at `count`
-        // u32s each that stay borrowed for the whole call; the map's key and
-        // value sizes were checked to be 4 above.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+        // (and to write `count` back); `keys` (and `values`, as long as
+        // `keys`: checked by the callers) point at `count` u32s each that
+        // stay borrowed for the whole call; the callers use maps with 4-byte
+        // keys and values.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            // EINTR/EAGAIN: `count` says how many were written; go on from there.
+            // EINTR/EAGAIN: `count` says how many were done; go on from there.
             if attr.count as usize > 0 && matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
                 done += attr.count as usize;
                 continue;
             }
-            return Err(e).context("BPF_MAP_UPDATE_BATCH failed");
+            return Err(e);
         }
         done += attr.count as usize;
     }
     Ok(())
 }
 
-/// `bpf_map_delete_elem(map, &key)` (aya 0.14 has no delete for an array
-/// of maps). `Ok(false)` when the slot was already empty.
-fn delete_elem(map: &MapData, key: u32) -> Result<bool> {
-    /// The `map_elem` member of `union bpf_attr`.
-    #[repr(C)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
+/// Batch operations on the table array (`XLB_TABLES`): each system call
+/// that changes an array of maps waits for an RCU grace period, a batch
+/// waits once.
+pub(super) mod batch {
+    use anyhow::{Context, Result};
+    use aya::maps::MapData;
+    use std::os::fd::{AsFd, AsRawFd};
+
+    /// Put the maps `fds[i]` in slots `slots[i]` (one system call).
+    pub fn update(outer: &MapData, slots: &[u32], fds: &[u32]) -> Result<()> {
+        super::update_batch(outer, slots, fds)
     }
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    let attr = ElemAttr { map_fd: map.fd().as_fd().as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
-    // SAFETY: `attr` is a valid `bpf_attr.map_elem` the kernel only reads;
-    // `key` points at a u32 (the outer array's key size) alive for the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            return Ok(false);
-        }
-        return Err(e).context("bpf_map_delete_elem failed");
+
+    /// Empty `slots`: the placeholder `empty` in each (one system call,
+    /// one grace period; the kernel frees the tables replaced after it).
+    /// Arrays of maps have no batch delete (ENOTSUPP on 6.18), and one
+    /// delete per slot waits for one grace period each (8–20 ms).
+    pub fn clear(outer: &MapData, slots: &[u32], empty: &MapData) -> Result<()> {
+        let fd = empty.fd().as_fd().as_raw_fd() as u32;
+        update(outer, slots, &vec![fd; slots.len()]).context("cannot empty table slots")
     }
-    Ok(true)
 }
 
 /// Memory the kernel charges for a map (`memlock` in its fd's fdinfo).
@@ -211,45 +230,52 @@ pub(super) fn memlock(m: &MapData) -> Option<u64> {
 }
 
 impl Datapath {
-    /// Create a table holding `table` and put it in slot `slot` (free: no
-    /// VIP entry names it). Readers see it only once a VIP entry is
-    /// switched to the slot, so it is never seen half written.
-    pub fn write_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        if table.is_empty() || table.len() > self.opts.ring_size as usize || slot >= self.opts.table_slots() {
-            bail!("table slot {slot} or table size {} out of range", table.len());
-        }
-        let map = create_table(table.len() as u32)?;
-        fill_table(&map, table, self.fill).context("cannot fill a new table")?;
-        self.tables.typed_mut()?.set(slot, &map, 0).with_context(|| format!("cannot put a table in slot {slot} of {}", lb_common::map_names::TABLES))?;
-        let bytes = memlock(map.map()).unwrap_or(table.len() as u64 * ELEM as u64);
-        self.table_bytes.insert(slot, bytes);
-        // `map` closes here; the outer array holds the table from now on.
-        Ok(())
+    /// Put `table` in a new table (a ready one from the pool: no system
+    /// call that waits) and return its slot. Readers see it only once a
+    /// VIP entry is switched to the slot, so it is never seen half written.
+    pub fn write_table(&mut self, table: &[u32]) -> Result<u32> {
+        let outer = self.tables.data();
+        self.pool.take(outer, table)
     }
 
-    /// Empty slot `slot` (after no VIP entry names it any more): the kernel
-    /// frees the table once running programs are done with it.
-    pub fn free_table(&mut self, slot: u32) -> Result<()> {
-        self.table_bytes.remove(&slot);
-        delete_elem(self.tables.data(), slot).with_context(|| format!("cannot empty slot {slot} of {}", lb_common::map_names::TABLES))?;
-        Ok(())
+    /// Have `n` ready tables (a burst of publications: one batch for all).
+    pub fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        let outer = self.tables.data();
+        self.pool.reserve(outer, n)
+    }
+
+    /// No entry names `slot` any more: its table is freed (by the janitor,
+    /// once running programs are done with it) and the slot reused.
+    pub fn free_table(&mut self, slot: u32) {
+        self.pool.release(slot)
+    }
+
+    /// Free the tables of every occupied slot outside `named` (adoption).
+    pub fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize {
+        self.pool.release_unnamed(named)
+    }
+
+    /// Empty retired slots now, instead of waiting for the janitor (tests).
+    pub fn clear_retired_tables(&self) -> Result<()> {
+        self.pool.clear_retired(self.tables.data())
+    }
+
+    /// (occupied slots, ready tables, retired slots).
+    pub fn table_counts(&self) -> (usize, usize, usize) {
+        self.pool.counts()
     }
 
     /// The table in slot `slot`, if any.
     fn table_map(&self, slot: u32) -> Result<Option<Array<MapData, u32>>> {
-        match self.tables.typed()?.get(&slot, 0) {
-            Ok(m) => Ok(Some(m)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read slot {slot} of {}", lb_common::map_names::TABLES)),
-        }
+        table_in(&self.tables, slot)
     }
 
     /// The first `len` entries of the table in slot `slot` (adoption reads
-    /// the published tables back); records the table's memory.
+    /// the published tables back).
     pub fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
         let map = self.table_map(slot)?.with_context(|| format!("no table in slot {slot}"))?;
         if let Some(b) = memlock(map.map()) {
-            self.table_bytes.insert(slot, b);
+            self.pool.note(slot, b);
         }
         if len > map.len() {
             bail!("the table in slot {slot} has {} entries, not {len}", map.len());
@@ -263,7 +289,16 @@ impl Datapath {
         map.get(&index, 0).with_context(|| format!("cannot read entry {index} of the table in slot {slot}"))
     }
 
-    /// Slots that hold a table (adoption frees those no VIP names).
+    /// Kernel id of the table in slot `slot`, if any (tests tell a new
+    /// table from a freed one by it).
+    pub fn table_id(&self, slot: u32) -> Result<Option<u32>> {
+        Ok(match self.table_map(slot)? {
+            Some(m) => Some(m.map().info().context("table info")?.id()),
+            None => None,
+        })
+    }
+
+    /// Slots that hold a table, as the kernel says.
     pub fn occupied_slots(&self) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         for slot in 0..self.opts.table_slots() {
@@ -277,11 +312,31 @@ impl Datapath {
     /// Bytes of the table array and of every table in it, as the kernel
     /// charges them.
     pub fn tables_bytes(&self) -> u64 {
-        memlock(self.tables.data()).unwrap_or(0) + self.table_bytes.values().sum::<u64>()
+        memlock(self.tables.data()).unwrap_or(0) + self.pool.bytes()
     }
+}
 
-    /// How new tables are filled (benchmarks compare both).
-    pub fn set_fill(&mut self, how: Fill) {
-        self.fill = how;
+/// The table in slot `slot` of `tables`, if any (the placeholder of an
+/// emptied slot is none).
+fn table_in(tables: &Tables, slot: u32) -> Result<Option<Array<MapData, u32>>> {
+    match tables.typed()?.get(&slot, 0) {
+        Ok(m) => {
+            let name = m.map().info().ok().and_then(|i| i.name_as_str().map(str::to_string));
+            Ok((name.as_deref() != Some(EMPTY_MAP_NAME)).then_some(m))
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read slot {slot} of {}", lb_common::map_names::TABLES)),
     }
+}
+
+/// The pool over the loaded table array, with the tables already in it
+/// (pinned maps of an earlier agent).
+pub(super) fn pool(tables: &Tables, opts: &super::LoadOptions) -> Result<super::pool::Pool> {
+    let mut occupied = std::collections::HashMap::new();
+    for slot in 0..opts.table_slots() {
+        if let Some(m) = table_in(tables, slot)? {
+            occupied.insert(slot, memlock(m.map()).unwrap_or(m.len() as u64 * ELEM as u64));
+        }
+    }
+    super::pool::Pool::new(tables.data(), opts.table_slots(), opts.ring_size, occupied)
 }
