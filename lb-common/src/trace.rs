@@ -27,7 +27,9 @@ pub const fn action_bit(action: u32) -> u8 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TraceConfig {
-    /// Only frames for this VIP, when `match_vip` is 1.
+    /// Only frames for this VIP, when `match_vip` is 1: its protocol and
+    /// family, its port unless `vip.is_any_port()`, and the first
+    /// `vip_bits` bits of its address (`matches_vip`).
     pub vip: VipKey,
     /// 1: filter on `vip`.
     pub match_vip: u8,
@@ -37,8 +39,8 @@ pub struct TraceConfig {
     pub _pad: u16,
     /// Only frames forwarded to this backend id (`TRACE_ANY_BACKEND`: all).
     pub backend_id: u32,
-    /// Explicit padding.
-    pub _pad2: u32,
+    /// Address bits of `vip` compared (a prefix VIP's length); 0: all.
+    pub vip_bits: u32,
     /// Rate limit: nanoseconds of credit one record costs (1e9 / rate per
     /// second per CPU).
     pub cost_ns: u64,
@@ -80,10 +82,40 @@ pub struct TraceRecord {
     pub has_key: u32,
     /// Interface it arrived on.
     pub ifindex: u32,
+    /// `Forward` of a routed backend's frame (then `data` is the frame as
+    /// sent, outer headers first); 0 otherwise.
+    pub forward: u8,
     /// Explicit padding.
-    pub _pad: u32,
-    /// The frame's first bytes as it arrived (MACs before rewriting).
+    pub _pad: [u8; 3],
+    /// The frame's first bytes as it arrived (MACs before rewriting), or
+    /// as sent when `forward` is not 0.
     pub data: [u8; TRACE_SNAP],
+}
+
+impl TraceConfig {
+    /// Whether a frame's destination `k` is one the VIP filter covers:
+    /// the VIP's protocol and family, its port (any for an any-port VIP),
+    /// its address or, for a prefix VIP, an address inside its network.
+    #[inline(always)]
+    pub fn matches_vip(&self, k: &VipKey) -> bool {
+        if k.proto != self.vip.proto || k.family != self.vip.plain_family() {
+            return false;
+        }
+        if !self.vip.is_any_port() && k.port_be != self.vip.port_be {
+            return false;
+        }
+        let bits = if self.vip_bits == 0 || self.vip_bits > 128 { 128 } else { self.vip_bits };
+        let mut i = 0;
+        while i < 16 {
+            let keep = bits.saturating_sub(i as u32 * 8);
+            let mask = if keep >= 8 { 0xff } else if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+            if k.addr[i] & mask != self.vip.addr[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
 }
 
 #[cfg(feature = "user")]
@@ -105,5 +137,23 @@ mod tests {
         assert_eq!(size_of::<TraceBucket>(), 24);
         assert_eq!(size_of::<TraceRecord>(), 8 + 40 + 32 + TRACE_SNAP);
         assert_eq!(action_bit(3), 8);
+    }
+
+    #[test]
+    fn the_vip_filter_covers_a_prefix_and_any_port() {
+        let key = |a: [u8; 4], port: u16| VipKey { addr: crate::addr_v4(a), port_be: port.to_be(), proto: 6, family: crate::FAMILY_V4 };
+        let exact = TraceConfig { vip: key([10, 0, 0, 1], 80), match_vip: 1, ..Default::default() };
+        assert!(exact.matches_vip(&key([10, 0, 0, 1], 80)));
+        assert!(!exact.matches_vip(&key([10, 0, 0, 1], 81)));
+        assert!(!exact.matches_vip(&key([10, 0, 0, 2], 80)));
+        let mut udp = key([10, 0, 0, 1], 80);
+        udp.proto = 17;
+        assert!(!exact.matches_vip(&udp));
+        let net = TraceConfig { vip: key([10, 1, 2, 0], 0).any_port(), vip_bits: 23, ..exact };
+        assert!(net.matches_vip(&key([10, 1, 3, 255], 22)));
+        assert!(net.matches_vip(&key([10, 1, 2, 0], 443)));
+        assert!(!net.matches_vip(&key([10, 1, 4, 0], 443)));
+        let port = TraceConfig { vip: key([10, 1, 2, 0], 443), vip_bits: 24, ..exact };
+        assert!(port.matches_vip(&key([10, 1, 2, 9], 443)) && !port.matches_vip(&key([10, 1, 2, 9], 80)));
     }
 }

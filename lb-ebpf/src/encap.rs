@@ -90,8 +90,10 @@ pub struct Handoff {
     pub new_flow: u8,
     /// `Kind` of the packet: 0 flow, 1 fragment, 2 ICMP error.
     pub kind: u8,
+    /// 1: handed off by `xlb_trace`, so `xlb_encap` records the frame.
+    pub trace: u8,
     /// Explicit padding.
-    pub _pad: u16,
+    pub _pad: u8,
 }
 
 /// `xlb_encap`'s work: encapsulate the handed-off frame and send it;

@@ -66,7 +66,7 @@ fn balance<const TRACE: bool>(ctx: &XdpContext) -> u32 {
     let (action, stat) = process(ctx, stats, &mut seen);
     stats::count(stats, stat);
     if let (true, Some(seen)) = (TRACE, &seen) {
-        trace::emit(ctx, seen, action, stat);
+        trace::emit(ctx, seen, action, stat, 0);
     }
     action
 }
@@ -125,7 +125,7 @@ fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::See
     }
     if backend.is_routed() {
         // Returns only when the tail call fails (no `xlb_encap` set).
-        return hand_off(ctx, &pkt, id, new_flow);
+        return hand_off(ctx, &pkt, id, new_flow, seen.is_some());
     }
     if forward::rewrite(ctx, backend).is_err() {
         return (xdp_action::XDP_ABORTED, Stat::Aborted);
@@ -147,9 +147,11 @@ fn forwarded(stats: &mut StatBlock, kind: Kind, id: u32, bytes: u64, new_flow: b
 
 /// A frame for a routed backend: the choice goes to `xlb_encap` through
 /// `XLB_HANDOFF` and a tail call (the encapsulation needs stack the
-/// balancer's frame does not leave). `xlb_encap` counts the verdict.
+/// balancer's frame does not leave). `xlb_encap` counts the verdict, and
+/// records the frame when `traced` (from `xlb_trace`: a tail call does not
+/// come back to the caller's recorder).
 #[inline(always)]
-fn hand_off(ctx: &XdpContext, pkt: &parse::Packet, id: u32, new_flow: bool) -> (u32, Stat) {
+fn hand_off(ctx: &XdpContext, pkt: &parse::Packet, id: u32, new_flow: bool, traced: bool) -> (u32, Stat) {
     let Some(h) = maps::HANDOFF.get_ptr_mut(0) else {
         return (xdp_action::XDP_DROP, Stat::DropNoRoute);
     };
@@ -167,6 +169,7 @@ fn hand_off(ctx: &XdpContext, pkt: &parse::Packet, id: u32, new_flow: bool) -> (
         (*h).bytes = pkt::len(ctx) as u32;
         (*h).new_flow = new_flow as u8;
         (*h).kind = kind;
+        (*h).trace = traced as u8;
         maps::PROGS.tail_call(ctx, lb_common::TAIL_ENCAP);
     }
     (xdp_action::XDP_DROP, Stat::DropNoRoute)
@@ -174,25 +177,32 @@ fn hand_off(ctx: &XdpContext, pkt: &parse::Packet, id: u32, new_flow: bool) -> (
 
 /// The routed path (tail-called by `xlb`/`xlb_trace`, never attached):
 /// encapsulate the frame for the backend in `XLB_HANDOFF` and count its
-/// verdict (frames that take this path are not in `xlb trace`).
+/// verdict; a frame `xlb_trace` handed off is recorded here, as sent.
 #[xdp]
 pub fn xlb_encap(ctx: XdpContext) -> u32 {
     let Some(stats) = stats::block() else {
         return xdp_action::XDP_DROP;
     };
-    let (action, stat) = encap_handed(&ctx, stats);
+    let mut seen = None;
+    let (action, stat) = encap_handed(&ctx, stats, &mut seen);
     stats::count(stats, stat);
+    if let Some((seen, forward)) = &seen {
+        trace::emit(&ctx, seen, action, stat, *forward);
+    }
     action
 }
 
 #[inline(always)]
-fn encap_handed(ctx: &XdpContext, stats: &mut StatBlock) -> (u32, Stat) {
+fn encap_handed(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(trace::Seen, u8)>) -> (u32, Stat) {
     let Some(h) = maps::HANDOFF.get(0) else {
         return (xdp_action::XDP_DROP, Stat::DropNoRoute);
     };
     let Some(backend) = maps::BACKENDS.get(h.id) else {
         return (xdp_action::XDP_DROP, Stat::DropBadBackend);
     };
+    if h.trace != 0 {
+        *seen = Some((trace::Seen::routed(h.key, h.id), backend.forward));
+    }
     let (action, stat) = encap::forward(ctx, &h.key, backend);
     if matches!(stat, Stat::Forwarded | Stat::Redirected) {
         let kind = match h.kind {

@@ -32,6 +32,13 @@ impl Seen {
     pub fn new(ctx: &XdpContext) -> Seen {
         Seen { macs: pkt::read::<[u8; 12]>(ctx, 0).unwrap_or([0; 12]), key: None, backend_id: TRACE_ANY_BACKEND }
     }
+
+    /// A frame `xlb_encap` handled for `xlb_trace` (recorded as it left:
+    /// `emit` with its `Forward`).
+    #[inline(always)]
+    pub fn routed(key: FlowKey, backend_id: u32) -> Seen {
+        Seen { macs: [0; 12], key: Some(key), backend_id }
+    }
 }
 
 /// Whether the filter and the rate limit let this frame be recorded.
@@ -41,7 +48,8 @@ fn wanted(seen: &Seen, action: u32, now: u64) -> bool {
     if cfg.verdicts & action_bit(action) == 0 {
         return false;
     }
-    if cfg.match_vip != 0 && !seen.key.is_some_and(|k| k.vip == cfg.vip) {
+    // By reference: `Option::is_some_and` would copy the key to the stack.
+    if cfg.match_vip != 0 && !matches!(&seen.key, Some(k) if cfg.matches_vip(&k.vip)) {
         return false;
     }
     if cfg.backend_id != TRACE_ANY_BACKEND && seen.backend_id != cfg.backend_id {
@@ -62,10 +70,12 @@ fn wanted(seen: &Seen, action: u32, now: u64) -> bool {
     true
 }
 
-/// Record the frame if it is wanted. Not inlined: its stack frame is not
-/// added to the balancer's (BPF's 512-byte limit).
+/// Record the frame if it is wanted: as it arrived, or with `forward` (a
+/// routed backend's `Forward`, not 0) as it was sent, outer headers first.
+/// Not inlined: its stack frame is not added to the balancer's (BPF's
+/// 512-byte limit).
 #[inline(never)]
-pub fn emit(ctx: &XdpContext, seen: &Seen, action: u32, stat: Stat) {
+pub fn emit(ctx: &XdpContext, seen: &Seen, action: u32, stat: Stat, forward: u8) {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if !wanted(seen, action, now) {
@@ -96,7 +106,8 @@ pub fn emit(ctx: &XdpContext, seen: &Seen, action: u32, stat: Stat) {
         (*r).stat = stat as u32;
         (*r).frame_len = len;
         (*r).ifindex = (*ctx.ctx).ingress_ifindex;
-        (*r)._pad = 0;
+        (*r).forward = forward;
+        (*r)._pad = [0; 3];
         let m = if len > TRACE_SNAP as u32 { TRACE_SNAP as u32 } else { len };
         // 1..=TRACE_SNAP in a form the verifier can bound (the helper
         // refuses a length that may be 0); equal to `m` for every real frame.
@@ -104,8 +115,10 @@ pub fn emit(ctx: &XdpContext, seen: &Seen, action: u32, stat: Stat) {
         let mut cap = 0;
         if bpf_xdp_load_bytes(ctx.ctx, 0, (*r).data.as_mut_ptr().cast(), n) == 0 {
             cap = n;
-            let data = &mut (*r).data;
-            data[..12].copy_from_slice(&seen.macs);
+            if forward == 0 {
+                let data = &mut (*r).data;
+                data[..12].copy_from_slice(&seen.macs);
+            }
         }
         (*r).cap_len = cap;
     }

@@ -43,18 +43,10 @@ mod status;
 pub use adopt::{in_use as backend_entry_in_use, Adoption, Persist};
 pub use checks::{kind_for, CheckJob, CheckOutcome, CheckTarget, Probe};
 pub use maps::{Maps, MemMaps};
-pub use model::{AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
+pub use model::{fingerprint, AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
 pub use status::{BackendStatus, Status, VipStatus};
 
-pub use crate::config::parse_algo;
-
-/// Check a persistence timeout for an algorithm.
-pub fn check_persist(algo: Algo, secs: u32) -> Result<u16> {
-    if secs > 0 && algo != Algo::SourceHash {
-        bail!("--persist-timeout only applies to the source-hash algorithm");
-    }
-    u16::try_from(secs).map_err(|_| anyhow!("persistence timeout {secs} s is over the maximum of {} s", u16::MAX))
-}
+pub use crate::config::{check_any_port_health, check_persist};
 
 /// Settings of an agent.
 #[derive(Clone, Debug)]
@@ -113,15 +105,6 @@ impl VipSpec {
         self.opts.validate(self.algo)?;
         Ok(())
     }
-}
-
-/// An any-port VIP has no port to health-check: its checks need one
-/// (`--check-port`, `port` in a `[vip.health]`), unless they are off.
-pub fn check_any_port_health(vip: &Vip, health: &HealthConfig) -> Result<()> {
-    if vip.is_any_port() && health.port.is_none() && checks::kind_for(vip, health) != CheckKind::None {
-        bail!("VIP {vip} serves every port: give its health checks a port (--check-port N) or turn them off (--check none)");
-    }
-    Ok(())
 }
 
 /// A routed backend needs an outer source address of its family.

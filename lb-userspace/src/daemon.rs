@@ -261,7 +261,7 @@ async fn start(
     me: identity::Identity,
     iface_mac: Mac,
     handle: rtnetlink::Handle,
-) -> Result<(Agent, api::Host, u32)> {
+) -> Result<(Agent, crate::host::Host, u32)> {
     let ifindex = me.ifindex;
     if let Some(p) = pins {
         check_leftovers(p, me)?;
@@ -316,9 +316,10 @@ async fn start(
     } else {
         Agent::new(dp, aopts)?
     };
-    let mut host = api::Host {
+    let mut host = crate::host::Host {
         config_path: opts.config.clone(),
         pinned: pins.map(|p| p.shown.join(layout_name(&opts.load))),
+        pin_root: opts.pin_root.clone(),
         ha: Some(Arc::new(crate::ha::Node::new(&opts.socket, opts.ha_options()))),
         ..Default::default()
     };
@@ -382,7 +383,7 @@ async fn serve(
     pins: Option<Pins>,
     listener: tokio::net::UnixListener,
     mut agent: Agent,
-    mut host: api::Host,
+    mut host: crate::host::Host,
     ifindex: u32,
     sync_sock: Option<tokio::net::UdpSocket>,
 ) -> Result<()> {
@@ -449,7 +450,7 @@ async fn serve(
             _ = detach_rx.recv() => { log::info!("detach requested"); detach = true; detach_requested = true; break; }
             _ = hup.recv() => {
                 let Ok(mut a) = agent.lock() else { break };
-                match host.config_file(None).and_then(|f| a.reload(&f)) {
+                match host.reload(&mut a, None) {
                     Ok(c) => log::info!("SIGHUP: config reloaded ({} change(s))", c.len()),
                     Err(e) => log::error!("SIGHUP: config not reloaded, nothing changed: {e:#}"),
                 }

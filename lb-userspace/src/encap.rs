@@ -9,7 +9,9 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use lb_common::{stats::VERDICTS, EncapConfig, Stat, StatBlock, ENCAP_F_SRC4, ENCAP_F_SRC6, ENCAP_TTL, PROG_DECAP};
+use serde::{Deserialize, Serialize};
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -133,8 +135,55 @@ pub fn stats(iface: &str, pin_root: &Path) -> Result<Vec<(&'static str, u64)>> {
     Ok(decap.iter().map(|s| (s.name(), sums[*s as usize])).collect())
 }
 
+/// One interface's `xlb decap` counters (in `xlb stats` and status).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecapStats {
+    /// Interface it is attached to.
+    pub iface: String,
+    /// Its verdict counters by name.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// The interface of a `decap-KEY` pin directory name when it belongs to
+/// this network namespace (`suffix`: `pin::iface_key("")`, empty in the
+/// initial namespace, else `@ns<inode>`).
+fn decap_iface<'a>(dir: &'a str, suffix: &str) -> Option<&'a str> {
+    let key = dir.strip_prefix("decap-")?;
+    let iface = if suffix.is_empty() { key } else { key.strip_suffix(suffix)? };
+    (!iface.is_empty() && !iface.contains('@')).then_some(iface)
+}
+
+/// The counters of every `xlb decap` of this network namespace pinned
+/// under `pin_root` (none: an empty list), by interface.
+pub fn decap_all(pin_root: &Path) -> Result<Vec<DecapStats>> {
+    let Ok(dir) = std::fs::read_dir(pin_root) else { return Ok(Vec::new()) };
+    let suffix = crate::pin::iface_key("");
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(iface) = decap_iface(&name, &suffix) else { continue };
+        if !e.path().join("link").exists() {
+            continue;
+        }
+        let counters = stats(iface, pin_root)?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        out.push(DecapStats { iface: iface.to_string(), counters });
+    }
+    out.sort_by(|a, b| a.iface.cmp(&b.iface));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decap_pins_of_this_namespace_only() {
+        assert_eq!(decap_iface("decap-eth0", ""), Some("eth0"));
+        assert_eq!(decap_iface("decap-eth0@ns4026", ""), None, "another namespace's");
+        assert_eq!(decap_iface("decap-eth0@ns4026", "@ns4026"), Some("eth0"));
+        assert_eq!(decap_iface("decap-eth0@ns1", "@ns4026"), None);
+        assert_eq!(decap_iface("decap-eth0", "@ns4026"), None, "the initial namespace's");
+        assert_eq!(decap_iface("eth0", ""), None, "an agent's pins");
+    }
+
     use super::*;
 
     #[test]

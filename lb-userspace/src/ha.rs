@@ -12,13 +12,14 @@ use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+pub use crate::agent::fingerprint;
 use crate::agent::{Agent, Maps, VipState};
 
 /// Route protocol of xlb's announcements (`ip route show table N` prints
@@ -40,41 +41,6 @@ pub fn vip_not_ready(s: &VipState) -> Option<String> {
         return Some("no usable backend".to_string());
     }
     None
-}
-
-/// A fingerprint of a VIP's published table: FNV-1a (64 bit) over every
-/// slot's backend *address* (ids are each node's own), so two nodes with
-/// the same config and health show the same number.
-pub fn fingerprint(s: &VipState) -> u64 {
-    // Each backend's address bytes, looked up once (not per table entry).
-    let addrs: BTreeMap<u32, Vec<u8>> = s
-        .backends
-        .values()
-        .map(|b| {
-            let bytes = match b.ip {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
-            };
-            (b.id, bytes)
-        })
-        .collect();
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |bytes: &[u8]| {
-        for &x in bytes {
-            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(s.algo.name().as_bytes());
-    let mut last: Option<(u32, &[u8])> = None;
-    for &id in &s.table {
-        let bytes: &[u8] = match last {
-            Some((l, b)) if l == id => b,
-            _ => addrs.get(&id).map_or(&[0xff], Vec::as_slice),
-        };
-        last = Some((id, bytes));
-        eat(bytes);
-    }
-    h
 }
 
 /// The node's verdict, as `xlb ha check` reads it.

@@ -15,6 +15,7 @@ pub mod diag;
 pub mod encap;
 pub mod ha;
 pub mod health;
+pub mod host;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;

@@ -103,6 +103,10 @@ pub fn render(s: &Status) -> String {
         let c = sync.named().into_iter().map(|(k, v)| (label(&[("counter", k)]), v)).collect();
         f.counter("xlb_sync_total", "Connection-table sync: entries and datagrams sent, received, inserted, dropped (unauthenticated, stale, malformed).", c);
     }
+    if !s.decap.is_empty() {
+        let d = s.decap.iter().flat_map(|d| d.counters.iter().map(|(k, v)| (label(&[("iface", &d.iface), ("counter", k)]), *v))).collect();
+        f.counter("xlb_decap_total", "xlb decap verdicts on this host, per interface.", d);
+    }
     let fp = s.vips.iter().map(|v| (label(&[("vip", &v.vip), ("fingerprint", &v.table_fingerprint.to_string())]), 1.0)).collect();
     f.gauge("xlb_table_fingerprint", "The VIP's table fingerprint (label): equal on nodes that choose alike.", fp);
     let mut out = String::new();
@@ -112,7 +116,7 @@ pub fn render(s: &Status) -> String {
 }
 
 /// Serve metrics on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::api::Host>) -> Result<()> {
+pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::host::Host>) -> Result<()> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
     log::info!("metrics on http://{addr}/metrics");
     let agent = Arc::downgrade(&agent);
@@ -138,7 +142,7 @@ pub async fn serve(addr: SocketAddr, agent: Arc<Mutex<Agent>>, host: Arc<crate::
     }
 }
 
-fn respond<B>(req: &hyper::Request<B>, agent: &Weak<Mutex<Agent>>, host: &crate::api::Host) -> hyper::Response<Full<Bytes>> {
+fn respond<B>(req: &hyper::Request<B>, agent: &Weak<Mutex<Agent>>, host: &crate::host::Host) -> hyper::Response<Full<Bytes>> {
     let answer = |status: StatusCode, body: String| {
         let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;

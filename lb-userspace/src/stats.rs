@@ -1,5 +1,9 @@
 //! `xlb stats`: traffic counters from the agent's status, as a table, JSON,
 //! or a view that refreshes in place every second with rates.
+//!
+//! `xlb decap` counters come with them: the agent reads them from its pin
+//! root into its status; on a backend host, where `xlb decap` runs without
+//! any agent, `xlb stats` reads them from the pins itself.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -12,6 +16,7 @@ use std::{
 use crate::{
     agent::Status,
     api::{self, Request},
+    encap::DecapStats,
 };
 
 /// Connection-table figures derived from the counters.
@@ -117,31 +122,82 @@ fn render(s: &Status, prev: Option<&Status>, dt: f64) -> String {
     if let Some(sync) = &s.sync {
         line(&mut out, sync.line());
     }
+    out += &render_decap(&s.decap, prev.map(|p| &p.decap[..]), dt);
     out
 }
 
-/// Run `xlb stats`.
-pub fn run(socket: &Path, json: bool, watch: bool) -> Result<()> {
+/// The `xlb decap` counters of each interface, with rates.
+fn render_decap(decap: &[DecapStats], prev: Option<&[DecapStats]>, dt: f64) -> String {
+    let mut out = String::new();
+    for d in decap {
+        out += &format!("\nxlb decap on {}:\n", d.iface);
+        let before = prev.and_then(|p| p.iter().find(|x| x.iface == d.iface));
+        for (k, v) in &d.counters {
+            out += &format!("{k:<24} {v:>14} {}\n", rate(*v, before.and_then(|b| b.counters.get(k).copied()), dt));
+        }
+    }
+    out
+}
+
+/// What `xlb stats` shows: the agent's status, or on a host with no agent
+/// answering, the `xlb decap` counters pinned under `pin_root`.
+enum Shown {
+    Agent(Box<Status>),
+    DecapOnly(Vec<DecapStats>),
+}
+
+fn fetch_shown(socket: &Path, pin_root: &Path) -> Result<Shown> {
+    match fetch(socket) {
+        Ok(s) => Ok(Shown::Agent(Box::new(s))),
+        Err(e) => {
+            let decap = crate::encap::decap_all(pin_root)?;
+            if decap.is_empty() {
+                return Err(e.context(format!("and no xlb decap is pinned under {}", pin_root.display())));
+            }
+            Ok(Shown::DecapOnly(decap))
+        }
+    }
+}
+
+impl Shown {
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Shown::Agent(s) => serde_json::json!({ "status": s, "conntrack": conntrack(s) }),
+            Shown::DecapOnly(d) => serde_json::json!({ "decap": d }),
+        }
+    }
+
+    fn text(&self, prev: Option<&Shown>, dt: f64) -> String {
+        match (self, prev) {
+            (Shown::Agent(s), Some(Shown::Agent(p))) => render(s, Some(p), dt),
+            (Shown::Agent(s), _) => render(s, None, dt),
+            (Shown::DecapOnly(d), Some(Shown::DecapOnly(p))) => format!("no agent answers: xlb decap only\n{}", render_decap(d, Some(p), dt)),
+            (Shown::DecapOnly(d), _) => format!("no agent answers: xlb decap only\n{}", render_decap(d, None, dt)),
+        }
+    }
+}
+
+/// Run `xlb stats` (`pin_root`: where to find `xlb decap` pins when no
+/// agent answers).
+pub fn run(socket: &Path, pin_root: &Path, json: bool, watch: bool) -> Result<()> {
     if json && !watch {
-        let s = fetch(socket)?;
-        let v = serde_json::json!({ "status": &s, "conntrack": conntrack(&s) });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&fetch_shown(socket, pin_root)?.json())?);
         return Ok(());
     }
     if !watch {
-        print!("{}", render(&fetch(socket)?, None, 0.0));
+        print!("{}", fetch_shown(socket, pin_root)?.text(None, 0.0));
         return Ok(());
     }
-    let mut prev: Option<(Status, Instant)> = None;
+    let mut prev: Option<(Shown, Instant)> = None;
     loop {
-        let s = fetch(socket)?;
+        let s = fetch_shown(socket, pin_root)?;
         let now = Instant::now();
         let dt = prev.as_ref().map(|(_, t)| now.duration_since(*t).as_secs_f64()).unwrap_or(0.0);
         let text = if json {
-            serde_json::to_string(&serde_json::json!({ "status": &s, "conntrack": conntrack(&s) }))? + "\n"
+            serde_json::to_string(&s.json())? + "\n"
         } else {
             // Home the cursor and clear the screen: refresh in place.
-            format!("\x1b[H\x1b[2J{}", render(&s, prev.as_ref().map(|(p, _)| p), dt))
+            format!("\x1b[H\x1b[2J{}", s.text(prev.as_ref().map(|(p, _)| p), dt))
         };
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes())?;

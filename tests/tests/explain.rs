@@ -218,3 +218,104 @@ impl RenderOk for Explanation {
         t.contains("next      →") && t.contains("conntrack set") && t.contains("way")
     }
 }
+
+/// The backend id of any VIP the program sent a frame to (by its MAC).
+fn chosen_any(agent: &Agent, out: &[u8]) -> (Vip, u32) {
+    for (v, s) in agent.vips() {
+        if let Some(b) = s.backends.values().find(|b| b.mac.is_some_and(|m| m.0[..] == out[..6])) {
+            return (*v, b.id);
+        }
+    }
+    panic!("frame sent to {:02x?}, no backend of any VIP", &out[..6])
+}
+
+/// The VIP that serves a destination, and how the lookup found it.
+type Served = (&'static str, xlb::diag::explain::Lookup);
+
+#[test]
+fn explain_finds_any_port_and_prefix_vips_as_the_program_does() {
+    let mut agent = test_agent();
+    let mut n = 0u8;
+    for (v, backends) in [
+        ("10.0.0.60:*/tcp", 3),
+        ("10.0.0.60:443/tcp", 1),
+        ("10.1.0.0/16:443/tcp", 2),
+        ("10.1.2.0/24:*/tcp", 3),
+        ("10.1.2.7:443/tcp", 1),
+        ("[fd00:1::]/64:*/tcp", 2),
+    ] {
+        let v = vip(v);
+        agent.add_vip(v, lb_common::Algo::Maglev, 0).expect("vip");
+        for _ in 0..backends {
+            n += 1;
+            let ip: IpAddr = if v.addr.is_ipv4() { Ipv4Addr::new(10, 0, 7, n).into() } else { format!("fd00::7:{n}").parse().expect("ip") };
+            agent.add_backend(&v, ip, Some(mac(n)), 1).expect("backend");
+        }
+    }
+    let a = |x: u8, y: u8| IpAddr::V4(Ipv4Addr::new(10, 1, x, y));
+    let c6: Ipv6Addr = "fd00::2:7".parse().expect("ip");
+    // (destination, port, the VIP that serves it and how; None: not VIP traffic)
+    let cases: Vec<(IpAddr, u16, Option<Served>)> = {
+        use xlb::diag::explain::Lookup::*;
+        vec![
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 60)), 443, Some(("10.0.0.60:443/tcp", Exact))),
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 60)), 8080, Some(("10.0.0.60:*/tcp", AnyPort))),
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 60)), 22, Some(("10.0.0.60:*/tcp", AnyPort))),
+            (a(5, 5), 443, Some(("10.1.0.0/16:443/tcp", Prefix))),
+            (a(2, 9), 443, Some(("10.1.0.0/16:443/tcp", Prefix))),
+            (a(2, 9), 8080, Some(("10.1.2.0/24:*/tcp", Prefix))),
+            (a(2, 7), 443, Some(("10.1.2.7:443/tcp", Exact))),
+            (a(2, 7), 22, Some(("10.1.2.0/24:*/tcp", Prefix))),
+            ("fd00:1::9".parse().expect("ip"), 80, Some(("[fd00:1::]/64:*/tcp", Prefix))),
+            ("fd00:1::ab".parse().expect("ip"), 5000, Some(("[fd00:1::]/64:*/tcp", Prefix))),
+            (a(5, 5), 8080, None),
+            (IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1)), 443, None),
+        ]
+    };
+    for (dst, dport, want) in cases {
+        let dest = vip(&match dst {
+            IpAddr::V4(d) => format!("{d}:{dport}/tcp"),
+            IpAddr::V6(d) => format!("[{d}]:{dport}/tcp"),
+        });
+        let mut ids = std::collections::BTreeSet::new();
+        for sport in 4000..4024u16 {
+            let (client, frame) = match dst {
+                IpAddr::V4(d) => (format!("{CLIENT}:{sport}"), eth(ETH_IP, &[], &ipv4(CLIENT, d, 6, &[], 0, &tcp(sport, dport, tcp_flags::SYN, b"")))),
+                IpAddr::V6(d) => (format!("[{c6}]:{sport}"), eth(ETH_IPV6, &[], &ipv6(c6, d, 6, &tcp(sport, dport, tcp_flags::SYN, b"")))),
+            };
+            let e = ex(&agent, &dest, &client);
+            let what = format!("{client} → {dest}");
+            let Some((served, lookup)) = want else {
+                assert_eq!((e.served_by.as_deref(), e.next_packet.verdict.as_deref()), (None, Some(Stat::PassNotVip.name())), "{what}");
+                let (action, _, delta) = run(&mut agent.dp, &frame);
+                assert_eq!(action, xlb_tests::xdp::XDP_PASS, "{what}");
+                assert_one_verdict(&delta, Stat::PassNotVip, &what);
+                continue;
+            };
+            assert_eq!((e.served_by.as_deref(), e.lookup), (Some(served), Some(lookup)), "{what}");
+            assert_eq!(e.syn.via, Some(Via::Table), "{what}: a new flow");
+            let (action, out, delta) = run(&mut agent.dp, &frame);
+            assert_eq!(action, XDP_TX, "{what}");
+            assert_one_verdict(&delta, Stat::Forwarded, &what);
+            let (by, id) = chosen_any(&agent, &out);
+            assert_eq!(by.to_string(), served, "{what}: the program used the VIP explain named");
+            assert_eq!(e.syn.backend_id, Some(id), "{what}: explain said {:?}, the program chose {id}", e.syn);
+            ids.insert(id);
+            // The entry the frame made is the one explain reads for the flow
+            // (keyed by the real address and port, not the VIP's form).
+            let e = ex(&agent, &dest, &client);
+            assert_eq!(e.conntrack_entry.as_ref().map(|c| c.backend.id), Some(id), "{what}: entry");
+            assert_eq!(e.next_packet.via, Some(Via::ConnectionTable), "{what}");
+            assert!(xlb::diag::explain::render(&e).contains(&format!("vip       {served}: ")), "{what}");
+        }
+        if let Some((served, _)) = want {
+            let size = agent.vips()[&vip(served)].backends.len();
+            assert_eq!(ids.len(), size, "{dest}: 24 flows reach every backend of {served}");
+        }
+    }
+    // The VIP forms themselves are not one flow's destination.
+    for form in ["10.1.2.0/24:*/tcp", "10.0.0.60:*/tcp", "10.1.0.0/16:443/tcp"] {
+        let err = explain(&agent, &vip(form), &"192.0.2.7:4000".parse().expect("client")).expect_err(form).to_string();
+        assert!(err.contains("give the flow's destination") && !err.contains('\n'), "{form}: {err}");
+    }
+}

@@ -336,3 +336,88 @@ fn decap_strips_every_encapsulation_for_local_vips_only() {
         assert_one_verdict(&d, Stat::DecapNotTunnel, what);
     }
 }
+
+/// `xlb trace` on routed frames: the tracing program hands them to
+/// `xlb_encap` by a tail call, which records each as it was sent (outer
+/// headers first) with its verdict, backend, mode and outer addresses; the
+/// balancer's own hand-offs record nothing.
+#[test]
+fn trace_shows_routed_frames_with_their_mode_and_outer_header() {
+    use lb_common::PROG_TRACE;
+    use xlb::diag::trace::{filter, frame_bytes, frame_line, TraceRequest};
+    let mut f = Fixture::new("trc");
+    let v4 = f.vip("10.0.0.100:80/tcp", Forward::Ipip, &["10.220.0.1", "10.220.0.2"]);
+    let g6 = f.vip("[fd00::100]:443/tcp", Forward::Gue, &["fd00:220::3"]);
+    let x46 = f.vip("10.0.0.100:443/tcp", Forward::Ipip, &["fd00:220::5"]);
+    let other = f.vip("10.0.0.100:82/tcp", Forward::Ipip, &["10.240.0.1"]);
+    let none = f.vip("10.0.0.100:81/tcp", Forward::Ipip, &["10.250.0.1"]);
+    let big = f.vip("10.0.0.100:83/tcp", Forward::Gue, &["10.230.0.1"]);
+    let arm = |f: &mut Fixture, req: TraceRequest| {
+        let cfg = filter(&f.agent, &TraceRequest { rate: Some(100_000), ..req }).expect("filter");
+        f.agent.dp.trace_arm(&cfg).expect("arm");
+    };
+    arm(&mut f, TraceRequest::default());
+    let (action, _, _) = f.run(&frame_of(&inner4(6, 5000, v4.port, 10)));
+    assert_eq!(action, XDP_TX);
+    assert!(f.agent.dp.trace_drain(10).is_empty(), "the balancer's hand-off records nothing");
+
+    // (inner packet, VIP, action, verdict)
+    let cases: Vec<(Vec<u8>, Vip, u32, Stat)> = vec![
+        (inner4(6, 5001, v4.port, 10), v4, XDP_TX, Stat::Forwarded),
+        (inner6(5002, g6.port, 10), g6, XDP_TX, Stat::Forwarded),
+        (inner4(6, 5003, x46.port, 10), x46, XDP_TX, Stat::Forwarded),
+        (inner4(6, 5004, other.port, 10), other, XDP_REDIRECT, Stat::Redirected),
+        (inner4(6, 5005, none.port, 10), none, XDP_DROP, Stat::DropNoRoute),
+        (inner4(6, 5006, big.port, 1400), big, XDP_TX, Stat::TooBig),
+    ];
+    let mut outs = Vec::new();
+    for (inner, v, action, stat) in &cases {
+        let (got, out, d) = run_on(&mut f.agent.dp, PROG_TRACE, &frame_of(inner), f.ns.eth0);
+        assert_eq!(got, *action, "{v}: the tracing program decides as the balancer does");
+        assert_one_verdict(&d, *stat, &v.to_string());
+        outs.push(out);
+    }
+    let recs = f.agent.dp.trace_drain(100);
+    let lines: Vec<_> = recs.iter().map(|r| frame_line(&f.agent, r, 0)).collect();
+    assert_eq!(lines.len(), cases.len(), "one record per routed frame: {lines:#?}");
+    for ((inner, v, action, stat), (l, out)) in cases.iter().zip(lines.iter().zip(&outs)) {
+        let what = format!("{v}: {l:?}");
+        assert_eq!(l.verdict, stat.name(), "{what}");
+        assert_eq!(l.action, if *action == XDP_REDIRECT { "redirect" } else if *action == XDP_DROP { "drop" } else { "tx" }, "{what}");
+        let client: IpAddr = if v.addr.is_ipv6() { CLIENT6.into() } else { CLIENT.into() };
+        let sport = if v.addr.is_ipv6() { u16::from_be_bytes([inner[40], inner[41]]) } else { u16::from_be_bytes([inner[20], inner[21]]) };
+        let k = key(client, sport, v);
+        let be = f.predicted(&k, v);
+        assert_eq!(l.backend.as_deref(), Some(be.to_string().as_str()), "{what}: backend");
+        let fwd = f.agent.vips()[v].forward;
+        assert_eq!(l.forward.as_deref(), Some(fwd.name()), "{what}: mode");
+        assert!(l.flow.as_deref().is_some_and(|x| x.ends_with(&format!(":{}", v.port))), "{what}: the client's 5-tuple");
+        assert_eq!(frame_bytes(l).expect("hex"), out[..out.len().min(128)], "{what}: the frame as the program left it");
+        assert_eq!(l.len as usize, out.len(), "{what}");
+        if matches!(stat, Stat::Forwarded | Stat::Redirected) {
+            let src = if *stat == Stat::Forwarded { check_encap(out, inner, be, fwd, flow_hash(&k), &f.cfg, &what) } else { IpAddr::V4(Ipv4Addr::from(f.cfg.source4(flow_hash(&k)))) };
+            let mut want = format!("{src} > {be}");
+            if fwd == Forward::Gue {
+                want += &format!(" udp {} > {GUE_PORT}", lb_common::gue_source_port(flow_hash(&k)));
+            }
+            assert_eq!(l.outer.as_deref(), Some(want.as_str()), "{what}: outer header");
+            let text = xlb::diag::trace::render(l);
+            assert!(text.contains(&format!("by {} ({want})", fwd.name())), "{text}");
+        } else {
+            assert_eq!(l.outer, None, "{what}: not sent encapsulated");
+        }
+    }
+    // Filters see routed frames too: by VIP, by backend, `tx` with redirects.
+    arm(&mut f, TraceRequest { verdict: Some("tx".into()), ..Default::default() });
+    for (inner, _, _, _) in &cases {
+        run_on(&mut f.agent.dp, PROG_TRACE, &frame_of(inner), f.ns.eth0);
+    }
+    let got: Vec<String> = f.agent.dp.trace_drain(100).iter().map(|r| frame_line(&f.agent, r, 0).verdict).collect();
+    assert_eq!(got, ["forwarded", "forwarded", "forwarded", "redirected", "too_big"], "tx: sent on");
+    arm(&mut f, TraceRequest { backend: Some("fd00:220::5".into()), ..Default::default() });
+    for (inner, _, _, _) in &cases {
+        run_on(&mut f.agent.dp, PROG_TRACE, &frame_of(inner), f.ns.eth0);
+    }
+    let got: Vec<Option<String>> = f.agent.dp.trace_drain(100).iter().map(|r| frame_line(&f.agent, r, 0).backend).collect();
+    assert_eq!(got, [Some("fd00:220::5".to_string())], "by backend: the IPv4-in-IPv6 one");
+}

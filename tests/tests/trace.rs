@@ -206,3 +206,35 @@ fn trace_filters_and_rate_limit() {
         assert!(!format!("{e:#}").contains('\n'));
     }
 }
+
+#[test]
+fn a_prefix_or_any_port_vip_filter_traces_every_destination_it_covers() {
+    let mut a = test_agent();
+    for (v, i) in [("10.9.0.0/24:*/tcp", 1u8), ("10.0.0.100:*/tcp", 2), ("10.0.0.101:80/tcp", 3)] {
+        let v = v.parse().expect("vip");
+        a.add_vip(v, lb_common::Algo::Maglev, 0).expect("vip");
+        a.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, i)), Some(Mac([2, 0, 0, 0, 1, i])), 1).expect("backend");
+    }
+    let to = |d: [u8; 4], dport: u16| eth(ETH_IP, &[], &ipv4(CLIENT, d.into(), 6, &[], 0, &tcp(4000, dport, tcp_flags::SYN, b"")));
+    let frames = [
+        (to([10, 9, 0, 5], 22), Some("prefix")),
+        (to([10, 9, 0, 255], 443), Some("prefix")),
+        (to([10, 9, 1, 5], 22), None),
+        (to([10, 0, 0, 100], 8080), Some("any-port")),
+        (to([10, 0, 0, 100], 80), Some("any-port")),
+        (to([10, 0, 0, 101], 80), None),
+    ];
+    for (vip, which) in [("10.9.0.0/24:*/tcp", "prefix"), ("10.0.0.100:*/tcp", "any-port")] {
+        arm(&mut a, TraceRequest { vip: Some(vip.into()), rate: Some(100_000), ..Default::default() });
+        for (f, _) in &frames {
+            run_prog(&mut a, PROG_TRACE, f);
+        }
+        let got: Vec<String> = lines(&mut a).into_iter().filter_map(|l| l.flow).collect();
+        let want: Vec<String> = frames
+            .iter()
+            .filter(|(_, w)| *w == Some(which))
+            .map(|(f, _)| format!("tcp 192.0.2.7:4000 > {}.{}.{}.{}:{}", f[30], f[31], f[32], f[33], u16::from_be_bytes([f[36], f[37]])))
+            .collect();
+        assert_eq!(got, want, "{vip}");
+    }
+}

@@ -19,7 +19,8 @@ use super::{
     model::{AgentReport, Backend},
     Agent, Maps,
 };
-use crate::config::{Admin, CheckKind, HealthConfig, Mac, Proto, Vip};
+pub use crate::config::kind_for;
+use crate::config::{Admin, CheckKind, HealthConfig, Mac, Vip};
 
 /// What a job probes on its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -123,15 +124,6 @@ pub struct CheckJob {
     pub target: CheckTarget,
     /// How long it may take.
     pub timeout: Duration,
-}
-
-/// The check that applies to a VIP's backends under `cfg`: a TCP connect
-/// only makes sense for TCP services, so on a UDP VIP it means no check.
-pub fn kind_for(vip: &Vip, cfg: &HealthConfig) -> CheckKind {
-    match (cfg.kind, vip.proto) {
-        (CheckKind::Tcp, Proto::Udp) => CheckKind::None,
-        (k, _) => k,
-    }
 }
 
 /// `ms` lengthened or shortened at random by up to `pct` percent.

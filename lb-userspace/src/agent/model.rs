@@ -246,7 +246,7 @@ pub struct VipState {
 /// Facts of a published table that status, metrics and HA read.
 #[derive(Clone, Debug, Default)]
 pub struct TableFacts {
-    /// `ha::fingerprint` of the table.
+    /// `fingerprint` of the table.
     pub fingerprint: u64,
     /// Entries per backend id.
     pub slots: BTreeMap<u32, usize>,
@@ -262,9 +262,44 @@ impl VipState {
             for &id in &self.table {
                 *slots.entry(id).or_insert(0) += 1;
             }
-            TableFacts { fingerprint: crate::ha::fingerprint(self), slots }
+            TableFacts { fingerprint: fingerprint(self), slots }
         })
     }
+}
+
+/// A fingerprint of a VIP's published table: FNV-1a (64 bit) over every
+/// slot's backend *address* (ids are each node's own), so two nodes with
+/// the same config and health show the same number (HA compares them).
+pub fn fingerprint(s: &VipState) -> u64 {
+    // Each backend's address bytes, looked up once (not per table entry).
+    let addrs: BTreeMap<u32, Vec<u8>> = s
+        .backends
+        .values()
+        .map(|b| {
+            let bytes = match b.ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            (b.id, bytes)
+        })
+        .collect();
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &x in bytes {
+            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(s.algo.name().as_bytes());
+    let mut last: Option<(u32, &[u8])> = None;
+    for &id in &s.table {
+        let bytes: &[u8] = match last {
+            Some((l, b)) if l == id => b,
+            _ => addrs.get(&id).map_or(&[0xff], Vec::as_slice),
+        };
+        last = Some((id, bytes));
+        eat(bytes);
+    }
+    h
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::config::{Admin, AllDown};
 
 impl<M: Maps> Agent<M> {
     /// Everything `xlb status` shows that the agent knows (the daemon adds
-    /// how and where the program runs: `api::Host::fill`).
+    /// how and where the program runs: `host::Host::fill`).
     pub fn status(&self) -> Result<Status> {
         let mut vips = Vec::new();
         for (vip, s) in &self.vips {
@@ -106,6 +106,7 @@ impl<M: Maps> Agent<M> {
             sync: None,
             conntrack_entries: self.census.map(|(n, _)| n),
             conntrack_census_age_ms: self.census.map(|(_, t)| t.elapsed().as_millis() as u64),
+            decap: Vec::new(),
         })
     }
 }
@@ -158,6 +159,10 @@ pub struct Status {
     /// Kernel memory of each map (bytes, as the kernel charges it).
     #[serde(default)]
     pub datapath_memory: BTreeMap<String, u64>,
+    /// Counters of `xlb decap` programs on this host (pinned under the
+    /// agent's pin root, this network namespace), by interface.
+    #[serde(default)]
+    pub decap: Vec<crate::encap::DecapStats>,
     /// This node's HA readiness (the daemon fills it in).
     #[serde(default)]
     pub ha: Option<crate::ha::Verdict>,

@@ -13,6 +13,7 @@ pub mod http;
 pub mod server;
 
 pub use client::call;
+pub use crate::host::Host;
 pub use server::{bind, serve};
 
 use anyhow::{anyhow, bail, Result};
@@ -20,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::{
-    agent::{check_persist, Admin, Agent, Status, VipSpec},
-    config::{text, AlgoName, AllDown, ForwardName, HashMode, HealthConfig, Mac, Vip, VipOpts, DEFAULT_WEIGHT},
+    agent::{Admin, Agent, VipSpec},
+    config::{check_persist, text, AlgoName, AllDown, ForwardName, HashMode, HealthConfig, Mac, Vip, VipOpts, DEFAULT_WEIGHT},
 };
 use lb_common::Algo;
 use std::net::IpAddr;
@@ -170,59 +171,12 @@ pub enum Request {
     },
     /// Where one flow goes now and why (`xlb explain`; changes nothing).
     Explain {
-        /// `ADDR:PORT/PROTO`.
+        /// The flow's destination `ADDR:PORT/PROTO` (any-port and prefix
+        /// VIPs serve it as in the datapath).
         vip: String,
         /// `ADDR[:PORT]` of the client.
         client: String,
     },
-}
-
-/// What the daemon knows beside the agent: how and where the program runs
-/// (for `status`), the config file (`config reload` without a file, and
-/// SIGHUP) and how to ask it to detach. None of it is the agent's concern.
-#[derive(Debug, Default)]
-pub struct Host {
-    /// The agent's `--config` file, if any.
-    pub config_path: Option<PathBuf>,
-    /// How the program is attached (`native`, `generic`).
-    pub attach_mode: String,
-    /// Pin directory of the maps, when pinned.
-    pub pinned: Option<PathBuf>,
-    /// Why the pins die with the agent (forwarding stops when it exits), if they do.
-    pub pins_lost_on_exit: Option<String>,
-    /// Asks the daemon to detach and exit (`xlb detach`).
-    pub detach_tx: Option<tokio::sync::mpsc::UnboundedSender<()>>,
-    /// Told by the daemon when it has detached, so `xlb detach` answers then.
-    pub detached: tokio::sync::Notify,
-    /// Told by the API once that answer is written (the daemon then exits).
-    pub answered: tokio::sync::Notify,
-    /// This node's HA switches (drain, last verdict); the daemon sets them.
-    pub ha: Option<std::sync::Arc<crate::ha::Node>>,
-    /// The connection-table sync, when on.
-    pub sync: Option<std::sync::Arc<crate::ctsync::Syncer>>,
-}
-
-impl Host {
-    /// The agent's status with what the daemon knows added.
-    pub fn status(&self, agent: &Agent) -> Result<Status> {
-        let mut s = agent.status()?;
-        self.fill(&mut s);
-        s.ha = self.ha.as_ref().map(|n| agent.ha_verdict(n.drained()));
-        Ok(s)
-    }
-
-    /// Add what the daemon knows to the agent's status.
-    pub fn fill(&self, s: &mut Status) {
-        s.attach_mode = self.attach_mode.clone();
-        s.pinned = self.pinned.as_ref().map(|p| p.display().to_string());
-        s.pins_lost_on_exit = self.pins_lost_on_exit.clone();
-        s.sync = self.sync.as_ref().map(|x| x.stats());
-    }
-
-    /// The file `config reload` applies: `path`, or the agent's `--config`.
-    pub fn config_file(&self, path: Option<PathBuf>) -> Result<PathBuf> {
-        path.or_else(|| self.config_path.clone()).ok_or_else(|| anyhow!("the agent has no --config file; give one"))
-    }
 }
 
 /// Apply one request (its values were parsed by their types; the agent
@@ -257,7 +211,7 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {
             if weight.is_none() && state.is_none() {
-                bail!("nothing to change: give a weight or a state");
+                bail!("nothing to change: give a weight or a state (--weight, --drain, --maint or --up)");
             }
             let (moved, entries) = agent.set_backend(&vip, ip, weight, state, dry_run)?;
             Ok(serde_json::json!({ "moved": moved, "entries": entries, "applied": !dry_run }))
@@ -281,7 +235,7 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             Ok(serde_json::json!({ "toml": text }))
         }
         Request::ConfigReload { path } => {
-            let changes = agent.reload(&host.config_file(path.map(PathBuf::from))?)?;
+            let changes = host.reload(agent, path.map(PathBuf::from))?;
             Ok(serde_json::json!({ "changes": changes }))
         }
         Request::Explain { vip, client } => {

@@ -19,7 +19,8 @@ use std::{
 };
 use tokio::net::UnixListener;
 
-use super::{handle, http::Refused, Host, Request};
+use super::{handle, http::Refused, Request};
+use crate::host::Host;
 use crate::agent::Agent;
 
 /// Largest request body accepted.

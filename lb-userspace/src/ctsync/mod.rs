@@ -28,7 +28,6 @@ use std::{
     fmt,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
-    str::FromStr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -42,10 +41,9 @@ use crate::{
 };
 
 pub mod wire;
+pub use crate::config::sync::{SyncPeer, SyncSettings, DEFAULT_PORT};
 pub use wire::SyncEntry;
 
-/// UDP port of the sync when a peer or `--sync-listen` names none.
-pub const DEFAULT_PORT: u16 = 7470;
 /// Every entry that differs is sent again this often (lost datagrams,
 /// restarted peers), besides after each table change.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -57,61 +55,6 @@ pub const MAX_AGE: Duration = Duration::from_secs(300);
 /// datagrams (about 60 000 IPv4 entries) per second to each peer.
 const BURST: usize = 100;
 const BURST_GAP: Duration = Duration::from_millis(100);
-
-/// A peer: `ADDR` or `ADDR:PORT` (`[V6ADDR]:PORT`), the port defaulting
-/// to `DEFAULT_PORT`. The one parser for the CLI and the config file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SyncPeer(pub SocketAddr);
-
-impl FromStr for SyncPeer {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        let addr = match t.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => match t.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-                Ok(ip) => SocketAddr::new(ip, DEFAULT_PORT),
-                Err(_) => bail!("invalid sync peer '{s}': expected ADDR or ADDR:PORT (e.g. 10.0.0.2, 10.0.0.2:7470, [fd00::2]:7470)"),
-            },
-        };
-        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
-            bail!("invalid sync peer '{s}': a unicast address and a port above 0");
-        }
-        Ok(SyncPeer(addr))
-    }
-}
-
-impl fmt::Display for SyncPeer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// Everything the sync is told (CLI flags or the config file's `[sync]`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct SyncSettings {
-    /// Where entries go.
-    pub peers: Vec<SyncPeer>,
-    /// File holding the shared key.
-    pub key_file: std::path::PathBuf,
-    /// Where entries are received (default: every address, `DEFAULT_PORT`).
-    pub listen: Option<SocketAddr>,
-}
-
-impl SyncSettings {
-    /// Check the settings that do not need the key file.
-    pub fn validate(&self) -> Result<()> {
-        if self.peers.is_empty() {
-            bail!("sync needs at least one peer (--sync-peer)");
-        }
-        if let Some(l) = self.listen {
-            if l.port() == 0 {
-                bail!("invalid sync listen address {l}: give a port");
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Read the shared key: the file's bytes (a trailing newline dropped), at
 /// least `wire::MIN_KEY` of them, in a file only its owner may read.

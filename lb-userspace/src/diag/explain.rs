@@ -1,5 +1,9 @@
-//! `xlb explain VIP CLIENT[:PORT]`: where one flow goes now and why.
+//! `xlb explain DEST CLIENT[:PORT]`: where one flow goes now and why.
 //!
+//! DEST is the flow's destination `ADDR:PORT/PROTO`; the VIP serving it is
+//! found as the datapath finds it (`lb-ebpf` `steer::vip`): the exact entry,
+//! else the address's any-port VIP (where the pre-filter says one exists),
+//! else the most specific prefix VIP (only while prefix VIPs exist).
 //! `observe` reads what the datapath would read for the flow (the VIP entry,
 //! the flow's connection-table set, the persistence entry, the ring entry
 //! the hash picks, the backends they name); `decide` is the datapath's
@@ -11,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use lb_common::{
     ct::{ct_hash, ct_now, CT_TIME_SHIFT},
     hash::{flow_hash, maglev_hash, src_hash},
-    Algo, BackendInfo, CtEntry, CtWay, FlowKey, PersistKey, PersistValue, Stat, VipInfo, CT_WAYS,
+    Algo, BackendInfo, CtEntry, CtWay, FlowKey, PersistKey, PersistValue, Stat, VipInfo, CT_WAYS, VIP_FILTER_ANY_PORT,
 };
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -57,9 +61,15 @@ impl std::fmt::Display for Client {
     }
 }
 
-/// The flow's 5-tuple as the datapath keys it.
+/// The flow's 5-tuple as the datapath keys it: the destination's own
+/// address and port (also when an any-port or prefix VIP serves it).
 pub fn flow_key(vip: &Vip, client: &Client) -> Result<FlowKey> {
-    // An any-port VIP's flows are explained at port 0 (no port is given).
+    if let Some(len) = vip.prefix {
+        bail!("{vip} serves a network: give the flow's destination, an address in {}/{len} and a port (ADDR:PORT/PROTO)", vip.addr);
+    }
+    if vip.is_any_port() {
+        bail!("{vip} serves every port: give the flow's destination port (ADDR:PORT/PROTO)");
+    }
     let mut k = FlowKey { src: [0; 16], sport_be: client.port.unwrap_or(0).to_be(), _pad: 0, vip: vip.flow_vip_key(vip.port) };
     match (client.ip, vip.addr) {
         (IpAddr::V4(c), IpAddr::V4(_)) => k.src[..4].copy_from_slice(&c.octets()),
@@ -104,11 +114,36 @@ pub struct RingSeen {
     pub backend: BackendInfo,
 }
 
+/// Which of the datapath's VIP lookups found the flow's VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lookup {
+    /// The destination's own `ADDR:PORT/PROTO` entry.
+    Exact,
+    /// The address's any-port VIP (`ADDR:*/PROTO`): no exact entry.
+    AnyPort,
+    /// The most specific prefix VIP containing the address (with the port,
+    /// else any-port): no exact or any-port entry.
+    Prefix,
+}
+
+impl Lookup {
+    fn why(self) -> &'static str {
+        match self {
+            Lookup::Exact => "its exact entry",
+            Lookup::AnyPort => "no exact entry; the address's any-port VIP",
+            Lookup::Prefix => "no exact or any-port entry; the most specific prefix VIP (its port before any-port)",
+        }
+    }
+}
+
 /// What the datapath's maps hold for one flow, read at one moment.
 #[derive(Clone, Copy, Debug)]
 pub struct Observed {
     /// The VIP entry (None: not a VIP).
     pub vip: Option<VipInfo>,
+    /// Which lookup found it.
+    pub lookup: Option<Lookup>,
     /// The flow's connection-table set (None: no client port given).
     pub ct_set: Option<u32>,
     /// The entry in that set whose signature matches the flow.
@@ -277,8 +312,15 @@ pub struct PersistShown {
 /// Everything `xlb explain` says about one flow.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Explanation {
-    /// `ADDR:PORT/PROTO`.
+    /// The flow's destination, `ADDR:PORT/PROTO`.
     pub vip: String,
+    /// The VIP serving it, as configured (`10.0.0.0/24:*/tcp`); None: not
+    /// VIP traffic, or an entry the agent does not know.
+    #[serde(default)]
+    pub served_by: Option<String>,
+    /// Which lookup found the VIP.
+    #[serde(default)]
+    pub lookup: Option<Lookup>,
     /// Client address and port.
     pub client: String,
     /// Algorithm of the VIP (as published), if it is one.
@@ -320,8 +362,11 @@ fn monotonic_ns() -> u64 {
 pub fn observe(agent: &Agent, vip: &Vip, client: &Client) -> Result<(FlowKey, Observed)> {
     let dp = &agent.dp;
     let key = flow_key(vip, client)?;
-    let info = dp.vip_entry(&key.vip)?;
-    let mut o = Observed { vip: info, ct_set: None, ct: None, persist: None, ring: None };
+    let (info, lookup) = match find_vip(agent, &key)? {
+        Some((i, l)) => (Some(i), Some(l)),
+        None => (None, None),
+    };
+    let mut o = Observed { vip: info, lookup, ct_set: None, ct: None, persist: None, ring: None };
     if client.port.is_some() {
         let sets = lb_common::ct::ct_sets(dp.opts.conntrack_size);
         let h = ct_hash(&key, &dp.conntrack_seed(), sets);
@@ -358,6 +403,27 @@ pub fn observe(agent: &Agent, vip: &Vip, client: &Client) -> Result<(FlowKey, Ob
     Ok((key, o))
 }
 
+/// The VIP entry the datapath finds for a flow, in its order (`steer::vip`):
+/// exact, then any-port where the pre-filter has the address's any-port
+/// bit, then the prefix trie (port, then any-port) while prefix VIPs exist.
+fn find_vip(agent: &Agent, key: &FlowKey) -> Result<Option<(VipInfo, Lookup)>> {
+    let dp = &agent.dp;
+    if let Some(v) = dp.vip_entry(&key.vip)? {
+        return Ok(Some((v, Lookup::Exact)));
+    }
+    if dp.filter_entry(&key.vip)? & VIP_FILTER_ANY_PORT != 0 {
+        if let Some(v) = dp.vip_entry(&key.vip.any_port())? {
+            return Ok(Some((v, Lookup::AnyPort)));
+        }
+    }
+    for k in [key.vip, key.vip.any_port()] {
+        if let Some(v) = dp.prefix_entry(&k)? {
+            return Ok(Some((v, Lookup::Prefix)));
+        }
+    }
+    Ok(None)
+}
+
 fn backend_ref(agent: &Agent, id: u32, b: &BackendInfo) -> BackendRef {
     let ip = agent
         .vips()
@@ -371,10 +437,13 @@ fn backend_ref(agent: &Agent, id: u32, b: &BackendInfo) -> BackendRef {
 /// Where the flow `client` → `vip` goes now, why, and when that may change.
 pub fn explain(agent: &Agent, vip: &Vip, client: &Client) -> Result<Explanation> {
     let (key, o) = observe(agent, vip, client)?;
-    let state = agent.vips().get(vip);
+    // The configured VIP behind the entry found (by its datapath id).
+    let served = o.vip.and_then(|i| agent.vips().iter().find(|(_, s)| s.id == i.vip_id));
+    let state = served.map(|(_, s)| s);
     let algo = o.vip.and_then(|v| Algo::from_u8(v.algo));
     if client.port.is_none() && algo.is_some_and(|a| a != Algo::SourceHash) {
-        bail!("give the client's port (CLIENT:PORT): VIP {vip} balances by the whole 5-tuple");
+        let by = served.map(|(v, _)| v.to_string()).unwrap_or_else(|| vip.to_string());
+        bail!("give the client's port (CLIENT:PORT): VIP {by} balances by the whole 5-tuple");
     }
     let next_packet = decide(&o, false);
     let syn = decide(&o, true);
@@ -383,7 +452,7 @@ pub fn explain(agent: &Agent, vip: &Vip, client: &Client) -> Result<Explanation>
     };
     let mut may_change = Vec::new();
     if let Some(s) = state {
-        if agent.is_pending(vip) || o.vip.is_some_and(|v| v != s.published) {
+        if served.is_some_and(|(v, _)| agent.is_pending(v)) || o.vip.is_some_and(|v| v != s.published) {
             may_change.push("a change of this VIP awaits publication (the datapath still reads the previous table)".into());
         }
         if s.failing_open {
@@ -431,6 +500,8 @@ pub fn explain(agent: &Agent, vip: &Vip, client: &Client) -> Result<Explanation>
     };
     Ok(Explanation {
         vip: vip.to_string(),
+        served_by: served.map(|(v, _)| v.to_string()),
+        lookup: o.lookup,
         client: client.to_string(),
         algo: algo.map(|a| a.name().to_string()),
         hash,
@@ -476,6 +547,9 @@ fn shown_decision(d: &Decision, b: &Option<BackendRef>) -> String {
 /// The explanation as lines for a terminal.
 pub fn render(e: &Explanation) -> String {
     let mut out = format!("flow      {} → {} ({})\n", e.client, e.vip, e.algo.as_deref().unwrap_or("not a VIP"));
+    if let (Some(v), Some(l)) = (&e.served_by, e.lookup) {
+        out += &format!("vip       {v}: {}\n", l.why());
+    }
     if let Some(h) = &e.hash {
         out += &format!("hash      {h}\n");
     }
@@ -542,7 +616,7 @@ mod tests {
 
     #[test]
     fn a_live_entry_wins_over_the_table_except_for_a_syn() {
-        let o = Observed { vip: Some(vip(Algo::Maglev, 13, 0)), ct_set: Some(1), ct: ct(4, 2, be(2, true, 3)), persist: None, ring: ring(5, be(0, true, 3)) };
+        let o = Observed { vip: Some(vip(Algo::Maglev, 13, 0)), lookup: Some(Lookup::Exact), ct_set: Some(1), ct: ct(4, 2, be(2, true, 3)), persist: None, ring: ring(5, be(0, true, 3)) };
         let d = decide(&o, false);
         assert_eq!((d.backend_id, d.via), (Some(4), Some(Via::ConnectionTable)));
         let s = decide(&o, true);
@@ -553,7 +627,7 @@ mod tests {
     #[test]
     fn stale_entries_are_rescheduled() {
         for (b, word) in [(be(3, true, 3), "another backend"), (be(2, false, 3), "not alive")] {
-            let o = Observed { vip: Some(vip(Algo::Maglev, 13, 0)), ct_set: Some(1), ct: ct(4, 2, b), persist: None, ring: ring(5, be(0, true, 3)) };
+            let o = Observed { vip: Some(vip(Algo::Maglev, 13, 0)), lookup: Some(Lookup::Exact), ct_set: Some(1), ct: ct(4, 2, b), persist: None, ring: ring(5, be(0, true, 3)) };
             let d = decide(&o, false);
             assert_eq!((d.backend_id, d.via), (Some(5), Some(Via::Table)));
             assert!(d.why.contains(word) && d.why.contains("conntrack_stale"), "{}", d.why);
@@ -562,19 +636,19 @@ mod tests {
 
     #[test]
     fn no_backend_drops_and_no_vip_passes() {
-        let o = Observed { vip: Some(vip(Algo::Maglev, 0, 0)), ct_set: Some(1), ct: None, persist: None, ring: None };
+        let o = Observed { vip: Some(vip(Algo::Maglev, 0, 0)), lookup: Some(Lookup::Exact), ct_set: Some(1), ct: None, persist: None, ring: None };
         assert_eq!(decide(&o, false).verdict.as_deref(), Some("drop_no_backend"));
         let o = Observed { vip: None, ..o };
         assert_eq!(decide(&o, false).verdict.as_deref(), Some("pass_not_vip"));
         // A dead backend in the table (the agent never publishes one).
-        let o = Observed { vip: Some(vip(Algo::Maglev, 13, 0)), ct_set: None, ct: None, persist: None, ring: ring(5, be(0, false, 3)) };
+        let o = Observed { vip: Some(vip(Algo::Maglev, 13, 0)), lookup: Some(Lookup::Exact), ct_set: None, ct: None, persist: None, ring: ring(5, be(0, false, 3)) };
         assert_eq!(decide(&o, false).verdict.as_deref(), Some("drop_bad_backend"));
     }
 
     #[test]
     fn persistence_wins_while_valid() {
         let p = |ms, b| Some(PersistSeen { value: PersistValue { backend_id: 9, gen: 1, _pad: 0, expires_ns: 0 }, remaining_ms: ms, backend: b });
-        let base = Observed { vip: Some(vip(Algo::SourceHash, 13, 60)), ct_set: None, ct: None, persist: None, ring: ring(5, be(0, true, 3)) };
+        let base = Observed { vip: Some(vip(Algo::SourceHash, 13, 60)), lookup: Some(Lookup::Exact), ct_set: None, ct: None, persist: None, ring: ring(5, be(0, true, 3)) };
         let d = decide(&Observed { persist: p(30_000, be(1, true, 3)), ..base }, false);
         assert_eq!((d.backend_id, d.via), (Some(9), Some(Via::Persistence)));
         for persist in [p(-1, be(1, true, 3)), p(30_000, be(2, true, 3)), p(30_000, be(1, true, 4))] {
@@ -585,7 +659,7 @@ mod tests {
     #[test]
     fn non_hash_algorithms_are_not_predicted() {
         for a in [Algo::RoundRobin, Algo::Random, Algo::LeastConn] {
-            let o = Observed { vip: Some(vip(a, 3, 0)), ct_set: Some(1), ct: None, persist: None, ring: None };
+            let o = Observed { vip: Some(vip(a, 3, 0)), lookup: Some(Lookup::Exact), ct_set: Some(1), ct: None, persist: None, ring: None };
             let d = decide(&o, false);
             assert_eq!((d.verdict, d.backend_id), (None, None));
         }

@@ -6,6 +6,9 @@
 //! through a BPF ring buffer, filtered and rate-limited in the program
 //! (`lb_common::trace`). The client prints one line per frame and, with
 //! `--pcap`, writes the frames as they arrived to a classic pcap file.
+//! Frames for routed backends are recorded by `xlb_encap` (which the
+//! tracing program tail-calls) as they were sent: outer headers first, with
+//! the forwarding mode and the outer source and destination on their line.
 
 use anyhow::{anyhow, bail, Context, Result};
 use lb_common::{
@@ -54,13 +57,16 @@ pub struct TraceRequest {
 /// The program's filter for a request, validated against the agent's
 /// services (nothing is changed).
 pub fn filter(agent: &Agent, req: &TraceRequest) -> Result<TraceConfig> {
-    let mut cfg = TraceConfig { backend_id: TRACE_ANY_BACKEND, verdicts: 0xf, ..Default::default() };
+    let all = [XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT].iter().fold(0, |m, a| m | action_bit(*a));
+    let mut cfg = TraceConfig { backend_id: TRACE_ANY_BACKEND, verdicts: all, ..Default::default() };
     let vip: Option<Vip> = req.vip.as_deref().map(str::parse).transpose()?;
     if let Some(v) = &vip {
         if !agent.vips().contains_key(v) {
             bail!("no VIP {v}");
         }
+        // Any-port and prefix VIPs: every destination their form covers.
         cfg.vip = v.key();
+        cfg.vip_bits = v.prefix.map(u32::from).unwrap_or(0);
         cfg.match_vip = 1;
     }
     if let Some(b) = &req.backend {
@@ -79,7 +85,8 @@ pub fn filter(agent: &Agent, req: &TraceRequest) -> Result<TraceConfig> {
     }
     if let Some(v) = &req.verdict {
         cfg.verdicts = match v.as_str() {
-            "tx" => action_bit(XDP_TX),
+            // Sent on: back out (tx) or, routed, out another interface.
+            "tx" => action_bit(XDP_TX) | action_bit(XDP_REDIRECT),
             "pass" => action_bit(XDP_PASS),
             "drop" => action_bit(XDP_DROP) | action_bit(XDP_ABORTED),
             other => bail!("unknown verdict '{other}' (tx, pass, drop)"),
@@ -101,6 +108,7 @@ const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 fn action_name(a: u32) -> &'static str {
     match a {
@@ -108,6 +116,7 @@ fn action_name(a: u32) -> &'static str {
         XDP_DROP => "drop",
         XDP_PASS => "pass",
         XDP_TX => "tx",
+        XDP_REDIRECT => "redirect",
         _ => "?",
     }
 }
@@ -127,10 +136,42 @@ pub struct FrameLine {
     pub verdict: String,
     /// Backend it was sent to.
     pub backend: Option<String>,
-    /// Frame length.
+    /// How, for a routed backend: `ipip` or `gue` (`data` is then the
+    /// frame as sent, encapsulated).
+    #[serde(default)]
+    pub forward: Option<String>,
+    /// The outer header of an encapsulated frame: `SRC > DST` (GUE: with
+    /// the UDP ports), from the frame as sent.
+    #[serde(default)]
+    pub outer: Option<String>,
+    /// Frame length (as sent for a routed backend's frame).
     pub len: u32,
-    /// Its first bytes as it arrived, hex.
+    /// Its first bytes as it arrived (a routed backend's: as sent), hex.
     pub data: String,
+}
+
+/// The outer header of an encapsulated frame as sent (`data` from its
+/// Ethernet header): `SRC > DST`, with `udp SPORT > DPORT` for GUE.
+pub fn outer_text(data: &[u8]) -> Option<String> {
+    let (src, dst, proto, l4): (IpAddr, IpAddr, u8, usize) = match data.get(12..14)? {
+        [0x08, 0x00] => {
+            let h = data.get(14..34)?;
+            let a = |i: usize| IpAddr::V4(Ipv4Addr::new(h[i], h[i + 1], h[i + 2], h[i + 3]));
+            (a(12), a(16), h[9], 14 + 4 * (h[0] & 0xf) as usize)
+        }
+        [0x86, 0xdd] => {
+            let h = data.get(14..54)?;
+            let a = |i: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&h[i..i + 16]).unwrap_or_default()));
+            (a(8), a(24), h[6], 54)
+        }
+        _ => return None,
+    };
+    let mut t = format!("{src} > {dst}");
+    if proto == PROTO_UDP {
+        let u = data.get(l4..l4 + 4)?;
+        t += &format!(" udp {} > {}", u16::from_be_bytes([u[0], u[1]]), u16::from_be_bytes([u[2], u[3]]));
+    }
+    Some(t)
 }
 
 fn addr(k: &FlowKey, a: &[u8; 16]) -> IpAddr {
@@ -190,7 +231,12 @@ pub fn frame_line(agent: &Agent, r: &TraceRecord, wall_minus_mono: u64) -> Frame
         .map(|ip| ip.unwrap_or_else(|| format!("id {}", r.backend_id)));
     let verdict = VERDICTS.iter().find(|s| **s as u32 == r.stat).map(|s| s.name()).unwrap_or("?");
     let cap = (r.cap_len as usize).min(TRACE_SNAP);
+    let forward = lb_common::Forward::from_u8(r.forward).filter(|f| f.is_routed());
+    // Encapsulated only when it went on (a drop or a too-big answer is not).
+    let sent = r.stat == lb_common::Stat::Forwarded as u32 || r.stat == lb_common::Stat::Redirected as u32;
     FrameLine {
+        forward: forward.map(|f| f.name().to_string()),
+        outer: forward.filter(|_| sent).and_then(|_| outer_text(&r.data[..cap])),
         time_ns: r.time_ns.wrapping_add(wall_minus_mono),
         iface: ifname(r.ifindex),
         flow: (r.has_key != 0).then(|| flow_text(&r.key)),
@@ -206,8 +252,13 @@ pub fn frame_line(agent: &Agent, r: &TraceRecord, wall_minus_mono: u64) -> Frame
 pub fn render(f: &FrameLine) -> String {
     let secs = f.time_ns / 1_000_000_000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let routed = match (&f.forward, &f.outer) {
+        (Some(fw), Some(o)) => format!(" by {fw} ({o})"),
+        (Some(fw), None) => format!(" by {fw}"),
+        _ => String::new(),
+    };
     format!(
-        "{h:02}:{m:02}:{s:02}.{:06} {} {} {} {}{} len {}",
+        "{h:02}:{m:02}:{s:02}.{:06} {} {} {} {}{}{routed} len {}",
         (f.time_ns % 1_000_000_000) / 1000,
         f.iface,
         f.flow.as_deref().unwrap_or("(no 5-tuple)"),
@@ -340,41 +391,6 @@ pub fn frame_bytes(f: &FrameLine) -> Result<Vec<u8>> {
         bail!("malformed frame data from the agent");
     }
     (0..f.data.len()).step_by(2).map(|i| u8::from_str_radix(&f.data[i..i + 2], 16).context("malformed frame data from the agent")).collect()
-}
-
-/// `xlb trace`: stream from the agent at `socket`, print lines, write the pcap.
-pub fn run(socket: &std::path::Path, req: &crate::api::Request, pcap: Option<&std::path::Path>, json: bool) -> Result<()> {
-    let mut pcap = pcap
-        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())).and_then(|f| PcapWriter::new(std::io::BufWriter::new(f))))
-        .transpose()?;
-    let stdout = std::io::stdout();
-    let mut ended = false;
-    crate::api::client::stream(socket, req, |l| {
-        match serde_json::from_str::<StreamMsg>(l).context("malformed trace line from the agent")? {
-            StreamMsg::Frame(f) => {
-                if let Some(p) = &mut pcap {
-                    p.frame(f.time_ns, &frame_bytes(&f)?, f.len)?;
-                }
-                let text = if json { serde_json::to_string(&f)? } else { render(&f) };
-                let mut o = stdout.lock();
-                // A closed stdout (a pipe into head) ends the trace.
-                if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
-                    ended = true;
-                    return Ok(false);
-                }
-                Ok(true)
-            }
-            StreamMsg::End { frames, missed } => {
-                eprintln!("trace: {frames} frame(s){}", if missed > 0 { format!(", {missed} matching frame(s) not recorded (rate limit)") } else { String::new() });
-                ended = true;
-                Ok(false)
-            }
-        }
-    })?;
-    if !ended {
-        bail!("the agent ended the trace early");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -399,6 +399,28 @@ impl Datapath {
         }
     }
 
+    /// The prefix VIP the datapath's trie gives `key` now (longest match;
+    /// `None` while no prefix VIP exists, the datapath then skips the
+    /// trie, or when none matches) (diagnosis).
+    pub fn prefix_entry(&self, key: &VipKey) -> Result<Option<VipInfo>> {
+        if self.prefix_on.get(&0, 0).context("cannot read the prefix-VIP gate")? == 0 {
+            return Ok(None);
+        }
+        let bits = if key.plain_family() == lb_common::FAMILY_V6 { 128 } else { 32 };
+        let k = aya::maps::lpm_trie::Key::new(PrefixKey::bits(bits), PrefixKey::of(key));
+        match self.vip_prefix.get(&k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("cannot read the prefix-VIP map"),
+        }
+    }
+
+    /// The VIP pre-filter's value for an address (diagnosis).
+    pub fn filter_entry(&self, key: &VipKey) -> Result<u32> {
+        let idx = lb_common::vip_filter_index(&key.addr, key.plain_family());
+        self.vip_filter.get(&idx, 0).context("cannot read the VIP filter")
+    }
+
     /// A backend entry as the datapath reads it now (diagnosis).
     pub fn backend_entry(&self, id: u32) -> Result<BackendInfo> {
         self.backends.get(&id, 0).context("cannot read the backend map")
