@@ -11,6 +11,7 @@
 //!   slots and refills the pool in batches (one grace period per batch),
 //!   off the agent's lock;
 //! - a burst (a reload) reserves the tables it needs first, in one batch.
+//!
 //! A slot is reused only after it was emptied, and an emptied slot's table
 //! is never written again, so no reader can see a table change under it.
 
