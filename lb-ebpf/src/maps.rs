@@ -43,6 +43,32 @@ pub type Table = btf_maps::Array<u32, 1, { lb_common::TABLE_MAP_FLAGS as usize }
 #[btf_map(name = "XLB_TABLES")]
 pub static TABLES: ArrayOfMaps<Table, 1> = ArrayOfMaps::new();
 
+/// Entry `idx` of the table in slot `slot`. Both lookups share one key on
+/// the stack (`ArrayOfMaps::get_value` takes two, and the tracing
+/// program's frame plus a subprogram's sits at the 512-byte limit).
+#[inline(always)]
+pub fn table_entry(slot: u32, idx: u32) -> Option<u32> {
+    use aya_ebpf::helpers::bpf_map_lookup_elem;
+    let mut key = slot;
+    let outer: *mut core::ffi::c_void = core::ptr::from_ref(&TABLES).cast_mut().cast();
+    // SAFETY: a lookup in a map of this object with a key of its key size
+    // (u32); the result is checked for null before use.
+    let inner = unsafe { bpf_map_lookup_elem(outer, core::ptr::from_ref(&key).cast()) };
+    if inner.is_null() {
+        return None;
+    }
+    key = idx;
+    // SAFETY: `inner` is the table map the outer lookup returned; u32 key;
+    // the value pointer is checked for null and read at once.
+    let v = unsafe { bpf_map_lookup_elem(inner, core::ptr::from_ref(&key).cast()) } as *const u32;
+    if v.is_null() {
+        None
+    } else {
+        // SAFETY: non-null pointer to a u32 value of the table.
+        Some(unsafe { *v })
+    }
+}
+
 /// The connection table: `ct_elements(--conntrack-size)` one-line sets
 /// (layout in `lb_common::ct`), shared by all CPUs. Mmapable, so that its
 /// values start page-aligned (each set is exactly one cache line) and the

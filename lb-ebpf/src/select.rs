@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop};
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, PERSIST, RR, TABLES},
+    maps::{table_entry, BACKENDS, PERSIST, RR},
     stats,
 };
 use lb_common::{
@@ -31,7 +31,7 @@ fn slot(h: u32, n: u32) -> u32 {
 /// The ring entry `idx` of a VIP, if it names a live backend.
 #[inline(always)]
 fn ring_backend<'a>(vip: &VipInfo, idx: u32) -> Result<(u32, &'a BackendInfo), Stat> {
-    let id = *TABLES.get_value(vip.table_slot, &idx).ok_or(Stat::DropBadBackend)?;
+    let id = table_entry(vip.table_slot, idx).ok_or(Stat::DropBadBackend)?;
     let be = BACKENDS.get(id).ok_or(Stat::DropBadBackend)?;
     if !be.is_alive() {
         return Err(Stat::DropBadBackend);
@@ -127,7 +127,7 @@ extern "C" fn least_conn_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if j >= s.n as u64 {
         j -= s.n as u64;
     }
-    let Some(&id) = TABLES.get_value(s.table_slot, &(j as u32)) else { return 1 };
+    let Some(id) = table_entry(s.table_slot, j as u32) else { return 1 };
     let w = match BACKENDS.get(id) {
         Some(be) if be.is_alive() => be.weight as u64,
         _ => 0,
