@@ -46,6 +46,12 @@ struct State {
     ready: Vec<Ready>,
     /// Slots no entry names any more, still holding their table.
     retired: Vec<u32>,
+    /// Mappings of the tables in use, kept until they are retired: an
+    /// unmapping costs a TLB shootdown on every CPU the agent runs on
+    /// (milliseconds on a loaded VM), so the janitor does it, not a request.
+    mapped: HashMap<u32, TableMem>,
+    /// Mappings of retired tables, dropped by the janitor.
+    unmapped: Vec<TableMem>,
     /// Bytes of the table in every occupied slot.
     bytes: HashMap<u32, u64>,
     /// Reserved tables above `POOL_READY` are kept until then.
@@ -120,6 +126,7 @@ impl Pool {
             };
             if let Some(r) = r {
                 r.mem.write(table);
+                lock(&self.shared).mapped.insert(r.slot, r.mem);
                 return Ok(r.slot);
             }
             self.reserve(outer, 1)?;
@@ -148,6 +155,9 @@ impl Pool {
         let mut st = lock(&self.shared);
         if st.bytes.contains_key(&slot) && !st.retired.contains(&slot) {
             st.retired.push(slot);
+            if let Some(m) = st.mapped.remove(&slot) {
+                st.unmapped.push(m);
+            }
             self.shared.1.notify_one();
         }
     }
@@ -200,7 +210,11 @@ impl Drop for Pool {
 
 /// Empty every retired slot (one batch: one grace period) and free it.
 fn clear(shared: &Shared, outer: &MapData) -> Result<()> {
-    let slots = std::mem::take(&mut lock(shared).retired);
+    let (slots, unmapped) = {
+        let mut st = lock(shared);
+        (std::mem::take(&mut st.retired), std::mem::take(&mut st.unmapped))
+    };
+    drop(unmapped);
     if slots.is_empty() {
         return Ok(());
     }
@@ -238,7 +252,7 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
         .iter()
         .map(|_| {
             let map = create_table(ring_size)?;
-            let mem = TableMem::map(map.map(), ring_size, true)?;
+            let mem = TableMem::ready(map.map(), ring_size)?;
             Ok((map, mem))
         })
         .collect();
@@ -276,10 +290,13 @@ fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
                 }
                 let held = st.hold_until.is_some_and(|t| Instant::now() < t);
                 if !held && st.ready.len() > POOL_READY {
-                    let extra: Vec<u32> = st.ready.drain(POOL_READY..).map(|r| r.slot).collect();
-                    st.retired.extend(extra);
+                    let extra: Vec<Ready> = st.ready.drain(POOL_READY..).collect();
+                    for r in extra {
+                        st.retired.push(r.slot);
+                        st.unmapped.push(r.mem);
+                    }
                 }
-                if !st.retired.is_empty() || st.ready.len() < POOL_READY {
+                if !st.retired.is_empty() || !st.unmapped.is_empty() || st.ready.len() < POOL_READY {
                     break;
                 }
                 let wait = if st.ready.len() > POOL_READY { RESERVE_HOLD } else { Duration::from_secs(3600) };

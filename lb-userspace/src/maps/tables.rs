@@ -110,6 +110,12 @@ impl TableMem {
         Ok(TableMem { mem, entries })
     }
 
+    /// `map`, writable, its pages faulted in now (a ready table).
+    pub fn ready(map: &MapData, entries: u32) -> Result<TableMem> {
+        let mem = crate::mmap::MapMem::populated(map, entries as usize * ELEM, true).context("cannot map a table into memory")?;
+        Ok(TableMem { mem, entries })
+    }
+
     /// Write `table` from entry 0. The map is new: the datapath reads it
     /// only after a later VIP-entry update names its slot.
     pub fn write(&self, table: &[u32]) {
