@@ -61,8 +61,10 @@ struct State {
     stop: bool,
 }
 
-/// The state, its condition variable, and the placeholder of emptied slots.
-type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, u32>)>;
+/// The state, its condition variable, the placeholder of emptied slots, and
+/// a lock that serializes emptyings (one that returns has seen every slot
+/// retired before it emptied, including those another thread had taken).
+type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, u32>, Mutex<()>)>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
     // A janitor that panicked leaves consistent state (every change is a
@@ -86,7 +88,7 @@ impl Pool {
         let free = (0..slots).filter(|s| !occupied.contains_key(s)).collect();
         let state = State { free, bytes: occupied, ..Default::default() };
         let empty = create_placeholder().context("cannot create the placeholder table")?;
-        Ok(Pool { shared: Arc::new((Mutex::new(state), Condvar::new(), empty)), ring_size, outer_id, janitor: None })
+        Ok(Pool { shared: Arc::new((Mutex::new(state), Condvar::new(), empty, Mutex::new(()))), ring_size, outer_id, janitor: None })
     }
 
     /// Start the janitor (at the first publication: a datapath loaded for
@@ -210,6 +212,7 @@ impl Drop for Pool {
 
 /// Empty every retired slot (one batch: one grace period) and free it.
 fn clear(shared: &Shared, outer: &MapData) -> Result<()> {
+    let _one_at_a_time = shared.3.lock().unwrap_or_else(|p| p.into_inner());
     let (slots, unmapped) = {
         let mut st = lock(shared);
         (std::mem::take(&mut st.retired), std::mem::take(&mut st.unmapped))
