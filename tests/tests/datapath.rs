@@ -366,3 +366,39 @@ fn only_frames_addressed_to_the_interface_or_an_accepted_mac_are_balanced() {
     let (action, _, _) = f.run_counted(&with_dst(vrrp_mac, 3300));
     assert_eq!(action, XDP_TX, "the accepted list is unchanged after refusals");
 }
+
+/// Every change of a VIP's table reaches the very next new flow, on both
+/// new-flow paths: SYNs (the VIP and the algorithm before the connection
+/// table's set) and other packets of unknown flows (the set first), after
+/// a new table, a weighted table and the VIP's deletion.
+#[test]
+fn vip_changes_reach_the_next_new_flow() {
+    let mut f = Fixture::new();
+    let v = vip("10.0.0.100:80/tcp");
+    let syn = |sport: u16| eth(ETH_IP, &[], &ipv4(CLIENT, VIP4, 6, &[], 0, &tcp(sport, 80, frames::tcp_flags::SYN, b"")));
+    let check = |f: &mut Fixture, ports: std::ops::Range<u16>, what: &str| {
+        for sport in ports {
+            let other = sport + 10_000;
+            for (frame, port) in [(syn(sport), sport), (tcp4(CLIENT, other, VIP4, 80), other)] {
+                let (a, out, d) = f.run_counted(&frame);
+                assert_eq!(a, XDP_TX, "{what}: sport {port}");
+                assert_eq!(d[Stat::CtMiss as usize], 1, "{what}: a new flow");
+                assert_eq!(&out[0..6], &f.predicted_mac(&key4(CLIENT, port, &v), &v), "{what}: sport {port} on the current table");
+            }
+        }
+    };
+    check(&mut f, 30000..30200, "first table");
+    // A fourth backend: a new table in another ring slot.
+    f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 4)), Some(backend_mac(4)), 1).expect("add");
+    check(&mut f, 31000..31200, "after a backend was added");
+    // Weights change the table again.
+    f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5)), Some(backend_mac(5)), 5).expect("add weighted");
+    check(&mut f, 32000..32200, "after a weighted backend was added");
+    // Deleted: its new flows are the kernel's at once.
+    f.agent.del_vip(&v).expect("del");
+    for sport in 33000..33050u16 {
+        let (a, _, d) = f.run_counted(&syn(sport));
+        assert_eq!(a, XDP_PASS, "deleted VIP, sport {sport}");
+        assert_one_verdict(&d, Stat::PassNotVip, "deleted VIP");
+    }
+}
