@@ -569,6 +569,20 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
         let (r, v) = steady(&mut a, frame, want, proof).with_context(|| case.to_string())?;
         push(case, "empty", r, floor, v);
     }
+    // 4. And a routed VIP (IPIP; no traffic to it): every #13 feature is
+    // configured, the L2 VIP's established flows and non-VIP traffic must
+    // not notice.
+    a.dp.set_encap(&xlb::encap::encap_config(&["10.210.0.0/24".into()], lb_common::DEFAULT_GUE_PORT)?)?;
+    let routed: Vip = "10.0.0.104:80/tcp".parse()?;
+    a.add_vip_spec(routed, &xlb::agent::VipSpec { forward: lb_common::Forward::Ipip, ..Default::default() })?;
+    a.add_backend(&routed, "10.220.0.1".parse()?, None, 1)?;
+    for (case, frame, want, floor, proof) in [
+        ("nonvip_pass (every #13 feature configured)", &nonvip, 2, "floor_pass", Stat::PassNotVip),
+        ("v4_tcp_established (every #13 feature configured)", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
+    ] {
+        let (r, v) = steady(&mut a, frame, want, proof).with_context(|| case.to_string())?;
+        push(case, "empty", r, floor, v);
+    }
     // Echo replies: the reply is no request, so one syscall per frame (as
     // the cold new-flow method), the call overhead calibrated on floor_pass.
     let echoes: Vec<Vec<u8>> = (0..NEW_FLOWS)

@@ -86,6 +86,14 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
         for c in &cases {
             eprintln!("bench:   {:<45} {:>8.1} ns  ×{:.2} {}  ({})", c.case, c.ns_per_pkt, c.ratio, c.floor, c.verified);
         }
+        // Same run: each configuration against none of the #13 features.
+        let ns = |n: &str| cases.iter().find(|c| c.case == n).map(|c| c.ns_per_pkt).unwrap_or(f64::NAN);
+        for (base, with) in [("nonvip_pass", ["VIP forms elsewhere", "prefix VIPs configured", "every #13 feature configured"]), ("v4_tcp_established", ["VIP forms elsewhere", "every #13 feature configured", ""])] {
+            let none = ns(&format!("{base} (no VIP forms)"));
+            for w in with.iter().filter(|w| !w.is_empty()) {
+                eprintln!("bench:   {base}: {w} / none configured = {:.3}", ns(&format!("{base} ({w})")) / none);
+            }
+        }
     }
     if want("cost") {
         eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
