@@ -473,6 +473,9 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
     Ok(out)
 }
 
+/// Rounds of the interleaved none / every-feature comparison.
+const INTERLEAVED_ROUNDS: usize = 5;
+
 /// `cargo xtask bench vipforms`: the VIP forms' paths (any-port VIPs,
 /// `--hash dst-port`, `--answer-ping`) and, in the same run, non-VIP and
 /// established traffic with none of them configured and with them
@@ -576,12 +579,36 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
     let routed: Vip = "10.0.0.104:80/tcp".parse()?;
     a.add_vip_spec(routed, &xlb::agent::VipSpec { forward: lb_common::Forward::Ipip, ..Default::default() })?;
     a.add_backend(&routed, "10.220.0.1".parse()?, None, 1)?;
-    for (case, frame, want, floor, proof) in [
-        ("nonvip_pass (every #13 feature configured)", &nonvip, 2, "floor_pass", Stat::PassNotVip),
-        ("v4_tcp_established (every #13 feature configured)", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
+    // Same run, interleaved (the machine's load drifts between sections):
+    // a fresh agent with none of the features against this one, round by
+    // round; each figure the median of its rounds.
+    let mut none = agent("10.0.0.100:80/tcp", 3)?;
+    let mut rounds: Vec<[f64; 4]> = Vec::new();
+    for _ in 0..INTERLEAVED_ROUNDS {
+        let mut r = [0.0; 4];
+        for (i, slot) in r.iter_mut().enumerate() {
+            let ag = if i % 2 == 0 { &mut none } else { &mut a };
+            let (frame, want, proof) = if i < 2 { (&nonvip, 2, Stat::PassNotVip) } else { (&est4, 3, Stat::CtHit) };
+            *slot = steady(ag, frame, want, proof).context("interleaved rounds")?.0 .0;
+        }
+        rounds.push(r);
+    }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |i: usize| [rounds.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min), rounds.iter().map(|r| r[i]).fold(0.0, f64::max)];
+    let per_round = |i: usize, j: usize| rounds.iter().map(|r| format!("{:.2}", r[j] / r[i])).collect::<Vec<_>>().join(", ");
+    for (i, case, floor) in [
+        (0, "nonvip_pass (none configured, interleaved)", "floor_pass"),
+        (1, "nonvip_pass (every #13 feature configured, interleaved)", "floor_pass"),
+        (2, "v4_tcp_established (none configured, interleaved)", "floor_stateless_dsr"),
+        (3, "v4_tcp_established (every #13 feature configured, interleaved)", "floor_stateless_dsr"),
     ] {
-        let (r, v) = steady(&mut a, frame, want, proof).with_context(|| case.to_string())?;
-        push(case, "empty", r, floor, v);
+        let base = i & !1;
+        let proof = if i % 2 == 1 { format!("{INTERLEAVED_ROUNDS} rounds; ÷ none configured per round: {}", per_round(base, i)) } else { format!("{INTERLEAVED_ROUNDS} rounds, median") };
+        push(case, "empty", (median(i), spread(i), median(i)), floor, proof);
     }
     // Echo replies: the reply is no request, so one syscall per frame (as
     // the cold new-flow method), the call overhead calibrated on floor_pass.
