@@ -263,26 +263,39 @@ impl CtWay {
 /// open entry is evicted).
 #[inline(always)]
 pub fn ct_victim(tags: &[u64; CT_WAYS], vals: &[u64; CT_WAYS], now: u64) -> (usize, bool) {
-    // Rank: empty ways first, then closed ones, then by age; one number per
-    // way so the choice is a plain maximum.
     let mut best = 0;
     let mut best_rank = 0u64;
     let mut i = 0;
     while i < CT_WAYS {
-        let rank = if CtWay::is_empty(vals[i]) {
-            u64::MAX
-        } else if CtWay::is_closed(tags[i]) {
-            (1 << 62) | CtWay::age(tags[i], now)
-        } else {
-            CtWay::age(tags[i], now)
-        };
+        let rank = ct_rank(tags[i], vals[i], now);
         if rank > best_rank || i == 0 {
             best = i;
             best_rank = rank;
         }
         i += 1;
     }
-    (best, best_rank < (1 << 62))
+    (best, ct_rank_is_open(best_rank))
+}
+
+/// How eagerly a way read as `(tag, val)` is taken by a new flow: empty
+/// ways first, then closed ones, then by age; one number per way, so the
+/// victim is the way of the largest (the first of equals).
+#[inline(always)]
+pub const fn ct_rank(tag: u64, val: u64, now: u64) -> u64 {
+    if CtWay::is_empty(val) {
+        u64::MAX
+    } else if CtWay::is_closed(tag) {
+        (1 << 62) | CtWay::age(tag, now)
+    } else {
+        CtWay::age(tag, now)
+    }
+}
+
+/// Whether a way of this rank holds an open flow (evicting it ends the
+/// flow's entry before its time).
+#[inline(always)]
+pub const fn ct_rank_is_open(rank: u64) -> bool {
+    rank < (1 << 62)
 }
 
 impl CtSet {

@@ -66,6 +66,16 @@ const FLOOR_LINES_N: u32 = 1 << 18;
 #[map(name = "FLOOR_LINES")]
 static FLOOR_LINES: Array<[u64; 8]> = Array::with_max_entries(FLOOR_LINES_N, BPF_F_MMAPABLE);
 
+/// Lines of `FLOOR_LINES_CT`: as many as xlb's default connection table
+/// has sets (51 MiB for 1 Mi flows).
+const FLOOR_LINES_CT_N: u32 = lb_common::ct::ct_sets(lb_common::DEFAULT_CONNTRACK_SIZE);
+
+/// `floor_one_line_ct`'s array: one random line per new flow, in as much
+/// memory as xlb's default connection table (more TLB and page-walk misses
+/// than 16 MiB).
+#[map(name = "FLOOR_LINES_CT")]
+static FLOOR_LINES_CT: Array<[u64; 8]> = Array::with_max_entries(FLOOR_LINES_CT_N, BPF_F_MMAPABLE);
+
 /// `floor_lru_insert`'s table: a 1 Mi-entry LRU hash keyed by the 5-tuple.
 #[map(name = "FLOOR_LRU")]
 static FLOOR_LRU: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(1 << 20, 0);
@@ -85,6 +95,23 @@ pub fn floor_stateless_dsr(ctx: XdpContext) -> u32 {
 pub fn floor_one_line(ctx: XdpContext) -> u32 {
     stateless(&ctx, |_, h| {
         if let Some(line) = FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N) {
+            // SAFETY: a valid map value; races between CPUs only lose counts.
+            unsafe {
+                let w = &mut (*line)[(h >> 24) as usize & 7];
+                core::ptr::write_volatile(w, core::ptr::read_volatile(w) + 1);
+            }
+        }
+    })
+}
+
+/// `floor_one_line` over an array as large as xlb's default connection
+/// table (not a target's floor: it shows what the table's size costs).
+#[xdp]
+pub fn floor_one_line_ct(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |_, h| {
+        // Set index as the table derives it: high bits × sets.
+        let i = ((h as u64 * FLOOR_LINES_CT_N as u64) >> 32) as u32;
+        if let Some(line) = FLOOR_LINES_CT.get_ptr_mut(i) {
             // SAFETY: a valid map value; races between CPUs only lose counts.
             unsafe {
                 let w = &mut (*line)[(h >> 24) as usize & 7];

@@ -93,12 +93,14 @@ pub fn choose<'a>(pkt: &Packet, gate: Gate<'a>, stats: &mut StatBlock) -> Result
         return Err(Stat::PassNotVip);
     }
     match pkt.kind {
+        // The VIP and the algorithm before the new entry's accounting: a
+        // pure SYN's set is read only then (see `conntrack::track`).
         Kind::Flow => match conntrack::track(key, pkt.tcp_flags, stats) {
             Track::Hit(c) => Ok(c),
-            Track::New(p) => {
+            Track::New(mut p) => {
                 let vip = vip(key, gate)?;
-                p.settle(vip, stats);
                 let (id, backend) = select::schedule(key, vip, stats)?;
+                p.settle(vip, stats);
                 p.commit(key, id, backend, stats);
                 Ok(Choice { id, backend, new_flow: true })
             }

@@ -153,7 +153,7 @@ impl Floors {
         let obj = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
         let mut ebpf = EbpfLoader::new().load(&obj).context("loading the floors object")?;
         for name in
-            ["floor_pass", "floor_macswap_tx", "floor_stateless_dsr", "floor_one_line", "floor_lru_insert", "bench_gen", "bench_sink", "new_flows"]
+            ["floor_pass", "floor_macswap_tx", "floor_stateless_dsr", "floor_one_line", "floor_one_line_ct", "floor_lru_insert", "bench_gen", "bench_sink", "new_flows"]
         {
             let p: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
             p.load().with_context(|| format!("verifier rejected {name}"))?;
@@ -325,6 +325,11 @@ pub fn floors(fl: &mut Floors) -> Result<Vec<Case>> {
     for (name, prog, what) in [
         ("floor_stateless_dsr_new_flows", "floor_stateless_dsr", "stateless"),
         ("floor_one_line", "floor_one_line", "each a read-modify-write of one random line of 16 MiB"),
+        (
+            "floor_one_line_ct",
+            "floor_one_line_ct",
+            "each a read-modify-write of one random line of an array as large as the default connection table (51 MiB)",
+        ),
         ("floor_lru_insert", "floor_lru_insert", "each a lookup and an insert in a 1 Mi LRU hash"),
     ] {
         let fd = fl.prog(prog)?.fd()?.try_clone()?;
