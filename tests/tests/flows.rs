@@ -56,16 +56,16 @@ fn flows_lists_each_new_flow_with_the_backend_the_program_chose() {
         assert!(f.valid && !f.closed);
     }
     assert!(all.flows.windows(2).all(|w| w[0].age_ms <= w[1].age_ms), "most recently seen first");
-    let one = flows(&a, &FlowsRequest { vip: Some(vips[1].to_string()), limit: Some(1000), ..Default::default() }).expect("flows");
+    let one = flows(&a, &FlowsRequest { vip: Some(vips[1]), limit: Some(1000), ..Default::default() }).expect("flows");
     assert_eq!(one.matched, 30);
     assert!(one.flows.iter().all(|f| f.vip == Some(vips[1].to_string())));
     let b = &sent[0].2;
-    let on_b = flows(&a, &FlowsRequest { backend: Some(b.clone()), limit: Some(1000), ..Default::default() }).expect("flows");
+    let on_b = flows(&a, &FlowsRequest { backend: Some(b.parse().expect("backend")), limit: Some(1000), ..Default::default() }).expect("flows");
     assert_eq!(on_b.matched as usize, sent.iter().filter(|s| &s.2 == b).count());
     let few = flows(&a, &FlowsRequest { limit: Some(5), ..Default::default() }).expect("flows");
     assert_eq!((few.matched, few.flows.len()), (60, 5));
     assert!(flows(&a, &FlowsRequest { limit: Some(0), ..Default::default() }).is_err());
-    assert!(flows(&a, &FlowsRequest { vip: Some("10.9.9.9:80/tcp".into()), ..Default::default() }).is_err());
+    assert!(flows(&a, &FlowsRequest { vip: Some("10.9.9.9:80/tcp".parse().expect("vip")), ..Default::default() }).is_err());
 
     // An entry made without its key beside it (as by an agent without
     // --flow-keys): counted, not listed.

@@ -453,13 +453,13 @@ fn trace_shows_routed_frames_with_their_mode_and_outer_header() {
         }
     }
     // Filters see routed frames too: by VIP, by backend, `tx` with redirects.
-    arm(&mut f, TraceRequest { verdict: Some("tx".into()), ..Default::default() });
+    arm(&mut f, TraceRequest { verdict: Some(xlb::diag::trace::TraceVerdict::Tx), ..Default::default() });
     for (inner, _, _, _) in &cases {
         run_on(&mut f.agent.dp, PROG_TRACE, &frame_of(inner), f.ns.eth0);
     }
     let got: Vec<String> = f.agent.dp.trace_drain(100).iter().map(|r| frame_line(&f.agent, r, 0).verdict).collect();
     assert_eq!(got, ["forwarded", "forwarded", "forwarded", "redirected", "too_big"], "tx: sent on");
-    arm(&mut f, TraceRequest { backend: Some("fd00:220::5".into()), ..Default::default() });
+    arm(&mut f, TraceRequest { backend: Some("fd00:220::5".parse().expect("ip")), ..Default::default() });
     for (inner, _, _, _) in &cases {
         run_on(&mut f.agent.dp, PROG_TRACE, &frame_of(inner), f.ns.eth0);
     }

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use xlb::{
     agent::Agent,
     config::Mac,
-    diag::trace::{filter, frame_bytes, frame_line, FrameLine, PcapWriter, TraceRequest},
+    diag::trace::{filter, frame_bytes, frame_line, FrameLine, PcapWriter, TraceRequest, TraceVerdict},
 };
 use xlb_tests::{
     frames::{eth, ipv4, tcp, tcp_flags, udp4, ETH_ARP, ETH_IP},
@@ -156,12 +156,12 @@ fn trace_filters_and_rate_limit() {
             run_prog(a, PROG_TRACE, &f);
         }
     };
-    arm(&mut a, TraceRequest { verdict: Some("drop".into()), rate: Some(100_000), ..Default::default() });
+    arm(&mut a, TraceRequest { verdict: Some(TraceVerdict::Drop), rate: Some(100_000), ..Default::default() });
     run_all(&mut a);
     let got = lines(&mut a);
     assert_eq!(got.iter().map(|l| l.verdict.as_str()).collect::<Vec<_>>(), ["drop_no_backend"]);
 
-    arm(&mut a, TraceRequest { vip: Some("10.0.0.100:80/tcp".into()), rate: Some(100_000), ..Default::default() });
+    arm(&mut a, TraceRequest { vip: Some("10.0.0.100:80/tcp".parse().expect("vip")), rate: Some(100_000), ..Default::default() });
     run_all(&mut a);
     let got = lines(&mut a);
     // The VIP's frames: the two SYNs; the malformed ones never had a 5-tuple.
@@ -169,7 +169,7 @@ fn trace_filters_and_rate_limit() {
     assert!(got.iter().all(|l| l.flow.as_deref().is_some_and(|f| f.ends_with("10.0.0.100:80"))));
 
     let b1 = got[0].backend.clone().expect("backend");
-    arm(&mut a, TraceRequest { backend: Some(b1.clone()), rate: Some(100_000), ..Default::default() });
+    arm(&mut a, TraceRequest { backend: Some(b1.parse().expect("backend")), rate: Some(100_000), ..Default::default() });
     for p in 6000..6040 {
         run_prog(&mut a, PROG_TRACE, &syn(VIP4, p));
     }
@@ -197,14 +197,16 @@ fn trace_filters_and_rate_limit() {
 
     // Bad filters are refused with one line.
     for bad in [
-        TraceRequest { vip: Some("10.0.0.1:80/tcp".into()), ..Default::default() },
-        TraceRequest { backend: Some("10.9.9.9".into()), ..Default::default() },
-        TraceRequest { verdict: Some("maybe".into()), ..Default::default() },
+        TraceRequest { vip: Some("10.0.0.1:80/tcp".parse().expect("vip")), ..Default::default() },
+        TraceRequest { backend: Some("10.9.9.9".parse().expect("ip")), ..Default::default() },
         TraceRequest { rate: Some(0), ..Default::default() },
     ] {
         let e = filter(&a, &bad).expect_err("refused");
         assert!(!format!("{e:#}").contains('\n'));
     }
+    // A verdict that is none is refused by its type, before any filter.
+    let e = "maybe".parse::<TraceVerdict>().expect_err("refused");
+    assert_eq!(e.to_string(), "unknown verdict 'maybe' (tx, pass, drop)");
 }
 
 #[test]
@@ -225,7 +227,7 @@ fn a_prefix_or_any_port_vip_filter_traces_every_destination_it_covers() {
         (to([10, 0, 0, 101], 80), None),
     ];
     for (vip, which) in [("10.9.0.0/24:*/tcp", "prefix"), ("10.0.0.100:*/tcp", "any-port")] {
-        arm(&mut a, TraceRequest { vip: Some(vip.into()), rate: Some(100_000), ..Default::default() });
+        arm(&mut a, TraceRequest { vip: Some(vip.parse().expect("vip")), rate: Some(100_000), ..Default::default() });
         for (f, _) in &frames {
             run_prog(&mut a, PROG_TRACE, f);
         }

@@ -223,7 +223,7 @@ mod tests {
         let v6 = "[fd00::1]:53/udp".parse().unwrap();
         let (m, p) = round_trip(Request::VipDel { vip: v6 });
         assert_eq!((m, p.as_str()), (Method::DELETE, "/v1/vips/%5Bfd00::1%5D:53/udp"));
-        let (m, p) = round_trip(Request::Flows { vip: Some("10.0.0.1:80/tcp".into()), backend: None, limit: Some(5) });
+        let (m, p) = round_trip(Request::Flows { vip: Some("10.0.0.1:80/tcp".parse().expect("vip")), backend: None, limit: Some(5) });
         assert_eq!((m, p.as_str()), (Method::GET, "/v1/flows?limit=5&vip=10.0.0.1:80%2Ftcp"));
         round_trip(Request::Status);
         round_trip(Request::VipDel { vip: "10.0.0.0/24:*/tcp".parse().unwrap() });
@@ -240,7 +240,20 @@ mod tests {
             forward: Some(crate::config::ForwardName(lb_common::Forward::Gue)),
         });
         round_trip(Request::ConfigReload { path: Some("/etc/xlb.toml".into()) });
-        round_trip(Request::Trace { vip: None, backend: None, verdict: Some("tx".into()), count: Some(3), rate: Some(10) });
+        let (_, p) = round_trip(Request::Trace {
+            vip: Some("[fd00::1]:53/udp".parse().unwrap()),
+            backend: Some("fd00::2".parse().unwrap()),
+            verdict: Some(crate::diag::trace::TraceVerdict::Tx),
+            count: Some(3),
+            rate: Some(10),
+        });
+        assert!(p.contains("verdict=tx") && p.contains("backend=fd00::2"), "{p}");
+        round_trip(Request::Explain { vip: "10.0.0.1:80/tcp".parse().unwrap(), client: "[fd00::7]:4000".parse().unwrap() });
+        // A malformed value is refused by its type's parser, with its words.
+        let e = from_http(&Method::GET, "/v1/trace", Some("verdict=maybe"), b"").expect_err("bad verdict");
+        assert!(e.1.contains("unknown verdict 'maybe'"), "{}", e.1);
+        let e = from_http(&Method::GET, "/v1/explain", Some("vip=10.0.0.1:80&client=1.2.3.4"), b"").expect_err("bad VIP");
+        assert!(e.1.contains("invalid VIP"), "{}", e.1);
         // Every kind has a route.
         let kinds: Vec<&str> = ROUTES.iter().map(|r| r.2).collect();
         for k in ["vip-add", "vip-del", "vip-list", "backend-add", "backend-set", "backend-del", "status", "config-dump", "config-reload", "detach", "ha-check", "ha-drain", "ha-undrain", "flows", "explain", "trace"] {

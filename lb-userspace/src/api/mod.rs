@@ -24,6 +24,7 @@ use crate::{
     agent::{Admin, Agent, VipSpec},
     config::{check_persist, text, AlgoName, AllDown, ForwardName, HashMode, HealthConfig, Mac, Vip, VipOpts, DEFAULT_WEIGHT},
 };
+use crate::diag::{explain::Client, trace::TraceVerdict};
 use lb_common::Algo;
 use std::net::IpAddr;
 
@@ -142,14 +143,14 @@ pub enum Request {
     /// line per frame on the same connection, then an end line.
     Trace {
         /// Only frames for this VIP.
-        #[serde(default)]
-        vip: Option<String>,
+        #[serde(default, with = "text::opt")]
+        vip: Option<Vip>,
         /// Only frames sent to this backend address.
-        #[serde(default)]
-        backend: Option<String>,
+        #[serde(default, with = "text::opt")]
+        backend: Option<IpAddr>,
         /// Only `tx`, `pass` or `drop` frames.
-        #[serde(default)]
-        verdict: Option<String>,
+        #[serde(default, with = "text::opt")]
+        verdict: Option<TraceVerdict>,
         /// Stop after this many frames.
         #[serde(default)]
         count: Option<u64>,
@@ -160,11 +161,11 @@ pub enum Request {
     /// Live connection-table entries (`xlb flows`).
     Flows {
         /// Only this VIP's flows.
-        #[serde(default)]
-        vip: Option<String>,
+        #[serde(default, with = "text::opt")]
+        vip: Option<Vip>,
         /// Only flows on this backend address.
-        #[serde(default)]
-        backend: Option<String>,
+        #[serde(default, with = "text::opt")]
+        backend: Option<IpAddr>,
         /// At most this many.
         #[serde(default)]
         limit: Option<usize>,
@@ -173,9 +174,11 @@ pub enum Request {
     Explain {
         /// The flow's destination `ADDR:PORT/PROTO` (any-port and prefix
         /// VIPs serve it as in the datapath).
-        vip: String,
+        #[serde(with = "text")]
+        vip: Vip,
         /// `ADDR[:PORT]` of the client.
-        client: String,
+        #[serde(with = "text")]
+        client: Client,
     },
 }
 
@@ -239,7 +242,7 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             Ok(serde_json::json!({ "changes": changes }))
         }
         Request::Explain { vip, client } => {
-            let e = crate::diag::explain::explain(agent, &vip.parse()?, &client.parse()?)?;
+            let e = crate::diag::explain::explain(agent, &vip, &client)?;
             Ok(serde_json::to_value(e)?)
         }
         Request::Flows { vip, backend, limit } => {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::output::print_status;
 use crate::{
     agent::Status,
-    diag::trace::{frame_bytes, render, PcapWriter, StreamMsg},
+    diag::trace::{frame_bytes, render, PcapWriter, StreamMsg, TraceVerdict},
     api::{self, Request},
     config::Vip,
 };
@@ -52,13 +52,13 @@ fn show<T: serde::de::DeserializeOwned>(v: serde_json::Value, json: bool, what: 
 
 /// `xlb explain`.
 pub fn explain(socket: &Path, vip: &Vip, client: &crate::diag::explain::Client, json: bool) -> Result<()> {
-    let v = api::call(socket, &Request::Explain { vip: vip.to_string(), client: client.to_string() })?;
+    let v = api::call(socket, &Request::Explain { vip: *vip, client: *client })?;
     show(v, json, "explanation", |e| print!("{}", crate::diag::explain::render(&e)))
 }
 
 /// `xlb flows`.
 pub fn flows(socket: &Path, vip: Option<Vip>, backend: Option<std::net::IpAddr>, limit: usize, json: bool) -> Result<()> {
-    let req = Request::Flows { vip: vip.map(|v| v.to_string()), backend: backend.map(|b| b.to_string()), limit: Some(limit) };
+    let req = Request::Flows { vip, backend, limit: Some(limit) };
     let v = api::call(socket, &req)?;
     show(v, json, "flows", |r| print!("{}", crate::diag::flows::render(&r)))
 }
@@ -69,7 +69,7 @@ pub fn trace(
     socket: &Path,
     vip: Option<Vip>,
     backend: Option<std::net::IpAddr>,
-    verdict: Option<String>,
+    verdict: Option<TraceVerdict>,
     count: Option<u64>,
     pcap: Option<PathBuf>,
     rate: u32,
@@ -78,7 +78,7 @@ pub fn trace(
     if count == Some(0) {
         anyhow::bail!("--count must be at least 1");
     }
-    let req = Request::Trace { vip: vip.map(|v| v.to_string()), backend: backend.map(|b| b.to_string()), verdict, count, rate: Some(rate) };
+    let req = Request::Trace { vip, backend, verdict, count, rate: Some(rate) };
     stream_trace(socket, &req, pcap.as_deref(), json)
 }
 

@@ -133,8 +133,8 @@ pub enum Command {
         backend: Option<std::net::IpAddr>,
         /// Only frames with this verdict: tx (sent on, routed frames out
         /// another interface too), pass or drop.
-        #[arg(long, value_parser = ["tx", "pass", "drop"])]
-        verdict: Option<String>,
+        #[arg(long)]
+        verdict: Option<crate::diag::trace::TraceVerdict>,
         /// Stop after N frames.
         #[arg(long, value_name = "N")]
         count: Option<u64>,

@@ -26,11 +26,11 @@ pub const MAX_LIMIT: usize = 100_000;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlowsRequest {
     /// Only this VIP's flows.
-    #[serde(default)]
-    pub vip: Option<String>,
+    #[serde(default, with = "crate::config::text::opt")]
+    pub vip: Option<Vip>,
     /// Only flows on this backend address.
-    #[serde(default)]
-    pub backend: Option<String>,
+    #[serde(default, with = "crate::config::text::opt")]
+    pub backend: Option<IpAddr>,
     /// At most this many (the most recently seen first).
     #[serde(default)]
     pub limit: Option<usize>,
@@ -96,14 +96,12 @@ fn per_backend(agent: &Agent, census: &crate::conntrack::ConntrackCensus) -> Vec
 
 /// The live entries, filtered, most recently seen first, bounded.
 pub fn flows(agent: &Agent, req: &FlowsRequest) -> Result<FlowsReport> {
-    let vip: Option<Vip> = req.vip.as_deref().map(str::parse).transpose()?;
+    let (vip, backend) = (req.vip, req.backend);
     if let Some(v) = &vip {
         if !agent.vips().contains_key(v) {
             bail!("no VIP {v}");
         }
     }
-    let backend: Option<IpAddr> =
-        req.backend.as_deref().map(|b| b.parse().map_err(|_| anyhow::anyhow!("invalid backend address '{b}'"))).transpose()?;
     let limit = req.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         bail!("--limit {limit} out of range 1..={MAX_LIMIT}");

@@ -24,7 +24,10 @@ use std::{
     time::Duration,
 };
 
-use crate::{agent::Agent, config::Vip};
+use crate::{
+    agent::Agent,
+    config::{text, Vip},
+};
 
 /// Records per second per CPU by default, and the burst a CPU may send.
 pub const DEFAULT_RATE: u32 = 1000;
@@ -34,18 +37,64 @@ const POLL: Duration = Duration::from_millis(20);
 /// Longest silence on a trace stream (see `stream`).
 const KEEPALIVE: Duration = Duration::from_secs(1);
 
+/// The verdicts a trace can be limited to: `tx`, `pass` or `drop` (XDP
+/// aborted counts as drop). One `FromStr`/`Display` for the CLI and the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceVerdict {
+    /// `XDP_TX` or `XDP_REDIRECT`: sent on.
+    Tx,
+    /// `XDP_PASS`: handed to the kernel.
+    Pass,
+    /// `XDP_DROP` or `XDP_ABORTED`.
+    Drop,
+}
+
+impl TraceVerdict {
+    /// The program's verdict bits it selects.
+    fn bits(self) -> u8 {
+        match self {
+            // Sent on: back out (tx) or, routed, out another interface.
+            TraceVerdict::Tx => action_bit(XDP_TX) | action_bit(XDP_REDIRECT),
+            TraceVerdict::Pass => action_bit(XDP_PASS),
+            TraceVerdict::Drop => action_bit(XDP_DROP) | action_bit(XDP_ABORTED),
+        }
+    }
+}
+
+impl std::str::FromStr for TraceVerdict {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tx" => Ok(TraceVerdict::Tx),
+            "pass" => Ok(TraceVerdict::Pass),
+            "drop" => Ok(TraceVerdict::Drop),
+            other => bail!("unknown verdict '{other}' (tx, pass, drop)"),
+        }
+    }
+}
+
+impl std::fmt::Display for TraceVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TraceVerdict::Tx => "tx",
+            TraceVerdict::Pass => "pass",
+            TraceVerdict::Drop => "drop",
+        })
+    }
+}
+
 /// What a client asks to trace.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TraceRequest {
     /// Only frames for this VIP (`ADDR:PORT/PROTO`).
-    #[serde(default)]
-    pub vip: Option<String>,
+    #[serde(default, with = "text::opt")]
+    pub vip: Option<Vip>,
     /// Only frames forwarded to this backend address.
-    #[serde(default)]
-    pub backend: Option<String>,
-    /// Only frames with this verdict: `tx`, `pass` or `drop` (aborted with drop).
-    #[serde(default)]
-    pub verdict: Option<String>,
+    #[serde(default, with = "text::opt")]
+    pub backend: Option<IpAddr>,
+    /// Only frames with this verdict.
+    #[serde(default, with = "text::opt")]
+    pub verdict: Option<TraceVerdict>,
     /// Stop after this many frames.
     #[serde(default)]
     pub count: Option<u64>,
@@ -59,7 +108,7 @@ pub struct TraceRequest {
 pub fn filter(agent: &Agent, req: &TraceRequest) -> Result<TraceConfig> {
     let all = [XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT].iter().fold(0, |m, a| m | action_bit(*a));
     let mut cfg = TraceConfig { backend_id: TRACE_ANY_BACKEND, verdicts: all, ..Default::default() };
-    let vip: Option<Vip> = req.vip.as_deref().map(str::parse).transpose()?;
+    let vip = req.vip;
     if let Some(v) = &vip {
         if !agent.vips().contains_key(v) {
             bail!("no VIP {v}");
@@ -69,8 +118,7 @@ pub fn filter(agent: &Agent, req: &TraceRequest) -> Result<TraceConfig> {
         cfg.vip_bits = v.prefix.map(u32::from).unwrap_or(0);
         cfg.match_vip = 1;
     }
-    if let Some(b) = &req.backend {
-        let ip: IpAddr = b.parse().map_err(|_| anyhow!("invalid backend address '{b}'"))?;
+    if let Some(ip) = req.backend {
         let ids: Vec<u32> = agent
             .vips()
             .iter()
@@ -83,14 +131,8 @@ pub fn filter(agent: &Agent, req: &TraceRequest) -> Result<TraceConfig> {
             _ => bail!("backend {ip} serves several VIPs: give --vip"),
         };
     }
-    if let Some(v) = &req.verdict {
-        cfg.verdicts = match v.as_str() {
-            // Sent on: back out (tx) or, routed, out another interface.
-            "tx" => action_bit(XDP_TX) | action_bit(XDP_REDIRECT),
-            "pass" => action_bit(XDP_PASS),
-            "drop" => action_bit(XDP_DROP) | action_bit(XDP_ABORTED),
-            other => bail!("unknown verdict '{other}' (tx, pass, drop)"),
-        };
+    if let Some(v) = req.verdict {
+        cfg.verdicts = v.bits();
     }
     let rate = req.rate.unwrap_or(DEFAULT_RATE);
     if !(1..=1_000_000).contains(&rate) {
