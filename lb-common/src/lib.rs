@@ -35,16 +35,24 @@ pub const MAX_RING_SIZE: u32 = 1_000_003;
 /// Default number of virtual services (`--max-vips`): VIP ids and VIP-map
 /// entries cost a few bytes each, so this is generous.
 pub const DEFAULT_MAX_VIPS: u32 = 512;
-/// Default number of VIPs that may have backends, i.e. a table
-/// (`--max-tables`): each costs `ring size × 8` bytes of ring array
-/// (0.5 MiB at the default ring size), allocated when the agent loads.
-pub const DEFAULT_MAX_TABLES: u32 = 64;
-/// Ring slots beyond one per VIP: a table is written to a free slot and then
-/// published by one VIP-entry update, so no reader ever sees a half-written table.
-pub const SPARE_RING_SLOTS: u32 = 2;
-/// Flags of the ring array (`XLB_RINGS`): `BPF_F_MMAPABLE`, so the agent
-/// writes a table through a memory mapping instead of a system call per entry.
-pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
+/// Default number of VIPs that may have a table at once (`--max-tables`).
+/// A table is its own map (`ring size × 8` bytes, 0.5 MiB at the default
+/// ring size), created when the VIP's table is published and freed when it
+/// is replaced or removed: only the outer array (`XLB_TABLES`, 8 bytes a
+/// slot) is sized by this when the agent loads.
+pub const DEFAULT_MAX_TABLES: u32 = DEFAULT_MAX_VIPS;
+/// Table slots beyond one per VIP: a new table is created in a free slot and
+/// then published by one VIP-entry update, so no reader ever sees a
+/// half-written table.
+pub const SPARE_TABLE_SLOTS: u32 = 2;
+/// `BPF_F_MMAPABLE`: the agent fills a new table through a memory mapping.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_INNER_MAP`: tables of any size fit the one inner-map template
+/// (round robin's table has one entry per backend, Maglev's `ring size`).
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// Flags of every table (`XLB_TABLES`' inner maps; the kernel requires the
+/// inner maps' flags to equal the template's).
+pub const TABLE_MAP_FLAGS: u32 = BPF_F_MMAPABLE | BPF_F_INNER_MAP;
 /// Capacity of the backend array (backend ids are indexes into it).
 pub const MAX_BACKENDS: u32 = 16384;
 /// Default capacity of the connection table (flows).
@@ -59,7 +67,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {
@@ -67,8 +75,10 @@ pub mod map_names {
     pub const VIPS: &str = "XLB_VIPS";
     /// Backend id → `BackendInfo`.
     pub const BACKENDS: &str = "XLB_BACKENDS";
-    /// Concatenated Maglev lookup tables: ring slot × ring size → backend id.
-    pub const RINGS: &str = "XLB_RINGS";
+    /// Array of maps: table slot → a VIP's lookup table (an array of
+    /// backend ids, `TABLE_MAP_FLAGS`), each created by the agent on
+    /// publication. Pinned; the tables live as long as the slot names them.
+    pub const TABLES: &str = "XLB_TABLES";
     /// Connection table: an array of `CtSet` (set-associative, see `ct`).
     pub const CONNTRACK: &str = "XLB_CONNTRACK";
     /// Per-CPU global counters indexed by `Stat`.
@@ -112,7 +122,7 @@ pub mod map_names {
     pub const PROGS: &str = "XLB_PROGS";
     /// Every map above: all are pinned, and a restarted agent reuses them all.
     pub const ALL: [&str; 13] = [
-        VIPS, BACKENDS, RINGS, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST, VIP_PREFIX, PREFIX_ON, PROGS,
+        VIPS, BACKENDS, TABLES, CONNTRACK, STATS, VIP_FILTER, BACKEND_STATS, BACKEND_CONNS, RR, PERSIST, VIP_PREFIX, PREFIX_ON, PROGS,
     ];
 }
 

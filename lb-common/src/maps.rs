@@ -172,8 +172,9 @@ pub const MAX_LEAST_CONN_BACKENDS: u32 = 256;
 pub struct VipInfo {
     /// The VIP's id: index into `XLB_RR`, and the `vip_id` of its backends.
     pub vip_id: u32,
-    /// First entry of this VIP's Maglev table in `XLB_RINGS`.
-    pub ring_off: u32,
+    /// Slot of this VIP's table in `XLB_TABLES` (meaningful when
+    /// `ring_size` > 0).
+    pub table_slot: u32,
     /// Number of entries of the table (a prime); 0 means no usable backend.
     pub ring_size: u32,
     /// `Algo` as a byte.

@@ -93,15 +93,19 @@ pub fn floor_stateless_dsr(ctx: XdpContext) -> u32 {
 /// table cannot avoid), behind the `new_flows` wrapper.
 #[xdp]
 pub fn floor_one_line(ctx: XdpContext) -> u32 {
-    stateless(&ctx, |_, h| {
-        if let Some(line) = FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N) {
-            // SAFETY: a valid map value; races between CPUs only lose counts.
-            unsafe {
-                let w = &mut (*line)[(h >> 24) as usize & 7];
-                core::ptr::write_volatile(w, core::ptr::read_volatile(w) + 1);
-            }
+    stateless(&ctx, |_, h| bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h))
+}
+
+/// Read-modify-write one word (picked by `h`) of a line, if there is one.
+#[inline(always)]
+fn bump_word(line: Option<*mut [u64; 8]>, h: u32) {
+    if let Some(line) = line {
+        // SAFETY: a valid map value; races between CPUs only lose counts.
+        unsafe {
+            let w = &mut (*line)[(h >> 24) as usize & 7];
+            core::ptr::write_volatile(w, core::ptr::read_volatile(w) + 1);
         }
-    })
+    }
 }
 
 /// `floor_one_line` over an array as large as xlb's default connection
@@ -111,13 +115,7 @@ pub fn floor_one_line_ct(ctx: XdpContext) -> u32 {
     stateless(&ctx, |_, h| {
         // Set index as the table derives it: high bits × sets.
         let i = ((h as u64 * FLOOR_LINES_CT_N as u64) >> 32) as u32;
-        if let Some(line) = FLOOR_LINES_CT.get_ptr_mut(i) {
-            // SAFETY: a valid map value; races between CPUs only lose counts.
-            unsafe {
-                let w = &mut (*line)[(h >> 24) as usize & 7];
-                core::ptr::write_volatile(w, core::ptr::read_volatile(w) + 1);
-            }
-        }
+        bump_word(FLOOR_LINES_CT.get_ptr_mut(i), h)
     })
 }
 

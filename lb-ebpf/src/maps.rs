@@ -3,15 +3,16 @@
 //! load time (`EbpfLoader::set_max_entries`).
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::{self, ArrayOfMaps},
+    macros::{btf_map, map},
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use aya_ebpf::bindings::BPF_F_MMAPABLE;
 use lb_common::{
     ct::ct_elements, BackendInfo, Counters, CtSet, DecapKey, EncapConfig, PersistKey, PersistValue, PrefixKey, StatBlock, VipInfo,
     VipKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    MAX_ACCEPT_MACS, RINGS_MAP_FLAGS, SPARE_RING_SLOTS, VIP_FILTER_SIZE,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PERSIST_SIZE, MAX_BACKENDS,
+    MAX_ACCEPT_MACS, VIP_FILTER_SIZE,
 };
 
 /// Virtual services: (address, port, protocol) → how to balance them.
@@ -31,10 +32,42 @@ pub static PREFIX_ON: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// All Maglev tables, one per ring slot, back to back: entry → backend id.
-#[map(name = "XLB_RINGS")]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries((DEFAULT_MAX_TABLES + SPARE_RING_SLOTS) * DEFAULT_RING_SIZE, RINGS_MAP_FLAGS);
+/// One VIP's lookup table (Maglev, or the id sequence of the other
+/// algorithms): entry → backend id. Only the inner-map template: each table
+/// is created by the agent with its own size (`BPF_F_INNER_MAP`).
+pub type Table = btf_maps::Array<u32, 1, { lb_common::TABLE_MAP_FLAGS as usize }>;
+
+/// Table slot (`VipInfo::table_slot`) → that VIP's table. A BTF-defined
+/// map: the loader reads the inner template from the object's BTF. Its
+/// size is set at load time (`--max-tables` plus spares).
+#[btf_map(name = "XLB_TABLES")]
+pub static TABLES: ArrayOfMaps<Table, 1> = ArrayOfMaps::new();
+
+/// Entry `idx` of the table in slot `slot`. Both lookups share one key on
+/// the stack (`ArrayOfMaps::get_value` takes two, and the tracing
+/// program's frame plus a subprogram's sits at the 512-byte limit).
+#[inline(always)]
+pub fn table_entry(slot: u32, idx: u32) -> Option<u32> {
+    use aya_ebpf::helpers::bpf_map_lookup_elem;
+    let mut key = slot;
+    let outer: *mut core::ffi::c_void = core::ptr::from_ref(&TABLES).cast_mut().cast();
+    // SAFETY: a lookup in a map of this object with a key of its key size
+    // (u32); the result is checked for null before use.
+    let inner = unsafe { bpf_map_lookup_elem(outer, core::ptr::from_ref(&key).cast()) };
+    if inner.is_null() {
+        return None;
+    }
+    key = idx;
+    // SAFETY: `inner` is the table map the outer lookup returned; u32 key;
+    // the value pointer is checked for null and read at once.
+    let v = unsafe { bpf_map_lookup_elem(inner, core::ptr::from_ref(&key).cast()) } as *const u32;
+    if v.is_null() {
+        None
+    } else {
+        // SAFETY: non-null pointer to a u32 value of the table.
+        Some(unsafe { *v })
+    }
+}
 
 /// The connection table: `ct_elements(--conntrack-size)` one-line sets
 /// (layout in `lb_common::ct`), shared by all CPUs. Mmapable, so that its

@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop};
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, PERSIST, RINGS, RR},
+    maps::{table_entry, BACKENDS, PERSIST, RR},
     stats,
 };
 use lb_common::{
@@ -31,7 +31,7 @@ fn slot(h: u32, n: u32) -> u32 {
 /// The ring entry `idx` of a VIP, if it names a live backend.
 #[inline(always)]
 fn ring_backend<'a>(vip: &VipInfo, idx: u32) -> Result<(u32, &'a BackendInfo), Stat> {
-    let id = *RINGS.get(vip.ring_off + idx).ok_or(Stat::DropBadBackend)?;
+    let id = table_entry(vip.table_slot, idx).ok_or(Stat::DropBadBackend)?;
     let be = BACKENDS.get(id).ok_or(Stat::DropBadBackend)?;
     if !be.is_alive() {
         return Err(Stat::DropBadBackend);
@@ -106,7 +106,7 @@ fn persistent<'a>(key: &FlowKey, vip: &VipInfo, stats: &mut StatBlock) -> Result
 /// State of a least-conn scan, shared with the `bpf_loop` callback.
 #[repr(C)]
 struct LcScan {
-    ring_off: u32,
+    table_slot: u32,
     n: u32,
     start: u32,
     best: u32,
@@ -127,7 +127,7 @@ extern "C" fn least_conn_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if j >= s.n as u64 {
         j -= s.n as u64;
     }
-    let Some(&id) = RINGS.get(s.ring_off.wrapping_add(j as u32)) else { return 1 };
+    let Some(id) = table_entry(s.table_slot, j as u32) else { return 1 };
     let w = match BACKENDS.get(id) {
         Some(be) if be.is_alive() => be.weight as u64,
         _ => 0,
@@ -148,7 +148,7 @@ extern "C" fn least_conn_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 #[inline(always)]
 fn least_conn<'a>(vip: &VipInfo) -> Result<(u32, &'a BackendInfo), Stat> {
     let n = if vip.ring_size < MAX_LEAST_CONN_BACKENDS { vip.ring_size } else { MAX_LEAST_CONN_BACKENDS };
-    let mut scan = LcScan { ring_off: vip.ring_off, n, start: rotate(vip), best: u32::MAX, best_conns: 1, best_weight: 0 };
+    let mut scan = LcScan { table_slot: vip.table_slot, n, start: rotate(vip), best: u32::MAX, best_conns: 1, best_weight: 0 };
     // SAFETY: the callback only touches `scan` through the pointer it gets.
     unsafe {
         bpf_loop(n, least_conn_step as *mut core::ffi::c_void, &mut scan as *mut LcScan as *mut core::ffi::c_void, 0);

@@ -6,10 +6,10 @@
 //! `flush` turns each marked VIP into map writes once (one plan, one table
 //! write, one VIP-entry update) and saves the state file once, however many
 //! changes arrived together. A table is published without readers ever
-//! seeing a half-written one: it goes to a free ring slot first, then a
-//! single VIP-entry update switches the datapath over, and the old slot is
-//! recycled last (FIFO, so it is not rewritten while a packet may still
-//! read it).
+//! seeing a half-written one: it is created whole as a map of its own in a
+//! free table slot, then a single VIP-entry update switches the datapath
+//! over, and the old table is freed last (the kernel keeps it for packets
+//! still reading it; slots are recycled FIFO).
 //!
 //! Submodules, one concern each: `model` (services, backends, health),
 //! `plan` (what a table change does), `checks` (check jobs shared by every
@@ -124,7 +124,6 @@ pub struct Agent<M: Maps = Datapath> {
     opts: AgentOptions,
     vips: BTreeMap<Vip, VipState>,
     free_vip_ids: VecDeque<u32>,
-    free_ring_slots: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
     backend_gens: Vec<u16>,
     /// VIPs changed since the last `flush`.
@@ -161,7 +160,6 @@ impl<M: Maps> Agent<M> {
         dp.set_accepted_macs(&macs)?;
         let load = dp.opts();
         let free_vip_ids = (0..load.max_vips).collect();
-        let free_ring_slots = (0..load.ring_slots()).collect();
         let free_backend_ids = (0..dp.max_backends()).collect();
         let backend_gens = vec![0; dp.max_backends() as usize];
         Ok(Agent {
@@ -169,7 +167,6 @@ impl<M: Maps> Agent<M> {
             opts,
             vips: BTreeMap::new(),
             free_vip_ids,
-            free_ring_slots,
             free_backend_ids,
             backend_gens,
             dirty: BTreeSet::new(),
@@ -229,6 +226,13 @@ impl<M: Maps> Agent<M> {
     pub fn publish_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut first_err = None;
+        // A burst: its new tables in one batch (a table change waits for no
+        // kernel grace period while ready tables last).
+        if dirty.len() > 1 {
+            if let Err(e) = self.dp.reserve_tables(dirty.len()) {
+                log::warn!("reserving {} tables: {e:#}", dirty.len());
+            }
+        }
         for v in dirty {
             if self.vips.contains_key(&v) {
                 if let Err(e) = self.publish_counted(&v, false) {
@@ -295,7 +299,7 @@ impl<M: Maps> Agent<M> {
                 forward: spec.forward,
                 failing_open: false,
                 published,
-                ring_slot: None,
+                table_slot: None,
                 backends: BTreeMap::new(),
                 table: Vec::new(),
                 published_at: None,
@@ -330,9 +334,6 @@ impl<M: Maps> Agent<M> {
         for id in ids {
             self.release_backend_id(id)?;
         }
-        if let Some(slot) = state.ring_slot {
-            self.free_ring_slots.push_back(slot);
-        }
         self.free_vip_ids.push_back(state.id);
         self.dirty.remove(vip);
         self.toml_cache.get_mut().remove(vip);
@@ -340,6 +341,10 @@ impl<M: Maps> Agent<M> {
         self.sync_filter(vip)?;
         self.sync_fragment_alias(vip)?;
         self.sync_echo(vip, answered)?;
+        // After the entries that may have copied the VIP's.
+        if let Some(slot) = state.table_slot {
+            self.release_table(slot)?;
+        }
         self.state_dirty = true;
         self.checks.stale();
         Ok(())

@@ -44,22 +44,48 @@ pub fn is_prime(n: u32) -> bool {
 /// into `entries`. Returns `None` when no entry has a positive weight.
 pub fn build(entries: &[Entry<'_>], size: u32) -> Option<Vec<u32>> {
     debug_assert!(is_prime(size));
-    let m = size as u64;
     // Turn order by identity, so the caller's order does not matter.
     let mut live: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].weight > 0).collect();
     live.sort_by(|&a, &b| entries[a].key.cmp(entries[b].key));
-    let max_weight = live.iter().map(|&i| entries[i].weight).max()? as u64;
-    let perm: Vec<(u64, u64)> = live
-        .iter()
-        .map(|&i| {
-            let offset = bytes_hash(entries[i].key, SEED_OFFSET) as u64 % m;
-            let skip = bytes_hash(entries[i].key, SEED_SKIP) as u64 % (m - 1) + 1;
-            (offset, skip)
-        })
-        .collect();
+    // The table being filled is probed at random: as u16 indexes (up to
+    // 65 534 backends) it is half the size, so more of it stays in cache.
+    if entries.len() < u16::MAX as usize {
+        fill::<u16>(entries, &live, size).map(|t| t.into_iter().map(u32::from).collect())
+    } else {
+        fill::<u32>(entries, &live, size)
+    }
+}
+
+/// An index into the entries, as stored while filling (`MAX`: empty).
+trait Slot: Copy + Eq {
+    const EMPTY: Self;
+    fn of(i: usize) -> Self;
+}
+
+impl Slot for u16 {
+    const EMPTY: u16 = u16::MAX;
+    fn of(i: usize) -> u16 {
+        i as u16
+    }
+}
+
+impl Slot for u32 {
     const EMPTY: u32 = u32::MAX;
-    let mut table = vec![EMPTY; size as usize];
-    let mut next = vec![0u64; live.len()];
+    fn of(i: usize) -> u32 {
+        i as u32
+    }
+}
+
+/// Maglev's fill: each live entry in turn (by weight credit) claims the
+/// next free slot of its permutation `offset + k × skip (mod size)`. The
+/// permutation position is kept and advanced by one addition (no division
+/// per probe: a table takes ~M ln M probes).
+fn fill<T: Slot>(entries: &[Entry<'_>], live: &[usize], size: u32) -> Option<Vec<T>> {
+    let m = size as u64;
+    let max_weight = live.iter().map(|&i| entries[i].weight).max()? as u64;
+    let skip: Vec<u64> = live.iter().map(|&i| bytes_hash(entries[i].key, SEED_SKIP) as u64 % (m - 1) + 1).collect();
+    let mut pos: Vec<u64> = live.iter().map(|&i| bytes_hash(entries[i].key, SEED_OFFSET) as u64 % m).collect();
+    let mut table = vec![T::EMPTY; size as usize];
     let mut credit = vec![0u64; live.len()];
     let mut filled = 0u64;
     loop {
@@ -67,14 +93,19 @@ pub fn build(entries: &[Entry<'_>], size: u32) -> Option<Vec<u32>> {
             credit[j] += entries[i].weight as u64;
             while credit[j] >= max_weight {
                 credit[j] -= max_weight;
-                let (offset, skip) = perm[j];
-                let mut slot = ((offset + next[j] * skip) % m) as usize;
-                while table[slot] != EMPTY {
-                    next[j] += 1;
-                    slot = ((offset + next[j] * skip) % m) as usize;
+                let (step, mut p) = (skip[j], pos[j]);
+                while table[p as usize] != T::EMPTY {
+                    p += step;
+                    if p >= m {
+                        p -= m;
+                    }
                 }
-                table[slot] = i as u32;
-                next[j] += 1;
+                table[p as usize] = T::of(i);
+                p += step;
+                if p >= m {
+                    p -= m;
+                }
+                pos[j] = p;
                 filled += 1;
                 if filled == m {
                     return Some(table);

@@ -22,6 +22,16 @@ unsafe impl Sync for MapMem {}
 impl MapMem {
     /// Map the first `bytes` of `data`'s values (`writable` for stores).
     pub fn new(data: &MapData, bytes: usize, writable: bool) -> Result<MapMem> {
+        Self::with_flags(data, bytes, writable, 0)
+    }
+
+    /// `new` with its pages faulted in now (`MAP_POPULATE`): later stores
+    /// take no page fault (a table is written on a request's path).
+    pub fn populated(data: &MapData, bytes: usize, writable: bool) -> Result<MapMem> {
+        Self::with_flags(data, bytes, writable, libc::MAP_POPULATE)
+    }
+
+    fn with_flags(data: &MapData, bytes: usize, writable: bool, extra: libc::c_int) -> Result<MapMem> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = bytes.div_ceil(page) * page;
@@ -30,7 +40,7 @@ impl MapMem {
         // SAFETY: a new shared mapping of the map's value area (the kernel
         // checks the length and the flags against the map and fails whole);
         // nothing aliases it.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED | extra, fd, 0) };
         if p == libc::MAP_FAILED {
             bail!("{}", std::io::Error::last_os_error());
         }

@@ -1,4 +1,4 @@
-//! What each algorithm's ring slot holds, built from a VIP's usable backends.
+//! What each algorithm's table holds, built from a VIP's usable backends.
 //!
 //! - `maglev`, `random`, `source-hash`: a weighted Maglev table of
 //!   `ring_size` entries (`maglev` module).
@@ -9,7 +9,7 @@
 //! - `least-conn`: every backend's id once (the datapath compares their
 //!   active flows relative to weight).
 //!
-//! Sequences longer than the ring slot (`ring_size`) get their weights scaled
+//! Sequences longer than the ring size (`ring_size`) get their weights scaled
 //! down proportionally (each at least 1).
 
 use anyhow::{bail, Result};

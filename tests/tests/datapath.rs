@@ -284,24 +284,31 @@ fn connection_table_keeps_flows_across_changes_and_moves_a_dead_backends_flows()
 }
 
 #[test]
-fn tables_are_published_by_switching_ring_slots() {
+fn tables_are_published_by_switching_table_slots() {
     // Every reconcile writes the new table to another slot and then points
     // the VIP at it: the slot in use changes, the old one is not reused at once.
     let mut f = Fixture::new();
     let v = vip("10.0.0.100:80/tcp");
-    let slot = |f: &Fixture| f.agent.vips()[&v].ring_slot.expect("published");
+    let slot = |f: &Fixture| f.agent.vips()[&v].table_slot.expect("published");
     let s1 = slot(&f);
+    let id1 = f.agent.dp.table_id(s1).expect("id").expect("a table in s1");
     f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9)), Some(backend_mac(9)), 3).expect("add");
     let s2 = slot(&f);
+    let id2 = f.agent.dp.table_id(s2).expect("id").expect("a table in s2");
     f.agent.del_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9))).expect("del");
     let s3 = slot(&f);
     assert!(s1 != s2 && s2 != s3 && s1 != s3, "slots {s1} {s2} {s3}");
-    // The published ring is what the datapath reads.
+    // The published table is what the datapath reads.
     let ring_size = f.agent.dp.opts.ring_size;
     let table = f.agent.vips()[&v].table.clone();
     for i in [0u32, 1, 777, ring_size - 1] {
-        assert_eq!(f.agent.dp.ring_entry(s3 * ring_size + i).expect("ring"), table[i as usize]);
+        assert_eq!(f.agent.dp.table_entry(s3, i).expect("table"), table[i as usize]);
     }
+    // The replaced tables are freed: their slots are emptied (and may hold
+    // other, new tables later), never written again.
+    f.agent.dp.clear_retired_tables().expect("clear");
+    assert_ne!(f.agent.dp.table_id(s1).expect("id"), Some(id1), "the first table is gone");
+    assert_ne!(f.agent.dp.table_id(s2).expect("id"), Some(id2), "the second table is gone");
 }
 
 #[test]
@@ -358,4 +365,40 @@ fn only_frames_addressed_to_the_interface_or_an_accepted_mac_are_balanced() {
     }
     let (action, _, _) = f.run_counted(&with_dst(vrrp_mac, 3300));
     assert_eq!(action, XDP_TX, "the accepted list is unchanged after refusals");
+}
+
+/// Every change of a VIP's table reaches the very next new flow, on both
+/// new-flow paths: SYNs (the VIP and the algorithm before the connection
+/// table's set) and other packets of unknown flows (the set first), after
+/// a new table, a weighted table and the VIP's deletion.
+#[test]
+fn vip_changes_reach_the_next_new_flow() {
+    let mut f = Fixture::new();
+    let v = vip("10.0.0.100:80/tcp");
+    let syn = |sport: u16| eth(ETH_IP, &[], &ipv4(CLIENT, VIP4, 6, &[], 0, &tcp(sport, 80, frames::tcp_flags::SYN, b"")));
+    let check = |f: &mut Fixture, ports: std::ops::Range<u16>, what: &str| {
+        for sport in ports {
+            let other = sport + 10_000;
+            for (frame, port) in [(syn(sport), sport), (tcp4(CLIENT, other, VIP4, 80), other)] {
+                let (a, out, d) = f.run_counted(&frame);
+                assert_eq!(a, XDP_TX, "{what}: sport {port}");
+                assert_eq!(d[Stat::CtMiss as usize], 1, "{what}: a new flow");
+                assert_eq!(&out[0..6], &f.predicted_mac(&key4(CLIENT, port, &v), &v), "{what}: sport {port} on the current table");
+            }
+        }
+    };
+    check(&mut f, 30000..30200, "first table");
+    // A fourth backend: a new table in another ring slot.
+    f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 4)), Some(backend_mac(4)), 1).expect("add");
+    check(&mut f, 31000..31200, "after a backend was added");
+    // Weights change the table again.
+    f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5)), Some(backend_mac(5)), 5).expect("add weighted");
+    check(&mut f, 32000..32200, "after a weighted backend was added");
+    // Deleted: its new flows are the kernel's at once.
+    f.agent.del_vip(&v).expect("del");
+    for sport in 33000..33050u16 {
+        let (a, _, d) = f.run_counted(&syn(sport));
+        assert_eq!(a, XDP_PASS, "deleted VIP, sport {sport}");
+        assert_one_verdict(&d, Stat::PassNotVip, "deleted VIP");
+    }
 }

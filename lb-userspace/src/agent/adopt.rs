@@ -176,18 +176,15 @@ impl<M: Maps> Agent<M> {
             opts.health = d.health.clone();
         }
         let mut a = Agent::new(dp, opts)?;
-        let ring_size = a.dp.opts().ring_size;
         for (id, b) in scan.backends.iter().enumerate() {
             if let Some(g) = a.backend_gens.get_mut(id) {
                 *g = b.gen;
             }
         }
         let used_vip_ids: BTreeSet<u32> = scan.vips.iter().map(|(_, i)| i.vip_id).collect();
-        let used_slots: BTreeSet<u32> = scan.vips.iter().filter(|(_, i)| i.ring_size > 0).map(|(_, i)| i.ring_off / ring_size).collect();
         let used_ids: BTreeSet<u32> =
             scan.backends.iter().enumerate().filter(|(_, b)| in_use(b)).map(|(i, _)| i as u32).collect();
         a.free_vip_ids.retain(|x| !used_vip_ids.contains(x));
-        a.free_ring_slots.retain(|x| !used_slots.contains(x));
         a.free_backend_ids.retain(|x| !used_ids.contains(x));
 
         let mut report = Adoption::default();
@@ -205,11 +202,18 @@ impl<M: Maps> Agent<M> {
             let rt = runtime.get(name.as_str()).copied();
             let health = dv.health.clone().unwrap_or_else(|| a.opts.health.clone());
             let confirmed = rt.and_then(|rt| published.get(&(dv.vip.key(), dv.vip.prefix)).filter(|i| i.vip_id == rt.id).copied());
-            let (id, published, ring_slot, table) = match confirmed {
+            let (id, published, table_slot, table) = match confirmed {
                 Some(info) => {
                     report.vips_kept += 1;
-                    let slot = (info.ring_size > 0).then(|| info.ring_off / ring_size);
-                    let table = if info.ring_size > 0 { a.dp.read_ring(info.ring_off, info.ring_size)? } else { Vec::new() };
+                    let slot = (info.ring_size > 0).then_some(info.table_slot);
+                    // A table that cannot be read back is published anew.
+                    let table = match slot.map(|s| a.dp.read_table(s, info.ring_size)).transpose() {
+                        Ok(t) => t.unwrap_or_default(),
+                        Err(e) => {
+                            log::warn!("VIP {}: its published table cannot be read back ({e:#}); publishing it anew", dv.vip);
+                            Vec::new()
+                        }
+                    };
                     (info.vip_id, info, slot, table)
                 }
                 None => {
@@ -281,7 +285,7 @@ impl<M: Maps> Agent<M> {
                     forward: dv.forward,
                     failing_open: false,
                     published,
-                    ring_slot,
+                    table_slot,
                     backends,
                     table,
                     published_at: None,
@@ -342,9 +346,14 @@ impl<M: Maps> Agent<M> {
             self.dp.set_vip_filter(idx, self.filter_value(idx))?;
         }
         let owned_vip_ids: BTreeSet<u32> = self.vips.values().map(|s| s.id).collect();
-        let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.ring_slot).collect();
+        let owned_slots: BTreeSet<u32> = self.vips.values().filter_map(|s| s.table_slot).collect();
         self.free_vip_ids = (0..self.dp.opts().max_vips).filter(|i| !owned_vip_ids.contains(i)).collect();
-        self.free_ring_slots = (0..self.dp.opts().ring_slots()).filter(|i| !owned_slots.contains(i)).collect();
+        // Tables no entry names (an agent stopped mid-publication, VIPs no
+        // longer configured, an earlier agent's ready tables): freed.
+        let loose = self.dp.release_unnamed(&owned_slots);
+        if loose > 0 {
+            log::info!("freeing {loose} table(s) no VIP names");
+        }
         self.free_backend_ids = (0..self.dp.max_backends()).filter(|i| !owned_ids.contains(i)).collect();
         self.save_state();
         Ok(())

@@ -548,11 +548,11 @@ mod tests {
             });
         }
         a.apply_desired(&d).expect("apply");
-        let writes = a.dp.ring_writes;
+        let writes = a.dp.table_writes;
         assert_eq!(writes, 0, "no backend is up before its first check: no table");
         let t0 = Instant::now();
         assert_eq!(round(&mut a, t0, |_| ok()), 3);
-        assert_eq!(a.dp.ring_writes, 512, "one table per VIP, once");
+        assert_eq!(a.dp.table_writes, 512, "one table per VIP, once");
         assert!(a.vips().keys().all(|v| BACKENDS.iter().all(|b| live(&a, v, b))));
         // Backend 2 dies: fall (3) failures at the fast interval take it out
         // of all 512 tables, each written once.
@@ -560,7 +560,7 @@ mod tests {
         let mut t = t0;
         for i in 0..3 {
             t += Duration::from_millis(400);
-            let before = a.dp.ring_writes;
+            let before = a.dp.table_writes;
             let started = Instant::now();
             assert_eq!(round(&mut a, t, |ip| if ip == dead { refused() } else { ok() }), 3);
             let ended = Instant::now();
@@ -575,10 +575,10 @@ mod tests {
             }
             if i < 2 {
                 assert_eq!(out, 0, "still in after {} failure(s)", i + 1);
-                assert_eq!(a.dp.ring_writes, before);
+                assert_eq!(a.dp.table_writes, before);
             } else {
                 assert_eq!(out, 512, "out of every VIP's table after the third failure");
-                assert_eq!(a.dp.ring_writes, before + 512);
+                assert_eq!(a.dp.table_writes, before + 512);
             }
         }
         assert!(a.vips().keys().all(|v| live(&a, v, BACKENDS[0]) && live(&a, v, BACKENDS[2])), "no false down");
@@ -613,11 +613,11 @@ mod tests {
         assert!(a.due_probes(t0 + Duration::from_millis(100)).is_empty(), "not again within the probe interval");
         assert_eq!(a.due_probes(t0 + PROBE_INTERVAL).len(), 3, "again after it");
         round(&mut a, t0, |_| ok());
-        assert_eq!(a.dp.ring_writes, 0, "up but no MAC: no table");
+        assert_eq!(a.dp.table_writes, 0, "up but no MAC: no table");
         let ip: IpAddr = BACKENDS[0].parse().expect("ip");
         let m = Mac([2, 0, 0, 0, 0, 0x42]);
         a.neighbour_changed(ip, Some(m)).expect("event");
-        assert_eq!(a.dp.ring_writes, 8, "every VIP using it published once");
+        assert_eq!(a.dp.table_writes, 8, "every VIP using it published once");
         assert!((0..8).all(|p| a.vips()[&vip(1000 + p)].backends[&ip].mac == Some(m)));
         assert_eq!(a.due_probes(t0 + 2 * PROBE_INTERVAL).len(), 2, "the resolved address is no longer probed");
         // The entry vanishes: the MAC is kept, the address probed once.

@@ -30,10 +30,17 @@ pub trait Maps {
     fn set_prefix_count(&mut self, n: u32) -> Result<()>;
     /// Write a backend entry.
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()>;
-    /// Write a table into ring slot `slot` (one operation).
-    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()>;
-    /// Read `len` ring entries from `offset`.
-    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>>;
+    /// Put `table` in a new table in a slot no entry names and return the
+    /// slot (readers see it once a VIP entry names the slot).
+    fn write_table(&mut self, table: &[u32]) -> Result<u32>;
+    /// Have `n` new tables ready (before a burst of publications).
+    fn reserve_tables(&mut self, n: usize) -> Result<()>;
+    /// Free the table in `slot` (no entry names it any more).
+    fn free_table(&mut self, slot: u32);
+    /// The first `len` entries of the table in `slot`.
+    fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>>;
+    /// Free every table in a slot outside `named` (adoption); how many.
+    fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize;
     /// Set a VIP pre-filter entry.
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()>;
     /// Traffic counters of a backend id (summed over CPUs).
@@ -87,11 +94,20 @@ impl Maps for Datapath {
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
         Datapath::set_backend(self, id, info)
     }
-    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        Datapath::write_ring(self, slot, table)
+    fn write_table(&mut self, table: &[u32]) -> Result<u32> {
+        Datapath::write_table(self, table)
     }
-    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
-        Datapath::read_ring(self, offset, len)
+    fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        Datapath::reserve_tables(self, n)
+    }
+    fn free_table(&mut self, slot: u32) {
+        Datapath::free_table(self, slot)
+    }
+    fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
+        Datapath::read_table(self, slot, len)
+    }
+    fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize {
+        Datapath::release_unnamed(self, named)
     }
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
         Datapath::set_vip_filter(self, idx, n)
@@ -136,33 +152,41 @@ pub struct MemMaps {
     pub prefix_count: u32,
     /// Backend array (only written entries).
     pub backends: HashMap<u32, BackendInfo>,
-    /// Ring array.
-    pub rings: Vec<u32>,
+    /// Tables by slot (each its own map in the kernel).
+    pub tables: HashMap<u32, Vec<u32>>,
     /// Pre-filter entries (only non-zero ones).
     pub filter: HashMap<u32, u32>,
     /// Active flows per backend id.
     pub conns: HashMap<u32, i64>,
     /// Traffic per backend id (tests set it).
     pub counters: HashMap<u32, Counters>,
-    /// Tables written (`write_ring` calls).
-    pub ring_writes: usize,
+    /// Tables written (`write_table` calls).
+    pub table_writes: usize,
+    /// Tables freed.
+    pub table_frees: usize,
+    /// Most tables reserved at once (`reserve_tables`).
+    pub reserved: usize,
     /// VIP entries written or removed.
     pub vip_writes: usize,
     /// Accepted destination MACs.
     pub macs: Vec<[u8; 6]>,
+    /// Tests set it: VIP-entry writes fail (as a failing map's would).
+    pub refuse_vip_writes: bool,
 }
 
 impl MemMaps {
     /// Empty maps of the given sizes.
     pub fn new(load: LoadOptions) -> MemMaps {
-        MemMaps { load, rings: vec![0; (load.ring_slots() * load.ring_size) as usize], ..Default::default() }
+        MemMaps { load, ..Default::default() }
     }
 
     /// The table the datapath would read for `key` (empty: no table).
     pub fn table(&self, key: &VipKey) -> Vec<u32> {
         self.vips
             .get(key)
-            .map(|i| self.rings[i.ring_off as usize..(i.ring_off + i.ring_size) as usize].to_vec())
+            .filter(|i| i.ring_size > 0)
+            .and_then(|i| self.tables.get(&i.table_slot))
+            .cloned()
             .unwrap_or_default()
     }
 }
@@ -175,6 +199,9 @@ impl Maps for MemMaps {
         lb_common::MAX_BACKENDS
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        if self.refuse_vip_writes {
+            bail!("cannot write the VIP map: refused (test)");
+        }
         // The kernel's hash map refuses a new key beyond its capacity.
         if !self.vips.contains_key(key) && self.vips.len() >= crate::maps::vip_map_entries(&self.load) as usize {
             bail!("cannot write the VIP map: bpf_map_update_elem failed: Argument list too long (os error 7)");
@@ -216,18 +243,40 @@ impl Maps for MemMaps {
         self.backends.insert(id, *info);
         Ok(())
     }
-    fn write_ring(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        if table.len() > self.load.ring_size as usize || slot >= self.load.ring_slots() {
-            bail!("ring slot {slot} or table size {} out of range", table.len());
+    fn write_table(&mut self, table: &[u32]) -> Result<u32> {
+        if table.is_empty() || table.len() > self.load.ring_size as usize {
+            bail!("table size {} out of range", table.len());
         }
-        let base = (slot * self.load.ring_size) as usize;
-        self.rings[base..base + table.len()].copy_from_slice(table);
-        self.ring_writes += 1;
+        // A slot no table is in: the datapath may be reading the others.
+        let slot = (0..self.load.table_slots()).find(|s| !self.tables.contains_key(s));
+        let slot = slot.ok_or_else(|| anyhow::anyhow!("no free table slot"))?;
+        self.tables.insert(slot, table.to_vec());
+        self.table_writes += 1;
+        Ok(slot)
+    }
+    fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        self.reserved = self.reserved.max(n);
         Ok(())
     }
-    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
-        Ok(self.rings[offset as usize..(offset + len) as usize].to_vec())
+    fn free_table(&mut self, slot: u32) {
+        if self.tables.remove(&slot).is_some() {
+            self.table_frees += 1;
+        }
     }
+    fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize {
+        let loose: Vec<u32> = self.tables.keys().copied().filter(|s| !named.contains(s)).collect();
+        for s in &loose {
+            self.free_table(*s);
+        }
+        loose.len()
+    }
+    fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
+        match self.tables.get(&slot) {
+            Some(t) if t.len() >= len as usize => Ok(t[..len as usize].to_vec()),
+            _ => bail!("no table of {len} entries in slot {slot}"),
+        }
+    }
+
     fn set_vip_filter(&mut self, idx: u32, n: u32) -> Result<()> {
         if n == 0 {
             self.filter.remove(&idx);
@@ -257,7 +306,8 @@ impl Maps for MemMaps {
         None
     }
     fn memory(&self) -> std::collections::BTreeMap<String, u64> {
-        [("XLB_RINGS".to_string(), self.rings.len() as u64 * 8)].into_iter().collect()
+        let bytes = self.tables.values().map(|t| t.len() as u64 * 8).sum();
+        [(lb_common::map_names::TABLES.to_string(), bytes)].into_iter().collect()
     }
     fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {
         if macs.is_empty() || macs.len() > lb_common::MAX_ACCEPT_MACS as usize {

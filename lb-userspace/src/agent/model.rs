@@ -228,7 +228,7 @@ pub struct VipState {
     /// The VIP entry as last published to the datapath.
     pub published: VipInfo,
     /// Ring slot holding the published table, if any.
-    pub ring_slot: Option<u32>,
+    pub table_slot: Option<u32>,
     /// Backends by address.
     pub backends: BTreeMap<IpAddr, Backend>,
     /// The published table or sequence (backend ids), for measuring churn.

@@ -1,7 +1,8 @@
 //! Publication: how a VIP's planned table reaches the datapath (backend
-//! entries, the table in a free ring slot, then the VIP entry that switches
-//! to it, atomically for the datapath), and the entries that follow a VIP
-//! (the address pre-filter, the fragment alias).
+//! entries, a new table in a free table slot, then the VIP entry that
+//! switches to it, atomically for the datapath, then the old table freed),
+//! and the entries that follow a VIP (the address pre-filter, the fragment
+//! alias, the echo entry).
 
 use anyhow::{anyhow, Result};
 use lb_common::{BackendInfo, VipInfo, BACKEND_F_ALIVE};
@@ -12,7 +13,8 @@ use crate::config::Vip;
 
 impl<M: Maps> Agent<M> {
     /// Publish a VIP now (dropping its mark): backend entries, a new table
-    /// in a free slot, then the VIP entry that switches to it. Returns
+    /// in a free slot, then the VIP entry that switches to it, then the old
+    /// table freed (after the entries that copy the VIP's). Returns
     /// (table entries that changed, table size).
     pub(super) fn publish(&mut self, vip: &Vip) -> Result<(usize, usize)> {
         self.publish_counted(vip, true)
@@ -54,7 +56,7 @@ impl<M: Maps> Agent<M> {
                 (b.id, info(b, alive, p.weights.get(&b.id).copied().unwrap_or(0)), alive)
             })
             .collect();
-        let (vip_id, algo, persist_secs, old_slot, flags) = (state.id, state.algo, state.persist_secs, state.ring_slot, state.opts.flags());
+        let (vip_id, algo, persist_secs, old_slot, flags) = (state.id, state.algo, state.persist_secs, state.table_slot, state.opts.flags());
         // 1. Alive backends first, so the new table never points at an
         //    entry that is not ready.
         for (id, i, _) in entries.iter().filter(|e| e.2) {
@@ -67,17 +69,12 @@ impl<M: Maps> Agent<M> {
         } else if unchanged {
             old_slot
         } else {
-            let slot = self.free_ring_slots.pop_front().ok_or_else(|| anyhow!("no free ring slot"))?;
-            if let Err(e) = self.dp.write_ring(slot, &p.table) {
-                self.free_ring_slots.push_front(slot);
-                return Err(e);
-            }
-            Some(slot)
+            Some(self.dp.write_table(&p.table)?)
         };
         // 3. Publish.
         let published = VipInfo {
             vip_id,
-            ring_off: new_slot.map(|s| s * ring_size).unwrap_or(0),
+            table_slot: new_slot.unwrap_or(0),
             ring_size: p.table.len() as u32,
             algo: algo as u8,
             flags,
@@ -85,10 +82,12 @@ impl<M: Maps> Agent<M> {
         };
         let state = self.vips.get(vip).expect("checked above");
         if published != state.published {
-            self.put_entry(vip, &vip.key(), &published)?;
-        }
-        if let Some(old) = old_slot.filter(|o| Some(*o) != new_slot) {
-            self.free_ring_slots.push_back(old);
+            if let Err(e) = self.put_entry(vip, &vip.key(), &published) {
+                if let Some(new) = new_slot.filter(|n| Some(*n) != old_slot) {
+                    self.release_table(new)?;
+                }
+                return Err(e);
+            }
         }
         // 4. Backends that left: after the table stopped naming them.
         for (id, i, _) in entries.iter().filter(|e| !e.2) {
@@ -100,10 +99,10 @@ impl<M: Maps> Agent<M> {
             log::error!("VIP {vip}: every backend is down; failing open (balancing over all of them)");
         }
         state.failing_open = p.failing_open;
-        if new_slot != state.ring_slot || published != state.published {
+        if new_slot != state.table_slot || published != state.published {
             state.published_at = Some(std::time::SystemTime::now());
         }
-        state.ring_slot = new_slot;
+        state.table_slot = new_slot;
         let alias_changed = state.published != published;
         state.published = published;
         for b in state.backends.values_mut() {
@@ -124,7 +123,17 @@ impl<M: Maps> Agent<M> {
             let answering = self.vips.get(vip).is_some_and(|s| s.opts.answer_ping);
             self.sync_echo(vip, answering)?;
         }
+        // 5. The old table: no entry names it any more.
+        if let Some(old) = old_slot.filter(|o| Some(*o) != new_slot) {
+            self.release_table(old)?;
+        }
         Ok(result)
+    }
+
+    /// Free a table no entry names any more.
+    pub(super) fn release_table(&mut self, slot: u32) -> Result<()> {
+        self.dp.free_table(slot);
+        Ok(())
     }
 
     /// Publish a VIP now, whether or not it changed (adoption republishes

@@ -70,17 +70,17 @@ fn a_reload_publishes_each_vip_once_and_saves_once() {
     let mut a = agent(64);
     let dir = with_state_file(&mut a, "reload");
     a.apply_desired(&desired(64, 1)).expect("apply");
-    assert_eq!(a.dp.ring_writes, 64, "one table per VIP");
+    assert_eq!(a.dp.table_writes, 64, "one table per VIP");
     assert_eq!(a.publications, 64);
     assert_eq!(a.saves, 1, "one state-file save for the whole reload");
     assert!(a.vips().iter().all(|(v, s)| a.dp.table(&v.key()) == s.table && s.table.len() == 251));
     // The same file again changes nothing.
     assert!(a.apply_desired(&desired(64, 1)).expect("apply").is_empty());
-    assert_eq!(a.dp.ring_writes, 64);
+    assert_eq!(a.dp.table_writes, 64);
     // One weight in every VIP: each table once more.
     let changes = a.apply_desired(&desired(64, 3)).expect("apply");
     assert_eq!(changes.len(), 64);
-    assert_eq!(a.dp.ring_writes, 128);
+    assert_eq!(a.dp.table_writes, 128);
     assert_eq!(a.saves, 2);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -134,24 +134,24 @@ fn a_request_changes_the_tables_once() {
     let v = vip("10.0.0.100:80/tcp");
     let spec = VipSpec { slow_start_ms: 1000, ..Default::default() };
     a.add_vip_spec(v, &spec).expect("vip");
-    assert_eq!((a.dp.vip_writes, a.dp.ring_writes, a.saves), (2, 0, 1), "VIP entry and its fragment alias, no table yet");
+    assert_eq!((a.dp.vip_writes, a.dp.table_writes, a.saves), (2, 0, 1), "VIP entry and its fragment alias, no table yet");
     a.add_backends(&v, &[(ip("10.0.0.11"), mac(1), 1), (ip("10.0.0.12"), mac(2), 1)]).expect("backends");
-    assert_eq!((a.dp.ring_writes, a.saves), (1, 2));
-    let (w, s) = (a.dp.ring_writes, a.saves);
+    assert_eq!((a.dp.table_writes, a.saves), (1, 2));
+    let (w, s) = (a.dp.table_writes, a.saves);
     let (moved, size) = a.set_backend(&v, ip("10.0.0.11"), Some(5), Some(Admin::Ready), true).expect("dry run");
     assert!(moved > 0 && size == 251);
-    assert_eq!((a.dp.ring_writes, a.saves), (w, s), "a dry run writes nothing");
+    assert_eq!((a.dp.table_writes, a.saves), (w, s), "a dry run writes nothing");
     assert_eq!(a.set_backend(&v, ip("10.0.0.11"), Some(5), None, false).expect("set"), (moved, size), "the dry run said what happens");
-    assert_eq!((a.dp.ring_writes, a.saves), (w + 1, s + 1), "one plan, one write, one save");
+    assert_eq!((a.dp.table_writes, a.saves), (w + 1, s + 1), "one plan, one write, one save");
     a.add_backend_checked(&v, ip("10.0.0.13"), mac(3), 1, Some(HealthConfig { kind: CheckKind::None, ..Default::default() })).expect("add");
-    assert_eq!((a.dp.ring_writes, a.saves), (w + 2, s + 2));
+    assert_eq!((a.dp.table_writes, a.saves), (w + 2, s + 2));
     a.del_backend(&v, ip("10.0.0.13")).expect("del");
-    assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+    assert_eq!((a.dp.table_writes, a.saves), (w + 3, s + 3));
     // Bad input changes nothing.
     assert!(a.set_backend(&v, ip("10.0.0.11"), Some(1_000_000), None, false).is_err());
     assert!(a.del_backend(&v, ip("10.0.0.99")).is_err());
     assert!(a.add_backends(&v, &[(ip("10.0.0.14"), None, 1), (ip("10.0.0.14"), None, 1)]).is_err());
-    assert_eq!((a.dp.ring_writes, a.saves), (w + 3, s + 3));
+    assert_eq!((a.dp.table_writes, a.saves), (w + 3, s + 3));
     assert_eq!(a.vips()[&v].backends.len(), 2);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -182,7 +182,7 @@ fn vips_with_backends_are_bounded_by_the_tables() {
     let load = LoadOptions { max_vips: 8, max_tables: 2, ring_size: 251, ..Default::default() };
     let opts = AgentOptions { iface_mac: "02:00:00:00:00:01".parse().expect("mac"), accept_macs: Vec::new(), health: HealthConfig { kind: CheckKind::None, ..Default::default() } };
     let mut a = Agent::new(MemMaps::new(load), opts).expect("agent");
-    assert_eq!(a.dp.rings.len(), 4 * 251, "2 tables + 2 spares allocated, not 8 + 2");
+    assert!(a.dp.tables.is_empty(), "no table before a VIP has backends");
     for p in 0..3 {
         a.add_vip(vip(&format!("10.0.0.100:{}/tcp", 80 + p)), Algo::Maglev, 0).expect("VIPs without backends need no table");
     }
@@ -195,7 +195,9 @@ fn vips_with_backends_are_bounded_by_the_tables() {
     for w in 1..20 {
         a.set_weight(&vip("10.0.0.100:80/tcp"), ip("10.0.0.11"), w).expect("reweight");
     }
+    assert_eq!((a.dp.tables.len(), a.dp.table_frees), (2, 18), "each replaced table freed (weight 1 was no change)");
     a.del_backend(&vip("10.0.0.100:81/tcp"), ip("10.0.0.11")).expect("frees the table");
+    assert_eq!(a.dp.tables.len(), 1);
     a.add_backend(&vip("10.0.0.100:82/tcp"), ip("10.0.0.11"), mac(1), 1).expect("room again");
 }
 
@@ -219,7 +221,7 @@ fn a_mixed_family_or_duplicate_backend_is_refused_before_anything_changes() {
     a.add_vip(v, Algo::Maglev, 0).expect("vip");
     assert!(a.add_backend(&v, ip("2001:db8::1"), mac(1), 1).is_err());
     assert!(a.add_backend(&v, ip("224.0.0.1"), mac(1), 1).is_err());
-    assert_eq!(a.dp.ring_writes, 0);
+    assert_eq!(a.dp.table_writes, 0);
 }
 
 #[test]
@@ -281,4 +283,63 @@ fn vip_form_options_are_checked() {
     // UDP VIPs are not TCP-checked: no port needed.
     let tcp = HealthConfig { kind: CheckKind::Tcp, ..Default::default() };
     a.add_vip_spec(vip("10.0.0.2:*/udp"), &VipSpec { health: Some(tcp), ..Default::default() }).expect("udp");
+}
+
+/// Every entry the datapath can read (VIP entries, fragment aliases, echo
+/// entries) names a table that exists and has its size.
+fn entries_name_live_tables(m: &MemMaps) {
+    for (k, i) in m.vips.iter().chain(m.prefixes.iter().map(|((k, _), i)| (k, i))) {
+        if i.ring_size > 0 {
+            let t = m.tables.get(&i.table_slot).unwrap_or_else(|| panic!("{k:?} names slot {} with no table", i.table_slot));
+            assert_eq!(t.len(), i.ring_size as usize, "{k:?}: table size");
+        }
+    }
+}
+
+#[test]
+fn tables_are_allocated_per_vip_and_freed_when_replaced_or_removed() {
+    let mut a = agent(512);
+    assert!(a.dp.tables.is_empty() && a.dp.memory()["XLB_TABLES"] == 0, "nothing preallocated");
+    a.apply_desired(&desired(512, 1)).expect("512 VIPs");
+    let table_bytes = 251 * 8;
+    assert_eq!(a.dp.tables.len(), 512, "one table per VIP with backends");
+    assert_eq!(a.dp.memory()["XLB_TABLES"], 512 * table_bytes);
+    let slots: BTreeSet<u32> = a.vips().values().filter_map(|s| s.table_slot).collect();
+    assert_eq!(slots.len(), 512, "each its own slot");
+    entries_name_live_tables(&a.dp);
+    // A change replaces one table: created in a free slot, the old freed.
+    let v = vip("10.0.0.100:1000/tcp");
+    let old = a.vips()[&v].table_slot.expect("slot");
+    a.set_weight(&v, ip("10.0.0.12"), 3).expect("weight");
+    let new = a.vips()[&v].table_slot.expect("slot");
+    assert_ne!(old, new);
+    assert!(!a.dp.tables.contains_key(&old) && a.dp.tables.len() == 512);
+    // The lowest port's VIP (its entry is the fragment alias) is removed:
+    // the alias moves to the next VIP before the table is freed.
+    a.del_vip(&v).expect("del");
+    assert_eq!(a.dp.tables.len(), 511);
+    entries_name_live_tables(&a.dp);
+    // A VIP that loses its last backend gives its table back.
+    let w = vip("10.0.0.100:1001/tcp");
+    for b in ["10.0.0.11", "10.0.0.12", "10.0.0.13"] {
+        a.del_backend(&w, ip(b)).expect("del backend");
+    }
+    assert_eq!((a.dp.tables.len(), a.vips()[&w].table_slot), (510, None));
+    entries_name_live_tables(&a.dp);
+    assert_eq!(a.dp.memory()["XLB_TABLES"], 510 * table_bytes);
+}
+
+#[test]
+fn a_failed_publication_leaves_no_table_behind() {
+    // The VIP entry cannot be written: the new table is freed again.
+    let mut a = agent(4);
+    let v = vip("10.0.0.100:80/tcp");
+    a.add_vip(v, Algo::Maglev, 0).expect("vip");
+    a.dp.refuse_vip_writes = true;
+    assert!(a.add_backend(&v, ip("10.0.0.1"), mac(1), 1).is_err());
+    assert!(a.dp.tables.is_empty(), "{:?}", a.dp.tables.keys());
+    a.dp.refuse_vip_writes = false;
+    a.reconcile(&v).expect("publishes now");
+    assert_eq!(a.dp.tables.len(), 1);
+    entries_name_live_tables(&a.dp);
 }

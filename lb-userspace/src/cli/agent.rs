@@ -87,8 +87,8 @@ pub struct AgentArgs {
     /// Maximum number of VIPs (services; fragment aliases do not count).
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
-    /// Maximum number of VIPs with backends: each has a table of
-    /// ring-size entries (0.5 MiB at the default), allocated at start.
+    /// Maximum number of VIPs with a table at once: a VIP's table (ring-size
+    /// entries, 0.5 MiB at the default) is allocated when it gets backends.
     #[arg(long, default_value_t = DEFAULT_MAX_TABLES)]
     pub max_tables: u32,
     /// Connection-table capacity in flows.

@@ -397,7 +397,7 @@ pub fn observe(agent: &Agent, vip: &Vip, client: &Client) -> Result<(FlowKey, Ob
     };
     if let (Some(h), true) = (h, info.has_backends()) {
         let index = h % info.ring_size;
-        let id = dp.ring_entry(info.ring_off + index)?;
+        let id = dp.table_entry(info.table_slot, index)?;
         o.ring = Some(RingSeen { index, id, backend: dp.backend_entry(id)? });
     }
     Ok((key, o))
@@ -592,7 +592,7 @@ mod tests {
     }
 
     fn vip(algo: Algo, ring_size: u32, persist_secs: u16) -> VipInfo {
-        VipInfo { vip_id: 3, ring_off: 0, ring_size, algo: algo as u8, flags: 0, persist_secs }
+        VipInfo { vip_id: 3, table_slot: 0, ring_size, algo: algo as u8, flags: 0, persist_secs }
     }
 
     fn ct(id: u32, gen: u16, b: BackendInfo) -> Option<CtSeen> {

@@ -1,0 +1,348 @@
+//! Lookup tables: one BPF array per VIP table, created for it and freed when
+//! it is replaced or its VIP removed, so memory follows the VIPs actually
+//! configured (nothing is preallocated per possible VIP). `XLB_TABLES`, an
+//! array of maps, holds each table in a slot; the VIP entry names the slot
+//! (`VipInfo::table_slot`), so switching a VIP to a new table is one
+//! VIP-entry update, after the table is complete. Slots and ready tables:
+//! `pool`.
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, ArrayOfMaps, IterableMap, Map, MapData};
+use std::os::fd::{AsFd, AsRawFd};
+
+use super::Datapath;
+use lb_common::TABLE_MAP_FLAGS;
+
+/// The outer array (`XLB_TABLES`), as taken from the object: typed views
+/// of it are made per use (aya 0.14 gives a typed array of maps no access
+/// to its descriptor, which deleting an entry needs).
+pub struct Tables(Map);
+
+impl Tables {
+    /// Wrap the object's `XLB_TABLES`, checking its type.
+    pub fn new(map: Map) -> Result<Tables> {
+        if !matches!(map, Map::ArrayOfMaps(_)) {
+            bail!("map {} is not an array of maps", lb_common::map_names::TABLES);
+        }
+        Ok(Tables(map))
+    }
+
+    pub(super) fn data(&self) -> &MapData {
+        match &self.0 {
+            Map::ArrayOfMaps(d) => d,
+            _ => unreachable!("checked in Tables::new"),
+        }
+    }
+
+    fn typed(&self) -> Result<ArrayOfMaps<&MapData, Array<MapData, u32>>> {
+        ArrayOfMaps::try_from(&self.0).context("the table array has an unexpected type")
+    }
+
+}
+
+/// Name of every table map (`bpftool map` shows it; at most 15 bytes).
+pub const TABLE_MAP_NAME: &str = "XLB_TABLE";
+
+/// Bytes per element of a BPF array: the value size rounded up to 8.
+const ELEM: usize = 8;
+
+/// How a new table is filled (both measured by `cargo xtask bench scale`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Plain stores through a memory mapping of the new (mmapable) array.
+    Mmap,
+    /// One `BPF_MAP_UPDATE_BATCH`.
+    Batch,
+}
+
+/// Name of the placeholder table that fills emptied slots.
+pub const EMPTY_MAP_NAME: &str = "XLB_EMPTY";
+
+/// A new, empty table of `entries` elements (`TABLE_MAP_FLAGS`: mmapable,
+/// and of any size under the one inner-map template).
+pub fn create_table(entries: u32) -> Result<Array<MapData, u32>> {
+    create_named(entries, TABLE_MAP_NAME)
+}
+
+/// The placeholder put in emptied slots: a slot's table is freed by
+/// replacing it, which (unlike a delete) can be batched. One entry, naming
+/// no backend; a packet racing the emptying of its VIP's old slot finds no
+/// entry there and is dropped, never sent to another VIP's backend.
+pub fn create_placeholder() -> Result<Array<MapData, u32>> {
+    let mut m = create_named(1, EMPTY_MAP_NAME)?;
+    // Beyond the backend array: the datapath finds no backend there.
+    m.set(0, u32::MAX, 0).context("cannot write the placeholder table")?;
+    Ok(m)
+}
+
+fn create_named(entries: u32, name: &str) -> Result<Array<MapData, u32>> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, entries, TABLE_MAP_FLAGS);
+    let data = MapData::create(obj, name, None).with_context(|| format!("cannot create a table of {entries} entries"))?;
+    Array::try_from(Map::Array(data)).context("a new table has an unexpected type")
+}
+
+/// Write `table` into a new table map (`create_table(table.len())`).
+pub fn fill_table(map: &Array<MapData, u32>, table: &[u32], how: Fill) -> Result<()> {
+    match how {
+        Fill::Mmap => {
+            let mem = TableMem::map(map.map(), table.len() as u32, true)?;
+            mem.write(table);
+            Ok(())
+        }
+        Fill::Batch => {
+            let keys: Vec<u32> = (0..table.len() as u32).collect();
+            update_batch(map.map(), &keys, table)
+        }
+    }
+}
+
+/// A table's values mapped into the agent (`BPF_F_MMAPABLE`).
+pub struct TableMem {
+    mem: crate::mmap::MapMem,
+    entries: u32,
+}
+
+impl TableMem {
+    /// Map the `entries` elements of `map`.
+    pub fn map(map: &MapData, entries: u32, writable: bool) -> Result<TableMem> {
+        let mem = crate::mmap::MapMem::new(map, entries as usize * ELEM, writable).context("cannot map a table into memory")?;
+        Ok(TableMem { mem, entries })
+    }
+
+    /// `map`, writable, its pages faulted in now (a ready table).
+    pub fn ready(map: &MapData, entries: u32) -> Result<TableMem> {
+        let mem = crate::mmap::MapMem::populated(map, entries as usize * ELEM, true).context("cannot map a table into memory")?;
+        Ok(TableMem { mem, entries })
+    }
+
+    /// Write `table` from entry 0. The map is new: the datapath reads it
+    /// only after a later VIP-entry update names its slot.
+    pub fn write(&self, table: &[u32]) {
+        assert!(table.len() <= self.entries as usize, "table write out of bounds");
+        let base = self.mem.base::<u8>();
+        for (i, id) in table.iter().enumerate() {
+            // SAFETY: in bounds (asserted above); element i's value is the
+            // first 4 bytes at i × 8 of the mapping, 8-byte aligned; no BPF
+            // program reads this map yet (see above).
+            unsafe { std::ptr::write_volatile(base.add(i * ELEM) as *mut u32, *id) };
+        }
+        // The stores are complete before the publishing system calls.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Read the first `len` entries.
+    pub fn read(&self, len: u32) -> Result<Vec<u32>> {
+        if len > self.entries {
+            bail!("table read of {len} entries beyond its {}", self.entries);
+        }
+        let base = self.mem.base::<u8>();
+        Ok((0..len as usize)
+            .map(|i| {
+                // SAFETY: in bounds (checked above), aligned as in `write`.
+                unsafe { std::ptr::read_volatile(base.add(i * ELEM) as *const u32) }
+            })
+            .collect())
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): write `keys[i] → values[i]` of
+/// a map of `u32` keys and values (an array of `u32`, or of maps: values are
+/// fds) in one system call (aya 0.14 has no batch operations). A table of
+/// 65 537 entries written one `bpf_map_update_elem` at a time costs ~75 ms.
+pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
+    if keys.len() != values.len() || map.info().map(|i| i.value_size() != 4 || i.key_size() != 4).unwrap_or(true) {
+        bail!("batch update: {} keys, {} values, or not a u32 → u32 map", keys.len(), values.len());
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    bpf_batch(map, BPF_MAP_UPDATE_BATCH, keys, Some(values)).context("BPF_MAP_UPDATE_BATCH failed")
+}
+
+/// One batch command (`BPF_MAP_{UPDATE,DELETE}_BATCH`) over `u32` keys
+/// (and values), resumed where the kernel stopped on EINTR/EAGAIN.
+fn bpf_batch(map: &MapData, cmd: libc::c_long, keys: &[u32], values: Option<&[u32]>) -> std::io::Result<()> {
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values.map_or(0, |v| v[done..].as_ptr() as u64),
+            count: (keys.len() - done) as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` for the kernel to read
+        // (and to write `count` back); `keys` (and `values`, as long as
+        // `keys`: checked by the callers) point at `count` u32s each that
+        // stay borrowed for the whole call; the callers use maps with 4-byte
+        // keys and values.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // EINTR/EAGAIN: `count` says how many were done; go on from there.
+            if attr.count as usize > 0 && matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                done += attr.count as usize;
+                continue;
+            }
+            return Err(e);
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
+/// Batch operations on the table array (`XLB_TABLES`): each system call
+/// that changes an array of maps waits for an RCU grace period, a batch
+/// waits once.
+pub(super) mod batch {
+    use anyhow::{Context, Result};
+    use aya::maps::MapData;
+    use std::os::fd::{AsFd, AsRawFd};
+
+    /// Put the maps `fds[i]` in slots `slots[i]` (one system call).
+    pub fn update(outer: &MapData, slots: &[u32], fds: &[u32]) -> Result<()> {
+        super::update_batch(outer, slots, fds)
+    }
+
+    /// Empty `slots`: the placeholder `empty` in each (one system call,
+    /// one grace period; the kernel frees the tables replaced after it).
+    /// Arrays of maps have no batch delete (ENOTSUPP on 6.18), and one
+    /// delete per slot waits for one grace period each (8–20 ms).
+    pub fn clear(outer: &MapData, slots: &[u32], empty: &MapData) -> Result<()> {
+        let fd = empty.fd().as_fd().as_raw_fd() as u32;
+        update(outer, slots, &vec![fd; slots.len()]).context("cannot empty table slots")
+    }
+}
+
+/// Memory the kernel charges for a map (`memlock` in its fd's fdinfo).
+pub(super) fn memlock(m: &MapData) -> Option<u64> {
+    let fd = m.fd().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+}
+
+impl Datapath {
+    /// Put `table` in a new table (a ready one from the pool: no system
+    /// call that waits) and return its slot. Readers see it only once a
+    /// VIP entry is switched to the slot, so it is never seen half written.
+    pub fn write_table(&mut self, table: &[u32]) -> Result<u32> {
+        let outer = self.tables.data();
+        self.pool.take(outer, table)
+    }
+
+    /// Have `n` ready tables (a burst of publications: one batch for all).
+    pub fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        let outer = self.tables.data();
+        self.pool.reserve(outer, n)
+    }
+
+    /// No entry names `slot` any more: its table is freed (by the janitor,
+    /// once running programs are done with it) and the slot reused.
+    pub fn free_table(&mut self, slot: u32) {
+        self.pool.release(slot)
+    }
+
+    /// Free the tables of every occupied slot outside `named` (adoption).
+    pub fn release_unnamed(&mut self, named: &std::collections::BTreeSet<u32>) -> usize {
+        self.pool.release_unnamed(named)
+    }
+
+    /// Empty retired slots now, instead of waiting for the janitor (tests).
+    pub fn clear_retired_tables(&self) -> Result<()> {
+        self.pool.clear_retired(self.tables.data())
+    }
+
+    /// (occupied slots, ready tables, retired slots).
+    pub fn table_counts(&self) -> (usize, usize, usize) {
+        self.pool.counts()
+    }
+
+    /// The table in slot `slot`, if any.
+    fn table_map(&self, slot: u32) -> Result<Option<Array<MapData, u32>>> {
+        table_in(&self.tables, slot)
+    }
+
+    /// The first `len` entries of the table in slot `slot` (adoption reads
+    /// the published tables back).
+    pub fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
+        let map = self.table_map(slot)?.with_context(|| format!("no table in slot {slot}"))?;
+        if let Some(b) = memlock(map.map()) {
+            self.pool.note(slot, b);
+        }
+        if len > map.len() {
+            bail!("the table in slot {slot} has {} entries, not {len}", map.len());
+        }
+        TableMem::map(map.map(), len, false)?.read(len)
+    }
+
+    /// One entry of the table in slot `slot` (diagnosis).
+    pub fn table_entry(&self, slot: u32, index: u32) -> Result<u32> {
+        let map = self.table_map(slot)?.with_context(|| format!("no table in slot {slot}"))?;
+        map.get(&index, 0).with_context(|| format!("cannot read entry {index} of the table in slot {slot}"))
+    }
+
+    /// Kernel id of the table in slot `slot`, if any (tests tell a new
+    /// table from a freed one by it).
+    pub fn table_id(&self, slot: u32) -> Result<Option<u32>> {
+        Ok(match self.table_map(slot)? {
+            Some(m) => Some(m.map().info().context("table info")?.id()),
+            None => None,
+        })
+    }
+
+    /// Slots that hold a table, as the kernel says.
+    pub fn occupied_slots(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for slot in 0..self.opts.table_slots() {
+            if self.table_map(slot)?.is_some() {
+                out.push(slot);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes of the table array and of every table in it, as the kernel
+    /// charges them.
+    pub fn tables_bytes(&self) -> u64 {
+        memlock(self.tables.data()).unwrap_or(0) + self.pool.bytes()
+    }
+}
+
+/// The table in slot `slot` of `tables`, if any (the placeholder of an
+/// emptied slot is none).
+fn table_in(tables: &Tables, slot: u32) -> Result<Option<Array<MapData, u32>>> {
+    match tables.typed()?.get(&slot, 0) {
+        Ok(m) => {
+            let name = m.map().info().ok().and_then(|i| i.name_as_str().map(str::to_string));
+            Ok((name.as_deref() != Some(EMPTY_MAP_NAME)).then_some(m))
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read slot {slot} of {}", lb_common::map_names::TABLES)),
+    }
+}
+
+/// The pool over the loaded table array, with the tables already in it
+/// (pinned maps of an earlier agent).
+pub(super) fn pool(tables: &Tables, opts: &super::LoadOptions) -> Result<super::pool::Pool> {
+    let mut occupied = std::collections::HashMap::new();
+    for slot in 0..opts.table_slots() {
+        if let Some(m) = table_in(tables, slot)? {
+            occupied.insert(slot, memlock(m.map()).unwrap_or(m.len() as u64 * ELEM as u64));
+        }
+    }
+    super::pool::Pool::new(tables.data(), opts.table_slots(), opts.ring_size, occupied)
+}
