@@ -98,6 +98,21 @@ fn inner6(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
     p
 }
 
+/// A client packet with another TOS / traffic class (IPv4 checksum redone).
+fn with_tos(mut p: Vec<u8>, tos: u8) -> Vec<u8> {
+    if p[0] >> 4 == 4 {
+        p[1] = tos;
+        p[10] = 0;
+        p[11] = 0;
+        let c = csum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        p[0] = 0x60 | (tos >> 4);
+        p[1] = (tos << 4) | (p[1] & 0x0f);
+    }
+    p
+}
+
 fn frame_of(inner: &[u8]) -> Vec<u8> {
     eth(if inner[0] >> 4 == 4 { ETH_IP } else { ETH_IPV6 }, &[], inner)
 }
@@ -312,6 +327,36 @@ fn decap_strips_every_encapsulation_for_local_vips_only() {
         want.extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
         want.extend_from_slice(&inner);
         assert_eq!(out, want, "{what}: the inner packet behind the frame's MACs");
+    }
+    // ECN (RFC 6040): a router's CE mark on the outer header reaches an
+    // ECN-capable inner header (IPv4: checksum updated); an inner header
+    // that is not ECN-capable keeps its field. Outer IPv4, IPv6, and IPv6
+    // around IPv4.
+    for (vs, v6) in [("10.0.0.100:80/tcp", false), ("[fd00::100]:80/tcp", true), ("10.0.0.100:443/tcp", false)] {
+        let v = vip(vs);
+        for (tos, ce) in [(0xb9u8, true), (0xbau8, true), (0xb8u8, false), (0xbbu8, false)] {
+            let inner = with_tos(if v6 { inner6(3100, v.port, 30) } else { inner4(6, 3100, v.port, 30) }, tos);
+            let (action, mut enc, _) = f.run(&frame_of(&inner));
+            assert_eq!(action, XDP_TX, "{vs}");
+            if enc[12..14] == [0x08, 0x00] {
+                assert_eq!(enc[15], tos, "{vs}: outer TOS copied");
+                enc[15] |= 3;
+                enc[24..26].copy_from_slice(&[0, 0]);
+                let c = csum(&enc[14..34]);
+                enc[24..26].copy_from_slice(&c.to_be_bytes());
+            } else {
+                enc[15] |= 0x30;
+            }
+            let (action, out, d) = f.decap(&enc);
+            let what = format!("{vs} inner TOS {tos:#04x} under an outer CE");
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_one_verdict(&d, Stat::Decapsulated, &what);
+            let want_inner = if ce { with_tos(inner.clone(), tos | 3) } else { inner.clone() };
+            assert_eq!(&out[14..], &want_inner[..], "{what}");
+            if !v6 {
+                assert_eq!(csum(&out[14..34]), 0, "{what}: inner IPv4 checksum");
+            }
+        }
     }
     // Not for a local VIP: untouched.
     let v = f.vip("10.0.0.200:80/tcp", Forward::Ipip, &["10.220.0.9"]);

@@ -550,6 +550,9 @@ fn quic(fl: &mut Floors, a: &mut Agent, backends: &[(IpAddr, Option<Mac>, u32)],
     Ok(out)
 }
 
+/// Rounds of the interleaved none / every-feature comparison.
+const INTERLEAVED_ROUNDS: usize = 5;
+
 /// `cargo xtask bench vipforms`: the VIP forms' paths (any-port VIPs,
 /// `--hash dst-port`, `--answer-ping`) and, in the same run, non-VIP and
 /// established traffic with none of them configured and with them
@@ -637,6 +640,66 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
     ] {
         let (r, v) = steady(&mut a, frame, want, proof).with_context(|| case.to_string())?;
         push(case, "empty", r, floor, v);
+    }
+    // 4. And a routed VIP (IPIP; no traffic to it): every #13 feature is
+    // configured, the L2 VIP's established flows and non-VIP traffic must
+    // not notice (non-VIP traffic pays the trie lookup of prefix VIPs).
+    let add_routed = |ag: &mut Agent| -> Result<()> {
+        ag.dp.set_encap(&xlb::encap::encap_config(&["10.210.0.0/24".into()], lb_common::DEFAULT_GUE_PORT)?)?;
+        let routed: Vip = "10.0.0.104:80/tcp".parse()?;
+        ag.add_vip_spec(routed, &xlb::agent::VipSpec { forward: lb_common::Forward::Ipip, ..Default::default() })?;
+        ag.add_backend(&routed, "10.220.0.1".parse()?, None, 1)?;
+        Ok(())
+    };
+    add_routed(&mut a)?;
+    // Same run, interleaved (the machine's load drifts between sections):
+    // fresh agents with none of the features, and with all but prefix VIPs
+    // (the only one non-VIP traffic may pay for), against this one, round
+    // by round; each figure the median of its rounds.
+    let mut none = agent("10.0.0.100:80/tcp", 3)?;
+    let mut no_prefix = agent("10.0.0.100:80/tcp", 3)?;
+    for (v, opts) in [
+        ("10.0.0.101:*/tcp", xlb::config::VipOpts::default()),
+        ("10.0.0.102:*/tcp", xlb::config::VipOpts { hash: xlb::config::HashMode::DstPort, ..Default::default() }),
+        ("10.0.0.103:80/tcp", xlb::config::VipOpts { answer_ping: true, ..Default::default() }),
+    ] {
+        let v: Vip = v.parse()?;
+        no_prefix.add_vip_spec(v, &xlb::agent::VipSpec { opts, ..Default::default() })?;
+        no_prefix.add_backends(&v, &backends)?;
+    }
+    add_routed(&mut no_prefix)?;
+    const CONFIGS: [&str; 3] = ["none configured", "every #13 feature but prefix VIPs", "every #13 feature"];
+    // rounds[r][2 * config + (0 non-VIP, 1 established)]
+    let mut rounds: Vec<[f64; 6]> = Vec::new();
+    for _ in 0..INTERLEAVED_ROUNDS {
+        let mut r = [0.0; 6];
+        for (i, slot) in r.iter_mut().enumerate() {
+            let ag = match i / 2 {
+                0 => &mut none,
+                1 => &mut no_prefix,
+                _ => &mut a,
+            };
+            let (frame, want, proof) = if i % 2 == 0 { (&nonvip, 2, Stat::PassNotVip) } else { (&est4, 3, Stat::CtHit) };
+            *slot = steady(ag, frame, want, proof).context("interleaved rounds")?.0 .0;
+        }
+        rounds.push(r);
+    }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |i: usize| [rounds.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min), rounds.iter().map(|r| r[i]).fold(0.0, f64::max)];
+    let per_round = |i: usize, j: usize| rounds.iter().map(|r| format!("{:.2}", r[j] / r[i])).collect::<Vec<_>>().join(", ");
+    for i in 0..6 {
+        let (name, floor) = if i % 2 == 0 { ("nonvip_pass", "floor_pass") } else { ("v4_tcp_established", "floor_stateless_dsr") };
+        let case = format!("{name} ({}, interleaved)", CONFIGS[i / 2]);
+        let proof = if i >= 2 {
+            format!("{INTERLEAVED_ROUNDS} rounds; ÷ none configured per round: {}", per_round(i % 2, i))
+        } else {
+            format!("{INTERLEAVED_ROUNDS} rounds, median")
+        };
+        push(&case, "empty", (median(i), spread(i), median(i)), floor, proof);
     }
     // Echo replies: the reply is no request, so one syscall per frame (as
     // the cold new-flow method), the call overhead calibrated on floor_pass.

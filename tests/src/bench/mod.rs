@@ -86,6 +86,21 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
         for c in &cases {
             eprintln!("bench:   {:<45} {:>8.1} ns  ×{:.2} {}  ({})", c.case, c.ns_per_pkt, c.ratio, c.floor, c.verified);
         }
+        // Same run: each configuration against none of the #13 features
+        // (the interleaved pair is the one to trust on a loaded machine).
+        let ns = |n: &str| cases.iter().find(|c| c.case == n).map(|c| c.ns_per_pkt).unwrap_or(f64::NAN);
+        for base in ["nonvip_pass", "v4_tcp_established"] {
+            let none = ns(&format!("{base} (no VIP forms)"));
+            for w in ["VIP forms elsewhere", "prefix VIPs configured"] {
+                if ns(&format!("{base} ({w})")).is_finite() {
+                    eprintln!("bench:   {base}: {w} / none configured = {:.3}", ns(&format!("{base} ({w})")) / none);
+                }
+            }
+            let none = ns(&format!("{base} (none configured, interleaved)"));
+            for w in ["every #13 feature but prefix VIPs", "every #13 feature"] {
+                eprintln!("bench:   {base}: {w} / none configured, interleaved medians = {:.3}", ns(&format!("{base} ({w}, interleaved)")) / none);
+            }
+        }
     }
     if want("cost") {
         eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)…");
