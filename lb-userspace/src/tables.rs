@@ -52,28 +52,71 @@ type LayoutKey = (u32, Vec<(Vec<u8>, u32)>);
 /// Maglev tables by (ring size, members' keys and weights), as indexes
 /// into the members: VIPs that share their backends (and weights) share the
 /// table's layout, so it is computed once, not once per VIP (1.6–2 ms each).
+/// Indexes are kept in a byte each up to 256 members (a quarter of the
+/// memory), so the budget holds 256 layouts of the default ring size: a
+/// VIP built up one backend at a time passes through as many layouts as it
+/// gets backends, and the next VIP with the same hosts finds them all.
 #[derive(Debug, Default)]
 pub struct MaglevCache {
-    tables: std::collections::HashMap<LayoutKey, std::sync::Arc<Vec<u32>>>,
+    tables: std::collections::HashMap<LayoutKey, std::sync::Arc<Layout>>,
+    /// Bytes the cached tables hold.
+    bytes: usize,
     /// Tables computed (cache misses).
     pub built: u64,
 }
 
-/// Tables kept at most (each 256 KiB at the default ring size).
-const MAGLEV_CACHE_TABLES: usize = 64;
+/// Bytes of cached tables at most (64 tables of the default ring size as
+/// u32 indexes; 256 as byte indexes). The cache is emptied when full.
+const MAGLEV_CACHE_BYTES: usize = 64 * 65537 * 4;
+
+/// A cached Maglev table: member indexes.
+#[derive(Debug)]
+enum Layout {
+    /// Up to 256 members.
+    Narrow(Vec<u8>),
+    /// More.
+    Wide(Vec<u32>),
+}
+
+impl Layout {
+    fn new(t: Vec<u32>, members: usize) -> Layout {
+        if members <= 256 {
+            Layout::Narrow(t.into_iter().map(|i| i as u8).collect())
+        } else {
+            Layout::Wide(t)
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Layout::Narrow(t) => t.len(),
+            Layout::Wide(t) => t.len() * 4,
+        }
+    }
+
+    /// The table as the members' ids.
+    fn ids(&self, members: &[Member<'_>]) -> Vec<u32> {
+        match self {
+            Layout::Narrow(t) => t.iter().map(|&i| members[i as usize].id).collect(),
+            Layout::Wide(t) => t.iter().map(|&i| members[i as usize].id).collect(),
+        }
+    }
+}
 
 impl MaglevCache {
-    fn get(&mut self, members: &[Member<'_>], ring_size: u32) -> std::sync::Arc<Vec<u32>> {
+    fn get(&mut self, members: &[Member<'_>], ring_size: u32) -> std::sync::Arc<Layout> {
         let key = (ring_size, members.iter().map(|m| (m.key.to_vec(), m.weight)).collect::<Vec<_>>());
         if let Some(t) = self.tables.get(&key) {
             return t.clone();
         }
         let entries: Vec<maglev::Entry> = members.iter().map(|m| maglev::Entry { key: m.key, weight: m.weight }).collect();
-        let t = std::sync::Arc::new(maglev::build(&entries, ring_size).unwrap_or_default());
+        let t = std::sync::Arc::new(Layout::new(maglev::build(&entries, ring_size).unwrap_or_default(), members.len()));
         self.built += 1;
-        if self.tables.len() >= MAGLEV_CACHE_TABLES {
+        if self.bytes + t.bytes() > MAGLEV_CACHE_BYTES {
             self.tables.clear();
+            self.bytes = 0;
         }
+        self.bytes += t.bytes();
         self.tables.insert(key, t.clone());
         t
     }
@@ -91,8 +134,7 @@ pub fn build_cached(algo: Algo, members: &[Member<'_>], ring_size: u32, cache: &
     }
     let mut seq = match algo {
         Algo::Maglev | Algo::Random | Algo::SourceHash => {
-            let t = cache.get(members, ring_size);
-            return Ok(t.iter().map(|&i| members[i as usize].id).collect());
+            return Ok(cache.get(members, ring_size).ids(members));
         }
         Algo::LeastConn => {
             if members.len() > MAX_LEAST_CONN_BACKENDS as usize {
@@ -155,6 +197,33 @@ mod tests {
         // Other weights: another table.
         build_cached(Algo::Maglev, &members(&[1, 2, 4]), 65537, &mut cache).expect("c");
         assert_eq!(cache.built, 2);
+    }
+
+    #[test]
+    fn a_hundred_layouts_built_twice_are_computed_once() {
+        // VIPs built up one backend at a time over the same 100 hosts: the
+        // second VIP's 100 layouts are the first's.
+        let keys: Vec<[u8; 4]> = (0..100u32).map(|i| (0x0ac8_0000 + i).to_be_bytes()).collect();
+        let mut cache = MaglevCache::default();
+        let mut first = Vec::new();
+        for vip in 0..2u32 {
+            for n in 1..=keys.len() {
+                let m: Vec<Member> = keys[..n].iter().enumerate().map(|(i, k)| Member { key: k, weight: 1, id: vip * 1000 + i as u32 }).collect();
+                let t = build_cached(Algo::Maglev, &m, 65537, &mut cache).expect("table");
+                if vip == 0 {
+                    first.push(t);
+                } else {
+                    assert!(t.iter().zip(&first[n - 1]).all(|(b, a)| *b == a + 1000), "{n} members: the same layout");
+                }
+            }
+        }
+        assert_eq!(cache.built, 100);
+        // Over 256 members, indexes no longer fit a byte: the same table as uncached.
+        let many: Vec<[u8; 4]> = (0..300u32).map(|i| (0x0ac9_0000 + i).to_be_bytes()).collect();
+        let m: Vec<Member> = many.iter().enumerate().map(|(i, k)| Member { key: k, weight: 1, id: 5000 + i as u32 }).collect();
+        let t = build_cached(Algo::Maglev, &m, 65537, &mut cache).expect("wide");
+        assert_eq!(t, build(Algo::Maglev, &m, 65537).expect("uncached"));
+        assert!(t.iter().any(|&id| id >= 5256), "members past 256 are in the table");
     }
 
     #[test]

@@ -77,22 +77,29 @@ impl PendingSave {
 /// Writes the state file soon after a request changed the agent, so the
 /// API answers once the change is published instead of after the file
 /// (rendering and writing it is most of a request at 512 VIPs). Wakes
-/// coalesce: changes made while a write is under way cost one more write,
-/// not one each. A `kill -TERM` still saves on exit; a `kill -9` within a
-/// save's time (a few ms) of an answer can leave that change out of the
-/// file (the datapath has it; a new agent adopts the earlier state).
+/// coalesce: changes made while a write is under way, or in the pause
+/// after it (as long as the write took: the saver uses at most half a CPU
+/// under a burst of requests), cost one more write, not one each. A
+/// `kill -TERM` still saves on exit; a `kill -9` within two saves' time (a
+/// few ms) of an answer can leave that change out of the file (the
+/// datapath has it; a new agent adopts the earlier state).
 pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agent<M>>>, wake: std::sync::Arc<tokio::sync::Notify>) {
     loop {
         wake.notified().await;
+        let t = std::time::Instant::now();
         let save = match agent.lock() {
             Ok(mut a) => a.take_save(),
             Err(_) => return,
         };
         if let Some(s) = save {
             let _ = tokio::task::spawn_blocking(move || s.write()).await;
+            tokio::time::sleep(t.elapsed().min(SAVE_PAUSE_MAX)).await;
         }
     }
 }
+
+/// The longest pause between two saves of `save_soon_loop`.
+const SAVE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A backend map entry in use (free entries keep only their generation).
 pub fn in_use(b: &BackendInfo) -> bool {

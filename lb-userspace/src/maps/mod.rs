@@ -14,7 +14,7 @@ mod read;
 pub mod tables;
 
 pub use options::{vip_map_entries, AttachMode, LoadOptions};
-pub use pool::POOL_READY;
+pub use pool::{POOL_BURST, POOL_READY};
 pub use tables::{update_batch, Fill, TableMem};
 
 use anyhow::{anyhow, bail, Context, Result};

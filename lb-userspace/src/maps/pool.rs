@@ -9,7 +9,9 @@
 //!   fills one through its mapping and switches the VIP entry to its slot;
 //! - a replaced table's slot is retired; a janitor thread empties retired
 //!   slots and refills the pool in batches (one grace period per batch),
-//!   off the agent's lock;
+//!   off the agent's lock; when publications drain the pool faster than
+//!   that (commands one after another), it keeps `POOL_BURST` ready for a
+//!   while (a batch costs one grace period whatever its size);
 //! - a burst (a reload) reserves the tables it needs first, in one batch.
 //!
 //! A slot is reused only after it was emptied, and an emptied slot's table
@@ -28,6 +30,12 @@ use super::tables::{batch, create_placeholder, create_table, memlock, TableMem};
 
 /// Ready tables the janitor keeps (each `ring size × 8` bytes).
 pub const POOL_READY: usize = 4;
+
+/// Ready tables the janitor keeps while publications come faster than it
+/// refills `POOL_READY` (commands one after another: a table each every few
+/// ms, while a refill of any size waits for one grace period, and emptying
+/// replaced tables for another): one batch of this many lasts as long.
+pub const POOL_BURST: usize = 16;
 
 /// How long tables reserved beyond `POOL_READY` for a burst stay ready.
 const RESERVE_HOLD: Duration = Duration::from_secs(2);
@@ -56,6 +64,9 @@ struct State {
     bytes: HashMap<u32, u64>,
     /// Reserved tables above `POOL_READY` are kept until then.
     hold_until: Option<Instant>,
+    /// The janitor keeps `POOL_BURST` tables ready until then (the pool ran
+    /// low); reserved tables above `POOL_READY` are kept too.
+    burst_until: Option<Instant>,
     /// The janitor's last error, reported once by the agent's next call.
     error: Option<String>,
     stop: bool,
@@ -123,6 +134,12 @@ impl Pool {
                     log::warn!("table janitor: {e}");
                 }
                 let r = st.ready.iter().position(|r| r.entries as usize >= table.len()).map(|i| st.ready.swap_remove(i));
+                let now = Instant::now();
+                if st.ready.len() < POOL_READY / 2 && !st.hold_until.is_some_and(|t| now < t) {
+                    // The pool runs low, not at the end of a reserved
+                    // batch: publications outpace the refills.
+                    st.burst_until = Some(now + RESERVE_HOLD);
+                }
                 self.shared.1.notify_one();
                 r
             };
@@ -281,9 +298,11 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
     }
 }
 
-/// The janitor: empties retired slots, keeps `POOL_READY` tables ready,
-/// trims tables reserved for a burst once it is over.
+/// The janitor: empties retired slots, keeps `POOL_READY` tables ready
+/// (`POOL_BURST` while the pool runs low), trims tables reserved for a
+/// burst once it is over.
 fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
+    let mut target;
     loop {
         let want = {
             let mut st = lock(&shared);
@@ -291,7 +310,10 @@ fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
                 if st.stop {
                     return;
                 }
-                let held = st.hold_until.is_some_and(|t| Instant::now() < t);
+                let now = Instant::now();
+                let burst = st.burst_until.is_some_and(|t| now < t);
+                let held = burst || st.hold_until.is_some_and(|t| now < t);
+                target = if burst { POOL_BURST } else { POOL_READY };
                 if !held && st.ready.len() > POOL_READY {
                     let extra: Vec<Ready> = st.ready.drain(POOL_READY..).collect();
                     for r in extra {
@@ -299,13 +321,14 @@ fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
                         st.unmapped.push(r.mem);
                     }
                 }
-                if !st.retired.is_empty() || !st.unmapped.is_empty() || st.ready.len() < POOL_READY {
+                if !st.retired.is_empty() || !st.unmapped.is_empty() || st.ready.len() < target {
                     break;
                 }
                 let wait = if st.ready.len() > POOL_READY { RESERVE_HOLD } else { Duration::from_secs(3600) };
                 st = shared.1.wait_timeout(st, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
             }
-            POOL_READY.saturating_sub(st.ready.len())
+            // No more than the slots that are free or freed by this round.
+            target.saturating_sub(st.ready.len()).min(st.free.len() + st.retired.len())
         };
         let r = clear(&shared, &outer).and_then(|()| if want > 0 { refill(&shared, &outer, want, ring_size) } else { Ok(()) });
         if let Err(e) = r {
