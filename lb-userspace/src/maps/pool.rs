@@ -135,7 +135,7 @@ impl Pool {
                 }
                 let r = st.ready.iter().position(|r| r.entries as usize >= table.len()).map(|i| st.ready.swap_remove(i));
                 let now = Instant::now();
-                if st.ready.len() < POOL_READY / 2 && !st.hold_until.is_some_and(|t| now < t) {
+                if st.ready.len() < POOL_READY / 2 && st.hold_until.is_none_or(|t| now >= t) {
                     // The pool runs low, not at the end of a reserved
                     // batch: publications outpace the refills.
                     st.burst_until = Some(now + RESERVE_HOLD);
