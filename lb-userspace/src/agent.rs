@@ -41,7 +41,7 @@ mod model;
 mod plan;
 mod publish;
 mod status;
-pub use adopt::{in_use as backend_entry_in_use, Adoption, Persist};
+pub use adopt::{in_use as backend_entry_in_use, save_soon_loop, Adoption, Persist};
 pub use checks::{kind_for, CheckJob, CheckOutcome, CheckTarget, Probe};
 pub use maps::{Maps, MemMaps};
 pub use model::{fingerprint, AgentReport, AgentState, Backend, Health, VipState, SLOW_START_STEPS};
@@ -243,6 +243,11 @@ impl<M: Maps> Agent<M> {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Whether the state file is behind the running state (a save is due).
+    pub fn state_behind(&self) -> bool {
+        self.state_dirty
     }
 
     /// Save the state file if anything changed since the last save.

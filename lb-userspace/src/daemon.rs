@@ -395,6 +395,7 @@ async fn serve(
     agent.defer_saves = true;
     let agent = Arc::new(Mutex::new(agent));
     let health = tokio::spawn(health::run(agent.clone()));
+    let saver = tokio::spawn(crate::agent::save_soon_loop(agent.clone(), host.save_soon.clone()));
     let census = tokio::spawn(census_loop(agent.clone()));
     let neigh_agent = agent.clone();
     let neighbours = tokio::spawn(async move {
@@ -476,6 +477,7 @@ async fn serve(
         node.remove();
     }
     health.abort();
+    saver.abort();
     census.abort();
     if let Some(s) = sync {
         s.abort();
@@ -490,6 +492,7 @@ async fn serve(
     }
     let _ = server.await;
     let _ = health.await;
+    let _ = saver.await;
     let _ = std::fs::remove_file(&opts.socket);
     if let Ok(mut a) = agent.lock() {
         a.save_state();

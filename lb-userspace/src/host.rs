@@ -30,6 +30,9 @@ pub struct Host {
     pub detached: tokio::sync::Notify,
     /// Told by the API once that answer is written (the daemon then exits).
     pub answered: tokio::sync::Notify,
+    /// Told by the API when a request changed the agent: the daemon's
+    /// `save_soon_loop` writes the state file (after the answer).
+    pub save_soon: std::sync::Arc<tokio::sync::Notify>,
     /// This node's HA switches (drain, last verdict); the daemon sets them.
     pub ha: Option<std::sync::Arc<crate::ha::Node>>,
     /// The connection-table sync, when on.

@@ -74,6 +74,26 @@ impl PendingSave {
     }
 }
 
+/// Writes the state file soon after a request changed the agent, so the
+/// API answers once the change is published instead of after the file
+/// (rendering and writing it is most of a request at 512 VIPs). Wakes
+/// coalesce: changes made while a write is under way cost one more write,
+/// not one each. A `kill -TERM` still saves on exit; a `kill -9` within a
+/// save's time (a few ms) of an answer can leave that change out of the
+/// file (the datapath has it; a new agent adopts the earlier state).
+pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agent<M>>>, wake: std::sync::Arc<tokio::sync::Notify>) {
+    loop {
+        wake.notified().await;
+        let save = match agent.lock() {
+            Ok(mut a) => a.take_save(),
+            Err(_) => return,
+        };
+        if let Some(s) = save {
+            let _ = tokio::task::spawn_blocking(move || s.write()).await;
+        }
+    }
+}
+
 /// A backend map entry in use (free entries keep only their generation).
 pub fn in_use(b: &BackendInfo) -> bool {
     b.src_mac != [0; 6]

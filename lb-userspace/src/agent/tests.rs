@@ -402,3 +402,45 @@ fn quic_server_ids_follow_their_backends_through_every_path() {
     a.del_vip(&q).expect("del vip");
     assert!(a.dp.quic_ids.is_empty());
 }
+
+#[test]
+fn requests_are_saved_right_after_and_wakes_during_a_save_coalesce() {
+    let mut a = agent(8);
+    let dir = with_state_file(&mut a, "soon");
+    a.defer_saves = true;
+    a.apply_desired(&desired(2, 1)).expect("apply");
+    let v = vip("10.0.0.100:1000/tcp");
+    let agent = std::sync::Arc::new(std::sync::Mutex::new(a));
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let saved = |weight: u32| {
+        let snap = crate::state::Snapshot::load(&dir.join("state.json")).expect("load");
+        snap.is_some_and(|s| s.config.contains(&format!("weight = {weight}")))
+    };
+    rt.block_on(async {
+        let saver = tokio::spawn(save_soon_loop(agent.clone(), wake.clone()));
+        // Three requests answered before the saver runs: one write, the last state.
+        for w in 3..=5 {
+            let mut a = agent.lock().expect("lock");
+            a.set_weight(&v, ip("10.0.0.11"), w).expect("weight");
+            assert!(a.state_behind(), "a change leaves the file behind");
+            wake.notify_one();
+        }
+        assert!(!saved(5), "nothing is written before the saver runs");
+        for _ in 0..200 {
+            if saved(5) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(saved(5), "the last change is in the file");
+        assert_eq!(agent.lock().expect("lock").saves, 1, "three wakes, one save");
+        assert!(!agent.lock().expect("lock").state_behind());
+        // A wake with nothing changed writes nothing.
+        wake.notify_one();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(agent.lock().expect("lock").saves, 1);
+        saver.abort();
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}

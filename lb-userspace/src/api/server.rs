@@ -122,17 +122,16 @@ async fn respond(
         return trace(agent, req);
     }
     let detaching = matches!(req, Request::Detach);
-    let (res, save) = match agent.lock() {
-        Ok(mut a) => (handle(&mut a, &host, req), a.take_save()),
+    let (res, changed) = match agent.lock() {
+        Ok(mut a) => (handle(&mut a, &host, req), a.state_behind()),
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "agent state poisoned"),
     };
     // The daemon needs the last reference to the agent to drop the datapath.
     drop(agent);
-    // What the request changed is in the state file before it is answered
-    // (a `kill -9` right after the answer loses nothing); rendering and
-    // writing the file does not hold the agent's lock.
-    if let Some(s) = save {
-        let _ = tokio::task::spawn_blocking(move || s.write()).await;
+    // The change is published: answer now; the daemon's saver writes the
+    // state file right after (`save_soon_loop`: coalesced, off the lock).
+    if changed {
+        host.save_soon.notify_one();
     }
     match res {
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),

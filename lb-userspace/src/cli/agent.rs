@@ -16,6 +16,7 @@ use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_TABLES, DEFAULT_MAX_VIPS, DE
 
 /// `xlb decap …`.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum DecapCmd {
     /// Attach the decapsulating program to an interface; it stays attached
     /// (pinned under --pin-root) until `xlb decap detach`.
@@ -69,7 +70,9 @@ pub enum ModeArg {
     Generic,
 }
 
-/// `xlb agent` options.
+// `xlb agent`'s options. Its doc line is the command's help (deferred
+// arguments bring it with them), the same as the `Agent` variant's.
+/// Run the agent: load and attach the XDP program, serve the API.
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// Interface to balance on.

@@ -16,6 +16,7 @@ use crate::{
 
 /// `xlb ha …`.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum HaCmd {
     /// Exit 0 when this node is ready to be master or announced, 1 when not
     /// (one line: why), 2 on error: for keepalived's `track_script` and

@@ -36,8 +36,11 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Commands.
+/// Commands. Each command's arguments are defined when it is the one run
+/// (`defer`): building all of them costs every CLI call a good part of a
+/// millisecond.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum Command {
     /// Run the agent: load and attach the XDP program, serve the API.
     Agent(AgentArgs),

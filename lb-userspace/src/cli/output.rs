@@ -1,6 +1,7 @@
 //! How the CLI prints the agent's answers.
 
 use crate::agent::Status;
+use std::fmt::Write as _;
 
 /// "table: N of M entries changed" from an API answer.
 pub fn print_moved(r: &serde_json::Value, dry_run: bool) {
@@ -10,10 +11,22 @@ pub fn print_moved(r: &serde_json::Value, dry_run: bool) {
     }
 }
 
-/// `xlb status` as text.
+/// Print lines at once: stdout writes each line as it comes (line
+/// buffered), so 512 lines one by one are 512 system calls.
+pub fn print_lines<T: std::fmt::Display>(lines: impl IntoIterator<Item = T>) {
+    let mut out = String::new();
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    print!("{out}");
+}
+
+/// `xlb status` as text, written at once (one line per write would be
+/// thousands of system calls at hundreds of VIPs).
 pub fn print_status(s: &Status) {
+    let mut out = String::new();
     if s.vips.is_empty() {
-        println!("no VIPs");
+        let _ = writeln!(out, "no VIPs");
     }
     for v in &s.vips {
         let mut persist = if v.persist_timeout > 0 { format!(" persist={}s", v.persist_timeout) } else { String::new() };
@@ -26,12 +39,14 @@ pub fn print_status(s: &Status) {
         if v.quic {
             persist.push_str(" quic");
         }
-        println!(
+        let _ = writeln!(
+        out,
             "{}  algo={}{persist}  check={}  packets={} bytes={} new_flows={} active={}",
             v.vip, v.algo, v.health_check, v.packets, v.bytes, v.new_flows, v.active_flows
         );
         for b in &v.backends {
-            println!(
+            let _ = writeln!(
+        out,
                 "  {:<39} {:<17} w={:<5} {:<4} share={:>5.1}%  packets={} new_flows={} active={} check={}{}{}{}",
                 b.ip,
                 b.mac.as_deref().unwrap_or("?"),
@@ -48,25 +63,28 @@ pub fn print_status(s: &Status) {
             );
         }
     }
-    println!(
+    let _ = writeln!(
+        out,
         "datapath: {} mode, program id {}, {}",
         s.attach_mode,
         s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
         s.pinned.as_deref().map(|p| format!("maps pinned under {p}")).unwrap_or_else(|| "not pinned".into())
     );
-    println!(
+    let _ = writeln!(
+        out,
         "connection table: {} flows, {:.1} MiB, {} entries at the last census",
         s.conntrack_capacity,
         s.conntrack_bytes as f64 / (1 << 20) as f64,
         s.conntrack_entries.map(|e| e.to_string()).unwrap_or_else(|| "no".into())
     );
     if let Some(why) = &s.pins_lost_on_exit {
-        println!("warning: forwarding stops when the agent exits: {why}");
+        let _ = writeln!(out, "warning: forwarding stops when the agent exits: {why}");
     }
     let mib = |b: u64| b as f64 / 1048576.0;
     let total: u64 = s.datapath_memory.values().sum();
     let parts: Vec<String> = s.datapath_memory.iter().filter(|(_, b)| **b >= 1 << 20).map(|(k, b)| format!("{k} {:.1}", mib(*b))).collect();
-    println!(
+    let _ = writeln!(
+        out,
         "memory: {:.1} MiB in maps ({}{}); {} of {} VIPs; {} check job(s)",
         mib(total),
         parts.join(", "),
@@ -77,5 +95,6 @@ pub fn print_status(s: &Status) {
     );
     let nonzero: Vec<String> =
         s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-    println!("counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
+    let _ = writeln!(out, "counters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
+    print!("{out}");
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
-use super::output::print_moved;
+use super::output::{print_lines, print_moved};
 use crate::{
     api::{self, Request},
     config::{parse_backend_ip, Admin, AlgoName, AllDown, CheckKind, ForwardName, HashMode, HealthConfig, Mac, Vip},
@@ -99,6 +99,7 @@ impl CheckArgs {
 
 /// `xlb config …`.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum ConfigCmd {
     /// Print the running state as a config file that reproduces it.
     Dump,
@@ -115,6 +116,7 @@ pub enum ConfigCmd {
 // Parsed once per command line: the size of the `Add` variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum VipCmd {
     /// Add a VIP, e.g. `xlb vip add 10.0.0.100:80/tcp`.
     Add {
@@ -165,6 +167,7 @@ pub enum VipCmd {
 
 /// `xlb backend …`.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum BackendCmd {
     /// Add a backend to a VIP.
     Add {
@@ -245,9 +248,7 @@ pub fn vip(socket: &Path, cmd: VipCmd) -> Result<()> {
         }
         VipCmd::List => {
             let v = api::call(socket, &Request::VipList)?;
-            for vip in v.as_array().into_iter().flatten() {
-                println!("{}", vip.as_str().unwrap_or_default());
-            }
+            print_lines(v.as_array().into_iter().flatten().map(|vip| vip.as_str().unwrap_or_default()));
             Ok(())
         }
     }
@@ -295,9 +296,7 @@ pub fn config(socket: &Path, cmd: ConfigCmd) -> Result<()> {
             if changes.is_empty() {
                 println!("config: no change");
             }
-            for c in changes {
-                println!("config: {c}");
-            }
+            print_lines(changes.iter().map(|c| format!("config: {c}")));
             Ok(())
         }
     }

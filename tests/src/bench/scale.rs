@@ -5,7 +5,7 @@
 //! this run), one table change from request to published, and
 //! many VIPs sharing backends (`scale::shared`): 512 VIPs × 3 backend hosts
 //! configured from a file and through the CLI one by one, and 64 VIPs × 100
-//! backends from a file.
+//! backends from a file and through the CLI one by one.
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
@@ -39,7 +39,8 @@ pub struct Scale {
     /// published (the VIP entry's update, timed by the agent), ms: median
     /// and max of 21, every weight a new one (no cached Maglev layout).
     pub table_change_ms: [f64; 2],
-    /// The same, request sent → answer (after the state file is saved).
+    /// The same, request sent → answer (once published; the agent writes
+    /// the state file right after answering).
     pub table_change_answer_ms: [f64; 2],
     /// 512 VIPs × 3 shared backends.
     pub shared_512: Option<Shared>,
@@ -55,6 +56,14 @@ pub struct Scale {
     /// 64 VIPs × 100 backends (configured MACs, no checks: no 100
     /// namespaces), `config reload`, ms.
     pub reload_64x100_ms: Option<f64>,
+    /// The same 64 × 100 through the CLI one command at a time (`vip add`,
+    /// 100 × `backend add` each: 6 464 commands), s.
+    pub cli_64x100_s: Option<f64>,
+    /// What 6 464 process starts alone cost here: `xlb --version` as many
+    /// times, s (the floor of any one-command-at-a-time run).
+    pub cli_64x100_floor_s: Option<f64>,
+    /// Load average (1 min) when the 64 × 100 CLI run started.
+    pub cli_64x100_load: Option<f64>,
     /// Table memory with 512 VIPs, MiB (`XLB_TABLES` in `xlb status`: the
     /// tables allocated for the VIPs configured).
     pub tables_mib_512: Option<f64>,
@@ -110,7 +119,7 @@ pub fn run(xlb: &Path, lab_bin: &Path) -> Result<Scale> {
     {
         let mut d = Deployment::start(xlb, lab_bin, 3, &["--max-vips", "512", "--max-tables", "512"])?;
         let c = Checks { interval_ms: 100, fast_interval_ms: 100, fall: 3 };
-        r.shared_512 = Some(scale::shared(&mut d, &dir.0, 512, c, Duration::from_secs(10), true)?);
+        r.shared_512 = Some(scale::shared(&mut d, &dir.0, 512, c, Duration::from_secs(60), true)?);
         let st = scale::status(&d)?;
         r.tables_mib_512 = st["datapath_memory"]["XLB_TABLES"].as_u64().map(|b| b as f64 / 1048576.0);
         let vip = format!("{VIP}:1000/tcp");
@@ -174,6 +183,30 @@ pub fn run(xlb: &Path, lab_bin: &Path) -> Result<Scale> {
         let st = scale::status(&d)?;
         let up = st["vips"].as_array().into_iter().flatten().flat_map(|v| v["backends"].as_array().into_iter().flatten()).filter(|b| b["state"] == "up").count();
         anyhow::ensure!(up == 6400, "64 × 100: {up} of 6400 backends up");
+    }
+    // The same 64 × 100 through the CLI, one command per VIP and per backend.
+    {
+        let d = Deployment::start(xlb, lab_bin, 1, &["--max-vips", "64"])?;
+        let backends: Vec<(String, String)> =
+            (0..100u32).map(|i| (format!("10.200.{}.{}", 1 + i / 200, 1 + i % 200), format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256 + 1))).collect();
+        r.cli_64x100_load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok());
+        let t = Instant::now();
+        for p in 0..64 {
+            let vip = format!("{VIP}:{}/tcp", 1000 + p);
+            d.cli_ok(&["vip", "add", &vip, "--check", "none"])?;
+            for (ip, mac) in &backends {
+                d.cli_ok(&["backend", "add", &vip, ip, "--mac", mac])?;
+            }
+        }
+        r.cli_64x100_s = Some(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..64 * 101 {
+            d.cli_ok(&["--version"])?;
+        }
+        r.cli_64x100_floor_s = Some(t.elapsed().as_secs_f64());
+        let st = scale::status(&d)?;
+        let n: usize = st["vips"].as_array().into_iter().flatten().map(|v| v["backends"].as_array().map_or(0, Vec::len)).sum();
+        anyhow::ensure!(n == 6400, "64 × 100 through the CLI: {n} of 6400 backends configured");
     }
     Ok(r)
 }
