@@ -199,10 +199,45 @@ pub fn ct_hash(k: &FlowKey, seed: &CtSeed, sets: u32) -> CtHash {
     CtHash { set: (((h1 >> 32) * sets as u64) >> 32) as u32, x: h2 >> X_SHIFT, y: if y == 0 { 1 } else { y } }
 }
 
-/// A time in the entries' unit (from `bpf_ktime_get_coarse_ns` or similar).
+/// A time in the entries' unit, from nanoseconds of `CLOCK_MONOTONIC`
+/// (the datapath's are `CtClock::ns` of the jiffies counter).
 #[inline(always)]
 pub const fn ct_now(ns: u64) -> u64 {
     (ns >> CT_TIME_SHIFT) & TIME_MASK
+}
+
+/// The datapath's clock: the kernel's jiffies counter (`bpf_jiffies64`,
+/// which the verifier inlines into one load: no helper call, ~10 ns less
+/// per packet than `bpf_ktime_get_coarse_ns` on kernels with return-thunk
+/// mitigations) turned into nanoseconds since boot. The kernel starts
+/// jiffies at `INITIAL_JIFFIES` (300 s before wrapping 32 bits) and
+/// advances them once per tick from the same timekeeping as
+/// `CLOCK_MONOTONIC_COARSE`, whose resolution (`clock_getres`) is the tick;
+/// so `ns` agrees with that clock to within a tick or two, well inside an
+/// entry's time unit (2²⁴ ns, four ticks at 250 Hz).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtClock {
+    /// Nanoseconds per tick (1 000 000 at 1000 Hz).
+    pub tick_ns: u64,
+    /// The jiffies counter's value at boot.
+    pub base: u64,
+}
+
+impl CtClock {
+    /// The clock of a kernel whose tick is `tick_ns` nanoseconds.
+    pub const fn of_tick(tick_ns: u64) -> CtClock {
+        let tick_ns = if tick_ns == 0 { 4_000_000 } else { tick_ns };
+        let hz = (1_000_000_000 + tick_ns / 2) / tick_ns;
+        // include/linux/jiffies.h: ((unsigned long)(unsigned int)(-300*HZ)).
+        CtClock { tick_ns, base: (0u32.wrapping_sub(300u32.wrapping_mul(hz as u32))) as u64 }
+    }
+
+    /// Nanoseconds since boot at `jiffies`.
+    #[inline(always)]
+    pub const fn ns(&self, jiffies: u64) -> u64 {
+        jiffies.wrapping_sub(self.base).wrapping_mul(self.tick_ns)
+    }
 }
 
 impl CtWay {
@@ -316,6 +351,19 @@ impl CtSet {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_clock_counts_ticks_from_the_kernels_initial_jiffies() {
+        // include/linux/jiffies.h: INITIAL_JIFFIES = (u32)(-300 * HZ).
+        for (tick, hz) in [(1_000_000u64, 1000u64), (4_000_000, 250), (3_333_333, 300), (10_000_000, 100)] {
+            let c = CtClock::of_tick(tick);
+            assert_eq!(c.base, (1u64 << 32) - 300 * hz, "HZ {hz}");
+            assert_eq!(c.ns(c.base), 0);
+            assert_eq!(c.ns(c.base + hz), hz * tick, "one second of ticks");
+        }
+        // An unknown tick (clock_getres failed) falls back to 250 Hz.
+        assert_eq!(CtClock::of_tick(0), CtClock::of_tick(4_000_000));
+    }
     extern crate std;
     use super::*;
     use std::{vec, vec::Vec};

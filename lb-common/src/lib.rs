@@ -175,6 +175,10 @@ pub const PROG_ENCAP: &str = "xlb_encap";
 pub const TAIL_ENCAP: u32 = 0;
 /// Name of the decapsulating program (`xlb decap`, on backends).
 pub const PROG_DECAP: &str = "xlb_decap";
+/// Name of the clock program: writes the datapath's clock into a frame,
+/// run by the agent through BPF_PROG_TEST_RUN (never attached) to relate
+/// that clock to `CLOCK_MONOTONIC` (`ct::CtClock`).
+pub const PROG_CLOCK: &str = "xlb_clock";
 /// Name of the XDP_PASS helper program in the object (for veth peers: XDP_TX
 /// frames are only delivered when the peer has an XDP program attached).
 pub const PROG_PASS: &str = "xlb_pass";

@@ -12,10 +12,10 @@
 //!
 //! A flow's lookup and its insert touch one cache line: its set.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::bpf_jiffies64;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use lb_common::{
-    ct::{ct_hash, ct_now, ct_rank, ct_rank_is_open},
+    ct::{ct_hash, ct_now, ct_rank, ct_rank_is_open, CtClock},
     BackendInfo, CtEntry, CtHash, CtSeed, CtSet, CtWay, FlowKey, Stat, StatBlock, VipInfo, CT_WAYS,
 };
 
@@ -33,6 +33,11 @@ static XLB_CT_SETS: u32 = 1;
 /// table's seed record for the next agent).
 #[no_mangle]
 static XLB_CT_SEED: [u64; 2] = [0; 2];
+
+/// The kernel's tick and jiffies at boot (set by the agent at load time
+/// from `clock_getres(CLOCK_MONOTONIC_COARSE)`: `CtClock::of_tick`).
+#[no_mangle]
+static XLB_CT_CLOCK: CtClock = CtClock::of_tick(4_000_000);
 
 /// Set to 1 by the agent at load time (`--flow-keys`): every insert also
 /// writes the flow's key beside its way in `XLB_CT_KEYS` (read only by
@@ -113,11 +118,20 @@ impl Probe {
     }
 }
 
+/// The datapath's clock in nanoseconds since boot (`CtClock`: jiffies,
+/// which the verifier inlines into one load).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a plain read of a load-time constant (volatile: not folded at
+    // build time), and a helper without preconditions.
+    let (clock, jiffies) = unsafe { (core::ptr::read_volatile(&XLB_CT_CLOCK), bpf_jiffies64()) };
+    clock.ns(jiffies)
+}
+
 /// The time in the entries' unit.
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: helper without preconditions.
-    ct_now(unsafe { bpf_ktime_get_coarse_ns() })
+    ct_now(now_ns())
 }
 
 /// Result of looking a flow up.

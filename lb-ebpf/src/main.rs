@@ -68,7 +68,7 @@ fn balance<const TRACE: bool>(ctx: &XdpContext) -> u32 {
         // The stats map always has its one entry; without it, do no harm.
         return xdp_action::XDP_PASS;
     };
-    let mut seen = if TRACE { Some(trace::Seen::new(ctx)) } else { None };
+    let mut seen = if TRACE { trace::Seen::start(ctx) } else { None };
     let (action, stat) = process(ctx, stats, &mut seen);
     stats::count(stats, stat);
     if let (true, Some(seen)) = (TRACE, &seen) {
@@ -88,6 +88,21 @@ pub fn xlb_decap(ctx: XdpContext) -> u32 {
     action
 }
 
+/// The datapath's clock (`conntrack::now_ns`, little-endian) written over
+/// the first 8 bytes of the frame: the agent runs it through
+/// BPF_PROG_TEST_RUN to relate that clock to `CLOCK_MONOTONIC`. Never
+/// attached.
+#[xdp]
+pub fn xlb_clock(ctx: XdpContext) -> u32 {
+    match pkt::bytes_mut::<8>(&ctx, 0) {
+        Some(b) => {
+            *b = conntrack::now_ns().to_le_bytes();
+            xdp_action::XDP_PASS
+        }
+        None => xdp_action::XDP_ABORTED,
+    }
+}
+
 /// Returns XDP_PASS for every frame: attached to the peer of a veth so that
 /// frames sent there with XDP_TX are delivered (a veth requirement).
 #[xdp]
@@ -96,7 +111,7 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<trace::Seen>) -> (u32, Stat) {
+fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<&mut trace::Seen>) -> (u32, Stat) {
     let pkt = match parse::packet(ctx) {
         Ok(p) => p,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
@@ -199,7 +214,7 @@ pub fn xlb_encap(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn encap_handed(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(trace::Seen, u8)>) -> (u32, Stat) {
+fn encap_handed<'a>(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(&'a mut trace::Seen, u8)>) -> (u32, Stat) {
     let Some(h) = maps::HANDOFF.get(0) else {
         return (xdp_action::XDP_DROP, Stat::DropNoRoute);
     };
@@ -207,7 +222,7 @@ fn encap_handed(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(trac
         return (xdp_action::XDP_DROP, Stat::DropBadBackend);
     };
     if h.trace != 0 {
-        *seen = Some((trace::Seen::routed(h.key, h.id), backend.forward));
+        *seen = trace::Seen::routed(&h.key, h.id).map(|s| (s, backend.forward));
     }
     let (action, stat) = encap::forward(ctx, &h.key, backend);
     if matches!(stat, Stat::Forwarded | Stat::Redirected) {

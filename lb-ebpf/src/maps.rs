@@ -121,6 +121,11 @@ pub static TRACE: RingBuf = RingBuf::with_byte_size(lb_common::trace::TRACE_RING
 #[map(name = "XLB_TRACE_CFG")]
 pub static TRACE_CFG: Array<lb_common::trace::TraceConfig> = Array::with_max_entries(1, 0);
 
+/// The tracing program's notes on the frame it is processing (per CPU:
+/// kept off its stack, see `trace::Seen`).
+#[map(name = "XLB_TRACE_SEEN")]
+pub static TRACE_SEEN: PerCpuArray<crate::trace::Seen> = PerCpuArray::with_max_entries(1, 0);
+
 /// The tracing program's rate limit, per CPU.
 #[map(name = "XLB_TRACE_TB")]
 pub static TRACE_TB: PerCpuArray<lb_common::trace::TraceBucket> = PerCpuArray::with_max_entries(1, 0);

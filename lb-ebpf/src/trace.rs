@@ -13,11 +13,14 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{TRACE, TRACE_CFG, TRACE_TB},
+    maps::{TRACE, TRACE_CFG, TRACE_SEEN, TRACE_TB},
     pkt,
 };
 
-/// What the program learnt about a frame on its way (tracing only).
+/// What the program learnt about a frame on its way (tracing only). It
+/// lives in this CPU's `XLB_TRACE_SEEN` value, not on the stack: the
+/// tracing program's frame is the balancer's plus this, and BPF allows
+/// 512 bytes for a program and the subprograms it calls.
 pub struct Seen {
     /// The frame's MACs as they arrived (before the rewrite).
     pub macs: [u8; 12],
@@ -28,16 +31,35 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// A frame as it arrived (`None` only if the per-CPU value is missing:
+    /// the frame is then not recorded).
     #[inline(always)]
-    pub fn new(ctx: &XdpContext) -> Seen {
-        Seen { macs: pkt::read::<[u8; 12]>(ctx, 0).unwrap_or([0; 12]), key: None, backend_id: TRACE_ANY_BACKEND }
+    pub fn start<'a>(ctx: &XdpContext) -> Option<&'a mut Seen> {
+        let s = Seen::slot()?;
+        s.macs = pkt::read::<[u8; 12]>(ctx, 0).unwrap_or([0; 12]);
+        s.key = None;
+        s.backend_id = TRACE_ANY_BACKEND;
+        Some(s)
     }
 
     /// A frame `xlb_encap` handled for `xlb_trace` (recorded as it left:
     /// `emit` with its `Forward`).
     #[inline(always)]
-    pub fn routed(key: FlowKey, backend_id: u32) -> Seen {
-        Seen { macs: [0; 12], key: Some(key), backend_id }
+    pub fn routed<'a>(key: &FlowKey, backend_id: u32) -> Option<&'a mut Seen> {
+        let s = Seen::slot()?;
+        s.macs = [0; 12];
+        s.key = Some(*key);
+        s.backend_id = backend_id;
+        Some(s)
+    }
+
+    #[inline(always)]
+    fn slot<'a>() -> Option<&'a mut Seen> {
+        let p = TRACE_SEEN.get_ptr_mut(0)?;
+        // SAFETY: this CPU's value of a per-CPU array, used by one frame at
+        // a time (XDP programs on a CPU do not interleave; `xlb_encap` runs
+        // as a tail call of the frame's own program).
+        Some(unsafe { &mut *p })
     }
 }
 

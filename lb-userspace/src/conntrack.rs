@@ -114,7 +114,7 @@ impl CtView {
     pub fn insert_keyed(&mut self, seed: &CtSeed, key: &FlowKey, backend_id: u32, gen: u16, idle: u64, keys: Option<&mut KeysView>) -> Inserted {
         let h = ct_hash(key, seed, self.sets);
         let s = self.set(h.set);
-        let now = ct_now(monotonic_coarse_ns());
+        let now = ct_now(datapath_now_ns());
         let tags = s.ways.map(|w| w.tag);
         let vals = s.ways.map(|w| w.val);
         let (way, outcome) = match (0..CT_WAYS).find(|&i| CtWay::matches(tags[i], vals[i], &h)) {
@@ -209,8 +209,50 @@ impl KeysView {
     }
 }
 
-/// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
-pub(crate) fn monotonic_coarse_ns() -> u64 {
+/// `CLOCK_MONOTONIC_COARSE` minus the datapath clock (`CtClock`), as
+/// measured by `calibrate_clock` (0 until then).
+static CLOCK_LEAD_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The clock the datapath stamps entries with, now: jiffies count ticks
+/// from the same timekeeping as `CLOCK_MONOTONIC_COARSE`, but started at a
+/// different moment during boot (≈250 ms apart on the development VM), so
+/// the agent reads that clock minus the difference it measured.
+pub(crate) fn datapath_now_ns() -> u64 {
+    monotonic_coarse_ns().wrapping_sub(CLOCK_LEAD_NS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Measure how far `CLOCK_MONOTONIC_COARSE` leads the datapath's clock by
+/// running `xlb_clock` (it writes its clock into the frame); the sample
+/// with the shortest round trip is kept. The same kernel gives every
+/// datapath in a process the same answer.
+pub(crate) fn calibrate_clock(clock: &aya::programs::Xdp) -> Result<()> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let frame = [0u8; 64];
+    let mut best: Option<(u64, u64)> = None;
+    for _ in 0..5 {
+        let mut out = [0u8; 64];
+        let t0 = monotonic_coarse_ns();
+        let r = clock
+            .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() })
+            .context("cannot run xlb_clock")?;
+        let t1 = monotonic_coarse_ns();
+        // XDP_PASS = 2.
+        anyhow::ensure!(r.return_value == 2, "xlb_clock returned {}", r.return_value);
+        let mut ns = [0u8; 8];
+        ns.copy_from_slice(&out[..8]);
+        let lead = (t0 / 2 + t1 / 2).wrapping_sub(u64::from_le_bytes(ns));
+        if best.is_none_or(|(rt, _)| t1 - t0 < rt) {
+            best = Some((t1 - t0, lead));
+        }
+    }
+    if let Some((_, lead)) = best {
+        CLOCK_LEAD_NS.store(lead, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds.
+fn monotonic_coarse_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime(2) into a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
@@ -279,4 +321,14 @@ pub fn for_each_keyed(view: &CtView, keys: &KeysView, seed: &CtSeed, mut f: impl
         }
     }
     unkeyed
+}
+
+/// The datapath clock's parameters on this kernel: its tick is the
+/// resolution of `CLOCK_MONOTONIC_COARSE`.
+pub(crate) fn datapath_clock() -> lb_common::ct::CtClock {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_getres(2) into a valid timespec.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0;
+    let tick = if ok { ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 } else { 0 };
+    lb_common::ct::CtClock::of_tick(tick)
 }

@@ -56,6 +56,17 @@ fn flows_lists_each_new_flow_with_the_backend_the_program_chose() {
         assert!(f.valid && !f.closed);
     }
     assert!(all.flows.windows(2).all(|w| w[0].age_ms <= w[1].age_ms), "most recently seen first");
+    // The datapath stamps entries from the jiffies counter, the agent reads
+    // them against CLOCK_MONOTONIC_COARSE: the two must agree (an offset
+    // would show as ages of minutes or hours, a wrong tick as ages that
+    // grow at the wrong rate).
+    let newest = all.flows.iter().map(|f| f.age_ms).max().expect("flows");
+    assert!(newest <= 120, "flows sent just now are {newest} ms old by the agent's clock");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let later = flows(&a, &FlowsRequest { limit: Some(1000), ..Default::default() }).expect("flows");
+    for f in &later.flows {
+        assert!((540..=800).contains(&f.age_ms), "{}: {} ms old after 600 ms", f.flow, f.age_ms);
+    }
     let one = flows(&a, &FlowsRequest { vip: Some(vips[1]), limit: Some(1000), ..Default::default() }).expect("flows");
     assert_eq!(one.matched, 30);
     assert!(one.flows.iter().all(|f| f.vip == Some(vips[1].to_string())));

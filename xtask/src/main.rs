@@ -175,7 +175,7 @@ fn main() -> Result<()> {
                 .arg(root.join("target/release/xlb")))
         }
         _ => {
-            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale,encap]");
+            eprintln!("usage: cargo xtask build | test [TEST FILTER…] | demo | bench [cost,live,compare,scale,encap,vipforms,profile]");
             std::process::exit(2);
         }
     }

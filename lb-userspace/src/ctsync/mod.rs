@@ -278,7 +278,7 @@ impl Tables {
 
 /// Every entry of the table whose key is known, with its age.
 pub fn keyed_entries(view: &CtView, keys: &KeysView, seed: &lb_common::CtSeed) -> Vec<(FlowKey, CtEntry, u64)> {
-    let now = ct_now(crate::conntrack::monotonic_coarse_ns());
+    let now = ct_now(crate::conntrack::datapath_now_ns());
     let mut out = Vec::new();
     crate::conntrack::for_each_keyed(view, keys, seed, |key, way| {
         out.push((key, CtWay::entry(way.tag, way.val), CtWay::age(way.tag, now)));

@@ -372,7 +372,7 @@ pub fn observe(agent: &Agent, vip: &Vip, client: &Client) -> Result<(FlowKey, Ob
         let h = ct_hash(&key, &dp.conntrack_seed(), sets);
         let set = dp.conntrack_set(h.set)?;
         o.ct_set = Some(h.set);
-        let now = ct_now(crate::conntrack::monotonic_coarse_ns());
+        let now = ct_now(crate::conntrack::datapath_now_ns());
         for (way, w) in set.ways.iter().enumerate().take(CT_WAYS) {
             if CtWay::matches(w.tag, w.val, &h) {
                 let entry = CtWay::entry(w.tag, w.val);

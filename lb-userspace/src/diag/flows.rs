@@ -117,7 +117,7 @@ pub fn flows(agent: &Agent, req: &FlowsRequest) -> Result<FlowsReport> {
     let view = reader.view();
     let keys = crate::conntrack::KeysView::map(dp.flow_keys_map(), dp.opts.flow_key_slots(), false)?;
     let seed = dp.conntrack_seed();
-    let now = ct_now(crate::conntrack::monotonic_coarse_ns());
+    let now = ct_now(crate::conntrack::datapath_now_ns());
     // (backend id, generation) → (VIP, backend address) as the agent knows them.
     let mut owners = std::collections::HashMap::new();
     for (v, s) in agent.vips() {

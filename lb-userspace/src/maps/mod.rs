@@ -26,7 +26,7 @@ use aya::{
 use lb_common::{
     ct::{ct_elements, ct_sets},
     map_names, BackendInfo, Counters, CtSeed, CtSet, DecapKey, EncapConfig, PrefixKey, StatBlock, VipInfo, VipKey, MAX_ACCEPT_MACS,
-    MAX_BACKENDS, PROG_DECAP, PROG_ENCAP, PROG_PASS, PROG_TRACE, PROG_XLB, TAIL_ENCAP,
+    MAX_BACKENDS, PROG_CLOCK, PROG_DECAP, PROG_ENCAP, PROG_PASS, PROG_TRACE, PROG_XLB, TAIL_ENCAP,
 };
 
 use lb_common::trace::{TraceBucket, TraceConfig};
@@ -191,9 +191,10 @@ impl Datapath {
             .override_global("XLB_CT_SETS", &sets, true)
             .override_global("XLB_QUIC_CID_LEN", &opts.quic_cid_len.0, true)
             .override_global("XLB_CT_SEED", &ct_seed.k, true)
+            .override_global("XLB_CT_CLOCK", &crate::conntrack::datapath_clock(), true)
             .load(xdp_object()?)
             .context("cannot load the XDP object (creating its maps)")?;
-        for name in [PROG_XLB, PROG_TRACE, PROG_PASS, PROG_DECAP, PROG_ENCAP] {
+        for name in [PROG_XLB, PROG_TRACE, PROG_PASS, PROG_DECAP, PROG_ENCAP, PROG_CLOCK] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
@@ -205,6 +206,10 @@ impl Datapath {
             if let Ok(Some(n)) = prog.info().map(|i| i.verified_instruction_count()) {
                 log::debug!("XDP program {name} verified: {n} instructions processed");
             }
+        }
+        {
+            let clock: &Xdp = ebpf.program(PROG_CLOCK).context("xlb_clock")?.try_into()?;
+            crate::conntrack::calibrate_clock(clock)?;
         }
         let mut progs: ProgramArray<MapData> = take(&mut ebpf, map_names::PROGS)?;
         {

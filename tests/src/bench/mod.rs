@@ -151,6 +151,12 @@ pub fn run(xlb: &Path, floors: &str, out: &Path, sections: &[String]) -> Result<
             },
         ];
     }
+    // Only on request: `cargo xtask bench profile` (needs perf).
+    if sections.iter().any(|x| x == "profile") {
+        let mut fl = cost::Floors::load(floors)?;
+        cost::profile(&mut fl, out)?;
+        return Ok(());
+    }
     let mut live = Vec::new();
     // Only on request (`cargo xtask bench encap`): routed backends' cost
     // beside the L2 path's, measured the same way in the same run.
