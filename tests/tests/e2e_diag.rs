@@ -108,6 +108,16 @@ fn wait_exit(child: std::process::Child, limit: Duration) -> (String, String) {
     if !waiter.is_finished() {
         // SAFETY: kill(2) of the child this test started.
         unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        let t1 = Instant::now();
+        while !waiter.is_finished() && t1.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Never wait forever on a client that ignored the interrupt (the
+        // test then fails on its output instead of hanging the run).
+        if !waiter.is_finished() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
     let out = waiter.join().expect("join").expect("output");
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -171,7 +181,10 @@ fn trace_records_exactly_the_frames_sent_and_swaps_back() {
     assert!(!busy.status.success() && String::from_utf8_lossy(&busy.stderr).contains("already running"));
     // SAFETY: kill(2) of the child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let _ = wait_exit(child, Duration::from_secs(5));
+    let (_, err) = wait_exit(child, Duration::from_secs(5));
+    // Handled (not the default action): the client says so, and it would
+    // stop the same way under a parent that ignores SIGINT.
+    assert!(err.contains("trace: stopped (signal)"), "{err}");
     d.wait("the balancer back on eth0", Duration::from_secs(5), || Ok(d.xdp_prog("lb")? == Some(prog))).expect("swapped back");
     let s = d.connect(5).expect("client");
     assert_eq!(s.failed, 0, "forwarding goes on: {:?}", s.errors);

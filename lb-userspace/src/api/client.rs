@@ -22,10 +22,26 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
     })
 }
 
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The agent ended it, or `on_line` did.
+    Done,
+    /// SIGINT or SIGTERM: the connection is dropped, which ends the
+    /// agent's side too. Handled rather than left to the default action,
+    /// which a parent that ignores SIGINT (a shell's background job) would
+    /// have turned into "never".
+    Interrupted,
+}
+
 /// Send a streaming request (trace): `on_line` gets each non-empty line of
-/// the answer until it returns false or the agent ends the stream.
-pub fn stream(socket: &Path, req: &Request, mut on_line: impl FnMut(&str) -> Result<bool>) -> Result<()> {
+/// the answer until it returns false, the agent ends the stream, or a
+/// SIGINT/SIGTERM arrives.
+pub fn stream(socket: &Path, req: &Request, mut on_line: impl FnMut(&str) -> Result<bool>) -> Result<StreamEnd> {
+    use tokio::signal::unix::{signal, SignalKind};
     runtime()?.block_on(async {
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let resp = send(socket, req).await?;
         let status = resp.status();
         let mut body = resp.into_body();
@@ -35,7 +51,13 @@ pub fn stream(socket: &Path, req: &Request, mut on_line: impl FnMut(&str) -> Res
             bail!("the agent answered {status}");
         }
         let mut pending: Vec<u8> = Vec::new();
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = int.recv() => return Ok(StreamEnd::Interrupted),
+                _ = term.recv() => return Ok(StreamEnd::Interrupted),
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.context("the agent closed the stream")?;
             let Some(data) = frame.data_ref() else { continue };
             pending.extend_from_slice(data);
@@ -43,11 +65,11 @@ pub fn stream(socket: &Path, req: &Request, mut on_line: impl FnMut(&str) -> Res
                 let line: Vec<u8> = pending.drain(..=n).collect();
                 let line = std::str::from_utf8(&line).context("malformed line from the agent")?.trim();
                 if !line.is_empty() && !on_line(line)? {
-                    return Ok(());
+                    return Ok(StreamEnd::Done);
                 }
             }
         }
-        Ok(())
+        Ok(StreamEnd::Done)
     })
 }
 

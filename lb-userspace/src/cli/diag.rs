@@ -90,7 +90,7 @@ fn stream_trace(socket: &Path, req: &Request, pcap: Option<&Path>, json: bool) -
         .transpose()?;
     let stdout = std::io::stdout();
     let mut ended = false;
-    api::client::stream(socket, req, |l| {
+    let end = api::client::stream(socket, req, |l| {
         match serde_json::from_str::<StreamMsg>(l).context("malformed trace line from the agent")? {
             StreamMsg::Frame(f) => {
                 if let Some(p) = &mut pcap {
@@ -112,6 +112,11 @@ fn stream_trace(socket: &Path, req: &Request, pcap: Option<&Path>, json: bool) -
             }
         }
     })?;
+    if end == api::client::StreamEnd::Interrupted {
+        // The pcap file is flushed after every record.
+        eprintln!("trace: stopped (signal)");
+        return Ok(());
+    }
     if !ended {
         bail!("the agent ended the trace early");
     }
