@@ -35,31 +35,28 @@ impl Seen {
     /// the frame is then not recorded).
     #[inline(always)]
     pub fn start<'a>(ctx: &XdpContext) -> Option<&'a mut Seen> {
-        let s = Seen::slot()?;
-        s.macs = pkt::read::<[u8; 12]>(ctx, 0).unwrap_or([0; 12]);
-        s.key = None;
-        s.backend_id = TRACE_ANY_BACKEND;
-        Some(s)
+        Seen::put(pkt::read::<[u8; 12]>(ctx, 0).unwrap_or([0; 12]), None, TRACE_ANY_BACKEND)
     }
 
     /// A frame `xlb_encap` handled for `xlb_trace` (recorded as it left:
     /// `emit` with its `Forward`).
     #[inline(always)]
     pub fn routed<'a>(key: &FlowKey, backend_id: u32) -> Option<&'a mut Seen> {
-        let s = Seen::slot()?;
-        s.macs = [0; 12];
-        s.key = Some(*key);
-        s.backend_id = backend_id;
-        Some(s)
+        Seen::put([0; 12], Some(*key), backend_id)
     }
 
+    /// This CPU's notes, overwritten with a new frame's.
     #[inline(always)]
-    fn slot<'a>() -> Option<&'a mut Seen> {
+    fn put<'a>(macs: [u8; 12], key: Option<FlowKey>, backend_id: u32) -> Option<&'a mut Seen> {
         let p = TRACE_SEEN.get_ptr_mut(0)?;
         // SAFETY: this CPU's value of a per-CPU array, used by one frame at
         // a time (XDP programs on a CPU do not interleave; `xlb_encap` runs
         // as a tail call of the frame's own program).
-        Some(unsafe { &mut *p })
+        let s = unsafe { &mut *p };
+        s.macs = macs;
+        s.key = key;
+        s.backend_id = backend_id;
+        Some(s)
     }
 }
 
