@@ -295,6 +295,7 @@ fn tables_are_published_by_switching_table_slots() {
     f.agent.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9)), Some(backend_mac(9)), 3).expect("add");
     let s2 = slot(&f);
     let id2 = f.agent.dp.table_id(s2).expect("id").expect("a table in s2");
+    let table2 = f.agent.vips()[&v].table.clone();
     f.agent.del_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9))).expect("del");
     let s3 = slot(&f);
     assert!(s1 != s2 && s2 != s3 && s1 != s3, "slots {s1} {s2} {s3}");
@@ -304,11 +305,29 @@ fn tables_are_published_by_switching_table_slots() {
     for i in [0u32, 1, 777, ring_size - 1] {
         assert_eq!(f.agent.dp.table_entry(s3, i).expect("table"), table[i as usize]);
     }
-    // The replaced tables are freed: their slots are emptied (and may hold
-    // other, new tables later), never written again.
-    f.agent.dp.clear_retired_tables().expect("clear");
-    assert_ne!(f.agent.dp.table_id(s1).expect("id"), Some(id1), "the first table is gone");
-    assert_ne!(f.agent.dp.table_id(s2).expect("id"), Some(id2), "the second table is gone");
+    // The replaced table cools in its slot, untouched (a program that read
+    // the VIP entry just before the switch may still be reading it).
+    assert_eq!(f.agent.dp.table_id(s2).expect("id"), Some(id2), "the replaced table stays in its slot");
+    assert_eq!(f.agent.dp.table_id(s1).expect("id"), Some(id1), "the first replaced table too");
+    let differ = (0..ring_size).filter(|i| table2[*i as usize] != table[*i as usize]).count();
+    assert!(differ > 1000, "backend 9 owned {differ} entries of the replaced table");
+    for i in (0..ring_size).step_by(97) {
+        assert_eq!(f.agent.dp.table_entry(s2, i).expect("table"), table2[i as usize], "entry {i} of the replaced table");
+    }
+    // After a grace period replaced tables are written again: steady
+    // publications create no map.
+    f.agent.dp.settle_tables().expect("settle");
+    let (occupied, _, _, created) = f.agent.dp.table_counts();
+    let mut slots = std::collections::BTreeSet::new();
+    for w in 2..12u32 {
+        f.agent.set_weight(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)), w).expect("weight");
+        slots.insert(slot(&f));
+        f.agent.dp.settle_tables().expect("settle");
+    }
+    let (occupied2, _, _, created2) = f.agent.dp.table_counts();
+    assert_eq!(created2, created, "ten publications, each after a grace period, reuse the replaced tables");
+    assert!(occupied2 <= occupied, "{occupied2} slots hold a table, {occupied} before");
+    assert!(slots.len() > 1, "publications still switch slots: {slots:?}");
 }
 
 #[test]

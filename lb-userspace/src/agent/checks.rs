@@ -285,6 +285,8 @@ impl<M: Maps> Agent<M> {
         let mut fast = false;
         let mut jitter = 0;
         let mut flapping = 0;
+        // VIPs whose backend failed and may go down: (count, hold).
+        let (mut suspect, mut hold_ms) = (0usize, 0u64);
         for (vip, bip) in &j.subscribers {
             let Some(state) = self.vips.get_mut(vip) else { continue };
             let Some(b) = state.backends.get_mut(bip) else { continue };
@@ -311,6 +313,10 @@ impl<M: Maps> Agent<M> {
                     let cfg = cfg.clone();
                     let t = apply_health(b, &cfg, &out, now);
                     fast |= transitioning(b);
+                    if b.health.up && b.health.fail_streak > 0 {
+                        suspect += 1;
+                        hold_ms = hold_ms.max(u64::from(cfg.fall) * job.target.spec.fast_interval_ms.max(job.target.spec.interval_ms));
+                    }
                     match t {
                         Transition::Up => up.push(*vip),
                         Transition::Down => down.push(*vip),
@@ -330,6 +336,11 @@ impl<M: Maps> Agent<M> {
         }
         let base = if fast { job.target.spec.fast_interval_ms } else { job.target.spec.interval_ms };
         j.next = now + jittered(base, jitter);
+        if suspect > 0 {
+            // Its removal would republish them all at once: their new tables
+            // are made while the fall count runs, not after it.
+            self.dp.prepare_tables(suspect, Duration::from_millis(hold_ms + 1000));
+        }
         let what = match job.target.probe {
             Probe::Health { kind, port } => format!("{} :{port}", kind.name()),
             Probe::Agent { port } => format!("agent :{port}"),
@@ -554,6 +565,7 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(round(&mut a, t0, |_| ok()), 3);
         assert_eq!(a.dp.table_writes, 512, "one table per VIP, once");
+        assert_eq!(a.dp.prepared, 0, "passing checks prepare no table");
         assert!(a.vips().keys().all(|v| BACKENDS.iter().all(|b| live(&a, v, b))));
         // Backend 2 dies: fall (3) failures at the fast interval take it out
         // of all 512 tables, each written once.
@@ -577,6 +589,7 @@ mod tests {
             if i < 2 {
                 assert_eq!(out, 0, "still in after {} failure(s)", i + 1);
                 assert_eq!(a.dp.table_writes, before);
+                assert_eq!(a.dp.prepared, 512, "the first failure has 512 tables made ready for the removal");
             } else {
                 assert_eq!(out, 512, "out of every VIP's table after the third failure");
                 assert_eq!(a.dp.table_writes, before + 512);

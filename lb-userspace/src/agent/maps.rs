@@ -39,6 +39,9 @@ pub trait Maps {
     fn reserve_tables(&mut self, n: usize) -> Result<()>;
     /// Free the table in `slot` (no entry names it any more).
     fn free_table(&mut self, slot: u32);
+    /// Have `n` tables ready soon and for `hold`, without waiting (a burst
+    /// of publications may follow).
+    fn prepare_tables(&mut self, n: usize, hold: std::time::Duration);
     /// The first `len` entries of the table in `slot`.
     fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>>;
     /// Free every table in a slot outside `named` (adoption); how many.
@@ -108,6 +111,9 @@ impl Maps for Datapath {
     fn free_table(&mut self, slot: u32) {
         Datapath::free_table(self, slot)
     }
+    fn prepare_tables(&mut self, n: usize, hold: std::time::Duration) {
+        Datapath::prepare_tables(self, n, hold)
+    }
     fn read_table(&mut self, slot: u32, len: u32) -> Result<Vec<u32>> {
         Datapath::read_table(self, slot, len)
     }
@@ -173,6 +179,8 @@ pub struct MemMaps {
     pub table_frees: usize,
     /// Most tables reserved at once (`reserve_tables`).
     pub reserved: usize,
+    /// Most tables asked for at once by `prepare_tables`.
+    pub prepared: usize,
     /// VIP entries written or removed.
     pub vip_writes: usize,
     /// Accepted destination MACs.
@@ -271,6 +279,9 @@ impl Maps for MemMaps {
     fn reserve_tables(&mut self, n: usize) -> Result<()> {
         self.reserved = self.reserved.max(n);
         Ok(())
+    }
+    fn prepare_tables(&mut self, n: usize, _hold: std::time::Duration) {
+        self.prepared = self.prepared.max(n);
     }
     fn free_table(&mut self, slot: u32) {
         if self.tables.remove(&slot).is_some() {

@@ -4,18 +4,26 @@
 //! call waits for an RCU grace period (the kernel's `maybe_wait_bpf_programs`):
 //! measured 8–20 ms a call on this 2-CPU machine, far more than writing a
 //! table. So no such call sits between a request and its publication:
-//! - ready tables (fresh maps of ring-size entries, already in a slot no
-//!   entry names, mapped into the agent) wait in a small pool; publishing
-//!   fills one through its mapping and switches the VIP entry to its slot;
-//! - a replaced table's slot is retired; a janitor thread empties retired
-//!   slots and refills the pool in batches (one grace period per batch),
-//!   off the agent's lock; when publications drain the pool faster than
-//!   that (commands one after another), it keeps `POOL_BURST` ready for a
-//!   while (a batch costs one grace period whatever its size);
-//! - a burst (a reload) reserves the tables it needs first, in one batch.
+//! - ready tables (maps of ring-size entries in a slot no entry names,
+//!   mapped into the agent) wait in a small pool; publishing fills one
+//!   through its mapping and switches the VIP entry to its slot;
+//! - a replaced table cools: it stays in its slot, untouched, until a grace
+//!   period that began after the VIP entry stopped naming it has ended (no
+//!   program can still be reading it), then it is ready again. Steady
+//!   publications thus create, map, zero and free no map at all (those cost
+//!   more than the table write: vmalloc, page clearing, a TLB shootdown per
+//!   unmapping);
+//! - a janitor thread, off the agent's lock, waits the grace periods (one
+//!   per round, whatever the number of tables), creates tables when the pool
+//!   runs low (in batches), and frees the tables beyond what it keeps;
+//! - when publications drain the pool faster than that (commands one after
+//!   another), it keeps `POOL_BURST` ready for a while; a burst (a reload)
+//!   reserves the tables it needs first, in one batch; a check that fails
+//!   once asks for as many as its backend's VIPs (`prepare`), so the burst
+//!   its backend's removal would be finds them ready.
 //!
-//! A slot is reused only after it was emptied, and an emptied slot's table
-//! is never written again, so no reader can see a table change under it.
+//! A table is written only while ready: fresh, or cooled as above. A slot
+//! is reused for another table only after it was emptied.
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{IterableMap, MapData};
@@ -40,7 +48,7 @@ pub const POOL_BURST: usize = 16;
 /// How long tables reserved beyond `POOL_READY` for a burst stay ready.
 const RESERVE_HOLD: Duration = Duration::from_secs(2);
 
-/// A fresh table in a slot no entry names, mapped writable.
+/// A table in a slot no entry names, mapped writable.
 struct Ready {
     slot: u32,
     mem: TableMem,
@@ -52,7 +60,11 @@ struct State {
     /// Slots with no table.
     free: BTreeSet<u32>,
     ready: Vec<Ready>,
-    /// Slots no entry names any more, still holding their table.
+    /// Replaced tables waiting for a grace period to be ready again.
+    cooling: Vec<Ready>,
+    /// Cooling tables taken out of `cooling` while their grace period runs.
+    in_grace: usize,
+    /// Slots whose table is to be freed (no entry names them).
     retired: Vec<u32>,
     /// Mappings of the tables in use, kept until they are retired: an
     /// unmapping costs a TLB shootdown on every CPU the agent runs on
@@ -67,6 +79,10 @@ struct State {
     /// The janitor keeps `POOL_BURST` tables ready until then (the pool ran
     /// low); reserved tables above `POOL_READY` are kept too.
     burst_until: Option<Instant>,
+    /// The janitor keeps this many ready until then (`prepare`).
+    prepared: Option<(usize, Instant)>,
+    /// Tables created since the start (tests: steady publications create none).
+    created: u64,
     /// The janitor's last error, reported once by the agent's next call.
     error: Option<String>,
     stop: bool,
@@ -139,8 +155,9 @@ impl Pool {
                     // The pool runs low, not at the end of a reserved
                     // batch: publications outpace the refills.
                     st.burst_until = Some(now + RESERVE_HOLD);
+                    self.shared.1.notify_one();
                 }
-                self.shared.1.notify_one();
+                // Otherwise the table this one replaces comes back (`release`).
                 r
             };
             if let Some(r) = r {
@@ -169,14 +186,32 @@ impl Pool {
         Ok(())
     }
 
-    /// `slot` is named by no entry any more: its table is freed soon.
+    /// `slot` is named by no entry any more: its table cools (or, if the
+    /// agent has no mapping of it, an adopted one, is freed).
     pub fn release(&self, slot: u32) {
         let mut st = lock(&self.shared);
-        if st.bytes.contains_key(&slot) && !st.retired.contains(&slot) {
-            st.retired.push(slot);
-            if let Some(m) = st.mapped.remove(&slot) {
-                st.unmapped.push(m);
+        if !st.bytes.contains_key(&slot) || st.retired.contains(&slot) || st.cooling.iter().any(|r| r.slot == slot) {
+            return;
+        }
+        match st.mapped.remove(&slot) {
+            Some(mem) => {
+                let entries = mem.entries();
+                st.cooling.push(Ready { slot, mem, entries });
             }
+            None => st.retired.push(slot),
+        }
+        self.shared.1.notify_one();
+    }
+
+    /// Have `n` tables ready within a moment, for `hold` (a backend failed
+    /// a check: its removal would republish `n` VIPs). Returns at once; the
+    /// janitor creates what is missing.
+    pub fn prepare(&self, n: usize, hold: Duration) {
+        let mut st = lock(&self.shared);
+        let until = Instant::now() + hold;
+        let n = st.prepared.filter(|(_, t)| *t > Instant::now()).map_or(n, |(m, _)| m.max(n));
+        st.prepared = Some((n, until));
+        if st.ready.len() + st.cooling.len() + st.in_grace < n {
             self.shared.1.notify_one();
         }
     }
@@ -185,7 +220,7 @@ impl Pool {
     /// (adoption: tables a previous agent left unnamed).
     pub fn release_unnamed(&self, named: &BTreeSet<u32>) -> usize {
         let mut st = lock(&self.shared);
-        let ready: BTreeSet<u32> = st.ready.iter().map(|r| r.slot).collect();
+        let ready: BTreeSet<u32> = st.ready.iter().chain(&st.cooling).map(|r| r.slot).collect();
         let loose: Vec<u32> =
             st.bytes.keys().copied().filter(|s| !named.contains(s) && !ready.contains(s) && !st.retired.contains(s)).collect();
         st.retired.extend(&loose);
@@ -205,14 +240,23 @@ impl Pool {
         lock(&self.shared).bytes.values().sum()
     }
 
-    /// (occupied slots, ready tables, retired slots), for tests and status.
-    pub fn counts(&self) -> (usize, usize, usize) {
+    /// (occupied slots, ready tables, cooling or retired slots, tables
+    /// created so far), for tests and status.
+    pub fn counts(&self) -> (usize, usize, usize, u64) {
         let st = lock(&self.shared);
-        (st.bytes.len(), st.ready.len(), st.retired.len())
+        (st.bytes.len(), st.ready.len(), st.cooling.len() + st.retired.len(), st.created)
     }
 
-    /// Empty the retired slots now (tests; the janitor does it otherwise).
-    pub fn clear_retired(&self, outer: &MapData) -> Result<()> {
+    /// What the janitor does once no burst is held, now (tests): cooled
+    /// tables ready after one grace period, tables beyond `POOL_READY` and
+    /// retired ones freed.
+    pub fn settle(&self, outer: &MapData) -> Result<()> {
+        cool(&self.shared, outer)?;
+        {
+            let mut st = lock(&self.shared);
+            (st.hold_until, st.burst_until, st.prepared) = (None, None, None);
+            trim(&mut st);
+        }
         clear(&self.shared, outer)
     }
 }
@@ -255,6 +299,57 @@ fn clear(shared: &Shared, outer: &MapData) -> Result<()> {
     }
 }
 
+/// Make the cooling tables ready after one grace period that begins now,
+/// after the VIP entries stopped naming them (any update of the table array
+/// waits for one: here a free slot's placeholder put there again). Without
+/// a free slot they are freed instead (emptying waits for one too).
+fn cool(shared: &Shared, outer: &MapData) -> Result<()> {
+    let (cooled, slot) = {
+        let mut st = lock(shared);
+        if st.cooling.is_empty() {
+            return Ok(());
+        }
+        let cooled = std::mem::take(&mut st.cooling);
+        st.in_grace += cooled.len();
+        // Out of `free` during the call: no refill may put a table there.
+        (cooled, st.free.pop_first())
+    };
+    let Some(slot) = slot else {
+        let mut st = lock(shared);
+        st.in_grace -= cooled.len();
+        for r in cooled {
+            st.retired.push(r.slot);
+            st.unmapped.push(r.mem);
+        }
+        return Ok(());
+    };
+    let r = batch::clear(outer, &[slot], shared.2.map());
+    let mut st = lock(shared);
+    st.free.insert(slot);
+    st.in_grace -= cooled.len();
+    match r {
+        Ok(()) => {
+            st.ready.extend(cooled);
+            Ok(())
+        }
+        Err(e) => {
+            st.cooling.extend(cooled);
+            Err(e)
+        }
+    }
+}
+
+/// Free the ready tables beyond `POOL_READY` (no burst is held).
+fn trim(st: &mut State) {
+    if st.ready.len() > POOL_READY {
+        let extra: Vec<Ready> = st.ready.drain(POOL_READY..).collect();
+        for r in extra {
+            st.retired.push(r.slot);
+            st.unmapped.push(r.mem);
+        }
+    }
+}
+
 /// Create `n` ready tables and put them in free slots (one batch).
 fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<()> {
     let short = { lock(shared).free.len() < n };
@@ -284,6 +379,7 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
     let mut st = lock(shared);
     match inserted {
         Ok(made) => {
+            st.created += slots.len() as u64;
             for (slot, (map, mem)) in slots.into_iter().zip(made) {
                 st.bytes.insert(slot, memlock(map.map()).unwrap_or(ring_size as u64 * 8));
                 st.ready.push(Ready { slot, mem, entries: ring_size });
@@ -298,11 +394,10 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
     }
 }
 
-/// The janitor: empties retired slots, keeps `POOL_READY` tables ready
-/// (`POOL_BURST` while the pool runs low), trims tables reserved for a
-/// burst once it is over.
+/// The janitor: makes cooled tables ready, frees retired ones, keeps
+/// `POOL_READY` tables ready (`POOL_BURST` while the pool runs low, or what
+/// `prepare` asked for), frees the tables reserved for a burst once it is over.
 fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
-    let mut target;
     loop {
         let want = {
             let mut st = lock(&shared);
@@ -312,25 +407,24 @@ fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
                 }
                 let now = Instant::now();
                 let burst = st.burst_until.is_some_and(|t| now < t);
-                let held = burst || st.hold_until.is_some_and(|t| now < t);
-                target = if burst { POOL_BURST } else { POOL_READY };
-                if !held && st.ready.len() > POOL_READY {
-                    let extra: Vec<Ready> = st.ready.drain(POOL_READY..).collect();
-                    for r in extra {
-                        st.retired.push(r.slot);
-                        st.unmapped.push(r.mem);
-                    }
+                let prepared = st.prepared.filter(|(_, t)| now < *t).map_or(0, |(n, _)| n);
+                let held = burst || prepared > 0 || st.hold_until.is_some_and(|t| now < t);
+                let target = prepared.max(if burst { POOL_BURST } else { POOL_READY });
+                if !held {
+                    trim(&mut st);
                 }
-                if !st.retired.is_empty() || !st.unmapped.is_empty() || st.ready.len() < target {
-                    break;
+                let have = st.ready.len() + st.cooling.len() + st.in_grace;
+                if !st.retired.is_empty() || !st.unmapped.is_empty() || !st.cooling.is_empty() || have < target {
+                    // No more than the slots that are free or freed by this round.
+                    break target.saturating_sub(have).min(st.free.len() + st.retired.len());
                 }
                 let wait = if st.ready.len() > POOL_READY { RESERVE_HOLD } else { Duration::from_secs(3600) };
                 st = shared.1.wait_timeout(st, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
             }
-            // No more than the slots that are free or freed by this round.
-            target.saturating_sub(st.ready.len()).min(st.free.len() + st.retired.len())
         };
-        let r = clear(&shared, &outer).and_then(|()| if want > 0 { refill(&shared, &outer, want, ring_size) } else { Ok(()) });
+        let r = cool(&shared, &outer)
+            .and_then(|()| clear(&shared, &outer))
+            .and_then(|()| if want > 0 { refill(&shared, &outer, want, ring_size) } else { Ok(()) });
         if let Err(e) = r {
             lock(&shared).error = Some(format!("{e:#}"));
             // Do not spin on a persistent failure.

@@ -116,6 +116,11 @@ impl TableMem {
         Ok(TableMem { mem, entries })
     }
 
+    /// Entries mapped.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
     /// Write `table` from entry 0. The map is new: the datapath reads it
     /// only after a later VIP-entry update names its slot.
     pub fn write(&self, table: &[u32]) {
@@ -250,10 +255,15 @@ impl Datapath {
         self.pool.reserve(outer, n)
     }
 
-    /// No entry names `slot` any more: its table is freed (by the janitor,
-    /// once running programs are done with it) and the slot reused.
+    /// No entry names `slot` any more: its table is written again only
+    /// once running programs are done with it (or freed, by the janitor).
     pub fn free_table(&mut self, slot: u32) {
         self.pool.release(slot)
+    }
+
+    /// Have `n` tables ready soon, for `hold` (without waiting).
+    pub fn prepare_tables(&mut self, n: usize, hold: std::time::Duration) {
+        self.pool.prepare(n, hold)
     }
 
     /// Free the tables of every occupied slot outside `named` (adoption).
@@ -261,13 +271,15 @@ impl Datapath {
         self.pool.release_unnamed(named)
     }
 
-    /// Empty retired slots now, instead of waiting for the janitor (tests).
-    pub fn clear_retired_tables(&self) -> Result<()> {
-        self.pool.clear_retired(self.tables.data())
+    /// Leave the tables as the janitor does once no burst is held, now
+    /// (tests): replaced tables ready again, tables beyond the pool freed.
+    pub fn settle_tables(&self) -> Result<()> {
+        self.pool.settle(self.tables.data())
     }
 
-    /// (occupied slots, ready tables, retired slots).
-    pub fn table_counts(&self) -> (usize, usize, usize) {
+    /// (occupied slots, ready tables, cooling or retired slots, tables
+    /// created so far).
+    pub fn table_counts(&self) -> (usize, usize, usize, u64) {
         self.pool.counts()
     }
 
