@@ -24,7 +24,7 @@ pub use crate::config::Admin;
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -48,6 +48,13 @@ pub use model::{fingerprint, AgentReport, AgentState, Backend, Health, VipState,
 pub use status::{BackendStatus, Status, VipStatus};
 
 pub use crate::config::{check_any_port_health, check_persist};
+
+/// Bursts of at least this many VIP publications are logged with their time
+/// (a shared backend going down or up republishes all its VIPs at once).
+const BURST_LOG: usize = 8;
+
+/// How long after a failed publication the VIP is published again.
+pub(crate) const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 
 /// Settings of an agent.
 #[derive(Clone, Debug)]
@@ -129,6 +136,10 @@ pub struct Agent<M: Maps = Datapath> {
     backend_gens: Vec<u16>,
     /// VIPs changed since the last `flush`.
     dirty: BTreeSet<Vip>,
+    /// VIPs whose last publication failed (no table slot, a map error):
+    /// published again from `tick` at `retry_at`, not on every flush.
+    pub(crate) unpublished: BTreeSet<Vip>,
+    pub(crate) retry_at: Option<Instant>,
     /// The state file is behind the running state.
     state_dirty: bool,
     /// Tables published (each one plan, one ring write, one VIP entry).
@@ -171,6 +182,8 @@ impl<M: Maps> Agent<M> {
             free_backend_ids,
             backend_gens,
             dirty: BTreeSet::new(),
+            unpublished: BTreeSet::new(),
+            retry_at: None,
             state_dirty: false,
             publications: 0,
             saves: 0,
@@ -227,6 +240,7 @@ impl<M: Maps> Agent<M> {
     pub fn publish_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut first_err = None;
+        let t = std::time::Instant::now();
         // A burst: its new tables in one batch (a table change waits for no
         // kernel grace period while ready tables last).
         if dirty.len() > 1 {
@@ -234,13 +248,27 @@ impl<M: Maps> Agent<M> {
                 log::warn!("reserving {} tables: {e:#}", dirty.len());
             }
         }
+        let reserved = t.elapsed();
+        let n = dirty.len();
+        let mut failed = 0;
         for v in dirty {
             if self.vips.contains_key(&v) {
                 if let Err(e) = self.publish_counted(&v, false) {
-                    log::error!("VIP {v}: publishing failed: {e:#}");
+                    if failed == 0 {
+                        log::error!("VIP {v}: publishing failed: {e:#}");
+                    }
+                    failed += 1;
                     first_err.get_or_insert(e);
                 }
             }
+        }
+        if failed > 0 {
+            // One line for a burst, and a retry that does not spin.
+            log::error!("{failed} VIP(s) not published (the first one's error above); retried in {} s", PUBLISH_RETRY.as_secs());
+        }
+        if n >= BURST_LOG {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            log::info!("{n} VIPs published in {:.1} ms ({:.1} ms of it making tables ready)", ms(t.elapsed()), ms(reserved));
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -540,6 +568,10 @@ impl<M: Maps> Agent<M> {
             .collect();
         for v in due {
             self.dirty.insert(v);
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.dirty.extend(std::mem::take(&mut self.unpublished).into_iter().filter(|v| self.vips.contains_key(v)));
         }
         self.publish_dirty()
     }

@@ -24,21 +24,22 @@ use crate::{
 /// How often the scheduler looks for due jobs.
 const TICK: Duration = Duration::from_millis(20);
 
-/// Run health jobs forever.
+/// Run health jobs forever: each job starts when it is due (a timer set to
+/// the earliest), probes, slow start and saves run every `TICK`.
 pub async fn run(agent: Arc<Mutex<Agent>>) {
     let mut running = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let (jobs, probes, save) = match agent.lock() {
+                let (probes, save) = match agent.lock() {
                     Ok(mut a) => {
-                        let now = Instant::now();
-                        if let Err(e) = a.tick(now) {
+                        if let Err(e) = a.tick(Instant::now()) {
                             log::error!("slow start: {e:#}");
                         }
-                        (a.due_checks(now), a.due_probes(now), a.take_save())
+                        (a.due_probes(Instant::now()), a.take_save())
                     }
                     Err(_) => return,
                 };
@@ -49,12 +50,12 @@ pub async fn run(agent: Arc<Mutex<Agent>>) {
                 for ip in probes {
                     neigh::probe(ip);
                 }
-                for job in jobs {
-                    running.spawn(async move {
-                        let out = check(&job).await;
-                        (job, out)
-                    });
-                }
+                let Some(next) = start_due(&agent, &mut running) else { return };
+                due_at = next;
+            }
+            _ = tokio::time::sleep_until(due_at) => {
+                let Some(next) = start_due(&agent, &mut running) else { return };
+                due_at = next;
             }
             Some(done) = running.join_next() => {
                 // Take every result that is ready, then publish once.
@@ -62,18 +63,42 @@ pub async fn run(agent: Arc<Mutex<Agent>>) {
                 while let Some(more) = running.try_join_next() {
                     batch.push(more);
                 }
-                let Ok(mut a) = agent.lock() else { return };
-                for (job, out) in batch.into_iter().filter_map(Result::ok) {
-                    if let Err(e) = a.report(&job, out) {
-                        log::error!("applying the health of {} failed: {e:#}", job.target.ip);
+                {
+                    let Ok(mut a) = agent.lock() else { return };
+                    for (job, out) in batch.into_iter().filter_map(Result::ok) {
+                        if let Err(e) = a.report(&job, out) {
+                            log::error!("applying the health of {} failed: {e:#}", job.target.ip);
+                        }
+                    }
+                    if let Err(e) = a.publish_dirty() {
+                        log::error!("publishing health changes failed: {e:#}");
                     }
                 }
-                if let Err(e) = a.publish_dirty() {
-                    log::error!("publishing health changes failed: {e:#}");
-                }
+                let Some(next) = start_due(&agent, &mut running) else { return };
+                due_at = next;
             }
         }
     }
+}
+
+/// Start every due job; returns when the next one is due (at the latest a
+/// tick from now: jobs change with the services), or none if the agent's
+/// lock is poisoned.
+fn start_due(agent: &Mutex<Agent>, running: &mut JoinSet<(CheckJob, CheckOutcome)>) -> Option<tokio::time::Instant> {
+    let (jobs, next) = {
+        let mut a = agent.lock().ok()?;
+        let now = Instant::now();
+        let jobs = a.due_checks(now);
+        (jobs, a.next_check_due())
+    };
+    for job in jobs {
+        running.spawn(async move {
+            let out = check(&job).await;
+            (job, out)
+        });
+    }
+    let later = tokio::time::Instant::now() + TICK;
+    Some(next.map_or(later, |n| tokio::time::Instant::from_std(n).min(later)))
 }
 
 /// Run one job.

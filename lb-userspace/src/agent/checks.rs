@@ -263,6 +263,15 @@ impl<M: Maps> Agent<M> {
         due
     }
 
+    /// When the next job is due (none: no job waits), so the scheduler
+    /// starts it on time rather than at its next tick.
+    pub fn next_check_due(&self) -> Option<Instant> {
+        if self.checks.stale {
+            return Some(Instant::now());
+        }
+        self.checks.jobs.values().filter(|j| !j.in_flight).map(|j| j.next).min()
+    }
+
     /// Number of distinct check jobs (targets).
     pub fn check_jobs(&mut self) -> usize {
         self.refresh_jobs(Instant::now());
@@ -334,8 +343,9 @@ impl<M: Maps> Agent<M> {
                 self.state_dirty = true;
             }
         }
-        let base = if fast { job.target.spec.fast_interval_ms } else { job.target.spec.interval_ms };
-        j.next = now + jittered(base, jitter);
+        // A backend changing state is checked at the fast interval, without
+        // jitter: its fall or rise then takes what the settings say.
+        j.next = now + if fast { Duration::from_millis(job.target.spec.fast_interval_ms) } else { jittered(job.target.spec.interval_ms, jitter) };
         if suspect > 0 {
             // Its removal would republish them all at once: their new tables
             // are made while the fall count runs, not after it.

@@ -23,6 +23,18 @@ impl<M: Maps> Agent<M> {
     /// `publish`; with `count_moved` false the moved entries are not
     /// counted (0 is returned): the health loop's publications skip it.
     pub(super) fn publish_counted(&mut self, vip: &Vip, count_moved: bool) -> Result<(usize, usize)> {
+        let r = self.publish_now(vip, count_moved);
+        if r.is_ok() {
+            self.unpublished.remove(vip);
+        } else if self.vips.contains_key(vip) {
+            // Published again from `tick` (a later flush may not come).
+            self.unpublished.insert(*vip);
+            self.retry_at.get_or_insert(Instant::now() + super::PUBLISH_RETRY);
+        }
+        r
+    }
+
+    fn publish_now(&mut self, vip: &Vip, count_moved: bool) -> Result<(usize, usize)> {
         self.dirty.remove(vip);
         self.state_dirty = true;
         let ring_size = self.dp.opts().ring_size;

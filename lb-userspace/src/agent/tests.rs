@@ -444,3 +444,23 @@ fn requests_are_saved_right_after_and_wakes_during_a_save_coalesce() {
     });
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_failed_publication_is_retried_by_the_tick_not_on_every_flush() {
+    let mut a = agent(4);
+    let v = vip("10.0.0.100:80/tcp");
+    a.add_vip(v, Algo::Maglev, 0).expect("vip");
+    a.add_backend(&v, ip("10.0.0.1"), mac(1), 1).expect("b1");
+    let published = a.vips()[&v].table_slot;
+    a.dp.refuse_vip_writes = true;
+    assert!(a.add_backend(&v, ip("10.0.0.2"), mac(2), 1).is_err(), "the VIP entry cannot be written");
+    assert_eq!(a.vips()[&v].table_slot, published, "the VIP keeps its published table");
+    a.dp.refuse_vip_writes = false;
+    let now = Instant::now();
+    a.tick(now).expect("tick");
+    assert_eq!(a.vips()[&v].table_slot, published, "not retried at once (a persistent failure would spin)");
+    a.tick(now + Duration::from_millis(1100)).expect("retried");
+    assert_ne!(a.vips()[&v].table_slot, published, "published at the retry");
+    assert_eq!(a.vips()[&v].table.iter().collect::<std::collections::BTreeSet<_>>().len(), 2, "with both backends");
+    entries_name_live_tables(&a.dp);
+}

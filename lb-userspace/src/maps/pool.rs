@@ -89,8 +89,9 @@ struct State {
 }
 
 /// The state, its condition variable, the placeholder of emptied slots, and
-/// a lock that serializes emptyings (one that returns has seen every slot
-/// retired before it emptied, including those another thread had taken).
+/// a lock that serializes emptyings and coolings (one that returns has seen
+/// every slot retired, or table replaced, before it began, including those
+/// another thread had taken).
 type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, u32>, Mutex<()>)>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
@@ -173,13 +174,19 @@ impl Pool {
     /// Make sure `n` ready tables are there (one batch for all missing).
     pub fn reserve(&mut self, outer: &MapData, n: usize) -> Result<()> {
         self.start_janitor()?;
-        let missing = {
+        let (missing, cooling) = {
             let mut st = lock(&self.shared);
             if n > POOL_READY {
                 st.hold_until = Some(Instant::now() + RESERVE_HOLD);
             }
-            n.saturating_sub(st.ready.len())
+            (n.saturating_sub(st.ready.len()), st.cooling.len() + st.in_grace)
         };
+        // Replaced tables first: one grace period, and no new slots (a burst
+        // after a burst would otherwise need a third set of tables).
+        if missing > 0 && cooling > 0 {
+            cool(&self.shared, outer)?;
+        }
+        let missing = n.saturating_sub(lock(&self.shared).ready.len());
         if missing > 0 {
             refill(&self.shared, outer, missing, self.ring_size)?;
         }
@@ -304,6 +311,9 @@ fn clear(shared: &Shared, outer: &MapData) -> Result<()> {
 /// waits for one: here a free slot's placeholder put there again). Without
 /// a free slot they are freed instead (emptying waits for one too).
 fn cool(shared: &Shared, outer: &MapData) -> Result<()> {
+    // One at a time: a caller that waited here finds the tables another
+    // was cooling ready.
+    let _one_at_a_time = shared.3.lock().unwrap_or_else(|p| p.into_inner());
     let (cooled, slot) = {
         let mut st = lock(shared);
         if st.cooling.is_empty() {
