@@ -38,10 +38,10 @@ pub const MAX_RING_SIZE: u32 = 1_000_003;
 /// entries cost a few bytes each, so this is generous.
 pub const DEFAULT_MAX_VIPS: u32 = 512;
 /// Default number of VIPs that may have a table at once (`--max-tables`).
-/// A table is its own map (`ring size × 8` bytes, 0.5 MiB at the default
-/// ring size), created when the VIP's table is published and freed when it
-/// is replaced or removed: only the outer array (`XLB_TABLES`, 8 bytes a
-/// slot) is sized by this when the agent loads.
+/// A table is its own map (`table_bytes(ring size)`, 256 KiB at the default
+/// ring size), created when the VIP's table is published and reused or
+/// freed once replaced: only the outer array (`XLB_TABLES`, 8 bytes a slot)
+/// is sized by this when the agent loads.
 pub const DEFAULT_MAX_TABLES: u32 = DEFAULT_MAX_VIPS;
 /// Table slots beyond one per VIP: a new table is created in a free slot and
 /// then published by one VIP-entry update, so no reader ever sees a
@@ -69,7 +69,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
 /// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {

@@ -574,6 +574,41 @@ impl Counters {
     }
 }
 
+/// Table entries (backend ids) per element of a table map. An array's
+/// values are 8-byte aligned, so one `u32` per element took 8 bytes; 16 per
+/// element fill one 64-byte line: a table is half the memory, and half the
+/// bytes to write when it is published.
+pub const TABLE_LANES: u32 = 16;
+
+/// One element of a VIP's table map: entries `16 k … 16 k + 15`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableLine(pub [u32; TABLE_LANES as usize]);
+
+impl TableLine {
+    /// Element of the table that holds entry `i`.
+    #[inline(always)]
+    pub const fn element(i: u32) -> u32 {
+        i / TABLE_LANES
+    }
+
+    /// Entry `i` of the table, from its element (`element(i)`).
+    #[inline(always)]
+    pub fn entry(&self, i: u32) -> u32 {
+        self.0[(i % TABLE_LANES) as usize]
+    }
+
+    /// Elements of a table of `entries` entries.
+    pub const fn elements(entries: u32) -> u32 {
+        entries.div_ceil(TABLE_LANES)
+    }
+
+    /// Bytes of the values of a table of `entries` entries.
+    pub const fn bytes(entries: u32) -> u64 {
+        Self::elements(entries) as u64 * core::mem::size_of::<TableLine>() as u64
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no
@@ -592,6 +627,7 @@ mod pod {
     unsafe impl aya::Pod for super::EncapConfig {}
     unsafe impl aya::Pod for super::DecapKey {}
     unsafe impl aya::Pod for crate::QuicIdKey {}
+    unsafe impl aya::Pod for super::TableLine {}
 }
 
 #[cfg(test)]
@@ -613,6 +649,16 @@ mod tests {
         assert_eq!(&s6[14..], &[0x56, 0x78]);
         assert!(gue_source_port(0) >= 0xc000 && gue_source_port(u32::MAX) >= 0xc000);
         assert_ne!(gue_source_port(1), gue_source_port(2));
+    }
+
+    #[test]
+    fn a_table_line_is_one_cache_line_of_sixteen_entries() {
+        assert_eq!(size_of::<TableLine>(), 64);
+        assert_eq!((TableLine::elements(65537), TableLine::bytes(65537)), (4097, 4097 * 64));
+        assert_eq!((TableLine::elements(16), TableLine::elements(17), TableLine::elements(1)), (1, 2, 1));
+        let mut l = TableLine([0; 16]);
+        l.0[5] = 9;
+        assert_eq!((TableLine::element(16 * 3 + 5), l.entry(16 * 3 + 5)), (3, 9));
     }
 
     #[test]

@@ -37,9 +37,10 @@ pub static QUIC_IDS: HashMap<lb_common::QuicIdKey, u32> = HashMap::with_max_entr
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// One VIP's lookup table (Maglev, or the id sequence of the other
-/// algorithms): entry → backend id. Only the inner-map template: each table
-/// is created by the agent with its own size (`BPF_F_INNER_MAP`).
-pub type Table = btf_maps::Array<u32, 1, { lb_common::TABLE_MAP_FLAGS as usize }>;
+/// algorithms): entry → backend id, 16 entries per element (`TableLine`).
+/// Only the inner-map template: each table is created by the agent with
+/// its own size (`BPF_F_INNER_MAP`).
+pub type Table = btf_maps::Array<lb_common::TableLine, 1, { lb_common::TABLE_MAP_FLAGS as usize }>;
 
 /// Table slot (`VipInfo::table_slot`) → that VIP's table. A BTF-defined
 /// map: the loader reads the inner template from the object's BTF. Its
@@ -61,15 +62,15 @@ pub fn table_entry(slot: u32, idx: u32) -> Option<u32> {
     if inner.is_null() {
         return None;
     }
-    key = idx;
+    key = lb_common::TableLine::element(idx);
     // SAFETY: `inner` is the table map the outer lookup returned; u32 key;
     // the value pointer is checked for null and read at once.
-    let v = unsafe { bpf_map_lookup_elem(inner, core::ptr::from_ref(&key).cast()) } as *const u32;
+    let v = unsafe { bpf_map_lookup_elem(inner, core::ptr::from_ref(&key).cast()) } as *const lb_common::TableLine;
     if v.is_null() {
         None
     } else {
-        // SAFETY: non-null pointer to a u32 value of the table.
-        Some(unsafe { *v })
+        // SAFETY: non-null pointer to a `TableLine` value of the table.
+        Some(unsafe { &*v }.entry(idx))
     }
 }
 

@@ -703,7 +703,7 @@ pub fn check_tables(load: &crate::maps::LoadOptions, vips_with_backends: usize) 
     if vips_with_backends > max as usize {
         bail!(
             "{vips_with_backends} VIPs would have backends; the limit of tables is {max} (raise it with `xlb agent --max-tables`; each table takes {:.1} MiB)",
-            load.ring_size as f64 * 8.0 / 1048576.0
+            lb_common::TableLine::bytes(load.ring_size) as f64 / 1048576.0
         );
     }
     Ok(())

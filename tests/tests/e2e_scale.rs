@@ -59,11 +59,12 @@ fn sixty_four_vips_sharing_three_backends() {
     let st = scale::status(&d).expect("status");
     assert_eq!(st["max_vips"], 64);
     // One table per VIP, allocated when published: 64 tables of 65 537
-    // 8-byte elements, the few ready ones (`POOL_BURST` for a while after
+    // entries (16 per 64-byte element), the few ready ones (`POOL_BURST` for a while after
     // publications one after another), and none for unused slots. The
     // removal's burst replaced 64 tables: kept ready for 2 s after it (a
     // burst that follows takes them), then freed.
-    let most = (64 + xlb::maps::POOL_BURST as u64 + 2) * (65537 * 8 + 4096);
+    let table = lb_common::TableLine::bytes(65537);
+    let most = (64 + xlb::maps::POOL_BURST as u64 + 2) * (table + 4096);
     let t = std::time::Instant::now();
     let tables = loop {
         let st = scale::status(&d).expect("status");
@@ -73,7 +74,7 @@ fn sixty_four_vips_sharing_three_backends() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!((64 * 65537 * 8..most).contains(&tables), "after {:?}: {tables} bytes of tables", t.elapsed());
+    assert!((64 * table..most).contains(&tables), "after {:?}: {tables} bytes of tables", t.elapsed());
     let text = d.cli_ok(&["status"]).expect("status");
     assert!(text.contains("MiB in maps") && text.contains("64 of 64 VIPs") && text.contains("3 check job(s)"), "{text}");
     // The 65th VIP: one line naming the limit and the flag; nothing changes.

@@ -5,7 +5,7 @@
 //! changes size), the replaced table is freed, and 512 VIPs each get a
 //! table of their own, with memory that grows with them. Needs root.
 
-use lb_common::{hash::flow_hash, Algo, FlowKey, Stat};
+use lb_common::{hash::flow_hash, Algo, FlowKey, Stat, TableLine};
 use std::net::{IpAddr, Ipv4Addr};
 use xlb::{
     agent::{Agent, AgentOptions},
@@ -139,7 +139,7 @@ fn five_hundred_twelve_vips_each_get_their_own_table() {
             a.dp.settle_tables().expect("settle");
             let one = a.dp.memory()["XLB_TABLES"] - empty;
             // (A ready table beyond the pool's size may be on its way out.)
-            assert!(one <= (2 + POOL_READY as u64) * ((ring as u64 * 8).div_ceil(4096) * 4096 + 4096), "one VIP's tables cost {one} bytes");
+            assert!(one <= (2 + POOL_READY as u64) * (TableLine::bytes(ring).div_ceil(4096) * 4096 + 4096), "one VIP's tables cost {one} bytes");
         }
     }
     let slots: std::collections::BTreeSet<u32> = a.vips().values().map(|s| s.table_slot.expect("published")).collect();
@@ -150,7 +150,7 @@ fn five_hundred_twelve_vips_each_get_their_own_table() {
     let occupied = a.dp.occupied_slots().expect("slots").len();
     assert!((N as usize..=N as usize + POOL_BURST + 1).contains(&occupied), "{occupied} slots hold a table");
     let grown = a.dp.memory()["XLB_TABLES"] - empty;
-    let table = ring as u64 * 8;
+    let table = TableLine::bytes(ring);
     // The kernel charges an mmapable table its pages plus one page of header.
     let charged = table.div_ceil(4096) * 4096 + 4096;
     assert!(grown >= N as u64 * table && grown <= (N as u64 + POOL_BURST as u64 + 1) * charged, "512 tables: {grown} bytes");

@@ -331,7 +331,7 @@ impl Maps for MemMaps {
         None
     }
     fn memory(&self) -> std::collections::BTreeMap<String, u64> {
-        let bytes = self.tables.values().map(|t| t.len() as u64 * 8).sum();
+        let bytes = self.tables.values().map(|t| lb_common::TableLine::bytes(t.len() as u32)).sum();
         [(lb_common::map_names::TABLES.to_string(), bytes)].into_iter().collect()
     }
     fn set_accepted_macs(&mut self, macs: &[[u8; 6]]) -> Result<()> {

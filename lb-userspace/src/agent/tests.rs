@@ -302,7 +302,7 @@ fn tables_are_allocated_per_vip_and_freed_when_replaced_or_removed() {
     let mut a = agent(512);
     assert!(a.dp.tables.is_empty() && a.dp.memory()["XLB_TABLES"] == 0, "nothing preallocated");
     a.apply_desired(&desired(512, 1)).expect("512 VIPs");
-    let table_bytes = 251 * 8;
+    let table_bytes = lb_common::TableLine::bytes(251);
     assert_eq!(a.dp.tables.len(), 512, "one table per VIP with backends");
     assert_eq!(a.dp.memory()["XLB_TABLES"], 512 * table_bytes);
     let slots: BTreeSet<u32> = a.vips().values().filter_map(|s| s.table_slot).collect();

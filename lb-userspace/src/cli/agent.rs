@@ -91,7 +91,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     pub max_vips: u32,
     /// Maximum number of VIPs with a table at once: a VIP's table (ring-size
-    /// entries, 0.5 MiB at the default) is allocated when it gets backends.
+    /// entries, 256 KiB at the default) is allocated when it gets backends.
     #[arg(long, default_value_t = DEFAULT_MAX_TABLES)]
     pub max_tables: u32,
     /// Connection-table capacity in flows.

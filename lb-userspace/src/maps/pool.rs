@@ -36,7 +36,7 @@ use std::{
 
 use super::tables::{batch, create_placeholder, create_table, memlock, TableMem};
 
-/// Ready tables the janitor keeps (each `ring size × 8` bytes).
+/// Ready tables the janitor keeps (each `TableLine::bytes(ring size)`).
 pub const POOL_READY: usize = 4;
 
 /// Ready tables the janitor keeps while publications come faster than it
@@ -92,7 +92,7 @@ struct State {
 /// a lock that serializes emptyings and coolings (one that returns has seen
 /// every slot retired, or table replaced, before it began, including those
 /// another thread had taken).
-type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, u32>, Mutex<()>)>;
+type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, lb_common::TableLine>, Mutex<()>)>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
     // A janitor that panicked leaves consistent state (every change is a
@@ -373,7 +373,7 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
         }
         (0..n).filter_map(|_| st.free.pop_first()).collect()
     };
-    let made: Result<Vec<(aya::maps::Array<MapData, u32>, TableMem)>> = slots
+    let made: Result<Vec<(aya::maps::Array<MapData, lb_common::TableLine>, TableMem)>> = slots
         .iter()
         .map(|_| {
             let map = create_table(ring_size)?;
@@ -391,7 +391,7 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
         Ok(made) => {
             st.created += slots.len() as u64;
             for (slot, (map, mem)) in slots.into_iter().zip(made) {
-                st.bytes.insert(slot, memlock(map.map()).unwrap_or(ring_size as u64 * 8));
+                st.bytes.insert(slot, memlock(map.map()).unwrap_or(lb_common::TableLine::bytes(ring_size)));
                 st.ready.push(Ready { slot, mem, entries: ring_size });
                 // `map` closes: the array holds the table, `mem` its pages.
             }

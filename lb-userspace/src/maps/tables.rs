@@ -11,7 +11,7 @@ use aya::maps::{Array, ArrayOfMaps, IterableMap, Map, MapData};
 use std::os::fd::{AsFd, AsRawFd};
 
 use super::Datapath;
-use lb_common::TABLE_MAP_FLAGS;
+use lb_common::{TableLine, TABLE_MAP_FLAGS};
 
 /// The outer array (`XLB_TABLES`), as taken from the object: typed views
 /// of it are made per use (aya 0.14 gives a typed array of maps no access
@@ -34,7 +34,7 @@ impl Tables {
         }
     }
 
-    fn typed(&self) -> Result<ArrayOfMaps<&MapData, Array<MapData, u32>>> {
+    fn typed(&self) -> Result<ArrayOfMaps<&MapData, Array<MapData, TableLine>>> {
         ArrayOfMaps::try_from(&self.0).context("the table array has an unexpected type")
     }
 
@@ -42,9 +42,6 @@ impl Tables {
 
 /// Name of every table map (`bpftool map` shows it; at most 15 bytes).
 pub const TABLE_MAP_NAME: &str = "XLB_TABLE";
-
-/// Bytes per element of a BPF array: the value size rounded up to 8.
-const ELEM: usize = 8;
 
 /// How a new table is filled (both measured by `cargo xtask bench scale`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,32 +55,33 @@ pub enum Fill {
 /// Name of the placeholder table that fills emptied slots.
 pub const EMPTY_MAP_NAME: &str = "XLB_EMPTY";
 
-/// A new, empty table of `entries` elements (`TABLE_MAP_FLAGS`: mmapable,
-/// and of any size under the one inner-map template).
-pub fn create_table(entries: u32) -> Result<Array<MapData, u32>> {
-    create_named(entries, TABLE_MAP_NAME)
+/// A new, empty table of `entries` entries (`TableLine::elements` of them;
+/// `TABLE_MAP_FLAGS`: mmapable, and of any size under the one inner-map
+/// template).
+pub fn create_table(entries: u32) -> Result<Array<MapData, TableLine>> {
+    create_named(TableLine::elements(entries), TABLE_MAP_NAME)
 }
 
 /// The placeholder put in emptied slots: a slot's table is freed by
-/// replacing it, which (unlike a delete) can be batched. One entry, naming
+/// replacing it, which (unlike a delete) can be batched. One element, naming
 /// no backend; a packet racing the emptying of its VIP's old slot finds no
 /// entry there and is dropped, never sent to another VIP's backend.
-pub fn create_placeholder() -> Result<Array<MapData, u32>> {
+pub fn create_placeholder() -> Result<Array<MapData, TableLine>> {
     let mut m = create_named(1, EMPTY_MAP_NAME)?;
     // Beyond the backend array: the datapath finds no backend there.
-    m.set(0, u32::MAX, 0).context("cannot write the placeholder table")?;
+    m.set(0, TableLine([u32::MAX; lb_common::TABLE_LANES as usize]), 0).context("cannot write the placeholder table")?;
     Ok(m)
 }
 
-fn create_named(entries: u32, name: &str) -> Result<Array<MapData, u32>> {
+fn create_named(elements: u32, name: &str) -> Result<Array<MapData, TableLine>> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, entries, TABLE_MAP_FLAGS);
-    let data = MapData::create(obj, name, None).with_context(|| format!("cannot create a table of {entries} entries"))?;
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, std::mem::size_of::<TableLine>() as u32, elements, TABLE_MAP_FLAGS);
+    let data = MapData::create(obj, name, None).with_context(|| format!("cannot create a table of {elements} elements"))?;
     Array::try_from(Map::Array(data)).context("a new table has an unexpected type")
 }
 
 /// Write `table` into a new table map (`create_table(table.len())`).
-pub fn fill_table(map: &Array<MapData, u32>, table: &[u32], how: Fill) -> Result<()> {
+pub fn fill_table(map: &Array<MapData, TableLine>, table: &[u32], how: Fill) -> Result<()> {
     match how {
         Fill::Mmap => {
             let mem = TableMem::map(map.map(), table.len() as u32, true)?;
@@ -91,8 +89,16 @@ pub fn fill_table(map: &Array<MapData, u32>, table: &[u32], how: Fill) -> Result
             Ok(())
         }
         Fill::Batch => {
-            let keys: Vec<u32> = (0..table.len() as u32).collect();
-            update_batch(map.map(), &keys, table)
+            let lines: Vec<TableLine> = table
+                .chunks(lb_common::TABLE_LANES as usize)
+                .map(|c| {
+                    let mut l = TableLine([0; lb_common::TABLE_LANES as usize]);
+                    l.0[..c.len()].copy_from_slice(c);
+                    l
+                })
+                .collect();
+            let keys: Vec<u32> = (0..lines.len() as u32).collect();
+            update_batch(map.map(), &keys, &lines)
         }
     }
 }
@@ -104,15 +110,15 @@ pub struct TableMem {
 }
 
 impl TableMem {
-    /// Map the `entries` elements of `map`.
+    /// Map the elements of `map` that hold its first `entries` entries.
     pub fn map(map: &MapData, entries: u32, writable: bool) -> Result<TableMem> {
-        let mem = crate::mmap::MapMem::new(map, entries as usize * ELEM, writable).context("cannot map a table into memory")?;
+        let mem = crate::mmap::MapMem::new(map, TableLine::bytes(entries) as usize, writable).context("cannot map a table into memory")?;
         Ok(TableMem { mem, entries })
     }
 
     /// `map`, writable, its pages faulted in now (a ready table).
     pub fn ready(map: &MapData, entries: u32) -> Result<TableMem> {
-        let mem = crate::mmap::MapMem::populated(map, entries as usize * ELEM, true).context("cannot map a table into memory")?;
+        let mem = crate::mmap::MapMem::populated(map, TableLine::bytes(entries) as usize, true).context("cannot map a table into memory")?;
         Ok(TableMem { mem, entries })
     }
 
@@ -121,17 +127,16 @@ impl TableMem {
         self.entries
     }
 
-    /// Write `table` from entry 0. The map is new: the datapath reads it
-    /// only after a later VIP-entry update names its slot.
+    /// Write `table` from entry 0. The map is new, or no program can be
+    /// reading it any more (`pool`): the datapath reads it only after a
+    /// later VIP-entry update names its slot.
     pub fn write(&self, table: &[u32]) {
         assert!(table.len() <= self.entries as usize, "table write out of bounds");
-        let base = self.mem.base::<u8>();
-        for (i, id) in table.iter().enumerate() {
-            // SAFETY: in bounds (asserted above); element i's value is the
-            // first 4 bytes at i × 8 of the mapping, 8-byte aligned; no BPF
-            // program reads this map yet (see above).
-            unsafe { std::ptr::write_volatile(base.add(i * ELEM) as *mut u32, *id) };
-        }
+        // SAFETY: entry i is the u32 at byte i × 4 of the mapping (16 per
+        // 64-byte element, no padding: `TableLine`), which is page-aligned
+        // and at least `TableLine::bytes(entries)` long, and `table` fits
+        // (asserted above); no BPF program reads these values (see above).
+        unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), self.mem.base::<u32>(), table.len()) };
         // The stores are complete before the publishing system calls.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
@@ -141,31 +146,30 @@ impl TableMem {
         if len > self.entries {
             bail!("table read of {len} entries beyond its {}", self.entries);
         }
-        let base = self.mem.base::<u8>();
-        Ok((0..len as usize)
-            .map(|i| {
-                // SAFETY: in bounds (checked above), aligned as in `write`.
-                unsafe { std::ptr::read_volatile(base.add(i * ELEM) as *const u32) }
-            })
-            .collect())
+        let mut out = vec![0u32; len as usize];
+        // SAFETY: in bounds (checked above), laid out as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(self.mem.base::<u32>() as *const u32, out.as_mut_ptr(), len as usize) };
+        Ok(out)
     }
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): write `keys[i] → values[i]` of
-/// a map of `u32` keys and values (an array of `u32`, or of maps: values are
+/// a map of `u32` keys and `V` values (a table's lines, or an array of maps'
 /// fds) in one system call (aya 0.14 has no batch operations). A table of
 /// 65 537 entries written one `bpf_map_update_elem` at a time costs ~75 ms.
-pub fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> Result<()> {
-    if keys.len() != values.len() || map.info().map(|i| i.value_size() != 4 || i.key_size() != 4).unwrap_or(true) {
-        bail!("batch update: {} keys, {} values, or not a u32 → u32 map", keys.len(), values.len());
+pub fn update_batch<V: Copy>(map: &MapData, keys: &[u32], values: &[V]) -> Result<()> {
+    let sizes_match = map.info().map(|i| i.value_size() as usize == std::mem::size_of::<V>() && i.key_size() == 4).unwrap_or(false);
+    if keys.len() != values.len() || !sizes_match {
+        bail!("batch update: {} keys, {} values, or not a u32 → {}-byte map", keys.len(), values.len(), std::mem::size_of::<V>());
     }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     bpf_batch(map, BPF_MAP_UPDATE_BATCH, keys, Some(values)).context("BPF_MAP_UPDATE_BATCH failed")
 }
 
 /// One batch command (`BPF_MAP_{UPDATE,DELETE}_BATCH`) over `u32` keys
-/// (and values), resumed where the kernel stopped on EINTR/EAGAIN.
-fn bpf_batch(map: &MapData, cmd: libc::c_long, keys: &[u32], values: Option<&[u32]>) -> std::io::Result<()> {
+/// (and values of the map's value size), resumed where the kernel stopped
+/// on EINTR/EAGAIN.
+fn bpf_batch<V: Copy>(map: &MapData, cmd: libc::c_long, keys: &[u32], values: Option<&[V]>) -> std::io::Result<()> {
     /// The `batch` member of `union bpf_attr`.
     #[repr(C)]
     struct BatchAttr {
@@ -192,9 +196,9 @@ fn bpf_batch(map: &MapData, cmd: libc::c_long, keys: &[u32], values: Option<&[u3
         };
         // SAFETY: `attr` is a valid `bpf_attr.batch` for the kernel to read
         // (and to write `count` back); `keys` (and `values`, as long as
-        // `keys`: checked by the callers) point at `count` u32s each that
-        // stay borrowed for the whole call; the callers use maps with 4-byte
-        // keys and values.
+        // `keys`: checked by the callers) point at `count` keys and values
+        // that stay borrowed for the whole call; the callers check that the
+        // map's key size is 4 and its value size `V`'s.
         let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
@@ -284,7 +288,7 @@ impl Datapath {
     }
 
     /// The table in slot `slot`, if any.
-    fn table_map(&self, slot: u32) -> Result<Option<Array<MapData, u32>>> {
+    fn table_map(&self, slot: u32) -> Result<Option<Array<MapData, TableLine>>> {
         table_in(&self.tables, slot)
     }
 
@@ -295,8 +299,8 @@ impl Datapath {
         if let Some(b) = memlock(map.map()) {
             self.pool.note(slot, b);
         }
-        if len > map.len() {
-            bail!("the table in slot {slot} has {} entries, not {len}", map.len());
+        if TableLine::elements(len) > map.len() {
+            bail!("the table in slot {slot} has {} entries, not {len}", map.len() * lb_common::TABLE_LANES);
         }
         TableMem::map(map.map(), len, false)?.read(len)
     }
@@ -304,7 +308,8 @@ impl Datapath {
     /// One entry of the table in slot `slot` (diagnosis).
     pub fn table_entry(&self, slot: u32, index: u32) -> Result<u32> {
         let map = self.table_map(slot)?.with_context(|| format!("no table in slot {slot}"))?;
-        map.get(&index, 0).with_context(|| format!("cannot read entry {index} of the table in slot {slot}"))
+        let line = map.get(&TableLine::element(index), 0).with_context(|| format!("cannot read entry {index} of the table in slot {slot}"))?;
+        Ok(line.entry(index))
     }
 
     /// Kernel id of the table in slot `slot`, if any (tests tell a new
@@ -336,7 +341,7 @@ impl Datapath {
 
 /// The table in slot `slot` of `tables`, if any (the placeholder of an
 /// emptied slot is none).
-fn table_in(tables: &Tables, slot: u32) -> Result<Option<Array<MapData, u32>>> {
+fn table_in(tables: &Tables, slot: u32) -> Result<Option<Array<MapData, TableLine>>> {
     match tables.typed()?.get(&slot, 0) {
         Ok(m) => {
             let name = m.map().info().ok().and_then(|i| i.name_as_str().map(str::to_string));
@@ -353,7 +358,7 @@ pub(super) fn pool(tables: &Tables, opts: &super::LoadOptions) -> Result<super::
     let mut occupied = std::collections::HashMap::new();
     for slot in 0..opts.table_slots() {
         if let Some(m) = table_in(tables, slot)? {
-            occupied.insert(slot, memlock(m.map()).unwrap_or(m.len() as u64 * ELEM as u64));
+            occupied.insert(slot, memlock(m.map()).unwrap_or(m.len() as u64 * std::mem::size_of::<TableLine>() as u64));
         }
     }
     super::pool::Pool::new(tables.data(), opts.table_slots(), opts.ring_size, occupied)

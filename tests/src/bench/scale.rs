@@ -97,7 +97,8 @@ pub fn table_writes() -> Result<(f64, f64, f64)> {
         let ms = t.elapsed().as_secs_f64() * 1e3;
         // The kernel sees what was written.
         for i in [0u32, 1, 777, N - 1] {
-            anyhow::ensure!(map.get(&i, 0)? == table[i as usize], "{how:?} fill not seen by the kernel at {i}");
+            let line = map.get(&lb_common::TableLine::element(i), 0)?;
+            anyhow::ensure!(line.entry(i) == table[i as usize], "{how:?} fill not seen by the kernel at {i}");
         }
         Ok(ms)
     };
