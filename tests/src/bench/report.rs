@@ -108,7 +108,7 @@ pub fn markdown(r: &Results) -> String {
         }
         if let Some(m) = sc.tables_mib_512 {
             let one = sc.tables_mib_1.map(|m| format!("; {m:.2} MiB with 1 VIP")).unwrap_or_default();
-            let _ = writeln!(s, "| table memory, 512 VIPs with backends (`xlb status`, `XLB_TABLES`: allocated per VIP) | {:.1} MiB for `--max-vips 64`, preallocated | 257.0 MiB preallocated for `--max-tables 512` (even with 1 VIP) | {m:.1} MiB{one} | grows with the VIPs configured |", 66.0 * 65537.0 * 8.0 / 1048576.0);
+            let _ = writeln!(s, "| table memory, 512 VIPs with backends (`xlb status`, `XLB_TABLES`: allocated per VIP; once the removal's burst is over) | {:.1} MiB for `--max-vips 64`, preallocated | 257.0 MiB preallocated for `--max-tables 512` (even with 1 VIP) | {m:.1} MiB{one} | grows with the VIPs configured |", 66.0 * 65537.0 * 8.0 / 1048576.0);
         }
     }
     if !r.errors.is_empty() {
