@@ -294,7 +294,8 @@ impl<M: Maps> Agent<M> {
         let mut fast = false;
         let mut jitter = 0;
         let mut flapping = 0;
-        // VIPs whose backend failed and may go down: (count, hold).
+        // VIPs whose backend is changing state (a failure while up, a pass
+        // while down) and may be republished at once: (count, hold).
         let (mut suspect, mut hold_ms) = (0usize, 0u64);
         for (vip, bip) in &j.subscribers {
             let Some(state) = self.vips.get_mut(vip) else { continue };
@@ -322,9 +323,10 @@ impl<M: Maps> Agent<M> {
                     let cfg = cfg.clone();
                     let t = apply_health(b, &cfg, &out, now);
                     fast |= transitioning(b);
-                    if b.health.up && b.health.fail_streak > 0 {
+                    if transitioning(b) {
                         suspect += 1;
-                        hold_ms = hold_ms.max(u64::from(cfg.fall) * job.target.spec.fast_interval_ms.max(job.target.spec.interval_ms));
+                        let checks = u64::from(cfg.fall.max(cfg.rise));
+                        hold_ms = hold_ms.max(checks * job.target.spec.fast_interval_ms.max(job.target.spec.interval_ms));
                     }
                     match t {
                         Transition::Up => up.push(*vip),
@@ -347,8 +349,8 @@ impl<M: Maps> Agent<M> {
         // jitter: its fall or rise then takes what the settings say.
         j.next = now + if fast { Duration::from_millis(job.target.spec.fast_interval_ms) } else { jittered(job.target.spec.interval_ms, jitter) };
         if suspect > 0 {
-            // Its removal would republish them all at once: their new tables
-            // are made while the fall count runs, not after it.
+            // Its removal (or return) would republish them all at once: their
+            // new tables are made while the fall (rise) count runs, not after.
             self.dp.prepare_tables(suspect, Duration::from_millis(hold_ms + 1000));
         }
         let what = match job.target.probe {
@@ -606,6 +608,13 @@ mod tests {
             }
         }
         assert!(a.vips().keys().all(|v| live(&a, v, BACKENDS[0]) && live(&a, v, BACKENDS[2])), "no false down");
+        // Its first passing check after that (rise 2): the tables of its
+        // return are made ready too.
+        a.dp.prepared = 0;
+        t += Duration::from_millis(400);
+        round(&mut a, t, |_| ok());
+        assert_eq!(a.vips().keys().filter(|v| live(&a, v, BACKENDS[1])).count(), 0, "rise 2: not back after one pass");
+        assert_eq!(a.dp.prepared, 512, "tables made ready for its return");
     }
 
     #[test]
