@@ -212,12 +212,20 @@ impl<M: Maps> Agent<M> {
         self.dirty.contains(vip)
     }
 
-    /// Mark a VIP for the next `flush` (and the state file).
+    /// Mark a VIP for the next `flush` (and the state file); its check
+    /// jobs are recomputed before the next round.
     fn mark(&mut self, vip: Vip) {
+        self.mark_table(vip);
+        self.checks.stale();
+    }
+
+    /// `mark`, for a change that leaves every check target as it was (a
+    /// weight, slow start): recomputing the jobs walks every backend of
+    /// every VIP under the lock.
+    fn mark_table(&mut self, vip: Vip) {
         self.toml_cache.get_mut().remove(&vip);
         self.dirty.insert(vip);
         self.state_dirty = true;
-        self.checks.stale();
     }
 
     /// Publish every VIP changed since the last flush, once each, then save
@@ -550,7 +558,12 @@ impl<M: Maps> Agent<M> {
         let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         change_backend(vip, state, ip, weight, admin)?;
         log::info!("VIP {vip}: backend {ip} set to weight {} ({:?})", state.backends[&ip].weight, state.backends[&ip].admin);
-        self.mark(*vip);
+        // Maintenance stops a backend's checks; a weight changes none.
+        if admin.is_some() {
+            self.mark(*vip);
+        } else {
+            self.mark_table(*vip);
+        }
         let moved = self.publish(vip)?;
         self.flush()?;
         Ok(moved)
@@ -580,7 +593,7 @@ impl<M: Maps> Agent<M> {
     pub fn set_slow_start(&mut self, vip: &Vip, ms: u64) -> Result<()> {
         config::check_slow_start(ms)?;
         self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.slow_start_ms = ms;
-        self.mark(*vip);
+        self.mark_table(*vip);
         self.flush()
     }
 

@@ -159,6 +159,12 @@ impl Jobs {
     pub(crate) fn stale(&mut self) {
         self.stale = true;
     }
+
+    /// Whether the jobs are to be recomputed (tests).
+    #[cfg(test)]
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale
+    }
 }
 
 /// How a backend's health changed with one result.
@@ -537,6 +543,14 @@ mod tests {
             }
         }
         assert_eq!(a.check_jobs(), 4 + 3, "the 4 health jobs (the agent port does not split them) + 3 shared agent jobs");
+        // A weight changes no target: the jobs are not recomputed (a walk
+        // of every backend of every VIP); maintenance stops its checks.
+        let b0: IpAddr = BACKENDS[0].parse().expect("ip");
+        a.set_weight(&vip(1001), b0, 7).expect("weight");
+        assert!(!a.checks.is_stale(), "a weight change leaves the jobs");
+        a.set_backend(&vip(1001), b0, None, Some(Admin::Maint), false).expect("maint");
+        assert!(a.checks.is_stale(), "maintenance changes the targets");
+        assert_eq!(a.check_jobs(), 4 + 3, "(still subscribed through the other VIPs)");
     }
 
     #[test]
