@@ -139,6 +139,7 @@ pub struct Agent<M: Maps = Datapath> {
     /// VIPs whose last publication failed (no table slot, a map error):
     /// published again from `tick` at `retry_at`, not on every flush.
     pub(crate) unpublished: BTreeSet<Vip>,
+    /// When `tick` publishes `unpublished` again.
     pub(crate) retry_at: Option<Instant>,
     /// The state file is behind the running state.
     state_dirty: bool,
@@ -248,7 +249,7 @@ impl<M: Maps> Agent<M> {
     pub fn publish_dirty(&mut self) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut first_err = None;
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         // A burst: its new tables in one batch (a table change waits for no
         // kernel grace period while ready tables last).
         if dirty.len() > 1 {

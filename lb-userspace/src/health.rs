@@ -21,7 +21,8 @@ use crate::{
     neigh,
 };
 
-/// How often the scheduler looks for due jobs.
+/// How often probes, slow start and state-file saves run (and due jobs are
+/// looked for, besides the timer set to the earliest one).
 const TICK: Duration = Duration::from_millis(20);
 
 /// Run health jobs forever: each job starts when it is due (a timer set to
