@@ -52,7 +52,6 @@ const RESERVE_HOLD: Duration = Duration::from_secs(2);
 struct Ready {
     slot: u32,
     mem: TableMem,
-    entries: u32,
 }
 
 #[derive(Default)]
@@ -150,7 +149,7 @@ impl Pool {
                 if let Some(e) = st.error.take() {
                     log::warn!("table janitor: {e}");
                 }
-                let r = st.ready.iter().position(|r| r.entries as usize >= table.len()).map(|i| st.ready.swap_remove(i));
+                let r = st.ready.iter().position(|r| r.mem.entries() as usize >= table.len()).map(|i| st.ready.swap_remove(i));
                 let now = Instant::now();
                 if st.ready.len() < POOL_READY / 2 && st.hold_until.is_none_or(|t| now >= t) {
                     // The pool runs low, not at the end of a reserved
@@ -202,8 +201,7 @@ impl Pool {
         }
         match st.mapped.remove(&slot) {
             Some(mem) => {
-                let entries = mem.entries();
-                st.cooling.push(Ready { slot, mem, entries });
+                st.cooling.push(Ready { slot, mem });
             }
             None => st.retired.push(slot),
         }
@@ -392,7 +390,7 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
             st.created += slots.len() as u64;
             for (slot, (map, mem)) in slots.into_iter().zip(made) {
                 st.bytes.insert(slot, memlock(map.map()).unwrap_or(lb_common::TableLine::bytes(ring_size)));
-                st.ready.push(Ready { slot, mem, entries: ring_size });
+                st.ready.push(Ready { slot, mem });
                 // `map` closes: the array holds the table, `mem` its pages.
             }
             Ok(())
@@ -424,9 +422,15 @@ fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
                     trim(&mut st);
                 }
                 let have = st.ready.len() + st.cooling.len() + st.in_grace;
-                if !st.retired.is_empty() || !st.unmapped.is_empty() || !st.cooling.is_empty() || have < target {
+                // Outside a burst, refill only once the pool runs low: a
+                // publication takes a table before it releases the one it
+                // replaces, and that one comes back (a refill in between
+                // would create a table for nothing).
+                let low = if burst || prepared > 0 { target } else { POOL_READY / 2 };
+                let want = if have < low { target.saturating_sub(have) } else { 0 };
+                if !st.retired.is_empty() || !st.unmapped.is_empty() || !st.cooling.is_empty() || want > 0 {
                     // No more than the slots that are free or freed by this round.
-                    break target.saturating_sub(have).min(st.free.len() + st.retired.len());
+                    break want.min(st.free.len() + st.retired.len());
                 }
                 let wait = if st.ready.len() > POOL_READY { RESERVE_HOLD } else { Duration::from_secs(3600) };
                 st = shared.1.wait_timeout(st, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
