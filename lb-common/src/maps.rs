@@ -598,6 +598,21 @@ impl TableLine {
         self.0[(i % TABLE_LANES) as usize]
     }
 
+    /// A line whose every entry is `id`.
+    pub const fn filled(id: u32) -> TableLine {
+        TableLine([id; TABLE_LANES as usize])
+    }
+
+    /// `table` cut into lines, the last one padded with entry 0 (never
+    /// read: the datapath takes entries below the table's size only).
+    pub fn lines(table: &[u32]) -> impl Iterator<Item = TableLine> + '_ {
+        table.chunks(TABLE_LANES as usize).map(|c| {
+            let mut l = TableLine::filled(0);
+            l.0[..c.len()].copy_from_slice(c);
+            l
+        })
+    }
+
     /// Elements of a table of `entries` entries.
     pub const fn elements(entries: u32) -> u32 {
         entries.div_ceil(TABLE_LANES)
@@ -659,6 +674,11 @@ mod tests {
         let mut l = TableLine([0; 16]);
         l.0[5] = 9;
         assert_eq!((TableLine::element(16 * 3 + 5), l.entry(16 * 3 + 5)), (3, 9));
+        let t: [u32; 18] = core::array::from_fn(|i| i as u32 + 1);
+        let mut lines = TableLine::lines(&t);
+        assert_eq!(lines.next().map(|l| l.entry(15)), Some(16));
+        assert_eq!(lines.next().map(|l| (l.entry(16), l.entry(17), l.entry(18))), Some((17, 18, 0)));
+        assert!(lines.next().is_none());
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub fn create_table(entries: u32) -> Result<Array<MapData, TableLine>> {
 pub fn create_placeholder() -> Result<Array<MapData, TableLine>> {
     let mut m = create_named(1, EMPTY_MAP_NAME)?;
     // Beyond the backend array: the datapath finds no backend there.
-    m.set(0, TableLine([u32::MAX; lb_common::TABLE_LANES as usize]), 0).context("cannot write the placeholder table")?;
+    m.set(0, TableLine::filled(u32::MAX), 0).context("cannot write the placeholder table")?;
     Ok(m)
 }
 
@@ -89,14 +89,7 @@ pub fn fill_table(map: &Array<MapData, TableLine>, table: &[u32], how: Fill) -> 
             Ok(())
         }
         Fill::Batch => {
-            let lines: Vec<TableLine> = table
-                .chunks(lb_common::TABLE_LANES as usize)
-                .map(|c| {
-                    let mut l = TableLine([0; lb_common::TABLE_LANES as usize]);
-                    l.0[..c.len()].copy_from_slice(c);
-                    l
-                })
-                .collect();
+            let lines: Vec<TableLine> = TableLine::lines(table).collect();
             let keys: Vec<u32> = (0..lines.len() as u32).collect();
             update_batch(map.map(), &keys, &lines)
         }
