@@ -57,7 +57,7 @@ pub struct BackendRuntime {
     /// Generation of the id (connection-table entries carry it).
     pub gen: u16,
     /// MAC in use (configured or resolved).
-    pub mac: Option<String>,
+    pub mac: Option<crate::config::Mac>,
     /// Passing its checks.
     pub up: bool,
     /// Checked at least once.
@@ -72,8 +72,9 @@ pub struct BackendRuntime {
     pub ramp_step: u32,
     /// Agent check's weight percentage.
     pub agent_pct: u32,
-    /// Agent check's state: `up`, `drain` or `down`.
-    pub agent_state: String,
+    /// Agent check's state: `up`, `drain` or `down` (borrowed when
+    /// written: a save allocates nothing per backend for it).
+    pub agent_state: std::borrow::Cow<'static, str>,
 }
 
 impl Snapshot {
@@ -124,7 +125,7 @@ mod tests {
                     ip: "10.0.0.2".parse().expect("ip"),
                     id: 7,
                     gen: 9,
-                    mac: Some("02:00:00:00:00:02".into()),
+                    mac: Some("02:00:00:00:00:02".parse().expect("mac")),
                     up: true,
                     checked: true,
                     checks: 4,
@@ -138,6 +139,8 @@ mod tests {
         };
         s.save(&path).expect("save");
         assert!(!path.with_extension("json.tmp").exists(), "the temporary file was renamed");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains(r#""mac":"02:00:00:00:00:02""#) && text.contains(r#""agent_state":"up""#), "spelled as before: {text}");
         assert_eq!(Snapshot::load(&path).expect("load"), Some(s.clone()));
         let old = Snapshot { version: STATE_VERSION + 1, ..s };
         old.save(&path).expect("save");

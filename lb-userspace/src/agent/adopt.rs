@@ -19,7 +19,7 @@ use std::{
 
 use super::{kind_for, Agent, AgentOptions, AgentState, Backend, Maps, VipState, SLOW_START_STEPS};
 use crate::{
-    config::{CheckKind, Desired, Mac},
+    config::{CheckKind, Desired},
     maps::PinnedScan,
     state::{BackendRuntime, Snapshot, VipRuntime, STATE_VERSION},
 };
@@ -78,10 +78,12 @@ impl PendingSave {
 /// API answers once the change is published instead of after the file
 /// (rendering and writing it is most of a request at 512 VIPs). Wakes
 /// coalesce: changes made while a write is under way, or in the pause
-/// after it (as long as the write took: the saver uses at most half a CPU
-/// under a burst of requests), cost one more write, not one each. A
-/// `kill -TERM` still saves on exit; a `kill -9` within two saves' time (a
-/// few ms) of an answer can leave that change out of the file (the
+/// after it (three times as long as the write took: under a burst of
+/// requests the saver uses at most a quarter of a CPU, which the requests
+/// and the commands that send them share on a small host), cost one more
+/// write, not one each. A `kill -TERM` still saves on exit; a `kill -9`
+/// within four saves' time (a few ms at 512 VIPs, ~25 ms at 64 × 100
+/// backends) of an answer can leave that change out of the file (the
 /// datapath has it; a new agent adopts the earlier state).
 pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agent<M>>>, wake: std::sync::Arc<tokio::sync::Notify>) {
     loop {
@@ -93,13 +95,16 @@ pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agen
         };
         if let Some(s) = save {
             let _ = tokio::task::spawn_blocking(move || s.write()).await;
-            tokio::time::sleep(t.elapsed().min(SAVE_PAUSE_MAX)).await;
+            tokio::time::sleep((t.elapsed() * SAVE_PAUSE_RATIO).min(SAVE_PAUSE_MAX)).await;
         }
     }
 }
 
+/// `save_soon_loop`'s pause after a save, in units of the save's time.
+const SAVE_PAUSE_RATIO: u32 = 3;
+
 /// The longest pause between two saves of `save_soon_loop`.
-const SAVE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(20);
+const SAVE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(60);
 
 /// A backend map entry in use (free entries keep only their generation).
 pub fn in_use(b: &BackendInfo) -> bool {
@@ -145,7 +150,7 @@ impl<M: Maps> Agent<M> {
                         ip: b.ip,
                         id: b.id,
                         gen: b.gen,
-                        mac: b.mac.map(|m| m.to_string()),
+                        mac: b.mac,
                         up: b.health.up,
                         checked: b.health.checked,
                         checks: b.health.checks,
@@ -153,7 +158,7 @@ impl<M: Maps> Agent<M> {
                         transitions: b.health.transitions,
                         ramp_step: b.ramp_step,
                         agent_pct: b.agent.pct,
-                        agent_state: agent_state_name(b.agent.state).to_string(),
+                        agent_state: std::borrow::Cow::Borrowed(agent_state_name(b.agent.state)),
                     })
                     .collect(),
             })
@@ -284,13 +289,13 @@ impl<M: Maps> Agent<M> {
                     h.transitions = b.transitions;
                     be.ramp_step = b.ramp_step.min(SLOW_START_STEPS);
                     be.agent.pct = b.agent_pct;
-                    be.agent.state = match b.agent_state.as_str() {
+                    be.agent.state = match b.agent_state.as_ref() {
                         "drain" => AgentState::Drain,
                         "down" => AgentState::Down,
                         _ => AgentState::Up,
                     };
                     if be.mac.is_none() {
-                        be.mac = b.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
+                        be.mac = b.mac;
                     }
                     // Resume a slow start at the step it had reached.
                     let done = dv.slow_start_ms * be.ramp_step.saturating_sub(1) as u64 / SLOW_START_STEPS as u64;

@@ -86,6 +86,21 @@ impl FromStr for Mac {
     }
 }
 
+/// In files (the state file) a MAC is its `Display` form, read back with
+/// `FromStr`: one spelling everywhere.
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Mac, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A scheduling algorithm as operators name it (`Algo::from_name`, with
 /// the error every front end shows).
 pub fn parse_algo(s: &str) -> Result<lb_common::Algo> {
