@@ -3,7 +3,8 @@
 //! tests use it too, so they drive the maps exactly as the agent does.
 //!
 //! Here: loading (maps created or adopted from pins) and the VIP, backend
-//! and filter entries. `tables`: the per-VIP lookup tables; `attach`: the
+//! and filter entries. `tables`: the per-VIP lookup table maps; `pool`:
+//! slots and ready tables; `slots`: publishing and reading tables; `attach`: the
 //! XDP link and the tracing swap; `read`: counters, memory and what
 //! diagnosis reads back; `options`: the sizes fixed at load time.
 
@@ -11,6 +12,7 @@ mod attach;
 mod options;
 mod pool;
 mod read;
+mod slots;
 pub mod tables;
 
 pub use options::{vip_map_entries, AttachMode, LoadOptions};
@@ -228,7 +230,7 @@ impl Datapath {
             CtView::map(conntrack.map(), opts.conntrack_size, true)?.write_seed(&ct_seed);
         }
         let tables = tables::Tables::new(ebpf.take_map(map_names::TABLES).ok_or_else(|| anyhow!("map {} missing from the XDP object", map_names::TABLES))?)?;
-        let pool = tables::pool(&tables, &opts)?;
+        let pool = slots::pool(&tables, &opts)?;
         let dp = Datapath {
             vips: take(&mut ebpf, map_names::VIPS)?,
             vip_prefix: take(&mut ebpf, map_names::VIP_PREFIX)?,
