@@ -167,7 +167,7 @@ impl<M: Maps> Agent<M> {
                 if cur.weight != b.weight || cur.admin != b.state {
                     changes.push(format!("vip {vip} backend {} weight {} {:?} → {} {:?}", b.ip, cur.weight, cur.admin, b.weight, b.state));
                     let state = self.vips.get_mut(&vip).expect("present");
-                    super::change_backend(&vip, state, b.ip, Some(b.weight), Some(b.state))?;
+                    super::backends::change_backend(&vip, state, b.ip, Some(b.weight), Some(b.state))?;
                     self.mark(vip);
                 }
             }

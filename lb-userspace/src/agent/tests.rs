@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::{
-    config::{Desired, DesiredBackend, DesiredVip},
+    config::{CheckKind, Desired, DesiredBackend, DesiredVip, Mac},
     maps::LoadOptions,
 };
 
