@@ -6,10 +6,10 @@
 //! `flush` turns each marked VIP into map writes once (one plan, one table
 //! write, one VIP-entry update) and saves the state file once, however many
 //! changes arrived together. A table is published without readers ever
-//! seeing a half-written one: it is created whole as a map of its own in a
-//! free table slot, then a single VIP-entry update switches the datapath
-//! over, and the old table is freed last (the kernel keeps it for packets
-//! still reading it; slots are recycled FIFO).
+//! seeing a half-written one: it is written whole into a ready table in a
+//! slot of its own, then a single VIP-entry update switches the datapath
+//! over; the replaced table is written again only once no program can
+//! still be reading it (`maps::pool`).
 //!
 //! Here: the agent's state, VIP operations and the publication path.
 //! Submodules, one concern each: `backends` (backend operations, ids, the
