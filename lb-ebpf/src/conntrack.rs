@@ -22,7 +22,6 @@ use lb_common::{
 use crate::{
     maps::{BACKENDS, BACKEND_CONNS, CONNTRACK, FLOW_KEYS},
     stats,
-    steer::Choice,
 };
 
 /// Number of sets (set by the agent at load time: `ct_sets(--conntrack-size)`).
@@ -136,8 +135,8 @@ fn now() -> u64 {
 
 /// Result of looking a flow up.
 pub enum Track<'a> {
-    /// The entry names a live backend: forward there.
-    Hit(Choice<'a>),
+    /// The entry names a live backend: forward there (its id and entry).
+    Hit(u32, &'a BackendInfo),
     /// The flow needs a backend: look the VIP up, then `Pending::settle`,
     /// schedule, and `Pending::commit`.
     New(Pending),
@@ -187,7 +186,7 @@ pub fn track<'a>(key: &FlowKey, tcp_flags: u8, stats: &mut StatBlock) -> Track<'
                 } else if !CtWay::is_fresh(tag, probe.now) {
                     probe.store_tag(i, CtWay::touched(tag, probe.now, e.closed));
                 }
-                return Track::Hit(Choice { id: e.backend_id, backend: be, new_flow: false });
+                return Track::Hit(e.backend_id, be);
             }
         }
         return Track::New(Pending { probe: Some(probe), way: i, old: Some(e), closing, placed: true });
@@ -279,10 +278,10 @@ impl Pending {
 /// The backend of a flow's entry if it may still carry the flow (ICMP
 /// errors: nothing is changed).
 #[inline(always)]
-pub fn peek<'a>(key: &FlowKey, vip: &VipInfo) -> Option<Choice<'a>> {
+pub fn peek<'a>(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'a BackendInfo)> {
     let (_, _, e) = Probe::read(key, now())?.find()?;
     let be = BACKENDS.get(e.backend_id)?;
-    be.keeps(e.gen, vip.vip_id).then_some(Choice { id: e.backend_id, backend: be, new_flow: false })
+    be.keeps(e.gen, vip.vip_id).then_some((e.backend_id, be))
 }
 
 #[inline(always)]

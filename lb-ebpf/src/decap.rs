@@ -23,10 +23,9 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::Xdp
 use lb_common::{addr_v4, DecapKey, Stat, FAMILY_V4, FAMILY_V6, PROTO_UDP};
 
 use crate::{
-    // The headers `encap` writes are the ones read here: one definition.
-    encap::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN},
     maps::{DECAP_VIPS, ENCAP},
-    pkt,
+    // The headers `encap` writes are the ones read here: one definition.
+    pkt::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN},
 };
 
 

@@ -37,64 +37,17 @@ use lb_common::{
 
 use crate::{
     maps::{ENCAP, SCRATCH},
-    pkt, toobig,
+    pkt::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN},
+    records::FibParams,
+    toobig,
 };
 
-pub const ETH_LEN: usize = 14;
-pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// IP protocol numbers of IPv4 and IPv6 as payloads.
-pub const PROTO_IPIP: u8 = 4;
-pub const PROTO_IPV6: u8 = 41;
-pub const IPV4_LEN: usize = 20;
-pub const IPV6_LEN: usize = 40;
-pub const UDP_LEN: usize = 8;
 const FIB_SUCCESS: i64 = 0;
 const FIB_FRAG_NEEDED: i64 = 8;
 
-/// `struct bpf_fib_lookup` with its unions flattened (64 bytes, the
-/// kernel's layout): what goes in and what the kernel writes back.
-#[repr(C)]
-pub struct FibParams {
-    family: u8,
-    l4_protocol: u8,
-    sport: u16,
-    dport: u16,
-    /// In: the packet's length (the kernel checks it against the route's
-    /// MTU). Out on `FIB_FRAG_NEEDED`: that MTU.
-    tot_len: u16,
-    ifindex: u32,
-    /// IPv4 TOS / IPv6 flow info in; route metric out.
-    tos: u32,
-    /// In: the outer source (not written back without BPF_FIB_LOOKUP_SRC).
-    src: [u8; 16],
-    /// In: the backend. Out: the next hop (gateway).
-    dst: [u8; 16],
-    vlan: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-}
 
-/// What the balancer chose for a frame to a routed backend.
-#[repr(C)]
-pub struct Handoff {
-    /// The flow.
-    pub key: FlowKey,
-    /// Backend id.
-    pub id: u32,
-    /// Frame length as received (for the backend's byte counter).
-    pub bytes: u32,
-    /// The frame started a connection-table entry.
-    pub new_flow: u8,
-    /// `Kind` of the packet: 0 flow, 1 fragment, 2 ICMP error.
-    pub kind: u8,
-    /// 1: handed off by `xlb_trace`, so `xlb_encap` records the frame.
-    pub trace: u8,
-    /// Explicit padding.
-    pub _pad: u8,
-}
 
 /// `xlb_encap`'s work: encapsulate the handed-off frame and send it;
 /// returns the action and its verdict.

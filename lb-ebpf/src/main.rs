@@ -25,6 +25,7 @@ mod maps;
 mod parse;
 mod pkt;
 mod quic;
+mod records;
 mod select;
 mod stats;
 mod steer;
@@ -68,7 +69,7 @@ fn balance<const TRACE: bool>(ctx: &XdpContext) -> u32 {
         // The stats map always has its one entry; without it, do no harm.
         return xdp_action::XDP_PASS;
     };
-    let mut seen = if TRACE { trace::Seen::start(ctx) } else { None };
+    let mut seen = if TRACE { records::Seen::start(ctx) } else { None };
     let (action, stat) = process(ctx, stats, &mut seen);
     stats::count(stats, stat);
     if let (true, Some(seen)) = (TRACE, &seen) {
@@ -111,7 +112,7 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<&mut trace::Seen>) -> (u32, Stat) {
+fn process(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<&mut records::Seen>) -> (u32, Stat) {
     let pkt = match parse::packet(ctx) {
         Ok(p) => p,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
@@ -214,7 +215,7 @@ pub fn xlb_encap(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn encap_handed<'a>(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(&'a mut trace::Seen, u8)>) -> (u32, Stat) {
+fn encap_handed<'a>(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(&'a mut records::Seen, u8)>) -> (u32, Stat) {
     let Some(h) = maps::HANDOFF.get(0) else {
         return (xdp_action::XDP_DROP, Stat::DropNoRoute);
     };
@@ -222,7 +223,7 @@ fn encap_handed<'a>(ctx: &XdpContext, stats: &mut StatBlock, seen: &mut Option<(
         return (xdp_action::XDP_DROP, Stat::DropBadBackend);
     };
     if h.trace != 0 {
-        *seen = trace::Seen::routed(&h.key, h.id).map(|s| (s, backend.forward));
+        *seen = records::Seen::routed(&h.key, h.id).map(|s| (s, backend.forward));
     }
     let (action, stat) = encap::forward(ctx, &h.key, backend);
     if matches!(stat, Stat::Forwarded | Stat::Redirected) {

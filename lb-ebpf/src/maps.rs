@@ -123,9 +123,9 @@ pub static TRACE: RingBuf = RingBuf::with_byte_size(lb_common::trace::TRACE_RING
 pub static TRACE_CFG: Array<lb_common::trace::TraceConfig> = Array::with_max_entries(1, 0);
 
 /// The tracing program's notes on the frame it is processing (per CPU:
-/// kept off its stack, see `trace::Seen`).
+/// kept off its stack, see `records::Seen`).
 #[map(name = "XLB_TRACE_SEEN")]
-pub static TRACE_SEEN: PerCpuArray<crate::trace::Seen> = PerCpuArray::with_max_entries(1, 0);
+pub static TRACE_SEEN: PerCpuArray<crate::records::Seen> = PerCpuArray::with_max_entries(1, 0);
 
 /// The tracing program's rate limit, per CPU.
 #[map(name = "XLB_TRACE_TB")]
@@ -148,12 +148,12 @@ pub static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(lb_com
 /// Per-CPU scratch space of the routed path (`encap`): the FIB lookup's
 /// parameters live here rather than on the 512-byte BPF stack.
 #[map(name = "XLB_SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::encap::FibParams> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<crate::records::FibParams> = PerCpuArray::with_max_entries(1, 0);
 
 /// The balancer's choice for a frame to a routed backend, handed to
 /// `xlb_encap` (per CPU: the tail call runs on the same CPU, next).
 #[map(name = "XLB_HANDOFF")]
-pub static HANDOFF: PerCpuArray<crate::encap::Handoff> = PerCpuArray::with_max_entries(1, 0);
+pub static HANDOFF: PerCpuArray<crate::records::Handoff> = PerCpuArray::with_max_entries(1, 0);
 
 /// Tail-call targets (`lb_common::TAIL_ENCAP`: `xlb_encap`), set by the agent.
 #[map(name = "XLB_PROGS")]

@@ -6,6 +6,17 @@ use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 use lb_common::Stat;
 
+/// Header lengths and the numbers that name them.
+pub const ETH_LEN: usize = 14;
+pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const IPV4_LEN: usize = 20;
+pub const IPV6_LEN: usize = 40;
+pub const UDP_LEN: usize = 8;
+/// IP protocol numbers of IPv4 and IPv6 as payloads.
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
+
 /// A pointer to a `T` at `off` bytes into the frame, if all of it is inside.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {

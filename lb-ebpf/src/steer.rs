@@ -96,7 +96,7 @@ pub fn choose<'a>(ctx: &XdpContext, pkt: &Packet, gate: Gate<'a>, stats: &mut St
         // The VIP and the algorithm before the new entry's accounting: a
         // pure SYN's set is read only then (see `conntrack::track`).
         Kind::Flow => match conntrack::track(key, pkt.tcp_flags, stats) {
-            Track::Hit(c) => Ok(c),
+            Track::Hit(id, backend) => Ok(Choice::old((id, backend))),
             Track::New(mut p) => {
                 let vip = vip(key, gate)?;
                 // `--quic`: the server ID in the connection ID first (a
@@ -115,7 +115,7 @@ pub fn choose<'a>(ctx: &XdpContext, pkt: &Packet, gate: Gate<'a>, stats: &mut St
         Kind::IcmpError => {
             let vip = vip(key, gate)?;
             match conntrack::peek(key, vip) {
-                Some(c) => Ok(c),
+                Some(c) => Ok(Choice::old(c)),
                 None => select::rehash(key, vip).map(Choice::old),
             }
         }

@@ -20,7 +20,7 @@ use aya_ebpf::{
 use lb_common::Stat;
 
 use crate::{
-    encap::{ETH_LEN, IPV4_LEN, IPV6_LEN},
+    pkt::{ETH_LEN, IPV4_LEN, IPV6_LEN},
     pkt,
 };
 

@@ -15,20 +15,9 @@ use lb_common::{
 use crate::{
     maps::{TRACE, TRACE_CFG, TRACE_SEEN, TRACE_TB},
     pkt,
+    records::Seen,
 };
 
-/// What the program learnt about a frame on its way (tracing only). It
-/// lives in this CPU's `XLB_TRACE_SEEN` value, not on the stack: the
-/// tracing program's frame is the balancer's plus this, and BPF allows
-/// 512 bytes for a program and the subprograms it calls.
-pub struct Seen {
-    /// The frame's MACs as they arrived (before the rewrite).
-    pub macs: [u8; 12],
-    /// Its 5-tuple, once parsed.
-    pub key: Option<FlowKey>,
-    /// The backend it was sent to.
-    pub backend_id: u32,
-}
 
 impl Seen {
     /// A frame as it arrived (`None` only if the per-CPU value is missing:
