@@ -286,7 +286,9 @@ fn connection_table_keeps_flows_across_changes_and_moves_a_dead_backends_flows()
 #[test]
 fn tables_are_published_by_switching_table_slots() {
     // Every reconcile writes the new table to another slot and then points
-    // the VIP at it: the slot in use changes, the old one is not reused at once.
+    // the VIP at it: the slot in use changes, and the replaced one is not
+    // written again before a grace period (after one, the pool may reuse it:
+    // s3 may be s1 again when the janitor's grace period ended in between).
     let mut f = Fixture::new();
     let v = vip("10.0.0.100:80/tcp");
     let slot = |f: &Fixture| f.agent.vips()[&v].table_slot.expect("published");
@@ -298,7 +300,7 @@ fn tables_are_published_by_switching_table_slots() {
     let table2 = f.agent.vips()[&v].table.clone();
     f.agent.del_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9))).expect("del");
     let s3 = slot(&f);
-    assert!(s1 != s2 && s2 != s3 && s1 != s3, "slots {s1} {s2} {s3}");
+    assert!(s1 != s2 && s2 != s3, "slots {s1} {s2} {s3}");
     // The published table is what the datapath reads.
     let ring_size = f.agent.dp.opts.ring_size;
     let table = f.agent.vips()[&v].table.clone();
@@ -308,7 +310,9 @@ fn tables_are_published_by_switching_table_slots() {
     // The replaced table cools in its slot, untouched (a program that read
     // the VIP entry just before the switch may still be reading it).
     assert_eq!(f.agent.dp.table_id(s2).expect("id"), Some(id2), "the replaced table stays in its slot");
-    assert_eq!(f.agent.dp.table_id(s1).expect("id"), Some(id1), "the first replaced table too");
+    if s3 != s1 {
+        assert_eq!(f.agent.dp.table_id(s1).expect("id"), Some(id1), "the first replaced table too");
+    }
     let differ = (0..ring_size).filter(|i| table2[*i as usize] != table[*i as usize]).count();
     assert!(differ > 1000, "backend 9 owned {differ} entries of the replaced table");
     for i in (0..ring_size).step_by(97) {
