@@ -133,30 +133,51 @@ pub const ALL: [Stat; STAT_COUNT as usize] = [
     Stat::QuicNoId,
 ];
 
-/// Counters that are verdicts (exactly one per frame): the first block of
-/// `ALL` and the verdicts appended after the events.
-pub const VERDICTS: &[Stat] = &[
-    Stat::Forwarded,
-    Stat::PassNotIp,
-    Stat::PassNotVip,
-    Stat::PassTruncated,
-    Stat::PassBadHeader,
-    Stat::PassOtherL4,
-    Stat::PassExtHeaders,
-    Stat::DropNoBackend,
-    Stat::DropBadBackend,
-    Stat::Aborted,
-    Stat::PassOtherMac,
-    Stat::Redirected,
-    Stat::DropNoRoute,
-    Stat::TooBig,
-    Stat::Decapsulated,
-    Stat::DecapNotTunnel,
-    Stat::DecapNotLocal,
-    Stat::EchoReplied,
-];
+/// Counters that are verdicts (exactly one per frame), in index order.
+pub fn verdicts() -> impl Iterator<Item = Stat> {
+    ALL.into_iter().filter(|s| s.is_verdict())
+}
 
 impl Stat {
+    /// A verdict (exactly one per frame), not an event. The match has no
+    /// wildcard: a new counter must be classified here.
+    pub const fn is_verdict(self) -> bool {
+        match self {
+            Stat::Forwarded
+            | Stat::PassNotIp
+            | Stat::PassNotVip
+            | Stat::PassTruncated
+            | Stat::PassBadHeader
+            | Stat::PassOtherL4
+            | Stat::PassExtHeaders
+            | Stat::DropNoBackend
+            | Stat::DropBadBackend
+            | Stat::Aborted
+            | Stat::PassOtherMac
+            | Stat::Redirected
+            | Stat::DropNoRoute
+            | Stat::TooBig
+            | Stat::Decapsulated
+            | Stat::DecapNotTunnel
+            | Stat::DecapNotLocal
+            | Stat::EchoReplied => true,
+            Stat::CtHit
+            | Stat::CtMiss
+            | Stat::CtStale
+            | Stat::CtInsertFail
+            | Stat::CtSynReuse
+            | Stat::CtClosed
+            | Stat::IcmpSteered
+            | Stat::FragForwarded
+            | Stat::PersistHit
+            | Stat::CtEvicted
+            | Stat::QuicRouted
+            | Stat::QuicUnknownId
+            | Stat::QuicFallback
+            | Stat::QuicNoId => false,
+        }
+    }
+
     /// Stable snake_case name used in `xlb stats` and JSON output.
     pub const fn name(self) -> &'static str {
         match self {
@@ -205,8 +226,8 @@ mod tests {
         for (i, s) in ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
-        assert_eq!(VERDICTS.len(), Stat::PassOtherMac as usize + 1 + 7);
-        assert!(VERDICTS.iter().all(|v| v.name().starts_with("pass_")
+        assert_eq!(verdicts().count(), Stat::PassOtherMac as usize + 1 + 7);
+        assert!(verdicts().all(|v| v.name().starts_with("pass_")
             || v.name().starts_with("drop_")
             || matches!(v, Stat::Forwarded | Stat::Aborted | Stat::Redirected | Stat::TooBig | Stat::Decapsulated | Stat::EchoReplied)));
     }

@@ -8,7 +8,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::links::{FdLink, PinnedLink},
 };
-use lb_common::{stats::VERDICTS, EncapConfig, Stat, StatBlock, ENCAP_F_SRC4, ENCAP_F_SRC6, ENCAP_TTL, PROG_DECAP};
+use lb_common::{EncapConfig, Stat, StatBlock, ENCAP_F_SRC4, ENCAP_F_SRC6, ENCAP_TTL, PROG_DECAP};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
@@ -131,7 +131,7 @@ pub fn stats(iface: &str, pin_root: &Path) -> Result<Vec<(&'static str, u64)>> {
         }
     }
     let decap = [Stat::Decapsulated, Stat::DecapNotTunnel, Stat::DecapNotLocal];
-    debug_assert!(decap.iter().all(|s| VERDICTS.contains(s)));
+    debug_assert!(decap.iter().all(|s| s.is_verdict()));
     Ok(decap.iter().map(|s| (s.name(), sums[*s as usize])).collect())
 }
 

@@ -2,7 +2,7 @@
 //! shape of every datapath test: frame in → verdict, frame out, counter deltas.
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{stats::VERDICTS, Stat, PROG_XLB};
+use lb_common::{stats::verdicts, Stat, PROG_XLB};
 use xlb::{
     agent::{Agent, AgentOptions},
     config::{CheckKind, HealthConfig, Mac},
@@ -73,7 +73,7 @@ pub fn run_on(dp: &mut Datapath, prog: &str, frame: &[u8], ingress_ifindex: u32)
 
 /// Exactly one verdict counter moved, by one, and it is `want`.
 pub fn assert_one_verdict(delta: &[i64], want: Stat, what: &str) {
-    for &s in VERDICTS {
+    for s in verdicts() {
         let expected = if s == want { 1 } else { 0 };
         assert_eq!(delta[s as usize], expected, "{what}: counter {} moved by {}", s.name(), delta[s as usize]);
     }

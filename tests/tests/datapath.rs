@@ -5,7 +5,7 @@
 //! flow hash, so the datapath and the control plane are checked against
 //! each other. Needs root.
 
-use lb_common::{hash::flow_hash, stats::VERDICTS, FlowKey, Stat};
+use lb_common::{hash::flow_hash, stats::verdicts, FlowKey, Stat};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use xlb::{
     agent::Agent,
@@ -190,7 +190,7 @@ fn malformed_headers_pass_with_a_reason() {
         let (action, out, d) = f.run_counted(&frame);
         assert_eq!(action, XDP_PASS, "{what}");
         assert_eq!(out, frame);
-        let moved: Vec<&str> = VERDICTS.iter().filter(|s| d[**s as usize] == 1).map(|s| s.name()).collect();
+        let moved: Vec<&str> = verdicts().filter(|s| d[*s as usize] == 1).map(|s| s.name()).collect();
         assert!(
             moved == ["pass_bad_header"] || moved == ["pass_truncated"],
             "{what}: counted as {moved:?}"

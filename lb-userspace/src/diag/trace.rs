@@ -13,7 +13,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use lb_common::{
     trace::{action_bit, TraceConfig, TraceRecord, TRACE_ANY_BACKEND, TRACE_SNAP},
-    stats::VERDICTS,
+    stats::verdicts,
     FlowKey, FAMILY_V6, PROTO_TCP, PROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
@@ -271,7 +271,7 @@ pub fn frame_line(agent: &Agent, r: &TraceRecord, wall_minus_mono: u64) -> Frame
             agent.vips().values().flat_map(|v| v.backends.values()).find(|b| b.id == r.backend_id).map(|b| b.ip.to_string())
         })
         .map(|ip| ip.unwrap_or_else(|| format!("id {}", r.backend_id)));
-    let verdict = VERDICTS.iter().find(|s| **s as u32 == r.stat).map(|s| s.name()).unwrap_or("?");
+    let verdict = verdicts().find(|s| *s as u32 == r.stat).map(|s| s.name()).unwrap_or("?");
     let cap = (r.cap_len as usize).min(TRACE_SNAP);
     let forward = lb_common::Forward::from_u8(r.forward).filter(|f| f.is_routed());
     // Encapsulated only when it went on (a drop or a too-big answer is not).
