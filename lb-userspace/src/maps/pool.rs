@@ -91,7 +91,10 @@ struct State {
 /// a lock that serializes emptyings and coolings (one that returns has seen
 /// every slot retired, or table replaced, before it began, including those
 /// another thread had taken).
-type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, lb_common::TableLine>, Mutex<()>)>;
+/// State, the janitor's wake-up, the placeholder table, one cooling or
+/// clearing at a time, and the janitor's round (held while it works, so
+/// `settle` waits for a round under way).
+type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, lb_common::TableLine>, Mutex<()>, Mutex<()>)>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
     // A janitor that panicked leaves consistent state (every change is a
@@ -115,7 +118,7 @@ impl Pool {
         let free = (0..slots).filter(|s| !occupied.contains_key(s)).collect();
         let state = State { free, bytes: occupied, ..Default::default() };
         let empty = create_placeholder().context("cannot create the placeholder table")?;
-        Ok(Pool { shared: Arc::new((Mutex::new(state), Condvar::new(), empty, Mutex::new(()))), ring_size, outer_id, janitor: None })
+        Ok(Pool { shared: Arc::new((Mutex::new(state), Condvar::new(), empty, Mutex::new(()), Mutex::new(()))), ring_size, outer_id, janitor: None })
     }
 
     /// Start the janitor (at the first publication: a datapath loaded for
@@ -256,6 +259,9 @@ impl Pool {
     /// tables ready after one grace period, tables beyond `POOL_READY` and
     /// retired ones freed.
     pub fn settle(&self, outer: &MapData) -> Result<()> {
+        // After the janitor's round under way, if any (a refill it decided
+        // before would otherwise land after this returns).
+        let _round = self.shared.4.lock().unwrap_or_else(|p| p.into_inner());
         cool(&self.shared, outer)?;
         {
             let mut st = lock(&self.shared);
@@ -407,42 +413,53 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
 /// `prepare` asked for), frees the tables reserved for a burst once it is over.
 fn janitor(shared: Shared, outer: MapData, ring_size: u32) {
     loop {
-        let want = {
+        {
             let mut st = lock(&shared);
-            loop {
+            while janitor_work(&mut st).is_none() {
                 if st.stop {
                     return;
-                }
-                let now = Instant::now();
-                let burst = st.burst_until.is_some_and(|t| now < t);
-                let prepared = st.prepared.filter(|(_, t)| now < *t).map_or(0, |(n, _)| n);
-                let held = burst || prepared > 0 || st.hold_until.is_some_and(|t| now < t);
-                let target = prepared.max(if burst { POOL_BURST } else { POOL_READY });
-                if !held {
-                    trim(&mut st);
-                }
-                let have = st.ready.len() + st.cooling.len() + st.in_grace;
-                // Outside a burst, refill only once the pool runs low: a
-                // publication takes a table before it releases the one it
-                // replaces, and that one comes back (a refill in between
-                // would create a table for nothing).
-                let low = if burst || prepared > 0 { target } else { POOL_READY / 2 };
-                let want = if have < low { target.saturating_sub(have) } else { 0 };
-                if !st.retired.is_empty() || !st.unmapped.is_empty() || !st.cooling.is_empty() || want > 0 {
-                    // No more than the slots that are free or freed by this round.
-                    break want.min(st.free.len() + st.retired.len());
                 }
                 let wait = if st.ready.len() > POOL_READY { RESERVE_HOLD } else { Duration::from_secs(3600) };
                 st = shared.1.wait_timeout(st, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
             }
-        };
+        }
+        // Decided again inside the round: `settle` may have done the work
+        // meanwhile.
+        let round = shared.4.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(want) = janitor_work(&mut lock(&shared)) else { continue };
         let r = cool(&shared, &outer)
             .and_then(|()| clear(&shared, &outer))
             .and_then(|()| if want > 0 { refill(&shared, &outer, want, ring_size) } else { Ok(()) });
+        drop(round);
         if let Err(e) = r {
             lock(&shared).error = Some(format!("{e:#}"));
             // Do not spin on a persistent failure.
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// The janitor's next round, if there is work: tables to cool or free, and
+/// how many to create (trimming the ready tables beyond what is held).
+fn janitor_work(st: &mut State) -> Option<usize> {
+    if st.stop {
+        return None;
+    }
+    let now = Instant::now();
+    let burst = st.burst_until.is_some_and(|t| now < t);
+    let prepared = st.prepared.filter(|(_, t)| now < *t).map_or(0, |(n, _)| n);
+    let held = burst || prepared > 0 || st.hold_until.is_some_and(|t| now < t);
+    let target = prepared.max(if burst { POOL_BURST } else { POOL_READY });
+    if !held {
+        trim(st);
+    }
+    let have = st.ready.len() + st.cooling.len() + st.in_grace;
+    // Outside a burst, refill only once the pool runs low: a publication
+    // takes a table before it releases the one it replaces, and that one
+    // comes back (a refill in between would create a table for nothing).
+    let low = if burst || prepared > 0 { target } else { POOL_READY / 2 };
+    let want = if have < low { target.saturating_sub(have) } else { 0 };
+    // No more than the slots that are free or freed by this round.
+    let work = !st.retired.is_empty() || !st.unmapped.is_empty() || !st.cooling.is_empty() || want > 0;
+    work.then(|| want.min(st.free.len() + st.retired.len()))
 }
