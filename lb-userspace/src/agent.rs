@@ -351,6 +351,7 @@ impl<M: Maps> Agent<M> {
                 table: Vec::new(),
                 published_at: None,
                 retired: Default::default(),
+                layout: None,
                 facts: Default::default(),
             },
         );

@@ -69,9 +69,22 @@ pub struct MaglevCache {
 /// u32 indexes; 256 as byte indexes). The cache is emptied when full.
 const MAGLEV_CACHE_BYTES: usize = 64 * 65537 * 4;
 
-/// A cached Maglev table: member indexes.
+/// A cached Maglev table: member indexes, the members' keys (addresses) in
+/// index order, and what status reads from it, computed once per layout
+/// and shared by every VIP that uses it (512 VIPs on the same hosts: once).
 #[derive(Debug)]
-enum Layout {
+pub struct Layout {
+    slots: Slots,
+    keys: Vec<Vec<u8>>,
+    /// Entries per member index.
+    counts: std::sync::OnceLock<Vec<usize>>,
+    /// `table_fingerprint` per algorithm that used this layout.
+    fingerprints: std::sync::Mutex<Vec<(Algo, u64)>>,
+}
+
+/// Member indexes.
+#[derive(Debug)]
+enum Slots {
     /// Up to 256 members.
     Narrow(Vec<u8>),
     /// More.
@@ -79,28 +92,87 @@ enum Layout {
 }
 
 impl Layout {
-    fn new(t: Vec<u32>, members: usize) -> Layout {
-        if members <= 256 {
-            Layout::Narrow(t.into_iter().map(|i| i as u8).collect())
-        } else {
-            Layout::Wide(t)
-        }
+    fn new(t: Vec<u32>, members: &[Member<'_>]) -> Layout {
+        let slots = if members.len() <= 256 { Slots::Narrow(t.into_iter().map(|i| i as u8).collect()) } else { Slots::Wide(t) };
+        let keys = members.iter().map(|m| m.key.to_vec()).collect();
+        Layout { slots, keys, counts: Default::default(), fingerprints: Default::default() }
     }
 
     fn bytes(&self) -> usize {
-        match self {
-            Layout::Narrow(t) => t.len(),
-            Layout::Wide(t) => t.len() * 4,
+        match &self.slots {
+            Slots::Narrow(t) => t.len(),
+            Slots::Wide(t) => t.len() * 4,
+        }
+    }
+
+    fn indexes(&self) -> Box<dyn Iterator<Item = usize> + '_> {
+        match &self.slots {
+            Slots::Narrow(t) => Box::new(t.iter().map(|&i| i as usize)),
+            Slots::Wide(t) => Box::new(t.iter().map(|&i| i as usize)),
         }
     }
 
     /// The table as the members' ids.
     fn ids(&self, members: &[Member<'_>]) -> Vec<u32> {
-        match self {
-            Layout::Narrow(t) => t.iter().map(|&i| members[i as usize].id).collect(),
-            Layout::Wide(t) => t.iter().map(|&i| members[i as usize].id).collect(),
+        match &self.slots {
+            Slots::Narrow(t) => t.iter().map(|&i| members[i as usize].id).collect(),
+            Slots::Wide(t) => t.iter().map(|&i| members[i as usize].id).collect(),
         }
     }
+}
+
+/// A VIP's use of a shared layout: the layout and its members' ids, in
+/// member order (each VIP has its own ids for the same hosts).
+#[derive(Clone, Debug)]
+pub struct LayoutUse {
+    layout: std::sync::Arc<Layout>,
+    ids: Vec<u32>,
+}
+
+impl LayoutUse {
+    /// `table_fingerprint` of the VIP's table, computed once per layout
+    /// and algorithm (entry i's address is `keys[layout[i]]`, the address
+    /// of the id the table holds there).
+    pub fn fingerprint(&self, algo: Algo) -> u64 {
+        let l = &self.layout;
+        let mut fps = l.fingerprints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, f)) = fps.iter().find(|(a, _)| *a == algo) {
+            return *f;
+        }
+        let f = table_fingerprint(algo, l.indexes().map(|i| l.keys[i].as_slice()));
+        fps.push((algo, f));
+        f
+    }
+
+    /// Entries per backend id.
+    pub fn slots(&self) -> std::collections::BTreeMap<u32, usize> {
+        let counts = self.layout.counts.get_or_init(|| {
+            let mut c = vec![0usize; self.layout.keys.len()];
+            for i in self.layout.indexes() {
+                c[i] += 1;
+            }
+            c
+        });
+        self.ids.iter().zip(counts).filter(|(_, n)| **n > 0).map(|(id, n)| (*id, *n)).collect()
+    }
+}
+
+/// A fingerprint of a table: FNV-1a (64 bit) over the algorithm's name and
+/// every entry's backend *address* (ids are each node's own), so two nodes
+/// with the same config and health compute the same number (HA compares
+/// them; so must every version that runs beside this one).
+pub fn table_fingerprint<'a>(algo: Algo, addrs: impl Iterator<Item = &'a [u8]>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &x in bytes {
+            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(algo.name().as_bytes());
+    for a in addrs {
+        eat(a);
+    }
+    h
 }
 
 impl MaglevCache {
@@ -110,7 +182,7 @@ impl MaglevCache {
             return t.clone();
         }
         let entries: Vec<maglev::Entry> = members.iter().map(|m| maglev::Entry { key: m.key, weight: m.weight }).collect();
-        let t = std::sync::Arc::new(Layout::new(maglev::build(&entries, ring_size).unwrap_or_default(), members.len()));
+        let t = std::sync::Arc::new(Layout::new(maglev::build(&entries, ring_size).unwrap_or_default(), members));
         self.built += 1;
         if self.bytes + t.bytes() > MAGLEV_CACHE_BYTES {
             self.tables.clear();
@@ -124,17 +196,20 @@ impl MaglevCache {
 
 /// The ring contents for `algo` (empty when there is no member).
 pub fn build(algo: Algo, members: &[Member<'_>], ring_size: u32) -> Result<Vec<u32>> {
-    build_cached(algo, members, ring_size, &mut MaglevCache::default())
+    Ok(build_cached(algo, members, ring_size, &mut MaglevCache::default())?.0)
 }
 
-/// `build`, taking Maglev layouts from (and adding them to) `cache`.
-pub fn build_cached(algo: Algo, members: &[Member<'_>], ring_size: u32, cache: &mut MaglevCache) -> Result<Vec<u32>> {
+/// `build`, taking Maglev layouts from (and adding them to) `cache`; with
+/// the shared layout the table comes from (Maglev family).
+pub fn build_cached(algo: Algo, members: &[Member<'_>], ring_size: u32, cache: &mut MaglevCache) -> Result<(Vec<u32>, Option<LayoutUse>)> {
     if members.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let mut seq = match algo {
         Algo::Maglev | Algo::Random | Algo::SourceHash => {
-            return Ok(cache.get(members, ring_size).ids(members));
+            let layout = cache.get(members, ring_size);
+            let table = layout.ids(members);
+            return Ok((table, Some(LayoutUse { layout, ids: members.iter().map(|m| m.id).collect() })));
         }
         Algo::LeastConn => {
             if members.len() > MAX_LEAST_CONN_BACKENDS as usize {
@@ -172,7 +247,7 @@ pub fn build_cached(algo: Algo, members: &[Member<'_>], ring_size: u32, cache: &
         }
     };
     seq.truncate(ring_size as usize);
-    Ok(seq)
+    Ok((seq, None))
 }
 
 #[cfg(test)]
@@ -187,11 +262,11 @@ mod tests {
     #[test]
     fn cached_maglev_tables_are_the_same_tables() {
         let mut cache = MaglevCache::default();
-        let a = build_cached(Algo::Maglev, &members(&[1, 2, 3]), 65537, &mut cache).expect("a");
+        let a = build_cached(Algo::Maglev, &members(&[1, 2, 3]), 65537, &mut cache).expect("a").0;
         assert_eq!(a, build(Algo::Maglev, &members(&[1, 2, 3]), 65537).expect("uncached"));
         // Another VIP with the same backends (other ids): computed once.
         let other: Vec<Member> = members(&[1, 2, 3]).into_iter().map(|m| Member { id: m.id + 1000, ..m }).collect();
-        let b = build_cached(Algo::SourceHash, &other, 65537, &mut cache).expect("b");
+        let b = build_cached(Algo::SourceHash, &other, 65537, &mut cache).expect("b").0;
         assert_eq!(cache.built, 1);
         assert!(a.iter().zip(&b).all(|(x, y)| x + 1000 == *y));
         // Other weights: another table.
@@ -209,7 +284,7 @@ mod tests {
         for vip in 0..2u32 {
             for n in 1..=keys.len() {
                 let m: Vec<Member> = keys[..n].iter().enumerate().map(|(i, k)| Member { key: k, weight: 1, id: vip * 1000 + i as u32 }).collect();
-                let t = build_cached(Algo::Maglev, &m, 65537, &mut cache).expect("table");
+                let t = build_cached(Algo::Maglev, &m, 65537, &mut cache).expect("table").0;
                 if vip == 0 {
                     first.push(t);
                 } else {
@@ -221,9 +296,17 @@ mod tests {
         // Over 256 members, indexes no longer fit a byte: the same table as uncached.
         let many: Vec<[u8; 4]> = (0..300u32).map(|i| (0x0ac9_0000 + i).to_be_bytes()).collect();
         let m: Vec<Member> = many.iter().enumerate().map(|(i, k)| Member { key: k, weight: 1, id: 5000 + i as u32 }).collect();
-        let t = build_cached(Algo::Maglev, &m, 65537, &mut cache).expect("wide");
+        let t = build_cached(Algo::Maglev, &m, 65537, &mut cache).expect("wide").0;
         assert_eq!(t, build(Algo::Maglev, &m, 65537).expect("uncached"));
         assert!(t.iter().any(|&id| id >= 5256), "members past 256 are in the table");
+    }
+
+    #[test]
+    fn fingerprints_are_fnv1a_over_the_name_and_addresses() {
+        // Pinned: nodes of different versions compare these (value from an
+        // independent FNV-1a 64 of b"maglev" 10.0.0.1 10.0.0.2 10.0.0.1).
+        let (a, b) = ([10u8, 0, 0, 1], [10u8, 0, 0, 2]);
+        assert_eq!(table_fingerprint(Algo::Maglev, [&a[..], &b[..], &a[..]].into_iter()), 0xdb9d_b97d_257d_37fb);
     }
 
     #[test]

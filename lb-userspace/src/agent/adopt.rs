@@ -331,6 +331,7 @@ impl<M: Maps> Agent<M> {
                     table,
                     published_at: None,
                     retired: retired.unwrap_or_default(),
+                    layout: None,
                     facts: Default::default(),
                 },
             );

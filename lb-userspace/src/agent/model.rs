@@ -241,6 +241,9 @@ pub struct VipState {
     pub quic_ids: BTreeMap<u16, u32>,
     /// The published table or sequence (backend ids), for measuring churn.
     pub table: Vec<u32>,
+    /// The shared Maglev layout `table` comes from, if it was built here
+    /// (not when read back from the maps after a restart).
+    pub layout: Option<crate::tables::LayoutUse>,
     /// When its table was last published (wall clock, for status).
     pub published_at: Option<std::time::SystemTime>,
     /// Traffic of backends since removed (a VIP's counters are the sum over
@@ -261,53 +264,40 @@ pub struct TableFacts {
 }
 
 impl VipState {
-    /// The published table's facts (a walk of the table the first time
-    /// after a publication: at 512 VIPs of 65 537 entries, walking every
-    /// table for each status took the agent's lock for 0.6 s).
+    /// The published table's facts, computed on first use after a
+    /// publication: from its shared layout when it has one (once per layout
+    /// for all the VIPs that use it: after a burst of 512 publications, the
+    /// first status walked 512 tables under the agent's lock, ~1 s), else
+    /// by one walk of the table.
     pub fn facts(&self) -> &TableFacts {
-        self.facts.get_or_init(|| {
-            let mut slots = BTreeMap::new();
-            for &id in &self.table {
-                *slots.entry(id).or_insert(0) += 1;
+        self.facts.get_or_init(|| match &self.layout {
+            Some(l) => TableFacts { fingerprint: l.fingerprint(self.algo), slots: l.slots() },
+            None => {
+                let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+                for &id in &self.table {
+                    *counts.entry(id).or_insert(0) += 1;
+                }
+                TableFacts { fingerprint: fingerprint(self), slots: counts.into_iter().collect() }
             }
-            TableFacts { fingerprint: fingerprint(self), slots }
         })
     }
 }
 
-/// A fingerprint of a VIP's published table: FNV-1a (64 bit) over every
-/// slot's backend *address* (ids are each node's own), so two nodes with
-/// the same config and health show the same number (HA compares them).
+/// A fingerprint of a VIP's published table (`tables::table_fingerprint`:
+/// over the backends' addresses, the same on every node).
 pub fn fingerprint(s: &VipState) -> u64 {
     // Each backend's address bytes, looked up once (not per table entry).
-    let addrs: BTreeMap<u32, Vec<u8>> = s
-        .backends
-        .values()
-        .map(|b| {
-            let bytes = match b.ip {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
-            };
-            (b.id, bytes)
-        })
-        .collect();
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |bytes: &[u8]| {
-        for &x in bytes {
-            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(s.algo.name().as_bytes());
+    let addrs: std::collections::HashMap<u32, Vec<u8>> = s.backends.values().map(|b| (b.id, b.key_bytes())).collect();
     let mut last: Option<(u32, &[u8])> = None;
-    for &id in &s.table {
+    let entries = s.table.iter().map(|&id| {
         let bytes: &[u8] = match last {
             Some((l, b)) if l == id => b,
             _ => addrs.get(&id).map_or(&[0xff], Vec::as_slice),
         };
         last = Some((id, bytes));
-        eat(bytes);
-    }
-    h
+        bytes
+    });
+    crate::tables::table_fingerprint(s.algo, entries)
 }
 
 #[cfg(test)]

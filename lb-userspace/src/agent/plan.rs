@@ -18,6 +18,9 @@ pub(crate) struct Plan {
     pub(crate) steps: std::collections::HashMap<u32, u32>,
     /// The table or sequence.
     pub(crate) table: Vec<u32>,
+    /// The shared Maglev layout the table comes from (status reads its
+    /// facts once per layout).
+    pub(crate) layout: Option<tables::LayoutUse>,
     /// Entries that differ from the published table (counted only when
     /// asked: a request reports it; a health change does not need it).
     pub(crate) moved: Option<usize>,
@@ -46,7 +49,7 @@ pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant, cache: &mut t
         keys.push((b.key_bytes(), w, b.id));
     }
     let members: Vec<tables::Member> = keys.iter().map(|(k, w, id)| tables::Member { key: k, weight: *w, id: *id }).collect();
-    let table = tables::build_cached(state.algo, &members, ring_size, cache)?;
+    let (table, layout) = tables::build_cached(state.algo, &members, ring_size, cache)?;
     let unchanged = state.table == table;
     let moved = count_moved.then(|| match (unchanged, state.table.len() == table.len()) {
         (true, _) => 0,
@@ -54,5 +57,5 @@ pub(crate) fn plan(state: &VipState, ring_size: u32, now: Instant, cache: &mut t
         (false, false) => table.len().max(state.table.len()),
     });
     let alive = state.backends.values().filter(|b| alive_now(b)).map(|b| b.id).collect();
-    Ok(Plan { alive, weights, steps, table, moved, unchanged, failing_open })
+    Ok(Plan { alive, weights, steps, table, layout, moved, unchanged, failing_open })
 }

@@ -130,6 +130,7 @@ impl<M: Maps> Agent<M> {
         );
         let result = (p.moved.unwrap_or(0), p.table.len());
         state.table = p.table;
+        state.layout = p.layout;
         state.facts = Default::default();
         if alias_changed {
             self.sync_fragment_alias(vip)?;

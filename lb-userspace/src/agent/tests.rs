@@ -464,3 +464,31 @@ fn a_failed_publication_is_retried_by_the_tick_not_on_every_flush() {
     assert_eq!(a.vips()[&v].table.iter().collect::<std::collections::BTreeSet<_>>().len(), 2, "with both backends");
     entries_name_live_tables(&a.dp);
 }
+
+#[test]
+fn table_facts_from_the_shared_layout_are_the_tables_own() {
+    let mut a = agent(8);
+    a.apply_desired(&desired(8, 2)).expect("apply");
+    let mut fps = std::collections::BTreeSet::new();
+    for (v, s) in a.vips() {
+        assert!(s.layout.is_some(), "{v}: a Maglev table keeps its layout");
+        let facts = s.facts().clone();
+        // The same facts by a walk of the table itself.
+        let mut counts = std::collections::BTreeMap::new();
+        for &id in &s.table {
+            *counts.entry(id).or_insert(0usize) += 1;
+        }
+        assert_eq!(facts.slots, counts, "{v}: entries per backend");
+        assert_eq!(facts.fingerprint, fingerprint(s), "{v}: fingerprint");
+        assert_eq!(facts.slots.len(), 3);
+        fps.insert(facts.fingerprint);
+    }
+    assert_eq!(fps.len(), 1, "VIPs on the same hosts and weights have one fingerprint (ids differ)");
+    // A weight change: new layout, new facts for that VIP only.
+    let v = vip("10.0.0.100:1000/tcp");
+    a.set_weight(&v, ip("10.0.0.11"), 5).expect("weight");
+    let s = &a.vips()[&v];
+    assert_eq!(s.facts().fingerprint, fingerprint(s));
+    assert_ne!(s.facts().fingerprint, *fps.iter().next().expect("one"));
+    assert_eq!(s.facts().slots.values().sum::<usize>(), s.table.len());
+}
