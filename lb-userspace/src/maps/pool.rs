@@ -87,13 +87,11 @@ struct State {
     stop: bool,
 }
 
-/// The state, its condition variable, the placeholder of emptied slots, and
-/// a lock that serializes emptyings and coolings (one that returns has seen
+/// The state, its condition variable, the placeholder of emptied slots, a
+/// lock that serializes emptyings and coolings (one that returns has seen
 /// every slot retired, or table replaced, before it began, including those
-/// another thread had taken).
-/// State, the janitor's wake-up, the placeholder table, one cooling or
-/// clearing at a time, and the janitor's round (held while it works, so
-/// `settle` waits for a round under way).
+/// another thread had taken), and the janitor's round (held while it works,
+/// so `settle` waits for a round under way).
 type Shared = Arc<(Mutex<State>, Condvar, aya::maps::Array<MapData, lb_common::TableLine>, Mutex<()>, Mutex<()>)>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
