@@ -8,14 +8,18 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod algo;
 pub mod ct;
+pub mod encap;
 pub mod hash;
 pub mod maps;
 pub mod quic;
 pub mod stats;
 pub mod trace;
 
+pub use algo::*;
 pub use ct::{CtEntry, CtHash, CtSeed, CtSet, CtWay, CT_WAYS};
+pub use encap::*;
 pub use maps::*;
 pub use quic::QuicIdKey;
 pub use stats::Stat;

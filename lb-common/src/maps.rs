@@ -1,7 +1,8 @@
-//! Keys and values of every map. Layouts are fixed-size `#[repr(C)]` with
+//! Keys and values of the maps (the algorithm and the routed-forwarding
+//! types are in `algo` and `encap`). Layouts are fixed-size `#[repr(C)]` with
 //! explicit padding fields, so keys compare byte for byte on both sides.
 
-use crate::FAMILY_V6;
+use crate::{Forward, FAMILY_V6};
 
 /// An IP address as stored in keys: IPv4 in the first four bytes (network
 /// order) and zeros after, IPv6 in all sixteen.
@@ -75,98 +76,6 @@ impl PrefixKey {
     }
 }
 
-/// Scheduling algorithm of a VIP, as stored in `VipInfo::algo`. It picks
-/// the backend of a *new* flow; the connection table keeps it there.
-///
-/// What the VIP's ring slot holds depends on the algorithm: a weighted Maglev
-/// table (`Maglev`, `Random`, `SourceHash`) or a sequence of backend ids
-/// (`RoundRobin`, `WeightedRoundRobin`, `LeastConn`).
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Algo {
-    /// Weighted Maglev consistent hashing over the 5-tuple (the default).
-    Maglev = 0,
-    /// Rotation; a backend of weight w takes w consecutive turns per cycle.
-    RoundRobin = 1,
-    /// Smooth weighted rotation (turns interleaved, as nginx does).
-    WeightedRoundRobin = 2,
-    /// Uniform random index into the weighted Maglev table.
-    Random = 3,
-    /// Maglev over the client address only (optionally with persistence).
-    SourceHash = 4,
-    /// Fewest active flows relative to weight.
-    LeastConn = 5,
-}
-
-impl core::fmt::Display for Algo {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl Algo {
-    /// Every algorithm.
-    pub const ALL: [Algo; 6] = [
-        Algo::Maglev,
-        Algo::RoundRobin,
-        Algo::WeightedRoundRobin,
-        Algo::Random,
-        Algo::SourceHash,
-        Algo::LeastConn,
-    ];
-
-    /// Decode a stored algorithm byte.
-    pub const fn from_u8(v: u8) -> Option<Algo> {
-        match v {
-            0 => Some(Algo::Maglev),
-            1 => Some(Algo::RoundRobin),
-            2 => Some(Algo::WeightedRoundRobin),
-            3 => Some(Algo::Random),
-            4 => Some(Algo::SourceHash),
-            5 => Some(Algo::LeastConn),
-            _ => None,
-        }
-    }
-
-    /// Whether the ring holds a Maglev table (else a sequence of ids).
-    pub const fn uses_maglev_table(self) -> bool {
-        matches!(self, Algo::Maglev | Algo::Random | Algo::SourceHash)
-    }
-
-    /// Whether the choice for a given flow is a pure function of the flow
-    /// and the table (so it can be recomputed, e.g. for ICMP errors).
-    pub const fn is_hash(self) -> bool {
-        matches!(self, Algo::Maglev | Algo::SourceHash)
-    }
-
-    /// The algorithm an operator names (`name`'s inverse), if any.
-    pub fn from_name(s: &str) -> Option<Algo> {
-        let mut i = 0;
-        while i < Algo::ALL.len() {
-            if Algo::ALL[i].name().as_bytes() == s.as_bytes() {
-                return Some(Algo::ALL[i]);
-            }
-            i += 1;
-        }
-        None
-    }
-
-    /// Name used on the command line, in config and state files and in status.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Algo::Maglev => "maglev",
-            Algo::RoundRobin => "rr",
-            Algo::WeightedRoundRobin => "wrr",
-            Algo::Random => "random",
-            Algo::SourceHash => "source-hash",
-            Algo::LeastConn => "least-conn",
-        }
-    }
-}
-
-/// Most backends a least-conn VIP may have (the datapath scans them all).
-pub const MAX_LEAST_CONN_BACKENDS: u32 = 256;
-
 /// Value of the VIP map: where this service's lookup table is and how to use it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -206,136 +115,6 @@ pub const KEY_ANY_PORT: u8 = 0x80;
 pub const PROTO_ICMP: u8 = 1;
 /// IP protocol number of ICMPv6.
 pub const PROTO_ICMPV6: u8 = 58;
-/// How frames reach a backend (`BackendInfo::forward`).
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum Forward {
-    /// L2 direct server return: only the MACs change (same segment).
-    #[default]
-    L2 = 0,
-    /// IP-in-IP: IPv4 or IPv6 outer header (the backend's family) around the
-    /// client's packet (IPv4-in-IPv4 proto 4, IPv6-in-IPv6 and IPv4-in-IPv6
-    /// next header 41/4, IPv6-in-IPv4 proto 41); next hop from the kernel FIB.
-    Ipip = 1,
-    /// GUE variant 1 (the inner IP packet directly after a UDP header, to
-    /// the GUE port): as `Ipip`, with the UDP source port varying per flow.
-    Gue = 2,
-}
-
-impl Forward {
-    /// Every mode.
-    pub const ALL: [Forward; 3] = [Forward::L2, Forward::Ipip, Forward::Gue];
-
-    /// Decode a stored byte.
-    pub const fn from_u8(v: u8) -> Option<Forward> {
-        match v {
-            0 => Some(Forward::L2),
-            1 => Some(Forward::Ipip),
-            2 => Some(Forward::Gue),
-            _ => None,
-        }
-    }
-
-    /// Name on the command line, in config and state files and in status.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Forward::L2 => "l2",
-            Forward::Ipip => "ipip",
-            Forward::Gue => "gue",
-        }
-    }
-
-    /// The mode an operator names (`name`'s inverse), if any.
-    pub fn from_name(s: &str) -> Option<Forward> {
-        Forward::ALL.into_iter().find(|f| f.name() == s)
-    }
-
-    /// Reaches its backend through a router (an outer IP header).
-    pub const fn is_routed(self) -> bool {
-        !matches!(self, Forward::L2)
-    }
-}
-
-impl core::fmt::Display for Forward {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Default UDP destination port of GUE encapsulation (`--gue-port`).
-pub const DEFAULT_GUE_PORT: u16 = 6080;
-/// TTL / hop limit of outer headers (RFC 2003 §3.1: the inner TTL is not
-/// touched; the outer one is a fresh default).
-pub const ENCAP_TTL: u8 = 64;
-
-/// `EncapConfig::flags`: an IPv4 source prefix is configured.
-pub const ENCAP_F_SRC4: u8 = 1;
-/// `EncapConfig::flags`: an IPv6 source prefix is configured.
-pub const ENCAP_F_SRC6: u8 = 2;
-
-/// The one entry of `XLB_ENCAP`: outer source addresses and the GUE port,
-/// shared by the balancer (encapsulation) and `xlb decap`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct EncapConfig {
-    /// IPv6 source prefix (its host bits are replaced by the flow hash).
-    pub src6: Addr,
-    /// IPv4 source prefix, network order.
-    pub src4: [u8; 4],
-    /// Bits of the IPv4 source's last 32 bits taken from the flow hash.
-    pub vary4: u32,
-    /// Bits of the IPv6 source's last 32 bits taken from the flow hash.
-    pub vary6: u32,
-    /// GUE destination port, network order.
-    pub gue_port_be: u16,
-    /// `ENCAP_F_*`.
-    pub flags: u8,
-    /// Outer TTL / hop limit.
-    pub ttl: u8,
-}
-
-impl EncapConfig {
-    /// The outer IPv4 source for a flow hash: the prefix with its host bits
-    /// from the hash (so routers' ECMP spreads flows), network order.
-    #[inline(always)]
-    pub fn source4(&self, hash: u32) -> [u8; 4] {
-        let base = u32::from_be_bytes(self.src4);
-        ((base & !self.vary4) | (hash & self.vary4)).to_be_bytes()
-    }
-
-    /// The outer IPv6 source for a flow hash (host bits in the last 32).
-    #[inline(always)]
-    pub fn source6(&self, hash: u32) -> Addr {
-        let mut a = self.src6;
-        let base = u32::from_be_bytes([a[12], a[13], a[14], a[15]]);
-        let w = ((base & !self.vary6) | (hash & self.vary6)).to_be_bytes();
-        a[12] = w[0];
-        a[13] = w[1];
-        a[14] = w[2];
-        a[15] = w[3];
-        a
-    }
-}
-
-/// The GUE UDP source port for a flow hash: in 49152..=65535, varying per
-/// flow (routers hash it for ECMP).
-#[inline(always)]
-pub const fn gue_source_port(hash: u32) -> u16 {
-    0xc000 | (hash & 0x3fff) as u16
-}
-
-/// Key of `XLB_DECAP_VIPS`: an inner destination `xlb decap` accepts.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct DecapKey {
-    /// The VIP address (see `Addr`).
-    pub addr: Addr,
-    /// `FAMILY_V4` or `FAMILY_V6`.
-    pub family: u8,
-    /// Explicit padding.
-    pub _pad: [u8; 3],
-}
-
 /// Value of the backend array: what the datapath needs to forward to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -639,8 +418,8 @@ mod pod {
     unsafe impl aya::Pod for super::StatBlock {}
     unsafe impl aya::Pod for crate::CtSet {}
     unsafe impl aya::Pod for crate::ct::CtClock {}
-    unsafe impl aya::Pod for super::EncapConfig {}
-    unsafe impl aya::Pod for super::DecapKey {}
+    unsafe impl aya::Pod for crate::EncapConfig {}
+    unsafe impl aya::Pod for crate::DecapKey {}
     unsafe impl aya::Pod for crate::QuicIdKey {}
     unsafe impl aya::Pod for super::TableLine {}
 }
@@ -649,22 +428,6 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::size_of;
-
-    #[test]
-    fn forward_names_round_trip_and_sources_vary_only_host_bits() {
-        for f in Forward::ALL {
-            assert_eq!(Forward::from_name(f.name()), Some(f));
-            assert_eq!(Forward::from_u8(f as u8), Some(f));
-        }
-        assert_eq!(Forward::from_name("IPIP"), None);
-        let c = EncapConfig { src4: [10, 9, 0, 0], vary4: 0xff, src6: [0xfd; 16], vary6: 0xffff, ..Default::default() };
-        assert_eq!(c.source4(0x1234_5678), [10, 9, 0, 0x78]);
-        let s6 = c.source6(0x1234_5678);
-        assert_eq!(&s6[..14], &[0xfd; 14]);
-        assert_eq!(&s6[14..], &[0x56, 0x78]);
-        assert!(gue_source_port(0) >= 0xc000 && gue_source_port(u32::MAX) >= 0xc000);
-        assert_ne!(gue_source_port(1), gue_source_port(2));
-    }
 
     #[test]
     fn a_table_line_is_one_cache_line_of_sixteen_entries() {
@@ -682,15 +445,6 @@ mod tests {
     }
 
     #[test]
-    fn algo_names_round_trip() {
-        for a in Algo::ALL {
-            assert_eq!(Algo::from_name(a.name()), Some(a));
-        }
-        assert_eq!(Algo::from_name("Maglev"), None);
-        assert_eq!(Algo::from_name(""), None);
-    }
-
-    #[test]
     /// A change here changes the pinned maps' layout: bump `LAYOUT_VERSION`
     /// (a restarted agent then starts fresh tables instead of misreading them).
     fn layouts_have_no_implicit_padding() {
@@ -698,8 +452,8 @@ mod tests {
         assert_eq!(size_of::<PrefixKey>(), 20);
         assert_eq!(size_of::<VipInfo>(), 16);
         assert_eq!(size_of::<BackendInfo>(), 44);
-        assert_eq!(size_of::<EncapConfig>(), 32);
-        assert_eq!(size_of::<DecapKey>(), 20);
+        assert_eq!(size_of::<crate::EncapConfig>(), 32);
+        assert_eq!(size_of::<crate::DecapKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<crate::CtSet>(), 64);
         assert_eq!(size_of::<Counters>(), 24);
