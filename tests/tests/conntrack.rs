@@ -342,26 +342,37 @@ fn conntrack_size_live_flows_keep_99_percent_of_their_entries() {
     // IPv4 and IPv6, spread by the hash: one SYN each. Flows whose set was
     // already full take an open entry's way (counted); the census then finds
     // every other flow in the kernel's table.
-    let mut agent = lb(3);
-    let size = agent.dp.opts.conntrack_size;
-    let before = agent.dp.stats().expect("stats");
-    {
-        let prog = agent.dp.program(PROG_XLB).expect("program");
-        let mut out = vec![0u8; 256];
-        for i in 0..size {
-            let f = Flow { v6: i % 4 == 0, n: 1_000_000 + i, sport: 3000 + (i % 7) as u16 };
-            let frame = f.frame(SYN);
-            let r = prog.test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() }).expect("run");
-            assert_eq!(r.return_value, XDP_TX);
+    //
+    // The bound is on the expected share (0.9 % for 4-way sets at this
+    // size, `lb_common::ct`); one table's share varies with its random seed
+    // by about 0.04 % (sd of ~590 evictions of 65 536), so a single table
+    // went over 1 % (1.01 %) about once in 300 runs. Two tables, each with
+    // its own seed, are measured and their mean is held to 1 %.
+    let (mut evicted_all, mut flows_all) = (0u64, 0u64);
+    for _ in 0..2 {
+        let mut agent = lb(3);
+        let size = agent.dp.opts.conntrack_size;
+        let before = agent.dp.stats().expect("stats");
+        {
+            let prog = agent.dp.program(PROG_XLB).expect("program");
+            let mut out = vec![0u8; 256];
+            for i in 0..size {
+                let f = Flow { v6: i % 4 == 0, n: 1_000_000 + i, sport: 3000 + (i % 7) as u16 };
+                let frame = f.frame(SYN);
+                let r = prog.test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() }).expect("run");
+                assert_eq!(r.return_value, XDP_TX);
+            }
         }
+        let after = agent.dp.stats().expect("stats");
+        let evicted = after[Stat::CtEvicted as usize] - before[Stat::CtEvicted as usize];
+        assert_eq!(after[Stat::CtMiss as usize] - before[Stat::CtMiss as usize], size as u64);
+        let census = agent.dp.conntrack_reader().expect("reader").census();
+        assert_eq!(census.entries, size as u64 - evicted, "every flow not evicted has its entry");
+        eprintln!("{evicted} of {size} live flows lost their entry early ({:.2} %)", evicted as f64 * 100.0 / size as f64);
+        assert!(evicted > 0, "a table this full does evict a few");
+        evicted_all += evicted;
+        flows_all += size as u64;
     }
-    let after = agent.dp.stats().expect("stats");
-    let evicted = after[Stat::CtEvicted as usize] - before[Stat::CtEvicted as usize];
-    assert_eq!(after[Stat::CtMiss as usize] - before[Stat::CtMiss as usize], size as u64);
-    let census = agent.dp.conntrack_reader().expect("reader").census();
-    assert_eq!(census.entries, size as u64 - evicted, "every flow not evicted has its entry");
-    let share = evicted as f64 / size as f64;
-    eprintln!("{evicted} of {size} live flows lost their entry early ({:.2} %)", share * 100.0);
-    assert!(share <= 0.01, "{:.2} % of live flows evicted early", share * 100.0);
-    assert!(evicted > 0, "a table this full does evict a few");
+    let share = evicted_all as f64 / flows_all as f64;
+    assert!(share <= 0.01, "{:.2} % of live flows evicted early (mean of two tables)", share * 100.0);
 }
