@@ -115,6 +115,7 @@ pub const KEY_ANY_PORT: u8 = 0x80;
 pub const PROTO_ICMP: u8 = 1;
 /// IP protocol number of ICMPv6.
 pub const PROTO_ICMPV6: u8 = 58;
+
 /// Value of the backend array: what the datapath needs to forward to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -47,8 +47,6 @@ const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 const FIB_FRAG_NEEDED: i64 = 8;
 
-
-
 /// `xlb_encap`'s work: encapsulate the handed-off frame and send it;
 /// returns the action and its verdict.
 #[inline(always)]

@@ -111,14 +111,6 @@ pub fn in_use(b: &BackendInfo) -> bool {
     b.src_mac != [0; 6]
 }
 
-fn agent_state_name(s: AgentState) -> &'static str {
-    match s {
-        AgentState::Up => "up",
-        AgentState::Drain => "drain",
-        AgentState::Down => "down",
-    }
-}
-
 /// What `Agent::adopt` kept and rebuilt.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Adoption {
@@ -158,7 +150,7 @@ impl<M: Maps> Agent<M> {
                         transitions: b.health.transitions,
                         ramp_step: b.ramp_step,
                         agent_pct: b.agent.pct,
-                        agent_state: std::borrow::Cow::Borrowed(agent_state_name(b.agent.state)),
+                        agent_state: std::borrow::Cow::Borrowed(b.agent.state.name()),
                     })
                     .collect(),
             })
@@ -289,11 +281,8 @@ impl<M: Maps> Agent<M> {
                     h.transitions = b.transitions;
                     be.ramp_step = b.ramp_step.min(SLOW_START_STEPS);
                     be.agent.pct = b.agent_pct;
-                    be.agent.state = match b.agent_state.as_ref() {
-                        "drain" => AgentState::Drain,
-                        "down" => AgentState::Down,
-                        _ => AgentState::Up,
-                    };
+                    // An unknown name (a newer agent's) reads as up.
+                    be.agent.state = AgentState::from_name(&b.agent_state).unwrap_or(AgentState::Up);
                     if be.mac.is_none() {
                         be.mac = b.mac;
                     }

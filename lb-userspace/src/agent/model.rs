@@ -111,6 +111,22 @@ pub enum AgentState {
     Down,
 }
 
+impl AgentState {
+    /// Its name in the state file (`from_name` reads it back).
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Up => "up",
+            AgentState::Drain => "drain",
+            AgentState::Down => "down",
+        }
+    }
+
+    /// The state `name` wrote.
+    pub fn from_name(s: &str) -> Option<AgentState> {
+        [AgentState::Up, AgentState::Drain, AgentState::Down].into_iter().find(|a| a.name() == s)
+    }
+}
+
 impl AgentReport {
     /// Parse an agent's line: words like `75%`, `up`/`ready`, `drain`,
     /// `down`/`fail`/`stopped`/`maint`; unknown words are ignored. Keeps
@@ -303,6 +319,14 @@ pub fn fingerprint(s: &VipState) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_state_names_round_trip() {
+        for a in [AgentState::Up, AgentState::Drain, AgentState::Down] {
+            assert_eq!(AgentState::from_name(a.name()), Some(a));
+        }
+        assert_eq!(AgentState::from_name("maint"), None);
+    }
 
     #[test]
     fn agent_lines() {
