@@ -143,9 +143,13 @@ fn fmix64(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// An address as two little-endian 64-bit words (`u64::from_le_bytes` of
+/// bytes 0..8 and 8..16), built from its 32-bit words (`addr_words`: one
+/// aligned load each in a `FlowKey`, where eight byte loads per word were).
 #[inline(always)]
-fn word64(a: &[u8; 16], i: usize) -> u64 {
-    u64::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5], a[i + 6], a[i + 7]])
+fn words64(a: &[u8; 16]) -> [u64; 2] {
+    let w = crate::addr_words(a).map(|x| u32::from_le(x) as u64);
+    [w[0] | w[1] << 32, w[2] | w[3] << 32]
 }
 
 #[inline(always)]
@@ -183,13 +187,13 @@ pub fn ct_hash(k: &FlowKey, seed: &CtSeed, sets: u32) -> CtHash {
         | (k.vip.family as u64) << 40;
     let (mut a, mut b) = (seed.k[0], seed.k[1]);
     if k.is_v6() {
-        for w in [word64(&k.src, 0), word64(&k.src, 8), word64(&k.vip.addr, 0), word64(&k.vip.addr, 8)] {
+        let (s, d) = (words64(&k.src), words64(&k.vip.addr));
+        for w in [s[0], s[1], d[0], d[1]] {
             a = fold(a, w);
             b = fold(b, w);
         }
     } else {
-        let w = u32::from_le_bytes([k.src[0], k.src[1], k.src[2], k.src[3]]) as u64
-            | (u32::from_le_bytes([k.vip.addr[0], k.vip.addr[1], k.vip.addr[2], k.vip.addr[3]]) as u64) << 32;
+        let w = u32::from_le(crate::addr_words(&k.src)[0]) as u64 | (u32::from_le(crate::addr_words(&k.vip.addr)[0]) as u64) << 32;
         a = fold(a, w);
         b = fold(b, w);
     }
@@ -386,6 +390,17 @@ mod tests {
             k.src[..4].copy_from_slice(&(r.next() as u32).to_le_bytes());
         }
         k
+    }
+
+    #[test]
+    fn address_words_are_the_little_endian_words() {
+        let mut r = Rng(11);
+        for _ in 0..100 {
+            let a = (r.next() as u128 | (r.next() as u128) << 64).to_le_bytes();
+            let want = [u64::from_le_bytes(a[..8].try_into().unwrap()), u64::from_le_bytes(a[8..].try_into().unwrap())];
+            assert_eq!(words64(&a), want);
+            assert_eq!(crate::addr_of_words(crate::addr_words(&a)), a);
+        }
     }
 
     #[test]

@@ -24,9 +24,10 @@ fn fmix(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Bytes `i..i + 4` as a native-endian word (`addr_words`: one load in a `FlowKey`).
 #[inline(always)]
 fn word(a: &[u8; 16], i: usize) -> u32 {
-    u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+    crate::addr_words(a)[i / 4]
 }
 
 /// Hash of a flow's 5-tuple (addresses, ports, protocol).

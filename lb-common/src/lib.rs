@@ -160,10 +160,10 @@ pub const VIP_FILTER_ANY_PORT: u32 = 1 << 31;
 /// Index of an address in the VIP pre-filter: its 32-bit words folded.
 #[inline(always)]
 pub fn vip_filter_index(addr: &Addr, family: u8) -> u32 {
-    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-    let mut x = w(0);
+    let w = addr_words(addr);
+    let mut x = w[0];
     if family == FAMILY_V6 {
-        x ^= w(4) ^ w(8) ^ w(12);
+        x ^= w[1] ^ w[2] ^ w[3];
     }
     (x ^ (x >> 16)) & (VIP_FILTER_SIZE - 1)
 }

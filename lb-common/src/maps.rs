@@ -8,6 +8,24 @@ use crate::{Forward, FAMILY_V6};
 /// order) and zeros after, IPv6 in all sixteen.
 pub type Addr = [u8; 16];
 
+/// An address as four 32-bit words (`u32::from_ne_bytes` of each four
+/// bytes). A copy by value: in a `FlowKey` (4-aligned) the datapath reads
+/// each word with one load; word-by-word `from_ne_bytes` lets LLVM's BPF
+/// backend assemble some of them from single bytes.
+#[inline(always)]
+pub const fn addr_words(a: &Addr) -> [u32; 4] {
+    // SAFETY: [u8; 16] and [u32; 4] have the same size, and every bit
+    // pattern is a valid [u32; 4]; the value is copied (no alignment needed).
+    unsafe { core::mem::transmute::<Addr, [u32; 4]>(*a) }
+}
+
+/// The address whose `addr_words` are `w`.
+#[inline(always)]
+pub const fn addr_of_words(w: [u32; 4]) -> Addr {
+    // SAFETY: as in `addr_words`, the other way round.
+    unsafe { core::mem::transmute::<[u32; 4], Addr>(w) }
+}
+
 /// Build an `Addr` from an IPv4 address in network byte order.
 #[inline(always)]
 pub const fn addr_v4(octets: [u8; 4]) -> Addr {
@@ -252,7 +270,13 @@ impl VipInfo {
 
 /// Key of the connection table: the flow's 5-tuple as the client sent it.
 /// The destination half is a `VipKey`, so the VIP lookup borrows it.
-#[repr(C)]
+///
+/// Aligned to 4 bytes (the layout is the same as without: every field is
+/// at a multiple of 4 or inside one, and the size is 40): both addresses
+/// then start on a 4-byte boundary, so the hashes read them as 32-bit
+/// words with one load each, where LLVM's BPF backend (which emits no
+/// misaligned loads) assembled most words from single bytes.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     /// Source (client) address.
@@ -456,6 +480,9 @@ mod tests {
         assert_eq!(size_of::<crate::EncapConfig>(), 32);
         assert_eq!(size_of::<crate::DecapKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
+        // 4-aligned for word loads, the same bytes where they always were.
+        assert_eq!(core::mem::align_of::<FlowKey>(), 4);
+        assert_eq!((core::mem::offset_of!(FlowKey, sport_be), core::mem::offset_of!(FlowKey, vip)), (16, 20));
         assert_eq!(size_of::<crate::CtSet>(), 64);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<PersistKey>(), 20);

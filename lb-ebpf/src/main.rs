@@ -12,6 +12,8 @@
 #![no_main]
 // Atomic adds on shared map values (BPF has `lock xadd` but no `core` atomics).
 #![feature(core_intrinsics)]
+// BPF inline assembly (`pkt::words`: loads LLVM would split into bytes).
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod conntrack;

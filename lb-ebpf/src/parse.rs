@@ -15,8 +15,8 @@
 //! turned around to the client → VIP direction).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, Stat, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
-use crate::pkt::{ptr_at, read};
+use lb_common::{addr_of_words, Addr, FlowKey, Stat, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::pkt::{ptr_at, read, words};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -217,6 +217,19 @@ fn v6_ext_walk(ctx: &XdpContext, mut next: u8, mut off: usize) -> Result<(u8, us
     }
 }
 
+/// The addresses of the IPv6 header at `off` (source, destination): eight
+/// word loads (`pkt::words`), where the key is built. Read with the header,
+/// they were 32 byte loads whose values, live across the extension-header
+/// walk, were spilled to the stack one by one and read back.
+#[inline(always)]
+fn v6_addrs(ctx: &XdpContext, off: usize) -> Result<[Addr; 2], Stat> {
+    let w: [u32; 8] = words(ctx, off + V6_ADDRS_OFF)?;
+    Ok([addr_of_words([w[0], w[1], w[2], w[3]]), addr_of_words([w[4], w[5], w[6], w[7]])])
+}
+
+/// Offset of the source address in an IPv6 header (the destination follows).
+const V6_ADDRS_OFF: usize = 8;
+
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
     let ip: Ipv6Hdr = read(ctx, off)?;
@@ -228,22 +241,25 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<Packet, Stat> {
         if l4 == off + Ipv6Hdr::LEN && u16::from_be_bytes(ip.payload_len) as usize >= ICMP_HDR_LEN {
             let icmp: [u8; ICMP_HDR_LEN] = read(ctx, l4)?;
             if icmp[0] == ICMPV6_ECHO_REQUEST {
-                let key = FlowKey::v6(ip.src_addr, 0, ip.dst_addr, 0, PROTO_ICMPV6);
+                let [src, dst] = v6_addrs(ctx, off)?;
+                let key = FlowKey::v6(src, 0, dst, 0, PROTO_ICMPV6);
                 return Ok(Packet { key, kind: Kind::Echo { l3: off }, tcp_flags: 0, l4: 0 });
             }
         }
-        return icmp6(ctx, l4, &ip.dst_addr);
+        let [_, dst] = v6_addrs(ctx, off)?;
+        return icmp6(ctx, l4, &dst);
     }
     let l4_len = l4_header_len(next)?;
-    let key = |sport_be, dport_be| FlowKey::v6(ip.src_addr, sport_be, ip.dst_addr, dport_be, next);
     if fragment {
-        return Ok(Packet { key: key(0, 0), kind: Kind::Fragment, tcp_flags: 0, l4: 0 });
+        let [src, dst] = v6_addrs(ctx, off)?;
+        return Ok(Packet { key: FlowKey::v6(src, 0, dst, 0, next), kind: Kind::Fragment, tcp_flags: 0, l4: 0 });
     }
     if (u16::from_be_bytes(ip.payload_len) as usize) < l4 - off - Ipv6Hdr::LEN + l4_len {
         return Err(Stat::PassBadHeader);
     }
     let (sport, dport, tcp_flags) = ports(ctx, l4, l4_len)?;
-    Ok(Packet { key: key(sport, dport), kind: Kind::Flow, tcp_flags, l4: l4 as u16 })
+    let [src, dst] = v6_addrs(ctx, off)?;
+    Ok(Packet { key: FlowKey::v6(src, sport, dst, dport, next), kind: Kind::Flow, tcp_flags, l4: l4 as u16 })
 }
 
 /// ICMPv6 destination unreachable, packet too big, time exceeded and

@@ -27,6 +27,36 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
+/// `N` 32-bit words at `off` (each `u32::from_ne_bytes` of four frame
+/// bytes), if all inside: one load per word wherever the frame places
+/// them. LLVM's BPF backend splits a load it cannot prove aligned into
+/// single bytes (and the frame's alignment is unknown to it), while the
+/// kernel accepts misaligned loads from packet data on the architectures
+/// that handle them (x86-64, arm64: `HAVE_EFFICIENT_UNALIGNED_ACCESS`; on
+/// others the verifier rejects the program at load, with its log): so the
+/// loads are written in BPF assembly.
+#[inline(always)]
+pub fn words<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u32; N], Stat> {
+    let p: *const [u32; N] = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
+    let mut w = [0u32; N];
+    for (i, x) in w.iter_mut().enumerate() {
+        let v: u64;
+        // SAFETY: `ptr_at` checked that the N words lie inside the frame
+        // (and the verifier checks it again); the asm only loads from
+        // there, touches no other memory and no stack.
+        unsafe {
+            core::arch::asm!(
+                "{v} = *(u32 *)({p} + 0)",
+                v = lateout(reg) v,
+                p = in(reg) (p as *const u32).add(i),
+                options(readonly, nostack, preserves_flags, pure),
+            );
+        }
+        *x = v as u32;
+    }
+    Ok(w)
+}
+
 /// Mutable variant of `ptr_at`.
 #[inline(always)]
 pub fn ptr_mut_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
