@@ -158,6 +158,13 @@ pub struct Agent<M: Maps = Datapath> {
     toml_cache: std::cell::RefCell<std::collections::HashMap<Vip, String>>,
     /// Backend MACs as the kernel's neighbour table has them.
     pub neighbours: crate::neigh::NeighCache,
+    /// What this agent last wrote to each backend entry: a publication
+    /// rewrites only the entries that change (a VIP of 100 backends made
+    /// 100 system calls per table change).
+    written: std::collections::HashMap<u32, lb_common::BackendInfo>,
+    /// Which backends `due_probes` looks at: the VIPs changed since its
+    /// last call, and every VIP when its last full walk is `PROBE_WALK` old.
+    probe_walk: checks::ProbeWalk,
     /// Connection-table entries at the last census (and when).
     census: Option<(u64, Instant)>,
     /// The state file kept for restarts (pinned deployments only).
@@ -195,6 +202,8 @@ impl<M: Maps> Agent<M> {
             maglev: Default::default(),
             toml_cache: Default::default(),
             neighbours: Default::default(),
+            probe_walk: Default::default(),
+            written: Default::default(),
             census: None,
             persist: None,
             defer_saves: false,
@@ -228,6 +237,7 @@ impl<M: Maps> Agent<M> {
     /// every VIP under the lock.
     fn mark_table(&mut self, vip: Vip) {
         self.toml_cache.get_mut().remove(&vip);
+        self.probe_walk.changed.insert(vip);
         self.dirty.insert(vip);
         self.state_dirty = true;
     }

@@ -78,13 +78,13 @@ impl PendingSave {
 /// API answers once the change is published instead of after the file
 /// (rendering and writing it is most of a request at 512 VIPs). Wakes
 /// coalesce: changes made while a write is under way, or in the pause
-/// after it (three times as long as the write took: under a burst of
-/// requests the saver uses at most a quarter of a CPU, which the requests
-/// and the commands that send them share on a small host), cost one more
-/// write, not one each. A `kill -TERM` still saves on exit; a `kill -9`
-/// within four saves' time (a few ms at 512 VIPs, ~25 ms at 64 × 100
-/// backends) of an answer can leave that change out of the file (the
-/// datapath has it; a new agent adopts the earlier state).
+/// after it (three times as long as the write took, and at least
+/// `SAVE_PAUSE_MIN`: under a burst of requests the saver uses at most a
+/// quarter of a CPU, which the requests and the commands that send them
+/// share on a small host), cost one more write, not one each. A `kill
+/// -TERM` still saves on exit; a `kill -9` within a pause and a save (~55
+/// ms) of an answer can leave that change out of the file (the datapath
+/// has it; a new agent adopts the earlier state).
 pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agent<M>>>, wake: std::sync::Arc<tokio::sync::Notify>) {
     loop {
         wake.notified().await;
@@ -95,7 +95,7 @@ pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agen
         };
         if let Some(s) = save {
             let _ = tokio::task::spawn_blocking(move || s.write()).await;
-            tokio::time::sleep((t.elapsed() * SAVE_PAUSE_RATIO).min(SAVE_PAUSE_MAX)).await;
+            tokio::time::sleep((t.elapsed() * SAVE_PAUSE_RATIO).clamp(SAVE_PAUSE_MIN, SAVE_PAUSE_MAX)).await;
         }
     }
 }
@@ -103,8 +103,13 @@ pub async fn save_soon_loop<M: Maps>(agent: std::sync::Arc<std::sync::Mutex<Agen
 /// `save_soon_loop`'s pause after a save, in units of the save's time.
 const SAVE_PAUSE_RATIO: u32 = 3;
 
+/// The shortest pause between two saves of `save_soon_loop`: at most 20
+/// saves a second, however small the state (64 × 100 backends, one command
+/// at a time, changed it 400 times a second; each save rendered the whole).
+const SAVE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The longest pause between two saves of `save_soon_loop`.
-const SAVE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(60);
+const SAVE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A backend map entry in use (free entries keep only their generation).
 pub fn in_use(b: &BackendInfo) -> bool {
@@ -373,7 +378,7 @@ impl<M: Maps> Agent<M> {
         for (id, b) in scan.backends.iter().enumerate() {
             let id = id as u32;
             if in_use(b) && !owned_ids.contains(&id) {
-                self.dp.set_backend(id, &BackendInfo { gen: self.backend_gens[id as usize], ..Default::default() })?;
+                self.write_backend(id, &BackendInfo { gen: self.backend_gens[id as usize], ..Default::default() })?;
             }
         }
         // The VIP pre-filter: exact counts for every index in use before or now.

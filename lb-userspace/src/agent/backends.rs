@@ -229,7 +229,7 @@ impl<M: Maps> Agent<M> {
     pub(super) fn release_backend_id(&mut self, id: u32) -> Result<()> {
         // The entry keeps its generation: a restarted agent reads it back, so
         // the id's next owner never matches its predecessor's flows.
-        self.dp.set_backend(id, &BackendInfo { gen: self.backend_gens[id as usize], ..Default::default() })?;
+        self.write_backend(id, &BackendInfo { gen: self.backend_gens[id as usize], ..Default::default() })?;
         self.free_backend_ids.push_back(id);
         Ok(())
     }

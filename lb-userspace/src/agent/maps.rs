@@ -183,6 +183,8 @@ pub struct MemMaps {
     pub prepared: usize,
     /// VIP entries written or removed.
     pub vip_writes: usize,
+    /// Backend entries written.
+    pub backend_writes: usize,
     /// Accepted destination MACs.
     pub macs: Vec<[u8; 6]>,
     /// Tests set it: VIP-entry writes fail (as a failing map's would).
@@ -262,6 +264,7 @@ impl Maps for MemMaps {
         if id >= lb_common::MAX_BACKENDS {
             bail!("backend id {id} out of range");
         }
+        self.backend_writes += 1;
         self.backends.insert(id, *info);
         Ok(())
     }

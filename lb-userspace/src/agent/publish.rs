@@ -72,7 +72,7 @@ impl<M: Maps> Agent<M> {
         // 1. Alive backends first, so the new table never points at an
         //    entry that is not ready.
         for (id, i, _) in entries.iter().filter(|e| e.2) {
-            self.dp.set_backend(*id, i)?;
+            self.write_backend(*id, i)?;
         }
         // 2. The table, in a free slot (unless it is the one published).
         let unchanged = old_slot.is_some() && p.unchanged;
@@ -104,7 +104,7 @@ impl<M: Maps> Agent<M> {
         self.sync_quic_ids(vip)?;
         // 4. Backends that left: after the table stopped naming them.
         for (id, i, _) in entries.iter().filter(|e| !e.2) {
-            self.dp.set_backend(*id, i)?;
+            self.write_backend(*id, i)?;
         }
         self.publications += 1;
         let state = self.vips.get_mut(vip).expect("checked above");
@@ -142,6 +142,18 @@ impl<M: Maps> Agent<M> {
             self.release_table(old)?;
         }
         Ok(result)
+    }
+
+    /// Write a backend entry unless it already holds `info` (as this agent
+    /// last wrote it; nothing else writes the backend array).
+    pub(super) fn write_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        if self.written.get(&id) == Some(info) {
+            return Ok(());
+        }
+        self.written.remove(&id);
+        self.dp.set_backend(id, info)?;
+        self.written.insert(id, *info);
+        Ok(())
     }
 
     /// Free a table no entry names any more.

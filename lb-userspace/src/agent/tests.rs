@@ -492,3 +492,30 @@ fn table_facts_from_the_shared_layout_are_the_tables_own() {
     assert_ne!(s.facts().fingerprint, *fps.iter().next().expect("one"));
     assert_eq!(s.facts().slots.values().sum::<usize>(), s.table.len());
 }
+
+#[test]
+fn a_table_change_rewrites_only_the_backend_entries_that_change() {
+    let mut a = agent(4);
+    let v = vip("10.0.0.100:80/tcp");
+    a.add_vip(v, Algo::Maglev, 0).expect("vip");
+    let list: Vec<(IpAddr, Option<Mac>, u32)> = (0..100u8).map(|i| (ip(&format!("10.0.1.{}", i + 1)), mac(i + 1), 1)).collect();
+    a.add_backends(&v, &list).expect("backends");
+    let id = |a: &Agent<MemMaps>, s: &str| a.vips()[&v].backends[&ip(s)].id;
+    let before = a.dp.backend_writes;
+    a.set_weight(&v, ip("10.0.1.7"), 5).expect("weight");
+    assert_eq!(a.dp.backend_writes - before, 1, "one entry's weight changed");
+    let w = |a: &Agent<MemMaps>, s: &str| a.dp.backends[&id(a, s)].weight;
+    assert_eq!(w(&a, "10.0.1.7"), 5 * w(&a, "10.0.1.8"), "the entry written has the new weight");
+    // Another backend leaves: its entry is written (dead, then freed); the
+    // 99 others stay as they were.
+    let before = a.dp.backend_writes;
+    let gone = id(&a, "10.0.1.9");
+    a.del_backend(&v, ip("10.0.1.9")).expect("del");
+    assert!(a.dp.backend_writes - before <= 2, "{} writes", a.dp.backend_writes - before);
+    assert_eq!(a.dp.backends[&gone], lb_common::BackendInfo { gen: a.dp.backends[&gone].gen, ..Default::default() }, "freed");
+    // A written entry is what the datapath holds for every backend.
+    for b in a.vips()[&v].backends.values() {
+        let IpAddr::V4(x) = b.ip else { panic!("v4 backends only") };
+        assert_eq!(a.dp.backends[&b.id].addr, lb_common::addr_v4(x.octets()));
+    }
+}
