@@ -161,6 +161,19 @@ pub struct BackendInfo {
     pub _pad: u16,
 }
 
+impl BackendInfo {
+    /// The frame's new MACs (`dst_mac` then `src_mac`) as three 32-bit words
+    /// in memory order: the datapath writes them with three stores.
+    #[inline(always)]
+    pub fn mac_words(&self) -> [u32; 3] {
+        // SAFETY: `BackendInfo` is repr(C) and 4-aligned (u32 fields); its
+        // first 12 bytes are `dst_mac` and `src_mac`, with no padding
+        // (`layouts_have_no_implicit_padding`); every bit pattern is a
+        // valid [u32; 3].
+        unsafe { core::ptr::read(self as *const BackendInfo as *const [u32; 3]) }
+    }
+}
+
 /// `BackendInfo::flags`: the backend may carry traffic (healthy, or draining).
 /// A connection-table entry pointing at a backend without it is re-balanced.
 pub const BACKEND_F_ALIVE: u16 = 1;
@@ -455,6 +468,18 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn mac_words_and_mac_keys_from_words_are_the_bytes() {
+        let b = BackendInfo { dst_mac: [1, 2, 3, 4, 5, 6], src_mac: [7, 8, 9, 10, 11, 12], flags: 0xffff, ..Default::default() };
+        let w = b.mac_words();
+        let bytes: [u8; 12] = core::array::from_fn(|i| w[i / 4].to_ne_bytes()[i % 4]);
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        // A frame's first eight bytes: destination MAC, two of the source's.
+        let frame = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55, 0xaa, 0xbb];
+        let word = |i: usize| u32::from_ne_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+        assert_eq!(crate::mac_key_of_words(word(0), word(4)), crate::mac_key(&[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]));
+    }
+
+    #[test]
     fn a_table_line_is_one_cache_line_of_sixteen_entries() {
         assert_eq!(size_of::<TableLine>(), 64);
         assert_eq!((TableLine::elements(65537), TableLine::bytes(65537)), (4097, 4097 * 64));
@@ -477,6 +502,9 @@ mod tests {
         assert_eq!(size_of::<PrefixKey>(), 20);
         assert_eq!(size_of::<VipInfo>(), 16);
         assert_eq!(size_of::<BackendInfo>(), 44);
+        // `mac_words` reads the two MACs as the first three aligned words.
+        assert_eq!(core::mem::align_of::<BackendInfo>(), 4);
+        assert_eq!((core::mem::offset_of!(BackendInfo, src_mac), core::mem::offset_of!(BackendInfo, flags)), (6, 12));
         assert_eq!(size_of::<crate::EncapConfig>(), 32);
         assert_eq!(size_of::<crate::DecapKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);

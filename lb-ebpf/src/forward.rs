@@ -6,11 +6,9 @@ use lb_common::BackendInfo;
 
 use crate::pkt;
 
-/// Destination MAC := the backend's, source MAC := the balancer's.
+/// Destination MAC := the backend's, source MAC := the balancer's: three
+/// word loads and three word stores (byte copies were 24 instructions).
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, be: &BackendInfo) -> Result<(), ()> {
-    let macs = pkt::macs(ctx).ok_or(())?;
-    macs[..6].copy_from_slice(&be.dst_mac);
-    macs[6..].copy_from_slice(&be.src_mac);
-    Ok(())
+    pkt::store_words(ctx, 0, be.mac_words())
 }

@@ -260,8 +260,10 @@ fn answer_ping(ctx: &XdpContext, pkt: &parse::Packet, l3: usize, gate: steer::Ga
 /// backend by then); the agent always lists its interface's MAC.
 #[inline(always)]
 fn addressed_to_us(ctx: &XdpContext) -> bool {
-    let Ok(dst) = pkt::read::<[u8; 6]>(ctx, 0) else { return false };
-    let want = lb_common::mac_key(&dst);
+    // The destination MAC and two bytes of the source MAC, two word loads
+    // (`mac_key` of the first six bytes, as the agent writes `XLB_MACS`).
+    let Ok([lo, hi]) = pkt::words::<2>(ctx, 0) else { return false };
+    let want = lb_common::mac_key_of_words(lo, hi);
     for i in 0..lb_common::MAX_ACCEPT_MACS {
         match maps::MACS.get(i).copied() {
             Some(m) if m == want => return true,

@@ -27,34 +27,84 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-/// `N` 32-bit words at `off` (each `u32::from_ne_bytes` of four frame
-/// bytes), if all inside: one load per word wherever the frame places
+/// One 32-bit load from `$p + $off` bytes (`$off` a literal: it goes into
+/// the instruction, no pointer arithmetic). Unsafe: `$p + $off` must be
+/// readable for 4 bytes.
+macro_rules! ldxw {
+    ($p:expr, $off:literal) => {{
+        let v: u64;
+        core::arch::asm!(
+            concat!("{v} = *(u32 *)({p} + ", $off, ")"),
+            v = lateout(reg) v,
+            p = in(reg) $p,
+            options(readonly, nostack, preserves_flags, pure),
+        );
+        v as u32
+    }};
+}
+
+/// One 32-bit store of `$v` to `$p + $off` bytes. Unsafe: `$p + $off`
+/// must be writable for 4 bytes.
+macro_rules! stxw {
+    ($p:expr, $off:literal, $v:expr) => {{
+        core::arch::asm!(
+            concat!("*(u32 *)({p} + ", $off, ") = {v}"),
+            p = in(reg) $p,
+            v = in(reg) $v as u64,
+            options(nostack, preserves_flags),
+        );
+    }};
+}
+
+/// `N` (at most 8) 32-bit words at `off`, each `u32::from_ne_bytes` of four
+/// frame bytes, if all inside: one load per word wherever the frame places
 /// them. LLVM's BPF backend splits a load it cannot prove aligned into
-/// single bytes (and the frame's alignment is unknown to it), while the
-/// kernel accepts misaligned loads from packet data on the architectures
-/// that handle them (x86-64, arm64: `HAVE_EFFICIENT_UNALIGNED_ACCESS`; on
-/// others the verifier rejects the program at load, with its log): so the
-/// loads are written in BPF assembly.
+/// single bytes (the frame's alignment is unknown to it), while the kernel
+/// accepts misaligned loads from packet data on the architectures that
+/// handle them (x86-64, arm64: `HAVE_EFFICIENT_UNALIGNED_ACCESS`; on others
+/// the verifier rejects the program at load, with its log): so the loads
+/// are written in BPF assembly.
 #[inline(always)]
 pub fn words<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u32; N], Stat> {
-    let p: *const [u32; N] = ptr_at(ctx, off).ok_or(Stat::PassTruncated)?;
-    let mut w = [0u32; N];
-    for (i, x) in w.iter_mut().enumerate() {
-        let v: u64;
-        // SAFETY: `ptr_at` checked that the N words lie inside the frame
-        // (and the verifier checks it again); the asm only loads from
-        // there, touches no other memory and no stack.
-        unsafe {
-            core::arch::asm!(
-                "{v} = *(u32 *)({p} + 0)",
-                v = lateout(reg) v,
-                p = in(reg) (p as *const u32).add(i),
-                options(readonly, nostack, preserves_flags, pure),
-            );
+    const { assert!(N <= 8) };
+    let p = ptr_at::<[u32; N]>(ctx, off).ok_or(Stat::PassTruncated)?;
+    // SAFETY: `ptr_at` checked that the N words lie inside the frame (the
+    // verifier checks it again); the asm only loads from there.
+    Ok(core::array::from_fn(|i| unsafe {
+        match i {
+            0 => ldxw!(p, 0),
+            1 => ldxw!(p, 4),
+            2 => ldxw!(p, 8),
+            3 => ldxw!(p, 12),
+            4 => ldxw!(p, 16),
+            5 => ldxw!(p, 20),
+            6 => ldxw!(p, 24),
+            _ => ldxw!(p, 28),
         }
-        *x = v as u32;
+    }))
+}
+
+/// Store `w` as `N` (at most 4) 32-bit words at `off` (each word's bytes in
+/// memory order), if all inside: one store per word, for the reason
+/// `words` gives.
+#[inline(always)]
+pub fn store_words<const N: usize>(ctx: &XdpContext, off: usize, w: [u32; N]) -> Result<(), ()> {
+    const { assert!(N <= 4) };
+    let p = ptr_mut_at::<[u32; N]>(ctx, off).ok_or(())?;
+    for (i, x) in w.iter().enumerate() {
+        // SAFETY: `ptr_mut_at` checked that the N words lie inside the
+        // frame (the verifier checks it again), which is this program's
+        // alone while it runs; the asm stores there only.
+        unsafe {
+            match i {
+                0 => stxw!(p, 0, *x),
+                1 => stxw!(p, 4, *x),
+                2 => stxw!(p, 8, *x),
+                _ => stxw!(p, 12, *x),
+            }
+        }
     }
-    Ok(w)
+    Ok(())
 }
 
 /// Mutable variant of `ptr_at`.
