@@ -6,7 +6,10 @@
 //! table of their own, with memory that grows with them. Needs root.
 
 use lb_common::{hash::flow_hash, Algo, FlowKey, Stat, TableLine};
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 use xlb::{
     agent::{Agent, AgentOptions},
     config::{CheckKind, HealthConfig, Mac, Vip},
@@ -220,4 +223,32 @@ fn bursts_one_after_another_reuse_the_replaced_tables() {
     // The first two bursts create the two sets; the others create none
     // (a few for the pool's own reserve at most).
     assert!(created[5] - created[2] <= POOL_BURST as u64, "tables created after each round: {created:?}");
+}
+
+#[test]
+fn a_burst_right_after_prepare_takes_the_tables_the_janitor_is_making() {
+    // A backend of 256 VIPs fails its first check: the janitor starts
+    // making 256 tables (`prepare`). Its removal's burst comes while that
+    // refill is under way (here 20 ms later): the burst must wait for
+    // those tables, not find their slots taken and fall back to one table
+    // at a time (seen on a loaded machine: 780 ms for 512 VIPs).
+    const N: u32 = 256;
+    let dp = Datapath::load(LoadOptions { max_vips: N, max_tables: N, ring_size: 65537, conntrack_size: 65536, ..Default::default() })
+        .expect("the XDP program loads (run the tests as root)");
+    let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
+    let mut a = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health }).expect("agent");
+    for p in 0..N {
+        let v = vip(&format!("10.0.0.100:{}/tcp", 1000 + p));
+        a.add_vip(v, Algo::Maglev, 0).expect("vip");
+        a.add_backend(&v, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)), Some(Mac([2, 0, 0, 0, 1, 1])), 1).expect("backend");
+    }
+    a.dp.settle_tables().expect("settle");
+    let (_, _, _, before) = a.dp.table_counts();
+    a.dp.prepare_tables(N as usize, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(20));
+    a.dp.reserve_tables(N as usize).expect("the burst finds its tables");
+    let (occupied, ready, _, made) = a.dp.table_counts();
+    assert!(ready >= N as usize, "{ready} tables ready for a burst of {N}");
+    assert!(made - before <= N as u64 + POOL_BURST as u64, "{} tables made for a burst of {N}: made twice", made - before);
+    assert!(occupied <= 2 * N as usize + POOL_READY + POOL_BURST, "{occupied} slots hold a table");
 }

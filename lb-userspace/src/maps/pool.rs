@@ -174,6 +174,12 @@ impl Pool {
     /// Make sure `n` ready tables are there (one batch for all missing).
     pub fn reserve(&mut self, outer: &MapData, n: usize) -> Result<()> {
         self.start_janitor()?;
+        // A burst waits for the janitor's round under way, if any: it may be
+        // making these very tables (`prepare`, on a backend's first failed
+        // check), in slots that a refill of its own would find taken (seen
+        // on a loaded machine: 6 slots free for 508 tables, and the burst
+        // then took its tables one at a time, 780 ms for 512 VIPs).
+        let _round = (n > POOL_READY).then(|| self.shared.4.lock().unwrap_or_else(|p| p.into_inner()));
         let (missing, cooling) = {
             let mut st = lock(&self.shared);
             if n > POOL_READY {
@@ -362,19 +368,21 @@ fn trim(st: &mut State) {
     }
 }
 
-/// Create `n` ready tables and put them in free slots (one batch).
+/// Create `n` ready tables and put them in free slots (one batch). With
+/// fewer slots free, as many as there are (and an error that says so).
 fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<()> {
     let short = { lock(shared).free.len() < n };
     if short {
         clear(shared, outer)?;
     }
-    let slots: Vec<u32> = {
+    let (slots, free): (Vec<u32>, usize) = {
         let mut st = lock(shared);
-        if st.free.len() < n {
-            bail!("{} table slots are free, {n} needed", st.free.len());
-        }
-        (0..n).filter_map(|_| st.free.pop_first()).collect()
+        let free = st.free.len();
+        ((0..n.min(free)).filter_map(|_| st.free.pop_first()).collect(), free)
     };
+    if slots.is_empty() && n > 0 {
+        bail!("{free} table slots are free, {n} needed");
+    }
     let made: Result<Vec<(aya::maps::Array<MapData, lb_common::TableLine>, TableMem)>> = slots
         .iter()
         .map(|_| {
@@ -392,10 +400,14 @@ fn refill(shared: &Shared, outer: &MapData, n: usize, ring_size: u32) -> Result<
     match inserted {
         Ok(made) => {
             st.created += slots.len() as u64;
+            let got = slots.len();
             for (slot, (map, mem)) in slots.into_iter().zip(made) {
                 st.bytes.insert(slot, memlock(map.map()).unwrap_or(lb_common::TableLine::bytes(ring_size)));
                 st.ready.push(Ready { slot, mem });
                 // `map` closes: the array holds the table, `mem` its pages.
+            }
+            if got < n {
+                bail!("{free} table slots were free, {n} needed: {got} tables made");
             }
             Ok(())
         }
