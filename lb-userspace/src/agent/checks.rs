@@ -618,7 +618,7 @@ mod tests {
         let started = a.due_checks(t0).len();
         assert_eq!(started, 3);
         let b0: IpAddr = BACKENDS[0].parse().expect("ip");
-        type Step = Box<dyn Fn(&mut Agent<MemMaps>)>;
+        type Step<'a> = Box<dyn Fn(&mut Agent<MemMaps>) + 'a>;
         let steps: Vec<Step> = vec![
             Box::new(|a| a.set_backend_check(&vip(1003), b0, Some(HealthConfig { port: Some(81), ..Default::default() })).expect("check")),
             Box::new(|a| a.add_backend(&vip(1004), "10.0.0.40".parse().expect("ip"), None, 1).map(|_| ()).expect("backend")),
