@@ -229,7 +229,7 @@ impl<M: Maps> Agent<M> {
     /// jobs are recomputed before the next round.
     fn mark(&mut self, vip: Vip) {
         self.mark_table(vip);
-        self.checks.stale();
+        self.checks.stale_vip(vip);
     }
 
     /// `mark`, for a change that leaves every check target as it was (a
@@ -370,7 +370,7 @@ impl<M: Maps> Agent<M> {
         self.sync_fragment_alias(&vip)?;
         self.sync_echo(&vip, spec.opts.answer_ping)?;
         self.state_dirty = true;
-        self.checks.stale();
+        self.checks.stale_vip(vip);
         Ok(())
     }
 
@@ -408,7 +408,7 @@ impl<M: Maps> Agent<M> {
             self.release_table(slot)?;
         }
         self.state_dirty = true;
-        self.checks.stale();
+        self.checks.stale_vip(*vip);
         Ok(())
     }
 

@@ -145,25 +145,36 @@ struct Job {
     subscribers: Vec<(Vip, IpAddr)>,
 }
 
-/// Every job, rebuilt from the services when they change.
+/// Every job, updated from the services when they change: the
+/// subscriptions of the VIPs that changed (a command changes one VIP; a
+/// walk of every backend of every VIP under the lock, after each, was ~0.3
+/// ms at 64 × 100), or all of them.
 #[derive(Debug, Default)]
 pub(crate) struct Jobs {
     jobs: HashMap<CheckTarget, Job>,
+    /// Every VIP's subscriptions are to be recomputed.
     stale: bool,
+    /// These VIPs' subscriptions are to be recomputed.
+    stale_vips: BTreeSet<Vip>,
     /// Jobs started so far.
     pub started: u64,
 }
 
 impl Jobs {
-    /// The services changed: recompute targets before the next round.
+    /// The services changed: recompute every target before the next round.
     pub(crate) fn stale(&mut self) {
         self.stale = true;
     }
 
-    /// Whether the jobs are to be recomputed (tests).
-    #[cfg(test)]
+    /// `vip` changed (added, removed, its backends or checks): recompute
+    /// its subscriptions before the next round.
+    pub(crate) fn stale_vip(&mut self, vip: Vip) {
+        self.stale_vips.insert(vip);
+    }
+
+    /// Whether the jobs are to be recomputed.
     pub(crate) fn is_stale(&self) -> bool {
-        self.stale
+        self.stale || !self.stale_vips.is_empty()
     }
 }
 
@@ -246,27 +257,27 @@ impl<M: Maps> Agent<M> {
     /// Recompute targets and subscribers (after the services changed),
     /// keeping the schedule of targets that stay.
     fn refresh_jobs(&mut self, now: Instant) {
-        if !self.checks.stale {
+        if !self.checks.is_stale() {
             return;
         }
-        self.checks.stale = false;
-        let mut subs: HashMap<CheckTarget, Vec<(Vip, IpAddr)>> = HashMap::new();
-        for (vip, s) in &self.vips {
+        let all = std::mem::take(&mut self.checks.stale);
+        let changed = std::mem::take(&mut self.checks.stale_vips);
+        // Drop the subscriptions being recomputed, then add them again.
+        for j in self.checks.jobs.values_mut() {
+            j.subscribers.retain(|(v, _)| !all && !changed.contains(v));
+        }
+        let vips: Box<dyn Iterator<Item = (&Vip, &VipState)>> =
+            if all { Box::new(self.vips.iter()) } else { Box::new(changed.iter().filter_map(|v| self.vips.get_key_value(v))) };
+        for (vip, s) in vips {
             for b in s.backends.values() {
                 for t in CheckTarget::of(vip, &s.health, b).into_iter().flatten() {
-                    subs.entry(t).or_default().push((*vip, b.ip));
+                    // A target that stays keeps its schedule.
+                    let job = self.checks.jobs.entry(t).or_insert_with(|| Job { next: now, in_flight: false, subscribers: Vec::new() });
+                    job.subscribers.push((*vip, b.ip));
                 }
             }
         }
-        let old = std::mem::take(&mut self.checks.jobs);
-        let mut old = old;
-        for (t, subscribers) in subs {
-            let job = match old.remove(&t) {
-                Some(j) => Job { subscribers, ..j },
-                None => Job { next: now, in_flight: false, subscribers },
-            };
-            self.checks.jobs.insert(t, job);
-        }
+        self.checks.jobs.retain(|_, j| !j.subscribers.is_empty());
     }
 
     /// Jobs due now (each target once); marks them in flight.
@@ -286,7 +297,7 @@ impl<M: Maps> Agent<M> {
     /// When the next job is due (none: no job waits), so the scheduler
     /// starts it on time rather than at its next tick.
     pub fn next_check_due(&self) -> Option<Instant> {
-        if self.checks.stale {
+        if self.checks.is_stale() {
             return Some(Instant::now());
         }
         self.checks.jobs.values().filter(|j| !j.in_flight).map(|j| j.next).min()
@@ -575,6 +586,62 @@ mod tests {
         a.set_backend(&vip(1001), b0, None, Some(Admin::Maint), false).expect("maint");
         assert!(a.checks.is_stale(), "maintenance changes the targets");
         assert_eq!(a.check_jobs(), 4 + 3, "(still subscribed through the other VIPs)");
+    }
+
+    /// Targets and their subscribers, sorted (to compare two refreshes).
+    fn subscriptions(a: &Agent<MemMaps>) -> Vec<(String, Vec<(Vip, IpAddr)>)> {
+        let mut v: Vec<(String, Vec<(Vip, IpAddr)>)> = a
+            .checks
+            .jobs
+            .iter()
+            .map(|(t, j)| {
+                let mut s = j.subscribers.clone();
+                s.sort();
+                (format!("{t:?}"), s)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn recomputing_only_the_changed_vips_gives_the_jobs_a_full_walk_gives() {
+        let mut a = agent(16);
+        let h = HealthConfig { port: Some(80), ..Default::default() };
+        for p in 0..8 {
+            a.add_vip_with(vip(1000 + p), Algo::Maglev, 0, Some(h.clone()), Default::default()).expect("vip");
+            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
+            a.add_backends(&vip(1000 + p), &list).expect("backends");
+        }
+        assert_eq!(a.check_jobs(), 3);
+        let t0 = Instant::now();
+        let started = a.due_checks(t0).len();
+        assert_eq!(started, 3);
+        let b0: IpAddr = BACKENDS[0].parse().expect("ip");
+        type Step<'a> = Box<dyn Fn(&mut Agent<MemMaps>) + 'a>;
+        let steps: Vec<Step> = vec![
+            Box::new(|a| a.set_backend_check(&vip(1003), b0, Some(HealthConfig { port: Some(81), ..Default::default() })).expect("check")),
+            Box::new(|a| a.add_backend(&vip(1004), "10.0.0.40".parse().expect("ip"), None, 1).map(|_| ()).expect("backend")),
+            Box::new(|a| a.del_vip(&vip(1003)).expect("del")),
+            Box::new(|a| a.set_backend(&vip(1005), b0, None, Some(Admin::Maint), false).map(|_| ()).expect("maint")),
+            Box::new(|a| a.add_vip_with(vip(1010), Algo::Maglev, 0, Some(HealthConfig { port: Some(82), ..Default::default() }), Default::default()).expect("vip")),
+            Box::new(|a| a.add_backend(&vip(1010), b0, None, 1).map(|_| ()).expect("backend")),
+            Box::new(|a| a.del_backend(&vip(1004), "10.0.0.40".parse().expect("ip")).map(|_| ()).expect("del")),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            step(&mut a);
+            assert!(a.checks.is_stale(), "step {i} changes the targets");
+            a.check_jobs();
+            let incremental = subscriptions(&a);
+            a.checks.stale();
+            a.check_jobs();
+            assert_eq!(incremental, subscriptions(&a), "step {i}: the changed VIPs' refresh and a full one differ");
+        }
+        // The port-81 job left with VIP 1003; port 82 came with VIP 1010.
+        let ports: BTreeSet<u16> = a.checks.jobs.keys().filter_map(|t| match t.probe { Probe::Health { port, .. } => Some(port), _ => None }).collect();
+        assert_eq!(ports, BTreeSet::from([80, 82]));
+        // Targets that stayed kept their schedule: still in flight.
+        assert!(a.due_checks(t0 + Duration::from_secs(10)).iter().all(|j| !matches!(j.target.probe, Probe::Health { port: 80, .. })));
     }
 
     #[test]

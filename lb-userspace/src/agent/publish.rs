@@ -129,7 +129,9 @@ impl<M: Maps> Agent<M> {
             p.moved.map_or("not counted".to_string(), |m| m.to_string())
         );
         let result = (p.moved.unwrap_or(0), p.table.len());
-        state.table = p.table;
+        let replaced = std::mem::replace(&mut state.table, p.table);
+        self.maglev.recycle(replaced);
+        let state = self.vips.get_mut(vip).expect("checked above");
         state.layout = p.layout;
         state.facts = Default::default();
         if alias_changed {
