@@ -229,7 +229,7 @@ impl<M: Maps> Agent<M> {
     /// jobs are recomputed before the next round.
     fn mark(&mut self, vip: Vip) {
         self.mark_table(vip);
-        self.checks.stale_vip(vip);
+        self.checks.stale.one(vip);
     }
 
     /// `mark`, for a change that leaves every check target as it was (a
@@ -237,7 +237,7 @@ impl<M: Maps> Agent<M> {
     /// every VIP under the lock.
     fn mark_table(&mut self, vip: Vip) {
         self.toml_cache.get_mut().remove(&vip);
-        self.probe_walk.changed.insert(vip);
+        self.probe_walk.changed.one(vip);
         self.dirty.insert(vip);
         self.state_dirty = true;
     }
@@ -370,7 +370,7 @@ impl<M: Maps> Agent<M> {
         self.sync_fragment_alias(&vip)?;
         self.sync_echo(&vip, spec.opts.answer_ping)?;
         self.state_dirty = true;
-        self.checks.stale_vip(vip);
+        self.checks.stale.one(vip);
         Ok(())
     }
 
@@ -408,7 +408,7 @@ impl<M: Maps> Agent<M> {
             self.release_table(slot)?;
         }
         self.state_dirty = true;
-        self.checks.stale_vip(*vip);
+        self.checks.stale.one(*vip);
         Ok(())
     }
 

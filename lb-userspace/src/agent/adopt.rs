@@ -331,7 +331,7 @@ impl<M: Maps> Agent<M> {
                 },
             );
         }
-        a.checks.stale();
+        a.checks.stale.all();
         let vips: Vec<_> = a.vips.keys().copied().collect();
         for v in &vips {
             let (moved, size) = a.reconcile_counted(v)?;
