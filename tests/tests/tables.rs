@@ -119,14 +119,20 @@ fn a_round_robin_table_that_grows_is_swapped_whole() {
     assert!(got.contains(&[2, 0, 0, 0, 2, 4]));
 }
 
+/// An agent over a datapath loaded for `vips` VIPs (and as many tables)
+/// of `ring` entries each, checks off.
+fn agent_of(vips: u32, ring: u32) -> Agent<Datapath> {
+    let dp = Datapath::load(LoadOptions { max_vips: vips, max_tables: vips, ring_size: ring, conntrack_size: 65536, ..Default::default() })
+        .expect("the XDP program loads (run the tests as root)");
+    let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
+    Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health }).expect("agent")
+}
+
 #[test]
 fn five_hundred_twelve_vips_each_get_their_own_table() {
     const N: u32 = 512;
     let ring = 1021u32;
-    let dp = Datapath::load(LoadOptions { max_vips: N, max_tables: N, ring_size: ring, conntrack_size: 65536, ..Default::default() })
-        .expect("the XDP program loads (run the tests as root)");
-    let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-    let mut a = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health }).expect("agent");
+    let mut a = agent_of(N, ring);
     let empty = a.dp.memory()["XLB_TABLES"];
     let addr = Ipv4Addr::new(10, 0, 0, 100);
     // VIP i: port 1000 + i, two backends of its own (addresses and MACs).
@@ -185,10 +191,7 @@ fn bursts_one_after_another_reuse_the_replaced_tables() {
     // instead of creating more: never more than two sets of tables, every
     // burst published completely.
     const N: u32 = 128;
-    let dp = Datapath::load(LoadOptions { max_vips: N, max_tables: N, ring_size: 1021, conntrack_size: 65536, ..Default::default() })
-        .expect("the XDP program loads (run the tests as root)");
-    let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-    let mut a = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health }).expect("agent");
+    let mut a = agent_of(N, 1021);
     let dir = xlb_tests::lab::TempDir::new("bursts").expect("dir");
     let file = dir.0.join("xlb.toml");
     let addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -233,10 +236,7 @@ fn a_burst_right_after_prepare_takes_the_tables_the_janitor_is_making() {
     // those tables, not find their slots taken and fall back to one table
     // at a time (seen on a loaded machine: 780 ms for 512 VIPs).
     const N: u32 = 256;
-    let dp = Datapath::load(LoadOptions { max_vips: N, max_tables: N, ring_size: 65537, conntrack_size: 65536, ..Default::default() })
-        .expect("the XDP program loads (run the tests as root)");
-    let health = HealthConfig { kind: CheckKind::None, ..Default::default() };
-    let mut a = Agent::new(dp, AgentOptions { iface_mac: Mac(LB_MAC), accept_macs: Vec::new(), health }).expect("agent");
+    let mut a = agent_of(N, 65537);
     for p in 0..N {
         let v = vip(&format!("10.0.0.100:{}/tcp", 1000 + p));
         a.add_vip(v, Algo::Maglev, 0).expect("vip");

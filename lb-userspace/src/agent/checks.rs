@@ -562,19 +562,26 @@ mod tests {
         a.dp.table(&v.key()).contains(&id)
     }
 
+    /// `n` VIPs (of `max` allowed) sharing the three backends, MACs
+    /// unknown, each checked on port 80.
+    fn checked_on_80(max: u32, n: u16) -> Agent<MemMaps> {
+        let mut a = agent(max);
+        let h = HealthConfig { port: Some(80), ..Default::default() };
+        for p in 0..n {
+            a.add_vip_with(vip(1000 + p), Algo::Maglev, 0, Some(h.clone()), Default::default()).expect("vip");
+            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
+            a.add_backends(&vip(1000 + p), &list).expect("backends");
+        }
+        a
+    }
+
     #[test]
     fn one_job_per_target_whatever_the_number_of_vips() {
         let mut a = shared(64);
         assert_eq!(a.check_jobs(), 3 * 64, "each VIP port is its own target (the check connects to the VIP's port)");
         // The same services checked on one port (e.g. :80 for 80 and 443 of
         // many tenants) share it.
-        let mut a = agent(64);
-        let h = HealthConfig { port: Some(80), ..Default::default() };
-        for p in 0..64 {
-            a.add_vip_with(vip(1000 + p), Algo::Maglev, 0, Some(h.clone()), Default::default()).expect("vip");
-            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
-            a.add_backends(&vip(1000 + p), &list).expect("backends");
-        }
+        let mut a = checked_on_80(64, 64);
         assert_eq!(a.check_jobs(), 3);
         let t0 = Instant::now();
         assert_eq!(a.due_checks(t0).len(), 3, "one job per backend host");
@@ -623,13 +630,7 @@ mod tests {
 
     #[test]
     fn recomputing_only_the_changed_vips_gives_the_jobs_a_full_walk_gives() {
-        let mut a = agent(16);
-        let h = HealthConfig { port: Some(80), ..Default::default() };
-        for p in 0..8 {
-            a.add_vip_with(vip(1000 + p), Algo::Maglev, 0, Some(h.clone()), Default::default()).expect("vip");
-            let list: Vec<(IpAddr, Option<Mac>, u32)> = BACKENDS.iter().map(|b| (b.parse().expect("ip"), None, 1)).collect();
-            a.add_backends(&vip(1000 + p), &list).expect("backends");
-        }
+        let mut a = checked_on_80(16, 8);
         assert_eq!(a.check_jobs(), 3);
         let t0 = Instant::now();
         let started = a.due_checks(t0).len();
