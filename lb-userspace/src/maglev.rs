@@ -77,41 +77,250 @@ impl Slot for u32 {
 }
 
 /// Maglev's fill: each live entry in turn (by weight credit) claims the
-/// next free slot of its permutation `offset + k × skip (mod size)`. The
-/// permutation position is kept and advanced by one addition (no division
-/// per probe: a table takes ~M ln M probes).
+/// next free slot of its permutation `offset + k × skip (mod size)`.
+///
+/// The turn order is that of rounds in which every entry gains its weight
+/// in credit and claims one slot per `max_weight` of it (at most one per
+/// round, as no weight exceeds the largest): entry j's k-th claim falls in
+/// round ⌈k·max/w_j⌉, and within a round entries go in `live` order. Two
+/// things make this fast without changing a single slot of the result
+/// (`fill_reference`, in the tests, is the plain fill it must equal):
+/// - With very unequal weights, turns come from a calendar of weight groups
+///   (`Turns`), so a round costs only its claims: with one backend at
+///   weight 10 000 and 3 999 at 1, walking every entry in each of ~65 000
+///   rounds took 250 ms; the calendar takes 1.5 ms.
+/// - While many slots are free, the next free slot of a permutation is
+///   found by walking it (one addition per probe). With few left, that
+///   walk averages size/free probes (the last 128 slots take half of the
+///   table's ~M ln M probes); from `TAIL` free slots on, the claim takes
+///   the free slot with the fewest steps ahead on its permutation,
+///   `(s − pos) × skip⁻¹ mod size`: the slot the walk would reach first.
+///
+/// Measured at 65 537 slots (`timing` test): 0.64 ms for 3 equal backends
+/// (plain 0.59), 1.08 for 100 (plain 1.23), 0.41 for 3 with one at weight
+/// 20 (plain 0.53), 1.2 for 100 with one at 300 (plain 6.0).
 fn fill<T: Slot>(entries: &[Entry<'_>], live: &[usize], size: u32) -> Option<Vec<T>> {
     let m = size as u64;
-    let max_weight = live.iter().map(|&i| entries[i].weight).max()? as u64;
-    let skip: Vec<u64> = live.iter().map(|&i| bytes_hash(entries[i].key, SEED_SKIP) as u64 % (m - 1) + 1).collect();
-    let mut pos: Vec<u64> = live.iter().map(|&i| bytes_hash(entries[i].key, SEED_OFFSET) as u64 % m).collect();
-    let mut table = vec![T::EMPTY; size as usize];
-    let mut credit = vec![0u64; live.len()];
-    let mut filled = 0u64;
-    loop {
-        for (j, &i) in live.iter().enumerate() {
-            credit[j] += entries[i].weight as u64;
-            while credit[j] >= max_weight {
-                credit[j] -= max_weight;
-                let (step, mut p) = (skip[j], pos[j]);
-                while table[p as usize] != T::EMPTY {
-                    p += step;
-                    if p >= m {
-                        p -= m;
+    let weights: Vec<u64> = live.iter().map(|&i| entries[i].weight as u64).collect();
+    let max_weight = *weights.iter().max()?;
+    let mut f = Fill {
+        m,
+        live,
+        skip: live.iter().map(|&i| bytes_hash(entries[i].key, SEED_SKIP) as u64 % (m - 1) + 1).collect(),
+        pos: live.iter().map(|&i| bytes_hash(entries[i].key, SEED_OFFSET) as u64 % m).collect(),
+        table: vec![T::EMPTY; size as usize],
+        filled: 0,
+        walk_until: m.saturating_sub(TAIL),
+        tail: None,
+    };
+    // Rounds until full ≈ m·max/Σw; walking every entry in each costs
+    // n·max/Σw per claim: the calendar pays once that is more than a few.
+    let sum: u64 = weights.iter().sum();
+    if (live.len() as u64) * max_weight <= 4 * sum {
+        let mut credit = vec![0u64; live.len()];
+        loop {
+            for j in 0..live.len() {
+                credit[j] += weights[j];
+                if credit[j] >= max_weight {
+                    credit[j] -= max_weight;
+                    if f.claim(j) {
+                        return Some(f.table);
                     }
-                }
-                table[p as usize] = T::of(i);
-                p += step;
-                if p >= m {
-                    p -= m;
-                }
-                pos[j] = p;
-                filled += 1;
-                if filled == m {
-                    return Some(table);
                 }
             }
         }
+    }
+    let mut turns = Turns::new(&weights, max_weight, m);
+    loop {
+        for &j in turns.next_round() {
+            if f.claim(j as usize) {
+                return Some(f.table);
+            }
+        }
+    }
+}
+
+/// A table being filled.
+struct Fill<'a, T> {
+    m: u64,
+    live: &'a [usize],
+    skip: Vec<u64>,
+    /// Each entry's next position on its permutation.
+    pos: Vec<u64>,
+    table: Vec<T>,
+    filled: u64,
+    /// Free slots are found by walking until this many are filled.
+    walk_until: u64,
+    tail: Option<Tail>,
+}
+
+impl<T: Slot> Fill<'_, T> {
+    /// Entry `j` claims the next free slot of its permutation; true when
+    /// the table is full.
+    #[inline(always)]
+    fn claim(&mut self, j: usize) -> bool {
+        let (m, step) = (self.m, self.skip[j]);
+        let advance = |p: u64| if p + step >= m { p + step - m } else { p + step };
+        let p = if self.filled < self.walk_until {
+            let mut p = self.pos[j];
+            while self.table[p as usize] != T::EMPTY {
+                p = advance(p);
+            }
+            p
+        } else {
+            let (table, skip) = (&self.table, &self.skip);
+            self.tail.get_or_insert_with(|| Tail::new(table, m, skip)).take(j, self.pos[j], m)
+        };
+        self.table[p as usize] = T::of(self.live[j]);
+        self.pos[j] = advance(p);
+        self.filled += 1;
+        self.filled == m
+    }
+}
+
+/// Free slots left when the fill stops walking permutations (see `fill`):
+/// at 65 537 slots, 32–256 gain 10–15 % from 10 backends up (the walk is
+/// cheaper than its probe count suggests: the CPU runs ahead on a loop
+/// that mostly finds slots taken).
+const TAIL: u64 = 128;
+
+/// The last free slots, and each entry's inverse step.
+struct Tail {
+    free: Vec<u64>,
+    inv_skip: Vec<u64>,
+    /// ⌊(2⁶⁴−1)/size⌋, for Barrett reduction (a division costs ~10× more).
+    recip: u64,
+}
+
+impl Tail {
+    fn new<T: Slot>(table: &[T], m: u64, skip: &[u64]) -> Tail {
+        let free = table.iter().enumerate().filter(|(_, s)| **s == T::EMPTY).map(|(i, _)| i as u64).collect();
+        // size is prime: skip^(size−2) is skip's inverse.
+        let inv_skip = skip.iter().map(|&s| pow_mod(s, m - 2, m)).collect();
+        Tail { free, inv_skip, recip: u64::MAX / m }
+    }
+
+    /// The free slot entry `j` (now at `pos` on its permutation) reaches
+    /// first, taken out of the free list.
+    fn take(&mut self, j: usize, pos: u64, m: u64) -> u64 {
+        let inv = self.inv_skip[j];
+        let mut best = (u64::MAX, 0usize);
+        for (i, &s) in self.free.iter().enumerate() {
+            // Steps from pos to s: (s − pos) / skip in the field of size m
+            // (both factors < m < 2³², so the product fits in u64).
+            let d = if s >= pos { s - pos } else { s + m - pos };
+            let steps = self.reduce(d * inv, m);
+            if steps < best.0 {
+                best = (steps, i);
+            }
+        }
+        self.free.swap_remove(best.1)
+    }
+}
+
+impl Tail {
+    /// `a mod m` by Barrett reduction: the estimate of a / m is short by
+    /// at most 2.
+    fn reduce(&self, a: u64, m: u64) -> u64 {
+        let q = ((a as u128 * self.recip as u128) >> 64) as u64;
+        let mut r = a - q * m;
+        while r >= m {
+            r -= m;
+        }
+        r
+    }
+}
+
+/// `b^e mod m` (m < 2³²).
+fn pow_mod(mut b: u64, mut e: u64, m: u64) -> u64 {
+    let mut r = 1 % m;
+    b %= m;
+    while e > 0 {
+        if e & 1 == 1 {
+            r = r * b % m;
+        }
+        b = b * b % m;
+        e >>= 1;
+    }
+    r
+}
+
+/// The turn order of `fill`: entry j's k-th claim falls in round
+/// ⌈k·max/w_j⌉, entries in `live` order within a round. With equal weights
+/// every entry claims in every round; otherwise a calendar: entries of one
+/// weight claim in the same rounds, so each distinct weight is one group,
+/// filed under the next round it claims in.
+struct Turns {
+    groups: Vec<Group>,
+    /// Round → first group due then (linked by `Group::link`); `NONE`: none.
+    due: Vec<u32>,
+    round: usize,
+    max_weight: u64,
+    /// This round's entries.
+    now: Vec<u32>,
+}
+
+struct Group {
+    weight: u64,
+    /// Indexes into `live`, ascending.
+    members: Vec<u32>,
+    claims: u64,
+    link: u32,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Turns {
+    fn new(weights: &[u64], max_weight: u64, m: u64) -> Turns {
+        let mut t = Turns { groups: Vec::new(), due: Vec::new(), round: 0, max_weight, now: Vec::new() };
+        let mut by_weight: std::collections::BTreeMap<u64, usize> = Default::default();
+        for (j, &w) in weights.iter().enumerate().filter(|(_, w)| **w > 0) {
+            let g = *by_weight.entry(w).or_insert_with(|| {
+                t.groups.push(Group { weight: w, members: Vec::new(), claims: 0, link: NONE });
+                t.groups.len() - 1
+            });
+            t.groups[g].members.push(j as u32);
+        }
+        // The heaviest group claims every round, so the table is full by
+        // round m at the latest.
+        t.due = vec![NONE; m as usize + 2];
+        for g in 0..t.groups.len() {
+            t.file(g);
+        }
+        t
+    }
+
+    /// File group `g` under the round of its next claim.
+    fn file(&mut self, g: usize) {
+        let grp = &mut self.groups[g];
+        let k = grp.claims + 1;
+        // ⌈k·max/w⌉: k ≤ m < 2³² and max < 2³², so k·max fits in u64.
+        let r = (k * self.max_weight).div_ceil(grp.weight) as usize;
+        if r < self.due.len() {
+            grp.link = self.due[r];
+            self.due[r] = g as u32;
+        }
+    }
+
+    /// The entries claiming in the next round, in `live` order.
+    fn next_round(&mut self) -> &[u32] {
+        self.now.clear();
+        self.round += 1;
+        let mut g = std::mem::replace(&mut self.due[self.round], NONE);
+        let mut groups = 0;
+        while g != NONE {
+            let grp = &mut self.groups[g as usize];
+            self.now.extend_from_slice(&grp.members);
+            grp.claims += 1;
+            let next = grp.link;
+            self.file(g as usize);
+            groups += 1;
+            g = next;
+        }
+        if groups > 1 {
+            self.now.sort_unstable();
+        }
+        &self.now
     }
 }
 
@@ -216,6 +425,110 @@ mod tests {
         let ka: Vec<&[u8]> = entries.iter().map(|e| e.key).collect();
         let kb: Vec<&[u8]> = reversed.iter().map(|e| e.key).collect();
         assert_eq!(moved_slots(&a, &ka, &b, &kb), 0);
+    }
+
+    /// The plain fill (round by round, walking each permutation to its next
+    /// free slot): `fill` must give exactly its table, slot for slot, or
+    /// balancers of two versions would disagree on where a flow goes.
+    fn fill_reference(entries: &[Entry<'_>], size: u32) -> Option<Vec<u32>> {
+        let mut live: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].weight > 0).collect();
+        live.sort_by(|&a, &b| entries[a].key.cmp(entries[b].key));
+        let m = size as u64;
+        let max_weight = live.iter().map(|&i| entries[i].weight).max()? as u64;
+        let skip: Vec<u64> = live.iter().map(|&i| bytes_hash(entries[i].key, SEED_SKIP) as u64 % (m - 1) + 1).collect();
+        let mut pos: Vec<u64> = live.iter().map(|&i| bytes_hash(entries[i].key, SEED_OFFSET) as u64 % m).collect();
+        // u16 slots, as the fill had them (its speed is the baseline).
+        let mut table = vec![u16::MAX; size as usize];
+        let mut credit = vec![0u64; live.len()];
+        let mut filled = 0u64;
+        loop {
+            for (j, &i) in live.iter().enumerate() {
+                credit[j] += entries[i].weight as u64;
+                while credit[j] >= max_weight {
+                    credit[j] -= max_weight;
+                    let (step, mut p) = (skip[j], pos[j]);
+                    while table[p as usize] != u16::MAX {
+                        p += step;
+                        if p >= m {
+                            p -= m;
+                        }
+                    }
+                    table[p as usize] = i as u16;
+                    p += step;
+                    pos[j] = if p >= m { p - m } else { p };
+                    filled += 1;
+                    if filled == m {
+                        return Some(table.into_iter().map(u32::from).collect());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_fill_equals_the_plain_fill_slot_for_slot() {
+        // Equal weights, one heavy backend, every weight distinct, zero
+        // weights, small and default sizes, 1 to 300 backends.
+        let mut seed = 0x9e37_79b9u32;
+        let mut rnd = |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed % n
+        };
+        let mut cases: Vec<(u32, Vec<u32>)> = vec![
+            (DEFAULT_RING_SIZE, vec![1; 3]),
+            (DEFAULT_RING_SIZE, vec![1; 100]),
+            (DEFAULT_RING_SIZE, [vec![300], vec![1; 99]].concat()),
+            (DEFAULT_RING_SIZE, (1..=300).collect()),
+            (DEFAULT_RING_SIZE, vec![10_000, 1, 0, 5_000]),
+            (251, vec![1, 1, 2]),
+            (251, vec![7]),
+            (13, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]),
+        ];
+        for _ in 0..40 {
+            let size = [251, 4099, 65_537][rnd(3) as usize];
+            let n = 1 + rnd(120);
+            let spread = [1, 2, 10, 10_000][rnd(4) as usize];
+            cases.push((size, (0..n).map(|_| rnd(spread + 1)).collect()));
+        }
+        for (size, weights) in cases {
+            let keys: Vec<[u8; 4]> = (0..weights.len() as u32).map(|i| (0x0a00_0000 + i * 7919).to_be_bytes()).collect();
+            let entries: Vec<Entry> = keys.iter().zip(&weights).map(|(k, &w)| Entry { key: k, weight: w }).collect();
+            assert_eq!(build(&entries, size), fill_reference(&entries, size), "size {size}, weights {weights:?}");
+        }
+    }
+
+    /// Build times (`cargo test --release -p lb-userspace maglev::tests::timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn timing() {
+        for (name, weights) in [
+            ("3 equal", vec![1; 3]),
+            ("10 equal", vec![1; 10]),
+            ("100 equal", vec![1; 100]),
+            ("1000 equal", vec![1; 1000]),
+            ("3, one at 20", vec![20, 1, 1]),
+            ("100, one at 300", [vec![300], vec![1; 99]].concat()),
+            ("4000, one at 10000", [vec![10_000], vec![1; 3999]].concat()),
+        ] {
+            let keys: Vec<[u8; 4]> = (0..weights.len() as u32).map(|i| (0x0a00_0000 + i).to_be_bytes()).collect();
+            let entries: Vec<Entry> = keys.iter().zip(&weights).map(|(k, &w)| Entry { key: k, weight: w }).collect();
+            let time = |f: &dyn Fn() -> Option<Vec<u32>>| {
+                let mut v: Vec<f64> = (0..7)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(f());
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                v[3]
+            };
+            let fast = time(&|| build(&entries, DEFAULT_RING_SIZE));
+            let plain = time(&|| fill_reference(&entries, DEFAULT_RING_SIZE));
+            println!("{name:>20}: {fast:.3} ms (plain {plain:.3} ms)");
+        }
     }
 
     /// Golden table: with the same backends, every node (and every version
