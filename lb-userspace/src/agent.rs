@@ -172,6 +172,9 @@ pub struct Agent<M: Maps = Datapath> {
     /// Requests leave the state file to their caller (`take_save`, written
     /// outside the lock): the daemon sets this.
     pub defer_saves: bool,
+    /// The request being handled does not wait for its table (`xlb backend
+    /// add/set --no-wait`): see `publish_request`.
+    defer_tables: bool,
 }
 
 impl<M: Maps> Agent<M> {
@@ -207,6 +210,7 @@ impl<M: Maps> Agent<M> {
             census: None,
             persist: None,
             defer_saves: false,
+            defer_tables: false,
         })
     }
 
@@ -223,6 +227,12 @@ impl<M: Maps> Agent<M> {
     /// Whether a change of this VIP awaits publication (`xlb explain`).
     pub fn is_pending(&self, vip: &Vip) -> bool {
         self.dirty.contains(vip)
+    }
+
+    /// Whether the requests handled until the next call wait for their
+    /// tables (`false`: `--no-wait`, see `publish_request`).
+    pub fn set_no_wait(&mut self, no_wait: bool) {
+        self.defer_tables = no_wait;
     }
 
     /// Mark a VIP for the next `flush` (and the state file); its check
@@ -248,7 +258,8 @@ impl<M: Maps> Agent<M> {
     /// outside the lock): the API before it answers, the health loop once
     /// per tick.
     pub fn flush(&mut self) -> Result<()> {
-        let r = self.publish_dirty();
+        // A request that does not wait leaves its VIPs to `tick`.
+        let r = if self.defer_tables { Ok(()) } else { self.publish_dirty() };
         if !self.defer_saves {
             self.save_if_dirty();
         }

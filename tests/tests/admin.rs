@@ -51,12 +51,12 @@ fn share(a: &Agent, v: &Vip, i: u8) -> f64 {
 fn dry_run_reports_the_change_and_applies_nothing() {
     let (mut a, v) = setup(0);
     let before = a.vips()[&v].table.clone();
-    let (moved, entries) = a.set_backend(&v, ip(2), Some(5), None, true).expect("dry run");
+    let (moved, entries) = a.set_backend(&v, ip(2), Some(5), None, true).expect("dry run").expect("counts");
     assert_eq!(entries, before.len());
     assert!(moved > entries / 4, "reweighting 1 → 5 of 3 backends moves a lot: {moved}");
     assert_eq!(a.vips()[&v].table, before, "dry run changed nothing");
     assert_eq!(a.vips()[&v].backends[&ip(2)].weight, 1);
-    let (applied, _) = a.set_backend(&v, ip(2), Some(5), None, false).expect("apply");
+    let (applied, _) = a.set_backend(&v, ip(2), Some(5), None, false).expect("apply").expect("published");
     assert_eq!(applied, moved, "the dry run predicted the real change");
     assert!((share(&a, &v, 2) - 5.0 / 7.0).abs() < 0.01);
     // Removal reports what moved too: exactly the slots it owned.

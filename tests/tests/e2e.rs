@@ -76,6 +76,33 @@ fn balances_real_tcp_and_removes_a_dead_backend() {
 }
 
 /// Run a CLI command that must fail with one line on stderr containing `want`.
+/// `--no-wait`: the commands return before the tables are published, the
+/// agent's next tick publishes them, and real connections then go where the
+/// waiting commands would have sent them.
+#[test]
+fn changes_that_do_not_wait_are_published_by_the_next_tick() {
+    let (xlb, lab_bin) = binaries();
+    let d = Deployment::start(&xlb, &lab_bin, 3, &[]).expect("deployment");
+    let vip = vip_arg();
+    d.cli_ok(&["vip", "add", &vip]).expect("vip add");
+    for i in 1..=3 {
+        let out = d.cli_ok(&["backend", "add", &vip, &backend_ip(i).to_string(), "--no-wait"]).expect("backend add --no-wait");
+        assert_eq!(out.trim(), "table: published with the agent's next tick (--no-wait)");
+    }
+    d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("backends resolve and come up");
+    let published = |d: &Deployment| d.wait("no VIP pending", Duration::from_secs(2), || Ok(d.status()?["vips"][0]["pending"] == false));
+    published(&d).expect("published by a tick");
+    assert_fair(&d.connect(CONNECTIONS).expect("client"), &["b1", "b2", "b3"]);
+    // Weight 0 without waiting: once published, no new flow goes to b3.
+    let out = d.cli_ok(&["backend", "set", &vip, &backend_ip(3).to_string(), "--weight", "0", "--no-wait"]).expect("set --no-wait");
+    assert!(out.contains("next tick"), "{out}");
+    published(&d).expect("published by a tick");
+    assert_fair(&d.connect(CONNECTIONS).expect("client"), &["b1", "b2"]);
+    // Bad input is refused at once, waiting or not.
+    fails(&d, &["backend", "add", &vip, &backend_ip(1).to_string(), "--no-wait"], "already exists");
+    fails(&d, &["backend", "set", &vip, "10.200.0.99", "--weight", "2", "--no-wait"], "not in VIP");
+}
+
 fn fails(d: &Deployment, args: &[&str], want: &str) {
     let out = d.cli(args).expect("run xlb");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -33,11 +33,12 @@ impl<M: Maps> Agent<M> {
     /// Add a backend with its own health settings (or the VIP's): one
     /// table publication.
     pub fn add_backend_checked(&mut self, vip: &Vip, ip: IpAddr, mac: Option<Mac>, weight: u32, check: Option<HealthConfig>) -> Result<(usize, usize)> {
-        self.add_backend_full(vip, (ip, mac, weight), check, None, None)
+        self.add_backend_full(vip, (ip, mac, weight), check, None, None).map(Option::unwrap_or_default)
     }
 
     /// `add_backend_checked` with a forwarding mode of its own (`None`:
-    /// the VIP's) and a QUIC server ID: one table publication.
+    /// the VIP's) and a QUIC server ID: one table publication (`None`: left
+    /// to the next tick, see `publish_request`).
     pub fn add_backend_full(
         &mut self,
         vip: &Vip,
@@ -45,7 +46,7 @@ impl<M: Maps> Agent<M> {
         check: Option<HealthConfig>,
         forward: Option<Forward>,
         server_id: Option<ServerId>,
-    ) -> Result<(usize, usize)> {
+    ) -> Result<Option<(usize, usize)>> {
         if let Some(h) = &check {
             h.validate()?;
         }
@@ -55,7 +56,7 @@ impl<M: Maps> Agent<M> {
             self.change_backend_check(vip, ip, check)?;
         }
         self.set_server_ids(vip, &[(ip, server_id)])?;
-        let moved = self.publish(vip)?;
+        let moved = self.publish_request(vip)?;
         self.flush()?;
         Ok(moved)
     }
@@ -159,18 +160,19 @@ impl<M: Maps> Agent<M> {
     /// Change a backend's weight. Weight 0 drains it: existing flows stay,
     /// new flows go elsewhere.
     pub fn set_weight(&mut self, vip: &Vip, ip: IpAddr, weight: u32) -> Result<()> {
-        self.set_backend(vip, ip, Some(weight), None, false).map(|_| ())
+        self.set_backend(vip, ip, Some(weight), None, false).map(drop)
     }
 
     /// Change a backend's weight and/or operator state; with `dry_run`,
     /// only report what the table change would be. Returns (entries that
-    /// change, table size). Plans once, publishes once.
-    pub fn set_backend(&mut self, vip: &Vip, ip: IpAddr, weight: Option<u32>, admin: Option<Admin>, dry_run: bool) -> Result<(usize, usize)> {
+    /// change, table size; `None`: left to the next tick, see
+    /// `publish_request`). Plans once, publishes once.
+    pub fn set_backend(&mut self, vip: &Vip, ip: IpAddr, weight: Option<u32>, admin: Option<Admin>, dry_run: bool) -> Result<Option<(usize, usize)>> {
         if dry_run {
             let mut next = self.vips.get(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?.clone();
             change_backend(vip, &mut next, ip, weight, admin)?;
             let p = plan::plan(&next, self.dp.opts().ring_size, Instant::now(), &mut self.maglev, true)?;
-            return Ok((p.moved.unwrap_or(0), p.table.len()));
+            return Ok(Some((p.moved.unwrap_or(0), p.table.len())));
         }
         let state = self.vips.get_mut(vip).ok_or_else(|| anyhow!("unknown VIP {vip}"))?;
         change_backend(vip, state, ip, weight, admin)?;
@@ -181,7 +183,7 @@ impl<M: Maps> Agent<M> {
         } else {
             self.mark_table(*vip);
         }
-        let moved = self.publish(vip)?;
+        let moved = self.publish_request(vip)?;
         self.flush()?;
         Ok(moved)
     }

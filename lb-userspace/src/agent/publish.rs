@@ -16,6 +16,22 @@ impl<M: Maps> Agent<M> {
     /// in a free slot, then the VIP entry that switches to it, then the old
     /// table freed (after the entries that copy the VIP's). Returns
     /// (table entries that changed, table size).
+    /// Publish a VIP an operator request changed, before the answer; or,
+    /// for a request that does not wait (`set_no_wait`), leave it marked:
+    /// the health loop's `tick` (every 20 ms) publishes every marked VIP
+    /// once, so a script adding 100 backends to a VIP one command at a time
+    /// costs a table build per tick, not per command (a build of 65 537
+    /// slots takes ~1 ms, as long as starting the command). `None`: not
+    /// published yet (no counts).
+    pub(super) fn publish_request(&mut self, vip: &Vip) -> Result<Option<(usize, usize)>> {
+        if self.defer_tables {
+            self.dirty.insert(*vip);
+            self.state_dirty = true;
+            return Ok(None);
+        }
+        self.publish(vip).map(Some)
+    }
+
     pub(super) fn publish(&mut self, vip: &Vip) -> Result<(usize, usize)> {
         self.publish_counted(vip, true)
     }

@@ -79,6 +79,7 @@ impl<M: Maps> Agent<M> {
                 answer_ping: s.opts.answer_ping,
                 quic: s.opts.quic,
                 published_at_us: s.published_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_micros() as u64),
+                pending: self.is_pending(vip) || self.unpublished.contains(vip),
                 backends,
                 packets: c.packets,
                 bytes: c.bytes,
@@ -210,6 +211,10 @@ pub struct VipStatus {
     /// When its table was last published (Unix time, µs).
     #[serde(default)]
     pub published_at_us: Option<u64>,
+    /// Changed since, its table published with the next tick (`--no-wait`,
+    /// or a retry after a failed publication).
+    #[serde(default)]
+    pub pending: bool,
     /// Backends.
     pub backends: Vec<BackendStatus>,
     /// Packets forwarded.

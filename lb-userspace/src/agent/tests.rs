@@ -139,10 +139,10 @@ fn a_request_changes_the_tables_once() {
     a.add_backends(&v, &[(ip("10.0.0.11"), mac(1), 1), (ip("10.0.0.12"), mac(2), 1)]).expect("backends");
     assert_eq!((a.dp.table_writes, a.saves), (1, 2));
     let (w, s) = (a.dp.table_writes, a.saves);
-    let (moved, size) = a.set_backend(&v, ip("10.0.0.11"), Some(5), Some(Admin::Ready), true).expect("dry run");
+    let (moved, size) = a.set_backend(&v, ip("10.0.0.11"), Some(5), Some(Admin::Ready), true).expect("dry run").expect("counts");
     assert!(moved > 0 && size == 251);
     assert_eq!((a.dp.table_writes, a.saves), (w, s), "a dry run writes nothing");
-    assert_eq!(a.set_backend(&v, ip("10.0.0.11"), Some(5), None, false).expect("set"), (moved, size), "the dry run said what happens");
+    assert_eq!(a.set_backend(&v, ip("10.0.0.11"), Some(5), None, false).expect("set"), Some((moved, size)), "the dry run said what happens");
     assert_eq!((a.dp.table_writes, a.saves), (w + 1, s + 1), "one plan, one write, one save");
     a.add_backend_checked(&v, ip("10.0.0.13"), mac(3), 1, Some(HealthConfig { kind: CheckKind::None, ..Default::default() })).expect("add");
     assert_eq!((a.dp.table_writes, a.saves), (w + 2, s + 2));
@@ -155,6 +155,46 @@ fn a_request_changes_the_tables_once() {
     assert_eq!((a.dp.table_writes, a.saves), (w + 3, s + 3));
     assert_eq!(a.vips()[&v].backends.len(), 2);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn requests_that_do_not_wait_share_one_table_per_tick() {
+    let mut a = agent(8);
+    let (v, w) = (vip("10.0.0.100:80/tcp"), vip("10.0.0.100:81/tcp"));
+    a.add_vip(v, Algo::Maglev, 0).expect("vip");
+    a.add_vip(w, Algo::Maglev, 0).expect("vip");
+    a.add_backend_checked(&v, ip("10.0.0.10"), mac(10), 1, None).expect("add");
+    let (writes, before) = (a.dp.table_writes, a.dp.table(&v.key()));
+    a.set_no_wait(true);
+    for i in 1..=20u8 {
+        let r = a.add_backend_full(&v, (ip(&format!("10.0.0.{}", 10 + i)), mac(10 + i), 1), None, None, None).expect("add");
+        assert_eq!(r, None, "not published yet: no counts");
+    }
+    assert_eq!(a.set_backend(&w, ip("10.0.0.99"), Some(2), None, false).map(drop).unwrap_err().to_string(), "backend 10.0.0.99 is not in VIP 10.0.0.100:81/tcp", "refused at once all the same");
+    a.add_backend_full(&w, (ip("10.0.0.11"), mac(11), 1), None, None, None).expect("add");
+    assert!(a.set_backend(&v, ip("10.0.0.11"), Some(3), None, false).expect("set").is_none());
+    a.set_no_wait(false);
+    assert_eq!(a.dp.table_writes, writes, "no table written before the tick");
+    assert_eq!(a.dp.table(&v.key()), before, "the datapath keeps the last published table");
+    assert!(a.is_pending(&v) && a.is_pending(&w));
+    assert!(a.status().expect("status").vips.iter().all(|s| s.pending));
+    a.tick(Instant::now()).expect("tick");
+    assert_eq!(a.dp.table_writes, writes + 2, "one table per VIP for 22 requests");
+    assert!(!a.is_pending(&v) && !a.is_pending(&w));
+    assert!(a.status().expect("status").vips.iter().all(|s| !s.pending));
+    for x in [v, w] {
+        assert_eq!(a.dp.table(&x.key()), a.vips()[&x].table, "{x}: the published table is the planned one");
+    }
+    assert_eq!(a.vips()[&v].backends.len(), 21);
+    assert_eq!(a.vips()[&v].backends[&ip("10.0.0.11")].weight, 3);
+    // A request that waits publishes what earlier ones left pending.
+    a.set_no_wait(true);
+    a.add_backend_full(&w, (ip("10.0.0.12"), mac(12), 1), None, None, None).expect("add");
+    a.set_no_wait(false);
+    let r = a.add_backend_full(&v, (ip("10.0.0.40"), mac(40), 1), None, None, None).expect("add");
+    assert!(r.is_some_and(|(moved, _)| moved > 0));
+    assert_eq!(a.dp.table_writes, writes + 4);
+    assert!(!a.is_pending(&w) && a.dp.table(&w.key()) == a.vips()[&w].table);
 }
 
 #[test]

@@ -14,8 +14,15 @@ use super::{http::to_http, Request};
 
 /// Send one request to the agent at `socket` and return its result.
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    call_with(socket, req, false)
+}
+
+/// `call`; with `no_wait`, a table change is answered once validated and
+/// recorded, its table published with the agent's next tick
+/// (`Prefer: respond-async`).
+pub fn call_with(socket: &Path, req: &Request, no_wait: bool) -> Result<serde_json::Value> {
     runtime()?.block_on(async {
-        let resp = send(socket, req).await?;
+        let resp = send(socket, req, no_wait).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await.context("the agent's answer broke off")?.to_bytes();
         answer(status, &body)
@@ -42,7 +49,7 @@ pub fn stream(socket: &Path, req: &Request, mut on_line: impl FnMut(&str) -> Res
     runtime()?.block_on(async {
         let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let resp = send(socket, req).await?;
+        let resp = send(socket, req, false).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if status != StatusCode::OK {
@@ -77,7 +84,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_io().build().context("cannot start the async runtime")
 }
 
-async fn send(socket: &Path, req: &Request) -> Result<hyper::Response<Incoming>> {
+async fn send(socket: &Path, req: &Request, no_wait: bool) -> Result<hyper::Response<Incoming>> {
     let (method, path, body) = to_http(req)?;
     let stream = tokio::net::UnixStream::connect(socket)
         .await
@@ -91,6 +98,9 @@ async fn send(socket: &Path, req: &Request) -> Result<hyper::Response<Incoming>>
     let mut http = hyper::Request::builder().method(method).uri(path).header(header::HOST, "xlb");
     if body.is_some() {
         http = http.header(header::CONTENT_TYPE, "application/json");
+    }
+    if no_wait {
+        http = http.header("prefer", "respond-async");
     }
     let http = http.body(Full::new(Bytes::from(body.unwrap_or_default()))).context("cannot build the request")?;
     sender.send_request(http).await.context("no answer from the agent")

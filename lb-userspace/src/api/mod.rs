@@ -12,7 +12,7 @@ pub mod client;
 pub mod http;
 pub mod server;
 
-pub use client::call;
+pub use client::{call, call_with};
 pub use crate::host::Host;
 pub use server::{bind, serve};
 
@@ -216,15 +216,13 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
         Request::VipList => Ok(serde_json::json!(agent.vips().keys().map(|v| v.to_string()).collect::<Vec<_>>())),
         Request::BackendAdd { vip, ip, mac, weight, health, forward, server_id } => {
             let b = (ip, mac, weight.unwrap_or(DEFAULT_WEIGHT));
-            let (moved, entries) = agent.add_backend_full(&vip, b, health, forward.map(|f| f.0), server_id)?;
-            Ok(serde_json::json!({ "moved": moved, "entries": entries }))
+            Ok(table_change(agent.add_backend_full(&vip, b, health, forward.map(|f| f.0), server_id)?, None))
         }
         Request::BackendSet { vip, ip, weight, state, dry_run } => {
             if weight.is_none() && state.is_none() {
                 bail!("nothing to change: give a weight or a state (--weight, --drain, --maint or --up)");
             }
-            let (moved, entries) = agent.set_backend(&vip, ip, weight, state, dry_run)?;
-            Ok(serde_json::json!({ "moved": moved, "entries": entries, "applied": !dry_run }))
+            Ok(table_change(agent.set_backend(&vip, ip, weight, state, dry_run)?, Some(!dry_run)))
         }
         Request::BackendDel { vip, ip } => {
             let (moved, entries) = agent.del_backend(&vip, ip)?;
@@ -263,6 +261,21 @@ pub fn handle(agent: &mut Agent, host: &Host, req: Request) -> Result<serde_json
             Ok(serde_json::Value::Null)
         }
     }
+}
+
+/// The answer to a table change: how many entries of how many changed, or
+/// `"published": false` when the request did not wait (`Prefer:
+/// respond-async`, the CLI's `--no-wait`) and the table follows within a
+/// tick.
+fn table_change(counts: Option<(usize, usize)>, applied: Option<bool>) -> serde_json::Value {
+    let mut v = match counts {
+        Some((moved, entries)) => serde_json::json!({ "moved": moved, "entries": entries }),
+        None => serde_json::json!({ "published": false }),
+    };
+    if let Some(a) = applied {
+        v["applied"] = a.into();
+    }
+    v
 }
 
 /// The socket path given on the command line or the default.

@@ -122,8 +122,14 @@ async fn respond(
         return trace(agent, req);
     }
     let detaching = matches!(req, Request::Detach);
+    let no_wait = prefers_async(&parts.headers);
     let (res, changed) = match agent.lock() {
-        Ok(mut a) => (handle(&mut a, &host, req), a.state_behind()),
+        Ok(mut a) => {
+            a.set_no_wait(no_wait);
+            let res = handle(&mut a, &host, req);
+            a.set_no_wait(false);
+            (res, a.state_behind())
+        }
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "agent state poisoned"),
     };
     // The daemon needs the last reference to the agent to drop the datapath.
@@ -145,8 +151,21 @@ async fn respond(
             r
         }
         Ok(serde_json::Value::Null) => json(StatusCode::OK, &serde_json::json!({})),
+        // Accepted, its table not yet published (`Prefer: respond-async`).
+        Ok(v) if v["published"] == false => json(StatusCode::ACCEPTED, &v),
         Ok(v) => json(StatusCode::OK, &v),
     }
+}
+
+/// `Prefer: respond-async` (RFC 7240): answer a table change once it is
+/// validated and recorded, and publish its table with the next tick's.
+fn prefers_async(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
 }
 
 /// `GET /v1/trace`: 200 and one JSON line per frame (chunked) while the

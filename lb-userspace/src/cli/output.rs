@@ -8,6 +8,8 @@ pub fn print_moved(r: &serde_json::Value, dry_run: bool) {
     if let (Some(m), Some(e)) = (r["moved"].as_u64(), r["entries"].as_u64()) {
         let verb = if dry_run { "would change (dry run, nothing applied)" } else { "changed" };
         println!("table: {m} of {e} entries {verb}");
+    } else if r["published"] == false {
+        println!("table: published with the agent's next tick (--no-wait)");
     }
 }
 
@@ -38,6 +40,9 @@ pub fn print_status(s: &Status) {
         }
         if v.quic {
             persist.push_str(" quic");
+        }
+        if v.pending {
+            persist.push_str(" (table pending)");
         }
         let _ = writeln!(
         out,

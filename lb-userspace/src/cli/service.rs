@@ -189,6 +189,9 @@ pub enum BackendCmd {
         /// sends connection IDs carrying it to this backend).
         #[arg(long, value_name = "N")]
         server_id: Option<crate::quic::ServerId>,
+        /// `--no-wait`.
+        #[command(flatten)]
+        wait: NoWait,
     },
     /// Change a backend's weight or state; prints how many table entries
     /// change.
@@ -213,6 +216,9 @@ pub enum BackendCmd {
         /// Only report what would change.
         #[arg(long)]
         dry_run: bool,
+        /// `--no-wait`.
+        #[command(flatten)]
+        wait: NoWait,
     },
     /// Remove a backend from a VIP.
     Del {
@@ -222,6 +228,18 @@ pub enum BackendCmd {
         #[arg(value_parser = parse_backend_ip)]
         ip: std::net::IpAddr,
     },
+}
+
+/// `--no-wait` of the table changes that scripts repeat.
+#[derive(clap::Args, Debug)]
+pub struct NoWait {
+    /// Return once the agent has checked and recorded the change; its
+    /// table is published within the agent's next tick (20 ms), once for
+    /// all the changes that arrived meanwhile (for scripts adding many
+    /// backends one command at a time; `xlb status` shows a VIP still
+    /// publishing as pending).
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// `xlb vip …`.
@@ -257,19 +275,20 @@ pub fn vip(socket: &Path, cmd: VipCmd) -> Result<()> {
 /// `xlb backend …`.
 pub fn backend(socket: &Path, cmd: BackendCmd) -> Result<()> {
     match cmd {
-        BackendCmd::Add { vip, ip, mac, weight, forward, server_id } => {
+        BackendCmd::Add { vip, ip, mac, weight, forward, server_id, wait } => {
             // The address's family, the weight's range: the agent checks
             // them (a routed backend may be of the other family).
-            let r = api::call(
+            let r = api::call_with(
                 socket,
                 &Request::BackendAdd { vip, ip, mac, weight: Some(weight), health: None, forward, server_id },
+                wait.no_wait,
             )?;
             print_moved(&r, false);
             Ok(())
         }
-        BackendCmd::Set { vip, ip, weight, drain, maint, up, dry_run } => {
+        BackendCmd::Set { vip, ip, weight, drain, maint, up, dry_run, wait } => {
             let state = [(drain, Admin::Drain), (maint, Admin::Maint), (up, Admin::Ready)].iter().find(|(f, _)| *f).map(|(_, s)| *s);
-            let r = api::call(socket, &Request::BackendSet { vip, ip, weight, state, dry_run })?;
+            let r = api::call_with(socket, &Request::BackendSet { vip, ip, weight, state, dry_run }, wait.no_wait)?;
             print_moved(&r, dry_run);
             Ok(())
         }
