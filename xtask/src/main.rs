@@ -69,12 +69,25 @@ fn host_cargo(root: &Path) -> Command {
 fn build(root: &Path) -> Result<()> {
     build_ebpf(root)?;
     run(host_cargo(root).args(["build", "--release", "--locked", "-p", "xlb-tests", "--bins"]))?;
-    // `xlb` as a static PIE: every CLI command is a process, and loading
-    // libc, libm and libgcc_s (their relocations, their constructors'
-    // CPUID probes, a VM exit each here) is ~0.4 ms of a ~1.5 ms start;
-    // a PIE keeps address randomisation. Only this binary is linked so
-    // (the flag would break proc-macro crates if set for the workspace).
-    run(host_cargo(root).args(["rustc", "--release", "--locked", "-p", "lb-userspace", "--bin", "xlb", "--", "-C", "target-feature=+crt-static"]))?;
+    // `xlb` static: every CLI command is a process. For musl when rustup
+    // can add it (`toolchain::musl_target`: half the start of glibc's);
+    // else a glibc static PIE (loading libc, libm and libgcc_s dynamically
+    // costs more again). Only this binary is linked so (crt-static would
+    // break proc-macro crates if set for the workspace).
+    let dest = root.join("target/release/xlb");
+    match toolchain::musl_target() {
+        Some(target) => {
+            run(host_cargo(root).args(["build", "--release", "--locked", "-p", "lb-userspace", "--bin", "xlb", "--target", target]))?;
+            // A new file, not a write into cargo's hard link to its own copy
+            // (or into a binary an agent is running from).
+            let _ = std::fs::remove_file(&dest);
+            let built = root.join("target").join(target).join("release/xlb");
+            std::fs::copy(&built, &dest).with_context(|| format!("cannot copy {} to {}", built.display(), dest.display()))?;
+        }
+        None => {
+            run(host_cargo(root).args(["rustc", "--release", "--locked", "-p", "lb-userspace", "--bin", "xlb", "--", "-C", "target-feature=+crt-static"]))?;
+        }
+    }
     eprintln!("xtask: built {}", root.join("target/release/xlb").display());
     Ok(())
 }

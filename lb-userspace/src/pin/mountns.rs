@@ -204,7 +204,7 @@ fn open_in_initial_ns(pid: &str, name: &str, create: bool) -> Result<(OwnedFd, b
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = cmsg_space;
+    msg.msg_controllen = cmsg_space as _; // size_t on glibc, socklen_t on musl
     // SAFETY: recvmsg(2) into the buffers above; the child has exited, so its datagram is queued or there is none.
     let n = unsafe { libc::recvmsg(parent_end.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
     if n < payload.len() as isize {
@@ -243,11 +243,11 @@ unsafe fn child_main(sock: i32, ns: &CString, mount_point: &CString, dir: &CStri
         msg.msg_iovlen = 1;
         if fd >= 0 {
             msg.msg_control = cmsg.as_mut_ptr().cast();
-            msg.msg_controllen = cmsg_space;
+            msg.msg_controllen = cmsg_space as _;
             let h = libc::CMSG_FIRSTHDR(&msg);
             (*h).cmsg_level = libc::SOL_SOCKET;
             (*h).cmsg_type = libc::SCM_RIGHTS;
-            (*h).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+            (*h).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
             std::ptr::write_unaligned(libc::CMSG_DATA(h).cast::<i32>(), fd);
         }
         libc::sendmsg(sock, &msg, 0);
