@@ -90,7 +90,9 @@ fn changes_that_do_not_wait_are_published_by_the_next_tick() {
         assert_eq!(out.trim(), "table: published with the agent's next tick (--no-wait)");
     }
     d.wait_states(&[1, 2, 3], Duration::from_secs(10)).expect("backends resolve and come up");
-    let published = |d: &Deployment| d.wait("no VIP pending", Duration::from_secs(2), || Ok(d.status()?["vips"][0]["pending"] == false));
+    let published = |d: &Deployment| {
+        d.wait("no VIP pending", Duration::from_secs(2), || Ok(d.status()?["vips"].as_array().is_some_and(|vs| vs.iter().all(|v| v["pending"] == false))))
+    };
     published(&d).expect("published by a tick");
     assert_fair(&d.connect(CONNECTIONS).expect("client"), &["b1", "b2", "b3"]);
     // Weight 0 without waiting: once published, no new flow goes to b3.
@@ -101,6 +103,26 @@ fn changes_that_do_not_wait_are_published_by_the_next_tick() {
     // Bad input is refused at once, waiting or not.
     fails(&d, &["backend", "add", &vip, &backend_ip(1).to_string(), "--no-wait"], "already exists");
     fails(&d, &["backend", "set", &vip, "10.200.0.99", "--weight", "2", "--no-wait"], "not in VIP");
+    // In the API: `Prefer: respond-async` on a table change is answered 202;
+    // on anything else it is ignored (a new VIP is published before the answer).
+    let sock = d.socket.to_string_lossy().into_owned();
+    let prefer = |method: &str, path: &str, body: &str| -> (String, serde_json::Value) {
+        let url = format!("http://xlb{path}");
+        let args = ["-sS", "-g", "--max-time", "5", "--unix-socket", &sock, "-X", method, "-w", "\n%{http_code}", "-H", "Prefer: respond-async", "-H", "Content-Type: application/json", "--data-binary", body, &url];
+        let out = std::process::Command::new("curl").args(args).output().expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').expect("curl output");
+        (code.trim().to_string(), serde_json::from_str(json).unwrap_or_else(|e| panic!("{method} {path}: {e}: {json:?}")))
+    };
+    let (code, v) = prefer("PUT", &format!("/v1/vips/{vip}/backends/{}", backend_ip(3)), r#"{"weight":2}"#);
+    assert_eq!((code.as_str(), v), ("202", serde_json::json!({ "published": false, "applied": true })));
+    let other = "10.200.0.101:80/tcp";
+    let (code, _) = prefer("POST", "/v1/vips", &format!(r#"{{"vip":"{other}"}}"#));
+    assert_eq!(code, "200");
+    let st = d.status().expect("status");
+    let added = st["vips"].as_array().and_then(|vs| vs.iter().find(|v| v["vip"] == other)).cloned().expect("the new VIP");
+    assert_eq!(added["pending"], false, "a VIP add does not wait for a tick: {added}");
+    published(&d).expect("published by a tick");
 }
 
 fn fails(d: &Deployment, args: &[&str], want: &str) {

@@ -12,10 +12,6 @@ use super::{filter_index, plan, Agent, Backend, Maps, SLOW_START_STEPS};
 use crate::config::Vip;
 
 impl<M: Maps> Agent<M> {
-    /// Publish a VIP now (dropping its mark): backend entries, a new table
-    /// in a free slot, then the VIP entry that switches to it, then the old
-    /// table freed (after the entries that copy the VIP's). Returns
-    /// (table entries that changed, table size).
     /// Publish a VIP an operator request changed, before the answer; or,
     /// for a request that does not wait (`set_no_wait`), leave it marked:
     /// the health loop's `tick` (every 20 ms) publishes every marked VIP
@@ -32,6 +28,10 @@ impl<M: Maps> Agent<M> {
         self.publish(vip).map(Some)
     }
 
+    /// Publish a VIP now (dropping its mark): backend entries, a new table
+    /// in a free slot, then the VIP entry that switches to it, then the old
+    /// table freed (after the entries that copy the VIP's). Returns
+    /// (table entries that changed, table size).
     pub(super) fn publish(&mut self, vip: &Vip) -> Result<(usize, usize)> {
         self.publish_counted(vip, true)
     }

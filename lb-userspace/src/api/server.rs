@@ -122,7 +122,9 @@ async fn respond(
         return trace(agent, req);
     }
     let detaching = matches!(req, Request::Detach);
-    let no_wait = prefers_async(&parts.headers);
+    // Only the table changes scripts repeat may skip the wait: removals, VIP
+    // changes and reloads are published before they are answered.
+    let no_wait = prefers_async(&parts.headers) && matches!(req, Request::BackendAdd { .. } | Request::BackendSet { .. });
     let (res, changed) = match agent.lock() {
         Ok(mut a) => {
             a.set_no_wait(no_wait);
