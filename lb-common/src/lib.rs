@@ -72,8 +72,9 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// `maps`). Pinned maps are reused by a restarted or upgraded agent only
 /// when this and every map size match (the pin directory is named by both),
 /// because the kernel does not check a reused pin's layout. Bump it whenever
-/// a map's key, value or type changes.
-pub const LAYOUT_VERSION: u32 = 9;
+/// a map's key, value or type changes, or a size the directory name does
+/// not spell out (10: `XLB_TABLES` holds slots for the burst pool).
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Names of the maps, as declared in the XDP object (at most 15 bytes each).
 pub mod map_names {

@@ -91,9 +91,11 @@ impl LoadOptions {
     /// Number of table slots in `XLB_TABLES` (8 bytes each; a table takes
     /// memory only while in a slot): two per VIP that may have a table (its
     /// table, and a replaced one until it is freed, or one reserved for a
-    /// burst), the ready pool and spares.
+    /// burst), the ready pool as it grows for commands one after another
+    /// (`POOL_BURST`: with slots for only `POOL_READY`, a VIP changed
+    /// every millisecond found the pool empty one time in eleven) and spares.
     pub fn table_slots(&self) -> u32 {
-        2 * self.tables() + super::POOL_READY as u32 + SPARE_TABLE_SLOTS
+        2 * self.tables() + super::POOL_BURST as u32 + SPARE_TABLE_SLOTS
     }
 
     /// VIPs that may have backends at once.

@@ -55,6 +55,11 @@ impl Datapath {
         self.pool.counts()
     }
 
+    /// Publications that found no ready table (tests, `POOL_BURST`).
+    pub fn pool_dry_takes(&self) -> u64 {
+        self.pool.dry_takes()
+    }
+
     /// The table in slot `slot`, if any.
     fn table_map(&self, slot: u32) -> Result<Option<Array<MapData, TableLine>>> {
         table_in(&self.tables, slot)
