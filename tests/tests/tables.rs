@@ -188,8 +188,9 @@ fn table_changes_one_after_another_find_ready_tables() {
     // A script changing weights one command at a time: a publication every
     // millisecond or less, each taking a ready table while the one it
     // replaces cools for a grace period. The pool keeps up: hardly a request
-    // waits for a table of its own, ~10 ms each (27 of 300 with a pool of
-    // 16 in slots for 4: 2.2 ms a change on average; 1 of 280 now, 0.6 ms).
+    // waits for a table of its own, ~10 ms each (27 of 300 when the table
+    // array had slots for only 4 beyond two per VIP: 2.2 ms a change on
+    // average; 1 of 280 now, 0.6 ms).
     let mut a = agent_of(8, 65537);
     let v = vip("10.0.0.100:80/tcp");
     a.add_vip(v, Algo::Maglev, 0).expect("vip");
