@@ -18,11 +18,11 @@ impl<M: Maps> Agent<M> {
     /// once, so a script adding 100 backends to a VIP one command at a time
     /// costs a table build per tick, not per command (a build of 65 537
     /// slots takes ~1 ms, as long as starting the command). `None`: not
-    /// published yet (no counts).
+    /// published yet (no counts). The request has marked the VIP (`mark`),
+    /// which is what `tick` publishes.
     pub(super) fn publish_request(&mut self, vip: &Vip) -> Result<Option<(usize, usize)>> {
         if self.defer_tables {
-            self.dirty.insert(*vip);
-            self.state_dirty = true;
+            debug_assert!(self.dirty.contains(vip), "a request marks the VIP it changes");
             return Ok(None);
         }
         self.publish(vip).map(Some)
