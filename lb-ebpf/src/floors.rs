@@ -96,6 +96,52 @@ pub fn floor_one_line(ctx: XdpContext) -> u32 {
     stateless(&ctx, |_, h| bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h))
 }
 
+/// Rounds of `work`: `floor_one_line_work` does about as much work per
+/// packet as an xlb new flow does besides its line (~50 ns here).
+const WORK_ROUNDS: u64 = 32;
+
+/// Floor: the stateless floor plus `WORK_ROUNDS` of ALU work, behind the
+/// `new_flows` wrapper: the work's cost without any memory miss.
+#[xdp]
+pub fn floor_work(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |_, h| work::<WORK_ROUNDS>(h))
+}
+
+/// Floor: `floor_one_line` plus 4 rounds of work (~2 ns alone): shows that
+/// `floor_one_line`'s figure rests on the next packets' misses overlapping
+/// its own, which only a program that small gets.
+#[xdp]
+pub fn floor_one_line_nudge(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |_, h| {
+        bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h);
+        work::<4>(h)
+    })
+}
+
+/// Floor: `floor_one_line` plus `floor_work`'s work: what one random line
+/// costs a program that does a new flow's amount of work.
+#[xdp]
+pub fn floor_one_line_work(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |_, h| {
+        bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h);
+        work::<WORK_ROUNDS>(h)
+    })
+}
+
+/// `N` rounds of two independent multiply-rotate chains on `h`: ALU work
+/// that touches no memory and does not wait for the line.
+#[inline(always)]
+fn work<const N: u64>(h: u32) {
+    let (mut a, mut b) = (h as u64, (h as u64) << 7);
+    for i in 0..N {
+        a = (a ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
+        b = (b ^ i).wrapping_mul(0xC2B2_AE3D_27D4_EB4F).rotate_left(13);
+    }
+    let mut out = a ^ b;
+    // SAFETY: a volatile write of a local: the work is not optimised away.
+    unsafe { core::ptr::write_volatile(&mut out, out) };
+}
+
 /// Read-modify-write one word (picked by `h`) of a line, if there is one.
 #[inline(always)]
 fn bump_word(line: Option<*mut [u64; 8]>, h: u32) {

@@ -52,6 +52,9 @@ const NEW_FLOWS: u32 = 50_000;
 const NEW_FLOW_REPEAT: u32 = 100_000;
 /// Runs per call against the 64 Ki-entry table (RUNS calls stay below its capacity).
 const SMALL_TABLE_REPEAT: u32 = 10_000;
+/// Capacity of the table for `*_new_flow_1k_table` (its sets stay in the
+/// first cache levels: a new flow's own work, with its line nearly free).
+const TINY_TABLE: u32 = 1024;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
@@ -168,7 +171,7 @@ impl Floors {
         let obj = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
         let mut ebpf = EbpfLoader::new().load(&obj).context("loading the floors object")?;
         for name in
-            ["floor_pass", "floor_macswap_tx", "floor_stateless_dsr", "floor_one_line", "floor_one_line_ct", "floor_lru_insert", "bench_gen", "bench_sink", "new_flows"]
+            ["floor_pass", "floor_macswap_tx", "floor_stateless_dsr", "floor_one_line", "floor_one_line_ct", "floor_work", "floor_one_line_nudge", "floor_one_line_work", "floor_lru_insert", "bench_gen", "bench_sink", "new_flows"]
         {
             let p: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
             p.load().with_context(|| format!("verifier rejected {name}"))?;
@@ -340,6 +343,9 @@ pub fn floors(fl: &mut Floors) -> Result<Vec<Case>> {
     for (name, prog, what) in [
         ("floor_stateless_dsr_new_flows", "floor_stateless_dsr", "stateless"),
         ("floor_one_line", "floor_one_line", "each a read-modify-write of one random line of 16 MiB"),
+        ("floor_work", "floor_work", "stateless plus 32 rounds of ALU work, no memory"),
+        ("floor_one_line_nudge", "floor_one_line_nudge", "floor_one_line plus 4 rounds of ALU work"),
+        ("floor_one_line_work", "floor_one_line_work", "floor_one_line plus floor_work's 32 rounds of ALU work"),
         (
             "floor_one_line_ct",
             "floor_one_line_ct",
@@ -430,6 +436,10 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
             let mut small = agent_with_table(vip, backends, 1 << 16)?;
             extra.push(warm_case(format!("{name}_64k_table"), "empty (capacity 65536)", warm_new_flow_case(fl, &mut small, false, SMALL_TABLE_REPEAT)?));
             drop(small);
+            let mut tiny = agent_with_table(vip, backends, TINY_TABLE)?;
+            let cached = warm_new_flow_case(fl, &mut tiny, false, SMALL_TABLE_REPEAT)?;
+            extra.push(warm_case(format!("{name}_1k_table"), &format!("capacity {TINY_TABLE} (cached)"), cached));
+            drop(tiny);
             let mut keyed = agent_with_opts(vip, backends, LoadOptions { max_vips: 8, flow_keys: true, ..Default::default() })?;
             extra.push(warm_case(format!("{name}_flow_keys"), "empty, --flow-keys", warm_new_flow_case(fl, &mut keyed, false, NEW_FLOW_REPEAT)?));
         }

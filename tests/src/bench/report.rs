@@ -162,6 +162,21 @@ fn new_flow_table(s: &mut String, r: &Results) {
     let _ = writeln!(s, "| `floor_one_line` (this run) | | {} | | |", floor("floor_one_line"));
     let _ = writeln!(s, "| `floor_one_line_ct` (this run: one line of 51 MiB, the default table's size) | | {} | | |", floor("floor_one_line_ct"));
     let _ = writeln!(s, "| `floor_lru_insert` (this run) | | {} | | |", floor("floor_lru_insert"));
+    let _ = writeln!(s, "| `floor_one_line_nudge` (this run: `floor_one_line` + 4 rounds of ALU work) | | {} | | |", floor("floor_one_line_nudge"));
+    let _ = writeln!(s, "| `floor_work`; `floor_one_line_work` (this run: 32 rounds of ALU work without; with the line) | | {}; {} | | |", floor("floor_work"), floor("floor_one_line_work"));
+    let _ = writeln!(s, "| xlb, table of 1 024 flows (this run: its sets stay cached, `v4_tcp_new_flow_1k_table`) | | {} | | |", at("v4_tcp_new_flow_1k_table", "capacity"));
+    // What the one random line costs each program: with the line minus without.
+    let ns = |name: &str, ct: Option<&str>| {
+        r.cases.iter().find(|c| c.case == name && ct.is_none_or(|ct| c.backends == 3 && c.conntrack.starts_with(ct))).map(|c| c.ns_per_pkt).unwrap_or(f64::NAN)
+    };
+    let _ = writeln!(
+        s,
+        "\nWhat one random line costs (with it − without it, this run): the bare floor {:.0} ns (`floor_one_line` − `floor_stateless_dsr_new_flows`); with 4 rounds of work {:.0} ns (`floor_one_line_nudge` − `floor_stateless_dsr_new_flows`); with 32 rounds {:.0} ns (`floor_one_line_work` − `floor_work`); xlb {:.0} ns (`v4_tcp_new_flow`, table empty − `v4_tcp_new_flow_1k_table`). The bare floor is so short that the next packets' misses overlap its own in the repeat loop; a few ns of work end that, and from then on a line costs any program the same.",
+        ns("floor_one_line", None) - ns("floor_stateless_dsr_new_flows", None),
+        ns("floor_one_line_nudge", None) - ns("floor_stateless_dsr_new_flows", None),
+        ns("floor_one_line_work", None) - ns("floor_work", None),
+        ns("v4_tcp_new_flow", Some("empty")) - ns("v4_tcp_new_flow_1k_table", Some("capacity")),
+    );
     let _ = writeln!(s, "\nThe first three rows were measured by the issue on the same harness and machine on another day; only this run's rows compare with each other.");
 }
 
