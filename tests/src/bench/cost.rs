@@ -49,7 +49,7 @@ const RUNS: usize = 5;
 const NEW_FLOWS: u32 = 50_000;
 /// Runs per call of the warm new-flow method (RUNS calls: 500 000 inserts,
 /// half the default table, so "empty" stays below capacity).
-const NEW_FLOW_REPEAT: u32 = 100_000;
+pub(crate) const NEW_FLOW_REPEAT: u32 = 100_000;
 /// Runs per call against the 64 Ki-entry table (RUNS calls stay below its capacity).
 const SMALL_TABLE_REPEAT: u32 = 10_000;
 /// Capacity of the table for `*_new_flow_1k_table` (its sets stay in the
@@ -101,7 +101,7 @@ impl Case {
     }
 
     /// A case of `backends` backends compared to `floor` (whose cost `floor_ns` gives).
-    fn new(case: &str, backends: u32, ct: &str, (ns, spread, k): (f64, [f64; 2], f64), floor: &str, floor_ns: &dyn Fn(&str) -> f64, verified: String) -> Case {
+    pub(crate) fn new(case: &str, backends: u32, ct: &str, (ns, spread, k): (f64, [f64; 2], f64), floor: &str, floor_ns: &dyn Fn(&str) -> f64, verified: String) -> Case {
         Case {
             case: case.into(),
             backends,
@@ -202,6 +202,14 @@ impl Floors {
         Ok((median(&mut per), [lo, hi]))
     }
 
+    /// One call of warm new flows into `target`: the kernel's average per
+    /// run, and the verdict.
+    pub(crate) fn warm_once(&mut self, target: &ProgramFd, frame: &[u8], repeat: u32) -> Result<(f64, u32)> {
+        self.next.set(0, target, 0).context("FLOOR_NEXT")?;
+        let (_, k, r) = timed(self.prog("new_flows")?, frame, repeat)?;
+        Ok((k, r))
+    }
+
     /// A floor program.
     pub fn prog(&self, name: &str) -> Result<&Xdp> {
         Ok(self.ebpf.program(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?)
@@ -238,7 +246,7 @@ pub(crate) fn new_flow_frames(v6: bool) -> Vec<Vec<u8>> {
 /// `new_flows` increments every run; `run` keeps calls' ranges apart, and
 /// 101.x.x.x / fd00:0:0:4:: keep them apart from `fill`'s and every other
 /// flow of the bench.
-fn warm_frame(v6: bool, run: u8) -> Vec<u8> {
+pub(crate) fn warm_frame(v6: bool, run: u8) -> Vec<u8> {
     if v6 {
         let mut src = CLIENT6.octets();
         src[7] = 4;
@@ -257,7 +265,7 @@ fn icmp_ptb(sport: u16) -> Vec<u8> {
 }
 
 /// An agent with one bench VIP and `n` backends, connection table 1 Mi.
-fn agent(vip: &str, n: u32) -> Result<Agent> {
+pub(crate) fn agent(vip: &str, n: u32) -> Result<Agent> {
     agent_with_table(vip, n, lb_common::DEFAULT_CONNTRACK_SIZE)
 }
 
@@ -300,7 +308,7 @@ pub(crate) fn agent_with_opts(vip: &str, n: u32, opts: LoadOptions) -> Result<Ag
 /// Fill the connection table with `count` unrelated flows to the agent's
 /// VIP, placed exactly as the datapath places them; returns the entries
 /// the census then finds.
-fn fill(agent: &mut Agent, count: u32) -> Result<u64> {
+pub(crate) fn fill(agent: &mut Agent, count: u32) -> Result<u64> {
     let (vip, st) = agent.vips().iter().next().ok_or_else(|| anyhow!("no VIP"))?;
     let (vip, b) = (*vip, st.backends.values().next().ok_or_else(|| anyhow!("no backend"))?);
     let (id, gen) = (b.id, b.gen);
