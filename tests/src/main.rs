@@ -135,6 +135,10 @@ enum Cmd {
         /// Upper bound on sending time, seconds.
         #[arg(long, default_value_t = 5.0)]
         max_secs: f64,
+        /// Source addresses 10.N.x.x: each call its own block, so that
+        /// with --flows 0 no call repeats another's flows.
+        #[arg(long, default_value_t = 201)]
+        source_block: u8,
     },
     /// Hold a floors-object program on an interface until SIGTERM/SIGINT.
     Attach {
@@ -209,9 +213,9 @@ fn main() {
                 .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default()))
         }
         Cmd::Bench { xlb, floors, out, sections } => xlb_tests::bench::run(&xlb, &floors, &out, &sections),
-        Cmd::Gen { floors, iface, dst_mac, size, runs, keep, flows, max_secs } => (|| {
+        Cmd::Gen { floors, iface, dst_mac, size, runs, keep, flows, max_secs, source_block } => (|| {
             let mac: xlb::config::Mac = dst_mac.parse()?;
-            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), keep.clamp(1, 1024), flows, max_secs.clamp(0.1, 60.0))?;
+            let r = xlb_tests::bench::live::generate(&floors, &iface, mac.0, size.clamp(54, 1500), runs.min(1 << 30), keep.clamp(1, 1024), flows, source_block, max_secs.clamp(0.1, 60.0))?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         })(),

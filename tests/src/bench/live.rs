@@ -61,9 +61,9 @@ fn counter(ebpf: &aya::Ebpf, idx: u32) -> Result<u64> {
 
 /// The generator (runs inside the generator namespace): attach the sink to
 /// `iface`, run `runs` live frames, transmitting one in `every`, over
-/// `flows` flows, for at most `max_secs`.
+/// `flows` flows from source addresses 10.`block`.x.x, for at most `max_secs`.
 #[allow(clippy::too_many_arguments)]
-pub fn generate(floors: &str, iface: &str, dst_mac: [u8; 6], size: usize, runs: u64, keep: u32, flows: u32, max_secs: f64) -> Result<GenReport> {
+pub fn generate(floors: &str, iface: &str, dst_mac: [u8; 6], size: usize, runs: u64, keep: u32, flows: u32, block: u8, max_secs: f64) -> Result<GenReport> {
     let obj = std::fs::read(floors).with_context(|| format!("cannot read {floors}"))?;
     let mut ebpf = EbpfLoader::new()
         .override_global("BENCH_FLOWS", &flows, true)
@@ -87,7 +87,7 @@ pub fn generate(floors: &str, iface: &str, dst_mac: [u8; 6], size: usize, runs: 
     // A TCP segment of an established flow to the VIP, padded to `size`.
     let src_mac = [0x02, 0, 0, 0, 0, 0x99];
     let pad = size.saturating_sub(14 + 20 + 20);
-    let l3 = ipv4(Ipv4Addr::new(10, 201, 0, 2), lab::VIP, 6, &[], 0, &tcp(1024, 80, ACK, &vec![0u8; pad]));
+    let l3 = ipv4(Ipv4Addr::new(10, block, 0, 2), lab::VIP, 6, &[], 0, &tcp(1024, 80, ACK, &vec![0u8; pad]));
     let mut frame = Vec::with_capacity(14 + l3.len());
     frame.extend_from_slice(&dst_mac);
     frame.extend_from_slice(&src_mac);
@@ -222,12 +222,18 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
         cfg.push_str(&format!("[[vip.backend]]\nip = \"10.201.0.{}\"\nmac = \"02:00:00:00:01:0{i}\"\n", 20 + i));
     }
     std::fs::write(&config, cfg)?;
+    // Each generator call sends from its own 10.N/16 (with every frame a
+    // new flow, a call must not replay an earlier call's flows: the table
+    // would still hold them).
+    let block = std::cell::Cell::new(0u8);
     let gen = |keep: u32, runs: u64| -> Result<GenReport> {
+        block.set(block.get() % 200 + 1);
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &pair.gen])
             .arg(lab_bin)
             .args(["gen", "--floors", floors, "--iface", "g0", "--dst-mac", &xlb::config::Mac(l0_mac).to_string()])
             .args(["--size", &size.to_string(), "--runs", &runs.to_string(), "--keep", &keep.to_string(), "--flows", &flows.to_string()])
+            .args(["--source-block", &block.get().to_string()])
             .output()?;
         if !out.status.success() {
             bail!("generator failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -235,14 +241,22 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
         serde_json::from_slice(&out.stdout).context("generator report")
     };
     let mut modes = Vec::new();
-    for mode in ["xlb", "reflector"] {
+    // With every frame a new flow, also the one-line floors in xlb's place:
+    // what one random line per frame costs in a driver's loop rather than
+    // in BPF_PROG_TEST_RUN's (the cost section's `floor_one_line`).
+    let floors_too: &[&str] = if flows == 0 { &["floor_one_line", "floor_one_line_work"] } else { &[] };
+    for mode in ["xlb", "reflector"].iter().chain(floors_too).copied() {
+        // Every frame a new flow: the default table (1 Mi flows, 51 MiB),
+        // so the line is as cold as `floor_one_line`'s; 1024 flows need
+        // only a small one.
+        let conntrack = if flows == 0 { lb_common::DEFAULT_CONNTRACK_SIZE } else { 65536 };
         let mut child = if mode == "xlb" {
             std::process::Command::new("ip")
                 .args(["netns", "exec", &pair.lb])
                 .arg(xlb)
                 .arg("--socket")
                 .arg(&socket)
-                .args(["agent", "--iface", "l0", "--no-pin", "--conntrack-size", "65536", "--config"])
+                .args(["agent", "--iface", "l0", "--no-pin", "--conntrack-size", &conntrack.to_string(), "--config"])
                 .arg(&config)
                 .stderr(std::process::Stdio::null())
                 .spawn()?
@@ -250,7 +264,7 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
             std::process::Command::new("ip")
                 .args(["netns", "exec", &pair.lb])
                 .arg(lab_bin)
-                .args(["attach", "--floors", floors, "--prog", "floor_macswap_tx", "--iface", "l0"])
+                .args(["attach", "--floors", floors, "--prog", if mode == "reflector" { "floor_macswap_tx" } else { mode }, "--iface", "l0"])
                 .spawn()?
         };
         let ready = (0..200).any(|_| {

@@ -41,7 +41,14 @@ pub fn markdown(r: &Results) -> String {
         for m in &l.modes {
             let _ = writeln!(s, "| {} | {:.0} | {:.0} |", m.mode, m.drop_free_pps, m.max_forwarded_pps);
         }
-        let _ = writeln!(s, "\nxlb ÷ reflector: drop-free {:.2}, highest rate {:.2}.\n", l.ratio_drop_free, l.ratio_max);
+        let _ = writeln!(s, "\nxlb ÷ reflector: drop-free {:.2}, highest rate {:.2}.", l.ratio_drop_free, l.ratio_max);
+        let rate = |name: &str| l.modes.iter().find(|m| m.mode == name).map(|m| m.drop_free_pps);
+        for floor in ["floor_one_line", "floor_one_line_work"] {
+            if let (Some(x), Some(f)) = (rate("xlb"), rate(floor)) {
+                let _ = writeln!(s, "xlb ÷ `{floor}` in xlb's place: drop-free {:.2} (per frame: xlb {:.0} ns, floor {:.0} ns at the drop-free rates).", x / f.max(1.0), 1e9 / x.max(1.0), 1e9 / f.max(1.0));
+            }
+        }
+        let _ = writeln!(s);
         let _ = writeln!(s, "| mode | offered | sent/s | returned/s | xlb forwarded/s | xlb new flows/s (conntrack_miss) | loss |\n|---|---:|---:|---:|---:|---:|---:|");
         for m in &l.modes {
             for st in &m.steps {
