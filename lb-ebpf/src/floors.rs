@@ -10,7 +10,11 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::{hash::flow_hash, FlowKey, VipKey, DEFAULT_RING_SIZE, FAMILY_V4};
+use lb_common::{
+    ct::{ct_hash, ct_now, ct_rank},
+    hash::flow_hash,
+    CtSeed, CtWay, FlowKey, VipKey, CT_WAYS, DEFAULT_RING_SIZE, FAMILY_V4,
+};
 
 use crate::pkt::{ptr_at, ptr_mut_at};
 
@@ -75,6 +79,45 @@ const FLOOR_LINES_CT_N: u32 = lb_common::ct::ct_sets(lb_common::DEFAULT_CONNTRAC
 /// than 16 MiB).
 #[map(name = "FLOOR_LINES_CT")]
 static FLOOR_LINES_CT: Array<[u64; 8]> = Array::with_max_entries(FLOOR_LINES_CT_N, BPF_F_MMAPABLE);
+
+/// Floor of xlb's own connection table: the stateless floor plus the
+/// table's lookup and insert (`lb_common::ct`: the flow's two hashes, its
+/// four ways matched, the victim ranked, the entry written) in an array of
+/// the default table's size, behind the `new_flows` wrapper: the one-line
+/// design without a VIP lookup, a scheduler or counters.
+#[xdp]
+pub fn floor_ct_insert(ctx: XdpContext) -> u32 {
+    stateless(&ctx, |key, _| {
+        let h = ct_hash(key, &CtSeed { k: [0x5eed_0001, 0x5eed_0002] }, FLOOR_LINES_CT_N);
+        let Some(line) = FLOOR_LINES_CT.get_ptr_mut(h.set) else { return };
+        let now = ct_now(crate::conntrack::now_ns());
+        // Way `i` is words 2i (tag) and 2i + 1 (value), as in `CtSet`.
+        let word = |j: usize| -> *mut u64 {
+            // SAFETY: masked below 8: inside the 64-byte map value.
+            unsafe { &mut (*line)[j & 7] as *mut u64 }
+        };
+        let (mut way, mut rank) = (0, 0);
+        for i in 0..CT_WAYS {
+            // SAFETY: valid, aligned map value words.
+            let (tag, val) = unsafe { (core::ptr::read_volatile(word(2 * i)), core::ptr::read_volatile(word(2 * i + 1))) };
+            if CtWay::matches(tag, val, &h) {
+                // SAFETY: as above.
+                unsafe { core::ptr::write_volatile(word(2 * i), CtWay::touched(tag, now, false)) };
+                return;
+            }
+            let r = ct_rank(tag, val, now);
+            if r > rank || i == 0 {
+                (way, rank) = (i, r);
+            }
+        }
+        let e = CtWay::new(&h, 1, 1, false, now);
+        // SAFETY: as above.
+        unsafe {
+            core::ptr::write_volatile(word(2 * way + 1), e.val);
+            core::ptr::write_volatile(word(2 * way), e.tag);
+        }
+    })
+}
 
 /// `floor_lru_insert`'s table: a 1 Mi-entry LRU hash keyed by the 5-tuple.
 #[map(name = "FLOOR_LRU")]

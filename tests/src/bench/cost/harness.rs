@@ -114,7 +114,7 @@ impl Floors {
         let obj = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
         let mut ebpf = EbpfLoader::new().load(&obj).context("loading the floors object")?;
         for name in
-            ["floor_pass", "floor_macswap_tx", "floor_stateless_dsr", "floor_one_line", "floor_one_line_ct", "floor_work", "floor_one_line_nudge", "floor_one_line_work", "floor_lru_insert", "bench_gen", "bench_sink", "new_flows"]
+            ["floor_pass", "floor_macswap_tx", "floor_stateless_dsr", "floor_one_line", "floor_one_line_ct", "floor_work", "floor_one_line_nudge", "floor_one_line_work", "floor_ct_insert", "floor_lru_insert", "bench_gen", "bench_sink", "new_flows"]
         {
             let p: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
             p.load().with_context(|| format!("verifier rejected {name}"))?;

@@ -213,6 +213,7 @@ pub fn floors(fl: &mut Floors) -> Result<Vec<Case>> {
             "floor_one_line_ct",
             "each a read-modify-write of one random line of an array as large as the default connection table (51 MiB)",
         ),
+        ("floor_ct_insert", "floor_ct_insert", "each xlb's connection-table lookup and insert (one set) in an array as large as the default table"),
         ("floor_lru_insert", "floor_lru_insert", "each a lookup and an insert in a 1 Mi LRU hash"),
     ] {
         let fd = fl.prog(prog)?.fd()?.try_clone()?;
