@@ -222,12 +222,12 @@ pub fn run(xlb: &Path, lab_bin: &Path, floors: &str, size: usize, flows: u32) ->
         cfg.push_str(&format!("[[vip.backend]]\nip = \"10.201.0.{}\"\nmac = \"02:00:00:00:01:0{i}\"\n", 20 + i));
     }
     std::fs::write(&config, cfg)?;
-    // Each generator call sends from its own 10.N/16 (with every frame a
-    // new flow, a call must not replay an earlier call's flows: the table
-    // would still hold them).
+    // With every frame a new flow, each generator call sends from its own
+    // 10.N/16 (a call must not replay an earlier call's flows: the table
+    // would still hold them); established flows keep 10.201/16.
     let block = std::cell::Cell::new(0u8);
     let gen = |keep: u32, runs: u64| -> Result<GenReport> {
-        block.set(block.get() % 200 + 1);
+        block.set(if flows == 0 { block.get() % 200 + 1 } else { 201 });
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &pair.gen])
             .arg(lab_bin)
