@@ -89,6 +89,36 @@ pub(super) fn repeat_cost(prog: &Xdp, frame: &[u8], want: u32) -> Result<(f64, [
     Ok((median(&mut per), [lo, hi], median(&mut kern)))
 }
 
+/// The N/2N method on a case and its floor in alternation (the order
+/// swapped every run): the case's (median, [min, max], kernel median) and
+/// the median of the per-run ratios case ÷ floor. A floor of a few ns moves
+/// by 1–2 ns between runs minutes apart; paired runs cancel that drift.
+pub(super) fn paired_cost(case: (&Xdp, &[u8], u32), floor: (&Xdp, &[u8], u32)) -> Result<(f64, [f64; 2], f64, f64)> {
+    let n_2n = |(prog, frame, want): (&Xdp, &[u8], u32)| -> Result<(f64, f64)> {
+        let (t1, _, r1) = timed(prog, frame, N)?;
+        let (t2, k2, r2) = timed(prog, frame, 2 * N)?;
+        if r1 != want || r2 != want {
+            bail!("verdict {r1}/{r2}, expected {want}");
+        }
+        Ok((((t2 - t1) / N as f64).max(0.0), k2))
+    };
+    let (mut per, mut kern, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let ((c, k), f) = if run % 2 == 0 {
+            let c = n_2n(case)?;
+            (c, n_2n(floor)?.0)
+        } else {
+            let f = n_2n(floor)?.0;
+            (n_2n(case)?, f)
+        };
+        per.push(c);
+        kern.push(k);
+        ratios.push(if f > 0.0 { c / f } else { f64::NAN });
+    }
+    let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    Ok((median(&mut per), [lo, hi], median(&mut kern), median(&mut ratios)))
+}
+
 /// Sum of the kernel-reported durations of repeat-1 runs over `frames`.
 pub(super) fn loop_cost(prog: &Xdp, frames: &[Vec<u8>], want: u32) -> Result<f64> {
     let mut total = 0f64;

@@ -68,7 +68,7 @@ pub use forms::vip_forms;
 pub(crate) use harness::{median, timed};
 pub use harness::{Case, Floors};
 pub use profile::profile;
-use harness::{loop_cost, repeat_cost};
+use harness::{loop_cost, paired_cost, repeat_cost};
 
 fn v4_tcp(sport: u16, flags: u8) -> Vec<u8> {
     eth(ETH_IP, &[], &ipv4(CLIENT, VIP4, 6, &[], 0, &tcp(sport, 80, flags, b"0123456789")))
@@ -244,6 +244,8 @@ fn warm_new_flow_case(fl: &mut Floors, a: &mut Agent, v6: bool, repeat: u32) -> 
 /// `fill_pct`: how full the connection table is (percent of its capacity,
 /// `--conntrack-size`) before the cases run.
 pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fill_pct: u32) -> Result<Vec<Case>> {
+    // The floors' frame (as `floors` times them).
+    let floor_frame = v4_tcp(1234, ACK);
     let nonvip = eth(ETH_IP, &[], &ipv4(CLIENT, Ipv4Addr::new(10, 0, 0, 99), 6, &[], 0, &tcp(1234, 80, ACK, b"x")));
     let est4 = v4_tcp(40000, ACK);
     let udp4 = eth(ETH_IP, &[], &ipv4(CLIENT, VIP4, 17, &[], 0, &udp(40001, 53, b"0123456789")));
@@ -306,22 +308,28 @@ pub fn cases(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, backends: u32, fil
             let mut keyed = agent_with_opts(vip, backends, LoadOptions { max_vips: 8, flow_keys: true, ..Default::default() })?;
             extra.push(warm_case(format!("{name}_flow_keys"), "empty, --flow-keys", warm_new_flow_case(fl, &mut keyed, false, NEW_FLOW_REPEAT)?));
         }
-        let mut push = |case: &str, ns: f64, spread: [f64; 2], k: f64, floor: &str, verified: String| {
-            out.push(Case::new(case, backends, &ct, (ns, spread, k), floor, floor_ns, verified));
-        };
         for (name, frame, want, floor, proof) in steady {
             // Warm: the first packet of a flow makes its table entry.
             crate::xdp::run(&mut a.dp, frame);
             let before = stat(&a, proof)?;
             let prog = a.dp.program(PROG_XLB)?;
-            let (ns, spread, k) = repeat_cost(prog, frame, want)?;
+            // The floor on its own frame (IPv4: the stateless floor parses
+            // nothing else), in alternation with the case.
+            let floor_want = if floor == "floor_pass" { 2 } else { 3 };
+            let (ns, spread, k, ratio) = paired_cost((prog, frame, want), (fl.prog(floor)?, &floor_frame, floor_want))?;
             let moved = stat(&a, proof)? - before;
             let expect = RUNS as u64 * 3 * N as u64;
             if moved != expect {
                 bail!("{name}: counter {} moved {moved}, expected {expect}", proof.name());
             }
-            push(name, ns, spread, k, floor, format!("{} +{moved} = {RUNS} runs × 3N", proof.name()));
+            out.push(Case {
+                ratio,
+                ..Case::new(name, backends, &ct, (ns, spread, k), floor, floor_ns, format!("{} +{moved} = {RUNS} runs × 3N; ratio: median of {RUNS} runs paired with {floor}", proof.name()))
+            });
         }
+        let mut push = |case: &str, ns: f64, spread: [f64; 2], k: f64, floor: &str, verified: String| {
+            out.push(Case::new(case, backends, &ct, (ns, spread, k), floor, floor_ns, verified));
+        };
         // New flows: warm (the main figure), then cold (one syscall each).
         if let Some((name, v6)) = new_flow {
             let (ns, spread, proof) = warm_new_flow_case(fl, &mut a, v6, NEW_FLOW_REPEAT)?;
