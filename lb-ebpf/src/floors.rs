@@ -156,20 +156,21 @@ pub fn floor_work(ctx: XdpContext) -> u32 {
 /// its own, which only a program that small gets.
 #[xdp]
 pub fn floor_one_line_nudge(ctx: XdpContext) -> u32 {
-    stateless(&ctx, |_, h| {
-        bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h);
-        work::<4>(h)
-    })
+    stateless(&ctx, |_, h| line_and_work::<4>(h))
 }
 
 /// Floor: `floor_one_line` plus `floor_work`'s work: what one random line
 /// costs a program that does a new flow's amount of work.
 #[xdp]
 pub fn floor_one_line_work(ctx: XdpContext) -> u32 {
-    stateless(&ctx, |_, h| {
-        bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h);
-        work::<WORK_ROUNDS>(h)
-    })
+    stateless(&ctx, |_, h| line_and_work::<WORK_ROUNDS>(h))
+}
+
+/// `floor_one_line`'s line, then `N` rounds of `work`.
+#[inline(always)]
+fn line_and_work<const N: u64>(h: u32) {
+    bump_word(FLOOR_LINES.get_ptr_mut(h % FLOOR_LINES_N), h);
+    work::<N>(h)
 }
 
 /// `N` rounds of two independent multiply-rotate chains on `h`: ALU work

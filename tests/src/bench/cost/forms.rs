@@ -115,15 +115,20 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
     // 2. The same plus an any-port VIP, a dst-port VIP and an answering VIP.
     let mut a = agent("10.0.0.100:80/tcp", 3)?;
     let backends: Vec<(IpAddr, Option<Mac>, u32)> = a.vips().values().flat_map(|s| s.backends.values().map(|b| (b.ip, b.mac, 1))).collect();
-    for (v, opts) in [
-        ("10.0.0.101:*/tcp", xlb::config::VipOpts::default()),
-        ("10.0.0.102:*/tcp", xlb::config::VipOpts { hash: xlb::config::HashMode::DstPort, ..Default::default() }),
-        ("10.0.0.103:80/tcp", xlb::config::VipOpts { answer_ping: true, ..Default::default() }),
-    ] {
-        let v: Vip = v.parse()?;
-        a.add_vip_spec(v, &xlb::agent::VipSpec { opts, ..Default::default() })?;
-        a.add_backends(&v, &backends)?;
-    }
+    // An any-port VIP, a dst-port VIP and an answering VIP, same backends.
+    let add_forms = |ag: &mut Agent| -> Result<()> {
+        for (v, opts) in [
+            ("10.0.0.101:*/tcp", xlb::config::VipOpts::default()),
+            ("10.0.0.102:*/tcp", xlb::config::VipOpts { hash: xlb::config::HashMode::DstPort, ..Default::default() }),
+            ("10.0.0.103:80/tcp", xlb::config::VipOpts { answer_ping: true, ..Default::default() }),
+        ] {
+            let v: Vip = v.parse()?;
+            ag.add_vip_spec(v, &xlb::agent::VipSpec { opts, ..Default::default() })?;
+            ag.add_backends(&v, &backends)?;
+        }
+        Ok(())
+    };
+    add_forms(&mut a)?;
     for (case, frame, want, floor, proof) in [
         ("nonvip_pass (VIP forms elsewhere)", &nonvip, 2, "floor_pass", Stat::PassNotVip),
         ("v4_tcp_established (VIP forms elsewhere)", &est4, 3, "floor_stateless_dsr", Stat::CtHit),
@@ -177,15 +182,7 @@ pub fn vip_forms(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64) -> Result<Vec<
     // by round; each figure the median of its rounds.
     let mut none = agent("10.0.0.100:80/tcp", 3)?;
     let mut no_prefix = agent("10.0.0.100:80/tcp", 3)?;
-    for (v, opts) in [
-        ("10.0.0.101:*/tcp", xlb::config::VipOpts::default()),
-        ("10.0.0.102:*/tcp", xlb::config::VipOpts { hash: xlb::config::HashMode::DstPort, ..Default::default() }),
-        ("10.0.0.103:80/tcp", xlb::config::VipOpts { answer_ping: true, ..Default::default() }),
-    ] {
-        let v: Vip = v.parse()?;
-        no_prefix.add_vip_spec(v, &xlb::agent::VipSpec { opts, ..Default::default() })?;
-        no_prefix.add_backends(&v, &backends)?;
-    }
+    add_forms(&mut no_prefix)?;
     add_routed(&mut no_prefix)?;
     const CONFIGS: [&str; 3] = ["none configured", "every #13 feature but prefix VIPs", "every #13 feature"];
     // rounds[r][2 * config + (0 non-VIP, 1 established)]

@@ -72,21 +72,32 @@ pub(crate) fn timed(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, f64, 
     Ok((t.elapsed().as_nanos() as f64, r.duration.as_nanos() as f64, r.return_value))
 }
 
+/// One N/2N measurement: (wall ns per run, kernel average of the 2N call).
+fn n_2n(prog: &Xdp, frame: &[u8], want: u32) -> Result<(f64, f64)> {
+    let (t1, _, r1) = timed(prog, frame, N)?;
+    let (t2, k2, r2) = timed(prog, frame, 2 * N)?;
+    if r1 != want || r2 != want {
+        bail!("verdict {r1}/{r2}, expected {want}");
+    }
+    Ok((((t2 - t1) / N as f64).max(0.0), k2))
+}
+
+/// Median and [min, max] of per-run figures.
+fn median_spread(mut per: Vec<f64>) -> (f64, [f64; 2]) {
+    let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    (median(&mut per), [lo, hi])
+}
+
 /// The N/2N method; returns (median, [min, max], kernel median).
 pub(super) fn repeat_cost(prog: &Xdp, frame: &[u8], want: u32) -> Result<(f64, [f64; 2], f64)> {
-    let mut per = Vec::new();
-    let mut kern = Vec::new();
+    let (mut per, mut kern) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let (t1, _, r1) = timed(prog, frame, N)?;
-        let (t2, k2, r2) = timed(prog, frame, 2 * N)?;
-        if r1 != want || r2 != want {
-            bail!("verdict {r1}/{r2}, expected {want}");
-        }
-        per.push(((t2 - t1) / N as f64).max(0.0));
-        kern.push(k2);
+        let (c, k) = n_2n(prog, frame, want)?;
+        per.push(c);
+        kern.push(k);
     }
-    let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-    Ok((median(&mut per), [lo, hi], median(&mut kern)))
+    let (m, spread) = median_spread(per);
+    Ok((m, spread, median(&mut kern)))
 }
 
 /// The N/2N method on a case and its floor in alternation (the order
@@ -94,29 +105,21 @@ pub(super) fn repeat_cost(prog: &Xdp, frame: &[u8], want: u32) -> Result<(f64, [
 /// the median of the per-run ratios case ÷ floor. A floor of a few ns moves
 /// by 1–2 ns between runs minutes apart; paired runs cancel that drift.
 pub(super) fn paired_cost(case: (&Xdp, &[u8], u32), floor: (&Xdp, &[u8], u32)) -> Result<(f64, [f64; 2], f64, f64)> {
-    let n_2n = |(prog, frame, want): (&Xdp, &[u8], u32)| -> Result<(f64, f64)> {
-        let (t1, _, r1) = timed(prog, frame, N)?;
-        let (t2, k2, r2) = timed(prog, frame, 2 * N)?;
-        if r1 != want || r2 != want {
-            bail!("verdict {r1}/{r2}, expected {want}");
-        }
-        Ok((((t2 - t1) / N as f64).max(0.0), k2))
-    };
     let (mut per, mut kern, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
         let ((c, k), f) = if run % 2 == 0 {
-            let c = n_2n(case)?;
-            (c, n_2n(floor)?.0)
+            let c = n_2n(case.0, case.1, case.2)?;
+            (c, n_2n(floor.0, floor.1, floor.2)?.0)
         } else {
-            let f = n_2n(floor)?.0;
-            (n_2n(case)?, f)
+            let f = n_2n(floor.0, floor.1, floor.2)?.0;
+            (n_2n(case.0, case.1, case.2)?, f)
         };
         per.push(c);
         kern.push(k);
         ratios.push(if f > 0.0 { c / f } else { f64::NAN });
     }
-    let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-    Ok((median(&mut per), [lo, hi], median(&mut kern), median(&mut ratios)))
+    let (m, spread) = median_spread(per);
+    Ok((m, spread, median(&mut kern), median(&mut ratios)))
 }
 
 /// Sum of the kernel-reported durations of repeat-1 runs over `frames`.
