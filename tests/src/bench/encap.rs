@@ -21,7 +21,7 @@ use xlb::{
     maps::{Datapath, LoadOptions},
 };
 
-use super::cost::{agent_with_opts, median, new_flow_frames, stat, Case};
+use super::cost::{agent_with_opts, median_spread, new_flow_frames, stat, Case};
 use crate::{
     frames::{eth, ipv4, ipv6, tcp, tcp_flags::*, udp, ETH_IP, ETH_IPV6, LB_MAC},
     routed::FibNs,
@@ -58,8 +58,7 @@ fn steady(prog: &Xdp, frame: &[u8], ifindex: u32, want: u32) -> Result<(f64, [f6
         }
         per.push(t / CALLS as f64);
     }
-    let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-    Ok((median(&mut per), [lo, hi]))
+    Ok(median_spread(per))
 }
 
 /// Mean over `frames` (each a new flow), one run each.

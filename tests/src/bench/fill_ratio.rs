@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use lb_common::{Stat, PROG_XLB};
 
-use super::cost::{agent, fill, median, stat, warm_frame, Case, Floors, NEW_FLOW_REPEAT};
+use super::cost::{agent, fill, median, median_spread, stat, warm_frame, Case, Floors, NEW_FLOW_REPEAT};
 
 /// Rounds of one call per table.
 const ROUNDS: u8 = 7;
@@ -57,9 +57,7 @@ pub fn alternated(fl: &mut Floors, floor_ns: &dyn Fn(&str) -> f64, v6: bool) -> 
         if misses != want || fails != 0 {
             bail!("{name} (alternated): {misses} misses and {fails} failed inserts for {want} new flows");
         }
-        let v = &mut ns[which];
-        let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-        let m = median(v);
+        let (m, [lo, hi]) = median_spread(std::mem::take(&mut ns[which]));
         let state = if which == 0 { "empty (alternated with full)".to_string() } else { format!("full ({entries} entries, alternated with empty)") };
         let proof = format!("conntrack_miss +{misses}, insert failures 0, open entries evicted +{evicted}; {ROUNDS} rounds × {repeat} new flows");
         cases.push(Case::new(&format!("{name}_alternated"), 3, &state, (m, [lo, hi], m), "floor_one_line", floor_ns, proof));

@@ -83,7 +83,7 @@ fn n_2n(prog: &Xdp, frame: &[u8], want: u32) -> Result<(f64, f64)> {
 }
 
 /// Median and [min, max] of per-run figures.
-fn median_spread(mut per: Vec<f64>) -> (f64, [f64; 2]) {
+pub(crate) fn median_spread(mut per: Vec<f64>) -> (f64, [f64; 2]) {
     let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
     (median(&mut per), [lo, hi])
 }
@@ -174,8 +174,7 @@ impl Floors {
             }
             per.push(k);
         }
-        let (lo, hi) = per.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-        Ok((median(&mut per), [lo, hi]))
+        Ok(median_spread(per))
     }
 
     /// One call of warm new flows into `target`: the kernel's average per

@@ -65,7 +65,7 @@ mod harness;
 mod profile;
 
 pub use forms::vip_forms;
-pub(crate) use harness::{median, timed};
+pub(crate) use harness::{median, median_spread, timed};
 pub use harness::{Case, Floors};
 pub use profile::profile;
 use harness::{loop_cost, paired_cost, repeat_cost};
